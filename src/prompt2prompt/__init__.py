@@ -1,0 +1,23 @@
+"""Prompt-to-Prompt image editing (Hertz et al., 2022) on Hugging Face diffusers."""
+
+from .alignment import PromptTokens, tokenize_words
+from .attention import P2PAttnProcessor, P2PController, p2p_attention
+from .edits import EditMode, EditPlan, LocalBlend, build_edit_plan
+from .pipeline import AttentionMaps, Prompt2PromptPipeline, Prompt2PromptPipelineOutput
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "AttentionMaps",
+    "EditMode",
+    "EditPlan",
+    "LocalBlend",
+    "P2PAttnProcessor",
+    "P2PController",
+    "Prompt2PromptPipeline",
+    "Prompt2PromptPipelineOutput",
+    "PromptTokens",
+    "build_edit_plan",
+    "p2p_attention",
+    "tokenize_words",
+]

@@ -1,0 +1,253 @@
+"""User-facing edit settings (typed, validated) and the EditPlan of tensors they compile to."""
+
+from __future__ import annotations
+
+import enum
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from numbers import Real
+
+import torch
+
+from .alignment import PromptTokens, refinement_mapper, replacement_mapper
+from .schedules import Window, cross_step_weights, parse_window, step_window
+
+
+class EditMode(str, enum.Enum):
+    """How the target prompts relate to the source prompt."""
+
+    AUTO = "auto"  # replace when the word counts match, refine otherwise
+    REPLACE = "replace"  # word swap
+    REFINE = "refine"  # words added or removed
+    NONE = "none"  # same noise only, no injection
+
+    @classmethod
+    def parse(cls, value: "EditMode | str") -> "EditMode":
+        try:
+            return cls(value.value if isinstance(value, EditMode) else str(value).lower())
+        except ValueError:
+            choices = ", ".join(repr(m.value) for m in cls)
+            raise ValueError(f"edit must be one of {choices}, got {value!r}") from None
+
+
+def _words(value, name: str) -> tuple[str, ...]:
+    if isinstance(value, str):
+        value = (value,)
+    if not isinstance(value, Sequence) or not all(isinstance(w, str) and w.strip() for w in value):
+        raise ValueError(f"LocalBlend {name} must be a word or a list of words, got {value!r}")
+    return tuple(value)
+
+
+def _fraction(value, name: str) -> float:
+    if isinstance(value, bool) or not isinstance(value, Real) or not math.isfinite(value) or not 0 <= value <= 1:
+        raise ValueError(f"LocalBlend {name} must be a number in [0, 1], got {value!r}")
+    return float(value)
+
+
+@dataclass(frozen=True)
+class LocalBlend:
+    """Keep everything outside the edited words' region from the source image (paper Sec. 3.2).
+
+    After each step from ``start``, the latents of each target outside a mask are replaced by the
+    source's. The mask is the union of the source words' region in the source and the target
+    words' region in the target: their cross-attention maps, summed over the steps so far and
+    averaged over heads and the layers at ``resolution``, max-pooled 3x3, divided by their maximum
+    and thresholded. Regions of ``subtract_words`` (thresholded without pooling) are removed.
+
+    Args:
+        source_words: word(s) of the source prompt whose region may change.
+        target_words: word(s) of every target prompt whose region may change.
+        threshold: mask threshold in [0, 1]; a pair ``(mask, subtract)`` sets both thresholds.
+        start: fraction of the steps after which blending begins (the paper's code uses 0.2).
+        subtract_words: word(s) whose region is kept from the source even inside the mask; each is
+            looked up in every prompt that contains it.
+        resolution: side of the attention maps used; None = the latent side // 4 (16 at SD 512),
+            or the nearest side the UNet has.
+    """
+
+    source_words: Sequence[str] | str
+    target_words: Sequence[str] | str
+    threshold: float | tuple[float, float] = 0.3
+    start: float = 0.2
+    subtract_words: Sequence[str] | str | None = None
+    resolution: int | None = None
+
+    def __post_init__(self):
+        object.__setattr__(self, "source_words", _words(self.source_words, "source_words"))
+        object.__setattr__(self, "target_words", _words(self.target_words, "target_words"))
+        if self.subtract_words is not None:
+            object.__setattr__(self, "subtract_words", _words(self.subtract_words, "subtract_words"))
+        th = self.threshold
+        pair = tuple(th) if isinstance(th, Sequence) and not isinstance(th, str) else (th, th)
+        if len(pair) != 2:
+            raise ValueError(f"LocalBlend threshold must be a number or a (mask, subtract) pair, got {th!r}")
+        object.__setattr__(self, "threshold", tuple(_fraction(t, "threshold") for t in pair))
+        object.__setattr__(self, "start", _fraction(self.start, "start"))
+        res = self.resolution
+        if res is not None and (isinstance(res, bool) or not isinstance(res, int) or res <= 0):
+            raise ValueError(f"LocalBlend resolution must be a positive integer side or None, got {res!r}")
+
+
+@dataclass
+class BlendPlan:
+    """LocalBlend compiled against the prompts: token indicators per prompt row."""
+
+    words: torch.Tensor  # (prompts, tokens) 1 for the blend words of each prompt
+    subtract: torch.Tensor | None  # (prompts, tokens) or None
+    threshold: float
+    subtract_threshold: float
+    start_step: int
+    resolution: int
+
+
+@dataclass
+class EditPlan:
+    """Everything the attention processors and the loop need, as tensors per step.
+
+    The edited cross-attention of target ``k`` at step ``i`` is (see `edit_ops.edit_cross_attention`)
+    ``w * eq * ((M_src @ mapper_k) * a_k + M_k * (1 - a_k)) + (1 - w) * M_k`` with ``w = cross_weights[i, k]``.
+    """
+
+    mode: EditMode
+    num_steps: int
+    mapper: torch.Tensor  # (targets, tokens_src, tokens_tgt)
+    alphas: torch.Tensor  # (targets, tokens) 1 = take the (mapped) source's map
+    cross_weights: torch.Tensor  # (steps, targets, tokens)
+    equalizer: torch.Tensor | None  # (targets, tokens)
+    self_steps: tuple[int, int]
+    self_max_res: int
+    blend: BlendPlan | None
+    source: PromptTokens
+    targets: list[PromptTokens]
+    cross_active: list[bool] = field(default_factory=list)
+
+    def __post_init__(self):
+        self.cross_active = [bool(self.cross_weights[i].any()) for i in range(self.num_steps)]
+        if self.mode is EditMode.NONE and self.equalizer is None:
+            self.cross_active = [False] * self.num_steps
+
+    def self_active(self, step: int, side: int) -> bool:
+        return self.mode is not EditMode.NONE and self.self_steps[0] <= step < self.self_steps[1] and side <= self.self_max_res
+
+    def to(self, device: torch.device) -> "EditPlan":
+        for name in ("mapper", "alphas", "cross_weights", "equalizer"):
+            value = getattr(self, name)
+            if value is not None:
+                setattr(self, name, value.to(device))
+        if self.blend is not None:
+            self.blend.words = self.blend.words.to(device)
+            if self.blend.subtract is not None:
+                self.blend.subtract = self.blend.subtract.to(device)
+        return self
+
+
+def resolve_mode(mode: EditMode | str, source: PromptTokens, targets: Sequence[PromptTokens]) -> EditMode:
+    """``auto`` -> replace when every target has the source's number of words, else refine."""
+    mode = EditMode.parse(mode)
+    if mode is EditMode.AUTO:
+        same = all(len(t.words) == len(source.words) for t in targets)
+        return EditMode.REPLACE if same else EditMode.REFINE
+    return mode
+
+
+def _equalizer(targets: Sequence[PromptTokens], equalizer: Mapping) -> torch.Tensor:
+    """Re-weighting factors per target token (paper Sec. 3.2: ``c * M_{i,j*}``); 1 elsewhere."""
+    if not isinstance(equalizer, Mapping) or not equalizer:
+        raise ValueError(f"equalizer must be a non-empty dict of word -> factor, got {equalizer!r}")
+    factors = torch.ones(len(targets), targets[0].max_length)  # (targets, tokens)
+    for word, value in equalizer.items():
+        values = value if isinstance(value, Sequence) and not isinstance(value, str) else [value] * len(targets)
+        if len(values) != len(targets):
+            raise ValueError(f"equalizer[{word!r}] gives {len(values)} factors for {len(targets)} target prompts")
+        for v in values:
+            if isinstance(v, bool) or not isinstance(v, Real) or not math.isfinite(v):
+                raise ValueError(f"equalizer[{word!r}] must be a finite number (0, negative and > 1 are fine), got {v!r}")
+        found = False
+        for k, target in enumerate(targets):
+            try:
+                positions = target.positions(word)
+            except ValueError:
+                continue
+            found = True
+            factors[k, positions] = float(values[k])
+        if not found:
+            raise ValueError(f"equalizer names {word!r}, which is in no target prompt; name a word of a target prompt")
+    return factors
+
+
+def _blend_plan(blend: LocalBlend, source: PromptTokens, targets: Sequence[PromptTokens], num_steps: int, resolution: int) -> BlendPlan:
+    prompts = [source, *targets]
+    words = torch.zeros(len(prompts), source.max_length)  # (prompts, tokens)
+    for w in blend.source_words:
+        words[0, source.positions(w)] = 1.0
+    for k, target in enumerate(targets, start=1):
+        for w in blend.target_words:
+            words[k, target.positions(w)] = 1.0
+    subtract = None
+    if blend.subtract_words:
+        subtract = torch.zeros_like(words)
+        for w in blend.subtract_words:
+            rows = []
+            for k, p in enumerate(prompts):
+                try:
+                    subtract[k, p.positions(w)] = 1.0
+                    rows.append(k)
+                except ValueError:
+                    pass
+            if not rows:
+                raise ValueError(f"LocalBlend subtract word {w!r} is in none of the prompts; name a word of a prompt")
+    return BlendPlan(words, subtract, blend.threshold[0], blend.threshold[1], int(blend.start * num_steps), resolution)
+
+
+def build_edit_plan(
+    source: PromptTokens,
+    targets: Sequence[PromptTokens],
+    mode: EditMode | str,
+    num_steps: int,
+    cross_replace_steps: Window | Mapping[str, Window] = 0.8,
+    self_replace_steps: Window = 0.4,
+    self_max_res: int = 16,
+    equalizer: Mapping | None = None,
+    local_blend: LocalBlend | None = None,
+    blend_resolution: int = 16,
+) -> EditPlan:
+    """Compile the edit settings into tensors, validating every word and window first.
+
+    Args:
+        source: the tokenized source prompt.
+        targets: the tokenized target prompts.
+        mode: an `EditMode` or its name; ``auto`` is resolved here.
+        num_steps: number of denoising steps T.
+        cross_replace_steps: cross-attention injection window(s), see `cross_step_weights`.
+        self_replace_steps: self-attention injection window.
+        self_max_res: largest attention-map side whose self-attention is injected.
+        equalizer: word -> factor (or one factor per target) re-weighting the target's attention.
+        local_blend: optional `LocalBlend`.
+        blend_resolution: the map side LocalBlend reads (already resolved against the UNet).
+
+    Raises:
+        ValueError: on any bad setting, before any work is done.
+    """
+    if not targets:
+        raise ValueError("edit_prompts is empty; give at least one target prompt")
+    mode = resolve_mode(mode, source, targets)
+    length = source.max_length
+    n = len(targets)
+    if mode is EditMode.REPLACE:
+        mapper = torch.stack([replacement_mapper(source, t) for t in targets])  # (targets, L, L)
+        alphas = torch.ones(n, length)
+    elif mode is EditMode.REFINE:
+        pairs = [refinement_mapper(source, t) for t in targets]
+        mapper = torch.zeros(n, length, length)  # (targets, L, L) one-hot columns
+        for k, (index, _) in enumerate(pairs):
+            mapper[k, index, torch.arange(length)] = 1.0
+        alphas = torch.stack([a for _, a in pairs])  # (targets, L)
+    else:  # NONE: a target keeps its own maps (an equalizer then scales them)
+        mapper = torch.eye(length).expand(n, length, length).clone()
+        alphas = torch.zeros(n, length)
+    weights = cross_step_weights(targets, cross_replace_steps, num_steps)
+    self_steps = step_window(parse_window(self_replace_steps, "self_replace_steps"), num_steps)
+    eq = _equalizer(targets, equalizer) if equalizer is not None else None
+    blend = _blend_plan(local_blend, source, targets, num_steps, blend_resolution) if local_blend is not None else None
+    return EditPlan(mode, num_steps, mapper, alphas, weights, eq, self_steps, self_max_res, blend, source, list(targets))

@@ -1,0 +1,370 @@
+"""`Prompt2PromptPipeline`: Algorithm 1 of Prompt-to-Prompt as a diffusers pipeline."""
+
+from __future__ import annotations
+
+import inspect
+import logging
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from numbers import Real
+
+import numpy as np
+import PIL.Image
+import torch
+from diffusers import DiffusionPipeline
+from diffusers.image_processor import VaeImageProcessor
+from diffusers.utils import BaseOutput
+from diffusers.utils.torch_utils import randn_tensor
+
+from .alignment import PromptTokens, tokenize_words
+from .attention import P2PController, attention_sides, p2p_attention
+from .edit_ops import blend_latents, local_blend_mask
+from .edits import EditMode, EditPlan, LocalBlend, build_edit_plan
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class AttentionMaps:
+    """Cross-attention maps of every prompt, per token, averaged over heads, layers and steps.
+
+    Attributes:
+        maps: ``(prompts, height, width, tokens)`` float32 at side ``resolution``.
+        prompts: the tokenized prompts, source first (words, token positions, ids).
+        resolution: the side of the maps.
+    """
+
+    maps: torch.Tensor
+    prompts: list[PromptTokens]
+    resolution: int
+
+    def word(self, prompt_index: int, word: str | int) -> torch.Tensor:
+        """``(height, width)`` map of a word of prompt ``prompt_index``: the sum over its tokens."""
+        positions = self.prompts[prompt_index].positions(word)
+        return self.maps[prompt_index][..., positions].sum(-1)
+
+
+@dataclass
+class Prompt2PromptPipelineOutput(BaseOutput):
+    """Output of `Prompt2PromptPipeline`.
+
+    Args:
+        images: the source image followed by one image per target prompt (PIL images, a numpy
+            array ``(prompts, height, width, 3)``, or latents for ``output_type="latent"``).
+        attention: the recorded `AttentionMaps`, or None when ``return_attention=False``.
+        edit_mode: the edit that ran (``auto`` resolved to ``replace`` or ``refine``); None without targets.
+        nsfw_content_detected: the safety checker's verdicts when the pipeline has one.
+    """
+
+    images: list[PIL.Image.Image] | np.ndarray | torch.Tensor
+    attention: AttentionMaps | None
+    edit_mode: EditMode | None
+    nsfw_content_detected: list[bool] | None = None
+
+
+def _closest_side(sides: Sequence[int], wanted: int) -> int:
+    return min(sides, key=lambda s: (abs(s - wanted), -s))
+
+
+class Prompt2PromptPipeline(DiffusionPipeline):
+    r"""Text-to-image generation with Prompt-to-Prompt editing (Hertz et al., 2022).
+
+    The source prompt and every target prompt are denoised together in one batch from the same
+    initial noise; the source's attention is injected into the targets as the edit prescribes.
+
+    Args:
+        vae: the `AutoencoderKL` that decodes latents.
+        text_encoder: a CLIP text encoder.
+        tokenizer: its tokenizer.
+        unet: a `UNet2DConditionModel`.
+        scheduler: any diffusers scheduler (DDIM recommended, as in the paper).
+        safety_checker: optional Stable Diffusion safety checker, run on decoded images when present.
+        feature_extractor: the safety checker's image processor.
+    """
+
+    model_cpu_offload_seq = "text_encoder->unet->vae"
+    _optional_components = ["safety_checker", "feature_extractor"]
+
+    def __init__(self, vae, text_encoder, tokenizer, unet, scheduler, safety_checker=None, feature_extractor=None):
+        super().__init__()
+        self.register_modules(
+            vae=vae,
+            text_encoder=text_encoder,
+            tokenizer=tokenizer,
+            unet=unet,
+            scheduler=scheduler,
+            safety_checker=safety_checker,
+            feature_extractor=feature_extractor,
+        )
+        self.vae_scale_factor = 2 ** (len(vae.config.block_out_channels) - 1)
+        self.image_processor = VaeImageProcessor(vae_scale_factor=self.vae_scale_factor)
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path, *args, allow_pickle: bool = False, **kwargs):
+        """Load a diffusers Stable Diffusion folder or hub id (see `DiffusionPipeline.from_pretrained`).
+
+        Weights load from safetensors only; pickle checkpoints (``.bin``) are refused unless
+        ``allow_pickle=True``, since unpickling can run arbitrary code.
+        """
+        if kwargs.get("use_safetensors") is False and not allow_pickle:
+            raise ValueError("use_safetensors=False loads pickle checkpoints, which can run code; pass allow_pickle=True to allow it")
+        if not allow_pickle:
+            kwargs["use_safetensors"] = True
+        return super().from_pretrained(pretrained_model_name_or_path, *args, **kwargs)
+
+    # ----------------------------------------------------------------- helpers
+
+    def _default_size(self) -> int:
+        size = self.unet.config.sample_size
+        return (size if isinstance(size, int) else size[0]) * self.vae_scale_factor
+
+    def _tokenize(self, prompt, name: str, truncate: bool) -> PromptTokens:
+        if not isinstance(prompt, str) or not prompt.strip():
+            raise ValueError(f"{name} must be a non-empty string, got {prompt!r}")
+        try:
+            return tokenize_words(prompt, self.tokenizer, truncate=truncate)
+        except ValueError as err:
+            raise ValueError(f"{name}: {err}") from None
+
+    def _encode(self, id_rows: Sequence[Sequence[int]], device, dtype) -> torch.Tensor:
+        """Text-encoder states ``(prompts, max_length, dim)`` of token ids padded as diffusers pads."""
+        length = self.tokenizer.model_max_length
+        pad = self.tokenizer.pad_token_id
+        ids = torch.tensor([list(r) + [pad] * (length - len(r)) for r in id_rows], device=device)  # (prompts, tokens)
+        mask = torch.tensor([[1] * len(r) + [0] * (length - len(r)) for r in id_rows], device=device)
+        use_mask = getattr(self.text_encoder.config, "use_attention_mask", False)
+        states = self.text_encoder(ids, attention_mask=mask if use_mask else None)[0]
+        return states.to(dtype=dtype)
+
+    def _negative_ids(self, negative_prompt, count: int, truncate: bool) -> list[list[int]]:
+        if negative_prompt is None:
+            negative_prompt = ""
+        rows = [negative_prompt] * count if isinstance(negative_prompt, str) else list(negative_prompt)
+        if len(rows) != count or not all(isinstance(r, str) for r in rows):
+            raise ValueError(f"negative_prompt must be a string or a list of {count} strings (one per prompt), got {negative_prompt!r}")
+        out = []
+        length = self.tokenizer.model_max_length
+        for row in rows:
+            ids = list(self.tokenizer(row, truncation=False, verbose=False)["input_ids"])
+            if len(ids) > length:
+                if not truncate:
+                    raise ValueError(
+                        f"negative_prompt is {len(ids)} tokens long but the text encoder takes at most {length}; "
+                        "shorten it, or pass truncate_prompts=True"
+                    )
+                ids = ids[: length - 1] + ids[-1:]
+            out.append(ids)
+        return out
+
+    def _check_size(self, value, name: str) -> int:
+        if isinstance(value, bool) or not isinstance(value, int) or value <= 0 or value % self.vae_scale_factor:
+            raise ValueError(f"{name} must be a positive multiple of {self.vae_scale_factor} (the VAE's factor), got {value!r}")
+        return value
+
+    def _run_safety_checker(self, image: torch.Tensor, device, dtype):
+        if self.safety_checker is None:
+            return image, None
+        pil = self.image_processor.postprocess(image, output_type="pil")
+        features = self.feature_extractor(pil, return_tensors="pt").to(device)
+        image, flags = self.safety_checker(images=image, clip_input=features.pixel_values.to(dtype))
+        return image, flags
+
+    # ----------------------------------------------------------------- call
+
+    @torch.no_grad()
+    def __call__(
+        self,
+        prompt: str,
+        edit_prompts: Sequence[str] | str | None = None,
+        edit: EditMode | str = "auto",
+        cross_replace_steps: float | tuple[float, float] | Mapping = 0.8,
+        self_replace_steps: float | tuple[float, float] = 0.4,
+        self_replace_max_res: int | None = None,
+        equalizer: Mapping | None = None,
+        local_blend: LocalBlend | None = None,
+        num_inference_steps: int = 50,
+        guidance_scale: float = 7.5,
+        height: int | None = None,
+        width: int | None = None,
+        negative_prompt: str | Sequence[str] | None = None,
+        generator: torch.Generator | None = None,
+        latents: torch.Tensor | None = None,
+        output_type: str = "pil",
+        return_dict: bool = True,
+        return_attention: bool = True,
+        attention_res: int | None = None,
+        truncate_prompts: bool = False,
+        eta: float = 0.0,
+        cross_attention_kwargs: dict | None = None,
+    ):
+        r"""Generate the source image and edit it into one image per target prompt.
+
+        Args:
+            prompt: the source prompt.
+            edit_prompts: one or more target prompts, denoised together with the source. None
+                generates the source alone (its attention maps are still recorded).
+            edit: ``"auto"`` (replace when the word counts match, else refine), ``"replace"``,
+                ``"refine"`` or ``"none"`` (same noise only, no injection).
+            cross_replace_steps: fraction of the steps, ``(start, end)`` fractions, or a dict of
+                such per target word with ``"default_"`` for the other tokens, during which the
+                source's cross-attention is injected.
+            self_replace_steps: fraction or ``(start, end)`` during which the source's
+                self-attention is injected.
+            self_replace_max_res: largest attention-map side whose self-attention is injected;
+                None = the latent side // 4 (16 at SD 512, as the paper's code).
+            equalizer: ``{word: factor}`` (or a list of factors, one per target) re-weighting the
+                attention of target words; 0, negative and > 1 are allowed. Applied where
+                cross-attention is injected; with ``edit="none"`` it scales the target's own maps.
+            local_blend: a `LocalBlend` restricting the edit to the named words' region.
+            num_inference_steps: denoising steps.
+            guidance_scale: classifier-free guidance scale; <= 1 disables guidance.
+            height: image height in pixels (default: the UNet's sample size times the VAE factor).
+            width: image width in pixels.
+            negative_prompt: prompt(s) for the unconditional half of guidance (default ``""``).
+            generator: draws the one initial noise that the source and all targets share.
+            latents: initial noise ``(1 or prompts, channels, height/f, width/f)`` with the model's dtype and device.
+            output_type: ``"pil"``, ``"np"``, ``"pt"`` or ``"latent"``.
+            return_dict: return a `Prompt2PromptPipelineOutput` rather than a tuple.
+            return_attention: record the cross-attention maps for ``output.attention``.
+            attention_res: side of the recorded maps; None = like LocalBlend's default.
+            truncate_prompts: cut prompts longer than the tokenizer's limit instead of raising.
+            eta: DDIM eta (0 = deterministic).
+            cross_attention_kwargs: passed on to the attention processors.
+
+        Returns:
+            `Prompt2PromptPipelineOutput` (or ``(images, attention)`` when ``return_dict=False``).
+
+        Raises:
+            ValueError: any bad argument, before any denoising starts.
+        """
+        # ---- validate everything before any work
+        device = self._execution_device
+        dtype = self.unet.dtype
+        source = self._tokenize(prompt, "prompt", truncate_prompts)
+        if isinstance(edit_prompts, str):
+            edit_prompts = [edit_prompts]
+        if edit_prompts is not None:
+            if not isinstance(edit_prompts, Sequence) or len(edit_prompts) == 0:
+                raise ValueError("edit_prompts is empty; give at least one target prompt, or None to only generate")
+            targets = [self._tokenize(p, f"edit_prompts[{k}]", truncate_prompts) for k, p in enumerate(edit_prompts)]
+        else:
+            targets = []
+            if equalizer is not None or local_blend is not None:
+                raise ValueError("equalizer and local_blend edit target prompts; give edit_prompts as well")
+        if local_blend is not None and not isinstance(local_blend, LocalBlend):
+            raise ValueError(f"local_blend must be a LocalBlend, got {type(local_blend).__name__}")
+        mode = EditMode.parse(edit)
+        n = 1 + len(targets)
+        for value, name in ((num_inference_steps, "num_inference_steps"),):
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name} must be a positive integer, got {value!r}")
+        if isinstance(guidance_scale, bool) or not isinstance(guidance_scale, Real) or not math.isfinite(guidance_scale):
+            raise ValueError(f"guidance_scale must be a finite number, got {guidance_scale!r}")
+        if output_type not in ("pil", "np", "pt", "latent"):
+            raise ValueError(f"output_type must be 'pil', 'np', 'pt' or 'latent', got {output_type!r}")
+        height = self._check_size(height if height is not None else self._default_size(), "height")
+        width = self._check_size(width if width is not None else self._default_size(), "width")
+        latent_hw = (height // self.vae_scale_factor, width // self.vae_scale_factor)
+        channels = self.unet.config.in_channels
+        if latents is not None:
+            if not isinstance(latents, torch.Tensor) or latents.ndim != 4 or latents.shape[0] not in (1, n) or tuple(latents.shape[1:]) != (channels, *latent_hw):
+                shape = getattr(latents, "shape", None)
+                raise ValueError(f"latents must have shape (1 or {n}, {channels}, {latent_hw[0]}, {latent_hw[1]}), got {shape}")
+            if latents.dtype != dtype or latents.device.type != torch.device(device).type:
+                raise ValueError(
+                    f"latents are {latents.dtype} on {latents.device} but the model is {dtype} on {device}; "
+                    f"pass latents.to(device={str(device)!r}, dtype={dtype})"
+                )
+        sides = attention_sides(self.unet, latent_hw)
+        default_side = max(latent_hw) // 4
+        blend_res = None
+        if local_blend is not None:
+            blend_res = local_blend.resolution if local_blend.resolution is not None else _closest_side(sides, default_side)
+            if blend_res not in sides:
+                raise ValueError(f"LocalBlend resolution {blend_res} is not a cross-attention map side of this model at this size; use one of {sides}")
+        if attention_res is not None and attention_res not in sides:
+            raise ValueError(f"attention_res {attention_res} is not a cross-attention map side of this model at this size; use one of {sides}")
+        record_res = (attention_res or _closest_side(sides, default_side)) if return_attention else None
+        if self_replace_max_res is None:
+            self_replace_max_res = default_side
+        elif isinstance(self_replace_max_res, bool) or not isinstance(self_replace_max_res, int) or self_replace_max_res < 0:
+            raise ValueError(f"self_replace_max_res must be a non-negative integer side or None, got {self_replace_max_res!r}")
+        negative_ids = self._negative_ids(negative_prompt, n, truncate_prompts)
+
+        self.scheduler.set_timesteps(num_inference_steps, device=device)
+        timesteps = self.scheduler.timesteps
+        plan: EditPlan | None = None
+        if targets:
+            plan = build_edit_plan(
+                source, targets, mode, len(timesteps), cross_replace_steps, self_replace_steps,
+                self_replace_max_res, equalizer, local_blend, blend_res or 0,
+            ).to(device)
+            if mode is EditMode.AUTO:
+                logger.info("edit='auto' chose %s", plan.mode.value)
+
+        # ---- prompts -> embeddings, noise
+        guidance = guidance_scale > 1.0
+        prompt_ids = [source.ids] + [t.ids for t in targets]
+        embeds = self._encode(prompt_ids, device, dtype)  # (prompts, tokens, dim)
+        if guidance:
+            embeds = torch.cat([self._encode(negative_ids, device, dtype), embeds])  # (2*prompts, tokens, dim)
+        if latents is None:
+            latents = randn_tensor((1, channels, *latent_hw), generator=generator, device=device, dtype=dtype)
+        latents = latents.expand(n, -1, -1, -1).clone() * self.scheduler.init_noise_sigma  # (prompts, C, h, w)
+        extra = {}
+        step_params = set(inspect.signature(self.scheduler.step).parameters)
+        if "eta" in step_params:
+            extra["eta"] = eta
+        if "generator" in step_params:
+            extra["generator"] = generator
+
+        # ---- denoising loop with the P2P processors installed
+        record = {s for s in (record_res, blend_res) if s is not None}
+        controller = P2PController(plan, n, guidance, latent_hw, record)
+        user_kwargs = dict(cross_attention_kwargs or {})
+        with p2p_attention(self.unet, controller), self.progress_bar(total=len(timesteps)) as bar:
+            for i, t in enumerate(timesteps):
+                model_in = torch.cat([latents] * 2) if guidance else latents  # (batch, C, h, w)
+                model_in = self.scheduler.scale_model_input(model_in, t)
+                noise = self.unet(
+                    model_in, t, encoder_hidden_states=embeds,
+                    cross_attention_kwargs={**user_kwargs, "p2p_step": i}, return_dict=False,
+                )[0]
+                if guidance:
+                    uncond, cond = noise.chunk(2)
+                    noise = uncond + guidance_scale * (cond - uncond)
+                latents = self.scheduler.step(noise, t, latents, **extra, return_dict=False)[0]
+                if plan is not None and plan.blend is not None and i >= plan.blend.start_step:
+                    latents = self._local_blend(latents, controller.maps[plan.blend.resolution], plan, latent_hw)
+                bar.update()
+
+        # ---- decode
+        attention = None
+        if record_res is not None:
+            maps = controller.maps[record_res] / controller.layer_calls[record_res]
+            attention = AttentionMaps(maps.cpu(), [source, *targets], record_res)
+        flags = None
+        if output_type == "latent":
+            images = latents
+        else:
+            scaled = latents / self.vae.config.scaling_factor
+            if getattr(self.vae.config, "shift_factor", None):
+                scaled = scaled + self.vae.config.shift_factor
+            decoded = self.vae.decode(scaled.to(self.vae.dtype), return_dict=False)[0]
+            decoded, flags = self._run_safety_checker(decoded, device, embeds.dtype)
+            denormalize = [not f for f in flags] if flags is not None else None
+            images = self.image_processor.postprocess(decoded, output_type=output_type, do_denormalize=denormalize)
+        self.maybe_free_model_hooks()
+        mode_out = plan.mode if plan is not None else None
+        if not return_dict:
+            return images, attention
+        return Prompt2PromptPipelineOutput(images=images, attention=attention, edit_mode=mode_out, nsfw_content_detected=flags)
+
+    @staticmethod
+    def _local_blend(latents: torch.Tensor, maps: torch.Tensor, plan: EditPlan, latent_hw) -> torch.Tensor:
+        blend = plan.blend
+        mask = local_blend_mask(maps, blend.words, blend.threshold, latent_hw)  # (prompts, 1, h, w)
+        if blend.subtract is not None:
+            mask = mask & ~local_blend_mask(maps, blend.subtract, blend.subtract_threshold, latent_hw, pool=False)
+        return blend_latents(latents, mask)

@@ -1,0 +1,91 @@
+"""Step schedules: which denoising steps inject attention, as fractions of the steps.
+
+The paper's Eq. for the injection window: ``Edit(M_t, M*_t, t) = M*_t if t < tau else M_t``.
+A window ``(f0, f1)`` of ``T`` steps covers step indices ``[int(f0*T), int(f1*T))``, rounding as the
+paper's code does; a single number ``f`` means ``(0, f)``.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+from numbers import Real
+
+import torch
+
+from .alignment import PromptTokens
+
+Window = float | tuple[float, float]
+
+
+def parse_window(bounds, name: str) -> tuple[float, float]:
+    """Validate a fraction or a ``(start, end)`` pair of fractions of the denoising steps.
+
+    Raises:
+        ValueError: not numbers, outside [0, 1], or start > end.
+    """
+    if isinstance(bounds, Real) and not isinstance(bounds, bool):
+        pair = (0.0, float(bounds))
+    elif isinstance(bounds, Sequence) and not isinstance(bounds, str) and len(bounds) == 2:
+        pair = tuple(bounds)
+    else:
+        raise ValueError(f"{name} must be a fraction of the steps or a (start, end) pair, got {bounds!r}")
+    for v in pair:
+        if isinstance(v, bool) or not isinstance(v, Real) or not math.isfinite(v):
+            raise ValueError(f"{name} must hold finite numbers in [0, 1], got {bounds!r}")
+        if not 0.0 <= v <= 1.0:
+            raise ValueError(f"{name} must lie in [0, 1] (fractions of the steps), got {bounds!r}")
+    start, end = float(pair[0]), float(pair[1])
+    if start > end:
+        raise ValueError(f"{name} has start {start} after end {end}; give (start, end) with start <= end")
+    return start, end
+
+
+def step_window(bounds: tuple[float, float], num_steps: int) -> tuple[int, int]:
+    """Step indices ``[int(f0*T), int(f1*T))`` of a window of fractions (paper's code rounding)."""
+    return int(bounds[0] * num_steps), int(bounds[1] * num_steps)
+
+
+def cross_step_weights(
+    targets: Sequence[PromptTokens],
+    cross_replace_steps: Window | Mapping[str, Window],
+    num_steps: int,
+) -> torch.Tensor:
+    """Per step, target and token: 1 where the source's cross-attention is injected, else 0.
+
+    ``cross_replace_steps`` is one window for all tokens, or a dict of windows per word of the
+    target prompts with ``"default_"`` for the rest (``(0, 1)`` when absent), as the paper's
+    per-word injection (its Fig. 5 object preservation: ``{"default_": 0.0, "butterfly": 1.0}``).
+
+    Returns:
+        ``(num_steps, num_targets, max_length)`` float tensor.
+
+    Raises:
+        ValueError: a bad window, or a word that is in none of the target prompts.
+    """
+    length = targets[0].max_length
+    if isinstance(cross_replace_steps, Mapping):
+        windows = dict(cross_replace_steps)
+        default = windows.pop("default_", (0.0, 1.0))
+    else:
+        windows, default = {}, cross_replace_steps
+    weights = torch.zeros(num_steps, len(targets), length)  # (steps, targets, tokens)
+    start, end = step_window(parse_window(default, "cross_replace_steps['default_']"), num_steps)
+    weights[start:end] = 1.0
+    for word, bounds in windows.items():
+        start, end = step_window(parse_window(bounds, f"cross_replace_steps[{word!r}]"), num_steps)
+        found = False
+        for k, target in enumerate(targets):
+            try:
+                positions = target.positions(word)
+            except ValueError:
+                continue
+            found = True
+            weights[:, k, positions] = 0.0
+            weights[start:end, k, positions] = 1.0
+        if not found:
+            raise ValueError(
+                f"cross_replace_steps names {word!r}, which is in no target prompt "
+                f"({'; '.join(repr(t.prompt) for t in targets)}); name a word of a target prompt"
+            )
+    return weights

@@ -1,0 +1,122 @@
+"""Shared fixtures: a real CLIP BPE tokenizer built offline and tiny random SD-shaped models.
+
+Nothing here downloads: the CLIP merges come from open_clip's wheel (installed with
+``--no-deps``; we never import ``open_clip`` itself, because it imports torchvision).
+"""
+
+from __future__ import annotations
+
+import gzip
+import importlib.util
+import json
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+
+def _bytes_to_unicode() -> dict[int, str]:
+    """GPT-2/CLIP byte -> printable unicode table, in the order byte-level BPE vocabularies use."""
+    printable = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1))
+    printable += list(range(ord("®"), ord("ÿ") + 1))
+    table = {b: chr(b) for b in printable}
+    others = [b for b in range(256) if b not in table]
+    table.update({b: chr(256 + n) for n, b in enumerate(others)})
+    return table
+
+
+def build_clip_tokenizer_files(out_dir: Path) -> Path:
+    """Write CLIP's vocab.json and merges.txt, derived from open_clip's BPE merge list."""
+    spec = importlib.util.find_spec("open_clip")
+    if spec is None or not spec.submodule_search_locations:
+        raise RuntimeError("open_clip_torch is needed for its BPE file: pip install --no-deps open_clip_torch")
+    bpe = Path(list(spec.submodule_search_locations)[0]) / "bpe_simple_vocab_16e6.txt.gz"
+    lines = gzip.open(bpe).read().decode("utf-8").split("\n")
+    merges = [tuple(line.split()) for line in lines[1 : 49152 - 256 - 2 + 1]]
+    byte_chars = list(_bytes_to_unicode().values())
+    vocab = byte_chars + [c + "</w>" for c in byte_chars] + ["".join(m) for m in merges]
+    vocab += ["<|startoftext|>", "<|endoftext|>"]
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / "vocab.json").write_text(json.dumps({tok: i for i, tok in enumerate(vocab)}))
+    (out_dir / "merges.txt").write_text("#version: 0.2\n" + "\n".join(" ".join(m) for m in merges) + "\n")
+    return out_dir
+
+
+@pytest.fixture(scope="session")
+def clip_tokenizer(tmp_path_factory):
+    from transformers import CLIPTokenizer
+
+    folder = build_clip_tokenizer_files(tmp_path_factory.mktemp("clip_tokenizer"))
+    return CLIPTokenizer(str(folder / "vocab.json"), str(folder / "merges.txt"), model_max_length=77)
+
+
+def make_tiny_components(tokenizer, kind: str = "sd1", seed: int = 0) -> dict:
+    """Tiny random models with the SD 1.x (epsilon) or SD 2.x (v-prediction, linear projections) layout.
+
+    Latent side 16 (image 32 px, VAE factor 2); UNet attention at 16, 8 and 4 (mid).
+    """
+    from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    torch.manual_seed(seed)
+    sd2 = kind == "sd2"
+    unet = UNet2DConditionModel(
+        sample_size=16,
+        in_channels=4,
+        out_channels=4,
+        block_out_channels=(32, 64),
+        layers_per_block=1,
+        down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
+        cross_attention_dim=32,
+        attention_head_dim=(2, 4) if sd2 else 8,
+        use_linear_projection=sd2,
+        upcast_attention=sd2,
+        norm_num_groups=16,
+    )
+    vae = AutoencoderKL(
+        in_channels=3,
+        out_channels=3,
+        block_out_channels=(16, 32),
+        down_block_types=("DownEncoderBlock2D", "DownEncoderBlock2D"),
+        up_block_types=("UpDecoderBlock2D", "UpDecoderBlock2D"),
+        latent_channels=4,
+        norm_num_groups=16,
+        sample_size=32,
+    )
+    text_encoder = CLIPTextModel(
+        CLIPTextConfig(
+            vocab_size=len(tokenizer),
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            max_position_embeddings=tokenizer.model_max_length,
+            bos_token_id=tokenizer.bos_token_id,
+            eos_token_id=tokenizer.eos_token_id,
+            pad_token_id=tokenizer.pad_token_id,
+        )
+    )
+    scheduler = DDIMScheduler(
+        beta_start=0.00085,
+        beta_end=0.012,
+        beta_schedule="scaled_linear",
+        clip_sample=False,
+        set_alpha_to_one=False,
+        steps_offset=1,
+        prediction_type="v_prediction" if sd2 else "epsilon",
+    )
+    for module in (unet, vae, text_encoder):
+        module.eval()
+    return dict(vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet, scheduler=scheduler)
+
+
+@pytest.fixture(scope="session")
+def tiny_sd1(clip_tokenizer):
+    return make_tiny_components(clip_tokenizer, "sd1")
+
+
+@pytest.fixture(scope="session")
+def tiny_sd2(clip_tokenizer):
+    return make_tiny_components(clip_tokenizer, "sd2", seed=1)
