@@ -1,0 +1,471 @@
+#!/usr/bin/env python
+"""Time and peak memory of a Prompt-to-Prompt edit versus plain diffusers generation.
+
+The project claims that an edit costs at most 1.05x the time and 1.1x the peak memory of a plain
+``StableDiffusionPipeline`` call that generates the same prompts. This script measures both sides
+on the same components, prompts (source + one target), initial noise, scheduler (DDIM), number of
+steps and guidance scale:
+
+* plain: ``StableDiffusionPipeline(prompt=[source, target], latents=<noise repeated twice>)``;
+* edit:  ``Prompt2PromptPipeline(prompt=source, edit_prompts=[target], latents=<noise>, ...)`` in
+  the variants ``replace`` (cross 0.8, self 0.4), ``replace_localblend`` (the same plus
+  ``LocalBlend([source word], [target word])``) and ``none`` (same noise, no injection); all record
+  attention maps (``return_attention=True``, the default). ``replace_noattn`` (``replace`` with
+  ``return_attention=False``) can be added with ``--variants``.
+
+Each variant gets a warm-up pair, then ``--repeats`` pairs; within a repeat every variant runs a
+plain call and an edit call back to back, alternating which goes first, so that drift (thermal,
+clocks, caches) hits both sides equally. Reported: the median seconds of each side and their ratio.
+
+Memory:
+* CUDA: ``torch.cuda.max_memory_allocated`` after ``reset_peak_memory_stats``, per call: the
+  absolute peak (weights included; this is what the claim is about) and the peak minus the memory
+  allocated just before the call ("extra").
+* CPU (Linux): the process's peak resident set size (``VmHWM``), reset before each call by writing
+  5 to ``/proc/self/clear_refs`` (after ``gc.collect()`` and glibc ``malloc_trim``). It is process
+  RSS, not tensor bytes: it includes the Python heap, libraries and allocator slack, so the absolute
+  ratio is diluted by the baseline; the "extra" column (peak minus RSS before the call) is the part
+  that the call itself adds. Off Linux, memory is not reported on CPU.
+
+Examples::
+
+    python benchmarks/bench_overhead.py --model tiny --steps 20 --repeats 5
+    python benchmarks/bench_overhead.py --model small --steps 10 --repeats 3
+    python benchmarks/bench_overhead.py --model sd15-shape --device cuda --json sd15.json
+    python benchmarks/bench_overhead.py --model path:/models/stable-diffusion-v1-5 --device cuda
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import ctypes
+import gc
+import json
+import os
+import platform
+import shlex
+import statistics
+import sys
+import tempfile
+import time
+import warnings
+from pathlib import Path
+
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+ALL_VARIANTS = ("replace", "replace_localblend", "none", "replace_noattn")
+DEFAULT_VARIANTS = ("replace", "replace_localblend", "none")
+GIB = 1024**3
+
+
+# --------------------------------------------------------------------------- models
+
+
+def _ddim():
+    from diffusers import DDIMScheduler
+
+    return DDIMScheduler(
+        beta_start=0.00085,
+        beta_end=0.012,
+        beta_schedule="scaled_linear",
+        clip_sample=False,
+        set_alpha_to_one=False,
+        steps_offset=1,
+    )
+
+
+def _tests_on_path():
+    tests = str(REPO / "tests")
+    if tests not in sys.path:
+        sys.path.insert(0, tests)
+
+
+def _clip_tokenizer(tmp: str):
+    """The real CLIP BPE tokenizer, built offline by the test suite's helper."""
+    _tests_on_path()
+    from conftest import build_clip_tokenizer_files
+    from transformers import CLIPTokenizer
+
+    folder = build_clip_tokenizer_files(Path(tmp) / "clip_tokenizer")
+    return CLIPTokenizer(str(folder / "vocab.json"), str(folder / "merges.txt"), model_max_length=77)
+
+
+def _clip_text(tokenizer, hidden: int, layers: int, heads: int, intermediate: int):
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    return CLIPTextModel(
+        CLIPTextConfig(
+            vocab_size=len(tokenizer),
+            hidden_size=hidden,
+            intermediate_size=intermediate,
+            num_hidden_layers=layers,
+            num_attention_heads=heads,
+            max_position_embeddings=77,
+            hidden_act="quick_gelu",
+            projection_dim=hidden,
+            bos_token_id=tokenizer.bos_token_id,
+            eos_token_id=tokenizer.eos_token_id,
+            pad_token_id=tokenizer.pad_token_id,
+        )
+    )
+
+
+def _sd_unet(block_out_channels, cross_attention_dim: int, heads: int, sample_size: int):
+    """A UNet with Stable Diffusion 1.x's block layout (3 cross-attention levels + 1 plain level)."""
+    from diffusers import UNet2DConditionModel
+
+    return UNet2DConditionModel(
+        sample_size=sample_size,
+        in_channels=4,
+        out_channels=4,
+        down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
+        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
+        block_out_channels=tuple(block_out_channels),
+        layers_per_block=2,
+        cross_attention_dim=cross_attention_dim,
+        attention_head_dim=heads,  # diffusers' historical name: SD 1.x's "attention_head_dim 8" is 8 heads
+        norm_num_groups=32,
+        flip_sin_to_cos=True,
+        freq_shift=0,
+        downsample_padding=1,
+    )
+
+
+def _sd_vae(block_out_channels, sample_size: int):
+    from diffusers import AutoencoderKL
+
+    n = len(block_out_channels)
+    return AutoencoderKL(
+        in_channels=3,
+        out_channels=3,
+        down_block_types=("DownEncoderBlock2D",) * n,
+        up_block_types=("UpDecoderBlock2D",) * n,
+        block_out_channels=tuple(block_out_channels),
+        layers_per_block=2,
+        latent_channels=4,
+        norm_num_groups=32,
+        sample_size=sample_size,
+        scaling_factor=0.18215,
+    )
+
+
+def build_components(model: str, tmp: str, device: str) -> dict:
+    """Components (vae, text_encoder, tokenizer, unet, scheduler) in float32 on ``device``."""
+    if model == "tiny":
+        _tests_on_path()
+        from conftest import make_tiny_components
+
+        return make_tiny_components(_clip_tokenizer(tmp), "sd1")
+    if model.startswith("path:"):
+        from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
+        from transformers import CLIPTextModel, CLIPTokenizer
+
+        folder = model[len("path:") :]
+        scheduler = DDIMScheduler.from_pretrained(folder, subfolder="scheduler")
+        return dict(
+            vae=AutoencoderKL.from_pretrained(folder, subfolder="vae", use_safetensors=True),
+            text_encoder=CLIPTextModel.from_pretrained(folder, subfolder="text_encoder", use_safetensors=True),
+            tokenizer=CLIPTokenizer.from_pretrained(folder, subfolder="tokenizer"),
+            unet=UNet2DConditionModel.from_pretrained(folder, subfolder="unet", use_safetensors=True),
+            scheduler=scheduler,
+        )
+    tokenizer = _clip_tokenizer(tmp)
+    torch.manual_seed(0)
+    # Initialise on the target device (much faster for SD 1.5's 860M-parameter UNet on a GPU).
+    with torch.device(device):
+        if model == "small":
+            # SD-1.5-shaped but narrow: same blocks, levels and 8 heads; 256 px images (latent 32).
+            unet = _sd_unet((64, 128, 256, 256), cross_attention_dim=256, heads=8, sample_size=32)
+            vae = _sd_vae((32, 64, 128, 128), sample_size=256)
+            text_encoder = _clip_text(tokenizer, hidden=256, layers=4, heads=4, intermediate=1024)
+        elif model == "sd15-shape":
+            # Stable Diffusion 1.5's exact architecture, random weights.
+            unet = _sd_unet((320, 640, 1280, 1280), cross_attention_dim=768, heads=8, sample_size=64)
+            vae = _sd_vae((128, 256, 512, 512), sample_size=512)
+            text_encoder = _clip_text(tokenizer, hidden=768, layers=12, heads=12, intermediate=3072)
+        else:
+            raise SystemExit(f"unknown --model {model!r}: use tiny, small, sd15-shape or path:/folder")
+    for module in (unet, vae, text_encoder):
+        module.eval()
+    return dict(vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet, scheduler=_ddim())
+
+
+# --------------------------------------------------------------------------- memory probes
+
+
+class CudaPeak:
+    name = "CUDA max_memory_allocated"
+
+    def __init__(self, device):
+        self.device = device
+
+    def start(self):
+        torch.cuda.synchronize(self.device)
+        torch.cuda.reset_peak_memory_stats(self.device)
+        self.base = torch.cuda.memory_allocated(self.device)
+
+    def stop(self):
+        torch.cuda.synchronize(self.device)
+        peak = torch.cuda.max_memory_allocated(self.device)
+        return peak, peak - self.base
+
+
+class RssPeak:
+    """Linux peak RSS of this process (VmHWM), reset before each call through /proc/self/clear_refs."""
+
+    name = "process peak RSS (VmHWM reset via /proc/self/clear_refs)"
+
+    def __init__(self):
+        try:
+            self._libc = ctypes.CDLL("libc.so.6")
+            self._libc.malloc_trim(0)
+        except (OSError, AttributeError):
+            self._libc = None
+
+    @staticmethod
+    def available() -> bool:
+        try:
+            with open("/proc/self/clear_refs", "w") as f:
+                f.write("5")
+            return RssPeak._read("VmHWM") is not None
+        except OSError:
+            return False
+
+    @staticmethod
+    def _read(field: str):
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith(field + ":"):
+                    return int(line.split()[1]) * 1024
+        return None
+
+    def start(self):
+        if self._libc is not None:
+            self._libc.malloc_trim(0)
+        self.base = self._read("VmRSS")
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")  # resets VmHWM to the current RSS
+
+    def stop(self):
+        peak = self._read("VmHWM")
+        return peak, peak - self.base
+
+
+# --------------------------------------------------------------------------- benchmark
+
+
+def sync(device: torch.device):
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def timed(fn, device, probe):
+    gc.collect()
+    if probe is not None:
+        probe.start()
+    sync(device)
+    t0 = time.perf_counter()
+    fn()
+    sync(device)
+    seconds = time.perf_counter() - t0
+    peak, extra = probe.stop() if probe is not None else (None, None)
+    return seconds, peak, extra
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", default="tiny", help="tiny | small | sd15-shape | path:/diffusers/sd/folder (default tiny)")
+    parser.add_argument("--device", default="cpu", help="cpu | cuda | cuda:N (default cpu)")
+    parser.add_argument("--dtype", choices=("float16", "bfloat16", "float32"), default=None, help="default float16 on CUDA, float32 on CPU")
+    parser.add_argument("--steps", type=int, default=None, help="DDIM steps (default: tiny 20, small 10, others 50)")
+    parser.add_argument("--repeats", type=int, default=5, help="timed pairs per variant (default 5)")
+    parser.add_argument("--warmup", type=int, default=1, help="untimed pairs per variant first (default 1)")
+    parser.add_argument("--guidance", type=float, default=7.5)
+    parser.add_argument("--size", type=int, default=None, help="image side in pixels (default: the model's, 512 for sd15-shape)")
+    parser.add_argument("--output-type", choices=("pil", "np", "latent"), default="pil", help="both sides alike (default pil = full VAE decode)")
+    parser.add_argument("--source", default="a cat riding a bicycle")
+    parser.add_argument("--target", default="a cat riding a car")
+    parser.add_argument("--blend-words", nargs=2, default=("bicycle", "car"), metavar=("SOURCE_WORD", "TARGET_WORD"))
+    parser.add_argument("--variants", default=",".join(DEFAULT_VARIANTS), help=f"comma list of {', '.join(ALL_VARIANTS)}")
+    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--json", default=None, metavar="OUT.json", help="also write the results here")
+    args = parser.parse_args(argv)
+
+    variants = [v.strip() for v in args.variants.split(",") if v.strip()]
+    for v in variants:
+        if v not in ALL_VARIANTS:
+            parser.error(f"unknown variant {v!r}; use {', '.join(ALL_VARIANTS)}")
+    if args.repeats < 1 or args.warmup < 0:
+        parser.error("--repeats must be >= 1 and --warmup >= 0")
+    device = torch.device(args.device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        parser.error("--device cuda but torch.cuda.is_available() is False")
+    dtype_name = args.dtype or ("float16" if device.type == "cuda" else "float32")
+    dtype = getattr(torch, dtype_name)
+    steps = args.steps or {"tiny": 20, "small": 10}.get(args.model, 50)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    load = os.getloadavg()[0] if hasattr(os, "getloadavg") else None
+    if device.type == "cpu" and load is not None and load >= 0.5:
+        print(
+            f"warning: 1-minute load average is {load:.2f} before the run: other processes share the CPU; "
+            f"timings are noisy, and torch's {torch.get_num_threads()} threads may be oversubscribed (try --threads 1)",
+            file=sys.stderr,
+        )
+
+    import diffusers
+    from diffusers import StableDiffusionPipeline
+    from diffusers.utils import logging as dlogging
+
+    import prompt2prompt
+    from prompt2prompt import LocalBlend, Prompt2PromptPipeline
+
+    dlogging.set_verbosity_error()
+    warnings.filterwarnings("ignore")  # random fp16 weights overflow; casting NaN images warns
+
+    with tempfile.TemporaryDirectory() as tmp:
+        components = build_components(args.model, tmp, str(device))
+    for name in ("vae", "text_encoder", "unet"):
+        components[name].to(device=device, dtype=dtype)
+    plain = StableDiffusionPipeline(**components, safety_checker=None, feature_extractor=None, requires_safety_checker=False)
+    p2p = Prompt2PromptPipeline(**components)
+    for pipe in (plain, p2p):
+        pipe.set_progress_bar_config(disable=True)
+
+    size = args.size or p2p._default_size()
+    factor = p2p.vae_scale_factor
+    generator = torch.Generator("cpu").manual_seed(args.seed)
+    noise = torch.randn((1, components["unet"].config.in_channels, size // factor, size // factor), generator=generator)
+    noise = noise.to(device=device, dtype=dtype)  # (1, C, h, w)
+    common = dict(num_inference_steps=steps, guidance_scale=args.guidance, height=size, width=size, output_type=args.output_type)
+
+    def run_plain():
+        return plain(prompt=[args.source, args.target], latents=noise.expand(2, -1, -1, -1).clone(), **common)
+
+    def edit_fn(variant):
+        kwargs = dict(edit="replace", cross_replace_steps=0.8, self_replace_steps=0.4)
+        if variant == "replace_localblend":
+            kwargs["local_blend"] = LocalBlend([args.blend_words[0]], [args.blend_words[1]])
+        elif variant == "none":
+            kwargs = dict(edit="none")
+        elif variant == "replace_noattn":
+            kwargs["return_attention"] = False
+        return lambda: p2p(prompt=args.source, edit_prompts=[args.target], latents=noise.clone(), **kwargs, **common)
+
+    if device.type == "cuda":
+        probe = CudaPeak(device)
+    elif RssPeak.available():
+        probe = RssPeak()
+    else:
+        probe = None
+    memory_what = probe.name if probe is not None else "not measured (CUDA, or Linux /proc for CPU RSS)"
+
+    results = {}
+    with torch.inference_mode():
+        for variant in variants:
+            fn = edit_fn(variant)
+            for _ in range(args.warmup):
+                run_plain()
+                fn()
+            results[variant] = {"plain": [], "edit": []}
+        for r in range(args.repeats):
+            for variant in variants:
+                fn = edit_fn(variant)
+                order = (("plain", run_plain), ("edit", fn))
+                for side, call in order if (r % 2 == 0) else order[::-1]:
+                    results[variant][side].append(timed(call, device, probe))
+
+    rows = []
+    for variant in variants:
+        row = {"variant": variant}
+        for side in ("plain", "edit"):
+            runs = results[variant][side]
+            row[f"{side}_s"] = statistics.median(s for s, _, _ in runs)
+            row[f"{side}_runs_s"] = [s for s, _, _ in runs]
+            if probe is not None:
+                row[f"{side}_peak_bytes"] = statistics.median(p for _, p, _ in runs)
+                row[f"{side}_extra_bytes"] = statistics.median(e for _, _, e in runs)
+        row["time_ratio"] = row["edit_s"] / row["plain_s"]
+        row["pair_ratios"] = [e[0] / p[0] for p, e in zip(results[variant]["plain"], results[variant]["edit"])]
+        if probe is not None:
+            row["peak_ratio"] = row["edit_peak_bytes"] / row["plain_peak_bytes"]
+            row["extra_ratio"] = row["edit_extra_bytes"] / row["plain_extra_bytes"] if row["plain_extra_bytes"] > 0 else None
+        rows.append(row)
+
+    command = " ".join(shlex.quote(a) for a in ["python", *([sys.argv[0]] if argv is None else ["bench_overhead.py"]), *(sys.argv[1:] if argv is None else argv)])
+    unet = components["unet"]
+    meta = {
+        "command": command,
+        "model": args.model,
+        "device": str(device),
+        "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or platform.machine(),
+        "cpu_threads": torch.get_num_threads(),
+        "cpu_count": os.cpu_count(),
+        "load_avg_1min_before": load,
+        "dtype": dtype_name,
+        "steps": steps,
+        "repeats": args.repeats,
+        "warmup": args.warmup,
+        "guidance_scale": args.guidance,
+        "image_size": size,
+        "latent_size": size // factor,
+        "output_type": args.output_type,
+        "source": args.source,
+        "target": args.target,
+        "unet_params_m": round(sum(p.numel() for p in unet.parameters()) / 1e6, 2),
+        "memory": memory_what,
+        "versions": {
+            "python": platform.python_version(),
+            "torch": torch.__version__,
+            "diffusers": diffusers.__version__,
+            "prompt2prompt": prompt2prompt.__version__,
+            "cuda": torch.version.cuda,
+        },
+    }
+
+    print(f"command : {command}")
+    print(
+        f"model   : {args.model} (UNet {meta['unet_params_m']} M params), {size}x{size} px, latent {size // factor}, "
+        f"{steps} DDIM steps, guidance {args.guidance}, output_type={args.output_type}"
+    )
+    print(f"device  : {device} ({meta['device_name']}), threads {meta['cpu_threads']}, dtype {dtype_name}")
+    v = meta["versions"]
+    print(f"versions: torch {v['torch']}, diffusers {v['diffusers']}, prompt2prompt {v['prompt2prompt']}, python {v['python']}")
+    print(f"timing  : median of {args.repeats} interleaved pairs after {args.warmup} warm-up pair(s) per variant")
+    print(f"memory  : {memory_what}")
+    header = f"{'variant':<20}{'plain s':>10}{'edit s':>10}{'ratio':>8}"
+    if probe is not None:
+        header += f"{'peak GiB plain':>16}{'edit':>8}{'ratio':>8}{'extra GiB plain':>17}{'edit':>8}{'ratio':>8}"
+    print(header)
+    print("-" * len(header))
+    for row in rows:
+        line = f"{row['variant']:<20}{row['plain_s']:>10.3f}{row['edit_s']:>10.3f}{row['time_ratio']:>8.3f}"
+        if probe is not None:
+            extra_ratio = f"{row['extra_ratio']:.3f}" if row["extra_ratio"] is not None else "n/a"
+            line += (
+                f"{row['plain_peak_bytes'] / GIB:>16.3f}{row['edit_peak_bytes'] / GIB:>8.3f}{row['peak_ratio']:>8.3f}"
+                f"{row['plain_extra_bytes'] / GIB:>17.3f}{row['edit_extra_bytes'] / GIB:>8.3f}{extra_ratio:>8}"
+            )
+        print(line)
+
+    if args.json:
+        out = Path(args.json)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp_path = tempfile.mkstemp(prefix=out.name + ".", suffix=".tmp", dir=out.parent)
+        try:
+            with os.fdopen(fd, "w") as f:
+                json.dump({"meta": meta, "results": rows}, f, indent=2)
+            os.replace(tmp_path, out)
+        except BaseException:
+            with contextlib.suppress(OSError):
+                os.unlink(tmp_path)
+            raise
+        print(f"wrote {out}")
+    return rows
+
+
+if __name__ == "__main__":
+    main()

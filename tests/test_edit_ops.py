@@ -1,0 +1,113 @@
+"""The paper's equations on hand-made tensors: edits, schedules, LocalBlend."""
+
+import math
+
+import pytest
+import torch
+
+from prompt2prompt.edit_ops import blend_latents, edit_cross_attention, local_blend_mask
+from prompt2prompt.schedules import cross_step_weights, parse_window, step_window
+from prompt2prompt.alignment import tokenize_words
+
+L = 5
+
+
+def maps(*shape, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return torch.rand(*shape, L, generator=g).softmax(-1)
+
+
+def test_word_swap_is_source_through_mapper():
+    src, tgt = maps(2, 3), maps(1, 2, 3, seed=1)
+    mapper = torch.zeros(1, L, L)
+    mapper[0, [0, 1, 2, 3, 4], [0, 2, 1, 3, 4]] = 1  # swap tokens 1 and 2
+    out = edit_cross_attention(src, tgt, mapper, torch.ones(1, L), torch.ones(1, L))
+    assert torch.equal(out[0][..., 1], src[..., 2]) and torch.equal(out[0][..., 2], src[..., 1])
+    assert torch.equal(out[0][..., 0], src[..., 0])
+
+
+def test_refine_keeps_own_maps_of_new_tokens():
+    src, tgt = maps(2, 3), maps(1, 2, 3, seed=1)
+    mapper = torch.eye(L)[None]
+    alphas = torch.tensor([[1.0, 1.0, 0.0, 1.0, 1.0]])
+    out = edit_cross_attention(src, tgt, mapper, alphas, torch.ones(1, L))
+    assert torch.equal(out[0][..., 2], tgt[0][..., 2])
+    assert torch.equal(out[0][..., [0, 1, 3, 4]], src[..., [0, 1, 3, 4]])
+
+
+@pytest.mark.parametrize("c", [0.0, -1.0, 2.5])
+def test_reweight_scales_without_renormalising(c):
+    src, tgt = maps(2, 3), maps(1, 2, 3, seed=1)
+    eq = torch.ones(1, L)
+    eq[0, 3] = c
+    out = edit_cross_attention(src, tgt, torch.eye(L)[None], torch.ones(1, L), torch.ones(1, L), eq)
+    assert torch.allclose(out[0][..., 3], c * src[..., 3])
+    assert torch.equal(out[0][..., :3], src[..., :3])
+    if c != 1:
+        assert not torch.allclose(out.sum(-1), torch.ones(1, 2, 3))
+
+
+def test_outside_injection_target_keeps_own_maps_per_token():
+    src, tgt = maps(2, 3), maps(1, 2, 3, seed=1)
+    weights = torch.tensor([[0.0, 1.0, 0.0, 0.0, 1.0]])
+    out = edit_cross_attention(src, tgt, torch.eye(L)[None], torch.ones(1, L), weights, torch.full((1, L), 3.0))
+    assert torch.equal(out[0][..., [0, 2, 3]], tgt[0][..., [0, 2, 3]])
+    assert torch.allclose(out[0][..., [1, 4]], 3 * src[..., [1, 4]])
+
+
+def test_parse_window_and_rounding():
+    assert parse_window(0.8, "x") == (0.0, 0.8)
+    assert parse_window((0.2, 1), "x") == (0.2, 1.0)  # ints are fine
+    assert step_window((0.0, 0.8), 50) == (0, 40)
+    assert step_window((0.3, 0.99), 10) == (3, 9)  # int() truncation, as the paper's code
+    for bad, msg in [(1.5, r"\[0, 1\]"), (-0.1, r"\[0, 1\]"), ((0.6, 0.2), "start"), (math.nan, "finite"), ("0.5", "fraction"), ((0.1, 0.2, 0.3), "fraction")]:
+        with pytest.raises(ValueError, match=msg):
+            parse_window(bad, "cross_replace_steps")
+
+
+def test_cross_step_weights_per_word_and_object_preservation(clip_tokenizer):
+    t = tokenize_words("a butterfly on a flower", clip_tokenizer)
+    w = cross_step_weights([t], {"default_": 0.0, "butterfly": 1.0}, 10)
+    (b,) = t.positions("butterfly")
+    assert w.shape == (10, 1, 77)
+    assert w[:, 0, b].eq(1).all() and w[:, 0, :b].eq(0).all() and w[:, 0, b + 1 :].eq(0).all()
+    w = cross_step_weights([t], {"default_": 0.8, "flower": (0.2, 0.4)}, 10)
+    (f,) = t.positions("flower")
+    assert w[:, 0, f].tolist() == [0, 0, 1, 1, 0, 0, 0, 0, 0, 0]
+    assert w[:, 0, 1].tolist() == [1] * 8 + [0, 0]
+    with pytest.raises(ValueError, match="'car', which is in no target prompt"):
+        cross_step_weights([t], {"car": 0.5}, 10)
+
+
+def test_local_blend_mask_pool_normalise_threshold_union():
+    m = torch.zeros(2, 4, 4, L)  # (prompts, h, w, tokens)
+    m[0, 0, 0, 1] = 1.0  # source word at the top-left corner
+    m[1, 3, 3, 2] = 4.0  # target word at the bottom-right corner
+    m[1, 0, 3, 2] = 1.0  # a weak spot, below threshold after normalising by 4
+    words = torch.zeros(2, L)
+    words[0, 1] = 1
+    words[1, 2] = 1
+    mask = local_blend_mask(m, words, 0.3, (8, 8))
+    assert mask.shape == (2, 1, 8, 8) and mask.dtype == torch.bool
+    src = torch.zeros(8, 8, dtype=torch.bool)
+    src[:4, :4] = True  # 3x3 max-pool grows the corner pixel to 2x2 cells, nearest-upsampled x2
+    assert torch.equal(mask[0, 0], src)
+    tgt = torch.zeros(8, 8, dtype=torch.bool)
+    tgt[4:, 4:] = True
+    assert torch.equal(mask[1, 0], src | tgt)  # union with the source's mask; weak spot excluded
+    no_pool = local_blend_mask(m, words, 0.3, (4, 4), pool=False)
+    assert no_pool[0, 0].sum() == 1
+
+
+def test_local_blend_mask_of_empty_maps_is_empty():
+    mask = local_blend_mask(torch.zeros(2, 4, 4, L), torch.ones(2, L), 0.3, (4, 4))
+    assert not mask.any()
+
+
+def test_blend_latents_takes_source_outside_mask():
+    lat = torch.stack([torch.zeros(2, 2, 2), torch.ones(2, 2, 2)])  # (prompts, C, h, w)
+    mask = torch.zeros(2, 1, 2, 2, dtype=torch.bool)
+    mask[1, 0, 0, 0] = True
+    out = blend_latents(lat, mask)
+    assert torch.equal(out[0], lat[0])
+    assert out[1, :, 0, 0].eq(1).all() and out[1, :, 1, 1].eq(0).all()
