@@ -311,8 +311,8 @@ def main(argv=None):
     load = os.getloadavg()[0] if hasattr(os, "getloadavg") else None
     if device.type == "cpu" and load is not None and load >= 0.5:
         print(
-            f"warning: 1-minute load average is {load:.2f} before the run: other processes share the CPU; "
-            f"timings are noisy, and torch's {torch.get_num_threads()} threads may be oversubscribed (try --threads 1)",
+            f"warning: 1-minute load average is {load:.2f} before the run: other processes share the CPU, so timings "
+            f"are noisy" + (f" and torch's {torch.get_num_threads()} threads may be oversubscribed (try --threads 1)" if torch.get_num_threads() > 1 else ""),
             file=sys.stderr,
         )
 

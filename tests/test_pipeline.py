@@ -1,0 +1,195 @@
+"""The pipeline end to end on tiny random SD-1.x / SD-2.x-shaped models."""
+
+import logging
+
+import numpy as np
+import pytest
+import torch
+from diffusers import StableDiffusionPipeline
+
+from _util import assert_close_to_scale
+from prompt2prompt import EditMode, LocalBlend, Prompt2PromptPipeline
+
+STEPS = 4
+
+
+def make(components):
+    pipe = Prompt2PromptPipeline(**components)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def plain(components):
+    sd = StableDiffusionPipeline(**components, safety_checker=None, feature_extractor=None, requires_safety_checker=False)
+    sd.set_progress_bar_config(disable=True)
+    return sd
+
+
+def noise(seed=0):
+    return torch.randn(1, 4, 16, 16, generator=torch.Generator().manual_seed(seed))
+
+
+@pytest.mark.parametrize("kind", ["tiny_sd1", "tiny_sd2"])
+def test_no_injection_equals_plain_generation(kind, request):
+    components = request.getfixturevalue(kind)
+    prompts = ["a cat riding a bicycle", "a dog riding a car", "a red house"]
+    lat = noise(1)
+    out = make(components)(prompts[0], prompts[1:], edit="none", num_inference_steps=STEPS, latents=lat, output_type="np")
+    assert out.images.shape == (3, 32, 32, 3) and out.edit_mode is EditMode.NONE
+    sd = plain(components)
+    for k, p in enumerate(prompts):
+        expected = sd(p, num_inference_steps=STEPS, latents=lat, output_type="np").images[0]
+        np.testing.assert_allclose(out.images[k], expected, atol=1e-5)
+
+
+def test_generator_draws_one_noise_for_all_prompts(tiny_sd1):
+    pipe = make(tiny_sd1)
+    out = pipe("a cat", ["a cat", "a cat"], edit="none", num_inference_steps=STEPS, generator=torch.Generator().manual_seed(7), output_type="np")
+    np.testing.assert_allclose(out.images[1], out.images[0], atol=1e-5)
+    np.testing.assert_allclose(out.images[2], out.images[0], atol=1e-5)
+    # and the source is what plain diffusers makes from the same seed
+    sd = plain(tiny_sd1)
+    expected = sd("a cat", num_inference_steps=STEPS, generator=torch.Generator().manual_seed(7), output_type="np").images[0]
+    np.testing.assert_allclose(out.images[0], expected, atol=1e-5)
+    again = pipe("a cat", ["a cat", "a cat"], edit="none", num_inference_steps=STEPS, generator=torch.Generator().manual_seed(7), output_type="np")
+    np.testing.assert_array_equal(again.images, out.images)  # reproducible
+
+
+@pytest.mark.parametrize(
+    "kwargs",
+    [
+        dict(edit_prompts=["a cat riding a motorcycle"]),
+        dict(edit_prompts=["a fluffy cat riding a bicycle"]),
+        dict(edit_prompts=["a cat riding a motorcycle"], equalizer={"motorcycle": 3.0}, local_blend=LocalBlend("bicycle", "motorcycle")),
+        dict(edit_prompts=["a cat riding a motorcycle"], cross_replace_steps={"default_": 1.0, "motorcycle": (0.0, 0.5)}, self_replace_steps=(0.25, 1.0)),
+    ],
+)
+def test_source_is_the_same_whatever_the_edit(tiny_sd1, kwargs):
+    pipe = make(tiny_sd1)
+    lat = noise(2)
+    alone = pipe("a cat riding a bicycle", num_inference_steps=STEPS, latents=lat, output_type="latent").images
+    out = pipe("a cat riding a bicycle", num_inference_steps=STEPS, latents=lat, output_type="latent", **kwargs)
+    assert_close_to_scale(out.images[0], alone[0])
+    assert (out.images[1] - out.images[0]).abs().max() > 1e-3  # the target was edited
+
+
+@pytest.mark.parametrize("kind", ["tiny_sd1", "tiny_sd2"])
+def test_identity_edit_reproduces_source(kind, request):
+    pipe = make(request.getfixturevalue(kind))
+    p = "a cat riding a bicycle"
+    out = pipe(p, [p], edit="replace", cross_replace_steps=1.0, self_replace_steps=1.0, self_replace_max_res=16, num_inference_steps=STEPS, latents=noise(3), output_type="latent")
+    assert_close_to_scale(out.images[1], out.images[0])
+
+
+def test_target_maps_at_injected_steps_are_the_mapped_source_maps(tiny_sd1, monkeypatch):
+    import prompt2prompt.attention as attention
+
+    calls = []
+    real = attention.edit_cross_attention
+
+    def spy(source, targets, mapper, alphas, weights, equalizer=None):
+        out = real(source, targets, mapper, alphas, weights, equalizer)
+        calls.append((source.clone(), targets.clone(), weights.clone(), out.clone()))
+        return out
+
+    monkeypatch.setattr(attention, "edit_cross_attention", spy)
+    pipe = make(tiny_sd1)
+    out = pipe("a cat riding a bicycle", ["a cat riding a tricycle"], cross_replace_steps=0.5, num_inference_steps=STEPS, latents=noise(), output_type="latent")
+    # 2 of 4 steps inject, in every cross-attention layer
+    layers = sum(getattr(m, "is_cross_attention", False) for m in pipe.unet.modules())
+    assert layers > 0 and len(calls) == 2 * layers
+    src_tokens, tgt_tokens = out.attention.prompts
+    (bike,) = src_tokens.positions("bicycle")
+    tri = tgt_tokens.positions("tricycle")
+    for source, targets, weights, edited in calls:
+        assert weights.eq(1).all()
+        torch.testing.assert_close(edited[0][..., tri[0]], source[..., bike] / 2)  # split over 2 tokens
+        torch.testing.assert_close(edited[0][..., tri[1]], source[..., bike] / 2)
+        after = [j for j in range(tri[1] + 1, 77)]
+        torch.testing.assert_close(edited[0][..., after], source[..., [j - 1 for j in after]])
+        assert not torch.allclose(edited[0], targets[0])
+
+
+def test_targets_are_independent_of_batch_companions(tiny_sd1):
+    pipe = make(tiny_sd1)
+    kw = dict(num_inference_steps=STEPS, latents=noise(5), output_type="latent")
+    both = pipe("a cat riding a bicycle", ["a cat riding a motorcycle", "a dog riding a bicycle"], **kw).images
+    one = pipe("a cat riding a bicycle", ["a dog riding a bicycle"], **kw).images
+    assert_close_to_scale(both[2], one[1])
+
+
+def test_auto_mode_choice_is_reported(tiny_sd1, caplog):
+    pipe = make(tiny_sd1)
+    kw = dict(num_inference_steps=2, latents=noise(), output_type="latent")
+    with caplog.at_level(logging.INFO, logger="prompt2prompt.pipeline"):
+        assert pipe("a cat", ["a dog"], **kw).edit_mode is EditMode.REPLACE
+        assert pipe("a cat", ["a big cat"], **kw).edit_mode is EditMode.REFINE
+    assert "chose replace" in caplog.text and "chose refine" in caplog.text
+
+
+def test_attention_maps_per_prompt_and_token(tiny_sd1):
+    pipe = make(tiny_sd1)
+    out = pipe("a cat riding a bicycle", ["a cat riding a motorcycle"], num_inference_steps=STEPS, latents=noise(), output_type="latent")
+    att = out.attention
+    assert att.maps.shape == (2, att.resolution, att.resolution, 77) and att.maps.dtype == torch.float32
+    assert att.resolution in (8, 16)
+    # each pixel's map is an average of softmax rows: it sums to one over tokens
+    torch.testing.assert_close(att.maps.sum(-1), torch.ones(2, att.resolution, att.resolution))
+    assert att.word(1, "motorcycle").shape == (att.resolution, att.resolution)
+    none = pipe("a cat", num_inference_steps=2, latents=noise(), output_type="latent", return_attention=False)
+    assert none.attention is None and none.edit_mode is None
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_half_precision_runs_finite(tiny_sd1, dtype):
+    pipe = make(tiny_sd1).to(dtype=dtype)
+    try:
+        out = pipe("a cat riding a bicycle", ["a fluffy cat riding a bicycle"], equalizer={"fluffy": 2.0}, local_blend=LocalBlend("cat", "cat"),
+                   num_inference_steps=STEPS, generator=torch.Generator().manual_seed(0), output_type="np")
+        assert np.isfinite(out.images).all() and out.images.shape == (2, 32, 32, 3)
+        assert torch.isfinite(out.attention.maps).all()
+    finally:
+        pipe.to(dtype=torch.float32)
+
+
+def test_processors_restored_after_call_and_after_exception(tiny_sd1, monkeypatch):
+    pipe = make(tiny_sd1)
+    before = {k: type(v) for k, v in pipe.unet.attn_processors.items()}
+    originals = dict(pipe.unet.attn_processors)
+    pipe("a cat", ["a dog"], num_inference_steps=2, latents=noise(), output_type="latent")
+    assert {k: type(v) for k, v in pipe.unet.attn_processors.items()} == before
+
+    def boom(*a, **k):
+        raise RuntimeError("scheduler failed")
+
+    monkeypatch.setattr(pipe.scheduler, "step", boom)
+    with pytest.raises(RuntimeError, match="scheduler failed"):
+        pipe("a cat", ["a dog"], num_inference_steps=2, latents=noise(), output_type="latent")
+    after = pipe.unet.attn_processors
+    assert all(after[k] is originals[k] for k in originals)
+
+
+@pytest.mark.parametrize("kind", ["tiny_sd1", "tiny_sd2"])
+def test_from_pretrained_and_from_pipe(kind, request, tmp_path):
+    components = request.getfixturevalue(kind)
+    sd = plain(components)
+    sd.save_pretrained(tmp_path / "model", safe_serialization=True)
+    loaded = Prompt2PromptPipeline.from_pretrained(tmp_path / "model")
+    loaded.set_progress_bar_config(disable=True)
+    assert loaded.scheduler.config.prediction_type == components["scheduler"].config.prediction_type
+    kw = dict(num_inference_steps=STEPS, latents=noise(6), output_type="latent")
+    direct = make(components)("a cat riding a bicycle", ["a dog riding a bicycle"], **kw).images
+    assert_close_to_scale(loaded("a cat riding a bicycle", ["a dog riding a bicycle"], **kw).images, direct)
+    piped = Prompt2PromptPipeline.from_pipe(sd)
+    piped.set_progress_bar_config(disable=True)
+    assert_close_to_scale(piped("a cat riding a bicycle", ["a dog riding a bicycle"], **kw).images, direct)
+
+
+def test_from_pretrained_refuses_pickle_unless_allowed(tiny_sd1, tmp_path):
+    plain(tiny_sd1).save_pretrained(tmp_path / "pickled", safe_serialization=False)
+    with pytest.raises(Exception, match="safetensors"):
+        Prompt2PromptPipeline.from_pretrained(tmp_path / "pickled")
+    with pytest.raises(ValueError, match="allow_pickle=True"):
+        Prompt2PromptPipeline.from_pretrained(tmp_path / "pickled", use_safetensors=False)
+    pipe = Prompt2PromptPipeline.from_pretrained(tmp_path / "pickled", allow_pickle=True)
+    assert pipe.unet is not None
