@@ -111,3 +111,20 @@ def test_blend_latents_takes_source_outside_mask():
     out = blend_latents(lat, mask)
     assert torch.equal(out[0], lat[0])
     assert out[1, :, 0, 0].eq(1).all() and out[1, :, 1, 1].eq(0).all()
+
+
+def test_index_mapper_equals_one_hot_matrix_and_none_means_ones():
+    src, tgt = maps(2, 3), maps(2, 2, 3, seed=1)
+    index = torch.tensor([[0, 2, 1, 3, 4], [0, 1, 1, 3, 4]])
+    dense = torch.zeros(2, L, L)
+    for k in range(2):
+        dense[k, index[k], torch.arange(L)] = 1
+    alphas = torch.tensor([[1.0, 1, 0, 1, 1], [1, 1, 1, 1, 0]])
+    weights = torch.tensor([[1.0, 0, 1, 1, 1], [1, 1, 1, 1, 1]])
+    eq = torch.full((2, L), 0.5)
+    torch.testing.assert_close(
+        edit_cross_attention(src, tgt, index, alphas, weights, eq), edit_cross_attention(src, tgt, dense, alphas, weights, eq)
+    )
+    torch.testing.assert_close(
+        edit_cross_attention(src, tgt, index, None, None), edit_cross_attention(src, tgt, dense, torch.ones(2, L), torch.ones(2, L))
+    )

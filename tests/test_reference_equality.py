@@ -72,7 +72,7 @@ def test_reweight_alone_negative_factor(pipe, tiny_sd1, noise):
     ctrl = ref.AttentionReweight(prompts, T, 0.8, 0.4, equalizer=eq, tokenizer=tok, self_max_res=8)
     got = engine(pipe, noise, prompts, equalizer={"smiling": -2.0})
     assert_close_to_scale(got, oracle(tiny_sd1, noise, prompts, ctrl))
-    assert not torch.allassert_close_to_scale(got[0], got[1], atol=1e-3)  # the re-weighting changed the target
+    assert not torch.allclose(got[0], got[1], atol=1e-3)  # the re-weighting changed the target
 
 
 def test_per_word_schedule_object_preservation(pipe, tiny_sd1, noise):

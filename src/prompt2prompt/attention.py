@@ -175,7 +175,7 @@ class P2PAttnProcessor:
                     ctrl.record(side, hw, probs)
                 if edit:
                     edited = edit_cross_attention(
-                        probs[0], probs[1:], plan.mapper, plan.alphas, plan.cross_weights[p2p_step], plan.equalizer
+                        probs[0], probs[1:], plan.fast_mapper, plan.fast_alphas, plan.step_weights(p2p_step), plan.equalizer
                     )  # (targets, heads, pixels, tokens)
                     targets = slice(cond.start + 1, cond.stop)
                     out = out.clone()

@@ -10,8 +10,8 @@ def edit_cross_attention(
     source: torch.Tensor,
     targets: torch.Tensor,
     mapper: torch.Tensor,
-    alphas: torch.Tensor,
-    weights: torch.Tensor,
+    alphas: torch.Tensor | None,
+    weights: torch.Tensor | None,
     equalizer: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Edited cross-attention maps of the target prompts (paper Sec. 3.2 and Algorithm 1, line 8).
@@ -26,19 +26,28 @@ def edit_cross_attention(
     Args:
         source: ``(heads, pixels, tokens)`` the source prompt's maps.
         targets: ``(targets, heads, pixels, tokens)`` each target's own maps.
-        mapper: ``(targets, tokens, tokens)`` source position -> target position weights.
-        alphas: ``(targets, tokens)`` 1 where the target token takes the mapped source map.
-        weights: ``(targets, tokens)`` this step's injection weights.
+        mapper: ``(targets, tokens, tokens)`` source position -> target position weights, or
+            ``(targets, tokens)`` long: the one source position each target position reads.
+        alphas: ``(targets, tokens)`` 1 where the target token takes the mapped source map;
+            None = all ones.
+        weights: ``(targets, tokens)`` this step's injection weights; None = all ones.
         equalizer: ``(targets, tokens)`` re-weighting factors, or None.
 
     Returns:
         ``(targets, heads, pixels, tokens)`` edited maps.
     """
-    mapped = torch.einsum("hpi,kij->khpj", source, mapper)  # (targets, heads, pixels, tokens)
-    a = alphas[:, None, None, :]  # (targets, 1, 1, tokens)
-    edited = mapped * a + targets * (1 - a)
+    if mapper.dtype == torch.long:
+        mapped = source[:, :, mapper].permute(2, 0, 1, 3)  # (heads, pixels, targets, tokens) -> (targets, heads, pixels, tokens)
+    else:
+        mapped = torch.einsum("hpi,kij->khpj", source, mapper)  # (targets, heads, pixels, tokens)
+    edited = mapped
+    if alphas is not None:
+        a = alphas[:, None, None, :]  # (targets, 1, 1, tokens)
+        edited = mapped * a + targets * (1 - a)
     if equalizer is not None:
         edited = edited * equalizer[:, None, None, :]
+    if weights is None:
+        return edited
     w = weights[:, None, None, :]  # (targets, 1, 1, tokens)
     return edited * w + targets * (1 - w)
 

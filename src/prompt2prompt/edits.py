@@ -34,7 +34,7 @@ class EditMode(str, enum.Enum):
 def _words(value, name: str) -> tuple[str, ...]:
     if isinstance(value, str):
         value = (value,)
-    if not isinstance(value, Sequence) or not all(isinstance(w, str) and w.strip() for w in value):
+    if not isinstance(value, Sequence) or not value or not all(isinstance(w, str) and w.strip() for w in value):
         raise ValueError(f"LocalBlend {name} must be a word or a list of words, got {value!r}")
     return tuple(value)
 
@@ -122,16 +122,28 @@ class EditPlan:
     targets: list[PromptTokens]
     cross_active: list[bool] = field(default_factory=list)
 
+    cross_full: list[bool] = field(default_factory=list)
+
     def __post_init__(self):
         self.cross_active = [bool(self.cross_weights[i].any()) for i in range(self.num_steps)]
         if self.mode is EditMode.NONE and self.equalizer is None:
             self.cross_active = [False] * self.num_steps
+        self.cross_full = [bool(self.cross_weights[i].eq(1).all()) for i in range(self.num_steps)]
+        # Cheaper equivalents used by the processors: a gather instead of a one-hot matrix product,
+        # and no blending with weights or alphas that are all one.
+        one_hot = self.mapper.eq(1).sum(1).eq(1).all() and self.mapper.eq(0).logical_or(self.mapper.eq(1)).all()
+        self.fast_mapper = self.mapper.argmax(1) if one_hot else self.mapper  # (targets, tokens) long or dense
+        self.fast_alphas = None if bool(self.alphas.eq(1).all()) else self.alphas
+
+    def step_weights(self, step: int) -> torch.Tensor | None:
+        """This step's ``(targets, tokens)`` injection weights, None when all are one."""
+        return None if self.cross_full[step] else self.cross_weights[step]
 
     def self_active(self, step: int, side: int) -> bool:
         return self.mode is not EditMode.NONE and self.self_steps[0] <= step < self.self_steps[1] and side <= self.self_max_res
 
     def to(self, device: torch.device) -> "EditPlan":
-        for name in ("mapper", "alphas", "cross_weights", "equalizer"):
+        for name in ("mapper", "alphas", "cross_weights", "equalizer", "fast_mapper", "fast_alphas"):
             value = getattr(self, name)
             if value is not None:
                 setattr(self, name, value.to(device))
@@ -179,11 +191,17 @@ def _equalizer(targets: Sequence[PromptTokens], equalizer: Mapping) -> torch.Ten
 def _blend_plan(blend: LocalBlend, source: PromptTokens, targets: Sequence[PromptTokens], num_steps: int, resolution: int) -> BlendPlan:
     prompts = [source, *targets]
     words = torch.zeros(len(prompts), source.max_length)  # (prompts, tokens)
-    for w in blend.source_words:
-        words[0, source.positions(w)] = 1.0
-    for k, target in enumerate(targets, start=1):
-        for w in blend.target_words:
-            words[k, target.positions(w)] = 1.0
+    try:
+        for w in blend.source_words:
+            words[0, source.positions(w)] = 1.0
+    except ValueError as err:
+        raise ValueError(f"LocalBlend source_words: {err}") from None
+    try:
+        for k, target in enumerate(targets, start=1):
+            for w in blend.target_words:
+                words[k, target.positions(w)] = 1.0
+    except ValueError as err:
+        raise ValueError(f"LocalBlend target_words: {err}") from None
     subtract = None
     if blend.subtract_words:
         subtract = torch.zeros_like(words)

@@ -266,9 +266,8 @@ class Prompt2PromptPipeline(DiffusionPipeline):
             raise ValueError(f"local_blend must be a LocalBlend, got {type(local_blend).__name__}")
         mode = EditMode.parse(edit)
         n = 1 + len(targets)
-        for value, name in ((num_inference_steps, "num_inference_steps"),):
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"{name} must be a positive integer, got {value!r}")
+        if isinstance(num_inference_steps, bool) or not isinstance(num_inference_steps, int) or num_inference_steps < 1:
+            raise ValueError(f"num_inference_steps must be a positive integer, got {num_inference_steps!r}")
         if isinstance(guidance_scale, bool) or not isinstance(guidance_scale, Real) or not math.isfinite(guidance_scale):
             raise ValueError(f"guidance_scale must be a finite number, got {guidance_scale!r}")
         if output_type not in ("pil", "np", "pt", "latent"):
