@@ -93,3 +93,11 @@ def test_local_blend(pipe, tiny_sd1, noise, subtract):
     assert_close_to_scale(got, oracle(tiny_sd1, noise, prompts, ctrl))
     inside = (got[1] - got[0]).abs().amax(0) > 1e-6
     assert 0 < inside.float().mean() < 1  # a partial mask: part of the target kept from the source
+
+
+def test_replace_without_guidance(pipe, tiny_sd1, noise):
+    """guidance_scale <= 1: the batch has no unconditional half; the oracle runs with g = 1."""
+    prompts = ["a cat riding a bicycle", "a cat riding a motorcycle"]
+    ctrl = ref.AttentionReplace(prompts, T, 0.8, 0.4, tokenizer=tiny_sd1["tokenizer"], self_max_res=8)
+    got = pipe(prompts[0], prompts[1:], num_inference_steps=T, guidance_scale=1.0, latents=noise, output_type="latent", self_replace_max_res=8).images
+    assert_close_to_scale(got, ref.run_reference(tiny_sd1, prompts, ctrl, T, 1.0, noise))
