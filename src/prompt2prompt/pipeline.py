@@ -111,12 +111,19 @@ class Prompt2PromptPipeline(DiffusionPipeline):
         self.image_processor = VaeImageProcessor(vae_scale_factor=self.vae_scale_factor)
 
     @classmethod
-    def from_pretrained(cls, pretrained_model_name_or_path, *args, allow_pickle: bool = False, **kwargs):
+    def from_pretrained(cls, pretrained_model_name_or_path=None, *args, allow_pickle: bool = False, **kwargs):
         """Load a diffusers Stable Diffusion folder or hub id (see `DiffusionPipeline.from_pretrained`).
 
-        Weights load from safetensors only; pickle checkpoints (``.bin``) are refused unless
-        ``allow_pickle=True``, since unpickling can run arbitrary code.
+        With no argument, loads the bundled shapes-world model (`prompt2prompt.shapes.MODEL_DIR`),
+        which needs no network. Weights load from safetensors only; pickle checkpoints (``.bin``)
+        are refused unless ``allow_pickle=True``, since unpickling can run arbitrary code.
         """
+        if pretrained_model_name_or_path is None:
+            from .shapes import MODEL_DIR
+
+            if not (MODEL_DIR / "model_index.json").is_file():
+                raise ValueError(f"the bundled shapes model is missing from {MODEL_DIR}; reinstall the package or name a model folder")
+            pretrained_model_name_or_path = MODEL_DIR
         if kwargs.get("use_safetensors") is False and not allow_pickle:
             raise ValueError("use_safetensors=False loads pickle checkpoints, which can run code; pass allow_pickle=True to allow it")
         if not allow_pickle:

@@ -1,0 +1,343 @@
+"""Train the bundled shapes-world text-to-image model (latent diffusion, the Stable Diffusion stack).
+
+Two stages in one resumable run folder:
+1. ``vae``: a small `AutoencoderKL` (64x64x3 -> 16x16x4) on rendered scenes;
+2. ``unet``: a `UNet2DConditionModel` and a `CLIPTextModel` trained together from scratch on the
+   frozen autoencoder's latents, epsilon prediction, SD's noise schedule, 10% empty captions for
+   classifier-free guidance, an EMA of the weights, learning-rate warm-up and cosine decay.
+
+Every run is deterministic: scene ``k`` of the data stream is rendered from seed ``k``, and each
+step's noise comes from a generator seeded by the step. A run stops after ``--minutes`` and writes
+its state; the same command resumes it. Checkpoint files are safetensors of at most 16 MB each.
+
+    python -m prompt2prompt.shapes.train RUN_DIR --stage vae --steps 3000 --minutes 10
+    python -m prompt2prompt.shapes.train RUN_DIR --stage unet --steps 200000 --minutes 10
+    python -m prompt2prompt.shapes.train RUN_DIR --export src/prompt2prompt/shapes/model
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from safetensors.torch import load_file, save_file
+
+MAX_FILE_BYTES = 16 * 1024 * 1024
+SCHEDULE = dict(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear")
+
+
+def model_configs(tokenizer) -> dict:
+    """The bundled model's architecture (shapes come from here and from the tokenizer only)."""
+    return {
+        "vae": dict(
+            in_channels=3, out_channels=3, latent_channels=4, sample_size=64, layers_per_block=1,
+            down_block_types=("DownEncoderBlock2D",) * 3, up_block_types=("UpDecoderBlock2D",) * 3,
+            block_out_channels=(32, 64, 64), norm_num_groups=32,
+        ),
+        "unet": dict(
+            sample_size=16, in_channels=4, out_channels=4, layers_per_block=1,
+            block_out_channels=(64, 96, 128), norm_num_groups=32,
+            down_block_types=("CrossAttnDownBlock2D",) * 3, up_block_types=("CrossAttnUpBlock2D",) * 3,
+            cross_attention_dim=128, attention_head_dim=4,
+        ),
+        "text_encoder": dict(
+            vocab_size=len(tokenizer), hidden_size=128, intermediate_size=512, num_hidden_layers=4,
+            num_attention_heads=4, max_position_embeddings=tokenizer.model_max_length,
+            bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
+        ),
+    }
+
+
+# ----------------------------------------------------------------------------- checkpoint files
+
+def save_sharded(tensors: dict[str, torch.Tensor], path_prefix: Path, max_bytes: int = MAX_FILE_BYTES) -> list[str]:
+    """Save tensors in safetensors shards of at most ``max_bytes`` each (temp file, then rename)."""
+    shards, current, size = [], {}, 0
+    for key in sorted(tensors):
+        t = tensors[key].detach().contiguous().cpu()
+        n = t.numel() * t.element_size()
+        if current and size + n > max_bytes:
+            shards.append(current)
+            current, size = {}, 0
+        current[key] = t
+        size += n
+    shards.append(current)
+    names = []
+    for i, shard in enumerate(shards):
+        name = f"{path_prefix.name}-{i:02d}.safetensors"
+        tmp = path_prefix.parent / (name + ".tmp")
+        save_file(shard, str(tmp))
+        os.replace(tmp, path_prefix.parent / name)
+        names.append(name)
+    return names
+
+
+def load_sharded(folder: Path, names: list[str]) -> dict[str, torch.Tensor]:
+    out = {}
+    for name in names:
+        out.update(load_file(str(folder / name)))
+    return out
+
+
+def optimizer_tensors(opt: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], dict]:
+    """An optimizer's state as flat tensors plus JSON-able metadata (no pickle)."""
+    sd = opt.state_dict()
+    tensors, meta = {}, {"param_groups": sd["param_groups"], "scalars": {}}
+    for idx, state in sd["state"].items():
+        for k, v in state.items():
+            if torch.is_tensor(v):
+                tensors[f"{idx}.{k}"] = v
+            else:
+                meta["scalars"][f"{idx}.{k}"] = v
+    return tensors, meta
+
+
+def load_optimizer(opt: torch.optim.Optimizer, tensors: dict[str, torch.Tensor], meta: dict) -> None:
+    state: dict = {}
+    for key, v in tensors.items():
+        idx, k = key.split(".", 1)
+        state.setdefault(int(idx), {})[k] = v
+    for key, v in meta["scalars"].items():
+        idx, k = key.split(".", 1)
+        state.setdefault(int(idx), {})[k] = v
+    opt.load_state_dict({"state": state, "param_groups": meta["param_groups"]})
+
+
+# ----------------------------------------------------------------------------- data
+
+def batch_images(start: int, size: int, split: str = "train") -> tuple[torch.Tensor, list[str]]:
+    """Scenes ``start .. start+size-1`` of the stream as ``(batch, 3, 64, 64)`` in [-1, 1] and captions."""
+    from . import world
+
+    images, captions = world.render_batch(list(range(start, start + size)), split)
+    x = torch.from_numpy(np.ascontiguousarray(images)).permute(0, 3, 1, 2).float() / 127.5 - 1.0  # (batch, 3, h, w)
+    return x, list(captions)
+
+
+def lr_at(step: int, total: int, base: float, warmup: int) -> float:
+    """Linear warm-up, then cosine decay to 10% of ``base``."""
+    if step < warmup:
+        return base * (step + 1) / warmup
+    progress = min(1.0, (step - warmup) / max(1, total - warmup))
+    return base * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress)))
+
+
+# ----------------------------------------------------------------------------- the run
+
+class Run:
+    """A resumable training run in ``folder`` (state.json + safetensors shards + loss.csv)."""
+
+    def __init__(self, folder: str | os.PathLike, device: str):
+        from diffusers import AutoencoderKL, UNet2DConditionModel
+        from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+
+        self.folder = Path(folder)
+        self.folder.mkdir(parents=True, exist_ok=True)
+        self.device = torch.device(device)
+        tok_dir = self.folder / "tokenizer"
+        if not (tok_dir / "vocab.json").exists():
+            from .tokenizer import build_from_world
+
+            build_from_world(tok_dir)
+        self.tokenizer = CLIPTokenizer.from_pretrained(str(tok_dir))
+        cfg = model_configs(self.tokenizer)
+        torch.manual_seed(0)
+        self.vae = AutoencoderKL(**cfg["vae"]).to(self.device)
+        self.unet = UNet2DConditionModel(**cfg["unet"]).to(self.device)
+        self.text_encoder = CLIPTextModel(CLIPTextConfig(**cfg["text_encoder"])).to(self.device)
+        self.ema = {
+            "unet": {k: v.detach().clone().float() for k, v in self.unet.state_dict().items()},
+            "text_encoder": {k: v.detach().clone().float() for k, v in self.text_encoder.state_dict().items()},
+        }
+        self.state = {"vae_step": 0, "unet_step": 0, "scaling_factor": None, "files": {}, "samples_seen": {"vae": 0, "unet": 0}, "seconds": {"vae": 0.0, "unet": 0.0}}
+        self.vae_opt = torch.optim.AdamW(self.vae.parameters(), lr=1e-3, weight_decay=0.0)
+        params = list(self.unet.parameters()) + list(self.text_encoder.parameters())
+        self.opt = torch.optim.AdamW(params, lr=3e-4, weight_decay=0.01)
+        if (self.folder / "state.json").exists():
+            self._load()
+
+    # -- persistence
+    def _load(self) -> None:
+        self.state = json.loads((self.folder / "state.json").read_text())
+        files = self.state["files"]
+        self.vae.load_state_dict(load_sharded(self.folder, files["vae"]))
+        self.unet.load_state_dict(load_sharded(self.folder, files["unet"]))
+        self.text_encoder.load_state_dict(load_sharded(self.folder, files["text_encoder"]))
+        ema = load_sharded(self.folder, files["ema"])
+        for part in self.ema:
+            self.ema[part] = {k.split(".", 1)[1]: v.to(self.device) for k, v in ema.items() if k.startswith(part + ".")}
+        for name, opt in (("vae_opt", self.vae_opt), ("opt", self.opt)):
+            if name in files:
+                load_optimizer(opt, {k: v.to(self.device) for k, v in load_sharded(self.folder, files[name]).items()}, self.state[name + "_meta"])
+
+    def save(self) -> None:
+        files = {
+            "vae": save_sharded(self.vae.state_dict(), self.folder / "vae"),
+            "unet": save_sharded(self.unet.state_dict(), self.folder / "unet"),
+            "text_encoder": save_sharded(self.text_encoder.state_dict(), self.folder / "text_encoder"),
+            "ema": save_sharded({f"{p}.{k}": v for p, sd in self.ema.items() for k, v in sd.items()}, self.folder / "ema"),
+        }
+        for name, opt in (("vae_opt", self.vae_opt), ("opt", self.opt)):
+            if opt.state:
+                tensors, meta = optimizer_tensors(opt)
+                files[name] = save_sharded(tensors, self.folder / name)
+                self.state[name + "_meta"] = meta
+        self.state["files"] = files
+        tmp = self.folder / "state.json.tmp"
+        tmp.write_text(json.dumps(self.state, indent=1))
+        os.replace(tmp, self.folder / "state.json")
+
+    def log(self, stage: str, step: int, loss: float, lr: float) -> None:
+        path = self.folder / "loss.csv"
+        new = not path.exists()
+        with open(path, "a") as f:
+            if new:
+                f.write("stage,step,loss,lr,time\n")
+            f.write(f"{stage},{step},{loss:.6f},{lr:.3g},{time.time():.0f}\n")
+
+    # -- stages
+    def train_vae(self, steps: int, batch: int, minutes: float, kl_weight: float = 1e-6) -> None:
+        self.vae.train()
+        start, step = time.time(), self.state["vae_step"]
+        while step < steps and time.time() - start < minutes * 60:
+            x, _ = batch_images(step * batch + 10_000_000, batch)
+            x = x.to(self.device)
+            for g in self.vae_opt.param_groups:
+                g["lr"] = lr_at(step, steps, 1e-3, 200)
+            posterior = self.vae.encode(x).latent_dist
+            gen = torch.Generator(device=self.device).manual_seed(step)
+            z = posterior.mean + posterior.std * torch.randn(posterior.mean.shape, generator=gen, device=self.device)
+            rec = self.vae.decode(z).sample
+            loss = F.mse_loss(rec, x) + kl_weight * posterior.kl().mean()
+            self.vae_opt.zero_grad(set_to_none=True)
+            loss.backward()
+            self.vae_opt.step()
+            step += 1
+            if step % 50 == 0:
+                self.log("vae", step, loss.item(), self.vae_opt.param_groups[0]["lr"])
+        self.state["seconds"]["vae"] += time.time() - start
+        self.state["samples_seen"]["vae"] += (step - self.state["vae_step"]) * batch
+        self.state["vae_step"] = step
+        self.save()
+
+    @torch.no_grad()
+    def _latents(self, x: torch.Tensor) -> torch.Tensor:
+        return self.vae.encode(x).latent_dist.mean * self.state["scaling_factor"]
+
+    def _ensure_scaling_factor(self) -> None:
+        if self.state["scaling_factor"] is None:
+            self.vae.eval()
+            x, _ = batch_images(20_000_000, 256)
+            with torch.no_grad():
+                z = self.vae.encode(x.to(self.device)).latent_dist.mean
+            self.state["scaling_factor"] = float(1.0 / z.std())
+
+    def train_unet(self, steps: int, batch: int, minutes: float, ema_decay: float = 0.999) -> None:
+        from diffusers import DDPMScheduler
+
+        self._ensure_scaling_factor()
+        noise_sched = DDPMScheduler(**SCHEDULE)
+        alphas = noise_sched.alphas_cumprod.to(self.device)
+        self.vae.eval().requires_grad_(False)
+        self.unet.train()
+        self.text_encoder.train()
+        amp = self.device.type == "cuda"
+        start, step = time.time(), self.state["unet_step"]
+        length = self.tokenizer.model_max_length
+        while step < steps and time.time() - start < minutes * 60:
+            x, captions = batch_images(step * batch, batch)
+            gen = torch.Generator().manual_seed(1_000_000 + step)
+            drop = torch.rand(batch, generator=gen) < 0.1
+            captions = ["" if d else c for c, d in zip(captions, drop.tolist())]
+            ids = self.tokenizer(captions, padding="max_length", max_length=length, truncation=True, return_tensors="pt").input_ids.to(self.device)
+            z0 = self._latents(x.to(self.device))  # (batch, 4, 16, 16)
+            noise = torch.randn(z0.shape, generator=gen).to(self.device)
+            t = torch.randint(0, noise_sched.config.num_train_timesteps, (batch,), generator=gen).to(self.device)
+            a = alphas[t].view(-1, 1, 1, 1)  # (batch, 1, 1, 1)
+            zt = a.sqrt() * z0 + (1 - a).sqrt() * noise
+            lr = lr_at(step, steps, 3e-4, 1000)
+            for g in self.opt.param_groups:
+                g["lr"] = lr
+            with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=amp):
+                states = self.text_encoder(ids)[0]
+                pred = self.unet(zt, t, encoder_hidden_states=states).sample
+            loss = F.mse_loss(pred.float(), noise)
+            self.opt.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(list(self.unet.parameters()) + list(self.text_encoder.parameters()), 1.0)
+            self.opt.step()
+            decay = min(ema_decay, (1 + step) / (10 + step))
+            with torch.no_grad():
+                for part, model in (("unet", self.unet), ("text_encoder", self.text_encoder)):
+                    for k, v in model.state_dict().items():
+                        self.ema[part][k].lerp_(v.float(), 1 - decay) if v.is_floating_point() else self.ema[part][k].copy_(v)
+            step += 1
+            if step % 50 == 0:
+                self.log("unet", step, loss.item(), lr)
+        self.state["seconds"]["unet"] += time.time() - start
+        self.state["samples_seen"]["unet"] += (step - self.state["unet_step"]) * batch
+        self.state["unet_step"] = step
+        self.save()
+
+    def export(self, out_dir: str | os.PathLike) -> Path:
+        """Write the EMA weights as a diffusers Stable Diffusion folder (safetensors)."""
+        from diffusers import DDIMScheduler, StableDiffusionPipeline
+
+        self._ensure_scaling_factor()
+        self.vae.register_to_config(scaling_factor=self.state["scaling_factor"])
+        unet = type(self.unet).from_config(self.unet.config)
+        unet.load_state_dict(self.ema["unet"])
+        text_encoder = type(self.text_encoder)(self.text_encoder.config)
+        text_encoder.load_state_dict(self.ema["text_encoder"])
+        scheduler = DDIMScheduler(**SCHEDULE, clip_sample=False, set_alpha_to_one=False, steps_offset=1)
+        pipe = StableDiffusionPipeline(
+            vae=self.vae.cpu(), text_encoder=text_encoder.cpu(), tokenizer=self.tokenizer, unet=unet.cpu(),
+            scheduler=scheduler, safety_checker=None, feature_extractor=None, requires_safety_checker=False,
+        )
+        out = Path(out_dir)
+        tmp = out.with_name(out.name + ".tmp")
+        pipe.save_pretrained(tmp, safe_serialization=True)
+        info = {k: self.state[k] for k in ("vae_step", "unet_step", "samples_seen", "seconds", "scaling_factor")}
+        (tmp / "training.json").write_text(json.dumps(info, indent=1))
+        if out.exists():
+            import shutil
+
+            shutil.rmtree(out)
+        os.replace(tmp, out)
+        self.vae.to(self.device)
+        return out
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("run_dir")
+    parser.add_argument("--stage", choices=("vae", "unet"), default=None)
+    parser.add_argument("--steps", type=int, default=None, help="total steps of the stage (the run stops there)")
+    parser.add_argument("--batch", type=int, default=64)
+    parser.add_argument("--minutes", type=float, default=10.0, help="stop and checkpoint after this long")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--threads", type=int, default=None)
+    parser.add_argument("--export", default=None, metavar="DIR", help="write the EMA model as a diffusers folder")
+    args = parser.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    run = Run(args.run_dir, args.device)
+    if args.stage == "vae":
+        run.train_vae(args.steps or 3000, args.batch, args.minutes)
+        print(f"vae step {run.state['vae_step']}")
+    elif args.stage == "unet":
+        run.train_unet(args.steps or 200_000, args.batch, args.minutes)
+        print(f"unet step {run.state['unet_step']}")
+    if args.export:
+        print(run.export(args.export))
+
+
+if __name__ == "__main__":
+    main()

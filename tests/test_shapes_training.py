@@ -1,0 +1,66 @@
+"""The shapes model's tokenizer and the resumable training run (no real training here)."""
+
+import torch
+from transformers import CLIPTokenizer
+
+from prompt2prompt.alignment import tokenize_words
+from prompt2prompt.shapes import world
+from prompt2prompt.shapes.tokenizer import learn_merges, word_counts, write_tokenizer
+from prompt2prompt.shapes.train import Run, load_optimizer, load_sharded, lr_at, optimizer_tensors, save_sharded
+
+
+def test_bpe_is_deterministic_and_splits_rare_words(tmp_path):
+    captions = [world.sample_spec(s).caption for s in range(3000)]
+    counts = word_counts(captions)
+    merges = learn_merges(counts, 110)
+    assert merges == learn_merges(counts, 110)
+    tok = CLIPTokenizer.from_pretrained(str(write_tokenizer(tmp_path, merges, 32)))
+    assert tok.model_max_length == 32
+    lengths = {w: len(tok(w, add_special_tokens=False).input_ids) for w in counts}
+    assert lengths["red"] == 1 and lengths["circle"] == 1  # frequent words are one token
+    assert any(n > 1 for n in lengths.values())  # and some words split into several
+    # every caption maps words to tokens exactly (the engine's requirement)
+    for caption in captions[:200]:
+        p = tokenize_words(caption, tok)
+        assert [i for pos in p.word_positions for i in pos] == list(range(1, len(p.ids) - 1))
+    assert tok("zebra!").input_ids[0] == tok.bos_token_id  # out-of-vocabulary text still tokenizes
+
+
+def test_sharded_checkpoints_round_trip_under_the_size_limit(tmp_path):
+    tensors = {f"w{i}": torch.randn(300, 300) for i in range(5)}  # 360 kB each
+    names = save_sharded(tensors, tmp_path / "m", max_bytes=800_000)
+    assert len(names) == 3
+    assert all((tmp_path / n).stat().st_size <= 800_000 + 10_000 for n in names)
+    back = load_sharded(tmp_path, names)
+    assert all(torch.equal(back[k], tensors[k]) for k in tensors)
+
+
+def test_optimizer_state_round_trips_without_pickle():
+    model = torch.nn.Linear(3, 2)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    model(torch.randn(4, 3)).sum().backward()
+    opt.step()
+    tensors, meta = optimizer_tensors(opt)
+    fresh = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    load_optimizer(fresh, tensors, meta)
+    for a, b in zip(opt.state.values(), fresh.state.values()):
+        assert torch.equal(a["exp_avg"], b["exp_avg"]) and float(a["step"]) == float(b["step"])
+
+
+def test_lr_warms_up_then_decays():
+    lrs = [lr_at(s, 1000, 1e-3, 100) for s in range(1000)]
+    assert lrs[0] < lrs[50] < lrs[99] <= 1e-3
+    assert lrs[999] < lrs[500] < lrs[100]
+    assert min(lrs[100:]) >= 1e-4 - 1e-12
+
+
+def test_run_resumes_where_it_stopped(tmp_path):
+    run = Run(tmp_path / "run", "cpu")
+    run.train_vae(steps=2, batch=2, minutes=5)
+    assert run.state["vae_step"] == 2
+    again = Run(tmp_path / "run", "cpu")
+    assert again.state["vae_step"] == 2
+    for (k, a), b in zip(run.vae.state_dict().items(), again.vae.state_dict().values()):
+        assert torch.equal(a, b), k
+    again.train_vae(steps=3, batch=2, minutes=5)
+    assert again.state["vae_step"] == 3 and again.state["samples_seen"]["vae"] == 6
