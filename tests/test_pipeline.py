@@ -193,3 +193,16 @@ def test_from_pretrained_refuses_pickle_unless_allowed(tiny_sd1, tmp_path):
         Prompt2PromptPipeline.from_pretrained(tmp_path / "pickled", use_safetensors=False)
     pipe = Prompt2PromptPipeline.from_pretrained(tmp_path / "pickled", allow_pickle=True)
     assert pipe.unet is not None
+
+
+def test_unknown_words_warn_once(tiny_sd1):
+    pipe = make(tiny_sd1)
+    pipe.vocabulary = frozenset({"a", "cat", "riding", "bicycle"})
+    kw = dict(num_inference_steps=1, latents=noise(), output_type="latent")
+    with pytest.warns(UserWarning, match="outside this model.s vocabulary: car;"):
+        pipe("a cat riding a bicycle", ["a cat riding a car"], **kw)
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        pipe("a cat riding a bicycle", ["a cat riding a car"], **kw)  # the same word: no second warning

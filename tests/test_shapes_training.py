@@ -64,3 +64,22 @@ def test_run_resumes_where_it_stopped(tmp_path):
         assert torch.equal(a, b), k
     again.train_vae(steps=3, batch=2, minutes=5)
     assert again.state["vae_step"] == 3 and again.state["samples_seen"]["vae"] == 6
+
+
+def test_exported_run_loads_as_a_diffusers_folder_and_edits(tmp_path):
+    from prompt2prompt import LocalBlend, Prompt2PromptPipeline
+
+    run = Run(tmp_path / "run", "cpu")
+    run.train_vae(steps=1, batch=2, minutes=5)
+    run.train_unet(steps=1, batch=2, minutes=5)
+    folder = run.export(tmp_path / "model")
+    assert (folder / "model_index.json").is_file() and (folder / "training.json").is_file()
+    assert all(f.stat().st_size <= 16 * 2**20 for f in folder.rglob("*.safetensors"))
+    pipe = Prompt2PromptPipeline.from_pretrained(folder)
+    pipe.set_progress_bar_config(disable=True)
+    assert pipe.vae.config.scaling_factor == run.state["scaling_factor"]
+    assert pipe.tokenizer.model_max_length == 32
+    out = pipe("a red circle on grass", ["a red square on grass"], local_blend=LocalBlend("circle", "square"),
+               num_inference_steps=3, generator=torch.Generator().manual_seed(0), output_type="np")
+    assert out.images.shape == (2, 64, 64, 3)
+    assert out.attention.maps.shape[-1] == 32

@@ -3,6 +3,7 @@
 import inspect
 import logging
 import math
+import warnings
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from numbers import Real
@@ -108,6 +109,9 @@ class Prompt2PromptPipeline(DiffusionPipeline):
             feature_extractor=feature_extractor,
         )
         self.vae_scale_factor = 2 ** (len(vae.config.block_out_channels) - 1)
+        #: Words the model was trained on (the bundled shapes model sets it); others are warned about once.
+        self.vocabulary: frozenset[str] | None = None
+        self._warned_words: set[str] = set()
         self.image_processor = VaeImageProcessor(vae_scale_factor=self.vae_scale_factor)
 
     @classmethod
@@ -123,7 +127,11 @@ class Prompt2PromptPipeline(DiffusionPipeline):
 
             if not (MODEL_DIR / "model_index.json").is_file():
                 raise ValueError(f"the bundled shapes model is missing from {MODEL_DIR}; reinstall the package or name a model folder")
-            pretrained_model_name_or_path = MODEL_DIR
+            pipe = cls.from_pretrained(MODEL_DIR, *args, allow_pickle=allow_pickle, **kwargs)
+            from .shapes import world
+
+            pipe.vocabulary = world.caption_words()
+            return pipe
         if kwargs.get("use_safetensors") is False and not allow_pickle:
             raise ValueError("use_safetensors=False loads pickle checkpoints, which can run code; pass allow_pickle=True to allow it")
         if not allow_pickle:
@@ -173,6 +181,19 @@ class Prompt2PromptPipeline(DiffusionPipeline):
                 ids = ids[: length - 1] + ids[-1:]
             out.append(ids)
         return out
+
+    def _warn_unknown_words(self, prompts: Sequence[PromptTokens]) -> None:
+        """Warn once per word that is outside ``self.vocabulary`` (the prompt still runs)."""
+        if self.vocabulary is None:
+            return
+        unknown = {w.casefold() for p in prompts for w in p.words if w.casefold() not in self.vocabulary and w.isalnum()}
+        new = sorted(unknown - self._warned_words)
+        if new:
+            self._warned_words.update(new)
+            warnings.warn(
+                f"words outside this model's vocabulary: {', '.join(new)}; the model will do what it can with them",
+                stacklevel=3,
+            )
 
     def _check_size(self, value, name: str) -> int:
         if isinstance(value, bool) or not isinstance(value, int) or value <= 0 or value % self.vae_scale_factor:
@@ -272,6 +293,7 @@ class Prompt2PromptPipeline(DiffusionPipeline):
         if local_blend is not None and not isinstance(local_blend, LocalBlend):
             raise ValueError(f"local_blend must be a LocalBlend, got {type(local_blend).__name__}")
         mode = EditMode.parse(edit)
+        self._warn_unknown_words([source, *targets])
         n = 1 + len(targets)
         if isinstance(num_inference_steps, bool) or not isinstance(num_inference_steps, int) or num_inference_steps < 1:
             raise ValueError(f"num_inference_steps must be a positive integer, got {num_inference_steps!r}")

@@ -303,7 +303,7 @@ class Run:
         )
         out = Path(out_dir)
         tmp = out.with_name(out.name + ".tmp")
-        pipe.save_pretrained(tmp, safe_serialization=True)
+        pipe.save_pretrained(tmp, safe_serialization=True, max_shard_size="15MB")
         info = {k: self.state[k] for k in ("vae_step", "unet_step", "samples_seen", "seconds", "scaling_factor")}
         (tmp / "training.json").write_text(json.dumps(info, indent=1))
         if out.exists():
