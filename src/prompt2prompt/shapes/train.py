@@ -210,7 +210,7 @@ class Run:
             x, _ = batch_images(step * batch + 10_000_000, batch)
             x = x.to(self.device)
             for g in self.vae_opt.param_groups:
-                g["lr"] = lr_at(step, steps, 1e-3, 200)
+                g["lr"] = lr_at(step, steps, 1e-3, min(200, steps // 10))
             posterior = self.vae.encode(x).latent_dist
             gen = torch.Generator(device=self.device).manual_seed(step)
             z = posterior.mean + posterior.std * torch.randn(posterior.mean.shape, generator=gen, device=self.device)
@@ -262,7 +262,7 @@ class Run:
             t = torch.randint(0, noise_sched.config.num_train_timesteps, (batch,), generator=gen).to(self.device)
             a = alphas[t].view(-1, 1, 1, 1)  # (batch, 1, 1, 1)
             zt = a.sqrt() * z0 + (1 - a).sqrt() * noise
-            lr = lr_at(step, steps, 3e-4, 1000)
+            lr = lr_at(step, steps, 3e-4, min(1000, steps // 10))
             for g in self.opt.param_groups:
                 g["lr"] = lr
             with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=amp):
