@@ -27,14 +27,14 @@ def unet_calls(pipe):
 
 
 CASES = [
-    (dict(edit_prompts=[TGT], cross_replace_steps={"car": 0.4}), r"cross_replace_steps names 'car', which is in no target prompt"),
-    (dict(edit_prompts=[TGT], equalizer={"dog": 2.0}), r"equalizer names 'dog', which is in no target prompt"),
+    (dict(edit_prompts=[TGT], cross_replace_steps={"car": 0.4}), r"cross_replace_steps names 'car', which is in none of the prompts 'a cat riding a motorcycle'; name a word"),
+    (dict(edit_prompts=[TGT], equalizer={"dog": 2.0}), r"equalizer names 'dog', which is in none of the prompts"),
     (dict(edit_prompts=[TGT], equalizer={"motorcycle": math.nan}), r"equalizer\['motorcycle'\] must be a finite number"),
     (dict(edit_prompts=[TGT], equalizer={"motorcycle": math.inf}), r"must be a finite number"),
     (dict(edit_prompts=[TGT], equalizer={"motorcycle": [1.0, 2.0]}), r"gives 2 factors for 1 target prompts"),
     (dict(edit_prompts=[TGT], local_blend=LocalBlend("car", "motorcycle")), r"LocalBlend source_words: 'car' is not a word of the prompt 'a cat riding a bicycle'"),
     (dict(edit_prompts=[TGT], local_blend=LocalBlend("bicycle", "car")), r"LocalBlend target_words: 'car' is not a word of the prompt 'a cat riding a motorcycle'"),
-    (dict(edit_prompts=[TGT], local_blend=LocalBlend("bicycle", "motorcycle", subtract_words="tree")), r"subtract word 'tree' is in none of the prompts"),
+    (dict(edit_prompts=[TGT], local_blend=LocalBlend("bicycle", "motorcycle", subtract_words="tree")), r"LocalBlend subtract_words names 'tree', which is in none of the prompts"),
     (dict(edit_prompts=[TGT], local_blend=LocalBlend("bicycle", "motorcycle", resolution=5)), r"LocalBlend resolution 5 .* use one of \[8, 16\]"),
     (dict(edit_prompts=[TGT], local_blend="bicycle"), r"local_blend must be a LocalBlend"),
     (dict(edit_prompts=["a cat riding a red bicycle"], edit="replace"), r"same number of words.*edit='refine'"),

@@ -75,7 +75,7 @@ def test_cross_step_weights_per_word_and_object_preservation(clip_tokenizer):
     (f,) = t.positions("flower")
     assert w[:, 0, f].tolist() == [0, 0, 1, 1, 0, 0, 0, 0, 0, 0]
     assert w[:, 0, 1].tolist() == [1] * 8 + [0, 0]
-    with pytest.raises(ValueError, match="'car', which is in no target prompt"):
+    with pytest.raises(ValueError, match="'car', which is in none of the prompts"):
         cross_step_weights([t], {"car": 0.5}, 10)
 
 

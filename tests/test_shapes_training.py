@@ -83,3 +83,10 @@ def test_exported_run_loads_as_a_diffusers_folder_and_edits(tmp_path):
                num_inference_steps=3, generator=torch.Generator().manual_seed(0), output_type="np")
     assert out.images.shape == (2, 64, 64, 3)
     assert out.attention.maps.shape[-1] == 32
+
+    from prompt2prompt.shapes.evaluate import evaluate_model
+
+    result = evaluate_model(pipe, n=1, steps=2)
+    assert 0 <= result["adherence"]["colour"] <= 1 and result["adherence"]["n"] == 1
+    assert set(result["word_swap"]) == {"shape_p2p", "shape_none", "colour_p2p", "colour_none"}
+    assert "median_background_psnr_db" in result["local_blend"]

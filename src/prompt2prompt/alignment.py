@@ -232,3 +232,21 @@ def refinement_mapper(source: PromptTokens, target: PromptTokens) -> tuple[torch
         mapper[j] = i if i >= 0 else 0
         alphas[j] = float(i >= 0)
     return mapper, alphas
+
+
+def positions_in_each(prompts: "list[PromptTokens]", word: str | int, what: str) -> list[list[int]]:
+    """Token positions of ``word`` in each prompt (``[]`` where it is absent).
+
+    Raises:
+        ValueError: the word is in none of the prompts; ``what`` names the setting in the message.
+    """
+    found = []
+    for p in prompts:
+        try:
+            found.append(p.positions(word))
+        except ValueError:
+            found.append([])
+    if not any(found):
+        listed = "; ".join(repr(p.prompt) for p in prompts)
+        raise ValueError(f"{what} names {word!r}, which is in none of the prompts {listed}; name a word of one of them")
+    return found

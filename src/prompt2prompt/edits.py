@@ -10,7 +10,7 @@ from numbers import Real
 
 import torch
 
-from .alignment import PromptTokens, refinement_mapper, replacement_mapper
+from .alignment import PromptTokens, positions_in_each, refinement_mapper, replacement_mapper
 from .schedules import Window, cross_step_weights, parse_window, step_window
 
 
@@ -175,16 +175,8 @@ def _equalizer(targets: Sequence[PromptTokens], equalizer: Mapping) -> torch.Ten
         for v in values:
             if isinstance(v, bool) or not isinstance(v, Real) or not math.isfinite(v):
                 raise ValueError(f"equalizer[{word!r}] must be a finite number (0, negative and > 1 are fine), got {v!r}")
-        found = False
-        for k, target in enumerate(targets):
-            try:
-                positions = target.positions(word)
-            except ValueError:
-                continue
-            found = True
+        for k, positions in enumerate(positions_in_each(list(targets), word, "equalizer")):
             factors[k, positions] = float(values[k])
-        if not found:
-            raise ValueError(f"equalizer names {word!r}, which is in no target prompt; name a word of a target prompt")
     return factors
 
 
@@ -206,15 +198,8 @@ def _blend_plan(blend: LocalBlend, source: PromptTokens, targets: Sequence[Promp
     if blend.subtract_words:
         subtract = torch.zeros_like(words)
         for w in blend.subtract_words:
-            rows = []
-            for k, p in enumerate(prompts):
-                try:
-                    subtract[k, p.positions(w)] = 1.0
-                    rows.append(k)
-                except ValueError:
-                    pass
-            if not rows:
-                raise ValueError(f"LocalBlend subtract word {w!r} is in none of the prompts; name a word of a prompt")
+            for k, positions in enumerate(positions_in_each(prompts, w, "LocalBlend subtract_words")):
+                subtract[k, positions] = 1.0
     return BlendPlan(words, subtract, blend.threshold[0], blend.threshold[1], int(blend.start * num_steps), resolution)
 
 

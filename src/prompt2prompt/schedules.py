@@ -13,7 +13,7 @@ from numbers import Real
 
 import torch
 
-from .alignment import PromptTokens
+from .alignment import PromptTokens, positions_in_each
 
 Window = float | tuple[float, float]
 
@@ -74,18 +74,7 @@ def cross_step_weights(
     weights[start:end] = 1.0
     for word, bounds in windows.items():
         start, end = step_window(parse_window(bounds, f"cross_replace_steps[{word!r}]"), num_steps)
-        found = False
-        for k, target in enumerate(targets):
-            try:
-                positions = target.positions(word)
-            except ValueError:
-                continue
-            found = True
+        for k, positions in enumerate(positions_in_each(list(targets), word, "cross_replace_steps")):
             weights[:, k, positions] = 0.0
             weights[start:end, k, positions] = 1.0
-        if not found:
-            raise ValueError(
-                f"cross_replace_steps names {word!r}, which is in no target prompt "
-                f"({'; '.join(repr(t.prompt) for t in targets)}); name a word of a target prompt"
-            )
     return weights

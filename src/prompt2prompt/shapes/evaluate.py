@@ -84,15 +84,6 @@ def _fill_holes(mask: np.ndarray) -> np.ndarray:
     return ~outside
 
 
-def _erode(mask: np.ndarray) -> np.ndarray:
-    out = mask.copy()
-    out[1:] &= mask[:-1]
-    out[:-1] &= mask[1:]
-    out[:, 1:] &= mask[:, :-1]
-    out[:, :-1] &= mask[:, 1:]
-    return out
-
-
 def _template(shape: str, cx: float, cy: float, diameter: float, rotation: float) -> np.ndarray:
     """The renderer's filled shape mask at a centre (px, y down), bounding-box side and rotation."""
     ys, xs = np.mgrid[0 : world.SIZE, 0 : world.SIZE].astype(np.float32) + 0.5
@@ -136,7 +127,7 @@ def detect(image: np.ndarray, background: str) -> list[Detection]:
         outlined = hole > 0.45 or (shape != "circle" and hole > 0.2)
         if shape == "circle" and 0.12 < hole <= 0.45:
             shape = "ring"
-        core = _erode(comp) if not outlined else comp
+        core = world._erode(comp, 1) if not outlined else comp
         pixels = img[core if core.sum() >= 8 else comp]
         nearest = np.argmin(((pixels[:, None, :] - palette[None]) ** 2).sum(-1), axis=1)
         counts = np.bincount(nearest, minlength=len(palette))
@@ -180,18 +171,6 @@ def _psnr(a: np.ndarray, b: np.ndarray, where: np.ndarray) -> float:
         return float("nan")
     mse = ((a.astype(np.float64) - b.astype(np.float64)) ** 2)[where].mean()
     return float("inf") if mse == 0 else float(10 * np.log10(255.0**2 / mse))
-
-
-def _dilate(mask: np.ndarray, k: int = 2) -> np.ndarray:
-    out = mask.copy()
-    for _ in range(k):
-        grown = out.copy()
-        grown[1:] |= out[:-1]
-        grown[:-1] |= out[1:]
-        grown[:, 1:] |= out[:, :-1]
-        grown[:, :-1] |= out[:, 1:]
-        out = grown
-    return out
 
 
 def _pick(rng, options, exclude=()):
@@ -262,7 +241,7 @@ def evaluate_model(pipe, n: int = 16, steps: int = 30, guidance: float = 5.0, se
         region = np.zeros(a.shape[:2], bool)
         for d in detect(a, bg) + detect(b, bg):
             region |= d.mask
-        psnrs.append(_psnr(a, b, ~_dilate(region)))
+        psnrs.append(_psnr(a, b, world._erode(~region, 2)))  # outside the objects, 2 px margin
     finite = [p for p in psnrs if np.isfinite(p)]
     result["local_blend"] = {"median_background_psnr_db": float(np.median(finite)) if finite else None, "n": n}
     return result
