@@ -11,7 +11,10 @@ steps and guidance scale:
   the variants ``replace`` (cross 0.8, self 0.4), ``replace_localblend`` (the same plus
   ``LocalBlend([source word], [target word])``) and ``none`` (same noise, no injection); all record
   attention maps (``return_attention=True``, the default). ``replace_noattn`` (``replace`` with
-  ``return_attention=False``) can be added with ``--variants``.
+  ``return_attention=False``), ``refine`` (target ``--refine-target``, the source with a word added),
+  ``reweight`` (target = source, ``equalizer={--reweight-word: 2}``) and ``three_targets`` (replace
+  with three targets; its plain side generates four prompts) and ``attention`` (the source alone
+  with its cross-attention maps recorded, as ``p2p attention``; plain generates one prompt) can be added with ``--variants``.
 
 Each variant gets a warm-up pair, then ``--repeats`` pairs; within a repeat every variant runs a
 plain call and an edit call back to back, alternating which goes first, so that drift (thermal,
@@ -55,7 +58,7 @@ from pathlib import Path
 import torch
 
 REPO = Path(__file__).resolve().parents[1]
-ALL_VARIANTS = ("replace", "replace_localblend", "none", "replace_noattn")
+ALL_VARIANTS = ("replace", "replace_localblend", "none", "replace_noattn", "refine", "reweight", "three_targets", "attention")
 DEFAULT_VARIANTS = ("replace", "replace_localblend", "none")
 GIB = 1024**3
 
@@ -287,6 +290,9 @@ def main(argv=None):
     parser.add_argument("--output-type", choices=("pil", "np", "latent"), default="pil", help="both sides alike (default pil = full VAE decode)")
     parser.add_argument("--source", default="a cat riding a bicycle")
     parser.add_argument("--target", default="a cat riding a car")
+    parser.add_argument("--refine-target", default="a cat riding a red bicycle")
+    parser.add_argument("--reweight-word", default="bicycle")
+    parser.add_argument("--extra-targets", nargs=2, default=("a cat riding a horse", "a cat riding a boat"))
     parser.add_argument("--blend-words", nargs=2, default=("bicycle", "car"), metavar=("SOURCE_WORD", "TARGET_WORD"))
     parser.add_argument("--variants", default=",".join(DEFAULT_VARIANTS), help=f"comma list of {', '.join(ALL_VARIANTS)}")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
@@ -342,8 +348,20 @@ def main(argv=None):
     noise = noise.to(device=device, dtype=dtype)  # (1, C, h, w)
     common = dict(num_inference_steps=steps, guidance_scale=args.guidance, height=size, width=size, output_type=args.output_type)
 
-    def run_plain():
-        return plain(prompt=[args.source, args.target], latents=noise.expand(2, -1, -1, -1).clone(), **common)
+    def prompts_of(variant):
+        if variant == "refine":
+            return [args.source, args.refine_target]
+        if variant == "reweight":
+            return [args.source, args.source]
+        if variant == "three_targets":
+            return [args.source, args.target, *args.extra_targets]
+        if variant == "attention":
+            return [args.source]
+        return [args.source, args.target]
+
+    def plain_fn(variant):
+        prompts = prompts_of(variant)
+        return lambda: plain(prompt=prompts, latents=noise.expand(len(prompts), -1, -1, -1).clone(), **common)
 
     def edit_fn(variant):
         kwargs = dict(edit="replace", cross_replace_steps=0.8, self_replace_steps=0.4)
@@ -353,7 +371,14 @@ def main(argv=None):
             kwargs = dict(edit="none")
         elif variant == "replace_noattn":
             kwargs["return_attention"] = False
-        return lambda: p2p(prompt=args.source, edit_prompts=[args.target], latents=noise.clone(), **kwargs, **common)
+        elif variant == "refine":
+            kwargs["edit"] = "refine"
+        elif variant == "reweight":
+            kwargs["equalizer"] = {args.reweight_word: 2.0}
+        prompts = prompts_of(variant)
+        if variant == "attention":
+            return lambda: p2p(prompt=prompts[0], return_attention=True, latents=noise.clone(), **common)
+        return lambda: p2p(prompt=prompts[0], edit_prompts=prompts[1:], latents=noise.clone(), **kwargs, **common)
 
     if device.type == "cuda":
         probe = CudaPeak(device)
@@ -366,15 +391,14 @@ def main(argv=None):
     results = {}
     with torch.inference_mode():
         for variant in variants:
-            fn = edit_fn(variant)
+            fn, run_plain = edit_fn(variant), plain_fn(variant)
             for _ in range(args.warmup):
                 run_plain()
                 fn()
             results[variant] = {"plain": [], "edit": []}
         for r in range(args.repeats):
             for variant in variants:
-                fn = edit_fn(variant)
-                order = (("plain", run_plain), ("edit", fn))
+                order = (("plain", plain_fn(variant)), ("edit", edit_fn(variant)))
                 for side, call in order if (r % 2 == 0) else order[::-1]:
                     results[variant][side].append(timed(call, device, probe))
 

@@ -117,8 +117,90 @@ def batch_images(start: int, size: int, split: str = "train") -> tuple[torch.Ten
     from . import world
 
     images, captions = world.render_batch(list(range(start, start + size)), split)
-    x = torch.from_numpy(np.ascontiguousarray(images)).permute(0, 3, 1, 2).float() / 127.5 - 1.0  # (batch, 3, h, w)
-    return x, list(captions)
+    return _to_tensor(images), list(captions)
+
+
+def _to_tensor(images: np.ndarray) -> torch.Tensor:
+    """uint8 ``(batch, h, w, 3)`` -> float ``(batch, 3, h, w)`` in [-1, 1]."""
+    return torch.from_numpy(np.ascontiguousarray(images)).permute(0, 3, 1, 2).float() / 127.5 - 1.0  # (batch, 3, h, w)
+
+
+_WORKER_TOKENIZER = None
+
+
+def _worker_init(tok_dir: str | None) -> None:
+    global _WORKER_TOKENIZER
+    torch.set_num_threads(1)
+    if tok_dir is not None:
+        from transformers import CLIPTokenizer
+
+        _WORKER_TOKENIZER = CLIPTokenizer.from_pretrained(tok_dir)
+
+
+def _render_job(start: int, size: int) -> tuple[np.ndarray, list[str], np.ndarray | None]:
+    """One batch rendered (and tokenized, if the worker has a tokenizer) in a worker process."""
+    from . import world
+
+    images, captions = world.render_batch(list(range(start, start + size)))
+    ids = None
+    if _WORKER_TOKENIZER is not None:
+        tok = _WORKER_TOKENIZER
+        ids = tok(list(captions), padding="max_length", max_length=tok.model_max_length, truncation=True, return_tensors="np").input_ids
+    return images, list(captions), ids
+
+
+class Batches:
+    """Batches ``first, first+1, ...`` of the scene stream, rendered ahead by ``workers`` processes.
+
+    Batch ``k`` is always scenes ``offset + k*size ..`` so the stream is the same with any number of
+    workers (or none); at most ``2*workers`` batches are in flight, so memory stays bounded.
+    """
+
+    def __init__(self, first: int, size: int, offset: int, workers: int, tok_dir: str | None):
+        self.next, self.size, self.offset = first, size, offset
+        self.tok_dir, self.pool, self.pending = tok_dir, None, []
+        self.tokenizer = None
+        if workers > 0:
+            import multiprocessing as mp
+
+            self.pool = mp.get_context("spawn").Pool(workers, _worker_init, (tok_dir,))
+            self.depth = 2 * workers
+        elif tok_dir is not None:
+            from transformers import CLIPTokenizer
+
+            self.tokenizer = CLIPTokenizer.from_pretrained(tok_dir)
+
+    def _submit(self) -> None:
+        start = self.offset + self.next * self.size
+        self.pending.append(self.pool.apply_async(_render_job, (start, self.size)))
+        self.next += 1
+
+    def get(self) -> tuple[torch.Tensor, list[str], torch.Tensor | None]:
+        if self.pool is None:
+            images, captions = batch_images(self.offset + self.next * self.size, self.size)
+            self.next += 1
+            ids = None
+            if self.tokenizer is not None:
+                tok = self.tokenizer
+                ids = tok(captions, padding="max_length", max_length=tok.model_max_length, truncation=True, return_tensors="pt").input_ids
+            return images, captions, ids
+        while len(self.pending) < self.depth:
+            self._submit()
+        images, captions, ids = self.pending.pop(0).get()
+        self._submit()
+        return _to_tensor(images), captions, (None if ids is None else torch.from_numpy(ids))
+
+    def close(self) -> None:
+        if self.pool is not None:
+            self.pool.terminate()
+            self.pool.join()
+            self.pool = None
+
+
+def fit_total(step: int, started_step: int, elapsed: float, minutes: float) -> int:
+    """The stage's total step count that makes the run end at ``minutes`` at the measured pace."""
+    per_step = elapsed / max(1, step - started_step)
+    return step + max(1, int((minutes * 60 - elapsed) / per_step))
 
 
 def lr_at(step: int, total: int, base: float, warmup: int) -> float:
@@ -203,14 +285,64 @@ class Run:
             f.write(f"{stage},{step},{loss:.6f},{lr:.3g},{time.time():.0f}\n")
 
     # -- stages
-    def train_vae(self, steps: int, batch: int, minutes: float, kl_weight: float = 1e-6) -> None:
+    def _total(self, stage: str, steps: int | None) -> int | None:
+        """The stage's total steps: given, recorded by an earlier chunk, or None (fit to the time budget)."""
+        if steps is not None:
+            self.state[stage + "_total"] = steps
+        return self.state.get(stage + "_total")
+
+    def _loop(self, stage: str, steps: int | None, batch: int, minutes: float, workers: int, offset: int,
+              base_lr: float, warmup: int | None, opt: torch.optim.Optimizer, step_fn) -> None:
+        """Run ``step_fn(x, ids, step)`` until the stage's total or ``minutes``; then checkpoint.
+
+        With ``steps=None`` and no recorded total, the total (which sets the cosine decay) is fitted
+        after 30 timed steps so that the run ends with ``minutes``; it is recorded, so a resumed
+        chunk keeps the same schedule.
+        """
+        total = self._total(stage, steps)
+        if warmup is None:
+            warmup = min(200 if stage == "vae" else 1000, (total or 5000) // 10)
+        key = stage + "_step"
+        start, step = time.time(), self.state[key]
+        tok_dir = str(self.folder / "tokenizer") if stage == "unet" else None
+        data = Batches(step, batch, offset, workers, tok_dir)
+        calib_from = calib_t = None
+        try:
+            while (total is None or step < total) and time.time() - start < minutes * 60:
+                if total is None and calib_from is None and step - self.state[key] == 5:
+                    self._sync()
+                    calib_from, calib_t = step, time.time()
+                if total is None and calib_from is not None and step - calib_from == 30:
+                    self._sync()
+                    total = fit_total(step, calib_from, time.time() - calib_t, minutes - (calib_t - start) / 60)
+                    self.state[stage + "_total"] = total
+                    print(f"{stage}: {(time.time() - calib_t) / 30 * 1000:.1f} ms/step; total fitted to {total} steps", flush=True)
+                x, _, ids = data.get()
+                lr = lr_at(step, total or 10**9, base_lr, warmup)
+                for g in opt.param_groups:
+                    g["lr"] = lr
+                loss = step_fn(x, ids, step)
+                step += 1
+                if step % 50 == 0:
+                    self.log(stage, step, loss.item(), lr)
+        finally:
+            data.close()
+        self._sync()
+        self.state["seconds"][stage] += time.time() - start
+        self.state["samples_seen"][stage] += (step - self.state[key]) * batch
+        self.state[key] = step
+        self.save()
+
+    def _sync(self) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+
+    def train_vae(self, steps: int | None, batch: int, minutes: float, kl_weight: float = 1e-6, workers: int = 0,
+                  lr: float = 1e-3, warmup: int | None = None) -> None:
         self.vae.train()
-        start, step = time.time(), self.state["vae_step"]
-        while step < steps and time.time() - start < minutes * 60:
-            x, _ = batch_images(step * batch + 10_000_000, batch)
+
+        def step_fn(x, _ids, step):
             x = x.to(self.device)
-            for g in self.vae_opt.param_groups:
-                g["lr"] = lr_at(step, steps, 1e-3, min(200, steps // 10))
             posterior = self.vae.encode(x).latent_dist
             gen = torch.Generator(device=self.device).manual_seed(step)
             z = posterior.mean + posterior.std * torch.randn(posterior.mean.shape, generator=gen, device=self.device)
@@ -219,13 +351,9 @@ class Run:
             self.vae_opt.zero_grad(set_to_none=True)
             loss.backward()
             self.vae_opt.step()
-            step += 1
-            if step % 50 == 0:
-                self.log("vae", step, loss.item(), self.vae_opt.param_groups[0]["lr"])
-        self.state["seconds"]["vae"] += time.time() - start
-        self.state["samples_seen"]["vae"] += (step - self.state["vae_step"]) * batch
-        self.state["vae_step"] = step
-        self.save()
+            return loss.detach()
+
+        self._loop("vae", steps, batch, minutes, workers, 10_000_000, lr, warmup, self.vae_opt, step_fn)
 
     @torch.no_grad()
     def _latents(self, x: torch.Tensor) -> torch.Tensor:
@@ -239,7 +367,8 @@ class Run:
                 z = self.vae.encode(x.to(self.device)).latent_dist.mean
             self.state["scaling_factor"] = float(1.0 / z.std())
 
-    def train_unet(self, steps: int, batch: int, minutes: float, ema_decay: float = 0.999) -> None:
+    def train_unet(self, steps: int | None, batch: int, minutes: float, ema_decay: float = 0.999, workers: int = 0,
+                   lr: float = 3e-4, warmup: int | None = None) -> None:
         from diffusers import DDPMScheduler
 
         self._ensure_scaling_factor()
@@ -249,42 +378,40 @@ class Run:
         self.unet.train()
         self.text_encoder.train()
         amp = self.device.type == "cuda"
-        start, step = time.time(), self.state["unet_step"]
         length = self.tokenizer.model_max_length
-        while step < steps and time.time() - start < minutes * 60:
-            x, captions = batch_images(step * batch, batch)
+        empty = self.tokenizer([""], padding="max_length", max_length=length, return_tensors="pt").input_ids  # (1, length)
+        models = (("unet", self.unet), ("text_encoder", self.text_encoder))
+        params = [p for _, m in models for p in m.parameters()]
+        ema_params = [self.ema[part][k] for part, m in models for k, _ in m.named_parameters()]
+
+        def step_fn(x, ids, step):
             gen = torch.Generator().manual_seed(1_000_000 + step)
-            drop = torch.rand(batch, generator=gen) < 0.1
-            captions = ["" if d else c for c, d in zip(captions, drop.tolist())]
-            ids = self.tokenizer(captions, padding="max_length", max_length=length, truncation=True, return_tensors="pt").input_ids.to(self.device)
-            z0 = self._latents(x.to(self.device))  # (batch, 4, 16, 16)
+            drop = torch.rand(x.shape[0], generator=gen) < 0.1
+            ids = torch.where(drop[:, None], empty, ids).to(self.device)  # (batch, length); 10% empty captions
+            z0 = self._latents(x.to(self.device))  # (batch, 4, h/8, w/8), float32
             noise = torch.randn(z0.shape, generator=gen).to(self.device)
-            t = torch.randint(0, noise_sched.config.num_train_timesteps, (batch,), generator=gen).to(self.device)
+            t = torch.randint(0, noise_sched.config.num_train_timesteps, (x.shape[0],), generator=gen).to(self.device)
             a = alphas[t].view(-1, 1, 1, 1)  # (batch, 1, 1, 1)
             zt = a.sqrt() * z0 + (1 - a).sqrt() * noise
-            lr = lr_at(step, steps, 3e-4, min(1000, steps // 10))
-            for g in self.opt.param_groups:
-                g["lr"] = lr
             with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=amp):
                 states = self.text_encoder(ids)[0]
                 pred = self.unet(zt, t, encoder_hidden_states=states).sample
             loss = F.mse_loss(pred.float(), noise)
             self.opt.zero_grad(set_to_none=True)
             loss.backward()
-            torch.nn.utils.clip_grad_norm_(list(self.unet.parameters()) + list(self.text_encoder.parameters()), 1.0)
+            torch.nn.utils.clip_grad_norm_(params, 1.0)
             self.opt.step()
             decay = min(ema_decay, (1 + step) / (10 + step))
             with torch.no_grad():
-                for part, model in (("unet", self.unet), ("text_encoder", self.text_encoder)):
-                    for k, v in model.state_dict().items():
-                        self.ema[part][k].lerp_(v.float(), 1 - decay) if v.is_floating_point() else self.ema[part][k].copy_(v)
-            step += 1
-            if step % 50 == 0:
-                self.log("unet", step, loss.item(), lr)
-        self.state["seconds"]["unet"] += time.time() - start
-        self.state["samples_seen"]["unet"] += (step - self.state["unet_step"]) * batch
-        self.state["unet_step"] = step
-        self.save()
+                torch._foreach_lerp_(ema_params, [p.detach().float() for p in params], 1 - decay)
+            return loss.detach()
+
+        self._loop("unet", steps, batch, minutes, workers, 0, lr, warmup, self.opt, step_fn)
+        with torch.no_grad():  # buffers (e.g. position ids) are not trained: copy them as they are
+            for part, m in models:
+                for k, v in m.named_buffers():
+                    if k in self.ema[part]:
+                        self.ema[part][k].copy_(v)
 
     def export(self, out_dir: str | os.PathLike) -> Path:
         """Write the EMA weights as a diffusers Stable Diffusion folder (safetensors)."""
@@ -319,21 +446,27 @@ def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("run_dir")
     parser.add_argument("--stage", choices=("vae", "unet"), default=None)
-    parser.add_argument("--steps", type=int, default=None, help="total steps of the stage (the run stops there)")
+    parser.add_argument("--steps", type=int, default=None,
+                        help="total steps of the stage (the run stops there; default: fitted so that the first chunk ends after --minutes)")
     parser.add_argument("--batch", type=int, default=64)
     parser.add_argument("--minutes", type=float, default=10.0, help="stop and checkpoint after this long")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--threads", type=int, default=None)
+    parser.add_argument("--workers", type=int, default=0, help="processes that render batches ahead (0: render in the training loop)")
+    parser.add_argument("--lr", type=float, default=None, help="peak learning rate (default: vae 1e-3, unet 3e-4)")
+    parser.add_argument("--warmup", type=int, default=None, help="warm-up steps (default: min(vae 200 | unet 1000, total/10))")
     parser.add_argument("--export", default=None, metavar="DIR", help="write the EMA model as a diffusers folder")
     args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
+    torch.backends.cuda.matmul.allow_tf32 = True
+    torch.backends.cudnn.allow_tf32 = True
     run = Run(args.run_dir, args.device)
     if args.stage == "vae":
-        run.train_vae(args.steps or 3000, args.batch, args.minutes)
+        run.train_vae(args.steps, args.batch, args.minutes, workers=args.workers, lr=args.lr or 1e-3, warmup=args.warmup)
         print(f"vae step {run.state['vae_step']}")
     elif args.stage == "unet":
-        run.train_unet(args.steps or 200_000, args.batch, args.minutes)
+        run.train_unet(args.steps, args.batch, args.minutes, workers=args.workers, lr=args.lr or 3e-4, warmup=args.warmup)
         print(f"unet step {run.state['unet_step']}")
     if args.export:
         print(run.export(args.export))
