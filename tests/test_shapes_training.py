@@ -1,12 +1,13 @@
 """The shapes model's tokenizer and the resumable training run (no real training here)."""
 
+import pytest
 import torch
 from transformers import CLIPTokenizer
 
 from prompt2prompt.alignment import tokenize_words
 from prompt2prompt.shapes import world
 from prompt2prompt.shapes.tokenizer import learn_merges, word_counts, write_tokenizer
-from prompt2prompt.shapes.train import Run, load_optimizer, load_sharded, lr_at, optimizer_tensors, save_sharded
+from prompt2prompt.shapes.train import Run, batch_images, load_optimizer, load_sharded, lr_at, optimizer_tensors, save_sharded
 
 
 def test_bpe_is_deterministic_and_splits_rare_words(tmp_path):
@@ -90,3 +91,44 @@ def test_exported_run_loads_as_a_diffusers_folder_and_edits(tmp_path):
     assert 0 <= result["adherence"]["colour"] <= 1 and result["adherence"]["n"] == 1
     assert set(result["word_swap"]) == {"shape_p2p", "shape_none", "colour_p2p", "colour_none"}
     assert "median_background_psnr_db" in result["local_blend"]
+
+
+def test_parallel_batches_match_the_serial_stream(tmp_path):
+    from prompt2prompt.shapes import MODEL_DIR
+    from prompt2prompt.shapes.train import Batches
+
+    tok_dir = str(MODEL_DIR / "tokenizer")
+    serial, parallel = Batches(3, 4, 100, 0, tok_dir), Batches(3, 4, 100, 1, tok_dir)
+    try:
+        for _ in range(3):
+            (xs, cs, ids), (xp, cp, idp) = serial.get(), parallel.get()
+            assert torch.equal(xs, xp) and cs == cp and torch.equal(ids, idp)
+            assert xs.shape[0] == 4 and ids.shape == (4, 32)
+    finally:
+        serial.close()
+        parallel.close()
+    images, captions = batch_images(100 + 5 * 4, 4)  # batch 5 of the stream = scenes 120..123
+    assert captions == cs and torch.equal(images, xs)
+
+
+def test_fitted_total_ends_the_chunk_on_time():
+    from prompt2prompt.shapes.train import fit_total
+
+    # 30 steps took 3 s (0.1 s/step) after 60 s of a 10-minute chunk: 540 s left -> 5400 more steps
+    assert fit_total(step=35, started_step=5, elapsed=3.0, minutes=9.0 + 3.0 / 60) == 35 + 5400
+
+
+def test_loss_plot(tmp_path):
+    from PIL import Image
+
+    from prompt2prompt.shapes.train import plot_loss
+
+    csv = tmp_path / "loss.csv"
+    csv.write_text("stage,step,loss,lr,time\n" + "".join(f"{st},{s},{1 / s:.6f},1e-3,0\n" for st in ("vae", "unet") for s in range(50, 501, 50)))
+    png = plot_loss(csv, tmp_path / "loss.png", width=400, height=200)
+    with Image.open(png) as im:
+        assert im.size == (400, 400)
+        assert len(set(im.getdata())) > 2  # something was drawn
+    (tmp_path / "empty.csv").write_text("stage,step,loss,lr,time\n")
+    with pytest.raises(ValueError, match="no loss rows"):
+        plot_loss(tmp_path / "empty.csv", tmp_path / "x.png")

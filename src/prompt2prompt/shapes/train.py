@@ -424,8 +424,11 @@ class Run:
         text_encoder = type(self.text_encoder)(self.text_encoder.config)
         text_encoder.load_state_dict(self.ema["text_encoder"])
         scheduler = DDIMScheduler(**SCHEDULE, clip_sample=False, set_alpha_to_one=False, steps_offset=1)
+        from transformers import CLIPTokenizer
+
+        tokenizer = CLIPTokenizer.from_pretrained(str(self.folder / "tokenizer"))  # fresh: no padding state from training
         pipe = StableDiffusionPipeline(
-            vae=self.vae.cpu(), text_encoder=text_encoder.cpu(), tokenizer=self.tokenizer, unet=unet.cpu(),
+            vae=self.vae.cpu(), text_encoder=text_encoder.cpu(), tokenizer=tokenizer, unet=unet.cpu(),
             scheduler=scheduler, safety_checker=None, feature_extractor=None, requires_safety_checker=False,
         )
         out = Path(out_dir)
@@ -442,6 +445,39 @@ class Run:
         return out
 
 
+def plot_loss(csv_path: str | os.PathLike, png_path: str | os.PathLike, width: int = 720, height: int = 300) -> Path:
+    """Draw a run's ``loss.csv`` (one panel per stage, log-scale loss against step) as a PNG."""
+    from PIL import Image, ImageDraw
+
+    rows: dict[str, list[tuple[int, float]]] = {}
+    for line in Path(csv_path).read_text().splitlines()[1:]:
+        stage, step, loss = line.split(",")[:3]
+        rows.setdefault(stage, []).append((int(step), float(loss)))
+    if not rows:
+        raise ValueError(f"{csv_path} holds no loss rows; train a few hundred steps first")
+    img = Image.new("RGB", (width, height * len(rows)), "white")
+    draw = ImageDraw.Draw(img)
+    for k, (stage, points) in enumerate(rows.items()):
+        top, left, right, bottom = k * height + 28, 60, width - 16, (k + 1) * height - 28
+        steps = [s for s, _ in points]
+        logs = [math.log10(max(v, 1e-8)) for _, v in points]
+        lo, hi = math.floor(min(logs) * 4) / 4, math.ceil(max(logs) * 4) / 4 + 1e-9
+        x = lambda s: left + (right - left) * (s - steps[0]) / max(1, steps[-1] - steps[0])  # noqa: E731
+        y = lambda v: bottom - (bottom - top) * (v - lo) / (hi - lo)  # noqa: E731
+        draw.rectangle((left, top, right, bottom), outline=(120, 120, 120))
+        for tick in np.arange(lo, hi, 0.25):
+            draw.line((left, y(tick), right, y(tick)), fill=(225, 225, 225))
+            draw.text((4, y(tick) - 6), f"{10 ** tick:.3g}", fill="black")
+        draw.line([(x(s), y(v)) for s, v in zip(steps, logs)], fill=(40, 80, 220), width=2)
+        draw.text((left, top - 20), f"{stage}: training loss (log scale) vs step, {steps[0]}..{steps[-1]}", fill="black")
+        draw.text((right - 60, bottom + 6), f"step {steps[-1]}", fill="black")
+    out = Path(png_path)
+    tmp = out.with_name(out.name + ".tmp.png")
+    img.save(tmp)
+    os.replace(tmp, out)
+    return out
+
+
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("run_dir")
@@ -456,11 +492,16 @@ def main(argv=None) -> None:
     parser.add_argument("--lr", type=float, default=None, help="peak learning rate (default: vae 1e-3, unet 3e-4)")
     parser.add_argument("--warmup", type=int, default=None, help="warm-up steps (default: min(vae 200 | unet 1000, total/10))")
     parser.add_argument("--export", default=None, metavar="DIR", help="write the EMA model as a diffusers folder")
+    parser.add_argument("--plot", default=None, metavar="PNG", help="draw RUN_DIR/loss.csv (or RUN_DIR itself, if it is a CSV) and exit")
     args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
     torch.backends.cuda.matmul.allow_tf32 = True
     torch.backends.cudnn.allow_tf32 = True
+    if args.plot:
+        csv = Path(args.run_dir)
+        print(plot_loss(csv if csv.suffix == ".csv" else csv / "loss.csv", args.plot))
+        return
     run = Run(args.run_dir, args.device)
     if args.stage == "vae":
         run.train_vae(args.steps, args.batch, args.minutes, workers=args.workers, lr=args.lr or 1e-3, warmup=args.warmup)
