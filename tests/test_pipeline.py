@@ -206,3 +206,32 @@ def test_unknown_words_warn_once(tiny_sd1):
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         pipe("a cat riding a bicycle", ["a cat riding a car"], **kw)  # the same word: no second warning
+
+
+def test_self_attention_of_the_source_is_recorded(tiny_sd1):
+    """output.self_attention equals softmax(q k^T) of the source's conditional row, computed here by
+    a forward hook on the same layers, averaged over heads, layers and steps."""
+    pipe = make(tiny_sd1)
+    unet = tiny_sd1["unet"]
+    seen = []
+
+    def hook(module, args, kwargs, output):
+        hidden = args[0] if args else kwargs["hidden_states"]
+        if kwargs.get("encoder_hidden_states") is not None or hidden.shape[1] != 8 * 8:
+            return
+        row = hidden[2:3]  # batch [uncond src, uncond tgt, cond src, cond tgt] -> conditional source
+        q = module.to_q(row).view(1, -1, module.heads, module.to_q.out_features // module.heads).transpose(1, 2)  # (1, heads, pixels, dim)
+        k = module.to_k(row).view(1, -1, module.heads, module.to_k.out_features // module.heads).transpose(1, 2)
+        seen.append(((q @ k.transpose(-1, -2)) * module.scale).softmax(-1).mean(1)[0])  # (pixels, pixels)
+
+    handles = [m.register_forward_hook(hook, with_kwargs=True) for n, m in unet.named_modules() if n.endswith("attn1")]
+    try:
+        out = pipe("a cat riding a bicycle", ["a cat riding a car"], num_inference_steps=STEPS, latents=noise(), output_type="np",
+                   return_self_attention=True, attention_res=8)
+    finally:
+        for h in handles:
+            h.remove()
+    assert out.self_attention_res == 8 and out.self_attention.shape == (64, 64)
+    torch.testing.assert_close(out.self_attention.sum(-1), torch.ones(64), atol=1e-5, rtol=0)
+    torch.testing.assert_close(out.self_attention, torch.stack(seen).mean(0), atol=1e-5, rtol=1e-4)
+    assert make(tiny_sd1)("a cat", num_inference_steps=1, latents=noise(), output_type="np").self_attention is None

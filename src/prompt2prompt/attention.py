@@ -54,9 +54,12 @@ class P2PController:
         latent_hw: the latent ``(height, width)``.
         record_sides: map sides whose conditional cross-attention is accumulated (head-averaged,
             float32, summed over layers and steps), for LocalBlend and visualisation.
+        self_record_side: map side whose self-attention of the source prompt (conditional row) is
+            accumulated the same way, or None.
     """
 
-    def __init__(self, plan: EditPlan | None, num_prompts: int, guidance: bool, latent_hw: tuple[int, int], record_sides=()):
+    def __init__(self, plan: EditPlan | None, num_prompts: int, guidance: bool, latent_hw: tuple[int, int], record_sides=(),
+                 self_record_side: int | None = None):
         self.plan = plan
         self.num_prompts = num_prompts
         self.guidance = guidance
@@ -64,6 +67,9 @@ class P2PController:
         self.record_sides = set(record_sides)
         self.maps: dict[int, torch.Tensor] = {}  # side -> (prompts, h, w, tokens) float32 sums
         self.layer_calls: dict[int, int] = {}  # side -> number of (layer, step) maps summed
+        self.self_record_side = self_record_side
+        self.self_map: torch.Tensor | None = None  # (pixels, pixels) float32 sum for the source
+        self.self_calls = 0
         self._sizes: dict[int, tuple[int, int]] = {}
 
     @property
@@ -85,6 +91,14 @@ class P2PController:
         else:
             self.maps[side] = maps.clone()
         self.layer_calls[side] = self.layer_calls.get(side, 0) + 1
+
+    def record_self(self, query: torch.Tensor, key: torch.Tensor, scale: float) -> None:
+        """Add the source's head-averaged self-attention ``softmax(q k^T * scale)`` from its
+        ``(heads, pixels, dim)`` query and key to the running sum."""
+        probs = (torch.einsum("hpd,hqd->hpq", query.float(), key.float()) * scale).softmax(-1)  # (heads, pixels, pixels)
+        probs = probs.mean(0)  # (pixels, pixels)
+        self.self_map = probs if self.self_map is None else self.self_map + probs
+        self.self_calls += 1
 
 
 class P2PAttnProcessor:
@@ -160,6 +174,9 @@ class P2PAttnProcessor:
             query, key = query.clone(), key.clone()
             query[src + 1 : cond.stop] = query[src : src + 1]
             key[src + 1 : cond.stop] = key[src : src + 1]
+
+        if active and not is_cross and side == ctrl.self_record_side:
+            ctrl.record_self(query[cond.start], key[cond.start], attn.scale)
 
         out = F.scaled_dot_product_attention(query, key, value, attn_mask=attention_mask, dropout_p=0.0, is_causal=False, scale=attn.scale)  # (batch, heads, pixels, dim)
 

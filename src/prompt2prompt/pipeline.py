@@ -55,6 +55,10 @@ class Prompt2PromptPipelineOutput(BaseOutput):
         images: the source image followed by one image per target prompt (PIL images, a numpy
             array ``(prompts, height, width, 3)``, or latents for ``output_type="latent"``).
         attention: the recorded `AttentionMaps`, or None when ``return_attention=False``.
+        self_attention: with ``return_self_attention=True``, the source prompt's self-attention
+            ``(pixels, pixels)`` (rows sum to 1; pixels row-major at side ``self_attention_res``),
+            averaged over heads, layers and steps; else None.
+        self_attention_res: the side of ``self_attention``.
         edit_mode: the edit that ran (``auto`` resolved to ``replace`` or ``refine``); None without targets.
         nsfw_content_detected: the safety checker's verdicts when the pipeline has one.
     """
@@ -63,6 +67,8 @@ class Prompt2PromptPipelineOutput(BaseOutput):
     attention: AttentionMaps | None
     edit_mode: EditMode | None
     nsfw_content_detected: list[bool] | None = None
+    self_attention: torch.Tensor | None = None
+    self_attention_res: int | None = None
 
 
 def _closest_side(sides: Sequence[int], wanted: int) -> int:
@@ -231,6 +237,7 @@ class Prompt2PromptPipeline(DiffusionPipeline):
         output_type: str = "pil",
         return_dict: bool = True,
         return_attention: bool = True,
+        return_self_attention: bool = False,
         attention_res: int | None = None,
         truncate_prompts: bool = False,
         eta: float = 0.0,
@@ -265,6 +272,8 @@ class Prompt2PromptPipeline(DiffusionPipeline):
             output_type: ``"pil"``, ``"np"``, ``"pt"`` or ``"latent"``.
             return_dict: return a `Prompt2PromptPipelineOutput` rather than a tuple.
             return_attention: record the cross-attention maps for ``output.attention``.
+            return_self_attention: record the source's self-attention at side ``attention_res``
+                (default as for the cross maps) for ``output.self_attention``.
             attention_res: side of the recorded maps; None = like LocalBlend's default.
             truncate_prompts: cut prompts longer than the tokenizer's limit instead of raising.
             eta: DDIM eta (0 = deterministic).
@@ -324,6 +333,7 @@ class Prompt2PromptPipeline(DiffusionPipeline):
         if attention_res is not None and attention_res not in sides:
             raise ValueError(f"attention_res {attention_res} is not a cross-attention map side of this model at this size; use one of {sides}")
         record_res = (attention_res or _closest_side(sides, default_side)) if return_attention else None
+        self_res = (attention_res or _closest_side(sides, default_side)) if return_self_attention else None
         if self_replace_max_res is None:
             self_replace_max_res = default_side
         elif isinstance(self_replace_max_res, bool) or not isinstance(self_replace_max_res, int) or self_replace_max_res < 0:
@@ -359,7 +369,7 @@ class Prompt2PromptPipeline(DiffusionPipeline):
 
         # ---- denoising loop with the P2P processors installed
         record = {s for s in (record_res, blend_res) if s is not None}
-        controller = P2PController(plan, n, guidance, latent_hw, record)
+        controller = P2PController(plan, n, guidance, latent_hw, record, self_res)
         user_kwargs = dict(cross_attention_kwargs or {})
         with p2p_attention(self.unet, controller), self.progress_bar(total=len(timesteps)) as bar:
             for i, t in enumerate(timesteps):
@@ -397,7 +407,13 @@ class Prompt2PromptPipeline(DiffusionPipeline):
         mode_out = plan.mode if plan is not None else None
         if not return_dict:
             return images, attention
-        return Prompt2PromptPipelineOutput(images=images, attention=attention, edit_mode=mode_out, nsfw_content_detected=flags)
+        self_map = None
+        if self_res is not None and controller.self_calls:
+            self_map = (controller.self_map / controller.self_calls).cpu()  # (pixels, pixels)
+        return Prompt2PromptPipelineOutput(
+            images=images, attention=attention, edit_mode=mode_out, nsfw_content_detected=flags,
+            self_attention=self_map, self_attention_res=self_res if self_map is not None else None,
+        )
 
     @staticmethod
     def _local_blend(latents: torch.Tensor, maps: torch.Tensor, plan: EditPlan, latent_hw) -> torch.Tensor:
