@@ -3,6 +3,7 @@
 from .alignment import PromptTokens, tokenize_words
 from .attention import P2PAttnProcessor, P2PController, p2p_attention
 from .edits import EditMode, EditPlan, LocalBlend, build_edit_plan
+from .inversion import Inversion, InversionMethod, load_image
 from .pipeline import AttentionMaps, Prompt2PromptPipeline, Prompt2PromptPipelineOutput
 
 __version__ = "0.1.0"
@@ -11,6 +12,8 @@ __all__ = [
     "AttentionMaps",
     "EditMode",
     "EditPlan",
+    "Inversion",
+    "InversionMethod",
     "LocalBlend",
     "P2PAttnProcessor",
     "P2PController",
@@ -18,6 +21,7 @@ __all__ = [
     "Prompt2PromptPipelineOutput",
     "PromptTokens",
     "build_edit_plan",
+    "load_image",
     "p2p_attention",
     "tokenize_words",
 ]

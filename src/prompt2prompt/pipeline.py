@@ -23,6 +23,7 @@ from .alignment import PromptTokens, tokenize_words
 from .attention import P2PController, attention_sides, p2p_attention
 from .edit_ops import blend_latents, local_blend_mask
 from .edits import EditMode, EditPlan, LocalBlend, build_edit_plan
+from .inversion import Inversion, InversionMethod, inversion_scheduler
 
 logger = logging.getLogger(__name__)
 
@@ -214,6 +215,78 @@ class Prompt2PromptPipeline(DiffusionPipeline):
         image, flags = self.safety_checker(images=image, clip_input=features.pixel_values.to(dtype))
         return image, flags
 
+    def _check_inversion(self, inv, prompt, steps, guidance, height, width, latents, negative_prompt, eta):
+        """Validate a call's arguments against its `Inversion`; returns (steps, guidance, height, width)."""
+        if not isinstance(inv, Inversion):
+            raise ValueError(f"inversion must be an Inversion (from pipe.invert or Inversion.load), got {type(inv).__name__}")
+        if prompt != inv.prompt:
+            raise ValueError(f"the image was inverted with the prompt {inv.prompt!r}; pass it as prompt (edit through edit_prompts)")
+        if latents is not None:
+            raise ValueError("latents and inversion both give the initial latent; pass only one")
+        if eta:
+            raise ValueError("inversion needs the deterministic DDIM sampler; pass eta=0")
+        if negative_prompt is not None and inv.method in (InversionMethod.NULL_TEXT, InversionMethod.NEGATIVE_PROMPT):
+            raise ValueError(f"{inv.method.value} inversion sets the unconditional embedding itself; drop negative_prompt")
+        if steps is not None and steps != inv.num_inference_steps:
+            raise ValueError(f"num_inference_steps={steps!r} but the image was inverted with {inv.num_inference_steps}; "
+                             f"leave it out or invert again with num_inference_steps={steps!r}")
+        if inv.method is InversionMethod.NULL_TEXT and guidance is not None and guidance != inv.guidance_scale:
+            raise ValueError(f"guidance_scale={guidance!r} but the null-text embeddings were optimised for {inv.guidance_scale}; "
+                             "leave it out or invert again with that guidance_scale")
+        for name, value, own in (("height", height, inv.height), ("width", width, inv.width)):
+            if value is not None and value != own:
+                raise ValueError(f"{name}={value!r} but the inverted image is {inv.width}x{inv.height}; leave it out")
+        channels = self.unet.config.in_channels
+        shape = (1, channels, inv.height // self.vae_scale_factor, inv.width // self.vae_scale_factor)
+        if tuple(inv.latent.shape) != shape:
+            raise ValueError(f"the inversion's latent has shape {tuple(inv.latent.shape)}, this model's is {shape}; invert the image with this model")
+        if inv.null_embeddings is not None:
+            dim = self.text_encoder.config.hidden_size
+            want = (inv.num_inference_steps, self.tokenizer.model_max_length, dim)
+            if tuple(inv.null_embeddings.shape) != want:
+                raise ValueError(f"the inversion's null-text embeddings are {tuple(inv.null_embeddings.shape)}, this model needs {want}; invert with this model")
+        return inv.num_inference_steps, (inv.guidance_scale if guidance is None else guidance), inv.height, inv.width
+
+    def invert(
+        self,
+        image,
+        prompt: str,
+        method: InversionMethod | str = "null-text",
+        num_inference_steps: int = 50,
+        guidance_scale: float = 7.5,
+        height: int | None = None,
+        width: int | None = None,
+        num_inner_steps: int = 10,
+        early_stop_epsilon: float = 1e-5,
+        negative_prompt: str | None = None,
+    ) -> Inversion:
+        r"""Invert a real image, to edit it with ``pipe(prompt, edit_prompts, inversion=inv)``.
+
+        Args:
+            image: a path (PNG/JPEG/WebP...), PIL image, array or tensor; centre-cropped and resized
+                to ``height`` x ``width`` (logged, and kept in ``inv.info["preprocessing"]``).
+            prompt: a caption of the image; it becomes the source prompt of the edits.
+            method: ``"null-text"`` (Mokady et al.), ``"negative-prompt"`` (Miyake et al.),
+                ``"direct"`` (Ju et al., PnP Inversion) or ``"ddim"`` (plain DDIM inversion).
+            num_inference_steps: DDIM steps (the edits use the same).
+            guidance_scale: classifier-free guidance the edits will use (null-text optimises for it).
+            height: pixels (default: the model's resolution).
+            width: pixels (default: the model's resolution).
+            num_inner_steps: null-text: at most this many Adam evaluations per step.
+            early_stop_epsilon: null-text: stop a step's optimisation below ``epsilon + i * 2e-5``.
+            negative_prompt: the text whose embedding starts the null-text optimisation (default ``""``).
+
+        Returns:
+            An `Inversion` (``save(path)`` / ``Inversion.load(path)`` to keep it).
+
+        Raises:
+            ValueError: a bad argument or unreadable image, before any model work.
+        """
+        from .inversion import invert
+
+        return invert(self, image, prompt, method, num_inference_steps, guidance_scale, height, width,
+                      num_inner_steps, early_stop_epsilon, negative_prompt)
+
     # ----------------------------------------------------------------- call
 
     @torch.no_grad()
@@ -227,8 +300,8 @@ class Prompt2PromptPipeline(DiffusionPipeline):
         self_replace_max_res: int | None = None,
         equalizer: Mapping | None = None,
         local_blend: LocalBlend | None = None,
-        num_inference_steps: int = 50,
-        guidance_scale: float = 7.5,
+        num_inference_steps: int | None = None,
+        guidance_scale: float | None = None,
         height: int | None = None,
         width: int | None = None,
         negative_prompt: str | Sequence[str] | None = None,
@@ -242,6 +315,7 @@ class Prompt2PromptPipeline(DiffusionPipeline):
         truncate_prompts: bool = False,
         eta: float = 0.0,
         cross_attention_kwargs: dict | None = None,
+        inversion: Inversion | None = None,
     ):
         r"""Generate the source image and edit it into one image per target prompt.
 
@@ -262,8 +336,9 @@ class Prompt2PromptPipeline(DiffusionPipeline):
                 attention of target words; 0, negative and > 1 are allowed. Applied where
                 cross-attention is injected; with ``edit="none"`` it scales the target's own maps.
             local_blend: a `LocalBlend` restricting the edit to the named words' region.
-            num_inference_steps: denoising steps.
-            guidance_scale: classifier-free guidance scale; <= 1 disables guidance.
+            num_inference_steps: denoising steps (default 50, or the inversion's).
+            guidance_scale: classifier-free guidance scale; <= 1 disables guidance (default 7.5,
+                or the inversion's).
             height: image height in pixels (default: the UNet's sample size times the VAE factor).
             width: image width in pixels.
             negative_prompt: prompt(s) for the unconditional half of guidance (default ``""``).
@@ -278,6 +353,10 @@ class Prompt2PromptPipeline(DiffusionPipeline):
             truncate_prompts: cut prompts longer than the tokenizer's limit instead of raising.
             eta: DDIM eta (0 = deterministic).
             cross_attention_kwargs: passed on to the attention processors.
+            inversion: an `Inversion` of a real image (`invert`): the source starts from its
+                ``x_T`` and reconstructs the image, the targets edit it. ``prompt`` must be the
+                inverted prompt; steps, size and (for null-text) guidance follow the inversion;
+                DDIM is used whatever the pipeline's scheduler.
 
         Returns:
             `Prompt2PromptPipelineOutput` (or ``(images, attention)`` when ``return_dict=False``).
@@ -304,6 +383,12 @@ class Prompt2PromptPipeline(DiffusionPipeline):
         mode = EditMode.parse(edit)
         self._warn_unknown_words([source, *targets])
         n = 1 + len(targets)
+        if inversion is not None:
+            num_inference_steps, guidance_scale, height, width = self._check_inversion(
+                inversion, prompt, num_inference_steps, guidance_scale, height, width, latents, negative_prompt, eta
+            )
+        num_inference_steps = 50 if num_inference_steps is None else num_inference_steps
+        guidance_scale = 7.5 if guidance_scale is None else guidance_scale
         if isinstance(num_inference_steps, bool) or not isinstance(num_inference_steps, int) or num_inference_steps < 1:
             raise ValueError(f"num_inference_steps must be a positive integer, got {num_inference_steps!r}")
         if isinstance(guidance_scale, bool) or not isinstance(guidance_scale, Real) or not math.isfinite(guidance_scale):
@@ -340,8 +425,11 @@ class Prompt2PromptPipeline(DiffusionPipeline):
             raise ValueError(f"self_replace_max_res must be a non-negative integer side or None, got {self_replace_max_res!r}")
         negative_ids = self._negative_ids(negative_prompt, n, truncate_prompts)
 
-        self.scheduler.set_timesteps(num_inference_steps, device=device)
-        timesteps = self.scheduler.timesteps
+        scheduler = self.scheduler if inversion is None else inversion_scheduler(self)
+        scheduler.set_timesteps(num_inference_steps, device=device)
+        timesteps = scheduler.timesteps
+        if inversion is not None and not torch.equal(timesteps.cpu().long(), inversion.timesteps.long()):
+            raise ValueError("this pipeline's scheduler config gives other DDIM timesteps than the inversion's; invert the image with this pipeline")
         plan: EditPlan | None = None
         if targets:
             plan = build_edit_plan(
@@ -355,13 +443,26 @@ class Prompt2PromptPipeline(DiffusionPipeline):
         guidance = guidance_scale > 1.0
         prompt_ids = [source.ids] + [t.ids for t in targets]
         embeds = self._encode(prompt_ids, device, dtype)  # (prompts, tokens, dim)
+        method = inversion.method if inversion is not None else None
+        null_embeds = None
         if guidance:
-            embeds = torch.cat([self._encode(negative_ids, device, dtype), embeds])  # (2*prompts, tokens, dim)
-        if latents is None:
+            if method is InversionMethod.NEGATIVE_PROMPT:
+                negative = embeds[:1].expand(n, -1, -1)  # the source prompt's embedding as the null text
+            else:
+                negative = self._encode(negative_ids, device, dtype)
+            embeds = torch.cat([negative, embeds])  # (2*prompts, tokens, dim)
+            if method is InversionMethod.NULL_TEXT:
+                null_embeds = inversion.null_embeddings.to(device=device, dtype=dtype)  # (steps, tokens, dim)
+        trajectory = None
+        if method is InversionMethod.DIRECT:
+            trajectory = inversion.trajectory.to(device=device, dtype=dtype)  # (steps + 1, C, h, w)
+        if inversion is not None:
+            latents = inversion.latent.to(device=device, dtype=dtype)
+        elif latents is None:
             latents = randn_tensor((1, channels, *latent_hw), generator=generator, device=device, dtype=dtype)
-        latents = latents.expand(n, -1, -1, -1).clone() * self.scheduler.init_noise_sigma  # (prompts, C, h, w)
+        latents = latents.expand(n, -1, -1, -1).clone() * scheduler.init_noise_sigma  # (prompts, C, h, w)
         extra = {}
-        step_params = set(inspect.signature(self.scheduler.step).parameters)
+        step_params = set(inspect.signature(scheduler.step).parameters)
         if "eta" in step_params:
             extra["eta"] = eta
         if "generator" in step_params:
@@ -374,7 +475,9 @@ class Prompt2PromptPipeline(DiffusionPipeline):
         with p2p_attention(self.unet, controller), self.progress_bar(total=len(timesteps)) as bar:
             for i, t in enumerate(timesteps):
                 model_in = torch.cat([latents] * 2) if guidance else latents  # (batch, C, h, w)
-                model_in = self.scheduler.scale_model_input(model_in, t)
+                model_in = scheduler.scale_model_input(model_in, t)
+                if null_embeds is not None:  # null-text inversion: this step's optimised unconditional embedding
+                    embeds[:n] = null_embeds[i]
                 noise = self.unet(
                     model_in, t, encoder_hidden_states=embeds,
                     cross_attention_kwargs={**user_kwargs, "p2p_step": i}, return_dict=False,
@@ -382,7 +485,9 @@ class Prompt2PromptPipeline(DiffusionPipeline):
                 if guidance:
                     uncond, cond = noise.chunk(2)
                     noise = uncond + guidance_scale * (cond - uncond)
-                latents = self.scheduler.step(noise, t, latents, **extra, return_dict=False)[0]
+                latents = scheduler.step(noise, t, latents, **extra, return_dict=False)[0]
+                if trajectory is not None:  # direct inversion: add the gap (inverted - denoised) to the source
+                    latents[:1] = latents[:1] + (trajectory[i + 1 : i + 2] - latents[:1])
                 if plan is not None and plan.blend is not None and i >= plan.blend.start_step:
                     latents = self._local_blend(latents, controller.maps[plan.blend.resolution], plan, latent_hw)
                 bar.update()

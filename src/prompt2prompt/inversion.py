@@ -1,0 +1,430 @@
+"""Real images into the diffusion model: DDIM, null-text, negative-prompt and direct inversion.
+
+An `Inversion` holds what editing a real picture needs: the initial latent ``x_T`` found by DDIM
+inversion, and per method
+
+- ``ddim``: nothing more (DDIM inversion with the conditional prediction, w = 1; the baseline);
+- ``null-text`` (Mokady et al., 2022): one optimised unconditional embedding per step, so that
+  classifier-free guidance at scale w retraces the DDIM-inversion trajectory;
+- ``negative-prompt`` (Miyake et al., 2023): nothing more; at edit time the source prompt's own
+  embedding is the unconditional embedding of every row;
+- ``direct`` (Ju et al., 2023, "PnP Inversion"): the whole inversion trajectory; at each edit step
+  the gap between the inverted latent and the source branch's denoised latent is added back on the
+  source branch only, so the source reconstructs the input exactly and the targets edit it.
+
+The step formulas are small pure functions (`predict_eps`, `ddim_step`, `ddim_inversion_step`).
+`invert` runs a method for a `Prompt2PromptPipeline`; the pipeline's ``invert`` method calls it.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import time
+from dataclasses import dataclass, field
+from enum import Enum
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import PIL.Image
+import PIL.ImageOps
+import torch
+import torch.nn.functional as F
+
+if TYPE_CHECKING:
+    from .pipeline import Prompt2PromptPipeline
+
+logger = logging.getLogger(__name__)
+
+FORMAT = "prompt2prompt-inversion"
+FORMAT_VERSION = 1
+
+
+class InversionMethod(str, Enum):
+    """How a real image is inverted (see the module docstring)."""
+
+    DDIM = "ddim"
+    NULL_TEXT = "null-text"
+    NEGATIVE_PROMPT = "negative-prompt"
+    DIRECT = "direct"
+
+    @classmethod
+    def parse(cls, value: "InversionMethod | str") -> "InversionMethod":
+        if isinstance(value, cls):
+            return value
+        try:
+            return cls(value)
+        except ValueError:
+            names = ", ".join(repr(m.value) for m in cls)
+            raise ValueError(f"inversion method must be one of {names}, got {value!r}") from None
+
+
+# ----------------------------------------------------------------------------- step formulas
+
+
+def predict_eps(model_output: torch.Tensor, sample: torch.Tensor, alpha_t: torch.Tensor, prediction_type: str) -> torch.Tensor:
+    """The noise ``eps`` from a UNet output, for ``epsilon`` or ``v_prediction`` models.
+
+    With ``x_t = sqrt(a) x_0 + sqrt(1-a) eps`` and ``v = sqrt(a) eps - sqrt(1-a) x_0`` (Salimans &
+    Ho, 2022): ``eps = sqrt(a) v + sqrt(1-a) x_t``.
+    """
+    if prediction_type == "epsilon":
+        return model_output
+    if prediction_type == "v_prediction":
+        return alpha_t.sqrt() * model_output + (1 - alpha_t).sqrt() * sample
+    raise ValueError(f"inversion supports epsilon and v_prediction models, not prediction_type={prediction_type!r}")
+
+
+def ddim_step(sample: torch.Tensor, eps: torch.Tensor, alpha_t: torch.Tensor, alpha_prev: torch.Tensor) -> torch.Tensor:
+    """Deterministic DDIM step ``x_t -> x_{t-1}`` (Song et al., 2021, eq. 12 with sigma = 0):
+    ``x_{t-1} = sqrt(a_prev) * (x_t - sqrt(1-a_t) eps) / sqrt(a_t) + sqrt(1-a_prev) * eps``."""
+    x0 = (sample - (1 - alpha_t).sqrt() * eps) / alpha_t.sqrt()
+    return alpha_prev.sqrt() * x0 + (1 - alpha_prev).sqrt() * eps
+
+
+def ddim_inversion_step(sample: torch.Tensor, eps: torch.Tensor, alpha_prev: torch.Tensor, alpha_t: torch.Tensor) -> torch.Tensor:
+    """DDIM inversion ``x_{t-1} -> x_t``: the DDIM step run backwards with ``eps`` predicted at
+    ``(x_{t-1}, t)`` (Mokady et al., 2022, eq. 2; Dhariwal & Nichol, 2021)."""
+    x0 = (sample - (1 - alpha_prev).sqrt() * eps) / alpha_prev.sqrt()
+    return alpha_t.sqrt() * x0 + (1 - alpha_t).sqrt() * eps
+
+
+def null_text_lr(step: int, base: float = 1e-2) -> float:
+    """Adam learning rate at DDIM step ``step`` as in the paper's code: ``1e-2 * (1 - step/100)``."""
+    return base * (1.0 - step / 100.0)
+
+
+def null_text_threshold(step: int, epsilon: float = 1e-5) -> float:
+    """Early-stop threshold of the inner loop at step ``step``: ``epsilon + step * 2e-5``."""
+    return epsilon + step * 2e-5
+
+
+# ----------------------------------------------------------------------------- images
+
+
+def load_image(image: Any, height: int, width: int) -> tuple[np.ndarray, str]:
+    """Any picture as ``(height, width, 3)`` uint8 RGB, centre-cropped to the aspect ratio and resized.
+
+    Accepts a path (PNG, JPEG, WebP, anything PIL reads; EXIF rotation applied), a PIL image, a
+    numpy array ``(h, w)``, ``(h, w, 1|3|4)`` (uint8, or float in [0, 1]) or a tensor ``(3, h, w)``
+    / ``(1, 3, h, w)`` in [0, 1]. Transparency is composited on white, grey becomes RGB.
+
+    Returns:
+        The array and a sentence saying what was done to the picture.
+
+    Raises:
+        ValueError: a missing, empty or unreadable file, or an array of the wrong shape or range.
+    """
+    if isinstance(image, (str, os.PathLike)):
+        path = Path(image)
+        if not path.is_file():
+            raise ValueError(f"image file {str(path)!r} does not exist; give the path of a PNG, JPEG or WebP picture")
+        if path.stat().st_size == 0:
+            raise ValueError(f"image file {str(path)!r} is empty; give a PNG, JPEG or WebP picture")
+        try:
+            with PIL.Image.open(path) as opened:
+                opened.load()
+                pil = opened.copy() if not getattr(opened, "getexif", None) else PIL.ImageOps.exif_transpose(opened)
+        except (PIL.UnidentifiedImageError, OSError, SyntaxError, PIL.Image.DecompressionBombError) as err:
+            raise ValueError(f"image file {str(path)!r} is not a picture PIL can read ({err}); give a PNG, JPEG or WebP picture") from None
+    elif isinstance(image, PIL.Image.Image):
+        pil = PIL.ImageOps.exif_transpose(image)
+    elif isinstance(image, (np.ndarray, torch.Tensor)):
+        pil = _array_to_pil(image)
+    else:
+        raise ValueError(f"image must be a file path, a PIL image, a numpy array or a tensor, got {type(image).__name__}")
+    if pil.mode in ("RGBA", "LA", "PA") or (pil.mode == "P" and "transparency" in pil.info):
+        rgba = pil.convert("RGBA")
+        white = PIL.Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        pil = PIL.Image.alpha_composite(white, rgba)
+    original = pil.size
+    pil = pil.convert("RGB")
+    w, h = pil.size
+    if w < 1 or h < 1:
+        raise ValueError(f"image is {w}x{h} pixels; it has no content")
+    target = width / height
+    if w / h > target:  # too wide: crop the sides
+        cw, ch = max(1, round(h * target)), h
+    else:  # too tall: crop top and bottom
+        cw, ch = w, max(1, round(w / target))
+    left, top = (w - cw) // 2, (h - ch) // 2
+    pil = pil.crop((left, top, left + cw, top + ch))
+    steps = []
+    if (cw, ch) != (w, h):
+        steps.append(f"centre-cropped from {w}x{h} to {cw}x{ch}")
+    if (cw, ch) != (width, height):
+        pil = pil.resize((width, height), PIL.Image.LANCZOS)
+        steps.append(f"resized to {width}x{height}")
+    note = f"input {original[0]}x{original[1]}: " + (" and ".join(steps) if steps else "used as it is") + " (the model's resolution)"
+    return np.asarray(pil, dtype=np.uint8).copy(), note
+
+
+def _array_to_pil(image) -> PIL.Image.Image:
+    arr = image.detach().cpu().float().numpy() if isinstance(image, torch.Tensor) else np.asarray(image)
+    if isinstance(image, torch.Tensor):
+        if arr.ndim == 4 and arr.shape[0] == 1:
+            arr = arr[0]
+        if arr.ndim != 3 or arr.shape[0] not in (1, 3, 4):
+            raise ValueError(f"an image tensor must be (3, height, width) or (1, 3, height, width) in [0, 1], got {tuple(arr.shape)}")
+        arr = arr.transpose(1, 2, 0)  # (h, w, channels)
+    if arr.ndim == 3 and arr.shape[-1] == 1:
+        arr = arr[..., 0]
+    if not (arr.ndim == 2 or (arr.ndim == 3 and arr.shape[-1] in (3, 4))):
+        raise ValueError(f"an image array must be (height, width), (height, width, 3) or (height, width, 4), got {arr.shape}")
+    if arr.dtype != np.uint8:
+        if not np.issubdtype(arr.dtype, np.floating) or not np.isfinite(arr).all() or arr.min() < 0 or arr.max() > 1:
+            raise ValueError("a non-uint8 image array must hold finite floats in [0, 1]; scale it (e.g. image / 255)")
+        arr = (arr * 255).round().astype(np.uint8)
+    return PIL.Image.fromarray(arr)
+
+
+# ----------------------------------------------------------------------------- the result
+
+
+@dataclass
+class Inversion:
+    """A real image inverted for editing: ``pipe(prompt, edit_prompts, inversion=inv)``.
+
+    Attributes:
+        method: the `InversionMethod`.
+        prompt: the source prompt the image was inverted with (edits must use it as ``prompt``).
+        num_inference_steps: DDIM steps; edits run the same steps.
+        guidance_scale: the scale null-text embeddings were optimised for (edits use it).
+        timesteps: the DDIM timesteps ``(steps,)``, descending.
+        latent: ``x_T`` ``(1, channels, h, w)`` float32, the initial latent of every prompt.
+        image_latent: ``x_0`` ``(1, channels, h, w)``: the VAE encoding of the image.
+        image: the preprocessed input ``(height, width, 3)`` uint8.
+        null_embeddings: null-text only: ``(steps, tokens, dim)`` unconditional embeddings.
+        trajectory: direct only: the inverted latents ``(steps + 1, channels, h, w)`` from ``x_T`` to ``x_0``.
+        info: parameters and measurements (preprocessing, inner steps used, seconds, model).
+    """
+
+    method: InversionMethod
+    prompt: str
+    num_inference_steps: int
+    guidance_scale: float
+    timesteps: torch.Tensor
+    latent: torch.Tensor
+    image_latent: torch.Tensor
+    image: np.ndarray
+    null_embeddings: torch.Tensor | None = None
+    trajectory: torch.Tensor | None = None
+    info: dict = field(default_factory=dict)
+
+    @property
+    def height(self) -> int:
+        return int(self.image.shape[0])
+
+    @property
+    def width(self) -> int:
+        return int(self.image.shape[1])
+
+    def save(self, path: str | os.PathLike) -> Path:
+        """Write ``path`` (tensors, safetensors; ``.safetensors`` is appended if missing) and its
+        JSON sidecar ``<path minus .safetensors>.json``; each through a temporary file and a rename."""
+        from safetensors.torch import save_file
+
+        path = _tensor_path(path)
+        tensors = {  # cloned: safetensors refuses tensors that share memory
+            "timesteps": self.timesteps.cpu().long().clone(),
+            "latent": self.latent.cpu().float().clone(),
+            "image_latent": self.image_latent.cpu().float().clone(),
+            "image": torch.from_numpy(np.ascontiguousarray(self.image)),
+        }
+        if self.null_embeddings is not None:
+            tensors["null_embeddings"] = self.null_embeddings.cpu().float().clone()
+        if self.trajectory is not None:
+            tensors["trajectory"] = self.trajectory.cpu().float().clone()
+        meta = {
+            "format": FORMAT, "version": FORMAT_VERSION, "method": self.method.value, "prompt": self.prompt,
+            "num_inference_steps": self.num_inference_steps, "guidance_scale": self.guidance_scale,
+            "height": self.height, "width": self.width, "info": self.info,
+        }
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(path.name + ".tmp")
+        save_file(tensors, str(tmp), metadata={"format": FORMAT})
+        sidecar = _sidecar(path)
+        tmp_json = sidecar.with_name(sidecar.name + ".tmp")
+        tmp_json.write_text(json.dumps(meta, indent=1))
+        os.replace(tmp, path)
+        os.replace(tmp_json, sidecar)
+        return path
+
+    @classmethod
+    def load(cls, path: str | os.PathLike) -> "Inversion":
+        """Read an inversion written by `save` (safetensors only; nothing is unpickled)."""
+        from safetensors.torch import load_file
+
+        path = _tensor_path(path)
+        sidecar = _sidecar(path)
+        for p in (path, sidecar):
+            if not p.is_file():
+                raise ValueError(f"{str(p)!r} does not exist; an inversion is a .safetensors file with a .json beside it (Inversion.save)")
+        try:
+            meta = json.loads(sidecar.read_text())
+            tensors = load_file(str(path))
+        except Exception as err:  # noqa: BLE001 - any parse failure is a bad file
+            raise ValueError(f"{str(path)!r} is not a readable inversion ({err}); invert the image again") from None
+        if meta.get("format") != FORMAT or meta.get("version") != FORMAT_VERSION:
+            raise ValueError(f"{str(sidecar)!r} is not a version-{FORMAT_VERSION} {FORMAT} file; invert the image again")
+        return cls(
+            method=InversionMethod.parse(meta["method"]), prompt=meta["prompt"],
+            num_inference_steps=int(meta["num_inference_steps"]), guidance_scale=float(meta["guidance_scale"]),
+            timesteps=tensors["timesteps"], latent=tensors["latent"], image_latent=tensors["image_latent"],
+            image=tensors["image"].numpy(), null_embeddings=tensors.get("null_embeddings"),
+            trajectory=tensors.get("trajectory"), info=meta.get("info", {}),
+        )
+
+
+def _tensor_path(path) -> Path:
+    path = Path(path)
+    return path if path.suffix == ".safetensors" else path.with_name(path.name + ".safetensors")
+
+
+def _sidecar(path: Path) -> Path:
+    return path.with_suffix(".json")
+
+
+# ----------------------------------------------------------------------------- running it
+
+
+def inversion_scheduler(pipe: "Prompt2PromptPipeline"):
+    """The deterministic DDIM scheduler that inversions and edits of inverted images share,
+    built from the pipeline's scheduler config (sample clipping and thresholding off)."""
+    from diffusers import DDIMScheduler
+
+    return DDIMScheduler.from_config(pipe.scheduler.config, clip_sample=False, thresholding=False)
+
+
+def _alpha(scheduler, t: int) -> torch.Tensor:
+    return scheduler.alphas_cumprod[t] if t >= 0 else torch.as_tensor(scheduler.final_alpha_cumprod)
+
+
+def invert(
+    pipe: "Prompt2PromptPipeline",
+    image: Any,
+    prompt: str,
+    method: InversionMethod | str = "null-text",
+    num_inference_steps: int = 50,
+    guidance_scale: float = 7.5,
+    height: int | None = None,
+    width: int | None = None,
+    num_inner_steps: int = 10,
+    early_stop_epsilon: float = 1e-5,
+    negative_prompt: str | None = None,
+) -> Inversion:
+    """Invert ``image`` with ``prompt`` (see `Prompt2PromptPipeline.invert` for the arguments)."""
+    method = InversionMethod.parse(method)
+    source = pipe._tokenize(prompt, "prompt", False)
+    if isinstance(num_inference_steps, bool) or not isinstance(num_inference_steps, int) or num_inference_steps < 1:
+        raise ValueError(f"num_inference_steps must be a positive integer, got {num_inference_steps!r}")
+    if isinstance(guidance_scale, bool) or not isinstance(guidance_scale, (int, float)) or not math.isfinite(guidance_scale):
+        raise ValueError(f"guidance_scale must be a finite number, got {guidance_scale!r}")
+    if isinstance(num_inner_steps, bool) or not isinstance(num_inner_steps, int) or num_inner_steps < 1:
+        raise ValueError(f"num_inner_steps must be a positive integer, got {num_inner_steps!r}")
+    if isinstance(early_stop_epsilon, bool) or not isinstance(early_stop_epsilon, (int, float)) or not early_stop_epsilon >= 0:
+        raise ValueError(f"early_stop_epsilon must be a number >= 0, got {early_stop_epsilon!r}")
+    height = pipe._check_size(height if height is not None else pipe._default_size(), "height")
+    width = pipe._check_size(width if width is not None else pipe._default_size(), "width")
+    pixels, note = load_image(image, height, width)
+    negative_ids = pipe._negative_ids(negative_prompt, 1, False)
+    prediction_type = pipe.scheduler.config.get("prediction_type", "epsilon")
+    predict_eps(torch.zeros(1), torch.zeros(1), torch.ones(1), prediction_type)  # validates the type early
+    logger.info("inversion: %s", note)
+
+    start = time.perf_counter()
+    device, dtype = pipe._execution_device, pipe.unet.dtype
+    scheduler = inversion_scheduler(pipe)
+    scheduler.set_timesteps(num_inference_steps, device=device)
+    timesteps = scheduler.timesteps
+    ratio = scheduler.config.num_train_timesteps // num_inference_steps
+    scheduler.alphas_cumprod = scheduler.alphas_cumprod.to(device=device, dtype=torch.float32)
+
+    with torch.no_grad():
+        x = torch.from_numpy(pixels).to(device).permute(2, 0, 1)[None].float() / 127.5 - 1.0  # (1, 3, H, W) in [-1, 1]
+        z0 = pipe.vae.encode(x.to(pipe.vae.dtype)).latent_dist.mean.float()  # (1, C, h, w)
+        shift = getattr(pipe.vae.config, "shift_factor", None) or 0.0
+        z0 = (z0 - shift) * pipe.vae.config.scaling_factor
+        cond = pipe._encode([source.ids], device, dtype)  # (1, tokens, dim)
+        uncond0 = pipe._encode(negative_ids, device, dtype)  # (1, tokens, dim)
+
+    def eps_of(latent, t, states):
+        out = pipe.unet(latent.to(dtype), t, encoder_hidden_states=states, return_dict=False)[0].float()
+        return predict_eps(out, latent, _alpha(scheduler, int(t)), prediction_type)
+
+    # DDIM inversion with the conditional prediction (w = 1): x_0 -> x_T
+    path = [z0]
+    latent = z0
+    with torch.no_grad(), pipe.progress_bar(total=num_inference_steps) as bar:
+        for t in timesteps.flip(0):
+            prev = int(t) - ratio
+            latent = ddim_inversion_step(latent, eps_of(latent, t, cond), _alpha(scheduler, prev), _alpha(scheduler, int(t)))
+            path.append(latent)
+            bar.update()
+    trajectory = torch.cat(path[::-1])  # (steps + 1, C, h, w): x_T ... x_0
+    info: dict[str, Any] = {"preprocessing": note, "model": str(getattr(pipe, "name_or_path", "") or pipe.config.get("_name_or_path", "")),
+                            "negative_prompt": negative_prompt or ""}
+
+    null = None
+    if method is InversionMethod.NULL_TEXT:
+        null, used, losses = _null_text(pipe, trajectory, timesteps, ratio, scheduler, cond, uncond0, guidance_scale,
+                                        num_inner_steps, early_stop_epsilon, eps_of)
+        info.update(num_inner_steps=num_inner_steps, early_stop_epsilon=early_stop_epsilon, inner_steps_used=used,
+                    final_losses=losses, unet_forward_passes=num_inference_steps * 2 + sum(used))
+    info["seconds"] = time.perf_counter() - start
+    return Inversion(
+        method=method, prompt=prompt, num_inference_steps=num_inference_steps, guidance_scale=float(guidance_scale),
+        timesteps=timesteps.cpu(), latent=trajectory[:1].cpu().clone(), image_latent=z0.cpu(), image=pixels,
+        null_embeddings=null, trajectory=trajectory.cpu() if method is InversionMethod.DIRECT else None, info=info,
+    )
+
+
+def _null_text(pipe, trajectory, timesteps, ratio, scheduler, cond, uncond0, guidance_scale, num_inner_steps, epsilon, eps_of):
+    """Null-text optimisation (Mokady et al., 2022, Algorithm 1) along the DDIM-inversion ``trajectory``.
+
+    Per step i: Adam on the unconditional embedding, lr ``1e-2 (1 - i/100)``, at most
+    ``num_inner_steps`` evaluations, stopping once the MSE to the pivot ``z*_{t-1}`` is below
+    ``epsilon + i * 2e-5``. The embedding kept is the last one evaluated (the update after the
+    final evaluation is not taken), so its denoised latent is already known and continues the
+    trajectory without another forward pass.
+    """
+    params = [p for m in (pipe.unet, pipe.text_encoder) for p in m.parameters()]
+    grad_state = [p.requires_grad for p in params]
+    for p in params:
+        p.requires_grad_(False)
+    embeddings, used, losses = [], [], []
+    latent = trajectory[:1]
+    uncond = uncond0.detach().float().clone()
+    try:
+        with pipe.progress_bar(total=len(timesteps)) as bar:
+            for i, t in enumerate(timesteps):
+                alpha_t, alpha_prev = _alpha(scheduler, int(t)), _alpha(scheduler, int(t) - ratio)
+                target = trajectory[i + 1 : i + 2]
+                with torch.no_grad():
+                    eps_cond = eps_of(latent, t, cond)
+                uncond = uncond.detach().requires_grad_(True)
+                opt = torch.optim.Adam([uncond], lr=null_text_lr(i))
+                threshold = null_text_threshold(i, epsilon)
+                for j in range(num_inner_steps):
+                    with torch.enable_grad():
+                        eps_uncond = eps_of(latent, t, uncond.to(cond.dtype))
+                        eps = eps_uncond + guidance_scale * (eps_cond - eps_uncond)
+                        denoised = ddim_step(latent, eps, alpha_t, alpha_prev)
+                        loss = F.mse_loss(denoised, target)
+                        if loss.item() < threshold or j == num_inner_steps - 1:
+                            break
+                        opt.zero_grad(set_to_none=True)
+                        loss.backward()
+                    opt.step()
+                used.append(j + 1)
+                losses.append(float(loss.item()))
+                embeddings.append(uncond.detach()[0].clone())
+                latent = denoised.detach()
+                bar.update()
+    finally:
+        for p, g in zip(params, grad_state):
+            p.requires_grad_(g)
+    return torch.stack(embeddings).cpu(), used, losses  # (steps, tokens, dim)
