@@ -1,0 +1,323 @@
+"""A Gradio page for Prompt-to-Prompt: edit in the browser (``p2p serve``).
+
+A thin layer over the library: it turns the page's fields into `Prompt2PromptPipeline` arguments,
+shows the pipeline's own validation messages beside the field they are about, and writes each
+result as PNGs that carry their parameters (`prompt2prompt.imageio`), inside the output folder
+only. One request runs at a time per device (Gradio's queue shows waiting visitors their place).
+
+Needs the optional extra: ``pip install "prompt2prompt[web]"``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import re
+import time
+from collections import OrderedDict
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+#: Largest upload accepted.
+MAX_UPLOAD_MB = 20
+#: Error slots on the page, one beside each group of fields.
+FIELDS = ("prompt", "edit_prompts", "mode", "cross", "self", "blend", "reweight", "sampling", "image", "general")
+_FIELD_PATTERNS = (  # (pattern in a library message, field), first match wins
+    (r"equalizer|re-?weight", "reweight"),
+    (r"local_blend|LocalBlend|blend", "blend"),
+    (r"cross_replace_steps|cross-attention", "cross"),
+    (r"self_replace", "self"),
+    (r"edit_prompts", "edit_prompts"),
+    (r"word swap|\bedit=|\bedit must|edit mode", "mode"),
+    (r"num_inference_steps|guidance_scale|seed", "sampling"),
+    (r"image|invers|inverted", "image"),
+    (r"\bprompt", "prompt"),
+)
+
+
+def field_of(message: str) -> str:
+    """The page field a validation message is about (``general`` when none matches)."""
+    for pattern, name in _FIELD_PATTERNS:
+        if re.search(pattern, message):
+            return name
+    return "general"
+
+
+class FieldError(ValueError):
+    """A ValueError that knows which field of the page it belongs to."""
+
+    def __init__(self, field_name: str, message: str):
+        super().__init__(message)
+        self.field = field_name
+
+
+@dataclass
+class EditRequest:
+    """The page's fields, parsed and checked (everything else is checked by the pipeline)."""
+
+    prompt: str
+    edit_prompts: list[str]
+    mode: str = "auto"
+    cross_replace_steps: float = 0.8
+    self_replace_steps: float = 0.4
+    blend_source: list[str] = field(default_factory=list)
+    blend_target: list[str] = field(default_factory=list)
+    blend_threshold: float = 0.3
+    equalizer: dict[str, float] = field(default_factory=dict)
+    seed: int = 0
+    num_inference_steps: int = 50
+    guidance_scale: float = 7.5
+    image: str | None = None
+    inversion_method: str = "null-text"
+
+    def pipeline_kwargs(self) -> dict[str, Any]:
+        from .edits import LocalBlend
+
+        kwargs: dict[str, Any] = dict(
+            edit=self.mode, cross_replace_steps=self.cross_replace_steps, self_replace_steps=self.self_replace_steps,
+            num_inference_steps=self.num_inference_steps, guidance_scale=self.guidance_scale,
+        )
+        if self.equalizer:
+            kwargs["equalizer"] = dict(self.equalizer)
+        if self.blend_source or self.blend_target:
+            kwargs["local_blend"] = LocalBlend(self.blend_source, self.blend_target, threshold=self.blend_threshold)
+        return kwargs
+
+    def metadata(self, model: str) -> dict[str, Any]:
+        from . import __version__
+
+        meta = {k: v for k, v in self.__dict__.items() if k != "image"}
+        meta.update(model=model, prompt2prompt_version=__version__, source="p2p serve")
+        if self.image:
+            meta["image_sha256"] = _sha256(self.image)
+        return meta
+
+
+def _words(text: str | None) -> list[str]:
+    return [w for w in re.split(r"[,\s]+", text or "") if w]
+
+
+def parse_request(prompt, targets, mode, cross, self_steps, blend_source, blend_target, blend_threshold, reweight_rows,
+                  seed, steps, guidance, image, inversion_method) -> EditRequest:
+    """Turn the page's raw values into an `EditRequest`; a bad value raises `FieldError`."""
+    prompt = (prompt or "").strip()
+    if not prompt:
+        raise FieldError("prompt", "Write a source prompt, e.g. 'a big red circle on a blue background'.")
+    edit_prompts = [t.strip() for t in (targets or "").splitlines() if t.strip()]
+    if not edit_prompts:
+        raise FieldError("edit_prompts", "Write at least one target prompt (one per line), e.g. the source with one word changed.")
+    src, tgt = _words(blend_source), _words(blend_target)
+    if bool(src) != bool(tgt):
+        raise FieldError("blend", "Local blend needs words on both sides: the source words and the target words (or neither).")
+    equalizer: dict[str, float] = {}
+    for row in _rows(reweight_rows):
+        word, factor = (str(row[0]).strip() if len(row) > 0 and row[0] is not None else ""), (row[1] if len(row) > 1 else "")
+        if not word and (factor in ("", None)):
+            continue
+        if not word:
+            raise FieldError("reweight", f"A re-weighting row has the factor {factor!r} but no word; fill in the word or clear the row.")
+        try:
+            value = float(factor)
+        except (TypeError, ValueError):
+            raise FieldError("reweight", f"The factor for {word!r} must be a number such as 2 or -1, got {factor!r}.") from None
+        equalizer[word] = value
+    try:
+        seed_value = int(seed)
+        steps_value = int(steps)
+    except (TypeError, ValueError):
+        raise FieldError("sampling", "Seed and steps must be whole numbers.") from None
+    if seed_value < 0:
+        raise FieldError("sampling", f"The seed must be 0 or more, got {seed_value}.")
+    return EditRequest(
+        prompt=prompt, edit_prompts=edit_prompts, mode=mode or "auto", cross_replace_steps=float(cross),
+        self_replace_steps=float(self_steps), blend_source=src, blend_target=tgt, blend_threshold=float(blend_threshold),
+        equalizer=equalizer, seed=seed_value, num_inference_steps=steps_value, guidance_scale=float(guidance),
+        image=image or None, inversion_method=inversion_method or "null-text",
+    )
+
+
+def _rows(value) -> list[list]:
+    if value is None:
+        return []
+    if hasattr(value, "values") and hasattr(value, "columns"):  # a pandas DataFrame
+        return [list(r) for r in value.values.tolist()]
+    if isinstance(value, dict) and "data" in value:
+        return list(value["data"])
+    return [list(r) for r in value]
+
+
+def _sha256(path: str) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _slug(text: str, limit: int = 40) -> str:
+    return re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-")[:limit] or "edit"
+
+
+class Editor:
+    """Runs requests on one pipeline and writes their PNGs under ``output_dir``.
+
+    Args:
+        pipe: a `Prompt2PromptPipeline`.
+        output_dir: every file of the app goes below this folder.
+        model: the model's name for the metadata.
+    """
+
+    def __init__(self, pipe, output_dir: str | os.PathLike, model: str):
+        self.pipe = pipe
+        self.output_dir = Path(output_dir).resolve()
+        self.model = model
+        self._inversions: OrderedDict[tuple, Any] = OrderedDict()
+
+    def _inversion(self, req: EditRequest):
+        key = (_sha256(req.image), req.prompt, req.inversion_method, req.num_inference_steps, req.guidance_scale)
+        if key not in self._inversions:
+            self._inversions[key] = self.pipe.invert(req.image, req.prompt, method=req.inversion_method,
+                                                     num_inference_steps=req.num_inference_steps, guidance_scale=req.guidance_scale)
+            while len(self._inversions) > 4:
+                self._inversions.popitem(last=False)
+        return self._inversions[key]
+
+    def run(self, req: EditRequest):
+        """Run the edit; returns ``(images, attention, files)``. Library ValueErrors pass through."""
+        import torch
+
+        from .imageio import save_png
+        from .visualisation import token_heatmaps
+
+        kwargs = req.pipeline_kwargs()
+        if req.image:
+            kwargs["inversion"] = self._inversion(req)
+        else:
+            kwargs["generator"] = torch.Generator(device="cpu").manual_seed(req.seed)
+        out = self.pipe(req.prompt, req.edit_prompts, **kwargs)
+        images = out.images
+        heat = []
+        for k, image in enumerate(images):
+            heat += [(im, f"{'source' if k == 0 else f'target {k}'}: {word}") for word, im in token_heatmaps(image, out.attention, k)]
+        folder = self.output_dir / f"{time.strftime('%Y%m%d-%H%M%S')}-{_slug(req.prompt)}"
+        n = 1
+        while folder.exists():
+            n += 1
+            folder = folder.with_name(folder.name.split("~")[0] + f"~{n}")
+        folder.mkdir(parents=True)
+        meta = req.metadata(self.model)
+        meta["edit_mode"] = out.edit_mode.value if out.edit_mode is not None else None
+        files = []
+        for k, image in enumerate(images):
+            role = "source" if k == 0 else f"edit-{k}"
+            text = req.prompt if k == 0 else req.edit_prompts[k - 1]
+            files.append(str(save_png(folder / f"{k:02d}-{role}.png", image, {**meta, "image": role, "image_prompt": text},
+                                      f"{role}: {text}\nseed {req.seed}, {req.num_inference_steps} steps, guidance {req.guidance_scale}, mode {meta['edit_mode']}")))
+        return images, heat, files
+
+
+def build_app(editor: Editor, default_prompt: str = "a big red circle on a blue background",
+              default_target: str = "a big red square on a blue background"):
+    """The page (a `gradio.Blocks`) for ``editor``."""
+    import gradio as gr
+
+    from .inversion import InversionMethod
+
+    def slot():
+        return gr.Markdown(visible=False, elem_classes=["field-error"])
+
+    with gr.Blocks(title="prompt2prompt") as demo:
+        gr.Markdown("## prompt2prompt — edit an image by editing its prompt\n"
+                    "Write a source prompt and one or more targets; the source's attention is injected "
+                    "into each target so that the layout survives while the words change.")
+        history = gr.State([])
+        errors: dict[str, Any] = {}
+        with gr.Row():
+            with gr.Column(scale=1):
+                prompt = gr.Textbox(label="Source prompt", value=default_prompt, elem_id="prompt")
+                errors["prompt"] = slot()
+                targets = gr.Textbox(label="Target prompts (one per line)", value=default_target, lines=3, elem_id="targets")
+                errors["edit_prompts"] = slot()
+                mode = gr.Radio(["auto", "replace", "refine"], value="auto", label="Edit mode", elem_id="mode")
+                errors["mode"] = slot()
+                cross = gr.Slider(0, 1, value=0.8, step=0.05, label="Cross-attention replace steps (fraction)", elem_id="cross")
+                errors["cross"] = slot()
+                self_steps = gr.Slider(0, 1, value=0.4, step=0.05, label="Self-attention replace steps (fraction)", elem_id="self")
+                errors["self"] = slot()
+                with gr.Row():
+                    blend_src = gr.Textbox(label="Local blend: source words", placeholder="circle", elem_id="blend-source")
+                    blend_tgt = gr.Textbox(label="Local blend: target words", placeholder="square", elem_id="blend-target")
+                blend_thr = gr.Slider(0, 1, value=0.3, step=0.05, label="Local blend threshold", elem_id="blend-threshold")
+                errors["blend"] = slot()
+                reweight = gr.Dataframe(headers=["word", "factor"], datatype=["str", "str"], row_count=2, column_count=2,
+                                        label="Re-weighting (word, factor)", elem_id="reweight", value=[["", ""], ["", ""]])
+                errors["reweight"] = slot()
+                with gr.Row():
+                    seed = gr.Number(value=0, precision=0, label="Seed", elem_id="seed")
+                    steps = gr.Slider(1, 100, value=50, step=1, label="Steps", elem_id="steps")
+                    guidance = gr.Slider(0, 15, value=7.5, step=0.5, label="Guidance", elem_id="guidance")
+                errors["sampling"] = slot()
+                with gr.Accordion("Edit a real photo (optional)", open=False):
+                    image = gr.Image(type="filepath", label="Photo", sources=["upload"], elem_id="photo")
+                    method = gr.Dropdown([m.value for m in InversionMethod], value="null-text", label="Inversion", elem_id="inversion")
+                errors["image"] = slot()
+                run = gr.Button("Edit", variant="primary", elem_id="run")
+                errors["general"] = slot()
+            with gr.Column(scale=2):
+                results = gr.Gallery(label="Source and edits", columns=4, height="auto", elem_id="results")
+                with gr.Accordion("Cross-attention per word", open=False, elem_id="attention-accordion"):
+                    attention = gr.Gallery(label="Attention", columns=6, height="auto", elem_id="attention")
+                files = gr.File(label="Download (PNGs with their parameters)", file_count="multiple", elem_id="files")
+                past = gr.Gallery(label="History (this browser session)", columns=8, height=220, object_fit="contain", elem_id="history")
+
+        slots = [errors[name] for name in FIELDS]
+        inputs = [prompt, targets, mode, cross, self_steps, blend_src, blend_tgt, blend_thr, reweight, seed, steps, guidance, image, method, history]
+
+        def on_run(*values, progress=gr.Progress(track_tqdm=True)):
+            *raw, hist = values
+            hidden = [gr.update(visible=False, value="") for _ in FIELDS]
+            try:
+                req = parse_request(*raw)
+                images, heat, paths = editor.run(req)
+            except ValueError as err:
+                name = err.field if isinstance(err, FieldError) else field_of(str(err))
+                hidden[FIELDS.index(name)] = gr.update(visible=True, value=f"⚠ {err}")
+                return (gr.skip(), gr.skip(), gr.skip(), gr.skip(), hist, *hidden)
+            labelled = [(im, "source" if k == 0 else req.edit_prompts[k - 1]) for k, im in enumerate(images)]
+            hist = (hist + [(im, f"{req.prompt} → {req.edit_prompts[k - 1]}") for k, im in enumerate(images) if k > 0])[-24:]
+            return (labelled, heat, paths, hist, hist, *hidden)
+
+        run.click(on_run, inputs=inputs, outputs=[results, attention, files, past, history, *slots],
+                  concurrency_limit=1, concurrency_id="device")
+    return demo
+
+
+_CSS = ".field-error p { color: #b00020; font-weight: 600; margin: 0; }"
+
+
+def serve(host: str = "127.0.0.1", port: int = 7860, model: str | None = None, device: str | None = None, dtype: str | None = None,
+          output_dir: str | os.PathLike = "outputs/web", block: bool = True):
+    """Load the model and serve the page on ``host:port`` (loopback unless told otherwise).
+
+    Gradio's own temporary files (uploads, images sent to the page) also go below ``output_dir``.
+    Returns the running `gradio.Blocks` when ``block`` is False.
+    """
+    out = Path(output_dir).resolve()
+    out.mkdir(parents=True, exist_ok=True)
+    os.environ.setdefault("GRADIO_TEMP_DIR", str(out / ".gradio"))
+    os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
+    import torch
+
+    from .pipeline import Prompt2PromptPipeline
+
+    kwargs = {"torch_dtype": getattr(torch, dtype)} if dtype else {}
+    pipe = Prompt2PromptPipeline.from_pretrained(model, **kwargs)
+    if device:
+        pipe.to(device)
+    editor = Editor(pipe, out, model or "bundled shapes model")
+    demo = build_app(editor)
+    demo.queue(default_concurrency_limit=1, max_size=32)
+    demo.launch(server_name=host, server_port=port, max_file_size=f"{MAX_UPLOAD_MB}mb", css=_CSS,
+                allowed_paths=[str(out)], prevent_thread_lock=not block, show_error=False, quiet=not block)
+    return demo
