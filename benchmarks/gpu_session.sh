@@ -25,5 +25,5 @@ echo "training took $(( $(date +%s) - t0 )) s"
 cp "$RUN/state.json" "$OUT/"; cp "$RUN/loss.csv" "$OUT/" 2>/dev/null
 tar -C "$(dirname "$RUN.model")" -cf - "$(basename "$RUN.model")" | split -b 15M - "$OUT/model.tar.part-"
 # shellcheck disable=SC2086
-timeout 150 python3 benchmarks/bench_overhead.py $BENCH --variants replace,refine,reweight,replace_localblend,three_targets,attention,none --json "$OUT/bench_sd15_fp16.json" 2>&1 | grep -v torchvision
+timeout 150 python3 benchmarks/speed.py $BENCH --variants replace,refine,reweight,replace_localblend,three_targets,attention,none --json "$OUT/bench_sd15_fp16.json" 2>&1 | grep -v torchvision
 echo "all done after $(( $(date +%s) - t0 )) s"

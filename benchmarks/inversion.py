@@ -95,7 +95,7 @@ def main(argv=None) -> None:
     if synthetic:
         import tempfile
 
-        from bench_overhead import build_components
+        from speed import build_components
 
         with tempfile.TemporaryDirectory() as tmp:
             comps = build_components(args.model, tmp, args.device)

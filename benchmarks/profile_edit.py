@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """Profile a Prompt-to-Prompt edit against plain generation with torch.profiler.
 
-Builds the same model as bench_overhead.py, runs plain StableDiffusionPipeline and the edit
+Builds the same model as speed.py, runs plain StableDiffusionPipeline and the edit
 (``--variant``, default replace) for ``--steps`` steps under the profiler, and prints each side's
 top operators by device time and by CPU time, plus the totals. Used to find what an edit costs
 beyond plain generation (issue 7).
@@ -33,7 +33,7 @@ def main(argv=None) -> None:
     parser.add_argument("--variant", default="replace", choices=("replace", "none", "replace_localblend", "refine"))
     parser.add_argument("--rows", type=int, default=25)
     args = parser.parse_args(argv)
-    from bench_overhead import build_components
+    from speed import build_components
     from diffusers import StableDiffusionPipeline
     from diffusers.utils import logging as dlogging
 

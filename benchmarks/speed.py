@@ -32,10 +32,10 @@ Memory:
 
 Examples::
 
-    python benchmarks/bench_overhead.py --model tiny --steps 20 --repeats 5
-    python benchmarks/bench_overhead.py --model small --steps 10 --repeats 3
-    python benchmarks/bench_overhead.py --model sd15-shape --device cuda --json sd15.json
-    python benchmarks/bench_overhead.py --model path:/models/stable-diffusion-v1-5 --device cuda
+    python benchmarks/speed.py --model tiny --steps 20 --repeats 5
+    python benchmarks/speed.py --model small --steps 10 --repeats 3
+    python benchmarks/speed.py --model sd15-shape --device cuda --json sd15.json
+    python benchmarks/speed.py --model path:/models/stable-diffusion-v1-5 --device cuda
 """
 
 from __future__ import annotations
@@ -412,6 +412,9 @@ def main(argv=None):
             if probe is not None:
                 row[f"{side}_peak_bytes"] = statistics.median(p for _, p, _ in runs)
                 row[f"{side}_extra_bytes"] = statistics.median(e for _, _, e in runs)
+        for side in ("plain", "edit"):
+            times = sorted(row[f"{side}_runs_s"])
+            row[f"{side}_spread_s"] = [times[0], times[-1]]  # min, max of the timed runs
         row["time_ratio"] = row["edit_s"] / row["plain_s"]
         row["pair_ratios"] = [e[0] / p[0] for p, e in zip(results[variant]["plain"], results[variant]["edit"])]
         if probe is not None:
@@ -419,7 +422,7 @@ def main(argv=None):
             row["extra_ratio"] = row["edit_extra_bytes"] / row["plain_extra_bytes"] if row["plain_extra_bytes"] > 0 else None
         rows.append(row)
 
-    command = " ".join(shlex.quote(a) for a in ["python", *([sys.argv[0]] if argv is None else ["bench_overhead.py"]), *(sys.argv[1:] if argv is None else argv)])
+    command = " ".join(shlex.quote(a) for a in ["python", *([sys.argv[0]] if argv is None else ["speed.py"]), *(sys.argv[1:] if argv is None else argv)])
     unet = components["unet"]
     meta = {
         "command": command,
@@ -460,13 +463,15 @@ def main(argv=None):
     print(f"versions: torch {v['torch']}, diffusers {v['diffusers']}, prompt2prompt {v['prompt2prompt']}, python {v['python']}")
     print(f"timing  : median of {args.repeats} interleaved pairs after {args.warmup} warm-up pair(s) per variant")
     print(f"memory  : {memory_what}")
-    header = f"{'variant':<20}{'plain s':>10}{'edit s':>10}{'ratio':>8}"
+    header = f"{'variant':<20}{'plain s':>10}{'edit s':>10}{'ratio':>8}{'spread plain / edit (min-max s)':>34}"
     if probe is not None:
         header += f"{'peak GiB plain':>16}{'edit':>8}{'ratio':>8}{'extra GiB plain':>17}{'edit':>8}{'ratio':>8}"
     print(header)
     print("-" * len(header))
     for row in rows:
         line = f"{row['variant']:<20}{row['plain_s']:>10.3f}{row['edit_s']:>10.3f}{row['time_ratio']:>8.3f}"
+        spread = "{:.3f}-{:.3f} / {:.3f}-{:.3f}".format(*row["plain_spread_s"], *row["edit_spread_s"])
+        line += f"{spread:>34}"
         if probe is not None:
             extra_ratio = f"{row['extra_ratio']:.3f}" if row["extra_ratio"] is not None else "n/a"
             line += (
