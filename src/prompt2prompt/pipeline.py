@@ -14,7 +14,17 @@ import torch
 from diffusers import AutoencoderKL, DiffusionPipeline, UNet2DConditionModel
 from diffusers.pipelines.stable_diffusion.safety_checker import StableDiffusionSafetyChecker
 from diffusers.schedulers import KarrasDiffusionSchedulers
-from transformers import CLIPImageProcessor, CLIPTextModel, CLIPTokenizer
+from transformers import CLIPTextModel, CLIPTokenizer
+from transformers.utils import logging as _transformers_logging
+
+# Without torchvision, transformers announces a fallback on first access to CLIPImageProcessor (the
+# safety checker's feature extractor, optional here); keep that harmless notice out of every import.
+_verbosity = _transformers_logging.get_verbosity()
+_transformers_logging.set_verbosity_error()
+try:
+    from transformers import CLIPImageProcessor
+finally:
+    _transformers_logging.set_verbosity(_verbosity)
 from diffusers.image_processor import VaeImageProcessor
 from diffusers.utils import BaseOutput
 from diffusers.utils.torch_utils import randn_tensor

@@ -1,0 +1,1361 @@
+"""``p2p``: Prompt-to-Prompt from the command line.
+
+A thin layer over `Prompt2PromptPipeline`: it parses and checks options, calls the pipeline and
+writes files. Commands: ``generate``, ``edit``, ``attention``, ``sweep``, ``batch``, ``info`` and
+``serve`` (the web page of `prompt2prompt.web`); ``p2p COMMAND --help`` shows each one's options
+and examples.
+
+Every PNG it writes carries its parameters (see `prompt2prompt.imageio`); ``p2p info`` prints
+them and ``p2p edit --from IMAGE.png`` runs them again. Exit status: 0 success, 1 runtime
+failure (one line; ``--debug`` adds the traceback), 2 usage error (one line naming the option
+and the fix), 130 interrupted (no partial files are left).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import copy
+import datetime
+import json
+import logging
+import math
+import os
+import re
+import shlex
+import sys
+import traceback
+import unicodedata
+import warnings
+from collections.abc import Callable, Mapping
+from pathlib import Path
+
+from . import __version__
+from .alignment import PromptTokens, normalize_word, positions_in_each, split_words, tokenize_words
+from .edits import EditMode, LocalBlend, build_edit_plan
+from .imageio import OutputSet, read_png_metadata, remove_stale_temps
+from .visualisation import (
+    align_words,
+    gray_image,
+    labelled_grid,
+    self_attention_components,
+    token_heatmaps,
+)
+
+PROG = "p2p"
+RESULT = "result.json"
+MODES = ("auto", "replace", "refine", "none")
+INVERT_METHODS = ("null-text", "direct", "negative-prompt", "ddim")
+DTYPES = ("float32", "float16", "bfloat16")
+SWEEP_DEFAULT = [0.0, 0.2, 0.4, 0.6, 0.8, 1.0]
+
+#: Option defaults (the canonical, JSON-ready form of every option).
+DEFAULTS: dict = {
+    "mode": "auto",
+    "cross_steps": 0.8,
+    "cross_steps_word": {},
+    "self_steps": 0.4,
+    "blend": None,
+    "blend_threshold": 0.3,
+    "reweight": {},
+    "seed": 0,
+    "steps": 50,
+    "guidance": 7.5,
+    "image": None,
+    "invert": None,
+    "model": None,
+    "dtype": "float32",
+    "top_k": 6,
+    "res": None,
+    "sweep": SWEEP_DEFAULT,
+}
+
+#: The command-line spelling of each option.
+FLAGS = {
+    "prompt": "PROMPT",
+    "to": "--to",
+    "mode": "--mode",
+    "cross_steps": "--cross-steps",
+    "cross_steps_word": "--cross-steps-word",
+    "self_steps": "--self-steps",
+    "blend": "--blend",
+    "blend_threshold": "--blend-threshold",
+    "reweight": "--reweight",
+    "seed": "--seed",
+    "steps": "--steps",
+    "guidance": "--guidance",
+    "image": "--image",
+    "invert": "--invert",
+    "model": "--model",
+    "dtype": "--dtype",
+    "top_k": "--top-k",
+    "res": "--res",
+    "sweep": "--cross-steps",
+}
+
+COMMON_KEYS = ("seed", "steps", "guidance", "model", "dtype")
+GENERATE_KEYS = ("prompt", *COMMON_KEYS)
+ATTENTION_KEYS = ("prompt", "top_k", "res", *COMMON_KEYS)
+EDIT_SETTING_KEYS = ("mode", "cross_steps", "cross_steps_word", "self_steps", "blend", "blend_threshold", "reweight")
+EDIT_KEYS = ("prompt", "to", *EDIT_SETTING_KEYS, *COMMON_KEYS, "image", "invert")
+SWEEP_KEYS = ("prompt", "to", "sweep", *[k for k in EDIT_SETTING_KEYS if k != "cross_steps"], *COMMON_KEYS)
+#: Keys a line of a ``p2p batch`` file may hold (model, dtype and device are set for the whole batch).
+BATCH_LINE_KEYS = tuple(k for k in EDIT_KEYS if k not in ("model", "dtype"))
+
+
+class UsageError(Exception):
+    """Bad command-line input: exit status 2, one line."""
+
+
+class RuntimeFailure(Exception):
+    """The command could not be carried out: exit status 1, one line."""
+
+
+def _one_line(message) -> str:
+    return re.sub(r"\s*\n\s*", " ", str(message)).strip()
+
+
+# ============================================================================ option parsing
+#
+# Every option has one normaliser that accepts the command-line string, the JSON of a batch line
+# and its own canonical output (so stored options parse again), and raises UsageError naming the
+# option as the user spelled it (``name``).
+
+Names = Callable[[str], str]
+
+
+def cli_names(key: str) -> str:
+    return FLAGS.get(key, key)
+
+
+def _number(text, name: str, what: str) -> float:
+    if isinstance(text, bool):
+        raise UsageError(f"{name} must be {what}, got {text!r}")
+    if isinstance(text, (int, float)):
+        value = float(text)
+    else:
+        try:
+            value = float(str(text).strip())
+        except ValueError:
+            raise UsageError(f"{name} must be {what}, got {text!r}") from None
+    if not math.isfinite(value):
+        raise UsageError(f"{name} must be {what}, got {text!r}")
+    return value
+
+
+def _window(value, name: str):
+    """A fraction ``f`` (canonical: the float) or ``START:END`` (canonical: ``[start, end]``)."""
+    what = "a fraction of the steps like 0.8, or START:END like 0.2:0.8"
+    if isinstance(value, str) and ":" in value:
+        parts = value.split(":")
+        if len(parts) != 2:
+            raise UsageError(f"{name} must be {what}, got {value!r}")
+        pair = [_number(p, name, what) for p in parts]
+    elif isinstance(value, (list, tuple)):
+        if len(value) != 2:
+            raise UsageError(f"{name} must be {what}, got {value!r}")
+        pair = [_number(p, name, what) for p in value]
+    else:
+        pair = [0.0, _number(value, name, what)]
+    for v in pair:
+        if not 0.0 <= v <= 1.0:
+            raise UsageError(f"{name} {_fmt_value(value)} is outside [0, 1]; give fractions of the steps between 0 and 1, e.g. 0.8 or 0.2:0.8")
+    if pair[0] > pair[1]:
+        raise UsageError(f"{name} {_fmt_value(value)} has its start after its end; give START:END with START <= END, e.g. {pair[1]:g}:{pair[0]:g}")
+    single = not isinstance(value, (list, tuple)) and not (isinstance(value, str) and ":" in value)
+    return pair[1] if single else pair
+
+
+def _fmt_value(value) -> str:
+    if isinstance(value, (list, tuple)):
+        return ":".join(_fmt_value(v) for v in value)
+    return value if isinstance(value, str) else repr(value)
+
+
+def _fraction(value, name: str) -> float:
+    v = _number(value, name, "a number in [0, 1]")
+    if not 0.0 <= v <= 1.0:
+        raise UsageError(f"{name} must be a number in [0, 1], got {_fmt_value(value)}")
+    return v
+
+
+def _integer(value, name: str, minimum: int, what: str) -> int:
+    if isinstance(value, bool) or isinstance(value, float) and not value.is_integer():
+        raise UsageError(f"{name} must be {what}, got {value!r}")
+    try:
+        number = int(value) if isinstance(value, (int, float)) else int(str(value).strip())
+    except ValueError:
+        raise UsageError(f"{name} must be {what}, got {value!r}") from None
+    if number < minimum or number >= 2**63:
+        raise UsageError(f"{name} must be {what}, got {value!r}")
+    return number
+
+
+def _text(value, name: str) -> str:
+    if not isinstance(value, str) or not value.strip():
+        raise UsageError(f"{name} must be a non-empty prompt, got {value!r}")
+    return value
+
+
+def _prompts(value, name: str) -> list[str]:
+    values = [value] if isinstance(value, str) else value
+    if not isinstance(values, (list, tuple)) or not values:
+        raise UsageError(f"{name} must give at least one target prompt, got {value!r}")
+    return [_text(v, name) for v in values]
+
+
+def _choice(choices: tuple[str, ...]):
+    def parse(value, name: str) -> str:
+        text = str(value).strip().lower() if isinstance(value, str) else value
+        if text not in choices:
+            raise UsageError(f"{name} must be one of {', '.join(choices)}, got {value!r}")
+        return text
+
+    return parse
+
+
+def _pairs(value, name: str, example: str) -> list[tuple[str, object]]:
+    """``WORD=VALUE`` strings (a list or one string) or a JSON object -> [(word, raw value)]."""
+    if isinstance(value, Mapping):
+        items = list(value.items())
+    else:
+        texts = [value] if isinstance(value, str) else value
+        if not isinstance(texts, (list, tuple)):
+            raise UsageError(f"{name} must be WORD=VALUE, e.g. {example}, got {value!r}")
+        items = []
+        for text in texts:
+            if not isinstance(text, str) or "=" not in text:
+                raise UsageError(f"{name} must be WORD=VALUE, e.g. {example}, got {text!r}")
+            word, _, raw = text.rpartition("=")
+            items.append((word, raw))
+    out = []
+    for word, raw in items:
+        if not isinstance(word, str) or not word.strip():
+            raise UsageError(f"{name} must name a word before '=', e.g. {example}, got {word!r}")
+        out.append((word.strip(), raw))
+    return out
+
+
+def _reweight(value, name: str) -> dict[str, float]:
+    return {w: _number(raw, f"{name} {w}", "a number (the attention factor; 0, negative and > 1 allowed), e.g. car=2") for w, raw in _pairs(value, name, "car=2")}
+
+
+def _word_windows(value, name: str) -> dict:
+    return {w: _window(raw, f"{name} {w}") for w, raw in _pairs(value, name, "car=0:0.4")}
+
+
+def _words(value, name: str) -> list[str]:
+    items = value.split(",") if isinstance(value, str) else value
+    if not isinstance(items, (list, tuple)) or not all(isinstance(w, str) for w in items):
+        raise UsageError(f"{name} takes words separated by commas, got {value!r}")
+    words = [w.strip() for w in items if w.strip()]
+    if not words:
+        raise UsageError(f"{name} takes words separated by commas, got {value!r}")
+    return words
+
+
+def _blend(value, name: str) -> list[list[str]]:
+    if not isinstance(value, (list, tuple)) or len(value) != 2:
+        raise UsageError(f"{name} takes two arguments, SOURCE_WORDS TARGET_WORDS (e.g. {name} circle square), got {value!r}")
+    return [_words(value[0], f"{name} SOURCE_WORDS"), _words(value[1], f"{name} TARGET_WORDS")]
+
+
+def _sweep(value, name: str) -> list:
+    items = value.split(",") if isinstance(value, str) else value
+    if not isinstance(items, (list, tuple)) or not items:
+        raise UsageError(f"{name} takes comma-separated values, e.g. 0,0.2,0.4,0.6,0.8,1.0, got {value!r}")
+    if isinstance(items, (list, tuple)) and any(isinstance(i, str) and not i.strip() for i in items):
+        raise UsageError(f"{name} has an empty value in {value!r}; give e.g. 0,0.2,0.4")
+    return [_window(i.strip() if isinstance(i, str) else i, name) for i in items]
+
+
+def _image_path(value, name: str) -> str:
+    if not isinstance(value, str) or not value.strip():
+        raise UsageError(f"{name} must be the path of an image file, got {value!r}")
+    path = Path(value).expanduser()
+    if not path.is_file():
+        raise UsageError(f"{name} {value}: no such file; give the path of an image file")
+    import PIL.Image
+
+    try:
+        with PIL.Image.open(path) as image:
+            image.verify()
+    except Exception as err:  # noqa: BLE001 - any decoder error means "not an image"
+        raise UsageError(f"{name} {value}: not an image PIL can read ({_one_line(err)})") from None
+    return str(path.resolve())
+
+
+def _model(value, name: str) -> str | None:
+    if value is None:
+        return None
+    if not isinstance(value, str) or not value.strip():
+        raise UsageError(f"{name} must be a model folder or hub id, got {value!r}")
+    path = Path(value).expanduser()
+    return str(path.resolve()) if path.exists() else value
+
+
+NORMALISERS: dict[str, Callable] = {
+    "prompt": _text,
+    "to": _prompts,
+    "mode": _choice(MODES),
+    "cross_steps": _window,
+    "cross_steps_word": _word_windows,
+    "self_steps": _window,
+    "blend": _blend,
+    "blend_threshold": _fraction,
+    "reweight": _reweight,
+    "seed": lambda v, n: _integer(v, n, 0, "a non-negative integer"),
+    "steps": lambda v, n: _integer(v, n, 1, "a positive integer"),
+    "guidance": lambda v, n: _number(v, n, "a finite number"),
+    "image": _image_path,
+    "invert": _choice(INVERT_METHODS),
+    "model": _model,
+    "dtype": _choice(DTYPES),
+    "top_k": lambda v, n: _integer(v, n, 1, "a positive integer"),
+    "res": lambda v, n: _integer(v, n, 1, "a positive integer side of the attention maps"),
+    "sweep": _sweep,
+}
+
+
+def normalise_options(raw: Mapping, keys: tuple[str, ...], names: Names = cli_names, required: tuple[str, ...] = ("prompt",)) -> dict:
+    """Check and canonicalise the given options (``raw``: key -> value, None = not given) and fill defaults.
+
+    Raises:
+        UsageError: a bad value, a missing required option, or options that need each other.
+    """
+    given = {k: v for k, v in raw.items() if v is not None}
+    for key in required:
+        if key not in given:
+            if key == "prompt":
+                raise UsageError(f"the prompt is missing; give it as the first argument, e.g. {PROG} generate \"a red circle on a blue background\"")
+            raise UsageError(f"{names(key)} is required; e.g. {names(key)} \"a red square on a blue background\"")
+    options = {}
+    for key in keys:
+        if key in given:
+            options[key] = NORMALISERS[key](given[key], names(key))
+        else:
+            options[key] = copy.deepcopy(DEFAULTS.get(key))
+    if "blend_threshold" in keys and "blend_threshold" in given and options.get("blend") is None:
+        raise UsageError(f"{names('blend_threshold')} needs {names('blend')}; add e.g. {names('blend')} circle square, or drop {names('blend_threshold')}")
+    if "invert" in keys:
+        if options["invert"] is not None and options["image"] is None:
+            raise UsageError(f"{names('invert')} needs {names('image')} PHOTO: the photo to invert and edit")
+        if options["image"] is not None and options["invert"] is None:
+            options["invert"] = "null-text"
+    if "to" in options and isinstance(options["to"], list) and "sweep" in keys and len(options["to"]) != 1:
+        raise UsageError(f"sweep takes exactly one {names('to')} target prompt, got {len(options['to'])}")
+    return options
+
+
+def _word_level_tokens(prompts: list[str]) -> list[PromptTokens]:
+    """Word-level stand-ins for tokenized prompts (one token per word), so that the library's own
+    checks of words, windows and modes run before any model loads."""
+    ids: dict[str, int] = {}
+    split = [split_words(p) for p in prompts]
+    length = max(len(w) for w in split) + 2
+    out = []
+    for prompt, words in zip(prompts, split):
+        word_ids = [ids.setdefault(normalize_word(w), len(ids) + 2) for w in words]
+        positions = tuple((k + 1,) for k in range(len(words)))
+        out.append(PromptTokens(prompt, tuple(words), positions, (0, *word_ids, 1), length))
+    return out
+
+
+def check_edit_words(options: Mapping, names: Names = cli_names) -> None:
+    """Check every word and the mode against the prompts, before any model work.
+
+    Raises:
+        UsageError: naming the option, with the library's message (its words, the fix).
+    """
+    source, *targets = _word_level_tokens([options["prompt"], *options["to"]])
+    if options["mode"] == "replace":
+        for target in targets:
+            if len(target.words) != len(source.words):
+                raise UsageError(
+                    f"{names('mode')} replace needs the same number of words in the source and each target, but "
+                    f"{source.prompt!r} has {len(source.words)} and {target.prompt!r} has {len(target.words)}; "
+                    f"use {names('mode')} refine (or auto) to add or remove words"
+                )
+    for key in ("cross_steps_word", "reweight"):
+        for word in options.get(key) or {}:
+            try:
+                positions_in_each(targets, word, names(key))
+            except ValueError as err:
+                raise UsageError(str(err)) from None
+    if options.get("blend"):
+        source_words, target_words = options["blend"]
+        for word in source_words:
+            try:
+                source.positions(word)
+            except ValueError as err:
+                raise UsageError(f"{names('blend')} SOURCE_WORDS: {err}") from None
+        for word in target_words:
+            for target in targets:
+                try:
+                    target.positions(word)
+                except ValueError as err:
+                    raise UsageError(f"{names('blend')} TARGET_WORDS: {err}") from None
+    try:  # everything else the library checks (same code as the real run, on word-level tokens)
+        kwargs = edit_kwargs(options)
+        build_edit_plan(
+            source, targets, kwargs["edit"], options["steps"], kwargs["cross_replace_steps"], kwargs["self_replace_steps"],
+            0, kwargs["equalizer"], kwargs["local_blend"], 0,
+        )
+    except ValueError as err:
+        raise UsageError(f"invalid edit settings: {err}") from None
+
+
+def _window_arg(window):
+    return tuple(window) if isinstance(window, list) else window
+
+
+def edit_kwargs(options: Mapping) -> dict:
+    """The pipeline's edit arguments from canonical options."""
+    cross = _window_arg(options["cross_steps"])
+    if options.get("cross_steps_word"):
+        cross = {"default_": cross, **{w: _window_arg(v) for w, v in options["cross_steps_word"].items()}}
+    blend = None
+    if options.get("blend"):
+        blend = LocalBlend(list(options["blend"][0]), list(options["blend"][1]), threshold=options["blend_threshold"])
+    return dict(
+        edit=options["mode"],
+        cross_replace_steps=cross,
+        self_replace_steps=_window_arg(options["self_steps"]),
+        equalizer=dict(options["reweight"]) or None,
+        local_blend=blend,
+        num_inference_steps=options["steps"],
+        guidance_scale=options["guidance"],
+    )
+
+
+def options_to_argv(command: str, options: Mapping) -> list[str]:
+    """A ``p2p`` command line that runs ``options`` again (non-default options only)."""
+    argv = [PROG, command, options["prompt"]]
+    for target in options.get("to") or []:
+        argv += ["--to", target]
+
+    def window(w) -> str:
+        return ":".join(f"{v:g}" for v in w) if isinstance(w, list) else f"{w:g}"
+
+    for key, value in options.items():
+        if key in ("prompt", "to") or value is None or value == DEFAULTS.get(key) or key not in FLAGS:
+            continue
+        if key == "blend_threshold" and not options.get("blend"):
+            continue
+        flag = FLAGS[key]
+        if key in ("cross_steps", "self_steps"):
+            argv += [flag, window(value)]
+        elif key == "sweep":
+            argv += [flag, ",".join(window(v) for v in value)]
+        elif key == "cross_steps_word":
+            argv += [flag, *[f"{w}={window(v)}" for w, v in value.items()]]
+        elif key == "reweight":
+            argv += [flag, *[f"{w}={v:g}" for w, v in value.items()]]
+        elif key == "blend":
+            argv += [flag, ",".join(value[0]), ",".join(value[1])]
+        elif key == "invert" and options.get("image") is None:
+            continue
+        else:
+            argv += [flag, f"{value:g}" if isinstance(value, float) else str(value)]
+    return argv
+
+
+# ============================================================================ metadata
+
+
+def model_label(model: str | None) -> str:
+    return "bundled shapes model" if model is None else model
+
+
+def image_metadata(command: str, options: Mapping, env: Mapping, role: str, index: int, count: int, file: str, prompt: str | None, **extra) -> dict:
+    """The JSON stored in each PNG: everything needed to make it again."""
+    meta = {
+        "software": f"prompt2prompt {__version__}",
+        "version": __version__,
+        "command": command,
+        "options": dict(options),
+        "model": model_label(options.get("model")),
+        "device": env.get("device"),
+        "dtype": options.get("dtype"),
+        "image": {"role": role, "index": index, "count": count, "file": file, "prompt": prompt},
+    }
+    meta.update(extra)
+    return meta
+
+
+def rerun_command(meta: Mapping) -> str:
+    options = meta.get("options") or {}
+    command = meta.get("command", "edit")
+    if command == "sweep" and "sweep" not in options:
+        command = "edit"
+    if command == "edit" and not options.get("to"):
+        command = "generate"
+    return shlex.join(options_to_argv(command, options))
+
+
+def parameters_text(meta: Mapping) -> str:
+    """The human-readable parameters of an image (PNG chunk ``parameters`` and ``p2p info``)."""
+    options = meta.get("options") or {}
+    lines = []
+    image = meta.get("image") or {}
+    if image:
+        lines.append(f"image: {image.get('role')} ({image.get('index', 0) + 1} of {image.get('count')}), {image.get('file')}")
+        if image.get("prompt"):
+            lines.append(f"its prompt: {image['prompt']}")
+    lines.append(f"command: {PROG} {meta.get('command')}")
+    lines.append(f"prompt: {options.get('prompt')}")
+    for target in options.get("to") or []:
+        lines.append(f"to: {target}")
+    if meta.get("edit_mode"):
+        lines.append(f"edit mode: {meta['edit_mode']}" + (" (chosen by auto)" if options.get("mode") == "auto" else ""))
+    order = [k for k in (*EDIT_KEYS, "sweep", "top_k", "res") if k in options] + [k for k in options if k not in FLAGS]
+    for key in order:
+        value = options[key]
+        if key in ("prompt", "to", "model", "dtype") or value is None or value == {} or key == "blend_threshold" and not options.get("blend"):
+            continue
+        label = {"image": "photo"}.get(key, key.replace("_", " "))
+        lines.append(f"{label}: {json.dumps(value) if isinstance(value, (list, dict)) else value}")
+    lines.append(f"model: {meta.get('model')}, {meta.get('dtype')} on {meta.get('device')}")
+    lines.append(f"made by: {meta.get('software')}")
+    lines.append(f"rerun: {rerun_command(meta)}")
+    return "\n".join(lines)
+
+
+def read_stored_options(path: str, name: str) -> dict:
+    """The options stored in a PNG written by ``p2p`` (for ``--from``)."""
+    meta = read_stored_metadata(path, name)
+    if not isinstance(meta.get("options"), dict):
+        raise UsageError(f"{name} {path}: its parameters were not written by the p2p command line ({meta.get('source', 'unknown writer')}), "
+                         f"so they cannot be rerun; give a PNG written by {PROG} edit, sweep or batch")
+    return meta["options"]
+
+
+def read_stored_metadata(path: str, name: str) -> dict:
+    file = Path(path).expanduser()
+    if not file.is_file():
+        raise UsageError(f"{name} {path}: no such file; give a PNG written by {PROG}")
+    try:
+        meta = read_png_metadata(file)
+    except (OSError, ValueError) as err:
+        raise UsageError(f"{name} {path}: cannot read it as a PNG written by {PROG} ({_one_line(err)})") from None
+    if meta is None:
+        raise UsageError(f"{name} {path}: this image carries no prompt2prompt parameters; give a PNG written by {PROG}")
+    return meta
+
+
+# ============================================================================ output folders
+
+
+def slugify(text: str, length: int = 40) -> str:
+    """A short ASCII file-name form of a prompt: ``"a Red circle!"`` -> ``"a-red-circle"``."""
+    ascii_text = unicodedata.normalize("NFKD", text).encode("ascii", "ignore").decode()
+    slug = re.sub(r"[^a-z0-9]+", "-", ascii_text.lower()).strip("-")
+    if len(slug) > length:
+        cut = slug[: length + 1]
+        slug = cut[: cut.rfind("-")] if "-" in cut else slug[:length]  # at a word boundary when there is one
+    return slug.strip("-") or "p2p"
+
+
+def output_folder(given: str | None, slug: str) -> Path:
+    """``-o DIR``, or a new ``outputs/<YYYYmmdd-HHMMSS>-<slug>``."""
+    if given is not None:
+        folder = Path(given).expanduser()
+        if folder.exists() and not folder.is_dir():
+            raise UsageError(f"-o {given}: exists and is not a folder; name a folder")
+        return folder
+    stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
+    base = Path("outputs") / f"{stamp}-{slug}"
+    folder, n = base, 2
+    while folder.exists():
+        folder, n = base.with_name(f"{base.name}-{n}"), n + 1
+    return folder
+
+
+# ============================================================================ the model
+
+
+def check_device(value: str | None) -> str:
+    """``--device`` -> a torch device string (None/auto: cuda, else mps, else cpu).
+
+    Raises:
+        UsageError: a malformed device; RuntimeFailure: one this machine lacks.
+    """
+    import torch
+
+    if value is None or value == "auto":
+        if torch.cuda.is_available():
+            return "cuda"
+        mps = getattr(torch.backends, "mps", None)
+        return "mps" if mps is not None and mps.is_available() else "cpu"
+    if not re.fullmatch(r"cpu|mps|cuda(:\d+)?", value):
+        raise UsageError(f"--device must be cpu, cuda, cuda:N or mps, got {value!r}")
+    if value.startswith("cuda") and not torch.cuda.is_available():
+        raise RuntimeFailure(f"--device {value}: CUDA is not available on this machine; use --device cpu")
+    if value == "mps" and not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
+        raise RuntimeFailure("--device mps: MPS is not available on this machine; use --device cpu")
+    return value
+
+
+def _looks_like_path(model: str) -> bool:
+    return model.startswith((".", "/", "~")) or model.endswith(("/", os.sep)) or model.count("/") > 1 or os.sep != "/" and os.sep in model
+
+
+@contextlib.contextmanager
+def library_output(debug: bool):
+    """Silence diffusers' and transformers' loading bars and info logs (unless ``--debug``)."""
+    import diffusers.utils.logging as dlog
+    import transformers.utils.logging as tlog
+
+    saved = [(m, m.get_verbosity(), m.is_progress_bar_enabled()) for m in (dlog, tlog)]
+    if not debug:
+        for module in (dlog, tlog):
+            module.set_verbosity_error()
+            module.disable_progress_bar()
+    try:
+        yield
+    finally:
+        for module, level, bars in saved:
+            module.set_verbosity(level)
+            (module.enable_progress_bar if bars else module.disable_progress_bar)()
+
+
+def check_model(model: str | None) -> None:
+    """Raise `RuntimeFailure` for a model folder that is missing or is not a diffusers folder."""
+    if model is None:
+        return
+    path = Path(model).expanduser()
+    if path.exists():
+        if not (path / "model_index.json").is_file():
+            raise RuntimeFailure(f"--model {model}: not a diffusers model folder (it has no model_index.json); name a folder saved with save_pretrained")
+    elif _looks_like_path(model):
+        raise RuntimeFailure(f"--model {model}: no such folder; name a diffusers model folder or a hub id")
+
+
+def load_pipeline(model: str | None, dtype: str, device: str, progress: bool):
+    """Load `Prompt2PromptPipeline` onto ``device``.
+
+    Raises:
+        RuntimeFailure: a missing model folder, a folder that is not a diffusers model, any load error.
+    """
+    import torch
+
+    from .pipeline import Prompt2PromptPipeline
+
+    check_model(model)
+    try:
+        pipe = Prompt2PromptPipeline.from_pretrained(model, torch_dtype=getattr(torch, dtype))
+        pipe = pipe.to(device)
+    except Exception as err:  # noqa: BLE001 - every load failure is a runtime failure
+        raise RuntimeFailure(f"could not load the model {model_label(model)}: {_one_line(err)}") from err
+    pipe.set_progress_bar_config(disable=not progress)
+    return pipe
+
+
+def _generator(seed: int):
+    import torch
+
+    return torch.Generator().manual_seed(seed)
+
+
+def _call(pipe, *args, **kwargs):
+    """Run the pipeline; its argument errors (ValueError, raised before any denoising) are usage errors."""
+    try:
+        return pipe(*args, **kwargs)
+    except ValueError as err:
+        raise UsageError(_one_line(err)) from err
+
+
+def _bar(pipe, show: bool, desc: str | None = None) -> None:
+    config = {"disable": not show}
+    if desc:
+        config["desc"] = desc
+    pipe.set_progress_bar_config(**config)
+
+
+class Console:
+    """Where the command reports: info lines on stdout unless quiet."""
+
+    def __init__(self, quiet: bool):
+        self.quiet = quiet
+        self.progress = not quiet and sys.stderr.isatty()
+
+    def info(self, text: str) -> None:
+        if not self.quiet:
+            print(text, flush=True)
+
+
+# ============================================================================ commands
+
+
+def run_generate(pipe, options: dict, folder: Path, env: Mapping, console: Console) -> dict:
+    _bar(pipe, console.progress)
+    out = _call(
+        pipe, options["prompt"], num_inference_steps=options["steps"], guidance_scale=options["guidance"],
+        generator=_generator(options["seed"]), return_attention=False,
+    )
+    files = OutputSet(folder)
+    meta = image_metadata("generate", options, env, "image", 0, 1, "image.png", options["prompt"])
+    files.add_png("image.png", out.images[0], meta, parameters_text(meta))
+    result = {"command": "generate", "version": __version__, "options": options, "device": env["device"],
+              "images": [{"file": "image.png", "role": "image", "prompt": options["prompt"]}]}
+    files.add_json(RESULT, result)
+    files.commit()
+    return result
+
+
+def _invert(pipe, options: dict):
+    import PIL.Image
+
+    if not hasattr(pipe, "invert"):
+        raise RuntimeFailure("inversion is not available in this version")
+    with PIL.Image.open(options["image"]) as photo:
+        photo = photo.convert("RGB")
+    try:
+        return pipe.invert(photo, options["prompt"], method=options["invert"], num_inference_steps=options["steps"], guidance_scale=options["guidance"])
+    except ValueError as err:
+        raise UsageError(_one_line(err)) from err
+
+
+def run_edit_images(pipe, options: dict, console: Console, desc: str | None = None):
+    """One pipeline call for canonical edit options -> the output."""
+    _bar(pipe, console.progress, desc)
+    kwargs = edit_kwargs(options)
+    if options.get("image"):
+        inversion = _invert(pipe, options)
+        return _call(pipe, options["prompt"], list(options["to"]), inversion=inversion, return_attention=False, **kwargs)
+    return _call(pipe, options["prompt"], list(options["to"]), generator=_generator(options["seed"]), return_attention=False, **kwargs)
+
+
+def word_alignments(pipe, options: Mapping, mode) -> list:
+    """`align_words` of each target against the source, with the pipeline's tokenizer."""
+    source = tokenize_words(options["prompt"], pipe.tokenizer, truncate=True)
+    return [align_words(source, tokenize_words(t, pipe.tokenizer, truncate=True), mode) for t in options["to"]]
+
+
+def run_edit(pipe, options: dict, folder: Path, env: Mapping, console: Console, command: str = "edit") -> dict:
+    """Run one edit and write its images, grid and result.json (last) into ``folder``."""
+    out = run_edit_images(pipe, options, console)
+    mode = out.edit_mode
+    alignments = word_alignments(pipe, options, mode)
+    chosen = " (chosen by auto)" if options["mode"] == "auto" else ""
+    console.info(f"edit mode: {mode.value}{chosen}")
+    for target, alignment in zip(options["to"], alignments):
+        summary = alignment.describe() if mode is not EditMode.NONE else f"{alignment.describe()} (mode none: no attention injected)"
+        console.info(f"aligned words ({target}): {summary}")
+    prompts = [options["prompt"], *options["to"]]
+    names = ["source.png"] + [f"edit-{k}.png" for k in range(1, len(prompts))]
+    roles = ["source"] + ["target"] * (len(prompts) - 1)
+    files = OutputSet(folder)
+    count = len(prompts) + 1
+    for index, (name, role, prompt, image) in enumerate(zip(names, roles, prompts, out.images)):
+        meta = image_metadata(command, options, env, role, index, count, name, prompt, edit_mode=mode.value)
+        files.add_png(name, image, meta, parameters_text(meta))
+    source_marks = set().union(*(a.changed_source for a in alignments))
+    grid = labelled_grid(list(out.images), prompts, [source_marks, *[a.changed_target for a in alignments]])
+    meta = image_metadata(command, options, env, "grid", len(prompts), count, "grid.png", None, edit_mode=mode.value)
+    files.add_png("grid.png", grid, meta, parameters_text(meta))
+    result = {
+        "command": command,
+        "version": __version__,
+        "options": options,
+        "device": env["device"],
+        "edit_mode": mode.value,
+        "alignment": [
+            {
+                "target": t,
+                "summary": a.describe(),
+                "pairs": [[a.source.words[s] if s is not None else None, a.target.words[k]] for s, k in a.pairs],
+                "changed_target_words": [a.target.words[k] for k in sorted(a.changed_target)],
+                "changed_source_words": [a.source.words[k] for k in sorted(a.changed_source)],
+            }
+            for t, a in zip(options["to"], alignments)
+        ],
+        "images": [{"file": n, "role": r, "prompt": p} for n, r, p in zip(names, roles, prompts)],
+        "grid": "grid.png",
+    }
+    files.add_json(RESULT, result)
+    files.commit()
+    return result
+
+
+def run_attention(pipe, options: dict, folder: Path, env: Mapping, console: Console) -> dict:
+    _bar(pipe, console.progress)
+    out = _call(
+        pipe, options["prompt"], num_inference_steps=options["steps"], guidance_scale=options["guidance"],
+        generator=_generator(options["seed"]), return_attention=True, return_self_attention=True, attention_res=options["res"],
+    )
+    image = out.images[0]
+    heat = token_heatmaps(image, out.attention, 0)
+    cross = labelled_grid([image, *[im for _, im in heat]], [options["prompt"], *[w for w, _ in heat]], columns=min(8, len(heat) + 1))
+    components = None
+    if out.self_attention is not None:
+        components = self_attention_components(out.self_attention, out.self_attention_res, options["top_k"])
+    files = OutputSet(folder)
+    count = 3 if components is not None else 2
+    meta = image_metadata("attention", options, env, "image", 0, count, "image.png", options["prompt"])
+    files.add_png("image.png", image, meta, parameters_text(meta))
+    meta = image_metadata("attention", options, env, "cross-attention", 1, count, "cross-attention.png", options["prompt"],
+                          attention_resolution=out.attention.resolution)
+    files.add_png("cross-attention.png", cross, meta, parameters_text(meta))
+    result = {"command": "attention", "version": __version__, "options": options, "device": env["device"],
+              "words": [w for w, _ in heat], "cross_attention_resolution": out.attention.resolution,
+              "images": [{"file": "image.png", "role": "image", "prompt": options["prompt"]},
+                         {"file": "cross-attention.png", "role": "cross-attention"}]}
+    if components is not None:
+        pictures = [gray_image(c, image.size) for c in components.images]
+        labels = [f"component {k + 1}\nsingular value {s:.3g}" for k, s in enumerate(components.singular_values)]
+        self_grid = labelled_grid([image, *pictures], [options["prompt"], *labels], columns=min(8, len(pictures) + 1))
+        meta = image_metadata("attention", options, env, "self-attention", 2, count, "self-attention.png", options["prompt"],
+                              self_attention_resolution=out.self_attention_res)
+        files.add_png("self-attention.png", self_grid, meta, parameters_text(meta))
+        result["self_attention_resolution"] = out.self_attention_res
+        result["singular_values"] = [float(s) for s in components.singular_values]
+        result["images"].append({"file": "self-attention.png", "role": "self-attention"})
+    files.add_json(RESULT, result)
+    files.commit()
+    console.info(f"words: {', '.join(w for w, _ in heat)} (cross-attention at {out.attention.resolution}x{out.attention.resolution})")
+    return result
+
+
+def _window_label(window) -> str:
+    return ":".join(f"{v:g}" for v in window) if isinstance(window, list) else f"{window:g}"
+
+
+def run_sweep(pipe, options: dict, folder: Path, env: Mapping, console: Console) -> dict:
+    base = {k: v for k, v in options.items() if k != "sweep"}
+    base.update(image=None, invert=None)
+    runs = [({**base, "cross_steps": w}, f"cross-{_window_label(w).replace(':', '-')}.png", f"cross-steps {_window_label(w)}") for w in options["sweep"]]
+    baseline = {**base, "mode": "none", "cross_steps": DEFAULTS["cross_steps"], "cross_steps_word": {}, "reweight": {}, "blend": None,
+                "blend_threshold": DEFAULTS["blend_threshold"]}
+    runs.append((baseline, "none.png", "no injection (mode none)"))
+    images, modes, source = [], [], None
+    for run_options, _, label in runs:
+        out = run_edit_images(pipe, run_options, console, desc=label)
+        source = source if source is not None else out.images[0]
+        images.append(out.images[1])
+        modes.append(out.edit_mode.value)
+    alignment = word_alignments(pipe, base, modes[0])[0]
+    target = options["to"][0]
+    files = OutputSet(folder)
+    count = len(runs) + 2
+    meta = image_metadata("sweep", {**base, "cross_steps": runs[0][0]["cross_steps"]}, env, "source", 0, count, "source.png", options["prompt"], edit_mode=modes[0])
+    files.add_png("source.png", source, meta, parameters_text(meta))
+    entries = [{"file": "source.png", "role": "source", "prompt": options["prompt"]}]
+    for index, ((run_options, name, label), image, mode) in enumerate(zip(runs, images, modes), start=1):
+        meta = image_metadata("sweep", run_options, env, "target", index, count, name, target, edit_mode=mode)
+        files.add_png(name, image, meta, parameters_text(meta))
+        entries.append({"file": name, "role": "target", "label": label, "prompt": target, "edit_mode": mode,
+                        "cross_steps": run_options["cross_steps"]})
+    labels = [f"source\n{options['prompt']}"] + [f"{label}\n{target}" for _, _, label in runs]
+    offsets = [len(split_words(label.split("\n")[0] + "\n")) for label in labels]
+    marks = [{k + offsets[0] for k in alignment.changed_source}] + [{k + off for k in alignment.changed_target} for off in offsets[1:]]
+    grid = labelled_grid([source, *images], labels, marks)
+    meta = image_metadata("sweep", options, env, "grid", count - 1, count, "grid.png", None)
+    files.add_png("grid.png", grid, meta, parameters_text(meta))
+    result = {"command": "sweep", "version": __version__, "options": options, "device": env["device"],
+              "edit_mode": modes[0], "alignment": alignment.describe(), "images": entries, "grid": "grid.png"}
+    files.add_json(RESULT, result)
+    files.commit()
+    console.info(f"edit mode: {modes[0]}" + (" (chosen by auto)" if options["mode"] == "auto" else ""))
+    console.info(f"aligned words ({target}): {alignment.describe()}")
+    return result
+
+
+# ============================================================================ batch
+
+
+def parse_batch_file(path: Path, defaults: Mapping) -> tuple[list[tuple[int, dict]], list[tuple[int, str]]]:
+    """Parse and check every line of a ``.jsonl`` file: ``([(line, options)], [(line, reason)])``."""
+    jobs, bad = [], []
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines()
+    except (OSError, UnicodeDecodeError) as err:
+        raise UsageError(f"batch: cannot read {path}: {_one_line(err)}") from None
+    for number, line in enumerate(lines, start=1):
+        if not line.strip() or line.lstrip().startswith("#"):
+            continue
+        try:
+            try:
+                raw = json.loads(line)
+            except json.JSONDecodeError as err:
+                raise UsageError(f"not valid JSON ({err.msg} at column {err.colno})") from None
+            if not isinstance(raw, dict):
+                raise UsageError("must be a JSON object like {\"prompt\": \"...\", \"to\": [\"...\"]}")
+            unknown = sorted(set(raw) - set(BATCH_LINE_KEYS))
+            if unknown:
+                hint = " (set model, dtype and device for the whole batch with --model, --dtype, --device)" if set(unknown) & {"model", "dtype", "device"} else ""
+                raise UsageError(f"unknown key {', '.join(map(repr, unknown))}; use the long names of p2p edit's options with underscores: {', '.join(BATCH_LINE_KEYS)}{hint}")
+            merged = {**{k: v for k, v in defaults.items() if v is not None}, **raw}
+            options = normalise_options(merged, EDIT_KEYS, names=lambda k: k, required=("prompt", "to"))
+            check_edit_words(options, names=lambda k: k)
+        except UsageError as err:
+            bad.append((number, str(err)))
+            continue
+        jobs.append((number, options))
+    return jobs, bad
+
+
+def line_folder(root: Path, number: int, options: Mapping) -> Path:
+    return root / f"line-{number}-{slugify(options['to'][0])}"
+
+
+def _finished(folder: Path, options: Mapping) -> tuple[bool, bool]:
+    """(finished, with the same options) for a line's folder."""
+    result = folder / RESULT
+    if not result.is_file():
+        return False, False
+    try:
+        stored = json.loads(result.read_text(encoding="utf-8")).get("options")
+    except (OSError, ValueError, AttributeError):
+        return True, False
+    return True, stored == json.loads(json.dumps(options))
+
+
+def run_batch_line(pipe, options: dict, folder: Path, env: Mapping, console: Console) -> None:
+    remove_stale_temps(folder)
+    run_edit(pipe, options, folder, env, console)
+
+
+_WORKER: dict = {}
+
+
+def _worker_init(env: dict) -> None:
+    # torch keeps its default thread count: fewer threads would change float reductions, and so
+    # pixels, making results depend on --workers.
+    warnings.simplefilter("ignore")
+    with library_output(False):
+        _WORKER["pipe"] = load_pipeline(env["model"], env["dtype"], env["device"], progress=False)
+    _WORKER["env"] = env
+
+
+def _worker_line(options: dict, folder: str) -> tuple[str, str]:
+    try:
+        run_batch_line(_WORKER["pipe"], options, Path(folder), _WORKER["env"], Console(quiet=True))
+        return "done", folder
+    except (UsageError, RuntimeFailure) as err:
+        return "failed", str(err)
+    except Exception as err:  # noqa: BLE001 - reported per line
+        return "failed", f"{type(err).__name__}: {_one_line(err)}"
+
+
+def _run_parallel(todo: list[tuple[int, dict, Path]], workers: int, env: dict, console: Console, done: list, failed: list) -> None:
+    import concurrent.futures as futures
+    import multiprocessing
+
+    pool = futures.ProcessPoolExecutor(max_workers=workers, mp_context=multiprocessing.get_context("spawn"),
+                                       initializer=_worker_init, initargs=(env,))
+    try:
+        pending = {pool.submit(_worker_line, options, str(folder)): (number, folder) for number, options, folder in todo}
+        for future in futures.as_completed(pending):
+            number, folder = pending[future]
+            try:
+                status, message = future.result()
+            except Exception as err:  # noqa: BLE001 - a worker that died or could not start
+                status, message = "failed", f"worker failed: {type(err).__name__}: {_one_line(err)}"
+            if status == "done":
+                done.append(number)
+                console.info(f"line {number}: done -> {folder}")
+            else:
+                failed.append((number, message))
+                console.info(f"line {number}: failed: {message}")
+    except BaseException:
+        pool.shutdown(wait=False, cancel_futures=True)
+        raise
+    pool.shutdown(wait=True)
+
+
+def cmd_batch(args, console: Console) -> int:
+    path = Path(args.jsonl).expanduser()
+    if not path.is_file():
+        raise UsageError(f"batch: {args.jsonl}: no such file; give the path of a .jsonl file with one edit per line")
+    workers = _integer(args.workers if args.workers is not None else 1, "--workers", 1, "a positive integer")
+    root = output_folder(args.output, "batch")
+    defaults = {"seed": args.seed, "steps": args.steps, "guidance": args.guidance}
+    for key, value in defaults.items():
+        if value is not None:
+            NORMALISERS[key](value, FLAGS[key])
+    model = _model(args.model, "--model") if args.model is not None else None
+    dtype = _choice(DTYPES)(args.dtype, "--dtype") if args.dtype is not None else DEFAULTS["dtype"]
+    jobs, bad = parse_batch_file(path, defaults)
+    for number, reason in bad:
+        print(f"{PROG} batch: line {number}: {reason}", file=sys.stderr)
+    done, skipped, failed = [], [], list(bad)
+    todo = []
+    for number, options in jobs:
+        options.update(model=model, dtype=dtype)
+        folder = line_folder(root, number, options)
+        finished, same = _finished(folder, options)
+        if finished:
+            skipped.append(number)
+            note = "" if same else " (with other settings; delete its folder to redo it)"
+            console.info(f"line {number}: already finished{note}, skipped")
+        else:
+            todo.append((number, options, folder))
+    if todo:
+        device = check_device(args.device)
+        env = {"device": device, "model": model, "dtype": dtype}
+        if workers > 1 and len(todo) > 1:
+            _run_parallel(todo, min(workers, len(todo)), env, console, done, failed)
+        else:
+            pipe = load_pipeline(model, dtype, device, progress=console.progress)
+            for number, options, folder in todo:
+                try:
+                    run_batch_line(pipe, options, folder, env, console)
+                except (UsageError, RuntimeFailure) as err:
+                    failed.append((number, str(err)))
+                    console.info(f"line {number}: failed: {err}")
+                    continue
+                except Exception as err:  # noqa: BLE001 - one line's failure must not stop the others
+                    failed.append((number, f"{type(err).__name__}: {_one_line(err)}"))
+                    console.info(f"line {number}: failed: {type(err).__name__}: {_one_line(err)}")
+                    continue
+                done.append(number)
+                console.info(f"line {number}: done -> {folder}")
+    print(f"batch: {len(done)} done, {len(skipped)} skipped (finished earlier), {len(failed)} failed; outputs in {root}")
+    for number, reason in sorted(failed):
+        print(f"  line {number} failed: {reason}")
+    return 1 if failed else 0
+
+
+# ============================================================================ command entry points
+
+
+def _raw(args, keys) -> dict:
+    return {k: getattr(args, k, None) for k in keys}
+
+
+def _env(device: str) -> dict:
+    return {"device": device}
+
+
+def cmd_generate(args, console: Console) -> int:
+    options = normalise_options(_raw(args, GENERATE_KEYS), GENERATE_KEYS)
+    folder = output_folder(args.output, slugify(options["prompt"]))
+    device = check_device(args.device)
+    pipe = load_pipeline(options["model"], options["dtype"], device, console.progress)
+    run_generate(pipe, options, folder, _env(device), console)
+    print(folder)
+    return 0
+
+
+def cmd_edit(args, console: Console) -> int:
+    raw = _raw(args, EDIT_KEYS)
+    if args.from_image is not None:
+        stored = read_stored_options(args.from_image, "--from")
+        stored = {k: v for k, v in stored.items() if k in EDIT_KEYS and v != DEFAULTS.get(k)}  # defaults stay defaults
+        raw = {**stored, **{k: v for k, v in raw.items() if v is not None}}
+    if raw.get("prompt") is None:
+        raise UsageError(f"the source prompt is missing; give it as the first argument (or --from IMAGE.png), e.g. {PROG} edit \"a red circle on a blue background\" --to \"a red square on a blue background\"")
+    if raw.get("to") is None:
+        raise UsageError("--to is required: give the target prompt, e.g. --to \"a red square on a blue background\"")
+    options = normalise_options(raw, EDIT_KEYS, required=("prompt", "to"))
+    check_edit_words(options)
+    if options["image"] is not None:
+        from .pipeline import Prompt2PromptPipeline
+
+        if not hasattr(Prompt2PromptPipeline, "invert"):
+            raise RuntimeFailure("inversion is not available in this version")
+    folder = output_folder(args.output, slugify(options["to"][0]))
+    device = check_device(args.device)
+    pipe = load_pipeline(options["model"], options["dtype"], device, console.progress)
+    run_edit(pipe, options, folder, _env(device), console)
+    print(folder)
+    return 0
+
+
+def cmd_attention(args, console: Console) -> int:
+    options = normalise_options(_raw(args, ATTENTION_KEYS), ATTENTION_KEYS)
+    folder = output_folder(args.output, slugify(options["prompt"]))
+    device = check_device(args.device)
+    pipe = load_pipeline(options["model"], options["dtype"], device, console.progress)
+    run_attention(pipe, options, folder, _env(device), console)
+    print(folder)
+    return 0
+
+
+def cmd_sweep(args, console: Console) -> int:
+    raw = _raw(args, SWEEP_KEYS)
+    raw["sweep"] = args.cross_steps
+    options = normalise_options(raw, SWEEP_KEYS, required=("prompt", "to"))
+    check_edit_words({**options, "cross_steps": DEFAULTS["cross_steps"]})
+    folder = output_folder(args.output, slugify(options["to"][0]))
+    device = check_device(args.device)
+    pipe = load_pipeline(options["model"], options["dtype"], device, console.progress)
+    run_sweep(pipe, options, folder, _env(device), console)
+    print(folder)
+    return 0
+
+
+def cmd_info(args, console: Console) -> int:
+    meta = read_stored_metadata(args.image, "info")
+    if args.json:
+        print(json.dumps(meta, indent=2, ensure_ascii=False))
+    elif isinstance(meta.get("options"), dict):
+        print(f"file: {args.image}")
+        print(parameters_text(meta))
+    else:  # written by another part of the package (e.g. the web page): its fields as they are
+        print(f"file: {args.image}")
+        for key, value in meta.items():
+            print(f"{key.replace('_', ' ')}: {json.dumps(value) if isinstance(value, (list, dict)) else value}")
+    return 0
+
+
+def cmd_serve(args, console: Console) -> int:
+    import importlib.util
+
+    port = _integer(args.port if args.port is not None else 7860, "--port", 1, "a port number from 1 to 65535")
+    if port > 65535:
+        raise UsageError(f"--port must be a port number from 1 to 65535, got {args.port!r}")
+    host = args.host or "127.0.0.1"
+    model = _model(args.model, "--model")
+    dtype = _choice(DTYPES)(args.dtype, "--dtype") if args.dtype is not None else None
+    device = check_device(args.device)
+    check_model(model)
+    if importlib.util.find_spec("gradio") is None:
+        raise RuntimeFailure("the web page needs Gradio: pip install 'prompt2prompt[web]'")
+    from . import web
+
+    console.info(f"serving {model_label(model)} on http://{host}:{port} (Ctrl-C stops)")
+    web.serve(host=host, port=port, model=model, device=device, dtype=dtype, output_dir=args.output_dir or "outputs/web")
+    return 0
+
+
+COMMANDS = {
+    "generate": cmd_generate,
+    "edit": cmd_edit,
+    "attention": cmd_attention,
+    "sweep": cmd_sweep,
+    "batch": cmd_batch,
+    "info": cmd_info,
+    "serve": cmd_serve,
+}
+
+
+# ============================================================================ argument parser
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse that reports errors as a `UsageError` (one line) instead of printing usage and exiting."""
+
+    def error(self, message):
+        raise UsageError(f"{_one_line(message)}; see '{self.prog} --help'")
+
+
+class _Formatter(argparse.RawDescriptionHelpFormatter):
+    def __init__(self, prog):
+        super().__init__(prog, max_help_position=32)
+
+
+def _add_common(parser, batch: bool = False):
+    group = parser.add_argument_group("generation" if not batch else "generation (defaults for lines that do not set them)")
+    group.add_argument("--seed", help="seed of the initial noise (default 0); the same seed gives the same pixels")
+    group.add_argument("--steps", help="denoising steps (default 50)")
+    group.add_argument("--guidance", help="classifier-free guidance scale (default 7.5; <= 1 turns guidance off)")
+    group = parser.add_argument_group("model and output")
+    group.add_argument("-o", "--output", metavar="DIR", help="output folder (default outputs/<YYYYmmdd-HHMMSS>-<slug>/)")
+    group.add_argument("--model", metavar="PATH_OR_ID", help="diffusers Stable Diffusion folder or hub id (default: the bundled shapes model)")
+    group.add_argument("--device", metavar="DEVICE", help="cpu, cuda, cuda:N or mps (default: cuda if available, else mps, else cpu)")
+    group.add_argument("--dtype", metavar="DTYPE", help="float32 (default), float16 or bfloat16")
+    group.add_argument("--quiet", action="store_true", help="no progress bar or messages; print only the output folder")
+    group.add_argument("--debug", action="store_true", help="show tracebacks and library logs")
+
+
+def _add_edit_settings(parser, cross_steps_help: str):
+    group = parser.add_argument_group("edit")
+    group.add_argument("--mode", help="auto (default: replace when the word counts match, else refine), replace, refine or none")
+    group.add_argument("--cross-steps", metavar="F|START:END", help=cross_steps_help)
+    group.add_argument("--cross-steps-word", metavar="WORD=F|WORD=START:END", nargs="+", action="extend",
+                       help="a word's own cross-attention window, e.g. square=0:0.4 (repeatable)")
+    group.add_argument("--self-steps", metavar="F|START:END", help="self-attention injection window (default 0.4)")
+    group.add_argument("--blend", nargs=2, metavar=("SOURCE_WORDS", "TARGET_WORDS"),
+                       help="local blending: change only the region of these words (comma-separated), e.g. --blend circle square")
+    group.add_argument("--blend-threshold", metavar="F", help="local blending's mask threshold in [0, 1] (default 0.3)")
+    group.add_argument("--reweight", metavar="WORD=FACTOR", nargs="+", action="extend",
+                       help="scale a target word's attention, e.g. red=2 (0, negative and > 1 allowed; repeatable)")
+
+
+EPILOGS = {
+    "generate": """examples:
+  p2p generate "a red circle on a blue background" --seed 3
+  p2p generate "a cat riding a bicycle" --model ./stable-diffusion-v1-5 --device cuda --dtype float16 -o cat/
+""",
+    "edit": """examples:
+  p2p edit "a red circle on a blue background" --to "a red square on a blue background"
+  p2p edit "a red circle on a blue background" --to "a red circle on a blue background in pixel art style" --mode refine
+  p2p edit "a red circle on a blue background" --to "a red square on a blue background" --blend circle square --cross-steps 0.2:0.8
+  p2p edit "a red circle on a blue background" --to "a red circle on a blue background" --reweight red=3
+  p2p edit --from outputs/20261126-101500-a-red-square/edit-1.png --seed 7       # rerun a result, changing the seed
+  p2p edit "a photo of a cat" --to "a photo of a dog" --image cat.jpg --invert null-text --model ./sd15
+
+Writes source.png, edit-1.png (one per --to), grid.png (prompts under the images, changed words
+marked in red and brackets) and result.json, and prints the edit mode and the aligned words.
+""",
+    "attention": """examples:
+  p2p attention "a red circle next to a blue square on grass" --steps 30
+  p2p attention "a red circle on a blue background" --res 16 --top-k 8
+
+Writes image.png, cross-attention.png (the image, then each word's cross-attention map over it,
+the word under it), self-attention.png (the top-k SVD components of the source's self-attention)
+and result.json.
+""",
+    "sweep": """examples:
+  p2p sweep "a red circle on a blue background" --to "a red square on a blue background"
+  p2p sweep "a red circle on a blue background" --to "a red square on a blue background" --cross-steps 0,0.5,1 --self-steps 0.2
+
+Writes source.png, one image per --cross-steps value (cross-<value>.png), none.png (the target
+from the same noise with no attention injected), grid.png and result.json.
+""",
+    "batch": """example edits.jsonl (one edit per line; any p2p edit option by its long name with underscores):
+  {"prompt": "a red circle on a blue background", "to": ["a red square on a blue background"], "seed": 1, "steps": 50}
+  {"prompt": "a red circle on grass", "to": "a blue circle on grass", "cross_steps": "0.2:0.8", "blend": ["circle", "circle"]}
+  {"prompt": "a red circle on grass", "to": "a red circle on grass", "reweight": {"red": 3}}
+
+examples:
+  p2p batch edits.jsonl -o runs/
+  p2p batch edits.jsonl -o runs/ --workers 2 --steps 30     # --seed/--steps/--guidance: defaults for lines without them
+
+Each line writes DIR/line-<n>-<slug>/ (its images, grid.png and, last, result.json). A line whose
+result.json exists is finished and skipped, so running the same command again resumes a stopped
+batch. Bad lines are reported and the others run; exit status 1 if any line failed.
+""",
+    "serve": """examples:
+  p2p serve                                   # http://127.0.0.1:7860, the bundled model
+  p2p serve --model ./stable-diffusion-v1-5 --device cuda --dtype float16 --port 7861
+
+Needs the web extra: pip install "prompt2prompt[web]". Binds to 127.0.0.1 unless --host says otherwise.
+""",
+    "info": """examples:
+  p2p info outputs/20261126-101500-a-red-square/edit-1.png
+  p2p info edit-1.png --json
+""",
+}
+
+
+def build_parser() -> ArgumentParser:
+    parser = ArgumentParser(
+        prog=PROG, allow_abbrev=False, formatter_class=_Formatter,
+        description="Prompt-to-Prompt image editing (Hertz et al., 2022) from the command line.",
+        epilog="Run 'p2p COMMAND --help' for a command's options and examples. Without --model, the bundled "
+               "shapes-world model runs (64x64 images of coloured shapes; no download).",
+    )
+    parser.add_argument("--version", action="version", version=f"%(prog)s (prompt2prompt) {__version__}")
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=ArgumentParser)
+    commands.required = True
+
+    def command(name, help_text):
+        return commands.add_parser(name, help=help_text, description=help_text, epilog=EPILOGS[name],
+                                   formatter_class=_Formatter, allow_abbrev=False)
+
+    p = command("generate", "generate an image from a prompt")
+    p.add_argument("prompt", help="the prompt")
+    _add_common(p)
+
+    p = command("edit", "edit an image by editing its prompt")
+    p.add_argument("prompt", nargs="?", help="the source prompt (optional with --from)")
+    p.add_argument("--to", action="append", metavar="PROMPT", help="a target prompt (repeat for several targets)")
+    _add_edit_settings(p, "cross-attention injection window: a fraction of the steps or START:END (default 0.8)")
+    group = p.add_argument_group("real image")
+    group.add_argument("--image", metavar="PHOTO", help="edit this photo instead of a generated image (needs inversion)")
+    group.add_argument("--invert", metavar="METHOD", help=f"how to invert --image: {', '.join(INVERT_METHODS)} (default null-text)")
+    group = p.add_argument_group("rerun")
+    group.add_argument("--from", dest="from_image", metavar="IMAGE.png",
+                       help="take the prompts and settings stored in a PNG written by p2p as defaults; flags given override them")
+    _add_common(p)
+
+    p = command("attention", "show a prompt's cross-attention per word and its self-attention components")
+    p.add_argument("prompt", help="the prompt")
+    p.add_argument("--top-k", metavar="K", help="self-attention components to show (default 6)")
+    p.add_argument("--res", metavar="SIDE", help="side of the attention maps to record (default: the latent side // 4)")
+    _add_common(p)
+
+    p = command("sweep", "edit with a range of cross-attention injection windows, side by side")
+    p.add_argument("prompt", help="the source prompt")
+    p.add_argument("--to", action="append", metavar="PROMPT", help="the target prompt")
+    _add_edit_settings(p, "comma-separated windows to try (default 0,0.2,0.4,0.6,0.8,1.0; each F or START:END)")
+    _add_common(p)
+
+    p = command("batch", "run many edits from a .jsonl file, resumably")
+    p.add_argument("jsonl", help="a file with one JSON edit per line")
+    p.add_argument("--workers", metavar="N", help="processes running lines at once, each loading the model (default 1)")
+    _add_common(p, batch=True)
+    for action in p._actions:
+        if action.dest == "output":
+            action.required = True
+            action.help = "output folder; each line writes DIR/line-<n>-<slug>/"
+
+    p = command("serve", "serve the web page (Gradio) for editing in a browser")
+    p.add_argument("--host", help="address to bind (default 127.0.0.1: this machine only)")
+    p.add_argument("--port", help="port (default 7860)")
+    p.add_argument("--model", metavar="PATH_OR_ID", help="diffusers Stable Diffusion folder or hub id (default: the bundled shapes model)")
+    p.add_argument("--device", metavar="DEVICE", help="cpu, cuda, cuda:N or mps (default: cuda if available, else mps, else cpu)")
+    p.add_argument("--dtype", metavar="DTYPE", help="float32 (default), float16 or bfloat16")
+    p.add_argument("--output-dir", metavar="DIR", help="where results are written (default outputs/web)")
+    p.add_argument("--quiet", action="store_true", help="no messages")
+    p.add_argument("--debug", action="store_true", help="show tracebacks and library logs")
+
+    p = command("info", "print the parameters stored in a PNG written by p2p")
+    p.add_argument("image", metavar="IMAGE.png", help="a PNG written by p2p")
+    p.add_argument("--json", action="store_true", help="print the stored JSON")
+    return parser
+
+
+# ============================================================================ main
+
+
+def _show_warning(message, category, filename, lineno, file=None, line=None):
+    print(f"{PROG}: warning: {_one_line(message)}", file=sys.stderr)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run ``p2p`` with ``argv`` (default ``sys.argv[1:]``); returns the exit status."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    debug = "--debug" in argv
+    parser = build_parser()
+    command = argv[0] if argv and argv[0] in COMMANDS else None
+    prefix = f"{PROG} {command}" if command else PROG
+    try:
+        args = parser.parse_args(argv)
+    except UsageError as err:
+        print(f"{prefix}: error: {err}", file=sys.stderr)
+        return 2
+    except SystemExit as exit_:  # --help, --version
+        return exit_.code if isinstance(exit_.code, int) else 0
+    console = Console(quiet=getattr(args, "quiet", False))
+    handler = None
+    if debug:
+        handler = logging.StreamHandler(sys.stderr)
+        logging.getLogger("prompt2prompt").addHandler(handler)
+        logging.getLogger("prompt2prompt").setLevel(logging.INFO)
+    try:
+        with warnings.catch_warnings(), library_output(debug):
+            if not debug:
+                warnings.simplefilter("ignore")
+                if not console.quiet:
+                    warnings.simplefilter("default", UserWarning)
+                warnings.showwarning = _show_warning
+            return COMMANDS[args.command](args, console)
+    except UsageError as err:
+        if debug:
+            traceback.print_exc()
+        print(f"{prefix}: error: {_one_line(err)}", file=sys.stderr)
+        return 2
+    except RuntimeFailure as err:
+        if debug:
+            traceback.print_exc()
+        print(f"{prefix}: error: {_one_line(err)}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print(f"{prefix}: interrupted", file=sys.stderr)
+        return 130
+    except Exception as err:  # noqa: BLE001 - every other failure: one line, traceback with --debug
+        if debug:
+            traceback.print_exc()
+        print(f"{prefix}: error: {type(err).__name__}: {_one_line(err)}" + ("" if debug else " (--debug shows the traceback)"), file=sys.stderr)
+        return 1
+    finally:
+        if handler is not None:
+            logging.getLogger("prompt2prompt").removeHandler(handler)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

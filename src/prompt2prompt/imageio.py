@@ -1,0 +1,189 @@
+"""Files the command-line tool writes: PNGs that carry their parameters, written atomically.
+
+Every PNG holds its parameters twice: as JSON in the iTXt chunk ``prompt2prompt`` (what
+`read_png_metadata` and ``p2p info`` read back) and as text in the ``parameters`` chunk (for
+people and other tools). Every file is written to a temporary file in its own folder and then
+renamed over the final name (`os.replace`), so a reader or an interrupted run never sees half a file.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import tempfile
+from collections.abc import Mapping
+from pathlib import Path
+
+import PIL.Image
+from PIL.PngImagePlugin import PngInfo
+
+#: PNG text chunk holding the parameters as JSON.
+METADATA_KEY = "prompt2prompt"
+#: PNG text chunk holding the parameters as readable text.
+PARAMETERS_KEY = "parameters"
+#: Temporary files start with this (and are hidden); `remove_stale_temps` deletes leftovers.
+TEMP_PREFIX = ".p2p-tmp-"
+
+
+def png_bytes(image: PIL.Image.Image, metadata: Mapping | None = None, parameters: str | None = None) -> bytes:
+    """Encode ``image`` as PNG with ``metadata`` as JSON (chunk ``prompt2prompt``) and the
+    readable ``parameters`` text (chunk ``parameters``)."""
+    info = PngInfo()
+    if metadata is not None:
+        info.add_itxt(METADATA_KEY, json.dumps(metadata, ensure_ascii=False))
+    if parameters is not None:
+        info.add_itxt(PARAMETERS_KEY, parameters)
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG", pnginfo=info)
+    return buffer.getvalue()
+
+
+def read_png_metadata(path: str | os.PathLike) -> dict | None:
+    """The JSON parameters stored in a PNG by `png_bytes`, or None when it has none.
+
+    Raises:
+        OSError: the file cannot be read or is not an image PIL can open.
+        ValueError: the chunk is there but is not a JSON object.
+    """
+    with PIL.Image.open(path) as image:
+        text = getattr(image, "text", None) or {}
+        raw = text.get(METADATA_KEY)
+    if raw is None:
+        return None
+    value = json.loads(raw)
+    if not isinstance(value, dict):
+        raise ValueError(f"the {METADATA_KEY!r} chunk of {path} is not a JSON object")
+    return value
+
+
+def read_png_parameters(path: str | os.PathLike) -> str | None:
+    """The readable ``parameters`` text of a PNG, or None."""
+    with PIL.Image.open(path) as image:
+        return (getattr(image, "text", None) or {}).get(PARAMETERS_KEY)
+
+
+def _fsync_dir(folder: Path) -> None:
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def write_temp(path: str | os.PathLike, data: bytes) -> Path:
+    """Write ``data`` to a new temporary file beside ``path`` (flushed to disk) and return its path.
+
+    The temporary file is removed again if writing fails or is interrupted.
+    """
+    path = Path(path)
+    fd, temp = tempfile.mkstemp(prefix=f"{TEMP_PREFIX}{path.name}.", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as handle:
+            handle.write(data)
+            handle.flush()
+            os.fsync(handle.fileno())
+    except BaseException:
+        Path(temp).unlink(missing_ok=True)
+        raise
+    return Path(temp)
+
+
+def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> Path:
+    """Write ``data`` to ``path`` atomically: a temporary file in the same folder, then `os.replace`."""
+    path = Path(path)
+    temp = write_temp(path, data)
+    try:
+        os.replace(temp, path)
+    except BaseException:
+        temp.unlink(missing_ok=True)
+        raise
+    _fsync_dir(path.parent)
+    return path
+
+
+def json_bytes(value) -> bytes:
+    """``value`` as indented UTF-8 JSON with a final newline."""
+    return (json.dumps(value, indent=2, ensure_ascii=False) + "\n").encode("utf-8")
+
+
+def atomic_write_json(path: str | os.PathLike, value) -> Path:
+    """Write ``value`` as JSON to ``path`` atomically."""
+    return atomic_write_bytes(path, json_bytes(value))
+
+
+def save_png(path: str | os.PathLike, image: PIL.Image.Image, metadata: Mapping | None = None, parameters: str | None = None) -> Path:
+    """Save ``image`` as a PNG carrying ``metadata`` and ``parameters``, atomically."""
+    return atomic_write_bytes(path, png_bytes(image, metadata, parameters))
+
+
+def remove_stale_temps(folder: str | os.PathLike) -> list[Path]:
+    """Delete temporary files left in ``folder`` by a killed writer; returns what was removed."""
+    folder = Path(folder)
+    removed = []
+    if folder.is_dir():
+        for entry in folder.iterdir():
+            if entry.name.startswith(TEMP_PREFIX) and entry.is_file():
+                entry.unlink(missing_ok=True)
+                removed.append(entry)
+    return removed
+
+
+class OutputSet:
+    """Files of one result, committed together.
+
+    `add` encodes files in memory; `commit` writes each to a temporary file, then renames them
+    all into place in the order added (so the last one, e.g. ``result.json``, appears last). If
+    anything fails or is interrupted (Ctrl-C) before `commit` returns, the temporary files and the
+    files this commit already renamed are removed, and the folder too when this commit created it
+    and it is left empty: an interrupted run leaves no partial result.
+    """
+
+    def __init__(self, folder: str | os.PathLike):
+        self.folder = Path(folder)
+        self._files: list[tuple[str, bytes]] = []
+
+    def add(self, name: str, data: bytes) -> None:
+        if any(n == name for n, _ in self._files):
+            raise ValueError(f"{name} is already in this output set")
+        self._files.append((name, data))
+
+    def add_png(self, name: str, image: PIL.Image.Image, metadata: Mapping | None = None, parameters: str | None = None) -> None:
+        self.add(name, png_bytes(image, metadata, parameters))
+
+    def add_json(self, name: str, value) -> None:
+        self.add(name, json_bytes(value))
+
+    @property
+    def names(self) -> list[str]:
+        return [n for n, _ in self._files]
+
+    def commit(self) -> list[Path]:
+        created = not self.folder.exists()
+        self.folder.mkdir(parents=True, exist_ok=True)
+        temps: list[tuple[Path, Path]] = []
+        done: list[Path] = []
+        try:
+            for name, data in self._files:
+                temps.append((write_temp(self.folder / name, data), self.folder / name))
+            for temp, final in temps:
+                os.replace(temp, final)
+                done.append(final)
+            _fsync_dir(self.folder)
+        except BaseException:
+            for temp, _ in temps:
+                temp.unlink(missing_ok=True)
+            for final in done:
+                final.unlink(missing_ok=True)
+            if created:
+                try:
+                    self.folder.rmdir()
+                except OSError:
+                    pass
+            raise
+        return done
