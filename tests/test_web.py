@@ -186,13 +186,23 @@ def test_edit_in_the_browser(server, browser):
     sizes = _wait(browser, results_ready)
     assert all(w == 64 and h == 64 for _, w, h in sizes[:2]), sizes
     assert not _visible_errors(browser)
-    pngs = sorted(out.rglob("*.png"))
-    pngs = [p for p in pngs if ".gradio" not in p.parts]
+    pngs = [p for p in sorted(out.rglob("*.png")) if ".gradio" not in p.parts and "rerun" not in p.parts]
     assert len(pngs) == 2
     from prompt2prompt.imageio import read_png_metadata
 
-    meta = read_png_metadata(pngs[1])
-    assert meta["prompt"] == "a big red circle on a blue background" and meta["num_inference_steps"] == int(steps)
+    meta = read_png_metadata(next(p for p in pngs if p.name == "edit-1.png"))
+    assert meta["options"]["prompt"] == "a big red circle on a blue background" and meta["options"]["steps"] == int(steps)
+    assert meta["options"]["to"] == ["a big red square on a blue background"] and meta["source"] == "p2p serve"
+    # the command line reads it and makes the same image again
+    from prompt2prompt.cli import main
+
+    rerun = out / "rerun"
+    assert main(["edit", "--from", str(next(p for p in pngs if p.name == "edit-1.png")), "-o", str(rerun), "--quiet"]) == 0
+    import numpy as np
+    from PIL import Image
+
+    with Image.open(rerun / "edit-1.png") as a, Image.open(next(p for p in pngs if p.name == "edit-1.png")) as b:
+        assert np.array_equal(np.asarray(a), np.asarray(b))
 
     # the attention view: one heat map per word of each prompt
     browser.find_element(By.CSS_SELECTOR, "#attention-accordion button").click()

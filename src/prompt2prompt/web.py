@@ -84,14 +84,21 @@ class EditRequest:
             kwargs["local_blend"] = LocalBlend(self.blend_source, self.blend_target, threshold=self.blend_threshold)
         return kwargs
 
-    def metadata(self, model: str) -> dict[str, Any]:
-        from . import __version__
+    def options(self, model: str | None, dtype: str | None = None) -> dict[str, Any]:
+        """The request as the command line's canonical edit options (what ``p2p info`` reads and
+        ``p2p edit --from`` reruns)."""
+        from .cli import EDIT_KEYS, normalise_options
 
-        meta = {k: v for k, v in self.__dict__.items() if k != "image"}
-        meta.update(model=model, prompt2prompt_version=__version__, source="p2p serve")
-        if self.image:
-            meta["image_sha256"] = _sha256(self.image)
-        return meta
+        raw = {
+            "prompt": self.prompt, "to": list(self.edit_prompts), "mode": self.mode,
+            "cross_steps": self.cross_replace_steps, "self_steps": self.self_replace_steps,
+            "blend": [self.blend_source, self.blend_target] if self.blend_source else None,
+            "blend_threshold": self.blend_threshold if self.blend_source else None,
+            "reweight": dict(self.equalizer) or None, "seed": self.seed, "steps": self.num_inference_steps,
+            "guidance": self.guidance_scale, "model": model, "dtype": dtype,
+            "image": self.image, "invert": self.inversion_method if self.image else None,
+        }
+        return normalise_options(raw, EDIT_KEYS, required=("prompt", "to"))
 
 
 def _words(text: str | None) -> list[str]:
@@ -155,23 +162,21 @@ def _sha256(path: str) -> str:
     return h.hexdigest()
 
 
-def _slug(text: str, limit: int = 40) -> str:
-    return re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-")[:limit] or "edit"
-
-
 class Editor:
     """Runs requests on one pipeline and writes their PNGs under ``output_dir``.
 
     Args:
         pipe: a `Prompt2PromptPipeline`.
         output_dir: every file of the app goes below this folder.
-        model: the model's name for the metadata.
+        model: the ``--model`` the pipeline was loaded from (None: the bundled model), for the metadata.
+        dtype: its ``--dtype`` name (None: float32).
+        device: the device it runs on.
     """
 
-    def __init__(self, pipe, output_dir: str | os.PathLike, model: str):
+    def __init__(self, pipe, output_dir: str | os.PathLike, model: str | None = None, dtype: str | None = None, device: str = "cpu"):
         self.pipe = pipe
         self.output_dir = Path(output_dir).resolve()
-        self.model = model
+        self.model, self.dtype, self.device = model, dtype, device
         self._inversions: OrderedDict[tuple, Any] = OrderedDict()
 
     def _inversion(self, req: EditRequest):
@@ -200,20 +205,25 @@ class Editor:
         heat = []
         for k, image in enumerate(images):
             heat += [(im, f"{'source' if k == 0 else f'target {k}'}: {word}") for word, im in token_heatmaps(image, out.attention, k)]
-        folder = self.output_dir / f"{time.strftime('%Y%m%d-%H%M%S')}-{_slug(req.prompt)}"
+        from .cli import slugify
+
+        folder = self.output_dir / f"{time.strftime('%Y%m%d-%H%M%S')}-{slugify(req.prompt)}"
         n = 1
         while folder.exists():
             n += 1
             folder = folder.with_name(folder.name.split("~")[0] + f"~{n}")
         folder.mkdir(parents=True)
-        meta = req.metadata(self.model)
-        meta["edit_mode"] = out.edit_mode.value if out.edit_mode is not None else None
+        from .cli import image_metadata, parameters_text
+
+        options = req.options(self.model, self.dtype)
+        mode = out.edit_mode.value if out.edit_mode is not None else None
+        prompts = [req.prompt, *req.edit_prompts]
         files = []
         for k, image in enumerate(images):
-            role = "source" if k == 0 else f"edit-{k}"
-            text = req.prompt if k == 0 else req.edit_prompts[k - 1]
-            files.append(str(save_png(folder / f"{k:02d}-{role}.png", image, {**meta, "image": role, "image_prompt": text},
-                                      f"{role}: {text}\nseed {req.seed}, {req.num_inference_steps} steps, guidance {req.guidance_scale}, mode {meta['edit_mode']}")))
+            name = "source.png" if k == 0 else f"edit-{k}.png"
+            meta = image_metadata("edit", options, {"device": self.device}, "source" if k == 0 else "target", k, len(prompts), name,
+                                  prompts[k], edit_mode=mode, source="p2p serve")
+            files.append(str(save_png(folder / name, image, meta, parameters_text(meta))))
         return images, heat, files
 
 
@@ -315,7 +325,7 @@ def serve(host: str = "127.0.0.1", port: int = 7860, model: str | None = None, d
     pipe = Prompt2PromptPipeline.from_pretrained(model, **kwargs)
     if device:
         pipe.to(device)
-    editor = Editor(pipe, out, model or "bundled shapes model")
+    editor = Editor(pipe, out, model, dtype, str(pipe.device))
     demo = build_app(editor)
     demo.queue(default_concurrency_limit=1, max_size=32)
     demo.launch(server_name=host, server_port=port, max_file_size=f"{MAX_UPLOAD_MB}mb", css=_CSS,
