@@ -1,9 +1,17 @@
-"""The evaluation's detector, checked against the renderer's ground truth."""
+"""The evaluation's detector and measures, checked against the renderer's ground truth, and a smoke
+run of every evaluation part on the bundled model (tiny budget: one sample, two steps)."""
+
+import json
+import math
 
 import numpy as np
+import pytest
 
 from prompt2prompt.shapes import world
-from prompt2prompt.shapes.evaluate import _fill_holes, detect, detector_accuracy
+from prompt2prompt.shapes import evaluate as ev
+from prompt2prompt.shapes.evaluate import (
+    _fill_holes, colour_strength, convex_hull, detect, detector_accuracy, foreground, pattern_strength, relation_holds, spearman,
+)
 
 
 def test_detector_on_rendered_scenes():
@@ -23,8 +31,171 @@ def test_detector_finds_two_objects_with_their_masks():
         assert iou > 0.9
 
 
+def test_detector_finds_nothing_when_the_background_has_another_colour():
+    scene = world.render(world.make_spec([dict(shape="circle", colour="blue", size="big")], "red", seed=0))
+    assert detect(scene.image, "red") and not detect(scene.image, "blue")  # the red background is no object
+    assert ev.border_colour(scene.image) == "red"
+
+
 def test_fill_holes():
     m = np.zeros((8, 8), bool)
     m[1:6, 1:6] = True
     m[3, 3] = False
     assert _fill_holes(m)[3, 3] and not _fill_holes(m)[7, 7]
+
+
+def test_spearman_on_known_sequences():
+    assert spearman([1, 2, 3, 4], [10, 20, 30, 40]) == pytest.approx(1.0)
+    assert spearman([1, 2, 3, 4], [1, 4, 9, 100]) == pytest.approx(1.0)  # ranks only
+    assert spearman([1, 2, 3], [3, 2, 1]) == pytest.approx(-1.0)
+    assert spearman([1, 2, 3, 4, 5], [2, 1, 4, 3, 5]) == pytest.approx(0.8)  # 1 - 6 * 4 / (5 * 24)
+    assert spearman([1, 2, 3, 4], [1, 2, 2, 5]) == pytest.approx(4.5 / math.sqrt(22.5))  # a tie: ranks 2.5, 2.5
+    assert spearman([1, 1, 2, 2], [1, 2, 3, 4]) == pytest.approx(4 / math.sqrt(20))  # ties in x
+    assert spearman([-2, -1, 0, 0.5, 1, 1.5, 2], [0.1, 0.1, 0.1, 0.1, 0.1, 0.1, 0.2]) == pytest.approx(math.sqrt(10.5 / 28))
+    assert math.isnan(spearman([1, 2, 3], [5, 5, 5]))  # constant: undefined
+    assert math.isnan(spearman([1, 2, 3], [1, float("nan"), 3]))
+    with pytest.raises(ValueError):
+        spearman([1, 2], [1, 2, 3])
+
+
+@pytest.mark.parametrize("shape,colour,bg", [("circle", "red", "blue"), ("square", "yellow", "white"), ("heart", "green", "black"),
+                                             ("star", "purple", "gray")])
+def test_pattern_strength_grows_with_a_rendered_pattern(shape, colour, bg):
+    def strength(pattern):
+        scene = world.render(world.make_spec([dict(shape=shape, colour=colour, size="big", pattern=pattern)], bg, seed=7))
+        return pattern_strength(scene.image, scene.filled[0])
+
+    plain, dotted, striped = strength(None), strength("dotted"), strength("striped")
+    assert plain < 0.05 and dotted > plain + 0.08 and striped > dotted + 0.1
+    assert strength("outlined") > 0.15  # the filled mask holds the background-coloured interior
+    scene = world.render(world.make_spec([dict(shape=shape, colour=colour, size="big")], bg, seed=7))
+    assert colour_strength(scene.image, scene.filled[0], colour) > 0.95 > colour_strength(scene.image, scene.filled[0], bg)
+    assert math.isnan(pattern_strength(scene.image, np.zeros((64, 64), bool)))
+
+
+@pytest.mark.parametrize("relation", world.RELATIONS)
+def test_relation_holds_on_rendered_two_object_scenes(relation):
+    opposite = {"left of": "right of", "right of": "left of", "above": "below", "below": "above", "next to": "above"}
+    rng = np.random.default_rng(0)
+    for seed in range(6):
+        (c1, c2), bg = rng.choice(world.COLOUR_NAMES, 2, replace=False), None
+        bg = next(c for c in world.COLOUR_NAMES if c not in (c1, c2))
+        objects = [dict(shape=str(s), colour=str(c), size=size) for s, c, size in
+                   zip(rng.choice(world.SHAPES, 2), (c1, c2), rng.choice(["small", "big"], 2))]
+        scene = world.render(world.make_spec(objects, bg, relation=relation, seed=seed))
+        a, b = ev._match(detect(scene.image, bg), [dict(colour=o["colour"]) for o in objects])
+        truth_a, truth_b = (tuple(o.center) for o in scene.spec.objects)
+        assert relation_holds(truth_a, truth_b, relation) and relation_holds(a.centroid, b.centroid, relation)
+        assert not relation_holds(a.centroid, b.centroid, opposite[relation])
+    with pytest.raises(ValueError):
+        relation_holds((0, 0), (1, 1), "inside")
+
+
+@pytest.mark.parametrize("style", world.STYLES)
+def test_foreground_segments_styled_scenes(style):
+    ious = []
+    for seed, (shape, colour, bg) in enumerate([("circle", "red", "blue"), ("square", "yellow", "purple"),
+                                                ("heart", "white", "green"), ("triangle", "orange", "black")]):
+        obj = dict(shape=shape, colour=colour, size="big")
+        truth = convex_hull(detect(world.render(world.make_spec([obj], bg, seed=seed)).image, bg)[0].mask)
+        fg = foreground(world.render(world.make_spec([obj], bg, style=style, seed=seed)).image)
+        ious.append((fg & truth).sum() / (fg | truth).sum())
+    assert np.median(ious) > 0.8 and min(ious) > 0.7
+    assert not foreground(np.full((64, 64, 3), 200, np.uint8)).any()
+
+
+def test_convex_hull():
+    m = np.zeros((16, 16), bool)
+    m[2, 2] = m[2, 12] = m[12, 2] = True  # a right triangle's corners
+    h = convex_hull(m)
+    assert h[2, 2:13].all() and h[2:13, 2].all() and h[7, 7] and not h[12, 12] and not h[1, 5]
+    assert h.sum() == sum(range(1, 12))  # rows of 11, 10, ..., 1 pixel centres
+    assert (convex_hull(h) == h).all()
+
+
+def test_captions_use_the_worlds_phrasing():
+    obj = dict(shape="circle", colour="red", size="big")
+    assert ev._caption([obj], "blue") == "a big red circle on a blue background"
+    assert ev._caption([dict(obj, pattern="striped")], "blue") == "a big striped red circle on a blue background"
+    assert ev._caption([obj], "blue", style="pencil sketch") == "a big red circle on a blue background in pencil sketch style"
+    two = [dict(shape="square", colour="red"), dict(shape="star", colour="yellow")]
+    assert ev._caption(two, "green", relation="left of") == "a red square left of a yellow star on a green background"
+
+
+# ----------------------------------------------------------------------------- the model (tiny budget)
+
+@pytest.fixture(scope="module")
+def gen():
+    import torch
+
+    from prompt2prompt import Prompt2PromptPipeline
+
+    # one thread: these tiny batches gain nothing from more, and on a busy machine several threads
+    # spin against each other (10x slower seen on 2 shared cores)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    pipe = Prompt2PromptPipeline.from_pretrained()
+    pipe.set_progress_bar_config(disable=True)
+    yield ev._Generator(pipe, steps=2, guidance=5.0, seed=0)
+    torch.set_num_threads(threads)
+
+
+def _rate(x):
+    assert x is None or 0.0 <= x <= 1.0
+    return x
+
+
+def test_two_objects_smoke(gen):
+    r = ev.eval_two_objects(gen, 1)
+    assert r["pairs"] == "train" and r["model"]["n"] == 1
+    for key in ("model", "rendered"):
+        for f in ("two_found", "both_present", "both_present_with_shape", "relation_correct"):
+            _rate(r[key][f])
+    assert r["rendered"]["both_present"] == 1.0 and r["rendered"]["relation_correct"] == 1.0
+
+
+def test_refine_smoke(gen):
+    r = ev.eval_refine(gen, 1)
+    for mode in ("p2p", "none"):
+        p = r["pattern"][mode]
+        _rate(p["pattern_rate"]), _rate(p["pattern_rate_in_source"]), _rate(p["object_kept_median_iou"])
+        for s in world.STYLES:
+            _rate(r["style"][mode][s]["layout_kept_median_iou"])
+            assert r["style"][mode][s]["median_abs_change"] >= 0
+    assert r["pattern"]["rendered"]["pattern_rate"] == 1.0
+    assert all(r["style"]["rendered"][s]["layout_kept_median_iou"] > 0.6 for s in world.STYLES)
+
+
+def test_reweight_smoke(gen):
+    r = ev.eval_reweight(gen, 1)
+    assert r["factors"] == list(ev.REWEIGHT_FACTORS)
+    for kind in ("pattern", "colour"):
+        w = r[kind]
+        assert w["n_scored"] + w["n_undefined"] <= 1
+        assert w["median_rho"] is None or -1.0 <= w["median_rho"] <= 1.0
+        assert set(w["median_effect_by_factor"]) == {str(f) for f in ev.REWEIGHT_FACTORS}
+    wide = r["colour"]["image_wide"]  # scored without a detection
+    assert wide["n_scored"] + wide["n_undefined"] == 1 and all(v is not None for v in wide["median_effect_by_factor"].values())
+
+
+def test_sweep_smoke(gen):
+    r = ev.eval_sweep(gen, 1, steps=(0.0, 1.0))
+    assert list(r["cross_replace_steps"]) == ["0.0", "1.0", "none"]
+    for v in r["cross_replace_steps"].values():
+        _rate(v["median_mask_iou"]), _rate(v["target_rate"]), _rate(v["source_shape_kept"])
+
+
+def test_parts_are_checked_and_the_cli_prints_a_table(gen, tmp_path, capsys, monkeypatch):
+    with pytest.raises(ValueError, match="unknown parts"):
+        ev.evaluate_model(gen.pipe, 1, 2, parts=["bogus"])
+    with pytest.raises(SystemExit):
+        ev.main(["--parts", "adherence,bogus"])
+    from prompt2prompt import Prompt2PromptPipeline
+
+    monkeypatch.setattr(Prompt2PromptPipeline, "from_pretrained", classmethod(lambda cls, *a, **k: gen.pipe))
+    out = tmp_path / "eval.json"
+    ev.main(["--parts", "adherence,swap,blend", "--samples", "1", "--steps", "2", "--n", "3", "--json", str(out)])
+    result = json.loads(out.read_text())
+    assert set(result["model"]) == {"adherence", "word_swap", "local_blend", "settings"}
+    table = capsys.readouterr().out
+    assert "adherence (held-out pairs): colour" in table and "LocalBlend" in table and "sweep" not in table
