@@ -78,7 +78,7 @@ def test_relation_holds_on_rendered_two_object_scenes(relation):
     opposite = {"left of": "right of", "right of": "left of", "above": "below", "below": "above", "next to": "above"}
     rng = np.random.default_rng(0)
     for seed in range(6):
-        (c1, c2), bg = rng.choice(world.COLOUR_NAMES, 2, replace=False), None
+        c1, c2 = rng.choice(world.COLOUR_NAMES, 2, replace=False)
         bg = next(c for c in world.COLOUR_NAMES if c not in (c1, c2))
         objects = [dict(shape=str(s), colour=str(c), size=size) for s, c, size in
                    zip(rng.choice(world.SHAPES, 2), (c1, c2), rng.choice(["small", "big"], 2))]

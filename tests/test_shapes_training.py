@@ -87,7 +87,7 @@ def test_exported_run_loads_as_a_diffusers_folder_and_edits(tmp_path):
 
     from prompt2prompt.shapes.evaluate import evaluate_model
 
-    result = evaluate_model(pipe, n=1, steps=2)
+    result = evaluate_model(pipe, n=1, steps=2, parts=("adherence", "swap", "blend"))
     assert 0 <= result["adherence"]["colour"] <= 1 and result["adherence"]["n"] == 1
     assert set(result["word_swap"]) == {"shape_p2p", "shape_none", "colour_p2p", "colour_none"}
     assert "median_background_psnr_db" in result["local_blend"]

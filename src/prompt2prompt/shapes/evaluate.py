@@ -482,7 +482,10 @@ def eval_word_swap(gen: _Generator, n: int, seed: int = 0) -> dict:
 
 def eval_local_blend(gen: _Generator, n: int, seed: int = 0) -> dict:
     """LocalBlend on colour swaps: median PSNR between source and edit outside both images' objects
-    (2 px margin); samples with nothing left outside or identical images are left out."""
+    (2 px margin); samples with nothing left outside or identical images are left out. The objects'
+    region is the union of the detected masks and of both images' `foreground` (taken against the
+    image's own border colour), so that an image whose background is not the named colour (where
+    `detect` finds nothing) still has its object left out."""
     from ..edits import LocalBlend
 
     rng = _part_rng("blend", seed)
@@ -493,7 +496,7 @@ def eval_local_blend(gen: _Generator, n: int, seed: int = 0) -> dict:
         bg = _pick(rng, world.COLOUR_NAMES, (colour, colour2))
         a, b = gen("blend", k, f"a big {colour} {shape} on a {bg} background", [f"a big {colour2} {shape} on a {bg} background"],
                    local_blend=LocalBlend([shape], [shape]))
-        region = np.zeros(a.shape[:2], bool)
+        region = foreground(a) | foreground(b)
         for d in detect(a, bg) + detect(b, bg):
             region |= d.mask
         psnrs.append(_psnr(a, b, world._erode(~region, 2)))  # outside the objects, 2 px margin
