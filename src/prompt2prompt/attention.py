@@ -170,10 +170,10 @@ class P2PAttnProcessor:
 
         if active and not is_cross and plan is not None and plan.self_active(p2p_step, side):
             # Inject the source's self-attention map: SDPA(q_src, k_src, v_tgt) for every target.
-            src = cond.start
-            query, key = query.clone(), key.clone()
-            query[src + 1 : cond.stop] = query[src : src + 1]
-            key[src + 1 : cond.stop] = key[src : src + 1]
+            # One concatenation per tensor (rows before the targets, the source's rows repeated, the rest).
+            src, stop = cond.start, cond.stop
+            query = torch.cat([query[: src + 1], query[src : src + 1].expand(stop - src - 1, -1, -1, -1), query[stop:]])  # (batch, heads, pixels, dim)
+            key = torch.cat([key[: src + 1], key[src : src + 1].expand(stop - src - 1, -1, -1, -1), key[stop:]])  # (batch, heads, keys, dim)
 
         if active and not is_cross and side == ctrl.self_record_side:
             ctrl.record_self(query[cond.start], key[cond.start], attn.scale)
@@ -195,7 +195,8 @@ class P2PAttnProcessor:
                         probs[0], probs[1:], plan.fast_mapper, plan.fast_alphas, plan.step_weights(p2p_step), plan.equalizer
                     )  # (targets, heads, pixels, tokens)
                     targets = slice(cond.start + 1, cond.stop)
-                    out = out.clone()
+                    if torch.is_grad_enabled():  # SDPA's output is saved for its backward: keep it intact
+                        out = out.clone()
                     out[targets] = torch.einsum("khpt,khtd->khpd", edited.to(value.dtype), value[targets])  # (targets, heads, pixels, dim)
 
         hidden_states = out.transpose(1, 2).reshape(batch, -1, attn.heads * head_dim).to(query.dtype)  # (batch, pixels, channels)
