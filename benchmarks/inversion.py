@@ -93,17 +93,13 @@ def main(argv=None) -> None:
     dtype = getattr(torch, args.dtype)
     synthetic = args.model in ("tiny", "small", "sd15-shape")
     if synthetic:
-        import tempfile
+        from speed import build_pipelines
 
-        from speed import build_components
-
-        with tempfile.TemporaryDirectory() as tmp:
-            comps = build_components(args.model, tmp, args.device)
-        pipe = Prompt2PromptPipeline(**comps)
+        _, _, pipe = build_pipelines(args.model, torch.device(args.device), dtype)
     else:
         pipe = Prompt2PromptPipeline.from_pretrained(args.model)
-    pipe.to(args.device, dtype)
-    pipe.set_progress_bar_config(disable=True)
+        pipe.to(args.device, dtype)
+        pipe.set_progress_bar_config(disable=True)
     size = pipe._default_size()
     inputs = scenes(args.images, args.seed)
 

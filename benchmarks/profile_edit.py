@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import sys
-import tempfile
 import warnings
 from pathlib import Path
 
@@ -33,24 +32,16 @@ def main(argv=None) -> None:
     parser.add_argument("--variant", default="replace", choices=("replace", "none", "replace_localblend", "refine"))
     parser.add_argument("--rows", type=int, default=25)
     args = parser.parse_args(argv)
-    from speed import build_components
-    from diffusers import StableDiffusionPipeline
+    from speed import build_pipelines
     from diffusers.utils import logging as dlogging
 
-    from prompt2prompt import LocalBlend, Prompt2PromptPipeline
+    from prompt2prompt import LocalBlend
 
     dlogging.set_verbosity_error()
     warnings.filterwarnings("ignore")
     device = torch.device(args.device)
     dtype = getattr(torch, args.dtype or ("float16" if device.type == "cuda" else "float32"))
-    with tempfile.TemporaryDirectory() as tmp:
-        comps = build_components(args.model, tmp, str(device))
-    for name in ("vae", "text_encoder", "unet"):
-        comps[name].to(device=device, dtype=dtype)
-    plain = StableDiffusionPipeline(**comps, safety_checker=None, feature_extractor=None, requires_safety_checker=False)
-    p2p = Prompt2PromptPipeline(**comps)
-    for pipe in (plain, p2p):
-        pipe.set_progress_bar_config(disable=True)
+    _, plain, p2p = build_pipelines(args.model, device, dtype)
     size = p2p._default_size()
     noise = torch.randn((1, 4, size // p2p.vae_scale_factor, size // p2p.vae_scale_factor), generator=torch.Generator().manual_seed(0))
     noise = noise.to(device, dtype)  # (1, C, h, w)

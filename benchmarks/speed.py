@@ -195,6 +195,24 @@ def build_components(model: str, tmp: str, device: str) -> dict:
     return dict(vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet, scheduler=_ddim())
 
 
+def build_pipelines(model: str, device, dtype):
+    """``(components, plain StableDiffusionPipeline, Prompt2PromptPipeline)`` on the same weights,
+    moved to ``device``/``dtype``, progress bars off."""
+    from diffusers import StableDiffusionPipeline
+
+    from prompt2prompt import Prompt2PromptPipeline
+
+    with tempfile.TemporaryDirectory() as tmp:
+        components = build_components(model, tmp, str(device))
+    for name in ("vae", "text_encoder", "unet"):
+        components[name].to(device=device, dtype=dtype)
+    plain = StableDiffusionPipeline(**components, safety_checker=None, feature_extractor=None, requires_safety_checker=False)
+    p2p = Prompt2PromptPipeline(**components)
+    for pipe in (plain, p2p):
+        pipe.set_progress_bar_config(disable=True)
+    return components, plain, p2p
+
+
 # --------------------------------------------------------------------------- memory probes
 
 
@@ -323,23 +341,15 @@ def main(argv=None):
         )
 
     import diffusers
-    from diffusers import StableDiffusionPipeline
     from diffusers.utils import logging as dlogging
 
     import prompt2prompt
-    from prompt2prompt import LocalBlend, Prompt2PromptPipeline
+    from prompt2prompt import LocalBlend
 
     dlogging.set_verbosity_error()
     warnings.filterwarnings("ignore")  # random fp16 weights overflow; casting NaN images warns
 
-    with tempfile.TemporaryDirectory() as tmp:
-        components = build_components(args.model, tmp, str(device))
-    for name in ("vae", "text_encoder", "unet"):
-        components[name].to(device=device, dtype=dtype)
-    plain = StableDiffusionPipeline(**components, safety_checker=None, feature_extractor=None, requires_safety_checker=False)
-    p2p = Prompt2PromptPipeline(**components)
-    for pipe in (plain, p2p):
-        pipe.set_progress_bar_config(disable=True)
+    components, plain, p2p = build_pipelines(args.model, device, dtype)
 
     size = args.size or p2p._default_size()
     factor = p2p.vae_scale_factor

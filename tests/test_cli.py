@@ -474,7 +474,6 @@ def test_output_set_failure_removes_everything_it_wrote(tmp_path, monkeypatch):
 # ============================================================================ real images (inversion)
 
 
-@pytest.mark.skipif(not hasattr(Prompt2PromptPipeline, "invert"), reason="Prompt2PromptPipeline.invert is not built yet")
 def test_edit_a_real_image_through_inversion(capsys, tmp_path):
     photo = tmp_path / "photo.png"
     PIL.Image.new("RGB", (64, 64), (40, 80, 220)).save(photo)
@@ -482,11 +481,3 @@ def test_edit_a_real_image_through_inversion(capsys, tmp_path):
     assert code == 0, err
     meta = imageio.read_png_metadata(tmp_path / "out" / "edit-1.png")
     assert meta["options"]["image"] == str(photo.resolve()) and meta["options"]["invert"] == "ddim"
-
-
-@pytest.mark.skipif(hasattr(Prompt2PromptPipeline, "invert"), reason="inversion is available")
-def test_edit_a_real_image_without_inversion_exits_1(capsys, tmp_path):
-    photo = tmp_path / "photo.png"
-    PIL.Image.new("RGB", (64, 64)).save(photo)
-    code, out, err = run(capsys, "edit", SRC, "--to", TGT, "--image", photo, *FAST, "-o", tmp_path / "out")
-    assert code == 1 and err.strip() == "p2p edit: error: inversion is not available in this version"

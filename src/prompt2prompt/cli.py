@@ -704,14 +704,8 @@ def run_generate(pipe, options: dict, folder: Path, env: Mapping, console: Conso
 
 
 def _invert(pipe, options: dict):
-    import PIL.Image
-
-    if not hasattr(pipe, "invert"):
-        raise RuntimeFailure("inversion is not available in this version")
-    with PIL.Image.open(options["image"]) as photo:
-        photo = photo.convert("RGB")
-    try:
-        return pipe.invert(photo, options["prompt"], method=options["invert"], num_inference_steps=options["steps"], guidance_scale=options["guidance"])
+    try:  # the library reads the file (EXIF rotation, transparency, crop and resize: inversion.load_image)
+        return pipe.invert(options["image"], options["prompt"], method=options["invert"], num_inference_steps=options["steps"], guidance_scale=options["guidance"])
     except ValueError as err:
         raise UsageError(_one_line(err)) from err
 
@@ -1028,14 +1022,19 @@ def _env(device: str) -> dict:
     return {"device": device}
 
 
-def cmd_generate(args, console: Console) -> int:
-    options = normalise_options(_raw(args, GENERATE_KEYS), GENERATE_KEYS)
-    folder = output_folder(args.output, slugify(options["prompt"]))
+def _run_in_folder(args, options: dict, slug: str, runner, console: Console) -> int:
+    """The tail every model command shares: output folder, device, model, ``runner``, the folder printed last."""
+    folder = output_folder(args.output, slug)
     device = check_device(args.device)
     pipe = load_pipeline(options["model"], options["dtype"], device, console.progress)
-    run_generate(pipe, options, folder, _env(device), console)
+    runner(pipe, options, folder, _env(device), console)
     print(folder)
     return 0
+
+
+def cmd_generate(args, console: Console) -> int:
+    options = normalise_options(_raw(args, GENERATE_KEYS), GENERATE_KEYS)
+    return _run_in_folder(args, options, slugify(options["prompt"]), run_generate, console)
 
 
 def cmd_edit(args, console: Console) -> int:
@@ -1050,27 +1049,12 @@ def cmd_edit(args, console: Console) -> int:
         raise UsageError("--to is required: give the target prompt, e.g. --to \"a red square on a blue background\"")
     options = normalise_options(raw, EDIT_KEYS, required=("prompt", "to"))
     check_edit_words(options)
-    if options["image"] is not None:
-        from .pipeline import Prompt2PromptPipeline
-
-        if not hasattr(Prompt2PromptPipeline, "invert"):
-            raise RuntimeFailure("inversion is not available in this version")
-    folder = output_folder(args.output, slugify(options["to"][0]))
-    device = check_device(args.device)
-    pipe = load_pipeline(options["model"], options["dtype"], device, console.progress)
-    run_edit(pipe, options, folder, _env(device), console)
-    print(folder)
-    return 0
+    return _run_in_folder(args, options, slugify(options["to"][0]), run_edit, console)
 
 
 def cmd_attention(args, console: Console) -> int:
     options = normalise_options(_raw(args, ATTENTION_KEYS), ATTENTION_KEYS)
-    folder = output_folder(args.output, slugify(options["prompt"]))
-    device = check_device(args.device)
-    pipe = load_pipeline(options["model"], options["dtype"], device, console.progress)
-    run_attention(pipe, options, folder, _env(device), console)
-    print(folder)
-    return 0
+    return _run_in_folder(args, options, slugify(options["prompt"]), run_attention, console)
 
 
 def cmd_sweep(args, console: Console) -> int:
@@ -1078,12 +1062,7 @@ def cmd_sweep(args, console: Console) -> int:
     raw["sweep"] = args.cross_steps
     options = normalise_options(raw, SWEEP_KEYS, required=("prompt", "to"))
     check_edit_words({**options, "cross_steps": DEFAULTS["cross_steps"]})
-    folder = output_folder(args.output, slugify(options["to"][0]))
-    device = check_device(args.device)
-    pipe = load_pipeline(options["model"], options["dtype"], device, console.progress)
-    run_sweep(pipe, options, folder, _env(device), console)
-    print(folder)
-    return 0
+    return _run_in_folder(args, options, slugify(options["to"][0]), run_sweep, console)
 
 
 def cmd_info(args, console: Console) -> int:
@@ -1093,7 +1072,7 @@ def cmd_info(args, console: Console) -> int:
     elif isinstance(meta.get("options"), dict):
         print(f"file: {args.image}")
         print(parameters_text(meta))
-    else:  # written by another part of the package (e.g. the web page): its fields as they are
+    else:  # JSON without command-line options (another writer): its fields as they are
         print(f"file: {args.image}")
         for key, value in meta.items():
             print(f"{key.replace('_', ' ')}: {json.dumps(value) if isinstance(value, (list, dict)) else value}")

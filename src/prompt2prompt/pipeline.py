@@ -496,8 +496,8 @@ class Prompt2PromptPipeline(DiffusionPipeline):
                     uncond, cond = noise.chunk(2)
                     noise = uncond + guidance_scale * (cond - uncond)
                 latents = scheduler.step(noise, t, latents, **extra, return_dict=False)[0]
-                if trajectory is not None:  # direct inversion: add the gap (inverted - denoised) to the source
-                    latents[:1] = latents[:1] + (trajectory[i + 1 : i + 2] - latents[:1])
+                if trajectory is not None:  # direct inversion: adding the gap (inverted - denoised) to the source row
+                    latents[:1] = trajectory[i + 1 : i + 2]  # puts it on the inverted latent exactly
                 if plan is not None and plan.blend is not None and i >= plan.blend.start_step:
                     latents = self._local_blend(latents, controller.maps[plan.blend.resolution], plan, latent_hw)
                 bar.update()
