@@ -4,6 +4,9 @@
 #
 #   bash benchmarks/gpu_session.sh OUT_DIR [VAE_MINUTES] [UNET_MINUTES] [WORKERS]
 #
+# INIT=src/prompt2prompt/shapes/model continues training the shipped model instead (no VAE stage;
+# the UNet stage gets a fresh optimizer and a new warm-up and decay); BENCH=none skips the benchmark.
+#
 # Writes into OUT_DIR: loss.csv and state.json of the run, the exported model as
 # model.tar.part-* (tar split into 15 MB pieces: `cat model.tar.part-* | tar x`), and
 # bench_sd15_fp16.json. Needs diffusers and transformers importable (on the device machine they
@@ -19,11 +22,16 @@ export PYTHONPATH="$PWD/src${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
 mkdir -p "$OUT"
 python3 -c "import torch, diffusers, transformers; print('torch', torch.__version__, 'diffusers', diffusers.__version__, 'transformers', transformers.__version__, 'cuda', torch.cuda.is_available() and torch.cuda.get_device_name())" || exit 1
 t0=$(date +%s)
-python3 -m prompt2prompt.shapes.train "$RUN" --stage vae --batch 128 --minutes "$VAE_MIN" --workers "$WORKERS" 2>&1 | grep -v torchvision
-python3 -m prompt2prompt.shapes.train "$RUN" --stage unet --batch 512 --lr 4e-4 --warmup 500 --minutes "$UNET_MIN" --workers "$WORKERS" --export "$RUN.model" 2>&1 | grep -v -e torchvision -e "Writing model"
+if [ -n "${INIT:-}" ]; then
+  python3 -m prompt2prompt.shapes.train "$RUN" --init "$INIT" --stage unet --batch 512 --lr "${LR:-3e-4}" --warmup 200 --minutes "$UNET_MIN" --workers "$WORKERS" --export "$RUN.model" 2>&1 | grep -v -e torchvision -e "Writing model"
+else
+  python3 -m prompt2prompt.shapes.train "$RUN" --stage vae --batch 128 --minutes "$VAE_MIN" --workers "$WORKERS" 2>&1 | grep -v torchvision
+  python3 -m prompt2prompt.shapes.train "$RUN" --stage unet --batch 512 --lr "${LR:-4e-4}" --warmup 500 --minutes "$UNET_MIN" --workers "$WORKERS" --export "$RUN.model" 2>&1 | grep -v -e torchvision -e "Writing model"
+fi
 echo "training took $(( $(date +%s) - t0 )) s"
 cp "$RUN/state.json" "$OUT/"; cp "$RUN/loss.csv" "$OUT/" 2>/dev/null
 tar -C "$(dirname "$RUN.model")" -cf - "$(basename "$RUN.model")" | split -b 15M - "$OUT/model.tar.part-"
+[ "$BENCH" = none ] && { echo "all done after $(( $(date +%s) - t0 )) s"; exit 0; }
 # shellcheck disable=SC2086
 timeout 150 python3 benchmarks/speed.py $BENCH --variants replace,refine,reweight,replace_localblend,three_targets,attention,none --json "$OUT/bench_sd15_fp16.json" 2>&1 | grep -v torchvision
 echo "all done after $(( $(date +%s) - t0 )) s"

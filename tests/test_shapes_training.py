@@ -132,3 +132,36 @@ def test_loss_plot(tmp_path):
     (tmp_path / "empty.csv").write_text("stage,step,loss,lr,time\n")
     with pytest.raises(ValueError, match="no loss rows"):
         plot_loss(tmp_path / "empty.csv", tmp_path / "x.png")
+
+
+def test_a_run_initialised_from_an_export_continues_it(tmp_path):
+    """--init: weights, EMA, scaling factor and step counts carry over; the lr schedule restarts."""
+    from prompt2prompt.shapes.train import main
+
+    run = Run(tmp_path / "run", "cpu")
+    run.train_vae(steps=1, batch=2, minutes=5)
+    run.train_unet(steps=2, batch=2, minutes=5)
+    first = run.export(tmp_path / "first")
+    more = Run(tmp_path / "run2", "cpu", init=first)
+    assert more.state["unet_step"] == 2 and more.state["unet_from"] == 2
+    assert more.state["scaling_factor"] == run.state["scaling_factor"]
+    for k, v in run.ema["unet"].items():
+        assert torch.equal(more.unet.state_dict()[k], v) and torch.equal(more.ema["unet"][k], v), k
+    for k, v in run.vae.state_dict().items():
+        assert torch.equal(more.vae.state_dict()[k], v), k
+    lrs = []
+    real_log = more.log
+    more.log = lambda stage, step, loss, lr: lrs.append(lr) or real_log(stage, step, loss, lr)
+    more.train_unet(steps=52, batch=2, minutes=5, lr=1e-3, warmup=10)  # logs after step 49 = step 47 of the new chunk
+    assert more.state["unet_step"] == 52 and more.state["samples_seen"]["unet"] == 2 * 2 + 50 * 2
+    assert lrs == [pytest.approx(lr_at(47, 50, 1e-3, 10))]
+    second = more.export(tmp_path / "second")
+    import json
+
+    info = json.loads((second / "training.json").read_text())
+    assert info["unet_step"] == 52 and info["history"][0]["unet_step"] == 2
+    assert info["history"][0]["samples_seen"]["unet"] == 4 and info["samples_seen"]["unet"] == 104
+    assert (second / "tokenizer" / "tokenizer_config.json").is_file()
+    with pytest.raises(SystemExit) as e:  # a folder that is not an export: exit 2 before any work
+        main([str(tmp_path / "run3"), "--init", str(tmp_path / "nothing"), "--stage", "unet"])
+    assert e.value.code == 2 and not (tmp_path / "run3").exists()

@@ -13,6 +13,7 @@ its state; the same command resumes it. Checkpoint files are safetensors of at m
     python -m prompt2prompt.shapes.train RUN_DIR --stage vae --steps 3000 --minutes 10
     python -m prompt2prompt.shapes.train RUN_DIR --stage unet --steps 200000 --minutes 10
     python -m prompt2prompt.shapes.train RUN_DIR --export src/prompt2prompt/shapes/model
+    python -m prompt2prompt.shapes.train RUN2 --init src/prompt2prompt/shapes/model --stage unet --minutes 10 --export OUT
 """
 
 from __future__ import annotations
@@ -216,15 +217,24 @@ def lr_at(step: int, total: int, base: float, warmup: int) -> float:
 class Run:
     """A resumable training run in ``folder`` (state.json + safetensors shards + loss.csv)."""
 
-    def __init__(self, folder: str | os.PathLike, device: str):
+    def __init__(self, folder: str | os.PathLike, device: str, init: str | os.PathLike | None = None):
         from diffusers import AutoencoderKL, UNet2DConditionModel
         from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
         self.folder = Path(folder)
+        resuming = (self.folder / "state.json").exists()
+        if init is not None and not resuming:
+            init = Path(init)
+            missing = [n for n in ("model_index.json", "training.json", "unet", "vae", "text_encoder", "tokenizer") if not (init / n).exists()]
+            if missing:
+                raise ValueError(f"--init {init}: not an exported shapes model (missing {', '.join(missing)}); "
+                                 "pass a folder written by --export, e.g. src/prompt2prompt/shapes/model")
         self.folder.mkdir(parents=True, exist_ok=True)
         self.device = torch.device(device)
         tok_dir = self.folder / "tokenizer"
-        if not (tok_dir / "vocab.json").exists():
+        if init is not None and not resuming and not tok_dir.exists():
+            CLIPTokenizer.from_pretrained(str(init / "tokenizer")).save_pretrained(str(tok_dir))
+        if not any((tok_dir / n).exists() for n in ("vocab.json", "tokenizer.json")):
             from .tokenizer import build_from_world
 
             build_from_world(tok_dir)
@@ -242,8 +252,29 @@ class Run:
         self.vae_opt = torch.optim.AdamW(self.vae.parameters(), lr=1e-3, weight_decay=0.0)
         params = list(self.unet.parameters()) + list(self.text_encoder.parameters())
         self.opt = torch.optim.AdamW(params, lr=3e-4, weight_decay=0.01)
-        if (self.folder / "state.json").exists():
+        if resuming:
             self._load()
+        elif init is not None:
+            self._init_from(init)
+
+    def _init_from(self, model_dir: Path) -> None:
+        """Start from an exported model: its (EMA) weights become the weights and the EMA, its
+        scaling factor and step counts carry on, and the UNet stage's schedule restarts here (fresh
+        optimizer state, a new warm-up and decay); the VAE is taken as it is."""
+        from diffusers import AutoencoderKL, UNet2DConditionModel
+        from transformers import CLIPTextModel
+
+        info = json.loads((model_dir / "training.json").read_text())
+        self.vae.load_state_dict(AutoencoderKL.from_pretrained(model_dir / "vae").state_dict())
+        self.unet.load_state_dict(UNet2DConditionModel.from_pretrained(model_dir / "unet").state_dict())
+        self.text_encoder.load_state_dict(CLIPTextModel.from_pretrained(model_dir / "text_encoder").state_dict())
+        for part, m in (("unet", self.unet), ("text_encoder", self.text_encoder)):
+            self.ema[part] = {k: v.detach().clone().float() for k, v in m.state_dict().items()}
+        for key in ("vae_step", "unet_step", "scaling_factor", "samples_seen", "seconds"):
+            self.state[key] = info[key]
+        self.state["unet_from"] = info["unet_step"]
+        earlier = {k: info[k] for k in ("unet_step", "samples_seen", "seconds") if k in info}
+        self.state["history"] = info.get("history", []) + [json.loads(json.dumps(earlier))]  # a copy: the counts go on
 
     # -- persistence
     def _load(self) -> None:
@@ -301,7 +332,7 @@ class Run:
         """
         total = self._total(stage, steps)
         if warmup is None:
-            warmup = min(200 if stage == "vae" else 1000, (total or 5000) // 10)
+            warmup = min(200 if stage == "vae" else 1000, ((total or 5000) - self.state.get(stage + "_from", 0)) // 10)
         key = stage + "_step"
         start, step = time.time(), self.state[key]
         tok_dir = str(self.folder / "tokenizer") if stage == "unet" else None
@@ -318,7 +349,8 @@ class Run:
                     self.state[stage + "_total"] = total
                     print(f"{stage}: {(time.time() - calib_t) / 30 * 1000:.1f} ms/step; total fitted to {total} steps", flush=True)
                 x, _, ids = data.get()
-                lr = lr_at(step, total or 10**9, base_lr, warmup)
+                first = self.state.get(stage + "_from", 0)  # where this stage's schedule began (--init)
+                lr = lr_at(step - first, (total or 10**9) - first, base_lr, warmup)
                 for g in opt.param_groups:
                     g["lr"] = lr
                 loss = step_fn(x, ids, step)
@@ -357,7 +389,9 @@ class Run:
 
     @torch.no_grad()
     def _latents(self, x: torch.Tensor) -> torch.Tensor:
-        return self.vae.encode(x).latent_dist.mean * self.state["scaling_factor"]
+        with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.device.type == "cuda"):
+            mean = self.vae.encode(x).latent_dist.mean  # (batch, latent_channels, h/f, w/f)
+        return mean.float() * self.state["scaling_factor"]
 
     def _ensure_scaling_factor(self) -> None:
         if self.state["scaling_factor"] is None:
@@ -435,6 +469,8 @@ class Run:
         tmp = out.with_name(out.name + ".tmp")
         pipe.save_pretrained(tmp, safe_serialization=True, max_shard_size="15MB")
         info = {k: self.state[k] for k in ("vae_step", "unet_step", "samples_seen", "seconds", "scaling_factor")}
+        if self.state.get("history"):
+            info["history"] = self.state["history"]  # the exported models this run continued from
         (tmp / "training.json").write_text(json.dumps(info, indent=1))
         if out.exists():
             import shutil
@@ -491,6 +527,9 @@ def main(argv=None) -> None:
     parser.add_argument("--workers", type=int, default=0, help="processes that render batches ahead (0: render in the training loop)")
     parser.add_argument("--lr", type=float, default=None, help="peak learning rate (default: vae 1e-3, unet 3e-4)")
     parser.add_argument("--warmup", type=int, default=None, help="warm-up steps (default: min(vae 200 | unet 1000, total/10))")
+    parser.add_argument("--init", default=None, metavar="MODEL_DIR",
+                        help="start a new run from an exported model (e.g. the shipped one) instead of random weights; "
+                             "training accumulates across machines without carrying optimizer state")
     parser.add_argument("--export", default=None, metavar="DIR", help="write the EMA model as a diffusers folder")
     parser.add_argument("--plot", default=None, metavar="PNG", help="draw RUN_DIR/loss.csv (or RUN_DIR itself, if it is a CSV) and exit")
     args = parser.parse_args(argv)
@@ -502,7 +541,10 @@ def main(argv=None) -> None:
         csv = Path(args.run_dir)
         print(plot_loss(csv if csv.suffix == ".csv" else csv / "loss.csv", args.plot))
         return
-    run = Run(args.run_dir, args.device)
+    try:
+        run = Run(args.run_dir, args.device, init=args.init)
+    except ValueError as e:
+        parser.exit(2, f"error: {e}\n")
     if args.stage == "vae":
         run.train_vae(args.steps, args.batch, args.minutes, workers=args.workers, lr=args.lr or 1e-3, warmup=args.warmup)
         print(f"vae step {run.state['vae_step']}")
