@@ -8,19 +8,60 @@ beyond plain generation (issue 7).
 
     python benchmarks/profile_edit.py --model sd15-shape --device cuda --steps 10
     python benchmarks/profile_edit.py --model tiny --steps 5
+    python benchmarks/profile_edit.py --model small --count-ops
+
+``--count-ops`` counts the ATen operators each side dispatches per denoising step instead (the
+difference between a run of ``2 * --steps`` and one of ``--steps`` steps, so the one-off work of a
+call drops out), for every variant. On a GPU where the call is bound by kernel launches, extra
+operators per step are what an edit costs; the count is the same on any device, so it can be
+checked on a CPU.
 """
 
 from __future__ import annotations
 
 import argparse
+import collections
 import sys
 import warnings
 from pathlib import Path
 
 import torch
 from torch.profiler import ProfilerActivity, profile
+from torch.utils._python_dispatch import TorchDispatchMode
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+VARIANTS = ("replace", "none", "replace_localblend", "refine", "reweight")
+# Operators that only make a new view of a tensor: no kernel runs.
+VIEW_OPS = frozenset("view _unsafe_view reshape _reshape_alias as_strided alias detach transpose t permute expand "
+                     "slice select unsqueeze squeeze split split_with_sizes chunk unbind".split())
+
+
+class OpCounter(TorchDispatchMode):
+    """Counts the ATen operators dispatched inside the ``with`` block, by name."""
+
+    def __init__(self):
+        super().__init__()
+        self.counts = collections.Counter()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.counts[func.overloadpacket.__name__] += 1
+        return func(*args, **(kwargs or {}))
+
+
+def ops_per_step(call, steps: int) -> collections.Counter:
+    """Operators per denoising step of ``call(num_inference_steps)``: the count at ``2*steps``
+    minus the count at ``steps``, divided by ``steps``."""
+    counts = []
+    for n in (steps, 2 * steps):
+        with OpCounter() as counter:
+            call(n)
+        counts.append(counter.counts)
+    return collections.Counter({k: (counts[1][k] - counts[0].get(k, 0)) / steps for k in counts[1]})
+
+
+def kernels(counts: collections.Counter) -> float:
+    return sum(v for k, v in counts.items() if k not in VIEW_OPS)
 
 
 def main(argv=None) -> None:
@@ -29,8 +70,9 @@ def main(argv=None) -> None:
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--dtype", default=None, choices=("float16", "bfloat16", "float32"))
     parser.add_argument("--steps", type=int, default=10)
-    parser.add_argument("--variant", default="replace", choices=("replace", "none", "replace_localblend", "refine"))
+    parser.add_argument("--variant", default="replace", choices=VARIANTS)
     parser.add_argument("--rows", type=int, default=25)
+    parser.add_argument("--count-ops", action="store_true", help="count operators per step for every variant (no profiler)")
     args = parser.parse_args(argv)
     from speed import build_pipelines
     from diffusers.utils import logging as dlogging
@@ -46,11 +88,26 @@ def main(argv=None) -> None:
     noise = torch.randn((1, 4, size // p2p.vae_scale_factor, size // p2p.vae_scale_factor), generator=torch.Generator().manual_seed(0))
     noise = noise.to(device, dtype)  # (1, C, h, w)
     src, tgt = "a cat riding a bicycle", "a cat riding a car"
+    edits = {
+        "replace": (tgt, dict(edit="replace")), "none": (tgt, dict(edit="none")),
+        "refine": ("a cat riding a red bicycle", dict(edit="refine")),
+        "reweight": (src, dict(edit="replace", equalizer={"bicycle": 2.0})),
+        "replace_localblend": (tgt, dict(edit="replace", local_blend=LocalBlend("bicycle", "car"))),
+    }
+    if args.count_ops:
+        with torch.inference_mode():
+            base = ops_per_step(lambda n: plain(prompt=[src, tgt], latents=noise.expand(2, -1, -1, -1).clone(), num_inference_steps=n, output_type="latent"), args.steps)
+            print(f"operators per denoising step ({args.model}, {dtype}; kernels = operators that are not views)")
+            print(f"{'side':20s} {'operators':>10s} {'kernels':>8s} {'extra kernels':>14s}  most frequent extra operators")
+            print(f"{'plain':20s} {sum(base.values()):10.1f} {kernels(base):8.1f} {0:14.1f}")
+            for name, (target, kw) in edits.items():
+                c = ops_per_step(lambda n: p2p(prompt=src, edit_prompts=[target], latents=noise.clone(), num_inference_steps=n, output_type="latent", **kw), args.steps)
+                extra = sorted(((k, c[k] - base.get(k, 0)) for k in c if k not in VIEW_OPS and c[k] - base.get(k, 0) > 0), key=lambda kv: -kv[1])
+                print(f"{name:20s} {sum(c.values()):10.1f} {kernels(c):8.1f} {kernels(c) - kernels(base):14.1f}  "
+                      + ", ".join(f"{k} {v:g}" for k, v in extra[:6]))
+        return
     common = dict(num_inference_steps=args.steps, output_type="latent")
-    kwargs = {"replace": dict(edit="replace"), "none": dict(edit="none"), "refine": dict(edit="refine"),
-              "replace_localblend": dict(edit="replace", local_blend=LocalBlend("bicycle", "car"))}[args.variant]
-    if args.variant == "refine":
-        tgt = "a cat riding a red bicycle"
+    tgt, kwargs = edits[args.variant]
     sides = {
         "plain": lambda: plain(prompt=[src, tgt], latents=noise.expand(2, -1, -1, -1).clone(), **common),
         "edit": lambda: p2p(prompt=src, edit_prompts=[tgt], latents=noise.clone(), **kwargs, **common),

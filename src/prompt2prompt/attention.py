@@ -9,8 +9,8 @@ Cost model (the reason for this design):
 - self-attention always runs through ``scaled_dot_product_attention``. Injecting the source's
   self-attention map ``softmax(q_s k_s^T)`` into a target is ``SDPA(q_s, k_s, v_t)``, so the
   target rows just take the source's queries and keys;
-- cross-attention probabilities (pixels x tokens) are computed explicitly, in float32, only for
-  the text-conditioned rows and only at steps that edit them or at the sides that are recorded;
+- cross-attention probabilities (pixels x tokens) are computed explicitly (softmax in float32),
+  only for the text-conditioned rows and only at steps that edit them or at the sides that are recorded;
   otherwise SDPA. The source rows and the unconditional half always come out of SDPA.
 """
 
@@ -184,10 +184,15 @@ class P2PAttnProcessor:
             record = side in ctrl.record_sides
             edit = plan is not None and plan.cross_active[p2p_step]
             if record or edit:
-                scores = torch.einsum("bhpd,bhtd->bhpt", query[cond].float(), key[cond].float()) * attn.scale  # (prompts, heads, pixels, tokens)
+                # As diffusers' AttnProcessor: scores in the model's dtype (float32 if the layer
+                # upcasts attention), softmax in float32. Few ops: this runs in every edited layer.
+                q, k = query[cond], key[cond]
+                if attn.upcast_attention:
+                    q, k = q.float(), k.float()
+                scores = torch.matmul(q * attn.scale, k.transpose(-1, -2))  # (prompts, heads, pixels, tokens)
                 if attention_mask is not None:
-                    scores = scores + attention_mask[cond].float()
-                probs = scores.softmax(dim=-1)
+                    scores = scores + attention_mask[cond].to(scores.dtype)
+                probs = scores.softmax(dim=-1, dtype=torch.float32)  # (prompts, heads, pixels, tokens)
                 if record:
                     ctrl.record(side, hw, probs)
                 if edit:
@@ -197,7 +202,7 @@ class P2PAttnProcessor:
                     targets = slice(cond.start + 1, cond.stop)
                     if torch.is_grad_enabled():  # SDPA's output is saved for its backward: keep it intact
                         out = out.clone()
-                    out[targets] = torch.einsum("khpt,khtd->khpd", edited.to(value.dtype), value[targets])  # (targets, heads, pixels, dim)
+                    out[targets] = torch.matmul(edited.to(value.dtype), value[targets])  # (targets, heads, pixels, dim)
 
         hidden_states = out.transpose(1, 2).reshape(batch, -1, attn.heads * head_dim).to(query.dtype)  # (batch, pixels, channels)
         hidden_states = attn.to_out[0](hidden_states)

@@ -9,7 +9,7 @@ import torch.nn.functional as F
 def edit_cross_attention(
     source: torch.Tensor,
     targets: torch.Tensor,
-    mapper: torch.Tensor,
+    mapper: torch.Tensor | None,
     alphas: torch.Tensor | None,
     weights: torch.Tensor | None,
     equalizer: torch.Tensor | None = None,
@@ -27,7 +27,8 @@ def edit_cross_attention(
         source: ``(heads, pixels, tokens)`` the source prompt's maps.
         targets: ``(targets, heads, pixels, tokens)`` each target's own maps.
         mapper: ``(targets, tokens, tokens)`` source position -> target position weights, or
-            ``(targets, tokens)`` long: the one source position each target position reads.
+            ``(targets, tokens)`` long: the one source position each target position reads, or
+            None: the identity (every target token reads the source token at its own position).
         alphas: ``(targets, tokens)`` 1 where the target token takes the mapped source map;
             None = all ones.
         weights: ``(targets, tokens)`` this step's injection weights; None = all ones.
@@ -36,20 +37,20 @@ def edit_cross_attention(
     Returns:
         ``(targets, heads, pixels, tokens)`` edited maps.
     """
-    if mapper.dtype == torch.long:
+    if mapper is None:
+        mapped = source.expand(targets.shape)  # (targets, heads, pixels, tokens), a view
+    elif mapper.dtype == torch.long:
         mapped = source[:, :, mapper].permute(2, 0, 1, 3)  # (heads, pixels, targets, tokens) -> (targets, heads, pixels, tokens)
     else:
         mapped = torch.einsum("hpi,kij->khpj", source, mapper)  # (targets, heads, pixels, tokens)
     edited = mapped
-    if alphas is not None:
-        a = alphas[:, None, None, :]  # (targets, 1, 1, tokens)
-        edited = mapped * a + targets * (1 - a)
+    if alphas is not None:  # a * mapped + (1 - a) * targets, one op
+        edited = torch.lerp(targets, mapped, alphas[:, None, None, :].to(targets.dtype))  # alphas: (targets, 1, 1, tokens)
     if equalizer is not None:
-        edited = edited * equalizer[:, None, None, :]
+        edited = edited * equalizer[:, None, None, :]  # (targets, 1, 1, tokens) factors
     if weights is None:
         return edited
-    w = weights[:, None, None, :]  # (targets, 1, 1, tokens)
-    return edited * w + targets * (1 - w)
+    return torch.lerp(targets, edited, weights[:, None, None, :].to(targets.dtype))  # w * edited + (1 - w) * targets
 
 
 def local_blend_mask(

@@ -129,10 +129,12 @@ class EditPlan:
         if self.mode is EditMode.NONE and self.equalizer is None:
             self.cross_active = [False] * self.num_steps
         self.cross_full = [bool(self.cross_weights[i].eq(1).all()) for i in range(self.num_steps)]
-        # Cheaper equivalents used by the processors: a gather instead of a one-hot matrix product,
-        # and no blending with weights or alphas that are all one.
+        # Cheaper equivalents used by the processors: nothing for an identity mapper, a gather
+        # instead of a one-hot matrix product, and no blending with weights or alphas that are all one.
         one_hot = self.mapper.eq(1).sum(1).eq(1).all() and self.mapper.eq(0).logical_or(self.mapper.eq(1)).all()
         self.fast_mapper = self.mapper.argmax(1) if one_hot else self.mapper  # (targets, tokens) long or dense
+        if one_hot and bool(self.fast_mapper.eq(torch.arange(self.mapper.shape[-1])).all()):
+            self.fast_mapper = None  # the identity: no gather at all
         self.fast_alphas = None if bool(self.alphas.eq(1).all()) else self.alphas
 
     def step_weights(self, step: int) -> torch.Tensor | None:
