@@ -128,3 +128,25 @@ def test_index_mapper_equals_one_hot_matrix_and_none_means_ones():
     torch.testing.assert_close(
         edit_cross_attention(src, tgt, index, None, None), edit_cross_attention(src, tgt, dense, torch.ones(2, L), torch.ones(2, L))
     )
+
+
+def test_identity_mapper_none_equals_the_identity_matrix():
+    src, tgt = maps(2, 3), maps(2, 2, 3, seed=1)
+    eye = torch.eye(L).expand(2, L, L)
+    alphas = torch.tensor([[1.0, 1, 0, 1, 1], [1, 1, 1, 1, 0]])
+    weights = torch.tensor([[1.0, 0, 1, 1, 1], [0.5, 1, 1, 1, 1]])
+    torch.testing.assert_close(edit_cross_attention(src, tgt, None, alphas, weights), edit_cross_attention(src, tgt, eye, alphas, weights))
+    out = edit_cross_attention(src, tgt, None, None, None)
+    assert out.shape == tgt.shape and torch.equal(out[1], src)  # every target takes the source's maps
+
+
+def test_plan_uses_no_mapper_for_same_length_swaps_only(clip_tokenizer):
+    from prompt2prompt.alignment import tokenize_words
+    from prompt2prompt.edits import build_edit_plan
+
+    src = tokenize_words("a cat riding a bicycle", clip_tokenizer)
+    same = build_edit_plan(src, [tokenize_words("a cat riding a car", clip_tokenizer)], "replace", 10)
+    assert same.fast_mapper is None and same.fast_alphas is None
+    longer = build_edit_plan(src, [tokenize_words("a cat riding a red bicycle", clip_tokenizer)], "refine", 10)
+    assert longer.fast_mapper is not None and longer.fast_mapper.dtype == torch.long
+    assert longer.fast_alphas is not None and longer.fast_alphas.eq(0).any()  # "red" keeps its own map
