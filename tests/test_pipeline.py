@@ -140,6 +140,38 @@ def test_attention_maps_per_prompt_and_token(tiny_sd1):
     assert none.attention is None and none.edit_mode is None
 
 
+@pytest.mark.parametrize("kind", ["tiny_sd1", "tiny_sd2"])
+@pytest.mark.parametrize("extra", [{}, {"equalizer": {"car": 3.0, "cat": -1.0}}], ids=["replace", "replace+reweight"])
+def test_source_map_injection_equals_the_explicit_edit(kind, extra, request, monkeypatch):
+    """Same-length swaps (and re-weighting) run as SDPA(q_src, k_src, c * v_tgt); it must give what
+    forming the maps and editing them gives."""
+    from prompt2prompt.edits import EditPlan
+
+    pipe = make(request.getfixturevalue(kind))
+    kw = dict(num_inference_steps=STEPS, latents=noise(2), output_type="latent", **extra)
+    real, fast_steps = EditPlan.source_maps_only, []
+    monkeypatch.setattr(EditPlan, "source_maps_only", lambda self, step: real(self, step) and (fast_steps.append(step) or True))
+    fast = pipe("a cat riding a bicycle", ["a cat riding a car"], **kw)
+    assert set(fast_steps) == {0, 1, 2}  # cross_replace_steps 0.8 of 4 steps
+    monkeypatch.setattr(EditPlan, "source_maps_only", lambda self, step: False)
+    explicit = pipe("a cat riding a bicycle", ["a cat riding a car"], **kw)
+    assert_close_to_scale(fast.images, explicit.images)
+    torch.testing.assert_close(fast.attention.maps, explicit.attention.maps, atol=1e-5, rtol=1e-4)
+    none = pipe("a cat riding a bicycle", ["a cat riding a car"], edit="none", **kw)
+    assert not torch.allclose(fast.images[1], none.images[1], atol=1e-3)  # the edit did something
+
+
+@pytest.mark.parametrize("target", ["a cat riding a car", "a cat riding a red bicycle"], ids=["replace", "refine"])
+def test_images_do_not_depend_on_what_is_recorded(tiny_sd1, target):
+    """The web page records maps for its attention view and the CLI does not: same pixels, bit for bit."""
+    pipe = make(tiny_sd1)
+    kw = dict(num_inference_steps=STEPS, latents=noise(4), output_type="latent")
+    recorded = pipe("a cat riding a bicycle", [target], return_attention=True, **kw)
+    unrecorded = pipe("a cat riding a bicycle", [target], return_attention=False, **kw)
+    assert recorded.attention is not None and unrecorded.attention is None
+    assert torch.equal(recorded.images, unrecorded.images)
+
+
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_half_precision_runs_finite(tiny_sd1, dtype):
     pipe = make(tiny_sd1).to(dtype=dtype)

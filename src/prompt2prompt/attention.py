@@ -9,9 +9,12 @@ Cost model (the reason for this design):
 - self-attention always runs through ``scaled_dot_product_attention``. Injecting the source's
   self-attention map ``softmax(q_s k_s^T)`` into a target is ``SDPA(q_s, k_s, v_t)``, so the
   target rows just take the source's queries and keys;
-- cross-attention probabilities (pixels x tokens) are computed explicitly (softmax in float32),
-  only for the text-conditioned rows and only at steps that edit them or at the sides that are recorded;
-  otherwise SDPA. The source rows and the unconditional half always come out of SDPA.
+- a cross-attention edit in which every target token takes the source's map at its own position
+  (a same-length word swap, re-weighting) is the same injection: ``SDPA(q_s, k_s, c * v_t)`` with the
+  equalizer ``c`` scaling the target's values per token (maps are not renormalised);
+- otherwise cross-attention probabilities (pixels x tokens) are computed explicitly (softmax in
+  float32), only for the text-conditioned rows and only at steps that edit them or at the sides
+  that are recorded. The source rows and the unconditional half always come out of SDPA.
 """
 
 from __future__ import annotations
@@ -71,12 +74,30 @@ class P2PController:
         self.self_map: torch.Tensor | None = None  # (pixels, pixels) float32 sum for the source
         self.self_calls = 0
         self._sizes: dict[int, tuple[int, int]] = {}
+        self._value_scales: dict[tuple, torch.Tensor] = {}
 
     @property
     def cond(self) -> slice:
         """Rows of the text-conditioned half of the batch; only these are ever edited."""
         n = self.num_prompts
         return slice(n, 2 * n) if self.guidance else slice(0, n)
+
+    def with_source_rows(self, x: torch.Tensor) -> torch.Tensor:
+        """``x`` (batch, ...) with each target row of the conditional half replaced by the source's
+        row: one concatenation (rows before the targets, the source's row repeated, the rest)."""
+        src, stop = self.cond.start, self.cond.stop
+        return torch.cat([x[: src + 1], x[src : src + 1].expand(stop - src - 1, *x.shape[1:]), x[stop:]])  # (batch, ...)
+
+    def value_scale(self, like: torch.Tensor) -> torch.Tensor:
+        """``(batch, 1, tokens, 1)``: the plan's equalizer on the conditional target rows, 1 elsewhere,
+        in ``like``'s dtype and device (built once per call)."""
+        key = (like.dtype, like.device, like.shape[2])
+        if key not in self._value_scales:
+            scale = torch.ones(like.shape[0], 1, like.shape[2], 1, dtype=like.dtype, device=like.device)  # (batch, 1, tokens, 1)
+            targets = slice(self.cond.start + 1, self.cond.stop)
+            scale[targets, 0, :, 0] = self.plan.equalizer.to(like.device, like.dtype)  # (targets, tokens)
+            self._value_scales[key] = scale
+        return self._value_scales[key]
 
     def size(self, pixels: int) -> tuple[int, int]:
         if pixels not in self._sizes:
@@ -168,41 +189,49 @@ class P2PAttnProcessor:
         side = max(hw) if active else 0
         cond = ctrl.cond
 
+        record = active and is_cross and side in ctrl.record_sides
+        edit = active and is_cross and plan is not None and plan.cross_active[p2p_step]
         if active and not is_cross and plan is not None and plan.self_active(p2p_step, side):
             # Inject the source's self-attention map: SDPA(q_src, k_src, v_tgt) for every target.
-            # One concatenation per tensor (rows before the targets, the source's rows repeated, the rest).
-            src, stop = cond.start, cond.stop
-            query = torch.cat([query[: src + 1], query[src : src + 1].expand(stop - src - 1, -1, -1, -1), query[stop:]])  # (batch, heads, pixels, dim)
-            key = torch.cat([key[: src + 1], key[src : src + 1].expand(stop - src - 1, -1, -1, -1), key[stop:]])  # (batch, heads, keys, dim)
+            query = ctrl.with_source_rows(query)  # (batch, heads, pixels, dim)
+            key = ctrl.with_source_rows(key)  # (batch, heads, keys, dim)
+        own_query, own_key = query, key  # each prompt's own, for the maps that are recorded
+        if edit and attention_mask is None and plan.source_maps_only(p2p_step):
+            # Every target's cross-attention map is the source's (times the equalizer): the same
+            # injection, SDPA(q_src, k_src, c * v_tgt), with no explicit map. Taken whether or not
+            # this side is recorded, so the images do not depend on what is recorded.
+            query = ctrl.with_source_rows(query)  # (batch, heads, pixels, dim)
+            key = ctrl.with_source_rows(key)  # (batch, heads, tokens, dim)
+            if plan.equalizer is not None:
+                value = value * ctrl.value_scale(value)  # (batch, heads, tokens, dim)
+            edit = False  # done
 
         if active and not is_cross and side == ctrl.self_record_side:
             ctrl.record_self(query[cond.start], key[cond.start], attn.scale)
 
         out = F.scaled_dot_product_attention(query, key, value, attn_mask=attention_mask, dropout_p=0.0, is_causal=False, scale=attn.scale)  # (batch, heads, pixels, dim)
 
-        if active and is_cross:
-            record = side in ctrl.record_sides
-            edit = plan is not None and plan.cross_active[p2p_step]
-            if record or edit:
-                # As diffusers' AttnProcessor: scores in the model's dtype (float32 if the layer
-                # upcasts attention), softmax in float32. Few ops: this runs in every edited layer.
-                q, k = query[cond], key[cond]
-                if attn.upcast_attention:
-                    q, k = q.float(), k.float()
-                scores = torch.matmul(q * attn.scale, k.transpose(-1, -2))  # (prompts, heads, pixels, tokens)
-                if attention_mask is not None:
-                    scores = scores + attention_mask[cond].to(scores.dtype)
-                probs = scores.softmax(dim=-1, dtype=torch.float32)  # (prompts, heads, pixels, tokens)
-                if record:
-                    ctrl.record(side, hw, probs)
-                if edit:
-                    edited = edit_cross_attention(
-                        probs[0], probs[1:], plan.fast_mapper, plan.fast_alphas, plan.step_weights(p2p_step), plan.equalizer
-                    )  # (targets, heads, pixels, tokens)
-                    targets = slice(cond.start + 1, cond.stop)
-                    if torch.is_grad_enabled():  # SDPA's output is saved for its backward: keep it intact
-                        out = out.clone()
-                    out[targets] = torch.matmul(edited.to(value.dtype), value[targets])  # (targets, heads, pixels, dim)
+        if record or edit:
+            # As diffusers' AttnProcessor: scores in the model's dtype (float32 if the layer
+            # upcasts attention), softmax in float32. Few ops: this runs in every edited layer.
+            # Recorded maps are each prompt's own (before the edit), as in the paper's code.
+            q, k = own_query[cond], own_key[cond]
+            if attn.upcast_attention:
+                q, k = q.float(), k.float()
+            scores = torch.matmul(q * attn.scale, k.transpose(-1, -2))  # (prompts, heads, pixels, tokens)
+            if attention_mask is not None:
+                scores = scores + attention_mask[cond].to(scores.dtype)
+            probs = scores.softmax(dim=-1, dtype=torch.float32)  # (prompts, heads, pixels, tokens)
+            if record:
+                ctrl.record(side, hw, probs)
+            if edit:
+                edited = edit_cross_attention(
+                    probs[0], probs[1:], plan.fast_mapper, plan.fast_alphas, plan.step_weights(p2p_step), plan.equalizer
+                )  # (targets, heads, pixels, tokens)
+                targets = slice(cond.start + 1, cond.stop)
+                if torch.is_grad_enabled():  # SDPA's output is saved for its backward: keep it intact
+                    out = out.clone()
+                out[targets] = torch.matmul(edited.to(value.dtype), value[targets])  # (targets, heads, pixels, dim)
 
         hidden_states = out.transpose(1, 2).reshape(batch, -1, attn.heads * head_dim).to(query.dtype)  # (batch, pixels, channels)
         hidden_states = attn.to_out[0](hidden_states)

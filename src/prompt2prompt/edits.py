@@ -141,6 +141,15 @@ class EditPlan:
         """This step's ``(targets, tokens)`` injection weights, None when all are one."""
         return None if self.cross_full[step] else self.cross_weights[step]
 
+    def source_maps_only(self, step: int) -> bool:
+        """Whether at ``step`` every target token takes the source's map at its own position
+        (identity mapper; alphas and injection weights all one), at most re-weighted.
+
+        The edited output of target ``k`` is then ``(c_k * M_src) V_k = softmax(Q_src K_src^T) (c_k * V_k)``
+        (Sec. 3.2: re-weighting is not renormalised), i.e. attention with the source's queries and
+        keys and the target's values scaled per token, so no map has to be formed."""
+        return self.cross_active[step] and self.cross_full[step] and self.fast_mapper is None and self.fast_alphas is None
+
     def self_active(self, step: int, side: int) -> bool:
         return self.mode is not EditMode.NONE and self.self_steps[0] <= step < self.self_steps[1] and side <= self.self_max_res
 
