@@ -165,3 +165,15 @@ def test_a_run_initialised_from_an_export_continues_it(tmp_path):
     with pytest.raises(SystemExit) as e:  # a folder that is not an export: exit 2 before any work
         main([str(tmp_path / "run3"), "--init", str(tmp_path / "nothing"), "--stage", "unet"])
     assert e.value.code == 2 and not (tmp_path / "run3").exists()
+
+
+def test_offset_noise_moves_each_channel_mean():
+    from prompt2prompt.shapes.train import training_noise
+
+    plain = training_noise((256, 4, 16, 16), torch.Generator().manual_seed(0))
+    offset = training_noise((256, 4, 16, 16), torch.Generator().manual_seed(0), offset=0.5)
+    # a channel's mean over 16x16 positions has variance 1/256 without the offset, 1/256 + 0.25 with it
+    assert plain.mean((2, 3)).var().item() < 0.01
+    assert 0.18 < offset.mean((2, 3)).var().item() < 0.34
+    assert torch.equal(training_noise((2, 4, 8, 8), torch.Generator().manual_seed(3), 0.1),
+                       training_noise((2, 4, 8, 8), torch.Generator().manual_seed(3), 0.1))  # deterministic per generator

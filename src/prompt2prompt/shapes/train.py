@@ -204,6 +204,16 @@ def fit_total(step: int, started_step: int, elapsed: float, minutes: float) -> i
     return step + max(1, int((minutes * 60 - elapsed) / per_step))
 
 
+def training_noise(shape: tuple[int, int, int, int], generator: torch.Generator, offset: float = 0.0) -> torch.Tensor:
+    """Gaussian noise ``(batch, C, h, w)``, plus ``offset * N(0, 1)`` constant over each sample's
+    channel when ``offset`` > 0 ("offset noise"): it lets the model move a latent's mean, which SD's
+    schedule never fully noises (sqrt(alpha_bar_T) = 0.068)."""
+    noise = torch.randn(shape, generator=generator)  # (batch, C, h, w)
+    if offset:
+        noise = noise + offset * torch.randn(shape[0], shape[1], 1, 1, generator=generator)  # (batch, C, 1, 1)
+    return noise
+
+
 def lr_at(step: int, total: int, base: float, warmup: int) -> float:
     """Linear warm-up, then cosine decay to 10% of ``base``."""
     if step < warmup:
@@ -402,10 +412,15 @@ class Run:
             self.state["scaling_factor"] = float(1.0 / z.std())
 
     def train_unet(self, steps: int | None, batch: int, minutes: float, ema_decay: float = 0.999, workers: int = 0,
-                   lr: float = 3e-4, warmup: int | None = None) -> None:
+                   lr: float = 3e-4, warmup: int | None = None, offset_noise: float = 0.0) -> None:
+        """Train the UNet and text encoder. ``offset_noise`` adds ``offset_noise * N(0, 1)`` per
+        sample and channel to the noise (constant over the image): with SD's schedule the noisiest
+        step still leaks the latent's mean (sqrt(alpha_bar_T) = 0.068), so without it the model
+        learns to read a flat background's colour from the starting noise instead of the caption."""
         from diffusers import DDPMScheduler
 
         self._ensure_scaling_factor()
+        self.state["offset_noise"] = offset_noise
         noise_sched = DDPMScheduler(**SCHEDULE)
         alphas = noise_sched.alphas_cumprod.to(self.device)
         self.vae.eval().requires_grad_(False)
@@ -423,7 +438,7 @@ class Run:
             drop = torch.rand(x.shape[0], generator=gen) < 0.1
             ids = torch.where(drop[:, None], empty, ids).to(self.device)  # (batch, length); 10% empty captions
             z0 = self._latents(x.to(self.device))  # (batch, 4, h/8, w/8), float32
-            noise = torch.randn(z0.shape, generator=gen).to(self.device)
+            noise = training_noise(tuple(z0.shape), gen, offset_noise).to(self.device)  # (batch, C, h, w)
             t = torch.randint(0, noise_sched.config.num_train_timesteps, (x.shape[0],), generator=gen).to(self.device)
             a = alphas[t].view(-1, 1, 1, 1)  # (batch, 1, 1, 1)
             zt = a.sqrt() * z0 + (1 - a).sqrt() * noise
@@ -469,6 +484,7 @@ class Run:
         tmp = out.with_name(out.name + ".tmp")
         pipe.save_pretrained(tmp, safe_serialization=True, max_shard_size="15MB")
         info = {k: self.state[k] for k in ("vae_step", "unet_step", "samples_seen", "seconds", "scaling_factor")}
+        info["offset_noise"] = self.state.get("offset_noise", 0.0)  # of the last UNet chunk
         if self.state.get("history"):
             info["history"] = self.state["history"]  # the exported models this run continued from
         (tmp / "training.json").write_text(json.dumps(info, indent=1))
@@ -527,6 +543,9 @@ def main(argv=None) -> None:
     parser.add_argument("--workers", type=int, default=0, help="processes that render batches ahead (0: render in the training loop)")
     parser.add_argument("--lr", type=float, default=None, help="peak learning rate (default: vae 1e-3, unet 3e-4)")
     parser.add_argument("--warmup", type=int, default=None, help="warm-up steps (default: min(vae 200 | unet 1000, total/10))")
+    parser.add_argument("--offset-noise", type=float, default=0.0, metavar="S",
+                        help="add S * N(0,1) per sample and channel to the training noise (e.g. 0.1), so that "
+                             "flat colours come from the caption, not from the starting noise's mean")
     parser.add_argument("--init", default=None, metavar="MODEL_DIR",
                         help="start a new run from an exported model (e.g. the shipped one) instead of random weights; "
                              "training accumulates across machines without carrying optimizer state")
@@ -549,7 +568,8 @@ def main(argv=None) -> None:
         run.train_vae(args.steps, args.batch, args.minutes, workers=args.workers, lr=args.lr or 1e-3, warmup=args.warmup)
         print(f"vae step {run.state['vae_step']}")
     elif args.stage == "unet":
-        run.train_unet(args.steps, args.batch, args.minutes, workers=args.workers, lr=args.lr or 3e-4, warmup=args.warmup)
+        run.train_unet(args.steps, args.batch, args.minutes, workers=args.workers, lr=args.lr or 3e-4, warmup=args.warmup,
+                       offset_noise=args.offset_noise)
         print(f"unet step {run.state['unet_step']}")
     if args.export:
         print(run.export(args.export))
