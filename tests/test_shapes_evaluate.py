@@ -122,6 +122,29 @@ def test_captions_use_the_worlds_phrasing():
     assert ev._caption(two, "green", relation="left of") == "a red square left of a yellow star on a green background"
 
 
+class _RecordingGenerator:
+    """Stands in for the model: records the prompts and returns the rendered scene of each one."""
+
+    def __init__(self):
+        self.prompts = []
+
+    def __call__(self, part, k, prompt, targets=None, **kwargs):
+        self.prompts.append(prompt)
+        words = prompt.split()  # "a big <colour> <shape> on a <bg> background"
+        spec = world.make_spec([dict(shape=words[3], colour=words[2], size="big")], background=words[6], seed=k)
+        return [world.render(spec).image]
+
+
+@pytest.mark.parametrize("part", ["adherence", "adherence_train"])
+def test_adherence_prompts_use_held_out_or_training_pairs_and_score_renders(part):
+    fake = _RecordingGenerator()
+    r = ev.eval_adherence(fake, 8, part=part)
+    pairs = {(p.split()[2], p.split()[3]) for p in fake.prompts}
+    assert len(fake.prompts) == 8 and len(pairs) == 8
+    assert all((pair in world.HELDOUT_PAIRS) == (part == "adherence") for pair in pairs)
+    assert r["colour"] >= 7 / 8 and r["background_correct"] == 1.0 and r["background_has_object_colour"] == 0.0
+
+
 # ----------------------------------------------------------------------------- the model (tiny budget)
 
 @pytest.fixture(scope="module")

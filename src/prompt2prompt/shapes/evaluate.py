@@ -9,6 +9,8 @@ images, whose background is no longer the plain colour, a looser segmentation (`
 The evaluation then generates with the model and scores (the parts of ``--parts``):
 
 - ``adherence``: plain generation on held-out colour/shape pairs (colour, shape);
+- ``adherence_train``: the same on colour/shape pairs seen in training, with the same prompt form,
+  which separates undertraining (both low) from a failure to generalise (held-out pairs lower);
 - ``swap``: word swap with Prompt-to-Prompt against "same seed, no injection": target shape /
   colour rate, median centroid shift, median mask IoU between source and edit;
 - ``blend``: LocalBlend: PSNR between source and edit outside the edited object's region;
@@ -45,7 +47,7 @@ _BORDER = np.zeros((world.SIZE, world.SIZE), bool)
 _BORDER[0, :] = _BORDER[-1, :] = _BORDER[:, 0] = _BORDER[:, -1] = True
 _RING = world._erode(np.ones((world.SIZE, world.SIZE), bool), 2) == 0  # the 2 px border ring
 
-PARTS = ("adherence", "swap", "blend", "two_objects", "refine", "reweight", "sweep")
+PARTS = ("adherence", "swap", "blend", "two_objects", "refine", "reweight", "sweep", "adherence_train")
 REWEIGHT_FACTORS = (-2.0, -1.0, 0.0, 0.5, 1.0, 1.5, 2.0)
 SWEEP_STEPS = (0.0, 0.2, 0.4, 0.6, 0.8, 1.0)
 _SEED_OFFSET = {part: 1000 * i for i, part in enumerate(PARTS)}  # generator seeds of each part
@@ -424,18 +426,20 @@ def border_colour(image: np.ndarray) -> str:
     return world.COLOUR_NAMES[int(np.argmin(((_PALETTE - median) ** 2).sum(-1)))]
 
 
-def eval_adherence(gen: _Generator, n: int, seed: int = 0) -> dict:
-    """Plain generation on held-out colour/shape pairs: the share of samples whose largest detected
-    object has the named colour / shape (``found``: any object on the named background). Diagnostics:
-    ``background_correct``, the image border is nearest to the named background colour;
-    ``background_has_object_colour``, it is nearest to the named *object* colour (colours swapped)."""
-    rng = _part_rng("adherence", seed)
-    heldout = sorted(world.HELDOUT_PAIRS)
+def eval_adherence(gen: _Generator, n: int, seed: int = 0, part: str = "adherence") -> dict:
+    """Plain generation on held-out colour/shape pairs (``part="adherence_train"``: on pairs seen in
+    training): the share of samples whose largest detected object has the named colour / shape
+    (``found``: any object on the named background). Diagnostics: ``background_correct``, the image
+    border is nearest to the named background colour; ``background_has_object_colour``, it is
+    nearest to the named *object* colour (colours swapped)."""
+    rng = _part_rng(part, seed)
+    pairs = sorted(world.HELDOUT_PAIRS) if part == "adherence" else [world._TRAIN_PAIRS[i] for i in
+                                                                      rng.permutation(len(world._TRAIN_PAIRS))]
     found_n = colour_ok = shape_ok = bg_ok = bg_swapped = 0
     for k in range(n):
-        colour, shape = heldout[k % len(heldout)]
+        colour, shape = pairs[k % len(pairs)]
         bg = _pick(rng, world.COLOUR_NAMES, (colour,))
-        image = gen("adherence", k, f"a big {colour} {shape} on a {bg} background")[0]
+        image = gen(part, k, f"a big {colour} {shape} on a {bg} background")[0]
         found = detect(image, bg)
         found_n += bool(found)
         colour_ok += bool(found) and found[0].colour == colour
@@ -444,6 +448,11 @@ def eval_adherence(gen: _Generator, n: int, seed: int = 0) -> dict:
         bg_swapped += border_colour(image) == colour
     return {"found": found_n / n, "colour": colour_ok / n, "shape": shape_ok / n,
             "background_correct": bg_ok / n, "background_has_object_colour": bg_swapped / n, "n": n}
+
+
+def eval_adherence_train(gen: _Generator, n: int, seed: int = 0) -> dict:
+    """`eval_adherence` on colour/shape pairs seen in training (a random order of all of them)."""
+    return eval_adherence(gen, n, seed, part="adherence_train")
 
 
 def eval_word_swap(gen: _Generator, n: int, seed: int = 0) -> dict:
@@ -715,10 +724,10 @@ def eval_sweep(gen: _Generator, n: int, seed: int = 0, steps=SWEEP_STEPS) -> dic
     return {"cross_replace_steps": out, "self_replace_steps": 0.4, "n": n}
 
 
-_EVALS = {"adherence": eval_adherence, "swap": eval_word_swap, "blend": eval_local_blend, "two_objects": eval_two_objects,
+_EVALS = {"adherence": eval_adherence, "adherence_train": eval_adherence_train, "swap": eval_word_swap, "blend": eval_local_blend, "two_objects": eval_two_objects,
           "refine": eval_refine, "reweight": eval_reweight, "sweep": eval_sweep}
 _RESULT_KEY = {"adherence": "adherence", "swap": "word_swap", "blend": "local_blend", "two_objects": "two_objects",
-               "refine": "refine", "reweight": "reweight", "sweep": "sweep"}
+               "refine": "refine", "reweight": "reweight", "sweep": "sweep", "adherence_train": "adherence_train"}
 
 
 def evaluate_model(pipe, n: int = 16, steps: int = 30, guidance: float = 5.0, seed: int = 0, parts=PARTS) -> dict:
@@ -748,13 +757,15 @@ def summary_rows(model: dict) -> list[tuple[str, str, str]]:
     def add(name, v, pct=False, goal=""):
         rows.append((name, _fmt(v, pct), goal))
 
-    if "adherence" in model:
-        a = model["adherence"]
-        add("adherence (held-out pairs): background correct", a["background_correct"], True)
-        add("adherence (held-out pairs): background in the object's colour", a["background_has_object_colour"], True)
-        add("adherence (held-out pairs): object found", a["found"], True)
-        add("adherence (held-out pairs): colour", a["colour"], True)
-        add("adherence (held-out pairs): shape", a["shape"], True)
+    for key, label in (("adherence", "held-out pairs"), ("adherence_train", "training pairs")):
+        if key in model:
+            a = model[key]
+            goal = key == "adherence"
+            add(f"adherence ({label}): background correct", a["background_correct"], True)
+            add(f"adherence ({label}): background in the object's colour", a["background_has_object_colour"], True)
+            add(f"adherence ({label}): object found", a["found"], True)
+            add(f"adherence ({label}): colour", a["colour"], True, ">= 90%" if goal else "")
+            add(f"adherence ({label}): shape", a["shape"], True, ">= 80%" if goal else "")
     if "word_swap" in model:
         for key, v in model["word_swap"].items():
             add(f"word swap {key}: target rate", v["target_rate"], True)
