@@ -177,3 +177,30 @@ def test_offset_noise_moves_each_channel_mean():
     assert 0.18 < offset.mean((2, 3)).var().item() < 0.34
     assert torch.equal(training_noise((2, 4, 8, 8), torch.Generator().manual_seed(3), 0.1),
                        training_noise((2, 4, 8, 8), torch.Generator().manual_seed(3), 0.1))  # deterministic per generator
+
+
+def test_min_snr_weights_follow_the_papers_formula():
+    from prompt2prompt.shapes.train import min_snr_weights
+
+    alpha_bar = torch.tensor([0.999, 0.9, 5 / 6, 0.5, 0.01])  # SNR 999, 9, 5, 1, 0.0101
+    w = min_snr_weights(alpha_bar, 5.0)
+    assert torch.allclose(w, torch.tensor([5 / 999, 5 / 9, 1.0, 1.0, 1.0]), rtol=1e-4)
+    assert torch.equal(min_snr_weights(alpha_bar, 0.0), torch.ones(5))  # off
+
+
+def test_min_snr_changes_the_update_only_through_the_weights(tmp_path):
+    import json
+
+    base = Run(tmp_path / "base", "cpu")
+    base.train_vae(steps=1, batch=2, minutes=5)
+    base.train_unet(steps=1, batch=2, minutes=5)
+    first = base.export(tmp_path / "first")
+    after = {}
+    for name, gamma in (("off", 0.0), ("huge", 1e9), ("five", 5.0)):
+        run = Run(tmp_path / name, "cpu", init=first)
+        run.train_unet(steps=3, batch=16, minutes=5, min_snr_gamma=gamma)  # two steps from the same state
+        after[name] = run.unet.state_dict()
+        assert json.loads((run.export(tmp_path / f"{name}.model") / "training.json").read_text())["min_snr_gamma"] == gamma
+    key = next(k for k in after["off"] if k.endswith("conv_in.weight"))
+    assert torch.equal(after["off"][key], after["huge"][key])  # weights of 1: the plain loss
+    assert not torch.equal(after["off"][key], after["five"][key])

@@ -214,6 +214,17 @@ def training_noise(shape: tuple[int, int, int, int], generator: torch.Generator,
     return noise
 
 
+def min_snr_weights(alpha_bar: torch.Tensor, gamma: float) -> torch.Tensor:
+    """Per-sample loss weights of Min-SNR-gamma (Hang et al., 2023, eq. 8 for epsilon prediction):
+    ``min(SNR(t), gamma) / SNR(t)`` with ``SNR(t) = alpha_bar_t / (1 - alpha_bar_t)``. Steps whose
+    SNR exceeds ``gamma`` (nearly clean latents, fine detail) are weighted down, so that the
+    conflicting gradients of easy steps do not slow the learning of layout; ``gamma <= 0``: all 1."""
+    if gamma <= 0:
+        return torch.ones_like(alpha_bar)
+    snr = alpha_bar / (1 - alpha_bar)
+    return snr.clamp(max=gamma) / snr
+
+
 def lr_at(step: int, total: int, base: float, warmup: int) -> float:
     """Linear warm-up, then cosine decay to 10% of ``base``."""
     if step < warmup:
@@ -412,15 +423,18 @@ class Run:
             self.state["scaling_factor"] = float(1.0 / z.std())
 
     def train_unet(self, steps: int | None, batch: int, minutes: float, ema_decay: float = 0.999, workers: int = 0,
-                   lr: float = 3e-4, warmup: int | None = None, offset_noise: float = 0.0) -> None:
+                   lr: float = 3e-4, warmup: int | None = None, offset_noise: float = 0.0, min_snr_gamma: float = 0.0) -> None:
         """Train the UNet and text encoder. ``offset_noise`` adds ``offset_noise * N(0, 1)`` per
         sample and channel to the noise (constant over the image): with SD's schedule the noisiest
         step still leaks the latent's mean (sqrt(alpha_bar_T) = 0.068), so without it the model
-        learns to read a flat background's colour from the starting noise instead of the caption."""
+        learns to read a flat background's colour from the starting noise instead of the caption.
+        ``min_snr_gamma`` > 0 weights each sample's loss by `min_snr_weights`; the logged loss stays
+        the unweighted MSE, comparable across runs."""
         from diffusers import DDPMScheduler
 
         self._ensure_scaling_factor()
         self.state["offset_noise"] = offset_noise
+        self.state["min_snr_gamma"] = min_snr_gamma
         noise_sched = DDPMScheduler(**SCHEDULE)
         alphas = noise_sched.alphas_cumprod.to(self.device)
         self.vae.eval().requires_grad_(False)
@@ -445,15 +459,16 @@ class Run:
             with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=amp):
                 states = self.text_encoder(ids)[0]
                 pred = self.unet(zt, t, encoder_hidden_states=states).sample
-            loss = F.mse_loss(pred.float(), noise)
+            mse = (pred.float() - noise).pow(2).mean((1, 2, 3))  # (batch,)
+            weighted = (min_snr_weights(alphas[t], min_snr_gamma) * mse).mean()
             self.opt.zero_grad(set_to_none=True)
-            loss.backward()
+            weighted.backward()
             torch.nn.utils.clip_grad_norm_(params, 1.0)
             self.opt.step()
             decay = min(ema_decay, (1 + step) / (10 + step))
             with torch.no_grad():
                 torch._foreach_lerp_(ema_params, [p.detach().float() for p in params], 1 - decay)
-            return loss.detach()
+            return mse.mean().detach()
 
         self._loop("unet", steps, batch, minutes, workers, 0, lr, warmup, self.opt, step_fn)
         with torch.no_grad():  # buffers (e.g. position ids) are not trained: copy them as they are
@@ -485,6 +500,7 @@ class Run:
         pipe.save_pretrained(tmp, safe_serialization=True, max_shard_size="15MB")
         info = {k: self.state[k] for k in ("vae_step", "unet_step", "samples_seen", "seconds", "scaling_factor")}
         info["offset_noise"] = self.state.get("offset_noise", 0.0)  # of the last UNet chunk
+        info["min_snr_gamma"] = self.state.get("min_snr_gamma", 0.0)
         if self.state.get("history"):
             info["history"] = self.state["history"]  # the exported models this run continued from
         (tmp / "training.json").write_text(json.dumps(info, indent=1))
@@ -546,6 +562,8 @@ def main(argv=None) -> None:
     parser.add_argument("--offset-noise", type=float, default=0.0, metavar="S",
                         help="add S * N(0,1) per sample and channel to the training noise (e.g. 0.1), so that "
                              "flat colours come from the caption, not from the starting noise's mean")
+    parser.add_argument("--min-snr", type=float, default=0.0, metavar="GAMMA",
+                        help="weight each sample's loss by min(SNR, GAMMA) / SNR (Min-SNR-gamma, e.g. 5; 0: off)")
     parser.add_argument("--init", default=None, metavar="MODEL_DIR",
                         help="start a new run from an exported model (e.g. the shipped one) instead of random weights; "
                              "training accumulates across machines without carrying optimizer state")
@@ -569,7 +587,7 @@ def main(argv=None) -> None:
         print(f"vae step {run.state['vae_step']}")
     elif args.stage == "unet":
         run.train_unet(args.steps, args.batch, args.minutes, workers=args.workers, lr=args.lr or 3e-4, warmup=args.warmup,
-                       offset_noise=args.offset_noise)
+                       offset_noise=args.offset_noise, min_snr_gamma=args.min_snr)
         print(f"unet step {run.state['unet_step']}")
     if args.export:
         print(run.export(args.export))
