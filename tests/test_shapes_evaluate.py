@@ -222,3 +222,16 @@ def test_parts_are_checked_and_the_cli_prints_a_table(gen, tmp_path, capsys, mon
     assert set(result["model"]) == {"adherence", "word_swap", "local_blend", "settings"}
     table = capsys.readouterr().out
     assert "adherence (held-out pairs): colour" in table and "LocalBlend" in table and "sweep" not in table
+
+
+def test_wilson_interval_matches_known_values_and_the_table_shows_it():
+    lo, hi = ev.wilson_interval(0, 16)
+    assert lo == 0.0 and hi == pytest.approx(0.1936, abs=1e-3)  # the "rule of three"-like bound for 0/16
+    lo, hi = ev.wilson_interval(8, 16)
+    assert lo == pytest.approx(0.2800, abs=1e-3) and hi == pytest.approx(0.7200, abs=1e-3)  # symmetric at p = 0.5
+    lo, hi = ev.wilson_interval(30, 32)
+    assert lo < 30 / 32 < hi <= 1.0
+    a = dict(found=0.5, colour=0.375, shape=0.0, background_correct=0.5, background_has_object_colour=0.25, n=16)
+    rows = dict((r[0], r[1]) for r in ev.summary_rows({"adherence": a, "settings": {"samples": 16}}))
+    assert rows["adherence (held-out pairs): object found"] == "50.0% [28%-72%]"
+    assert rows["adherence (held-out pairs): shape"] == "0.0% [0%-19%]"

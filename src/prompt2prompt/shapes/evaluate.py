@@ -744,28 +744,45 @@ def evaluate_model(pipe, n: int = 16, steps: int = 30, guidance: float = 5.0, se
     return result
 
 
-def _fmt(v, pct: bool) -> str:
+def wilson_interval(successes: float, n: int, z: float = 1.96) -> tuple[float, float]:
+    """Wilson score interval (Wilson, 1927) of a rate ``successes / n``: the range of true rates
+    that the observation does not reject at the level of ``z`` (1.96: 95%). With 16 or 32 samples
+    a rate is uncertain by +/- 10-25 points, which is what the evaluation tables have to show."""
+    if n <= 0:
+        return 0.0, 1.0
+    p = successes / n
+    centre = (p + z * z / (2 * n)) / (1 + z * z / n)
+    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / (1 + z * z / n)
+    return max(0.0, centre - half), min(1.0, centre + half)
+
+
+def _fmt(v, pct: bool, n: int | None = None) -> str:
     if v is None or (isinstance(v, float) and not np.isfinite(v)):
         return "-"
+    if pct and n:
+        lo, hi = wilson_interval(v * n, n)
+        return f"{v:.1%} [{lo:.0%}-{hi:.0%}]"
     return f"{v:.1%}" if pct else f"{v:.3f}" if isinstance(v, float) else str(v)
 
 
 def summary_rows(model: dict) -> list[tuple[str, str, str]]:
-    """(figure, value, goal) rows of an `evaluate_model` result, for the printed table."""
+    """(figure, value, goal) rows of an `evaluate_model` result, for the printed table. A rate over
+    the part's samples carries its 95% Wilson interval in brackets."""
     rows = []
+    samples = model.get("settings", {}).get("samples")
 
-    def add(name, v, pct=False, goal=""):
-        rows.append((name, _fmt(v, pct), goal))
+    def add(name, v, pct=False, goal="", n=None):
+        rows.append((name, _fmt(v, pct, (samples if n is None else n) if pct else None), goal))
 
     for key, label in (("adherence", "held-out pairs"), ("adherence_train", "training pairs")):
         if key in model:
             a = model[key]
             goal = key == "adherence"
-            add(f"adherence ({label}): background correct", a["background_correct"], True)
-            add(f"adherence ({label}): background in the object's colour", a["background_has_object_colour"], True)
-            add(f"adherence ({label}): object found", a["found"], True)
-            add(f"adherence ({label}): colour", a["colour"], True, ">= 90%" if goal else "")
-            add(f"adherence ({label}): shape", a["shape"], True, ">= 80%" if goal else "")
+            add(f"adherence ({label}): background correct", a["background_correct"], True, n=a["n"])
+            add(f"adherence ({label}): background in the object's colour", a["background_has_object_colour"], True, n=a["n"])
+            add(f"adherence ({label}): object found", a["found"], True, n=a["n"])
+            add(f"adherence ({label}): colour", a["colour"], True, ">= 90%" if goal else "", n=a["n"])
+            add(f"adherence ({label}): shape", a["shape"], True, ">= 80%" if goal else "", n=a["n"])
     if "word_swap" in model:
         for key, v in model["word_swap"].items():
             add(f"word swap {key}: target rate", v["target_rate"], True)
@@ -778,7 +795,8 @@ def summary_rows(model: dict) -> list[tuple[str, str, str]]:
         for key in ("model", "rendered"):
             add(f"two objects ({key}): both present (colours)", t[key]["both_present"], True, ">= 70%" if key == "model" else "")
             add(f"two objects ({key}): both present (colours+shapes)", t[key]["both_present_with_shape"], True)
-            add(f"two objects ({key}): relation correct | both present", t[key]["relation_correct"], True)
+            add(f"two objects ({key}): relation correct | both present", t[key]["relation_correct"], True,
+                n=t[key].get("relation_scored"))
     if "refine" in model:
         r = model["refine"]
         for mode in ("p2p", "none"):
