@@ -204,3 +204,12 @@ def test_min_snr_changes_the_update_only_through_the_weights(tmp_path):
     key = next(k for k in after["off"] if k.endswith("conv_in.weight"))
     assert torch.equal(after["off"][key], after["huge"][key])  # weights of 1: the plain loss
     assert not torch.equal(after["off"][key], after["five"][key])
+
+
+@pytest.mark.parametrize("flag", ["--offset-noise", "--min-snr"])
+def test_negative_training_settings_exit_2_before_any_work(tmp_path, flag, capsys):
+    from prompt2prompt.shapes.train import main
+
+    with pytest.raises(SystemExit) as e:
+        main([str(tmp_path / "run"), "--stage", "unet", flag, "-1"])
+    assert e.value.code == 2 and flag in capsys.readouterr().err and not (tmp_path / "run").exists()

@@ -746,8 +746,8 @@ def evaluate_model(pipe, n: int = 16, steps: int = 30, guidance: float = 5.0, se
 
 def wilson_interval(successes: float, n: int, z: float = 1.96) -> tuple[float, float]:
     """Wilson score interval (Wilson, 1927) of a rate ``successes / n``: the range of true rates
-    that the observation does not reject at the level of ``z`` (1.96: 95%). With 16 or 32 samples
-    a rate is uncertain by +/- 10-25 points, which is what the evaluation tables have to show."""
+    that the observation does not reject at the level of ``z`` (1.96: 95%). With 16 samples a rate
+    is uncertain by up to +/- 22 points, with 32 by up to +/- 16, which the evaluation tables show."""
     if n <= 0:
         return 0.0, 1.0
     p = successes / n

@@ -578,6 +578,9 @@ def main(argv=None) -> None:
         csv = Path(args.run_dir)
         print(plot_loss(csv if csv.suffix == ".csv" else csv / "loss.csv", args.plot))
         return
+    for flag, value in (("--offset-noise", args.offset_noise), ("--min-snr", args.min_snr)):
+        if not value >= 0:  # also catches nan
+            parser.exit(2, f"error: {flag} must be a number >= 0 (0: off), got {value}\n")
     try:
         run = Run(args.run_dir, args.device, init=args.init)
     except ValueError as e:
