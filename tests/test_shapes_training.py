@@ -213,3 +213,44 @@ def test_negative_training_settings_exit_2_before_any_work(tmp_path, flag, capsy
     with pytest.raises(SystemExit) as e:
         main([str(tmp_path / "run"), "--stage", "unet", flag, "-1"])
     assert e.value.code == 2 and flag in capsys.readouterr().err and not (tmp_path / "run").exists()
+
+
+def test_decoder_stage_trains_the_decoder_alone_and_keeps_the_latent_space(tmp_path):
+    """--stage decoder after --init: only post_quant_conv and the decoder change, the round trip
+    improves, the UNet, text encoder and scaling factor are exported as they were, and it resumes."""
+    import json
+
+    import torch.nn.functional as F
+
+
+    run = Run(tmp_path / "run", "cpu")
+    run.train_vae(steps=1, batch=2, minutes=5)
+    run.train_unet(steps=1, batch=2, minutes=5)
+    first = run.export(tmp_path / "first")
+    more = Run(tmp_path / "run2", "cpu", init=first)
+    before = {k: v.clone() for k, v in more.vae.state_dict().items()}
+    x, _ = batch_images(40_000_000, 8)
+
+    def round_trip_mse():
+        with torch.no_grad():
+            return F.mse_loss(more.vae.decode(more.vae.encode(x).latent_dist.mean).sample, x).item()
+
+    mse0 = round_trip_mse()
+    more.train_decoder(steps=12, batch=4, minutes=5, lr=2e-3, warmup=2)
+    changed = {k for k, v in more.vae.state_dict().items() if not torch.equal(v, before[k])}
+    assert any(k.startswith("decoder.") for k in changed) and any(k.startswith("post_quant_conv.") for k in changed)
+    assert all(k.startswith(("decoder.", "post_quant_conv.")) for k in changed), changed - {k for k in changed if k.startswith("decoder.")}
+    assert not any(p.requires_grad for p in more.vae.parameters())  # frozen again for any later stage
+    assert round_trip_mse() < mse0
+    second = more.export(tmp_path / "second")
+    info = json.loads((second / "training.json").read_text())
+    assert info["decoder_step"] == 12 and info["samples_seen"]["decoder"] == 48
+    assert info["scaling_factor"] == run.state["scaling_factor"] and info["unet_step"] == 1
+    for k, v in run.ema["unet"].items():
+        assert torch.equal(more.ema["unet"][k], v), k
+    again = Run(tmp_path / "run2", "cpu")  # resumes with the decoder's optimizer state
+    assert again.decoder_opt.state and again.state["decoder_step"] == 12
+    again.train_decoder(steps=13, batch=4, minutes=5)
+    assert again.state["decoder_step"] == 13
+    third = Run(tmp_path / "run3", "cpu", init=second)  # an export with a decoder stage carries its count on
+    assert third.state["decoder_step"] == 12 and third.state["decoder_from"] == 12

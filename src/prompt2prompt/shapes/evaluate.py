@@ -19,7 +19,9 @@ The evaluation then generates with the model and scores (the parts of ``--parts`
 - ``reweight``: attention re-weighting of a pattern or colour word over factors -2..2: Spearman's
   rho between the factor and the measured effect;
 - ``sweep``: shape word swaps with cross-attention injected for 0..100% of the steps: structure
-  kept (mask IoU) and target-shape rate at each value, against no injection.
+  kept (mask IoU) and target-shape rate at each value, against no injection;
+- ``reconstruction``: the autoencoder alone (no generation): PSNR of rendered held-out scenes
+  through encode (latent mean) and decode, over the whole image, the objects and the background.
 
 Every part also scores the rendered (ground-truth) scenes of its own prompts where that makes sense
 (``rendered``): the ceiling that the detector allows.
@@ -47,7 +49,8 @@ _BORDER = np.zeros((world.SIZE, world.SIZE), bool)
 _BORDER[0, :] = _BORDER[-1, :] = _BORDER[:, 0] = _BORDER[:, -1] = True
 _RING = world._erode(np.ones((world.SIZE, world.SIZE), bool), 2) == 0  # the 2 px border ring
 
-PARTS = ("adherence", "swap", "blend", "two_objects", "refine", "reweight", "sweep", "adherence_train")
+PARTS = ("adherence", "swap", "blend", "two_objects", "refine", "reweight", "sweep", "adherence_train", "reconstruction")
+RECONSTRUCTION_SCENES_PER_SAMPLE = 16  # the autoencoder is cheap to run: 16 scenes per "sample"
 REWEIGHT_FACTORS = (-2.0, -1.0, 0.0, 0.5, 1.0, 1.5, 2.0)
 SWEEP_STEPS = (0.0, 0.2, 0.4, 0.6, 0.8, 1.0)
 _SEED_OFFSET = {part: 1000 * i for i, part in enumerate(PARTS)}  # generator seeds of each part
@@ -356,6 +359,14 @@ def _psnr(a: np.ndarray, b: np.ndarray, where: np.ndarray) -> float:
         return float("nan")
     mse = ((a.astype(np.float64) - b.astype(np.float64)) ** 2)[where].mean()
     return float("inf") if mse == 0 else float(10 * np.log10(255.0**2 / mse))
+
+
+def _grow(m: np.ndarray, k: int) -> np.ndarray:
+    """Binary dilation of ``m`` by ``k`` steps of the 4-neighbourhood (nothing grows in from outside the image)."""
+    for _ in range(k):
+        p = np.pad(m, 1)  # (h+2, w+2)
+        m = p[1:-1, 1:-1] | p[:-2, 1:-1] | p[2:, 1:-1] | p[1:-1, :-2] | p[1:-1, 2:]
+    return m
 
 
 def _iou(a: np.ndarray, b: np.ndarray) -> float:
@@ -724,10 +735,41 @@ def eval_sweep(gen: _Generator, n: int, seed: int = 0, steps=SWEEP_STEPS) -> dic
     return {"cross_replace_steps": out, "self_replace_steps": 0.4, "n": n}
 
 
+def eval_reconstruction(gen: _Generator, n: int, seed: int = 0) -> dict:
+    """The autoencoder's round trip, the ceiling of every picture the model makes and of inversion:
+    ``16 * n`` rendered scenes of the held-out split (plain and textured backgrounds, patterns,
+    styles) are encoded to their latent means, the latents the UNet is trained on, and decoded.
+    Median PSNR over the whole image, over the objects (drawn pixels grown by 1 px, where the
+    decoder's errors gather at the edges) and over the background (2 px away from any object)."""
+    import torch
+
+    vae = gen.pipe.vae
+    param = next(vae.parameters())
+    first = 50_000_000 + seed * 100_003 + _SEED_OFFSET["reconstruction"] * RECONSTRUCTION_SCENES_PER_SAMPLE
+    scenes = [world.sample_scene(first + k, "heldout") for k in range(RECONSTRUCTION_SCENES_PER_SAMPLE * n)]
+    images = np.stack([sc.image for sc in scenes])  # (scenes, h, w, 3) uint8
+    out = np.empty_like(images)
+    for i in range(0, len(images), 64):
+        x = torch.from_numpy(images[i:i + 64]).permute(0, 3, 1, 2).to(param.device, param.dtype) / 127.5 - 1  # (b, 3, h, w)
+        with torch.no_grad():
+            rec = vae.decode(vae.encode(x).latent_dist.mean).sample  # (b, 3, h, w) in [-1, 1]
+        rec = ((rec.float().clamp(-1, 1) + 1) * 127.5).round().permute(0, 2, 3, 1)  # (b, h, w, 3)
+        out[i:i + 64] = rec.cpu().numpy().astype(np.uint8)
+    whole, objects, background = [], [], []
+    for sc, a, b in zip(scenes, images, out):
+        drawn = sc.masks.any(0)  # (h, w)
+        whole.append(_psnr(a, b, np.ones_like(drawn)))
+        objects.append(_psnr(a, b, _grow(drawn, 1)))
+        background.append(_psnr(a, b, ~_grow(drawn, 2)))
+    return {"median_psnr_db": _median(whole), "median_object_psnr_db": _median(objects),
+            "median_background_psnr_db": _median(background), "n": len(scenes), "split": "heldout"}
+
+
 _EVALS = {"adherence": eval_adherence, "adherence_train": eval_adherence_train, "swap": eval_word_swap, "blend": eval_local_blend, "two_objects": eval_two_objects,
-          "refine": eval_refine, "reweight": eval_reweight, "sweep": eval_sweep}
+          "refine": eval_refine, "reweight": eval_reweight, "sweep": eval_sweep, "reconstruction": eval_reconstruction}
 _RESULT_KEY = {"adherence": "adherence", "swap": "word_swap", "blend": "local_blend", "two_objects": "two_objects",
-               "refine": "refine", "reweight": "reweight", "sweep": "sweep", "adherence_train": "adherence_train"}
+               "refine": "refine", "reweight": "reweight", "sweep": "sweep", "adherence_train": "adherence_train",
+               "reconstruction": "reconstruction"}
 
 
 def evaluate_model(pipe, n: int = 16, steps: int = 30, guidance: float = 5.0, seed: int = 0, parts=PARTS) -> dict:
@@ -823,6 +865,10 @@ def summary_rows(model: dict) -> list[tuple[str, str, str]]:
         for name, v in model["sweep"]["cross_replace_steps"].items():
             add(f"sweep cross_replace_steps={name}: median mask IoU (n={v['n_scored']})", v["median_mask_iou"])
             add(f"sweep cross_replace_steps={name}: target shape", v["target_rate"], True)
+    if "reconstruction" in model:
+        r = model["reconstruction"]
+        for key, where in (("median_psnr_db", "image"), ("median_object_psnr_db", "objects"), ("median_background_psnr_db", "background")):
+            add(f"autoencoder round trip (n={r['n']} scenes): median PSNR dB, {where}", r[key])
     return rows
 
 

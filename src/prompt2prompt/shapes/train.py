@@ -1,10 +1,13 @@
 """Train the bundled shapes-world text-to-image model (latent diffusion, the Stable Diffusion stack).
 
-Two stages in one resumable run folder:
+Stages of one resumable run folder:
 1. ``vae``: a small `AutoencoderKL` (64x64x3 -> 16x16x4) on rendered scenes;
 2. ``unet``: a `UNet2DConditionModel` and a `CLIPTextModel` trained together from scratch on the
    frozen autoencoder's latents, epsilon prediction, SD's noise schedule, 10% empty captions for
-   classifier-free guidance, an EMA of the weights, learning-rate warm-up and cosine decay.
+   classifier-free guidance, an EMA of the weights, learning-rate warm-up and cosine decay;
+3. ``decoder`` (optional, at any time): the autoencoder's decoder alone, fine-tuned on the frozen
+   encoder's latent means. The encoder, and so the latent space the UNet learned, stays bit for
+   bit the same, so this can improve a trained model's pictures without retraining its UNet.
 
 Every run is deterministic: scene ``k`` of the data stream is rendered from seed ``k``, and each
 step's noise comes from a generator seeded by the step. A run stops after ``--minutes`` and writes
@@ -14,6 +17,7 @@ its state; the same command resumes it. Checkpoint files are safetensors of at m
     python -m prompt2prompt.shapes.train RUN_DIR --stage unet --steps 200000 --minutes 10
     python -m prompt2prompt.shapes.train RUN_DIR --export src/prompt2prompt/shapes/model
     python -m prompt2prompt.shapes.train RUN2 --init src/prompt2prompt/shapes/model --stage unet --minutes 10 --export OUT
+    python -m prompt2prompt.shapes.train RUN3 --init src/prompt2prompt/shapes/model --stage decoder --minutes 60 --export OUT
 """
 
 from __future__ import annotations
@@ -271,6 +275,7 @@ class Run:
         }
         self.state = {"vae_step": 0, "unet_step": 0, "scaling_factor": None, "files": {}, "samples_seen": {"vae": 0, "unet": 0}, "seconds": {"vae": 0.0, "unet": 0.0}}
         self.vae_opt = torch.optim.AdamW(self.vae.parameters(), lr=1e-3, weight_decay=0.0)
+        self.decoder_opt = torch.optim.AdamW(self._decoder_params(), lr=1e-4, weight_decay=0.0)
         params = list(self.unet.parameters()) + list(self.text_encoder.parameters())
         self.opt = torch.optim.AdamW(params, lr=3e-4, weight_decay=0.01)
         if resuming:
@@ -293,9 +298,22 @@ class Run:
             self.ema[part] = {k: v.detach().clone().float() for k, v in m.state_dict().items()}
         for key in ("vae_step", "unet_step", "scaling_factor", "samples_seen", "seconds"):
             self.state[key] = info[key]
+        for key in ("offset_noise", "min_snr_gamma"):  # the settings of the model's last UNet chunk
+            if key in info:
+                self.state[key] = info[key]
+        if "decoder_step" in info:
+            self.state["decoder_step"] = info["decoder_step"]
+            self.state["decoder_from"] = info["decoder_step"]
         self.state["unet_from"] = info["unet_step"]
         earlier = {k: info[k] for k in ("unet_step", "samples_seen", "seconds") if k in info}
         self.state["history"] = info.get("history", []) + [json.loads(json.dumps(earlier))]  # a copy: the counts go on
+
+    def _decoder_params(self) -> list[torch.nn.Parameter]:
+        """What the ``decoder`` stage trains: everything after the latent (``post_quant_conv``, ``decoder``)."""
+        return list(self.vae.post_quant_conv.parameters()) + list(self.vae.decoder.parameters())
+
+    def _optimizers(self) -> tuple[tuple[str, torch.optim.Optimizer], ...]:
+        return (("vae_opt", self.vae_opt), ("opt", self.opt), ("decoder_opt", self.decoder_opt))
 
     # -- persistence
     def _load(self) -> None:
@@ -307,7 +325,7 @@ class Run:
         ema = load_sharded(self.folder, files["ema"])
         for part in self.ema:
             self.ema[part] = {k.split(".", 1)[1]: v.to(self.device) for k, v in ema.items() if k.startswith(part + ".")}
-        for name, opt in (("vae_opt", self.vae_opt), ("opt", self.opt)):
+        for name, opt in self._optimizers():
             if name in files:
                 load_optimizer(opt, {k: v.to(self.device) for k, v in load_sharded(self.folder, files[name]).items()}, self.state[name + "_meta"])
 
@@ -318,7 +336,7 @@ class Run:
             "text_encoder": save_sharded(self.text_encoder.state_dict(), self.folder / "text_encoder"),
             "ema": save_sharded({f"{p}.{k}": v for p, sd in self.ema.items() for k, v in sd.items()}, self.folder / "ema"),
         }
-        for name, opt in (("vae_opt", self.vae_opt), ("opt", self.opt)):
+        for name, opt in self._optimizers():
             if opt.state:
                 tensors, meta = optimizer_tensors(opt)
                 files[name] = save_sharded(tensors, self.folder / name)
@@ -353,8 +371,11 @@ class Run:
         """
         total = self._total(stage, steps)
         if warmup is None:
-            warmup = min(200 if stage == "vae" else 1000, ((total or 5000) - self.state.get(stage + "_from", 0)) // 10)
+            warmup = min({"vae": 200, "decoder": 100}.get(stage, 1000), ((total or 5000) - self.state.get(stage + "_from", 0)) // 10)
         key = stage + "_step"
+        self.state.setdefault(key, 0)  # runs (and exports) older than the stage lack its counts
+        self.state["samples_seen"].setdefault(stage, 0)
+        self.state["seconds"].setdefault(stage, 0.0)
         start, step = time.time(), self.state[key]
         tok_dir = str(self.folder / "tokenizer") if stage == "unet" else None
         data = Batches(step, batch, offset, workers, tok_dir)
@@ -407,6 +428,34 @@ class Run:
             return loss.detach()
 
         self._loop("vae", steps, batch, minutes, workers, 10_000_000, lr, warmup, self.vae_opt, step_fn)
+
+    def train_decoder(self, steps: int | None, batch: int, minutes: float, workers: int = 0,
+                      lr: float = 1e-4, warmup: int | None = None) -> None:
+        """Fine-tune the decoder (and ``post_quant_conv``) to reconstruct scenes from the frozen
+        encoder's latent means, the latents the UNet was trained to produce (`_latents` without the
+        scaling). The encoder and ``quant_conv`` get no gradient and no optimizer, so the latent
+        space, the scaling factor and every UNet trained on them stay valid."""
+        self.vae.eval()  # the encoder's normalisation layers are group norms: no running statistics
+        self.vae.requires_grad_(False)
+        params = self._decoder_params()
+        for p in params:
+            p.requires_grad_(True)
+
+        def step_fn(x, _ids, step):
+            x = x.to(self.device)
+            with torch.no_grad():
+                z = self.vae.encode(x).latent_dist.mean  # (batch, latent_channels, h/f, w/f)
+            rec = self.vae.decode(z).sample  # (batch, 3, h, w)
+            loss = F.mse_loss(rec, x)
+            self.decoder_opt.zero_grad(set_to_none=True)
+            loss.backward()
+            self.decoder_opt.step()
+            return loss.detach()
+
+        try:
+            self._loop("decoder", steps, batch, minutes, workers, 30_000_000, lr, warmup, self.decoder_opt, step_fn)
+        finally:
+            self.vae.requires_grad_(False)
 
     @torch.no_grad()
     def _latents(self, x: torch.Tensor) -> torch.Tensor:
@@ -499,6 +548,8 @@ class Run:
         tmp = out.with_name(out.name + ".tmp")
         pipe.save_pretrained(tmp, safe_serialization=True, max_shard_size="15MB")
         info = {k: self.state[k] for k in ("vae_step", "unet_step", "samples_seen", "seconds", "scaling_factor")}
+        if self.state.get("decoder_step"):
+            info["decoder_step"] = self.state["decoder_step"]
         info["offset_noise"] = self.state.get("offset_noise", 0.0)  # of the last UNet chunk
         info["min_snr_gamma"] = self.state.get("min_snr_gamma", 0.0)
         if self.state.get("history"):
@@ -549,7 +600,8 @@ def plot_loss(csv_path: str | os.PathLike, png_path: str | os.PathLike, width: i
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("run_dir")
-    parser.add_argument("--stage", choices=("vae", "unet"), default=None)
+    parser.add_argument("--stage", choices=("vae", "unet", "decoder"), default=None,
+                        help="vae, then unet; decoder fine-tunes the autoencoder's decoder alone (keeps the latent space)")
     parser.add_argument("--steps", type=int, default=None,
                         help="total steps of the stage (the run stops there; default: fitted so that the first chunk ends after --minutes)")
     parser.add_argument("--batch", type=int, default=64)
@@ -557,8 +609,8 @@ def main(argv=None) -> None:
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--workers", type=int, default=0, help="processes that render batches ahead (0: render in the training loop)")
-    parser.add_argument("--lr", type=float, default=None, help="peak learning rate (default: vae 1e-3, unet 3e-4)")
-    parser.add_argument("--warmup", type=int, default=None, help="warm-up steps (default: min(vae 200 | unet 1000, total/10))")
+    parser.add_argument("--lr", type=float, default=None, help="peak learning rate (default: vae 1e-3, unet 3e-4, decoder 1e-4)")
+    parser.add_argument("--warmup", type=int, default=None, help="warm-up steps (default: min(vae 200 | unet 1000 | decoder 100, total/10))")
     parser.add_argument("--offset-noise", type=float, default=0.0, metavar="S",
                         help="add S * N(0,1) per sample and channel to the training noise (e.g. 0.1), so that "
                              "flat colours come from the caption, not from the starting noise's mean")
@@ -592,6 +644,9 @@ def main(argv=None) -> None:
         run.train_unet(args.steps, args.batch, args.minutes, workers=args.workers, lr=args.lr or 3e-4, warmup=args.warmup,
                        offset_noise=args.offset_noise, min_snr_gamma=args.min_snr)
         print(f"unet step {run.state['unet_step']}")
+    elif args.stage == "decoder":
+        run.train_decoder(args.steps, args.batch, args.minutes, workers=args.workers, lr=args.lr or 1e-4, warmup=args.warmup)
+        print(f"decoder step {run.state['decoder_step']}")
     if args.export:
         print(run.export(args.export))
 
