@@ -254,3 +254,6 @@ def test_decoder_stage_trains_the_decoder_alone_and_keeps_the_latent_space(tmp_p
     assert again.state["decoder_step"] == 13
     third = Run(tmp_path / "run3", "cpu", init=second)  # an export with a decoder stage carries its count on
     assert third.state["decoder_step"] == 12 and third.state["decoder_from"] == 12
+    encoder = {k: v.clone() for k, v in again.vae.encoder.state_dict().items()}
+    again.train_vae(steps=again.state["vae_step"] + 1, batch=2, minutes=5)  # the vae stage trains the encoder again
+    assert any(not torch.equal(v, encoder[k]) for k, v in again.vae.encoder.state_dict().items())

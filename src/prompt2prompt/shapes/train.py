@@ -413,7 +413,7 @@ class Run:
 
     def train_vae(self, steps: int | None, batch: int, minutes: float, kl_weight: float = 1e-6, workers: int = 0,
                   lr: float = 1e-3, warmup: int | None = None) -> None:
-        self.vae.train()
+        self.vae.train().requires_grad_(True)  # an earlier stage in this process may have frozen it
 
         def step_fn(x, _ids, step):
             x = x.to(self.device)
