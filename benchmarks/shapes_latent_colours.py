@@ -22,6 +22,8 @@ import torch
 
 def centre_latents(vae, world) -> tuple[np.ndarray, np.ndarray]:
     """``(scenes, latent_channels)`` latent means under each object's centre, and the colour index of each."""
+    from prompt2prompt.shapes.train import images_to_tensor
+
     feats, labels, k = [], [], 0
     for ci, colour in enumerate(world.COLOUR_NAMES):
         for background in world.COLOUR_NAMES:
@@ -31,7 +33,7 @@ def centre_latents(vae, world) -> tuple[np.ndarray, np.ndarray]:
                 k += 1
                 scene = world.render(world.make_spec([dict(shape=shape, colour=colour, size="big")], background=background, seed=k))
                 ys, xs = np.nonzero(scene.filled[0])
-                x = torch.from_numpy(scene.image).permute(2, 0, 1)[None].float() / 127.5 - 1  # (1, 3, h, w)
+                x = images_to_tensor(scene.image[None])  # (1, 3, h, w) in [-1, 1]
                 with torch.no_grad():
                     z = vae.encode(x).latent_dist.mean[0]  # (latent_channels, h/f, w/f)
                 scale = z.shape[-1] / scene.image.shape[1]

@@ -222,7 +222,6 @@ def test_decoder_stage_trains_the_decoder_alone_and_keeps_the_latent_space(tmp_p
 
     import torch.nn.functional as F
 
-
     run = Run(tmp_path / "run", "cpu")
     run.train_vae(steps=1, batch=2, minutes=5)
     run.train_unet(steps=1, batch=2, minutes=5)

@@ -743,6 +743,8 @@ def eval_reconstruction(gen: _Generator, n: int, seed: int = 0) -> dict:
     decoder's errors gather at the edges) and over the background (2 px away from any object)."""
     import torch
 
+    from .train import images_to_tensor
+
     vae = gen.pipe.vae
     param = next(vae.parameters())
     first = 50_000_000 + seed * 100_003 + _SEED_OFFSET["reconstruction"] * RECONSTRUCTION_SCENES_PER_SAMPLE
@@ -750,7 +752,7 @@ def eval_reconstruction(gen: _Generator, n: int, seed: int = 0) -> dict:
     images = np.stack([sc.image for sc in scenes])  # (scenes, h, w, 3) uint8
     out = np.empty_like(images)
     for i in range(0, len(images), 64):
-        x = torch.from_numpy(images[i:i + 64]).permute(0, 3, 1, 2).to(param.device, param.dtype) / 127.5 - 1  # (b, 3, h, w)
+        x = images_to_tensor(images[i:i + 64]).to(param.device, param.dtype)  # (b, 3, h, w) in [-1, 1]
         with torch.no_grad():
             rec = vae.decode(vae.encode(x).latent_dist.mean).sample  # (b, 3, h, w) in [-1, 1]
         rec = ((rec.float().clamp(-1, 1) + 1) * 127.5).round().permute(0, 2, 3, 1)  # (b, h, w, 3)

@@ -122,10 +122,10 @@ def batch_images(start: int, size: int, split: str = "train") -> tuple[torch.Ten
     from . import world
 
     images, captions = world.render_batch(list(range(start, start + size)), split)
-    return _to_tensor(images), list(captions)
+    return images_to_tensor(images), list(captions)
 
 
-def _to_tensor(images: np.ndarray) -> torch.Tensor:
+def images_to_tensor(images: np.ndarray) -> torch.Tensor:
     """uint8 ``(batch, h, w, 3)`` -> float ``(batch, 3, h, w)`` in [-1, 1]."""
     return torch.from_numpy(np.ascontiguousarray(images)).permute(0, 3, 1, 2).float() / 127.5 - 1.0  # (batch, 3, h, w)
 
@@ -193,7 +193,7 @@ class Batches:
             self._submit()
         images, captions, ids = self.pending.pop(0).get()
         self._submit()
-        return _to_tensor(images), captions, (None if ids is None else torch.from_numpy(ids))
+        return images_to_tensor(images), captions, (None if ids is None else torch.from_numpy(ids))
 
     def close(self) -> None:
         if self.pool is not None:
