@@ -541,6 +541,16 @@ def _pattern_colour(rgb: np.ndarray, background: Background) -> np.ndarray:
     return _LIGHT if light else _DARK
 
 
+def pattern_visible(colour: str, background: Background) -> bool:
+    """Whether stripes or dots show on an object of canonical ``colour``. They are drawn in near-white
+    on dark objects and near-black on light ones, except that on a plain white (black) background
+    they are always near-black (near-white) so that the object's outline stays whole; a black
+    object on white, or a white one on black, thus gets stripes of its own colour (less than the
+    colour jitter apart), and its pattern is in the caption only."""
+    rgb = _rgb(COLOURS[colour])
+    return float(np.sqrt(((_pattern_colour(rgb, background) - rgb) ** 2).sum())) > 2 * JITTER * math.sqrt(3)
+
+
 def _draw_object(img: np.ndarray, o: ObjectSpec, rgb: np.ndarray, background: Background,
                  alpha: np.ndarray, filled: np.ndarray, hard: bool = False) -> None:
     """Composite one object into ``img`` ((3, 64, 64) float32, in place) and write its drawn-pixel coverage
@@ -595,6 +605,17 @@ def _draw_object(img: np.ndarray, o: ObjectSpec, rgb: np.ndarray, background: Ba
         draw = fill
     alpha[y0:y1, x0:x1] = draw
     filled[y0:y1, x0:x1] = fill
+
+
+def object_masks(o: ObjectSpec) -> tuple[np.ndarray, np.ndarray]:
+    """The pixels ``render`` draws for the object ``o`` alone (outline only if outlined; stripes and
+    dots included) and its full shape, both ``(64, 64)`` bool: the renderer's own geometry, which the
+    evaluation's detector compares candidate objects with."""
+    img = np.zeros((3, SIZE, SIZE), np.float32)
+    alpha = np.zeros((SIZE, SIZE), np.float32)
+    filled = np.zeros((SIZE, SIZE), np.float32)
+    _draw_object(img, o, np.zeros(3, np.float32), Background("plain", "gray"), alpha, filled)
+    return alpha >= 0.5, filled >= 0.5
 
 
 def _pixel_art(img: np.ndarray, background: np.ndarray, alpha: np.ndarray, rgbs: Sequence[np.ndarray],
