@@ -167,10 +167,10 @@ def _box_of(shape: str, rotation: float) -> tuple[float, float, float]:
 def _fit_filled(filled: np.ndarray) -> _Fit:
     """Best-IoU placement of the renderer's filled shapes (`world.inside`) on a filled mask.
 
-    A coarse search over the shapes, the renderer's rotations (at most 15 degrees either way) and
-    three scales, each template placed so that its own rotated bounding box matches the mask's
-    (a rotated triangle's centre is far from its box's), then for the best one a finer search over
-    the centre (+-0.5 px), rotation and scale. A ring's filled mask is a disc, so rings are fitted as
+    A coarse search over the shapes and the renderer's rotations (at most 15 degrees either way),
+    each template sized and placed so that its own rotated bounding box matches the mask's (a
+    rotated triangle's centre is far from its box's), then for the best one a finer search over the
+    centre (+-0.5 px), rotation (+-2.5 degrees) and side (+-3%). A ring's filled mask is a disc, so rings are fitted as
     circles and told apart later by their drawn pixels (`_drawn_variant`).
     """
     ys, xs = np.nonzero(filled)
@@ -185,13 +185,13 @@ def _fit_filled(filled: np.ndarray) -> _Fit:
         t = _template(shape, x, y, d, rot, window)
         return _Fit(shape, x, y, d, rot, float((t & sub).sum() / max(1, (t | sub).sum())))
 
-    def placed(shape, rot, k) -> _Fit:
+    def placed(shape, rot) -> _Fit:
         ox, oy, half = _box_of(shape, float(rot))
-        d = k * box / half  # the box spans 2 half normalised units of d / 2 px
+        d = box / half  # the box spans 2 half normalised units of d / 2 px
         return fit(shape, bx - ox * d / 2, by + oy * d / 2, d, rot)
 
-    coarse = max((placed(shape, rot, k) for shape in world.SHAPES if shape != "ring"
-                  for rot in (-15, -10, -5, 0, 5, 10, 15) for k in (0.95, 1.0, 1.05)), key=lambda f: f.iou)
+    coarse = max((placed(shape, rot) for shape in world.SHAPES if shape != "ring"
+                  for rot in (-15, -10, -5, 0, 5, 10, 15)), key=lambda f: f.iou)
     rotations = sorted({min(15.0, max(-15.0, coarse.rotation + dr)) for dr in (-2.5, 0.0, 2.5)})
     return max((fit(coarse.shape, coarse.cx + dx, coarse.cy + dy, coarse.side * k, rot) for dx in (-0.5, 0.0, 0.5)
                 for dy in (-0.5, 0.0, 0.5) for rot in rotations for k in (0.97, 1.0, 1.03)), key=lambda f: f.iou)
@@ -202,18 +202,19 @@ def _drawn_variant(drawn: np.ndarray, fit: _Fit, size: str) -> tuple[str, bool]:
     is a circle or a ring: the variant whose drawn pixels, as the renderer draws them
     (`world.object_masks`) near the fitted place (centre +-0.5 px, side +-3%: a 1 px line needs
     that precision), have the largest IoU with ``drawn``. Returns (shape, outlined)."""
-    best = (-1.0, fit.shape, False)
-    for shape in ("circle", "ring") if fit.shape == "circle" else (fit.shape,):
-        for pattern in (None, "outlined"):
-            for dx in (-0.5, 0.0, 0.5):
-                for dy in (-0.5, 0.0, 0.5):
-                    for k in (0.97, 1.0, 1.03):
-                        spec = world.ObjectSpec(shape, "gray", size, pattern, (fit.cx + dx, fit.cy + dy), fit.side * k, fit.rotation)
-                        mask = world.object_masks(spec)[0]
-                        iou = (mask & drawn).sum() / max(1, (mask | drawn).sum())
-                        if iou > best[0]:
-                            best = (iou, shape, pattern == "outlined")
-    return best[1], best[2]
+    def iou(shape, pattern, dx=0.0, dy=0.0, k=1.0) -> float:
+        spec = world.ObjectSpec(shape, "gray", size, pattern, (fit.cx + dx, fit.cy + dy), fit.side * k, fit.rotation)
+        mask = world.object_masks(spec)[0]
+        return float((mask & drawn).sum() / max(1, (mask | drawn).sum()))
+
+    variants = [(shape, pattern) for shape in (("circle", "ring") if fit.shape == "circle" else (fit.shape,))
+                for pattern in (None, "outlined")]
+    scores = sorted(((iou(*v), v) for v in variants), key=lambda sv: -sv[0])  # ties: the listed order
+    if scores[0][0] - scores[1][0] < 0.15:  # close at the fitted place: compare each at its best placement
+        steps = [(dx, dy, k) for dx in (-0.5, 0.0, 0.5) for dy in (-0.5, 0.0, 0.5) for k in (0.97, 1.0, 1.03)]
+        scores = sorted(((max(iou(*v, *step) for step in steps), v) for v in variants), key=lambda sv: -sv[0])
+    shape, pattern = scores[0][1]
+    return shape, pattern == "outlined"
 
 
 def _palette_counts(pixels: np.ndarray) -> np.ndarray:
