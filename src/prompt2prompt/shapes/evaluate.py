@@ -170,8 +170,8 @@ def _fit_filled(filled: np.ndarray) -> _Fit:
     A coarse search over the shapes and the renderer's rotations (at most 15 degrees either way),
     each template sized and placed so that its own rotated bounding box matches the mask's (a
     rotated triangle's centre is far from its box's), then for the best one a finer search over the
-    centre (+-0.5 px), rotation (+-2.5 degrees) and side (+-3%). A ring's filled mask is a disc, so rings are fitted as
-    circles and told apart later by their drawn pixels (`_drawn_variant`).
+    centre (+-0.5 px), rotation (+-2.5 degrees) and side (+-3%). A ring's filled mask is a disc, so
+    rings are fitted as circles and told apart later by their drawn pixels (`_drawn_variant`).
     """
     ys, xs = np.nonzero(filled)
     bx, by = (xs.min() + xs.max() + 1) / 2, (ys.min() + ys.max() + 1) / 2  # box centre, px, y down
@@ -217,10 +217,16 @@ def _drawn_variant(drawn: np.ndarray, fit: _Fit, size: str) -> tuple[str, bool]:
     return shape, pattern == "outlined"
 
 
+def _nearest_palette(pixels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Index of the nearest canonical colour of each ``(k, 3)`` pixel and the RGB distance to it."""
+    d2 = ((pixels[:, None, :] - _PALETTE[None]) ** 2).sum(-1)  # (pixels, colours)
+    idx = np.argmin(d2, axis=1)
+    return idx, np.sqrt(d2[np.arange(len(idx)), idx])
+
+
 def _palette_counts(pixels: np.ndarray) -> np.ndarray:
     """How many of the ``(k, 3)`` pixels lie nearest to each canonical colour (``world.COLOUR_NAMES`` order)."""
-    nearest = np.argmin(((pixels[:, None, :] - _PALETTE[None]) ** 2).sum(-1), axis=1)
-    return np.bincount(nearest, minlength=len(_PALETTE))
+    return np.bincount(_nearest_palette(pixels)[0], minlength=len(_PALETTE))
 
 
 def _core_pixels(img: np.ndarray, mask: np.ndarray) -> np.ndarray:
@@ -252,21 +258,15 @@ def colour_strength(image: np.ndarray, mask: np.ndarray, colour: str) -> float:
 
 _PURE = 20.0  # a pixel within this RGB distance of a canonical colour is un-blended (render jitter: <= 8 a channel)
 _PATTERN_COLOURS = (world.COLOUR_NAMES.index("white"), world.COLOUR_NAMES.index("black"))  # stripes and dots
-_STRIPE_PERIOD = 5.0  # px across: the renderer's stripes are 2.5 px wide, the object's colour and the pattern's in turn
-
-
-def _nearest_palette(pixels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Index of the nearest canonical colour of each ``(k, 3)`` pixel and the RGB distance to it."""
-    d2 = ((pixels[:, None, :] - _PALETTE[None]) ** 2).sum(-1)  # (pixels, colours)
-    idx = np.argmin(d2, axis=1)
-    return idx, np.sqrt(d2[np.arange(len(idx)), idx])
+_STRIPE_PERIOD = 2 * world.STRIPE_WIDTH  # px across: a stripe of the object's colour, then one of the pattern's
 
 
 def stripe_phase(ys: np.ndarray, xs: np.ndarray, cx: float, cy: float, rotation: float) -> complex:
     """Mean of ``exp(2 pi i t / 5)`` over pixels, ``t`` their signed distance (px) from the centre
     ``(cx, cy)`` across the renderer's stripes of an object rotated by ``rotation`` degrees:
     ``t = ((cos r - sin r) X + (cos r + sin r) Y) / sqrt 2`` with ``X, Y`` the offset from the centre
-    (y up), so that the object's own colour lies where ``t mod 5 < 2.5`` (`world._draw_object`).
+    (y up), so that the object's own colour lies where ``t mod 5 < 2.5`` (`world._draw_object`,
+    stripes ``world.STRIPE_WIDTH`` wide).
     Its modulus is near 1 for pixels of one stripe colour and near 0 for pixels spread evenly across
     the stripes (dots, a plain object); its angle is near +90 degrees for the object's stripes and
     -90 degrees for the pattern's."""
@@ -285,9 +285,9 @@ def stripe_fit(ys: np.ndarray, xs: np.ndarray, cx: float, cy: float) -> tuple[fl
 
 def dot_strength(ys: np.ndarray, xs: np.ndarray) -> float:
     """How much a set of pixels looks like the renderer's dots, which sit on a square grid of
-    6 px in the object's frame: over the rotations -15..15 degrees, the largest
-    ``min(|mean exp(2 pi i u / 6)|, |mean exp(2 pi i v / 6)|)`` with ``(u, v)`` the pixels' centres
-    rotated into that frame. Near 1 for dots, low for stripes (periodic across one axis only) and
+    ``p = world.DOT_SPACING`` (6 px) in the object's frame: over the rotations -15..15 degrees, the
+    largest ``min(|mean exp(2 pi i u / p)|, |mean exp(2 pi i v / p)|)`` with ``(u, v)`` the pixels'
+    centres rotated into that frame. Near 1 for dots, low for stripes (periodic across one axis only) and
     for scattered pixels; independent of where the grid starts. 0 for no pixels."""
     if not len(ys):
         return 0.0
@@ -297,7 +297,8 @@ def dot_strength(ys: np.ndarray, xs: np.ndarray) -> float:
         r = math.radians(rot)
         c, s = math.cos(r), math.sin(r)
         u, v = c * X + s * Y, -s * X + c * Y
-        best = max(best, min(abs(np.exp(2j * math.pi * u / 6.0).mean()), abs(np.exp(2j * math.pi * v / 6.0).mean())))
+        p = world.DOT_SPACING
+        best = max(best, min(abs(np.exp(2j * math.pi * u / p).mean()), abs(np.exp(2j * math.pi * v / p).mean())))
     return float(best)
 
 

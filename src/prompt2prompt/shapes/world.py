@@ -77,6 +77,9 @@ P_STYLE = 0.3  # split evenly between the styles
 
 _GAP = 3.0  # px between the bounding boxes of two objects along the relation's axis
 _MARGIN = 1.0  # px between an object's bounding box and the image border
+STRIPE_WIDTH = 2.5  # px across each stripe; the object's colour and the pattern's alternate
+DOT_SPACING = 6.0  # px between dot centres, a square grid in the object's frame
+DOT_RADIUS = 1.6  # px
 _LIGHT = np.array([250.0, 250.0, 250.0], np.float32)  # pattern colour on dark objects
 _DARK = np.array([30.0, 30.0, 30.0], np.float32)  # pattern colour on light objects
 
@@ -589,11 +592,11 @@ def _draw_object(img: np.ndarray, o: ObjectSpec, rgb: np.ndarray, background: Ba
         up = (c * X)[None, :] + (s * Y)[:, None]  # object frame, px
         vp = (-s * X)[None, :] + (c * Y)[:, None]
         if o.pattern == "striped":
-            sec = np.floor((up + vp) * (1 / (math.sqrt(2) * 2.5))) % 2 == 1
+            sec = np.floor((up + vp) * (1 / (math.sqrt(2) * STRIPE_WIDTH))) % 2 == 1
         else:
-            p = 6.0
+            p = DOT_SPACING
             gu, gv = up - p * np.round(up / p), vp - p * np.round(vp / p)
-            sec = gu * gu + gv * gv <= 1.6 ** 2
+            sec = gu * gu + gv * gv <= DOT_RADIUS ** 2
         a_sec = _down(m & sec)
         if hard:
             a_sec = fill * (a_sec * 2 > _down(m))
