@@ -4,7 +4,8 @@ A detector segments objects against a plain background, and classifies them with
 own definitions: shape and size by fitting its shapes to the filled silhouette, filled or outlined
 (and circle or ring) by comparing the drawn pixels with the renderer's drawing of each variant,
 colour as the nearest canonical colour of the un-blended pixels, and stripes or dots by whether
-the off-colour pixels follow the renderer's stripe period or dot grid. A component that covers much of the image border is the background itself, not an object:
+the off-colour pixels follow the renderer's stripe period or dot grid. A component that covers
+much of the image border is the background itself, not an object:
 when the model paints the background in another colour than the prompt's, nothing is detected (the
 scene fails). The detector is checked on rendered scenes first (`detector_accuracy`). For styled
 images, whose background is no longer the plain colour, a looser segmentation (`foreground`) is used.
@@ -139,6 +140,9 @@ def _template(shape: str, cx: float, cy: float, diameter: float, rotation: float
     return world.inside(shape, c * dx + s * dy, -s * dx + c * dy)
 
 
+_ROTATIONS = tuple(float(r) for r in range(-int(world.MAX_ROTATION), int(world.MAX_ROTATION) + 1))  # 1 degree apart
+
+
 @dataclass(frozen=True)
 class _Fit:
     """A placement of one of the renderer's shapes: centre (px, y down), bounding-box side, rotation."""
@@ -191,8 +195,8 @@ def _fit_filled(filled: np.ndarray) -> _Fit:
         return fit(shape, bx - ox * d / 2, by + oy * d / 2, d, rot)
 
     coarse = max((placed(shape, rot) for shape in world.SHAPES if shape != "ring"
-                  for rot in (-15, -10, -5, 0, 5, 10, 15)), key=lambda f: f.iou)
-    rotations = sorted({min(15.0, max(-15.0, coarse.rotation + dr)) for dr in (-2.5, 0.0, 2.5)})
+                  for rot in _ROTATIONS[::5]), key=lambda f: f.iou)
+    rotations = sorted({min(world.MAX_ROTATION, max(-world.MAX_ROTATION, coarse.rotation + dr)) for dr in (-2.5, 0.0, 2.5)})
     return max((fit(coarse.shape, coarse.cx + dx, coarse.cy + dy, coarse.side * k, rot) for dx in (-0.5, 0.0, 0.5)
                 for dy in (-0.5, 0.0, 0.5) for rot in rotations for k in (0.97, 1.0, 1.03)), key=lambda f: f.iou)
 
@@ -280,7 +284,7 @@ def stripe_phase(ys: np.ndarray, xs: np.ndarray, cx: float, cy: float, rotation:
 def stripe_fit(ys: np.ndarray, xs: np.ndarray, cx: float, cy: float) -> tuple[float, float]:
     """How stripe-like a set of pixels is: the largest ``|stripe_phase|`` over the renderer's
     rotations (-15..15 degrees, 1 degree apart), and that rotation. Returns (strength, rotation)."""
-    return max((abs(stripe_phase(ys, xs, cx, cy, rot)), float(rot)) for rot in range(-15, 16))
+    return max((abs(stripe_phase(ys, xs, cx, cy, rot)), rot) for rot in _ROTATIONS)
 
 
 def dot_strength(ys: np.ndarray, xs: np.ndarray) -> float:
@@ -293,18 +297,13 @@ def dot_strength(ys: np.ndarray, xs: np.ndarray) -> float:
         return 0.0
     X, Y = xs + 0.5, -(ys + 0.5)  # pixel centres, y up (the origin does not matter)
     best = 0.0
-    for rot in range(-15, 16):
+    for rot in _ROTATIONS:
         r = math.radians(rot)
         c, s = math.cos(r), math.sin(r)
         u, v = c * X + s * Y, -s * X + c * Y
         p = world.DOT_SPACING
         best = max(best, min(abs(np.exp(2j * math.pi * u / p).mean()), abs(np.exp(2j * math.pi * v / p).mean())))
     return float(best)
-
-
-def _is_striped(ys: np.ndarray, xs: np.ndarray, fit: _Fit) -> bool:
-    """Whether pattern pixels lie in the renderer's stripes rather than on its dot grid."""
-    return stripe_fit(ys, xs, fit.cx, fit.cy)[0] > dot_strength(ys, xs)
 
 
 def _object_colour(pixels: np.ndarray, ys: np.ndarray, xs: np.ndarray, fit: _Fit) -> tuple[str, np.ndarray]:
@@ -328,8 +327,8 @@ def _object_colour(pixels: np.ndarray, ys: np.ndarray, xs: np.ndarray, fit: _Fit
         w, b = use & (idx == white), use & (idx == black)
         choice = white if counts[white] >= counts[black] else black
         minor = b if choice == white else w
-        if _is_striped(ys[minor], xs[minor], fit):  # the object's own stripes are at +90 degrees
-            rot = stripe_fit(ys[minor], xs[minor], fit.cx, fit.cy)[1]
+        strength, rot = stripe_fit(ys[minor], xs[minor], fit.cx, fit.cy)
+        if strength > dot_strength(ys[minor], xs[minor]):  # stripes: the object's own are at +90 degrees
             z = stripe_phase(ys[w], xs[w], fit.cx, fit.cy, rot) - stripe_phase(ys[b], xs[b], fit.cx, fit.cy, rot)
             choice = white if z.imag > 0 else black
     else:
