@@ -60,7 +60,7 @@ def test_stripe_and_dot_cues_follow_the_renderers_geometry():
     other = ev.stripe_phase(ys[white], xs[white], *o.center, o.rotation)
     assert abs(own) > 0.6 and abs(math.degrees(np.angle(own)) - 90) < 25  # the object's stripes: t mod 5 < 2.5
     assert abs(other) > 0.6 and abs(math.degrees(np.angle(other)) + 90) < 25
-    strength, rotation = ev.stripe_fit(ys[white], xs[white], 0.0, 0.0)  # the modulus ignores the centre
+    strength, rotation = ev.stripe_fit(ys[white], xs[white])  # the modulus ignores the centre
     assert strength == pytest.approx(abs(other), abs=0.05) and abs(rotation - o.rotation) <= 2
     assert ev.dot_strength(ys[white], xs[white]) < 0.4 < strength
     dotted = world.render(world.make_spec([dict(shape="square", colour="red", size="big", pattern="dotted")], "blue", seed=2))
@@ -68,7 +68,7 @@ def test_stripe_and_dot_cues_follow_the_renderers_geometry():
     idx, dist = ev._nearest_palette(dotted.image.astype(np.float32)[core])
     dots = (idx == world.COLOUR_NAMES.index("white")) & (dist < ev._PURE)
     ys, xs = np.nonzero(core)
-    assert ev.dot_strength(ys[dots], xs[dots]) > 0.6 > ev.stripe_fit(ys[dots], xs[dots], 0.0, 0.0)[0]
+    assert ev.dot_strength(ys[dots], xs[dots]) > 0.6 > ev.stripe_fit(ys[dots], xs[dots])[0]
 
 
 @pytest.mark.parametrize("colour,bg", [("white", "blue"), ("black", "red"), ("white", "green"), ("black", "yellow")])

@@ -281,10 +281,11 @@ def stripe_phase(ys: np.ndarray, xs: np.ndarray, cx: float, cy: float, rotation:
     return complex(np.exp(2j * math.pi * t / _STRIPE_PERIOD).mean()) if len(t) else 0j
 
 
-def stripe_fit(ys: np.ndarray, xs: np.ndarray, cx: float, cy: float) -> tuple[float, float]:
+def stripe_fit(ys: np.ndarray, xs: np.ndarray) -> tuple[float, float]:
     """How stripe-like a set of pixels is: the largest ``|stripe_phase|`` over the renderer's
-    rotations (-15..15 degrees, 1 degree apart), and that rotation. Returns (strength, rotation)."""
-    return max((abs(stripe_phase(ys, xs, cx, cy, rot)), rot) for rot in _ROTATIONS)
+    rotations (-15..15 degrees, 1 degree apart), and that rotation. The modulus does not depend on
+    where the stripes start, so no centre is needed. Returns (strength, rotation)."""
+    return max((abs(stripe_phase(ys, xs, 0.0, 0.0, rot)), rot) for rot in _ROTATIONS)
 
 
 def dot_strength(ys: np.ndarray, xs: np.ndarray) -> float:
@@ -327,7 +328,7 @@ def _object_colour(pixels: np.ndarray, ys: np.ndarray, xs: np.ndarray, fit: _Fit
         w, b = use & (idx == white), use & (idx == black)
         choice = white if counts[white] >= counts[black] else black
         minor = b if choice == white else w
-        strength, rot = stripe_fit(ys[minor], xs[minor], fit.cx, fit.cy)
+        strength, rot = stripe_fit(ys[minor], xs[minor])
         if strength > dot_strength(ys[minor], xs[minor]):  # stripes: the object's own are at +90 degrees
             z = stripe_phase(ys[w], xs[w], fit.cx, fit.cy, rot) - stripe_phase(ys[b], xs[b], fit.cx, fit.cy, rot)
             choice = white if z.imag > 0 else black
@@ -393,7 +394,7 @@ def detect(image: np.ndarray, background: str) -> list[Detection]:
         colour, other = _object_colour(img[ys, xs], ys, xs, fit)
         pattern = "outlined" if outlined else None
         if not outlined and other.mean() > 0.05:
-            stripes, dots = stripe_fit(ys[other], xs[other], fit.cx, fit.cy)[0], dot_strength(ys[other], xs[other])
+            stripes, dots = stripe_fit(ys[other], xs[other])[0], dot_strength(ys[other], xs[other])
             if other.mean() > 0.1 or max(stripes, dots) > 0.3:  # a few off pixels must form stripes or dots
                 pattern = "striped" if stripes > dots else "dotted"
         ys, xs = np.nonzero(drawn)
