@@ -235,6 +235,24 @@ def test_backgrounds_contrast_with_objects(train_specs):
     assert kinds == {"plain", "scene"}
 
 
+def test_sampled_scenes_never_caption_a_hidden_pattern():
+    """A striped or dotted white object on black (black on white) is drawn without a visible
+    pattern; sampled scenes redraw such a background, so no training caption names a pattern the
+    image does not show. Only those scenes change: their plain background is redrawn."""
+    white_or_black_patterned_on_plain = 0
+    for split in world.SPLITS:
+        for seed in range(6000):
+            spec = world.sample_spec(seed, split)
+            patterned = [o for o in spec.objects if o.pattern in ("striped", "dotted")]
+            assert all(world.pattern_visible(o.colour, spec.background) for o in patterned), spec.caption
+            if spec.background.kind == "plain":
+                assert spec.background.name not in {o.colour for o in spec.objects}, spec.caption
+                white_or_black_patterned_on_plain += any(o.colour in ("white", "black") for o in patterned)
+    assert white_or_black_patterned_on_plain > 20  # white and black patterned objects on plain backgrounds do occur
+    objects = [dict(colour="white", pattern="striped"), dict(colour="red", pattern=None)]
+    assert world._plain_backgrounds(objects) == [c for c in world.COLOUR_NAMES if c not in ("white", "red", "black")]
+
+
 # ----------------------------------------------------------------------------- splits
 
 

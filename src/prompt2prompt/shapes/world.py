@@ -11,7 +11,8 @@ dotted, outlined), plain-colour backgrounds and 5 textured scenes (grass, sky, s
 
 Determinism: all randomness comes from ``numpy.random.default_rng([seed, stream])`` with separate
 streams for the attributes (0), the geometry (1), the rendering (2: colour jitter, texture variant)
-and an unspecified size (3); no global random state is used. The geometry stream depends only on the
+an unspecified size (3) and the redraw of a plain background that would hide a striped or dotted
+object's pattern (4); no global random state is used. The geometry stream depends only on the
 number of objects, their sizes and the relation, so two specs that differ only in shape, colour,
 pattern, background or style (for instance ``make_spec`` with the same seed) put their objects at
 the same places, sizes and rotations.
@@ -334,12 +335,27 @@ def sample_spec(seed: int, split: str = "train") -> SceneSpec:
     colours = {o["colour"] for o in objects}
     if rng.random() < P_PLAIN_BACKGROUND:
         background = Background("plain", _choose(rng, [c for c in COLOUR_NAMES if c not in colours]))
+        if not _patterns_show(objects, background):  # redrawn from its own stream: no other scene changes
+            background = Background("plain", _choose(np.random.default_rng([seed, 4]), _plain_backgrounds(objects)))
     else:
         ok = [s for s in SCENES if not colours & set(VOCAB["scenes"][s]["avoid_colours"])]
         background = Background("scene", _choose(rng, ok))
     style = _choose(rng, STYLES) if rng.random() < P_STYLE else None
     template = int(rng.integers(NUM_TEMPLATES))
     return _build(objects, background, style, relation, seed, template)
+
+
+def _patterns_show(objects: Sequence[dict], background: Background) -> bool:
+    """Whether every striped or dotted object's pattern shows on ``background`` (:func:`pattern_visible`)."""
+    return all(pattern_visible(o["colour"], background) for o in objects if o["pattern"] in ("striped", "dotted"))
+
+
+def _plain_backgrounds(objects: Sequence[dict]) -> list[str]:
+    """The plain background colours a sampled scene may have: none of its objects' colours, and none
+    that hides a striped or dotted object's pattern, so that a caption never names a pattern that
+    the image does not show."""
+    colours = {o["colour"] for o in objects}
+    return [c for c in COLOUR_NAMES if c not in colours and _patterns_show(objects, Background("plain", c))]
 
 
 def _build(objects: Sequence[dict], background: Background, style, relation, seed: int, template: int) -> SceneSpec:
