@@ -10,7 +10,7 @@ dotted, outlined), plain-colour backgrounds and 5 textured scenes (grass, sky, s
     images, captions = render_batch(range(1000))
 
 Determinism: all randomness comes from ``numpy.random.default_rng([seed, stream])`` with separate
-streams for the attributes (0), the geometry (1), the rendering (2: colour jitter, texture variant)
+streams for the attributes (0), the geometry (1), the rendering (2: colour jitter, texture variant),
 an unspecified size (3) and the redraw of a plain background that would hide a striped or dotted
 object's pattern (4); no global random state is used. The geometry stream depends only on the
 number of objects, their sizes and the relation, so two specs that differ only in shape, colour,
