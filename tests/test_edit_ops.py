@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from prompt2prompt.edit_ops import blend_latents, edit_cross_attention, local_blend_mask
+from prompt2prompt.edit_ops import blend_latents, edit_cross_attention, local_blend_mask, value_weights
 from prompt2prompt.schedules import cross_step_weights, parse_window, step_window
 from prompt2prompt.alignment import tokenize_words
 
@@ -150,3 +150,35 @@ def test_plan_uses_no_mapper_for_same_length_swaps_only(clip_tokenizer):
     longer = build_edit_plan(src, [tokenize_words("a cat riding a red bicycle", clip_tokenizer)], "refine", 10)
     assert longer.fast_mapper is not None and longer.fast_mapper.dtype == torch.long
     assert longer.fast_alphas is not None and longer.fast_alphas.eq(0).any()  # "red" keeps its own map
+
+
+@pytest.mark.parametrize("case", ["swap", "refine", "reweight", "partial", "none"])
+def test_value_weights_give_the_edited_maps_times_the_values(case):
+    """M^ V = M_src (S V) + M_k (o * V): the edit moved onto the values, for every mode."""
+    g = torch.Generator().manual_seed(3)
+    src, tgt = maps(2, 3, seed=4), maps(2, 2, 3, seed=5)
+    values = torch.randn(2, 2, L, 6, generator=g)  # (targets, heads, tokens, dim)
+    mapper = torch.eye(L).repeat(2, 1, 1)  # (targets, L, L)
+    alphas, weights, eq = torch.ones(2, L), torch.ones(2, L), None
+    if case == "swap":  # a swap that changes token positions (a dense, non-one-hot mapper)
+        mapper[0] = torch.rand(L, L, generator=g)
+        mapper[1, [1, 2]] = mapper[1, [2, 1]]
+    if case == "refine":  # inserted tokens keep their own maps
+        mapper[:, :, 2:] = torch.eye(L)[:, 1:-1]
+        alphas[:, 2] = 0
+    if case in ("reweight", "partial", "none"):
+        eq = torch.tensor([[1.0, 2.0, -1.0, 0.0, 1.0], [0.5, 1.0, 1.0, 3.0, 1.0]])
+    if case == "partial":  # per-word schedules: some tokens outside their window at this step
+        weights = torch.tensor([[1.0, 0.0, 1.0, 0.0, 1.0], [0.0, 1.0, 1.0, 1.0, 0.5]])
+        alphas[1, 3] = 0
+    if case == "none":
+        alphas = torch.zeros(2, L)
+    edited = edit_cross_attention(src, tgt, mapper, alphas, weights, eq)  # (targets, heads, pixels, tokens)
+    source, own = value_weights(mapper, alphas, weights, eq)
+    expected = edited @ values  # (targets, heads, pixels, dim)
+    got = src @ (source[:, None] @ values) + tgt @ (own[:, None, :, None] * values)
+    torch.testing.assert_close(got, expected)
+    if case == "none":
+        assert source.eq(0).all()  # nothing comes from the source: one attention suffices
+    if case in ("swap", "reweight"):
+        assert own.eq(0).all()  # everything comes from the source

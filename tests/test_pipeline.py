@@ -93,6 +93,9 @@ def test_target_maps_at_injected_steps_are_the_mapped_source_maps(tiny_sd1, monk
         return out
 
     monkeypatch.setattr(attention, "edit_cross_attention", spy)
+    # The explicit path, which layers with an attention mask take; the value path that the others
+    # take is checked against it in test_value_injection_equals_the_explicit_edit.
+    monkeypatch.setattr(attention.EditPlan, "value_injection", lambda self, step: None)
     pipe = make(tiny_sd1)
     out = pipe("a cat riding a bicycle", ["a cat riding a tricycle"], cross_replace_steps=0.5, num_inference_steps=STEPS, latents=noise(), output_type="latent")
     # 2 of 4 steps inject, in every cross-attention layer
@@ -140,25 +143,49 @@ def test_attention_maps_per_prompt_and_token(tiny_sd1):
     assert none.attention is None and none.edit_mode is None
 
 
+_VALUE_CASES = {
+    "replace": ("a cat riding a car", {}),
+    "replace+reweight": ("a cat riding a car", {"equalizer": {"car": 3.0, "cat": -1.0}}),
+    "refine": ("a cat riding a red bicycle", {}),
+    "refine+reweight": ("a cat riding a red bicycle", {"equalizer": {"red": 2.0}}),
+    "replace, more tokens": ("a cat riding a unicycle", {"edit": "replace"}),
+    "per-word windows": ("a cat riding a car", {"cross_replace_steps": {"default_": 0.8, "car": 0.3}}),
+    "none+reweight": ("a cat riding a bicycle", {"edit": "none", "equalizer": {"bicycle": 2.0}}),
+}
+
+
 @pytest.mark.parametrize("kind", ["tiny_sd1", "tiny_sd2"])
-@pytest.mark.parametrize("extra", [{}, {"equalizer": {"car": 3.0, "cat": -1.0}}], ids=["replace", "replace+reweight"])
-def test_source_map_injection_equals_the_explicit_edit(kind, extra, request, monkeypatch):
-    """Same-length swaps (and re-weighting) run as SDPA(q_src, k_src, c * v_tgt); it must give what
-    forming the maps and editing them gives."""
+@pytest.mark.parametrize("case", list(_VALUE_CASES))
+def test_value_injection_equals_the_explicit_edit(kind, case, request, monkeypatch):
+    """Every cross-attention edit runs on the values, SDPA(q_src, k_src, S v) + SDPA(q, k, o * v),
+    without forming a map; it must give what forming the maps and editing them gives."""
     from prompt2prompt.edits import EditPlan
 
+    if kind == "tiny_sd2" and case not in ("replace+reweight", "refine+reweight"):
+        pytest.skip("the SD-2 layout is checked on the two cases that exercise every term")
+    target, extra = _VALUE_CASES[case]
     pipe = make(request.getfixturevalue(kind))
-    kw = dict(num_inference_steps=STEPS, latents=noise(2), output_type="latent", **extra)
-    real, fast_steps = EditPlan.source_maps_only, []
-    monkeypatch.setattr(EditPlan, "source_maps_only", lambda self, step: real(self, step) and (fast_steps.append(step) or True))
-    fast = pipe("a cat riding a bicycle", ["a cat riding a car"], **kw)
-    assert set(fast_steps) == {0, 1, 2}  # cross_replace_steps 0.8 of 4 steps
-    monkeypatch.setattr(EditPlan, "source_maps_only", lambda self, step: False)
-    explicit = pipe("a cat riding a bicycle", ["a cat riding a car"], **kw)
+    base = dict(num_inference_steps=STEPS, latents=noise(2), output_type="latent")
+    kw = {**base, **extra}
+    real, used = EditPlan.value_injection, []
+    monkeypatch.setattr(EditPlan, "value_injection", lambda self, step: used.append(real(self, step)) or used[-1])
+    fast = pipe("a cat riding a bicycle", [target], **kw)
+    injections = [inj for inj in used if inj is not None]
+    assert injections  # the value path ran
+    if case.startswith("replace") and case != "replace, more tokens":
+        assert all(inj.source_diagonal is not None and inj.own is None for inj in injections)
+    if case.startswith("refine"):
+        assert all(inj.source is not None and inj.source_diagonal is None and inj.own is not None for inj in injections)
+    if case == "replace, more tokens":
+        assert all(inj.source is not None and inj.source_diagonal is None for inj in injections)
+    if case == "none+reweight":
+        assert all(inj.source is None for inj in injections)
+    monkeypatch.setattr(EditPlan, "value_injection", lambda self, step: None)
+    explicit = pipe("a cat riding a bicycle", [target], **kw)
     assert_close_to_scale(fast.images, explicit.images)
     torch.testing.assert_close(fast.attention.maps, explicit.attention.maps, atol=1e-5, rtol=1e-4)
-    none = pipe("a cat riding a bicycle", ["a cat riding a car"], edit="none", **kw)
-    assert not torch.allclose(fast.images[1], none.images[1], atol=1e-3)  # the edit did something
+    plain = pipe("a cat riding a bicycle", [target], edit="none", **base)
+    assert not torch.allclose(fast.images[1], plain.images[1], atol=1e-3)  # the edit did something
 
 
 @pytest.mark.parametrize("target", ["a cat riding a car", "a cat riding a red bicycle"], ids=["replace", "refine"])

@@ -9,12 +9,14 @@ Cost model (the reason for this design):
 - self-attention always runs through ``scaled_dot_product_attention``. Injecting the source's
   self-attention map ``softmax(q_s k_s^T)`` into a target is ``SDPA(q_s, k_s, v_t)``, so the
   target rows just take the source's queries and keys;
-- a cross-attention edit in which every target token takes the source's map at its own position
-  (a same-length word swap, re-weighting) is the same injection: ``SDPA(q_s, k_s, c * v_t)`` with the
-  equalizer ``c`` scaling the target's values per token (maps are not renormalised);
-- otherwise cross-attention probabilities (pixels x tokens) are computed explicitly (softmax in
-  float32), only for the text-conditioned rows and only at steps that edit them or at the sides
-  that are recorded. The source rows and the unconditional half always come out of SDPA.
+- every cross-attention edit (word swap, refinement, re-weighting, per-word schedules) is linear
+  in the two softmax maps, so it moves onto the values (`edit_ops.value_weights`): target ``k``
+  gets ``SDPA(q_s, k_s, S_k v_k)``, plus ``SDPA(q_k, k_k, o_k * v_k)`` where some of its tokens
+  keep their own maps (refinement's new words, windows that have ended). A same-length word swap
+  is a diagonal ``S`` (the equalizer) and no second term;
+- cross-attention probabilities (pixels x tokens) are computed explicitly (softmax in float32)
+  only for the sides that are recorded (the text-conditioned rows), and for an edit only when the
+  layer has an attention mask. The source rows and the unconditional half always come out of SDPA.
 """
 
 from __future__ import annotations
@@ -27,7 +29,7 @@ import torch
 import torch.nn.functional as F
 
 from .edit_ops import edit_cross_attention
-from .edits import EditPlan
+from .edits import EditPlan, ValueInjection
 
 
 def place_of(key: str) -> str:
@@ -74,7 +76,8 @@ class P2PController:
         self.self_map: torch.Tensor | None = None  # (pixels, pixels) float32 sum for the source
         self.self_calls = 0
         self._sizes: dict[int, tuple[int, int]] = {}
-        self._value_scales: dict[tuple, torch.Tensor] = {}
+        self._states_cache: dict[tuple, tuple] = {}  # this step's injected text states
+        self._states_step: int | None = None
 
     @property
     def cond(self) -> slice:
@@ -82,22 +85,60 @@ class P2PController:
         n = self.num_prompts
         return slice(n, 2 * n) if self.guidance else slice(0, n)
 
-    def with_source_rows(self, x: torch.Tensor) -> torch.Tensor:
+    def with_source_rows(self, x: torch.Tensor, append_targets: bool = False) -> torch.Tensor:
         """``x`` (batch, ...) with each target row of the conditional half replaced by the source's
-        row: one concatenation (rows before the targets, the source's row repeated, the rest)."""
+        row: one concatenation (rows before the targets, the source's row repeated, the rest), and
+        with ``append_targets`` the targets' own rows after them (batch + targets, ...)."""
         src, stop = self.cond.start, self.cond.stop
-        return torch.cat([x[: src + 1], x[src : src + 1].expand(stop - src - 1, *x.shape[1:]), x[stop:]])  # (batch, ...)
+        parts = [x[: src + 1], x[src : src + 1].expand(stop - src - 1, *x.shape[1:]), x[stop:]]
+        if append_targets:
+            parts.append(x[src + 1 : stop])
+        return torch.cat(parts)  # (batch [+ targets], ...)
 
-    def value_scale(self, like: torch.Tensor) -> torch.Tensor:
-        """``(batch, 1, tokens, 1)``: the plan's equalizer on the conditional target rows, 1 elsewhere,
-        in ``like``'s dtype and device (built once per call)."""
-        key = (like.dtype, like.device, like.shape[2])
-        if key not in self._value_scales:
-            scale = torch.ones(like.shape[0], 1, like.shape[2], 1, dtype=like.dtype, device=like.device)  # (batch, 1, tokens, 1)
-            targets = slice(self.cond.start + 1, self.cond.stop)
-            scale[targets, 0, :, 0] = self.plan.equalizer.to(like.device, like.dtype)  # (targets, tokens)
-            self._value_scales[key] = scale
-        return self._value_scales[key]
+    @property
+    def targets(self) -> slice:
+        """Rows of the conditional target prompts (contiguous, after the source's row)."""
+        return slice(self.cond.start + 1, self.cond.stop)
+
+    def with_target_rows(self, x: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+        """``x`` (batch, ...) with its conditional target rows replaced by ``rows`` (targets, ...)."""
+        return torch.cat([x[: self.targets.start], rows, x[self.targets.stop :]])  # (batch, ...)
+
+    def injected_states(self, inj: ValueInjection, step: int, states: torch.Tensor) -> torch.Tensor:
+        """Text states whose value projections are the edit's values (`edit_ops.value_weights`).
+
+        For a layer whose value projection ``to_v`` is linear without a bias, ``S_k V_k =
+        to_v(S_k E_k)`` and ``o_k * V_k = to_v(o_k * E_k)``: the edit moves onto the text states
+        ``E`` (batch, tokens, channels), once per step for every layer. Returns the states for the
+        values: the target rows are ``S_k E_k`` (or ``o_k * E_k`` when nothing comes from the source),
+        and when both terms are needed ``o_k * E_k`` follows as extra rows (batch + targets, tokens,
+        channels), the values of a second attention that the same SDPA call computes."""
+        if step != self._states_step:
+            self._states_cache.clear()
+            self._states_step = step
+        key = (states.data_ptr(), tuple(states.shape), states.dtype, states.device)
+        if key not in self._states_cache:
+            t = self.targets
+
+            def rows(factors: torch.Tensor) -> torch.Tensor:  # (targets, tokens) -> (batch, tokens, 1), 1 off the targets
+                full = torch.ones(states.shape[0], states.shape[1], 1, dtype=states.dtype, device=states.device)
+                full[t, :, 0] = factors.to(states.device, states.dtype)
+                return full
+
+            if inj.source is None:
+                values = states * rows(inj.own)  # (batch, tokens, channels)
+            elif inj.source_is_identity:
+                values = states
+            elif inj.source_diagonal is not None:
+                values = states * rows(inj.source_diagonal)  # (batch, tokens, channels)
+            else:
+                mapped = torch.matmul(inj.source.to(states.device, states.dtype), states[t])  # (targets, tokens_src, channels)
+                values = self.with_target_rows(states, mapped)  # (batch, tokens, channels)
+            if inj.source is not None and inj.own is not None:
+                own = states[t] * inj.own[:, :, None].to(states.device, states.dtype)  # (targets, tokens, channels)
+                values = torch.cat([values, own])  # (batch + targets, tokens, channels)
+            self._states_cache[key] = (states, values)  # holding ``states`` keeps its address unique
+        return self._states_cache[key][1]
 
     def size(self, pixels: int) -> tuple[int, int]:
         if pixels not in self._sizes:
@@ -161,22 +202,6 @@ class P2PAttnProcessor:
         if attn.group_norm is not None:
             hidden_states = attn.group_norm(hidden_states.transpose(1, 2)).transpose(1, 2)
 
-        query = attn.to_q(hidden_states)
-        if not is_cross:
-            encoder_hidden_states = hidden_states
-        elif attn.norm_cross:
-            encoder_hidden_states = attn.norm_encoder_hidden_states(encoder_hidden_states)
-        key = attn.to_k(encoder_hidden_states)
-        value = attn.to_v(encoder_hidden_states)
-        head_dim = key.shape[-1] // attn.heads
-        query = query.view(batch, -1, attn.heads, head_dim).transpose(1, 2)  # (batch, heads, pixels, dim)
-        key = key.view(batch, -1, attn.heads, head_dim).transpose(1, 2)  # (batch, heads, keys, dim)
-        value = value.view(batch, -1, attn.heads, head_dim).transpose(1, 2)  # (batch, heads, keys, dim)
-        if attn.norm_q is not None:
-            query = attn.norm_q(query)
-        if attn.norm_k is not None:
-            key = attn.norm_k(key)
-
         ctrl = self.controller
         plan = ctrl.plan
         active = p2p_step is not None
@@ -188,28 +213,57 @@ class P2PAttnProcessor:
         hw = ctrl.size(pixels) if active else None
         side = max(hw) if active else 0
         cond = ctrl.cond
-
         record = active and is_cross and side in ctrl.record_sides
         edit = active and is_cross and plan is not None and plan.cross_active[p2p_step]
+        # The cross-attention edit moves onto the values (edit_ops.value_weights) where the value
+        # projection is linear without a bias, the text states are not normalised and there is no
+        # mask; otherwise the maps are formed and edited below.
+        injection = None
+        if edit and attention_mask is None and not attn.norm_cross and getattr(attn.to_v, "bias", None) is None:
+            injection = plan.value_injection(p2p_step)
+
+        query = attn.to_q(hidden_states)
+        if not is_cross:
+            encoder_hidden_states = hidden_states
+        elif attn.norm_cross:
+            encoder_hidden_states = attn.norm_encoder_hidden_states(encoder_hidden_states)
+        key = attn.to_k(encoder_hidden_states)
+        value = attn.to_v(encoder_hidden_states if injection is None else ctrl.injected_states(injection, p2p_step, encoder_hidden_states))
+        head_dim = key.shape[-1] // attn.heads
+        query = query.view(batch, -1, attn.heads, head_dim).transpose(1, 2)  # (batch, heads, pixels, dim)
+        key = key.view(batch, -1, attn.heads, head_dim).transpose(1, 2)  # (batch, heads, keys, dim)
+        value = value.view(value.shape[0], -1, attn.heads, head_dim).transpose(1, 2)  # (batch [+ targets], heads, keys, dim)
+        if attn.norm_q is not None:
+            query = attn.norm_q(query)
+        if attn.norm_k is not None:
+            key = attn.norm_k(key)
+
         if active and not is_cross and plan is not None and plan.self_active(p2p_step, side):
             # Inject the source's self-attention map: SDPA(q_src, k_src, v_tgt) for every target.
             query = ctrl.with_source_rows(query)  # (batch, heads, pixels, dim)
             key = ctrl.with_source_rows(key)  # (batch, heads, keys, dim)
         own_query, own_key = query, key  # each prompt's own, for the maps that are recorded
-        if edit and attention_mask is None and plan.source_maps_only(p2p_step):
-            # Every target's cross-attention map is the source's (times the equalizer): the same
-            # injection, SDPA(q_src, k_src, c * v_tgt), with no explicit map. Taken whether or not
-            # this side is recorded, so the images do not depend on what is recorded.
-            query = ctrl.with_source_rows(query)  # (batch, heads, pixels, dim)
-            key = ctrl.with_source_rows(key)  # (batch, heads, tokens, dim)
-            if plan.equalizer is not None:
-                value = value * ctrl.value_scale(value)  # (batch, heads, tokens, dim)
+        own_rows = injection is not None and value.shape[0] > batch
+        if injection is not None:
+            # The target rows attend with the source's queries and keys to S V_k. Where tokens keep
+            # their own maps (new words, windows that have ended), extra rows attend with the
+            # targets' own queries and keys to o * V_k in the same call, and are added to them. No
+            # map is formed, and the path does not depend on whether this side is recorded, so
+            # neither do the images.
+            if injection.source is not None:
+                query = ctrl.with_source_rows(query, append_targets=own_rows)  # (batch [+ targets], heads, pixels, dim)
+                key = ctrl.with_source_rows(key, append_targets=own_rows)  # (batch [+ targets], heads, tokens, dim)
             edit = False  # done
 
         if active and not is_cross and side == ctrl.self_record_side:
             ctrl.record_self(query[cond.start], key[cond.start], attn.scale)
 
-        out = F.scaled_dot_product_attention(query, key, value, attn_mask=attention_mask, dropout_p=0.0, is_causal=False, scale=attn.scale)  # (batch, heads, pixels, dim)
+        out = F.scaled_dot_product_attention(query, key, value, attn_mask=attention_mask, dropout_p=0.0, is_causal=False, scale=attn.scale)  # (batch [+ targets], heads, pixels, dim)
+        if own_rows:
+            own, out = out[batch:], out[:batch]  # (targets, heads, pixels, dim), (batch, heads, pixels, dim)
+            if torch.is_grad_enabled():  # SDPA's output is saved for its backward: keep it intact
+                out = out.clone()
+            out[ctrl.targets].add_(own)
 
         if record or edit:
             # As diffusers' AttnProcessor: scores in the model's dtype (float32 if the layer
@@ -228,7 +282,7 @@ class P2PAttnProcessor:
                 edited = edit_cross_attention(
                     probs[0], probs[1:], plan.fast_mapper, plan.fast_alphas, plan.step_weights(p2p_step), plan.equalizer
                 )  # (targets, heads, pixels, tokens)
-                targets = slice(cond.start + 1, cond.stop)
+                targets = ctrl.targets
                 if torch.is_grad_enabled():  # SDPA's output is saved for its backward: keep it intact
                     out = out.clone()
                 out[targets] = torch.matmul(edited.to(value.dtype), value[targets])  # (targets, heads, pixels, dim)

@@ -53,6 +53,36 @@ def edit_cross_attention(
     return torch.lerp(targets, edited, weights[:, None, None, :].to(targets.dtype))  # w * edited + (1 - w) * targets
 
 
+def value_weights(
+    mapper: torch.Tensor,
+    alphas: torch.Tensor,
+    weights: torch.Tensor,
+    equalizer: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The edit of `edit_cross_attention` moved onto the values, so that no map has to be formed.
+
+    The edited map of target ``k`` (Sec. 3.2, Algorithm 1 line 8) is linear in the two softmax maps:
+    ``M^ = M_src S + M_k diag(o)`` with ``S = W diag(w c a)`` and ``o = w c (1 - a) + 1 - w``
+    (``W`` the token mapper, ``a`` the alphas, ``w`` this step's injection weights, ``c`` the
+    equalizer). Its product with the target's values is therefore two attentions:
+    ``M^ V_k = softmax(Q_src K_src^T) (S V_k) + softmax(Q_k K_k^T) (o * V_k)``.
+
+    Args:
+        mapper: ``(targets, tokens_src, tokens_tgt)`` source position -> target position weights.
+        alphas: ``(targets, tokens)`` 1 where the target token takes the mapped source map.
+        weights: ``(targets, tokens)`` this step's injection weights.
+        equalizer: ``(targets, tokens)`` re-weighting factors, or None (all ones).
+
+    Returns:
+        ``S`` ``(targets, tokens_src, tokens_tgt)`` and ``o`` ``(targets, tokens)``.
+    """
+    c = torch.ones_like(alphas) if equalizer is None else equalizer.to(alphas.dtype)
+    injected = weights * c * alphas  # (targets, tokens): w c a
+    source = mapper * injected[:, None, :]  # (targets, tokens_src, tokens_tgt): W diag(w c a)
+    own = weights * c * (1 - alphas) + 1 - weights  # (targets, tokens)
+    return source, own
+
+
 def local_blend_mask(
     maps: torch.Tensor,
     words: torch.Tensor,

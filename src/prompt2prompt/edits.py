@@ -11,6 +11,7 @@ from numbers import Real
 import torch
 
 from .alignment import PromptTokens, positions_in_each, refinement_mapper, replacement_mapper
+from .edit_ops import value_weights
 from .schedules import Window, cross_step_weights, parse_window, step_window
 
 
@@ -101,12 +102,40 @@ class BlendPlan:
     resolution: int
 
 
+@dataclass(frozen=True)
+class ValueInjection:
+    """One step's cross-attention edit as weights on the targets' values (`edit_ops.value_weights`):
+    target ``k``'s output is ``softmax(Q_src K_src^T) (S_k V_k) + softmax(Q_k K_k^T) (o_k * V_k)``."""
+
+    source: torch.Tensor | None  # (targets, tokens_src, tokens_tgt) S; None when nothing comes from the source
+    source_diagonal: torch.Tensor | None  # (targets, tokens) S's diagonal when S is diagonal (no matrix product)
+    source_is_identity: bool  # S = I: the values are the target's own
+    own: torch.Tensor | None  # (targets, tokens) o; None only when it is all zero and ``source`` is given
+
+    def to(self, device: torch.device) -> "ValueInjection":
+        move = lambda t: None if t is None else t.to(device)  # noqa: E731
+        return ValueInjection(move(self.source), move(self.source_diagonal), self.source_is_identity, move(self.own))
+
+
+def value_injection(mapper: torch.Tensor, alphas: torch.Tensor, weights: torch.Tensor, equalizer: torch.Tensor | None) -> ValueInjection:
+    """The `ValueInjection` of one step, with the terms that are all zero left out."""
+    source, own = value_weights(mapper, alphas, weights, equalizer)
+    if not bool(source.any()):
+        return ValueInjection(None, None, False, own)
+    diagonal = torch.diagonal(source, dim1=1, dim2=2)  # (targets, tokens)
+    is_diagonal = bool(torch.equal(source, torch.diag_embed(diagonal)))
+    return ValueInjection(source, diagonal if is_diagonal else None, is_diagonal and bool(diagonal.eq(1).all()),
+                          own if bool(own.any()) else None)
+
+
 @dataclass
 class EditPlan:
     """Everything the attention processors and the loop need, as tensors per step.
 
     The edited cross-attention of target ``k`` at step ``i`` is (see `edit_ops.edit_cross_attention`)
     ``w * eq * ((M_src @ mapper_k) * a_k + M_k * (1 - a_k)) + (1 - w) * M_k`` with ``w = cross_weights[i, k]``.
+    The processors apply it on the values instead (`injections`, `edit_ops.value_weights`), and
+    form the maps only when the layer has an attention mask.
     """
 
     mode: EditMode
@@ -123,32 +152,40 @@ class EditPlan:
     cross_active: list[bool] = field(default_factory=list)
 
     cross_full: list[bool] = field(default_factory=list)
+    injections: list[ValueInjection | None] = field(default_factory=list)  # per step; None where inactive
 
     def __post_init__(self):
         self.cross_active = [bool(self.cross_weights[i].any()) for i in range(self.num_steps)]
         if self.mode is EditMode.NONE and self.equalizer is None:
             self.cross_active = [False] * self.num_steps
         self.cross_full = [bool(self.cross_weights[i].eq(1).all()) for i in range(self.num_steps)]
-        # Cheaper equivalents used by the processors: nothing for an identity mapper, a gather
+        # Cheaper equivalents for the explicit edit: nothing for an identity mapper, a gather
         # instead of a one-hot matrix product, and no blending with weights or alphas that are all one.
         one_hot = self.mapper.eq(1).sum(1).eq(1).all() and self.mapper.eq(0).logical_or(self.mapper.eq(1)).all()
         self.fast_mapper = self.mapper.argmax(1) if one_hot else self.mapper  # (targets, tokens) long or dense
         if one_hot and bool(self.fast_mapper.eq(torch.arange(self.mapper.shape[-1])).all()):
             self.fast_mapper = None  # the identity: no gather at all
         self.fast_alphas = None if bool(self.alphas.eq(1).all()) else self.alphas
+        # One ValueInjection per distinct step schedule, decided here on the CPU so that the
+        # processors never synchronise with the device to choose a path.
+        by_weights: dict[str, ValueInjection] = {}
+        self.injections = []
+        for i, step_weights in enumerate(self.cross_weights.tolist()):  # one list: no work per step
+            if not self.cross_active[i]:
+                self.injections.append(None)
+                continue
+            key = repr(step_weights)
+            if key not in by_weights:
+                by_weights[key] = value_injection(self.mapper, self.alphas, self.cross_weights[i], self.equalizer)
+            self.injections.append(by_weights[key])
 
     def step_weights(self, step: int) -> torch.Tensor | None:
         """This step's ``(targets, tokens)`` injection weights, None when all are one."""
         return None if self.cross_full[step] else self.cross_weights[step]
 
-    def source_maps_only(self, step: int) -> bool:
-        """Whether at ``step`` every target token takes the source's map at its own position
-        (identity mapper; alphas and injection weights all one), at most re-weighted.
-
-        The edited output of target ``k`` is then ``(c_k * M_src) V_k = softmax(Q_src K_src^T) (c_k * V_k)``
-        (Sec. 3.2: re-weighting is not renormalised), i.e. attention with the source's queries and
-        keys and the target's values scaled per token, so no map has to be formed."""
-        return self.cross_active[step] and self.cross_full[step] and self.fast_mapper is None and self.fast_alphas is None
+    def value_injection(self, step: int) -> ValueInjection | None:
+        """The cross-attention edit of ``step`` on the values, None when no cross-attention is edited."""
+        return self.injections[step]
 
     def self_active(self, step: int, side: int) -> bool:
         return self.mode is not EditMode.NONE and self.self_steps[0] <= step < self.self_steps[1] and side <= self.self_max_res
@@ -158,6 +195,11 @@ class EditPlan:
             value = getattr(self, name)
             if value is not None:
                 setattr(self, name, value.to(device))
+        moved: dict[int, ValueInjection] = {}
+        for inj in self.injections:
+            if inj is not None and id(inj) not in moved:
+                moved[id(inj)] = inj.to(device)
+        self.injections = [None if inj is None else moved[id(inj)] for inj in self.injections]
         if self.blend is not None:
             self.blend.words = self.blend.words.to(device)
             if self.blend.subtract is not None:
