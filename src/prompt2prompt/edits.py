@@ -155,10 +155,11 @@ class EditPlan:
     injections: list[ValueInjection | None] = field(default_factory=list)  # per step; None where inactive
 
     def __post_init__(self):
-        self.cross_active = [bool(self.cross_weights[i].any()) for i in range(self.num_steps)]
+        weights = self.cross_weights.tolist()  # (steps, targets, tokens) as lists: no tensor work per step
+        self.cross_active = [any(any(row) for row in step) for step in weights]
         if self.mode is EditMode.NONE and self.equalizer is None:
             self.cross_active = [False] * self.num_steps
-        self.cross_full = [bool(self.cross_weights[i].eq(1).all()) for i in range(self.num_steps)]
+        self.cross_full = [all(w == 1 for row in step for w in row) for step in weights]
         # Cheaper equivalents for the explicit edit: nothing for an identity mapper, a gather
         # instead of a one-hot matrix product, and no blending with weights or alphas that are all one.
         one_hot = self.mapper.eq(1).sum(1).eq(1).all() and self.mapper.eq(0).logical_or(self.mapper.eq(1)).all()
@@ -170,7 +171,7 @@ class EditPlan:
         # processors never synchronise with the device to choose a path.
         by_weights: dict[str, ValueInjection] = {}
         self.injections = []
-        for i, step_weights in enumerate(self.cross_weights.tolist()):  # one list: no work per step
+        for i, step_weights in enumerate(weights):
             if not self.cross_active[i]:
                 self.injections.append(None)
                 continue
