@@ -150,6 +150,14 @@ def test_plan_uses_no_mapper_for_same_length_swaps_only(clip_tokenizer):
     longer = build_edit_plan(src, [tokenize_words("a cat riding a red bicycle", clip_tokenizer)], "refine", 10)
     assert longer.fast_mapper is not None and longer.fast_mapper.dtype == torch.long
     assert longer.fast_alphas is not None and longer.fast_alphas.eq(0).any()  # "red" keeps its own map
+    # The value form: a same-length swap changes no value; a refinement maps them and keeps "red"'s own term.
+    active = [i for i in range(10) if same.cross_active[i]]
+    assert active == list(range(8)) and all(same.injections[i] is same.injections[0] for i in active)
+    assert same.injections[0].source_is_identity and same.injections[0].own is None and same.injections[9] is None
+    inj = longer.injections[0]
+    assert inj.source is not None and inj.source_diagonal is None and not inj.source_is_identity
+    (red,) = longer.targets[0].positions("red")
+    assert inj.own[0, red] == 1 and inj.source[0, :, red].eq(0).all() and inj.own.sum() == 1
 
 
 @pytest.mark.parametrize("case", ["swap", "refine", "reweight", "partial", "none"])
