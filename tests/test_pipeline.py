@@ -188,6 +188,40 @@ def test_value_injection_equals_the_explicit_edit(kind, case, request, monkeypat
     assert not torch.allclose(fast.images[1], plain.images[1], atol=1e-3)  # the edit did something
 
 
+def test_a_biased_value_projection_takes_the_explicit_edit(tiny_sd1, monkeypatch):
+    """to_v(S E) = S to_v(E) only without a bias: with one, the edit forms the maps, and matches the
+    edit of the same model through the explicit path (the reference's maps times the values)."""
+    from prompt2prompt.attention import P2PController
+    from prompt2prompt.edits import EditPlan
+
+    pipe = make(tiny_sd1)
+    layers = [m for m in pipe.unet.modules() if getattr(m, "is_cross_attention", False)]
+    originals = [m.to_v for m in layers]
+    try:
+        for m in layers:
+            biased = torch.nn.Linear(m.to_v.in_features, m.to_v.out_features, bias=True)
+            biased.weight.data.copy_(m.to_v.weight.data)
+            biased.bias.data.copy_(torch.randn(m.to_v.out_features, generator=torch.Generator().manual_seed(5)))
+            m.to_v = biased
+        kw = dict(num_inference_steps=STEPS, latents=noise(3), output_type="latent")
+        calls = []
+        real = P2PController.injected_states
+        monkeypatch.setattr(P2PController, "injected_states", lambda self, *a: calls.append(1) or real(self, *a))
+        edit = pipe("a cat riding a bicycle", ["a cat riding a red bicycle"], **kw)
+        assert not calls  # the value form was not used
+        monkeypatch.setattr(EditPlan, "value_injection", lambda self, step: None)
+        explicit = pipe("a cat riding a bicycle", ["a cat riding a red bicycle"], **kw)
+        assert torch.equal(edit.images, explicit.images)
+    finally:
+        for m, v in zip(layers, originals):
+            m.to_v = v
+    calls.clear()
+    monkeypatch.undo()
+    monkeypatch.setattr(P2PController, "injected_states", lambda self, *a: calls.append(1) or real(self, *a))
+    pipe("a cat riding a bicycle", ["a cat riding a red bicycle"], **kw)
+    assert calls  # without the bias, the same edit takes the value form
+
+
 @pytest.mark.parametrize("target", ["a cat riding a car", "a cat riding a red bicycle"], ids=["replace", "refine"])
 def test_images_do_not_depend_on_what_is_recorded(tiny_sd1, target):
     """The web page records maps for its attention view and the CLI does not: same pixels, bit for bit."""
