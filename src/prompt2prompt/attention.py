@@ -15,8 +15,9 @@ Cost model (the reason for this design):
   keep their own maps (refinement's new words, windows that have ended). A same-length word swap
   is a diagonal ``S`` (the equalizer) and no second term;
 - cross-attention probabilities (pixels x tokens) are computed explicitly (softmax in float32)
-  only for the sides that are recorded (the text-conditioned rows), and for an edit only when the
-  layer has an attention mask. The source rows and the unconditional half always come out of SDPA.
+  only for the sides that are recorded (the text-conditioned rows), and for an edit only in layers
+  that the value form does not cover (an attention mask, a ``to_v`` with a bias, normalised text
+  states). The source rows and the unconditional half always come out of SDPA.
 """
 
 from __future__ import annotations
@@ -134,7 +135,7 @@ class P2PController:
             else:
                 mapped = torch.matmul(inj.source.to(states.device, states.dtype), states[t])  # (targets, tokens_src, channels)
                 values = self.with_target_rows(states, mapped)  # (batch, tokens, channels)
-            if inj.source is not None and inj.own is not None:
+            if inj.both_terms:
                 own = states[t] * inj.own[:, :, None].to(states.device, states.dtype)  # (targets, tokens, channels)
                 values = torch.cat([values, own])  # (batch + targets, tokens, channels)
             self._states_cache[key] = (states, values)  # holding ``states`` keeps its address unique
@@ -243,7 +244,7 @@ class P2PAttnProcessor:
             query = ctrl.with_source_rows(query)  # (batch, heads, pixels, dim)
             key = ctrl.with_source_rows(key)  # (batch, heads, keys, dim)
         own_query, own_key = query, key  # each prompt's own, for the maps that are recorded
-        own_rows = injection is not None and value.shape[0] > batch
+        own_rows = injection is not None and injection.both_terms  # extra rows: the targets' own term
         if injection is not None:
             # The target rows attend with the source's queries and keys to S V_k. Where tokens keep
             # their own maps (new words, windows that have ended), extra rows attend with the

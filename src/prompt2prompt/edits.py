@@ -112,6 +112,11 @@ class ValueInjection:
     source_is_identity: bool  # S = I: the values are the target's own
     own: torch.Tensor | None  # (targets, tokens) o; None only when it is all zero and ``source`` is given
 
+    @property
+    def both_terms(self) -> bool:
+        """Whether the target needs both attentions (some tokens take the source's map, some keep their own)."""
+        return self.source is not None and self.own is not None
+
     def to(self, device: torch.device) -> "ValueInjection":
         move = lambda t: None if t is None else t.to(device)  # noqa: E731
         return ValueInjection(move(self.source), move(self.source_diagonal), self.source_is_identity, move(self.own))
@@ -135,7 +140,7 @@ class EditPlan:
     The edited cross-attention of target ``k`` at step ``i`` is (see `edit_ops.edit_cross_attention`)
     ``w * eq * ((M_src @ mapper_k) * a_k + M_k * (1 - a_k)) + (1 - w) * M_k`` with ``w = cross_weights[i, k]``.
     The processors apply it on the values instead (`injections`, `edit_ops.value_weights`), and
-    form the maps only when the layer has an attention mask.
+    form the maps only in layers that the value form does not cover (see `attention`).
     """
 
     mode: EditMode
