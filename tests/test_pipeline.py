@@ -168,10 +168,10 @@ def test_value_injection_equals_the_explicit_edit(kind, case, request, monkeypat
     base = dict(num_inference_steps=STEPS, latents=noise(2), output_type="latent")
     kw = {**base, **extra}
     real, used = EditPlan.value_injection, []
-    monkeypatch.setattr(EditPlan, "value_injection", lambda self, step: used.append(real(self, step)) or used[-1])
+    monkeypatch.setattr(EditPlan, "value_injection", lambda self, step: used.append((step, real(self, step))) or used[-1][1])
     fast = pipe("a cat riding a bicycle", [target], **kw)
-    injections = [inj for inj in used if inj is not None]
-    assert injections  # the value path ran
+    injections = [inj for _, inj in used if inj is not None]
+    assert {step for step, inj in used if inj is not None} == {0, 1, 2}  # the value path ran: cross_replace_steps 0.8 of 4
     if case.startswith("replace") and case != "replace, more tokens":
         assert all(inj.source_diagonal is not None and inj.own is None for inj in injections)
     if case.startswith("refine"):
