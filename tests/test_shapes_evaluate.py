@@ -339,6 +339,20 @@ class _RoundTrip(__import__("torch").nn.Module):
         return SimpleNamespace(sample=z + self.offset * where)
 
 
+class _Blur(_RoundTrip):
+    """An autoencoder that box-blurs the image (radius 2 px): edges, stripes and dots are lost."""
+
+    def __init__(self):
+        super().__init__(0.0)
+
+    def decode(self, z):
+        from types import SimpleNamespace
+
+        import torch
+
+        return SimpleNamespace(sample=torch.nn.functional.avg_pool2d(z, 5, stride=1, padding=2, count_include_pad=False))
+
+
 def _pipe(vae):
     from types import SimpleNamespace
 
@@ -352,7 +366,41 @@ def test_reconstruction_psnr_follows_its_definition():
     for key in ("median_psnr_db", "median_object_psnr_db", "median_background_psnr_db"):
         assert 25.8 <= r[key] < 27.5, (key, r[key])
     rows = [k for k, _, _ in ev.summary_rows({"reconstruction": r})]
-    assert len(rows) == 3 and all(k.startswith("autoencoder round trip (n=16 scenes)") for k in rows)
+    assert len(rows) == 3 + 2 + 3 + 3 and all(k.startswith("autoencoder round trip") for k in rows)
+    assert sum("(n=16 scenes): median PSNR" in k for k in rows) == 3
+    # a uniform shift of 13 levels moves no pixel across the detector's thresholds: the ceilings are the renders'
+    assert r["detector_big_plain"]["colour"] == 1.0 and r["detector_big_plain"]["shape"] == 1.0
+
+
+def test_detector_accuracy_scores_transformed_scenes_of_the_asked_size():
+    seen = []
+
+    def keep(images):
+        seen.append(images.copy())
+        return images
+
+    assert detector_accuracy(12, seed=2, transform=keep) == detector_accuracy(12, seed=2)  # the same scenes
+    assert seen[0].shape == (12, world.SIZE, world.SIZE, 3) and seen[0].dtype == np.uint8
+    big = detector_accuracy(12, seed=2, transform=keep, size="big", plain=True)
+    assert big["size"] == 1.0 and big["pattern"] == 1.0
+    small = detector_accuracy(12, seed=2, size="small")
+    assert small["size"] == 1.0 and (seen[1] != seen[0]).any()  # every object drawn (and read) at the asked size
+    blank = detector_accuracy(12, seed=2, transform=lambda x: np.repeat(x[:, :1, :1], world.SIZE, 1).repeat(world.SIZE, 2))
+    assert blank["found"] == 0.0 and blank["colour"] == 0.0  # the background colour everywhere: nothing to read
+    with pytest.raises(ValueError, match="size"):
+        detector_accuracy(4, size="huge")
+
+
+def test_reconstruction_ceilings_fall_when_the_autoencoder_loses_detail():
+    exact, blurred = (ev.eval_reconstruction(_pipe(vae), 1) for vae in (_RoundTrip(0.0), _Blur()))
+    for part in ("detector_big_plain", "detector_big", "detector_small"):
+        assert exact[part]["found"] == blurred[part]["found"] == 1.0  # every object is still there
+        assert exact[part]["colour"] == exact[part]["shape"] == 1.0, (part, exact[part])  # a lossless round trip: the renders' own
+    # measured: big plain shape 0.88, big patterned colour / pattern 0.62 / 0.69, small shape 0.75 (16 scenes each)
+    assert blurred["detector_big_plain"]["colour"] == 1.0 and blurred["detector_big_plain"]["shape"] < 1.0
+    assert blurred["detector_big"]["pattern"] < exact["detector_big"]["pattern"] - 0.2  # stripes and dots blur away
+    assert blurred["detector_big"]["colour"] < 0.8  # ... and mix into the object's colour
+    assert blurred["detector_small"]["shape"] < blurred["detector_big_plain"]["shape"]
 
 
 def test_reconstruction_separates_the_objects_from_the_background():

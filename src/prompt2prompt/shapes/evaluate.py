@@ -24,7 +24,9 @@ The evaluation then generates with the model and scores (the parts of ``--parts`
 - ``sweep``: shape word swaps with cross-attention injected for 0..100% of the steps: structure
   kept (mask IoU) and target-shape rate at each value, against no injection;
 - ``reconstruction``: the autoencoder alone (no generation): PSNR of rendered held-out scenes
-  through encode (latent mean) and decode, over the whole image, the objects and the background.
+  through encode (latent mean) and decode, over the whole image, the objects and the background;
+  and the detector's accuracy on single-object scenes after that round trip, the ceiling the
+  autoencoder sets on every generation figure.
 
 Every part also scores the rendered (ground-truth) scenes of its own prompts where that makes sense
 (``rendered``): the ceiling that the detector allows.
@@ -402,7 +404,8 @@ def detect(image: np.ndarray, background: str) -> list[Detection]:
     return out
 
 
-def detector_accuracy(n: int = 300, seed: int = 0) -> dict[str, float]:
+def detector_accuracy(n: int = 300, seed: int = 0, transform=None, size: str | None = None,
+                      plain: bool = False) -> dict[str, float]:
     """Detector correctness on ``n`` rendered single-object, plain-background, unstyled scenes
     (attributes drawn at random, one in five outlined, striped or dotted, two in five plain).
 
@@ -410,28 +413,44 @@ def detector_accuracy(n: int = 300, seed: int = 0) -> dict[str, float]:
     detected at all). ``pattern`` counts over the scenes whose pattern the image shows
     (`world.pattern_visible`; a striped or dotted black object on white or white object on black is
     drawn in its own colour); ``pattern_all`` over every scene, and ``pattern_invisible`` is the
-    share of scenes left out of ``pattern``."""
+    share of scenes left out of ``pattern``.
+
+    Args:
+        transform: applied to the rendered images, a ``(n, h, w, 3)`` uint8 array, before detection
+            (e.g. an autoencoder's round trip, `eval_reconstruction`); ``None`` scores the renders.
+        size: draw every object ``"big"`` or ``"small"``; ``None`` draws either.
+        plain: draw every object without a pattern (as the evaluation's adherence and word-swap
+            prompts ask). The other attributes are the same scenes' whatever ``size`` and ``plain``."""
+    if size not in (None, *world.SIZES):
+        raise ValueError(f"size must be None or one of {world.SIZES}, got {size!r}")
     rng = np.random.default_rng(seed)
-    hits = {"colour": 0, "shape": 0, "size": 0, "pattern": 0, "found": 0, "pattern_all": 0}
-    invisible = 0
+    truth, specs = [], []
     for k in range(n):
         shape = world.SHAPES[rng.integers(len(world.SHAPES))]
         colour, bg = (str(c) for c in rng.choice(world.COLOUR_NAMES, 2, replace=False))
-        size = ("small", "big")[rng.integers(2)]
+        drawn_size = ("small", "big")[rng.integers(2)]
         pattern = [None, None, "striped", "dotted", "outlined"][rng.integers(5)]
-        spec = world.make_spec([dict(shape=shape, colour=colour, size=size, pattern=pattern)], bg, seed=k + 100000 * seed)
-        visible = pattern in (None, "outlined") or world.pattern_visible(colour, spec.background)
+        obj = dict(shape=shape, colour=colour, size=size or drawn_size, pattern=None if plain else pattern)
+        specs.append(world.make_spec([obj], bg, seed=k + 100000 * seed))
+        truth.append(obj)
+    images = np.stack([world.render(spec).image for spec in specs])  # (n, h, w, 3) uint8
+    if transform is not None:
+        images = transform(images)
+    hits = {"colour": 0, "shape": 0, "size": 0, "pattern": 0, "found": 0, "pattern_all": 0}
+    invisible = 0
+    for obj, spec, image in zip(truth, specs, images):
+        visible = obj["pattern"] in (None, "outlined") or world.pattern_visible(obj["colour"], spec.background)
         invisible += not visible
-        found = detect(world.render(spec).image, bg)
+        found = detect(image, spec.background.name)
         if not found:
             continue
         d = found[0]
         hits["found"] += 1
-        hits["colour"] += d.colour == colour
-        hits["shape"] += d.shape == shape
-        hits["size"] += d.size == size
-        hits["pattern_all"] += d.pattern == pattern
-        hits["pattern"] += visible and d.pattern == pattern
+        hits["colour"] += d.colour == obj["colour"]
+        hits["shape"] += d.shape == obj["shape"]
+        hits["size"] += d.size == obj["size"]
+        hits["pattern_all"] += d.pattern == obj["pattern"]
+        hits["pattern"] += visible and d.pattern == obj["pattern"]
     out = {k: v / n for k, v in hits.items()}
     out["pattern"] = hits["pattern"] / max(1, n - invisible)
     out["pattern_invisible"] = invisible / n
@@ -930,36 +949,53 @@ def eval_sweep(gen: _Generator, n: int, seed: int = 0, steps=SWEEP_STEPS) -> dic
     return {"cross_replace_steps": out, "self_replace_steps": 0.4, "n": n}
 
 
+def autoencoder_round_trip(vae, images: np.ndarray, batch: int = 64) -> np.ndarray:
+    """``images`` (``(n, h, w, 3)`` uint8) encoded to their latent means, the latents the UNet is
+    trained on, and decoded back to uint8: what the autoencoder alone keeps of a scene."""
+    import torch
+
+    from .train import images_to_tensor
+
+    param = next(vae.parameters())
+    out = np.empty_like(images)
+    for i in range(0, len(images), batch):
+        x = images_to_tensor(images[i:i + batch]).to(param.device, param.dtype)  # (b, 3, h, w) in [-1, 1]
+        with torch.no_grad():
+            rec = vae.decode(vae.encode(x).latent_dist.mean).sample  # (b, 3, h, w) in [-1, 1]
+        rec = ((rec.float().clamp(-1, 1) + 1) * 127.5).round().permute(0, 2, 3, 1)  # (b, h, w, 3)
+        out[i:i + batch] = rec.cpu().numpy().astype(np.uint8)
+    return out
+
+
 def eval_reconstruction(gen: _Generator, n: int, seed: int = 0) -> dict:
     """The autoencoder's round trip, the ceiling of every picture the model makes and of inversion:
     ``16 * n`` rendered scenes of the held-out split (plain and textured backgrounds, patterns,
     styles) are encoded to their latent means, the latents the UNet is trained on, and decoded.
     Median PSNR over the whole image, over the objects (drawn pixels grown by 1 px, where the
-    decoder's errors gather at the edges) and over the background (2 px away from any object)."""
-    import torch
+    decoder's errors gather at the edges) and over the background (2 px away from any object).
 
-    from .train import images_to_tensor
-
+    Then `detector_accuracy` on ``16 * n`` single-object scenes after the round trip:
+    ``detector_big_plain`` (big objects without a pattern, the form of the adherence and word-swap
+    prompts), ``detector_big`` (big, a pattern in three of five, the refinement's objects) and
+    ``detector_small``. No UNet can score above what the detector reads after the round trip, so
+    these are the ceilings the autoencoder sets on the generation figures."""
     vae = gen.pipe.vae
-    param = next(vae.parameters())
     first = 50_000_000 + seed * 100_003 + _SEED_OFFSET["reconstruction"] * RECONSTRUCTION_SCENES_PER_SAMPLE
     scenes = [world.sample_scene(first + k, "heldout") for k in range(RECONSTRUCTION_SCENES_PER_SAMPLE * n)]
     images = np.stack([sc.image for sc in scenes])  # (scenes, h, w, 3) uint8
-    out = np.empty_like(images)
-    for i in range(0, len(images), 64):
-        x = images_to_tensor(images[i:i + 64]).to(param.device, param.dtype)  # (b, 3, h, w) in [-1, 1]
-        with torch.no_grad():
-            rec = vae.decode(vae.encode(x).latent_dist.mean).sample  # (b, 3, h, w) in [-1, 1]
-        rec = ((rec.float().clamp(-1, 1) + 1) * 127.5).round().permute(0, 2, 3, 1)  # (b, h, w, 3)
-        out[i:i + 64] = rec.cpu().numpy().astype(np.uint8)
+    out = autoencoder_round_trip(vae, images)
     whole, objects, background = [], [], []
     for sc, a, b in zip(scenes, images, out):
         drawn = sc.masks.any(0)  # (h, w)
         whole.append(_psnr(a, b, np.ones_like(drawn)))
         objects.append(_psnr(a, b, _grow(drawn, 1)))
         background.append(_psnr(a, b, ~_grow(drawn, 2)))
-    return {"median_psnr_db": _median(whole), "median_object_psnr_db": _median(objects),
-            "median_background_psnr_db": _median(background), "n": len(scenes), "split": "heldout"}
+    result = {"median_psnr_db": _median(whole), "median_object_psnr_db": _median(objects),
+              "median_background_psnr_db": _median(background), "n": len(scenes), "split": "heldout"}
+    round_trip = lambda x: autoencoder_round_trip(vae, x)  # noqa: E731
+    for key, size, plain in (("detector_big_plain", "big", True), ("detector_big", "big", False), ("detector_small", "small", False)):
+        result[key] = detector_accuracy(len(scenes), seed, round_trip, size, plain)
+    return result
 
 
 _EVALS = {"adherence": eval_adherence, "adherence_train": eval_adherence_train, "swap": eval_word_swap, "blend": eval_local_blend, "two_objects": eval_two_objects,
@@ -1066,6 +1102,13 @@ def summary_rows(model: dict) -> list[tuple[str, str, str]]:
         r = model["reconstruction"]
         for key, where in (("median_psnr_db", "image"), ("median_object_psnr_db", "objects"), ("median_background_psnr_db", "background")):
             add(f"autoencoder round trip (n={r['n']} scenes): median PSNR dB, {where}", r[key])
+        for part, label, keys in (("detector_big_plain", "big plain", ("colour", "shape")),
+                                  ("detector_big", "big, patterned in 3/5", ("colour", "shape", "pattern")),
+                                  ("detector_small", "small, patterned in 3/5", ("colour", "shape", "pattern"))):
+            if part in r:  # results written before these figures existed lack them
+                for key in keys:
+                    add(f"autoencoder round trip, {label} objects (n={r['n']}): detector reads {key}", r[part][key], True,
+                        "ceiling" if part == "detector_big_plain" else "", n=r["n"])
     return rows
 
 
