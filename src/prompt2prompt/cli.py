@@ -623,10 +623,16 @@ def check_model(model: str | None) -> None:
     """Raise `RuntimeFailure` for a model folder that is missing or is not a diffusers folder."""
     if model is None:
         return
+    from .model_folder import check_model_folder
+
     path = Path(model).expanduser()
     if path.exists():
         if not (path / "model_index.json").is_file():
             raise RuntimeFailure(f"--model {model}: not a diffusers model folder (it has no model_index.json); name a folder saved with save_pretrained")
+        try:
+            check_model_folder(path)  # a missing or damaged file, named before torch and diffusers load
+        except ValueError as err:
+            raise RuntimeFailure(f"--model {model}: {_one_line(err)}") from err
     elif _looks_like_path(model):
         raise RuntimeFailure(f"--model {model}: no such folder; name a diffusers model folder or a hub id")
 

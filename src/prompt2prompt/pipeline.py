@@ -3,10 +3,12 @@
 import inspect
 import logging
 import math
+import os
 import warnings
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from numbers import Real
+from pathlib import Path
 
 import numpy as np
 import PIL.Image
@@ -34,6 +36,7 @@ from .attention import P2PController, attention_sides, p2p_attention
 from .edit_ops import blend_latents, local_blend_mask
 from .edits import EditMode, EditPlan, LocalBlend, build_edit_plan
 from .inversion import Inversion, InversionMethod, inversion_scheduler
+from .model_folder import check_model_folder
 
 logger = logging.getLogger(__name__)
 
@@ -137,7 +140,9 @@ class Prompt2PromptPipeline(DiffusionPipeline):
 
         With no argument, loads the bundled shapes-world model (`prompt2prompt.shapes.MODEL_DIR`),
         which needs no network. Weights load from safetensors only; pickle checkpoints (``.bin``)
-        are refused unless ``allow_pickle=True``, since unpickling can run arbitrary code.
+        are refused unless ``allow_pickle=True``, since unpickling can run arbitrary code. A local
+        folder is checked first (`check_model_folder`): a missing or damaged file raises a
+        ``ValueError`` that names it.
         """
         if pretrained_model_name_or_path is None:
             from .shapes import MODEL_DIR
@@ -153,6 +158,8 @@ class Prompt2PromptPipeline(DiffusionPipeline):
             raise ValueError("use_safetensors=False loads pickle checkpoints, which can run code; pass allow_pickle=True to allow it")
         if not allow_pickle:
             kwargs["use_safetensors"] = True
+        if isinstance(pretrained_model_name_or_path, (str, os.PathLike)) and Path(pretrained_model_name_or_path).is_dir():
+            check_model_folder(pretrained_model_name_or_path, allow_pickle=allow_pickle)  # names a missing or damaged file
         return super().from_pretrained(pretrained_model_name_or_path, *args, **kwargs)
 
     # ----------------------------------------------------------------- helpers

@@ -1,0 +1,107 @@
+"""Checks of a local diffusers model folder before it loads, so that a missing or damaged file is
+reported by its path (diffusers' own errors often name no file, or the wrong one).
+
+A folder saved with ``save_pretrained`` holds ``model_index.json``, which names the components;
+each component is a subfolder. A model component (UNet, VAE, text encoder, ...) holds
+``config.json`` and its weights: ``*.safetensors`` files, possibly sharded with a
+``*.safetensors.index.json`` that lists the shards. Tokenizers and schedulers hold their own JSON
+and text files. Every check here reads file headers only, never the tensors.
+"""
+
+from __future__ import annotations
+
+import json
+import struct
+from pathlib import Path
+
+_WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt")
+
+
+def _read_json(path: Path, what: str):
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise ValueError(f"{path}: {what} is not readable JSON ({err}); restore the file, or save the model again") from None
+
+
+def check_safetensors(path: Path) -> None:
+    """Raise `ValueError` naming ``path`` unless it is a complete safetensors file.
+
+    The format: an 8-byte little-endian header length ``N``, ``N`` bytes of JSON giving each tensor's
+    ``data_offsets`` into the data that follows; the file must hold the data up to the largest end
+    offset (a truncated download or copy fails here)."""
+    fix = "download or copy it again, or save the model again"
+    size = path.stat().st_size
+    with path.open("rb") as f:
+        head = f.read(8)
+        if len(head) < 8:
+            raise ValueError(f"{path}: not a safetensors file ({size} bytes, shorter than its header); {fix}")
+        (n,) = struct.unpack("<Q", head)
+        if n > size - 8:
+            raise ValueError(f"{path}: damaged safetensors file (its header claims {n} bytes, the file has {size}); {fix}")
+        try:
+            header = json.loads(f.read(n))
+        except (UnicodeDecodeError, json.JSONDecodeError):
+            raise ValueError(f"{path}: damaged safetensors file (its header is not JSON); {fix}") from None
+    if not isinstance(header, dict):
+        raise ValueError(f"{path}: damaged safetensors file (its header is not a JSON object); {fix}")
+    ends = [t["data_offsets"][1] for k, t in header.items() if k != "__metadata__" and isinstance(t, dict) and "data_offsets" in t]
+    needed = 8 + n + max(ends, default=0)
+    if needed > size:
+        raise ValueError(f"{path}: truncated safetensors file ({size} bytes of the {needed} its header describes); {fix}")
+
+
+def _check_component(folder: Path, name: str, allow_pickle: bool) -> None:
+    sub = folder / name
+    if not sub.is_dir():
+        raise ValueError(f"{sub}: missing folder of the component {name!r} that model_index.json lists; restore it, or save the model again")
+    files = [p for p in sub.iterdir() if p.is_file()]
+    if not files:
+        raise ValueError(f"{sub}: the component {name!r} is an empty folder; restore its files, or save the model again")
+    for p in files:
+        if p.suffix == ".json":
+            _read_json(p, "a configuration file")
+    weights = [p for p in files if p.name.endswith(_WEIGHT_SUFFIXES)]
+    indexes = [p for p in files if p.name.endswith(".safetensors.index.json")]
+    if not weights and not indexes:
+        if (sub / "config.json").is_file():
+            raise ValueError(f"{sub}: no weights file for the component {name!r} (expected *.safetensors); restore it, or save the model again")
+        return  # a tokenizer, scheduler or feature extractor: JSON and text files only
+    if not (sub / "config.json").is_file():
+        raise ValueError(f"{sub / 'config.json'}: missing; the component {name!r} has weights but no configuration; restore it, or save the model again")
+    for index in indexes:
+        shards = sorted(set(_read_json(index, "a weights index").get("weight_map", {}).values()))
+        for shard in shards:
+            if not (sub / shard).is_file():
+                raise ValueError(f"{sub / shard}: missing shard listed in {index.name}; restore it, or save the model again")
+    safetensors = [p for p in weights if p.suffix == ".safetensors"]
+    if not safetensors and not allow_pickle:
+        raise ValueError(f"{sub}: the component {name!r} has only pickle weights ({', '.join(sorted(p.name for p in weights))}), "
+                         "which can run code when loaded; convert them to safetensors (in Python, allow_pickle=True accepts them)")
+    for p in safetensors:
+        check_safetensors(p)
+
+
+def check_model_folder(folder: str | Path, allow_pickle: bool = False) -> None:
+    """Raise `ValueError` naming the first missing or damaged file of the diffusers folder ``folder``.
+
+    Checks that ``model_index.json`` and every JSON file of every component it lists parse, that
+    each model component has ``config.json`` and weights, that every shard a weights index lists is
+    there, and that each safetensors file is complete. Without ``allow_pickle`` a component whose
+    only weights are pickle files (``.bin``, ...) is refused.
+
+    Args:
+        folder: a folder written by ``save_pretrained`` (e.g. ``./stable-diffusion-v1-5``).
+        allow_pickle: accept components whose weights are pickle files only.
+    """
+    folder = Path(folder)
+    index = folder / "model_index.json"
+    if not index.is_file():
+        raise ValueError(f"{index}: missing, so {folder} is not a diffusers model folder; name a folder saved with save_pretrained")
+    spec = _read_json(index, "the model index")
+    if not isinstance(spec, dict):
+        raise ValueError(f"{index}: not a JSON object; restore the file, or save the model again")
+    for name, entry in spec.items():
+        if name.startswith("_") or not isinstance(entry, list) or len(entry) != 2 or entry[0] is None or entry[1] is None:
+            continue  # metadata ("_class_name", ...) and components saved as None (e.g. no safety checker)
+        _check_component(folder, name, allow_pickle)
