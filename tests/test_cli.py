@@ -310,8 +310,10 @@ def test_serve_starts_the_web_page_with_the_options_given(capsys, monkeypatch):
     monkeypatch.setattr(web, "serve", lambda **kwargs: calls.append(kwargs))
     code, out, err = run(capsys, "serve", "--port", "7861", "--device", "cpu", "--dtype", "float32", "--output-dir", "web-out")
     assert code == 0, err
-    assert calls == [{"host": "127.0.0.1", "port": 7861, "model": None, "device": "cpu", "dtype": "float32", "output_dir": "web-out"}]
+    assert calls == [{"host": "127.0.0.1", "port": 7861, "model": None, "device": "cpu", "dtype": "float32", "output_dir": "web-out",
+                      "allow_pickle": False}]
     assert "http://127.0.0.1:7861" in out
+    assert run(capsys, "serve", "--allow-pickle")[0] == 0 and calls[-1]["allow_pickle"] is True
 
 
 # ============================================================================ batch

@@ -115,3 +115,18 @@ def test_safetensors_header_checks(tmp_path):
         p.write_bytes(content)
         with pytest.raises(ValueError, match=words):
             check_safetensors(p)
+
+
+def test_the_cli_loads_pickle_weights_only_when_allowed(tiny_sd1, tmp_path, capsys):
+    from diffusers import StableDiffusionPipeline
+
+    StableDiffusionPipeline(**tiny_sd1, safety_checker=None, feature_extractor=None, requires_safety_checker=False).save_pretrained(
+        tmp_path / "pickled", safe_serialization=False)
+    capsys.readouterr()  # the save's progress bar
+    argv = ["generate", "a cat riding a bicycle", "--model", str(tmp_path / "pickled"), "--steps", "1", "--quiet"]
+    assert main(argv + ["-o", str(tmp_path / "refused")]) == 1
+    err = capsys.readouterr().err
+    assert len(err.strip().splitlines()) == 1 and "only pickle weights" in err and "--allow-pickle" in err
+    assert not (tmp_path / "refused").exists()
+    assert main(argv + ["-o", str(tmp_path / "allowed"), "--allow-pickle"]) == 0
+    assert len(list((tmp_path / "allowed").glob("*.png"))) == 1

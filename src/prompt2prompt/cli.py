@@ -619,8 +619,9 @@ def library_output(debug: bool):
             (module.enable_progress_bar if bars else module.disable_progress_bar)()
 
 
-def check_model(model: str | None) -> None:
-    """Raise `RuntimeFailure` for a model folder that is missing or is not a diffusers folder."""
+def check_model(model: str | None, allow_pickle: bool = False) -> None:
+    """Raise `RuntimeFailure` for a model folder that is missing, is not a diffusers folder, or has a
+    missing or damaged file (`check_model_folder`)."""
     if model is None:
         return
     from .model_folder import check_model_folder
@@ -630,15 +631,15 @@ def check_model(model: str | None) -> None:
         if not (path / "model_index.json").is_file():
             raise RuntimeFailure(f"--model {model}: not a diffusers model folder (it has no model_index.json); name a folder saved with save_pretrained")
         try:
-            check_model_folder(path)  # a missing or damaged file, named before torch and diffusers load
+            check_model_folder(path, allow_pickle)  # a missing or damaged file, named before torch and diffusers load
         except ValueError as err:
             raise RuntimeFailure(f"--model {model}: {_one_line(err)}") from err
     elif _looks_like_path(model):
         raise RuntimeFailure(f"--model {model}: no such folder; name a diffusers model folder or a hub id")
 
 
-def load_pipeline(model: str | None, dtype: str, device: str, progress: bool):
-    """Load `Prompt2PromptPipeline` onto ``device``.
+def load_pipeline(model: str | None, dtype: str, device: str, progress: bool, allow_pickle: bool = False):
+    """Load `Prompt2PromptPipeline` onto ``device`` (pickle weights only with ``allow_pickle``).
 
     Raises:
         RuntimeFailure: a missing model folder, a folder that is not a diffusers model, any load error.
@@ -647,9 +648,9 @@ def load_pipeline(model: str | None, dtype: str, device: str, progress: bool):
 
     from .pipeline import Prompt2PromptPipeline
 
-    check_model(model)
+    check_model(model, allow_pickle)
     try:
-        pipe = Prompt2PromptPipeline.from_pretrained(model, torch_dtype=getattr(torch, dtype))
+        pipe = Prompt2PromptPipeline.from_pretrained(model, torch_dtype=getattr(torch, dtype), allow_pickle=allow_pickle)
         pipe = pipe.to(device)
     except Exception as err:  # noqa: BLE001 - every load failure is a runtime failure
         raise RuntimeFailure(f"could not load the model {model_label(model)}: {_one_line(err)}") from err
@@ -924,7 +925,7 @@ def _worker_init(env: dict) -> None:
     # pixels, making results depend on --workers.
     warnings.simplefilter("ignore")
     with library_output(False):
-        _WORKER["pipe"] = load_pipeline(env["model"], env["dtype"], env["device"], progress=False)
+        _WORKER["pipe"] = load_pipeline(env["model"], env["dtype"], env["device"], progress=False, allow_pickle=env["allow_pickle"])
     _WORKER["env"] = env
 
 
@@ -993,11 +994,11 @@ def cmd_batch(args, console: Console) -> int:
             todo.append((number, options, folder))
     if todo:
         device = check_device(args.device)
-        env = {"device": device, "model": model, "dtype": dtype}
+        env = {"device": device, "model": model, "dtype": dtype, "allow_pickle": args.allow_pickle}
         if workers > 1 and len(todo) > 1:
             _run_parallel(todo, min(workers, len(todo)), env, console, done, failed)
         else:
-            pipe = load_pipeline(model, dtype, device, progress=console.progress)
+            pipe = load_pipeline(model, dtype, device, progress=console.progress, allow_pickle=args.allow_pickle)
             for number, options, folder in todo:
                 try:
                     run_batch_line(pipe, options, folder, env, console)
@@ -1032,7 +1033,7 @@ def _run_in_folder(args, options: dict, slug: str, runner, console: Console) -> 
     """The tail every model command shares: output folder, device, model, ``runner``, the folder printed last."""
     folder = output_folder(args.output, slug)
     device = check_device(args.device)
-    pipe = load_pipeline(options["model"], options["dtype"], device, console.progress)
+    pipe = load_pipeline(options["model"], options["dtype"], device, console.progress, args.allow_pickle)
     runner(pipe, options, folder, _env(device), console)
     print(folder)
     return 0
@@ -1095,13 +1096,14 @@ def cmd_serve(args, console: Console) -> int:
     model = _model(args.model, "--model")
     dtype = _choice(DTYPES)(args.dtype, "--dtype") if args.dtype is not None else None
     device = check_device(args.device)
-    check_model(model)
+    check_model(model, args.allow_pickle)
     if importlib.util.find_spec("gradio") is None:
         raise RuntimeFailure("the web page needs Gradio: pip install 'prompt2prompt[web]'")
     from . import web
 
     console.info(f"serving {model_label(model)} on http://{host}:{port} (Ctrl-C stops)")
-    web.serve(host=host, port=port, model=model, device=device, dtype=dtype, output_dir=args.output_dir or "outputs/web")
+    web.serve(host=host, port=port, model=model, device=device, dtype=dtype, output_dir=args.output_dir or "outputs/web",
+              allow_pickle=args.allow_pickle)
     return 0
 
 
@@ -1141,6 +1143,7 @@ def _add_common(parser, batch: bool = False):
     group.add_argument("--model", metavar="PATH_OR_ID", help="diffusers Stable Diffusion folder or hub id (default: the bundled shapes model)")
     group.add_argument("--device", metavar="DEVICE", help="cpu, cuda, cuda:N or mps (default: cuda if available, else mps, else cpu)")
     group.add_argument("--dtype", metavar="DTYPE", help="float32 (default), float16 or bfloat16")
+    group.add_argument("--allow-pickle", action="store_true", help="load a model whose weights are pickle files (.bin, .ckpt): unpickling can run code, so only for files you trust")
     group.add_argument("--quiet", action="store_true", help="no progress bar or messages; print only the output folder")
     group.add_argument("--debug", action="store_true", help="show tracebacks and library logs")
 
@@ -1274,6 +1277,7 @@ def build_parser() -> ArgumentParser:
     p.add_argument("--model", metavar="PATH_OR_ID", help="diffusers Stable Diffusion folder or hub id (default: the bundled shapes model)")
     p.add_argument("--device", metavar="DEVICE", help="cpu, cuda, cuda:N or mps (default: cuda if available, else mps, else cpu)")
     p.add_argument("--dtype", metavar="DTYPE", help="float32 (default), float16 or bfloat16")
+    p.add_argument("--allow-pickle", action="store_true", help="load a model whose weights are pickle files (.bin, .ckpt): unpickling can run code, so only for files you trust")
     p.add_argument("--output-dir", metavar="DIR", help="where results are written (default outputs/web)")
     p.add_argument("--quiet", action="store_true", help="no messages")
     p.add_argument("--debug", action="store_true", help="show tracebacks and library logs")

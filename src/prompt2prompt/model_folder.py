@@ -77,7 +77,8 @@ def _check_component(folder: Path, name: str, allow_pickle: bool) -> None:
     safetensors = [p for p in weights if p.suffix == ".safetensors"]
     if not safetensors and not allow_pickle:
         raise ValueError(f"{sub}: the component {name!r} has only pickle weights ({', '.join(sorted(p.name for p in weights))}), "
-                         "which can run code when loaded; convert them to safetensors (in Python, allow_pickle=True accepts them)")
+                         "which can run code when loaded; convert them to safetensors, or allow pickle files you trust explicitly "
+                         "(allow_pickle=True, p2p --allow-pickle)")
     for p in safetensors:
         check_safetensors(p)
 

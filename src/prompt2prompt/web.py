@@ -307,8 +307,9 @@ _CSS = ".field-error p { color: #b00020; font-weight: 600; margin: 0; }"
 
 
 def serve(host: str = "127.0.0.1", port: int = 7860, model: str | None = None, device: str | None = None, dtype: str | None = None,
-          output_dir: str | os.PathLike = "outputs/web", block: bool = True):
-    """Load the model and serve the page on ``host:port`` (loopback unless told otherwise).
+          output_dir: str | os.PathLike = "outputs/web", block: bool = True, allow_pickle: bool = False):
+    """Load the model and serve the page on ``host:port`` (loopback unless told otherwise); pickle
+    weights load only with ``allow_pickle``.
 
     Gradio's own temporary files (uploads, images sent to the page) also go below ``output_dir``.
     Returns the running `gradio.Blocks` when ``block`` is False.
@@ -322,7 +323,7 @@ def serve(host: str = "127.0.0.1", port: int = 7860, model: str | None = None, d
     from .pipeline import Prompt2PromptPipeline
 
     kwargs = {"torch_dtype": getattr(torch, dtype)} if dtype else {}
-    pipe = Prompt2PromptPipeline.from_pretrained(model, **kwargs)
+    pipe = Prompt2PromptPipeline.from_pretrained(model, allow_pickle=allow_pickle, **kwargs)
     if device:
         pipe.to(device)
     editor = Editor(pipe, out, model, dtype, str(pipe.device))
