@@ -183,13 +183,20 @@ def build_components(model: str, tmp: str, device: str) -> dict:
             unet = _sd_unet((64, 128, 256, 256), cross_attention_dim=256, heads=8, sample_size=32)
             vae = _sd_vae((32, 64, 128, 128), sample_size=256)
             text_encoder = _clip_text(tokenizer, hidden=256, layers=4, heads=4, intermediate=1024)
+        elif model == "overhead":
+            # SD-1.5's block layout (levels, 2 layers per block, 8 heads) at almost no width: 32
+            # channels, latent 8 (64 px). The arithmetic is negligible, so a call's time is its Python
+            # and operator-dispatch work: what bounds an SD 1.5 call on a fast GPU (issue 7's profile).
+            unet = _sd_unet((32, 32, 32, 32), cross_attention_dim=32, heads=8, sample_size=8)
+            vae = _sd_vae((32, 32, 32, 32), sample_size=64)
+            text_encoder = _clip_text(tokenizer, hidden=32, layers=1, heads=4, intermediate=64)
         elif model == "sd15-shape":
             # Stable Diffusion 1.5's exact architecture, random weights.
             unet = _sd_unet((320, 640, 1280, 1280), cross_attention_dim=768, heads=8, sample_size=64)
             vae = _sd_vae((128, 256, 512, 512), sample_size=512)
             text_encoder = _clip_text(tokenizer, hidden=768, layers=12, heads=12, intermediate=3072)
         else:
-            raise SystemExit(f"unknown --model {model!r}: use tiny, small, sd15-shape or path:/folder")
+            raise SystemExit(f"unknown --model {model!r}: use tiny, small, overhead, sd15-shape or path:/folder")
     for module in (unet, vae, text_encoder):
         module.eval()
     return dict(vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet, scheduler=_ddim())
@@ -297,7 +304,7 @@ def timed(fn, device, probe):
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", default="tiny", help="tiny | small | sd15-shape | path:/diffusers/sd/folder (default tiny)")
+    parser.add_argument("--model", default="tiny", help="tiny | small | overhead | sd15-shape | path:/diffusers/sd/folder (default tiny)")
     parser.add_argument("--device", default="cpu", help="cpu | cuda | cuda:N (default cpu)")
     parser.add_argument("--dtype", choices=("float16", "bfloat16", "float32"), default=None, help="default float16 on CUDA, float32 on CPU")
     parser.add_argument("--steps", type=int, default=None, help="DDIM steps (default: tiny 20, small 10, others 50)")
