@@ -1,5 +1,6 @@
 """The shapes model's tokenizer and the resumable training run (no real training here)."""
 
+import numpy as np
 import pytest
 import torch
 from transformers import CLIPTokenizer
@@ -7,7 +8,7 @@ from transformers import CLIPTokenizer
 from prompt2prompt.alignment import tokenize_words
 from prompt2prompt.shapes import world
 from prompt2prompt.shapes.tokenizer import learn_merges, word_counts, write_tokenizer
-from prompt2prompt.shapes.train import Run, batch_images, load_optimizer, load_sharded, lr_at, optimizer_tensors, save_sharded
+from prompt2prompt.shapes.train import Run, batch_images, images_to_tensor, load_optimizer, load_sharded, lr_at, optimizer_tensors, save_sharded
 
 
 def test_bpe_is_deterministic_and_splits_rare_words(tmp_path):
@@ -102,13 +103,21 @@ def test_parallel_batches_match_the_serial_stream(tmp_path):
     try:
         for _ in range(3):
             (xs, cs, ids), (xp, cp, idp) = serial.get(), parallel.get()
-            assert torch.equal(xs, xp) and cs == cp and torch.equal(ids, idp)
-            assert xs.shape[0] == 4 and ids.shape == (4, 32)
+            assert np.array_equal(xs, xp) and cs == cp and torch.equal(ids, idp)
+            assert xs.shape == (4, 64, 64, 3) and xs.dtype == np.uint8 and ids.shape == (4, 32)  # bytes: floats are made on the device
     finally:
         serial.close()
         parallel.close()
     images, captions = batch_images(100 + 5 * 4, 4)  # batch 5 of the stream = scenes 120..123
-    assert captions == cs and torch.equal(images, xs)
+    assert captions == cs and torch.equal(images, images_to_tensor(xs))
+
+
+def test_images_become_floats_in_minus_one_to_one_channels_first():
+    images = np.random.default_rng(0).integers(0, 256, (3, 8, 8, 3), dtype=np.uint8)
+    x = images_to_tensor(images)
+    assert x.shape == (3, 3, 8, 8) and x.dtype == torch.float32 and x.min() >= -1 and x.max() <= 1
+    assert torch.equal(x[1, 2, 5, 4], torch.tensor(float(images[1, 5, 4, 2]), dtype=torch.float32) / 127.5 - 1.0)  # float32 arithmetic
+    assert x[images.transpose(0, 3, 1, 2) == 0].eq(-1).all() and x[images.transpose(0, 3, 1, 2) == 255].eq(1).all()
 
 
 def test_fitted_total_ends_the_chunk_on_time():

@@ -125,9 +125,11 @@ def batch_images(start: int, size: int, split: str = "train") -> tuple[torch.Ten
     return images_to_tensor(images), list(captions)
 
 
-def images_to_tensor(images: np.ndarray) -> torch.Tensor:
-    """uint8 ``(batch, h, w, 3)`` -> float ``(batch, 3, h, w)`` in [-1, 1]."""
-    return torch.from_numpy(np.ascontiguousarray(images)).permute(0, 3, 1, 2).float() / 127.5 - 1.0  # (batch, 3, h, w)
+def images_to_tensor(images: np.ndarray, device: torch.device | str = "cpu") -> torch.Tensor:
+    """uint8 ``(batch, h, w, 3)`` -> float ``(batch, 3, h, w)`` in [-1, 1] on ``device``. The bytes
+    travel and the floats are made there (a quarter of the transfer; the same values on any device)."""
+    x = torch.from_numpy(np.ascontiguousarray(images)).to(device)  # (batch, h, w, 3) uint8
+    return x.permute(0, 3, 1, 2).float() / 127.5 - 1.0  # (batch, 3, h, w)
 
 
 _WORKER_TOKENIZER = None
@@ -180,9 +182,14 @@ class Batches:
         self.pending.append(self.pool.apply_async(_render_job, (start, self.size)))
         self.next += 1
 
-    def get(self) -> tuple[torch.Tensor, list[str], torch.Tensor | None]:
+    def get(self) -> tuple[np.ndarray, list[str], torch.Tensor | None]:
+        """The next batch: uint8 images ``(batch, h, w, 3)``, captions, token ids (or None)."""
         if self.pool is None:
-            images, captions = batch_images(self.offset + self.next * self.size, self.size)
+            from . import world
+
+            start = self.offset + self.next * self.size
+            images, captions = world.render_batch(list(range(start, start + self.size)))
+            captions = list(captions)
             self.next += 1
             ids = None
             if self.tokenizer is not None:
@@ -193,7 +200,7 @@ class Batches:
             self._submit()
         images, captions, ids = self.pending.pop(0).get()
         self._submit()
-        return images_to_tensor(images), captions, (None if ids is None else torch.from_numpy(ids))
+        return images, captions, (None if ids is None else torch.from_numpy(ids))
 
     def close(self) -> None:
         if self.pool is not None:
@@ -277,7 +284,8 @@ class Run:
         self.vae_opt = torch.optim.AdamW(self.vae.parameters(), lr=1e-3, weight_decay=0.0)
         self.decoder_opt = torch.optim.AdamW(self._decoder_params(), lr=1e-4, weight_decay=0.0)
         params = list(self.unet.parameters()) + list(self.text_encoder.parameters())
-        self.opt = torch.optim.AdamW(params, lr=3e-4, weight_decay=0.01)
+        # The fused kernel on CUDA: one launch per step for all parameters (the step is launch-bound).
+        self.opt = torch.optim.AdamW(params, lr=3e-4, weight_decay=0.01, fused=self.device.type == "cuda")
         if resuming:
             self._load()
         elif init is not None:
@@ -380,6 +388,7 @@ class Run:
         tok_dir = str(self.folder / "tokenizer") if stage == "unet" else None
         data = Batches(step, batch, offset, workers, tok_dir)
         calib_from = calib_t = None
+        waited = 0.0  # seconds spent waiting for rendered batches: the data pipeline's share of the chunk
         try:
             while (total is None or step < total) and time.time() - start < minutes * 60:
                 if total is None and calib_from is None and step - self.state[key] == 5:
@@ -390,7 +399,10 @@ class Run:
                     total = fit_total(step, calib_from, time.time() - calib_t, minutes - (calib_t - start) / 60)
                     self.state[stage + "_total"] = total
                     print(f"{stage}: {(time.time() - calib_t) / 30 * 1000:.1f} ms/step; total fitted to {total} steps", flush=True)
-                x, _, ids = data.get()
+                t0 = time.time()
+                images, _, ids = data.get()
+                waited += time.time() - t0
+                x = images_to_tensor(images, self.device)  # (batch, 3, h, w) in [-1, 1]
                 first = self.state.get(stage + "_from", 0)  # where this stage's schedule began (--init)
                 lr = lr_at(step - first, (total or 10**9) - first, base_lr, warmup)
                 for g in opt.param_groups:
@@ -402,7 +414,12 @@ class Run:
         finally:
             data.close()
         self._sync()
-        self.state["seconds"][stage] += time.time() - start
+        elapsed = time.time() - start
+        print(f"{stage}: {step - self.state[key]} steps x {batch} in {elapsed:.0f} s, {waited:.0f} s of it waiting for "
+              f"rendered batches ({workers} workers)", flush=True)
+        self.state["seconds"][stage] += elapsed
+        self.state.setdefault("data_wait_seconds", {}).setdefault(stage, 0.0)
+        self.state["data_wait_seconds"][stage] += waited
         self.state["samples_seen"][stage] += (step - self.state[key]) * batch
         self.state[key] = step
         self.save()
