@@ -188,6 +188,37 @@ def test_value_injection_equals_the_explicit_edit(kind, case, request, monkeypat
     assert not torch.allclose(fast.images[1], plain.images[1], atol=1e-3)  # the edit did something
 
 
+@pytest.mark.parametrize("append_targets", [False, True])
+def test_source_key_states_give_the_source_keys_once_per_step(append_targets):
+    """to_k acts on each row alone, so to_k of the states with the source's row in the target rows
+    is the keys with the source's row there: made once per step, shared by every layer."""
+    from prompt2prompt.attention import P2PController
+
+    ctrl = P2PController(None, num_prompts=3, guidance=True, latent_hw=(8, 8))
+    states = torch.randn(6, 5, 4, generator=torch.Generator().manual_seed(0))  # (batch, tokens, channels)
+    to_k = torch.nn.Linear(4, 8, bias=True)
+    with torch.no_grad():
+        keys = to_k(ctrl.source_key_states(7, states, append_targets))
+        expected = ctrl.with_source_rows(to_k(states), append_targets)
+    torch.testing.assert_close(keys, expected)
+    rows = ctrl.source_key_states(7, states, append_targets)
+    assert rows.shape[0] == 6 + 2 * append_targets and torch.equal(rows[4], states[3]) and torch.equal(rows[5], states[3])
+    assert ctrl.source_key_states(7, states, append_targets) is rows  # the same step: made once
+    assert ctrl.source_key_states(8, states, append_targets) is not rows  # the next step: made again
+
+
+def test_recorded_maps_are_the_head_average_summed():
+    from prompt2prompt.attention import P2PController
+
+    ctrl = P2PController(None, num_prompts=2, guidance=True, latent_hw=(4, 4), record_sides=(4,))
+    probs = [torch.rand(2, 5, 16, 3, generator=torch.Generator().manual_seed(k)).softmax(-1) for k in range(3)]  # (prompts, heads, pixels, tokens)
+    for p in probs:
+        ctrl.record(4, (4, 4), p)
+    expected = sum(p.mean(1) for p in probs).reshape(2, 4, 4, 3)  # (prompts, h, w, tokens)
+    torch.testing.assert_close(ctrl.maps[4], expected)
+    assert ctrl.layer_calls[4] == 3 and ctrl.maps[4].dtype == torch.float32
+
+
 def test_a_biased_value_projection_takes_the_explicit_edit(tiny_sd1, monkeypatch):
     """to_v(S E) = S to_v(E) only without a bias: with one, the edit forms the maps, and matches the
     edit of the same model through the explicit path (the reference's maps times the values)."""

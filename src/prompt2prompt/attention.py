@@ -77,7 +77,8 @@ class P2PController:
         self.self_map: torch.Tensor | None = None  # (pixels, pixels) float32 sum for the source
         self.self_calls = 0
         self._sizes: dict[int, tuple[int, int]] = {}
-        self._states_cache: dict[tuple, tuple] = {}  # this step's injected text states
+        self._head_means: dict[tuple, torch.Tensor] = {}  # (prompts, heads, device) -> (prompts, 1, heads) of 1/heads
+        self._states_cache: dict[tuple, tuple] = {}  # this step's text states for the values and keys
         self._states_step: int | None = None
 
     @property
@@ -105,6 +106,24 @@ class P2PController:
         """``x`` (batch, ...) with its conditional target rows replaced by ``rows`` (targets, ...)."""
         return torch.cat([x[: self.targets.start], rows, x[self.targets.stop :]])  # (batch, ...)
 
+    def _per_step(self, step: int, what: str, states: torch.Tensor, make) -> torch.Tensor:
+        """``make()``, made once per step for the text ``states``: they are the same tensor in every
+        cross-attention layer of a step, so what is derived from them is shared by the layers."""
+        if step != self._states_step:
+            self._states_cache.clear()
+            self._states_step = step
+        key = (what, states.data_ptr(), tuple(states.shape), states.dtype, states.device)
+        if key not in self._states_cache:
+            self._states_cache[key] = (states, make())  # holding ``states`` keeps its address unique
+        return self._states_cache[key][1]
+
+    def source_key_states(self, step: int, states: torch.Tensor, append_targets: bool) -> torch.Tensor:
+        """Text states whose key projections are the keys of a value-form edit: each target row of
+        the conditional half takes the source's states (and with ``append_targets`` the targets' own
+        follow), so ``to_k`` of them equals `with_source_rows` of the keys. ``to_k`` acts on each
+        row alone, so this moves a concatenation per layer onto the states, once per step."""
+        return self._per_step(step, f"keys{int(append_targets)}", states, lambda: self.with_source_rows(states, append_targets))
+
     def injected_states(self, inj: ValueInjection, step: int, states: torch.Tensor) -> torch.Tensor:
         """Text states whose value projections are the edit's values (`edit_ops.value_weights`).
 
@@ -114,11 +133,7 @@ class P2PController:
         values: the target rows are ``S_k E_k`` (or ``o_k * E_k`` when nothing comes from the source),
         and when both terms are needed ``o_k * E_k`` follows as extra rows (batch + targets, tokens,
         channels), the values of a second attention that the same SDPA call computes."""
-        if step != self._states_step:
-            self._states_cache.clear()
-            self._states_step = step
-        key = (states.data_ptr(), tuple(states.shape), states.dtype, states.device)
-        if key not in self._states_cache:
+        def make() -> torch.Tensor:
             t = self.targets
 
             def rows(factors: torch.Tensor) -> torch.Tensor:  # (targets, tokens) -> (batch, tokens, 1), 1 off the targets
@@ -138,8 +153,9 @@ class P2PController:
             if inj.both_terms:
                 own = states[t] * inj.own[:, :, None].to(states.device, states.dtype)  # (targets, tokens, channels)
                 values = torch.cat([values, own])  # (batch + targets, tokens, channels)
-            self._states_cache[key] = (states, values)  # holding ``states`` keeps its address unique
-        return self._states_cache[key][1]
+            return values
+
+        return self._per_step(step, "values", states, make)
 
     def size(self, pixels: int) -> tuple[int, int]:
         if pixels not in self._sizes:
@@ -147,12 +163,19 @@ class P2PController:
         return self._sizes[pixels]
 
     def record(self, side: int, hw: tuple[int, int], probs: torch.Tensor) -> None:
-        """Add head-averaged maps ``(prompts, heads, pixels, tokens)`` to the sum at ``side``."""
-        maps = probs.mean(1).reshape(probs.shape[0], *hw, probs.shape[-1])  # (prompts, h, w, tokens)
-        if side in self.maps:
-            self.maps[side] += maps
-        else:
-            self.maps[side] = maps.clone()
+        """Add head-averaged float32 maps ``(prompts, heads, pixels, tokens)`` to the sum at ``side``.
+
+        The average over heads and the sum are one batched product, ``sum += (1/heads) @ probs``
+        (one kernel where ``mean`` and ``+=`` would be two; this runs in every recorded layer)."""
+        prompts, heads, pixels, tokens = probs.shape
+        key = (prompts, heads, probs.device)
+        if key not in self._head_means:
+            self._head_means[key] = torch.full((prompts, 1, heads), 1.0 / heads, dtype=torch.float32, device=probs.device)
+        mean = self._head_means[key]  # (prompts, 1, heads)
+        if side not in self.maps:
+            self.maps[side] = torch.zeros(prompts, *hw, tokens, dtype=torch.float32, device=probs.device)
+        acc = self.maps[side].view(prompts, 1, pixels * tokens)  # (prompts, 1, pixels * tokens), a view of the sum
+        acc.baddbmm_(mean, probs.reshape(prompts, heads, pixels * tokens))  # (prompts, 1, heads) @ (prompts, heads, pixels * tokens)
         self.layer_calls[side] = self.layer_calls.get(side, 0) + 1
 
     def record_self(self, query: torch.Tensor, key: torch.Tensor, scale: float) -> None:
@@ -228,12 +251,22 @@ class P2PAttnProcessor:
             encoder_hidden_states = hidden_states
         elif attn.norm_cross:
             encoder_hidden_states = attn.norm_encoder_hidden_states(encoder_hidden_states)
-        key = attn.to_k(encoder_hidden_states)
+        # A value-form edit that takes the source's maps gives the target rows the source's keys:
+        # taken from the text states (once per step), not by copying keys in every layer.
+        source_keys = injection is not None and injection.source is not None
+        key_states = encoder_hidden_states
+        if source_keys:
+            key_states = ctrl.source_key_states(p2p_step, encoder_hidden_states, injection.both_terms)
+        key = attn.to_k(key_states)
         value = attn.to_v(encoder_hidden_states if injection is None else ctrl.injected_states(injection, p2p_step, encoder_hidden_states))
         head_dim = key.shape[-1] // attn.heads
-        query = query.view(batch, -1, attn.heads, head_dim).transpose(1, 2)  # (batch, heads, pixels, dim)
-        key = key.view(batch, -1, attn.heads, head_dim).transpose(1, 2)  # (batch, heads, keys, dim)
-        value = value.view(value.shape[0], -1, attn.heads, head_dim).transpose(1, 2)  # (batch [+ targets], heads, keys, dim)
+
+        def heads(x: torch.Tensor) -> torch.Tensor:  # (rows, length, heads * dim) -> (rows, heads, length, dim)
+            return x.view(x.shape[0], -1, attn.heads, head_dim).transpose(1, 2)
+
+        query = heads(query)  # (batch, heads, pixels, dim)
+        key = heads(key)  # (batch [+ targets], heads, keys, dim)
+        value = heads(value)  # (batch [+ targets], heads, keys, dim)
         if attn.norm_q is not None:
             query = attn.norm_q(query)
         if attn.norm_k is not None:
@@ -244,6 +277,10 @@ class P2PAttnProcessor:
             query = ctrl.with_source_rows(query)  # (batch, heads, pixels, dim)
             key = ctrl.with_source_rows(key)  # (batch, heads, keys, dim)
         own_query, own_key = query, key  # each prompt's own, for the maps that are recorded
+        if source_keys and record:  # the keys above are the source's in the target rows
+            own_key = heads(attn.to_k(encoder_hidden_states))  # (batch, heads, tokens, dim)
+            if attn.norm_k is not None:
+                own_key = attn.norm_k(own_key)
         own_rows = injection is not None and injection.both_terms  # extra rows: the targets' own term
         if injection is not None:
             # The target rows attend with the source's queries and keys to S V_k. Where tokens keep
@@ -251,9 +288,8 @@ class P2PAttnProcessor:
             # targets' own queries and keys to o * V_k in the same call, and are added to them. No
             # map is formed, and the path does not depend on whether this side is recorded, so
             # neither do the images.
-            if injection.source is not None:
+            if source_keys:  # the keys already are (source_key_states)
                 query = ctrl.with_source_rows(query, append_targets=own_rows)  # (batch [+ targets], heads, pixels, dim)
-                key = ctrl.with_source_rows(key, append_targets=own_rows)  # (batch [+ targets], heads, tokens, dim)
             edit = False  # done
 
         if active and not is_cross and side == ctrl.self_record_side:
