@@ -48,7 +48,7 @@ Adaptations to the reference (each one is deliberate):
 from __future__ import annotations
 
 import abc
-from typing import Dict, List, Optional, Tuple, Union
+from typing import List, Optional, Tuple
 
 import numpy as np
 import torch
