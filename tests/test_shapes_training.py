@@ -265,3 +265,21 @@ def test_decoder_stage_trains_the_decoder_alone_and_keeps_the_latent_space(tmp_p
     encoder = {k: v.clone() for k, v in again.vae.encoder.state_dict().items()}
     again.train_vae(steps=again.state["vae_step"] + 1, batch=2, minutes=5)  # the vae stage trains the encoder again
     assert any(not torch.equal(v, encoder[k]) for k, v in again.vae.encoder.state_dict().items())
+
+
+def test_the_trainer_leaves_the_rendering_workers_their_cores(tmp_path, monkeypatch):
+    import os
+
+    from prompt2prompt.shapes.train import main
+
+    csv = tmp_path / "loss.csv"
+    csv.write_text("stage,step,loss,lr,time\nunet,50,0.5,0.0001,0\nunet,100,0.4,0.0001,1\n")
+    before = torch.get_num_threads()
+    monkeypatch.setattr(os, "cpu_count", lambda: 16)
+    try:
+        main([str(csv), "--plot", str(tmp_path / "a.png"), "--workers", "14"])
+        assert torch.get_num_threads() == 2  # 16 cores, 14 of them rendering
+        main([str(csv), "--plot", str(tmp_path / "b.png"), "--workers", "14", "--threads", "3"])
+        assert torch.get_num_threads() == 3  # an explicit --threads wins
+    finally:
+        torch.set_num_threads(before)

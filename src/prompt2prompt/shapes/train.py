@@ -416,7 +416,7 @@ class Run:
         self._sync()
         elapsed = time.time() - start
         print(f"{stage}: {step - self.state[key]} steps x {batch} in {elapsed:.0f} s, {waited:.0f} s of it waiting for "
-              f"rendered batches ({workers} workers)", flush=True)
+              f"rendered batches ({workers} workers, {torch.get_num_threads()} torch threads here)", flush=True)
         self.state["seconds"][stage] += elapsed
         self.state.setdefault("data_wait_seconds", {}).setdefault(stage, 0.0)
         self.state["data_wait_seconds"][stage] += waited
@@ -624,7 +624,8 @@ def main(argv=None) -> None:
     parser.add_argument("--batch", type=int, default=64)
     parser.add_argument("--minutes", type=float, default=10.0, help="stop and checkpoint after this long")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--threads", type=int, default=None)
+    parser.add_argument("--threads", type=int, default=None,
+                        help="torch threads of this process (default: torch's, or with --workers the cores the workers leave)")
     parser.add_argument("--workers", type=int, default=0, help="processes that render batches ahead (0: render in the training loop)")
     parser.add_argument("--lr", type=float, default=None, help="peak learning rate (default: vae 1e-3, unet 3e-4, decoder 1e-4)")
     parser.add_argument("--warmup", type=int, default=None, help="warm-up steps (default: min(vae 200 | unet 1000 | decoder 100, total/10))")
@@ -641,6 +642,8 @@ def main(argv=None) -> None:
     args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
+    elif args.workers > 0:  # the rendering workers busy their own cores: more threads here would oversubscribe them
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) - args.workers))
     torch.backends.cuda.matmul.allow_tf32 = True
     torch.backends.cudnn.allow_tf32 = True
     if args.plot:

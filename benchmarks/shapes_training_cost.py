@@ -1,0 +1,79 @@
+#!/usr/bin/env python
+"""What one training step of the bundled shapes model costs: arithmetic and operator launches.
+
+Counts, on any device (the counts do not depend on it), for the exported model in ``--model``:
+- floating-point operations per sample (`torch.utils.flop_counter`): the frozen VAE's encode, and
+  the UNet and text encoder forward and backward, and per step at ``--batch``;
+- ATen operators per step of the model work (encode, forward, loss, backward), views left out.
+  The optimizer and the EMA are not counted: on CUDA they are a fused AdamW and foreach updates, a
+  handful of launches, while on a CPU they run per tensor.
+
+On an H200 a step at batch 512 took 113-149 ms (DEVELOPERS.md). Set against what this prints, the
+step is bound neither by the arithmetic nor by kernel launches alone, which the chunk's own timing
+of its wait for rendered batches (train.py) then tells apart.
+
+    python benchmarks/shapes_training_cost.py [--model DIR] [--batch 512]
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+
+def main(argv=None) -> None:
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from transformers import CLIPTextModel
+
+    from profile_edit import OpCounter, kernels
+    from prompt2prompt.shapes import MODEL_DIR
+
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--model", default=str(MODEL_DIR), help="an exported shapes model (default: the bundled one)")
+    parser.add_argument("--batch", type=int, default=512, help="batch for the per-step figure (default 512)")
+    args = parser.parse_args(argv)
+    folder = Path(args.model)
+    unet = UNet2DConditionModel.from_pretrained(folder / "unet")
+    text_encoder = CLIPTextModel.from_pretrained(folder / "text_encoder")
+    vae = AutoencoderKL.from_pretrained(folder / "vae")
+    n = 4  # samples measured; FLOPs scale with the batch, operator counts do not
+    size = vae.config.sample_size
+    ids = torch.randint(0, text_encoder.config.vocab_size, (n, text_encoder.config.max_position_embeddings))  # (n, tokens)
+    images = torch.rand(n, vae.config.in_channels, size, size) * 2 - 1  # (n, 3, h, w) in [-1, 1]
+    t = torch.randint(0, 1000, (n,))
+
+    def encode():
+        with torch.no_grad():
+            return vae.encode(images).latent_dist.mean  # (n, C, h/f, w/f)
+
+    def train_step(z):
+        states = text_encoder(ids)[0]  # (n, tokens, width)
+        pred = unet(z, t, encoder_hidden_states=states).sample  # (n, C, h/f, w/f)
+        loss = (pred - torch.randn_like(pred)).pow(2).mean()
+        loss.backward()
+
+    with FlopCounterMode(display=False) as flops:
+        z = encode()
+    encode_flops = flops.get_total_flops() / n
+    with FlopCounterMode(display=False) as flops:
+        train_step(z)
+    train_flops = flops.get_total_flops() / n
+    with OpCounter() as ops:
+        train_step(encode())
+    per_sample = encode_flops + train_flops
+    print(f"model: {folder}")
+    print(f"FLOPs per sample: VAE encode {encode_flops / 1e9:.3f} G, UNet + text encoder forward and backward "
+          f"{train_flops / 1e9:.3f} G, together {per_sample / 1e9:.3f} G")
+    print(f"FLOPs per step at batch {args.batch}: {per_sample * args.batch / 1e12:.2f} T")
+    print(f"operators per step (model work, optimizer and EMA left out): {sum(ops.counts.values()):.0f}, "
+          f"of which kernels (not views): {kernels(ops.counts):.0f}")
+
+
+if __name__ == "__main__":
+    main()
