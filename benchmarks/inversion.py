@@ -16,6 +16,12 @@ Examples::
     python benchmarks/inversion.py                          # bundled shapes model, CPU
     python benchmarks/inversion.py --images 8 --steps 50 --edits --json inv.json
     python benchmarks/inversion.py --model sd15-shape --device cuda --images 2 --methods null-text
+    python benchmarks/inversion.py --model overhead --count-ops
+
+``--count-ops`` counts instead the ATen operators (kernels: those that are not views) of one UNet
+pass of DDIM inversion and of one inner null-text iteration (forward with the gradient, backward to
+the null embedding, Adam step), each as the difference of two calls. The counts are the same on any
+device; on a GPU where a pass is bound by kernel launches they are what it costs.
 """
 
 from __future__ import annotations
@@ -61,6 +67,25 @@ def scenes(n: int, seed: int):
     return out
 
 
+def count_ops(pipe, image, steps: int) -> None:
+    """Print the kernels of one DDIM-inversion pass and of one inner null-text iteration."""
+    from profile_edit import OpCounter, kernels
+
+    def counted(**kw) -> float:
+        with OpCounter() as counter:
+            pipe.invert(image, "a big red circle on a blue background", early_stop_epsilon=0.0, **kw)
+        return kernels(counter.counts)
+
+    n = max(2, min(steps, 4))
+    ddim = (counted(method="ddim", num_inference_steps=2 * n) - counted(method="ddim", num_inference_steps=n)) / n
+    # null-text with 2k and k inner iterations a step: k more (forward, backward, Adam) each step
+    k = 3
+    inner = (counted(method="null-text", num_inference_steps=n, num_inner_steps=2 * k)
+             - counted(method="null-text", num_inference_steps=n, num_inner_steps=k)) / (n * k)
+    print(f"kernels per DDIM-inversion UNet pass: {ddim:.0f}")
+    print(f"kernels per inner null-text iteration (forward with the gradient, backward, Adam): {inner:.0f}")
+
+
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default=None, help="a diffusers folder, or tiny | small | sd15-shape (random weights: timing only); default: the bundled model")
@@ -74,6 +99,7 @@ def main(argv=None) -> None:
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--json", default=None)
+    parser.add_argument("--count-ops", action="store_true", help="count the kernels of a pass and of a null-text iteration (no timing)")
     args = parser.parse_args(argv)
     methods = [m for m in args.methods.split(",") if m]
     for m in methods:
@@ -91,7 +117,7 @@ def main(argv=None) -> None:
 
     dlogging.set_verbosity_error()
     dtype = getattr(torch, args.dtype)
-    synthetic = args.model in ("tiny", "small", "sd15-shape")
+    synthetic = args.model in ("tiny", "small", "overhead", "sd15-shape")
     if synthetic:
         from speed import build_pipelines
 
@@ -102,6 +128,9 @@ def main(argv=None) -> None:
         pipe.set_progress_bar_config(disable=True)
     size = pipe._default_size()
     inputs = scenes(args.images, args.seed)
+    if args.count_ops:
+        count_ops(pipe, inputs[0][0], args.steps)
+        return
 
     def vae_psnr(img):
         x = torch.from_numpy(img).permute(2, 0, 1)[None].to(args.device, dtype) / 127.5 - 1  # (1, 3, H, W)

@@ -185,10 +185,11 @@ def build_components(model: str, tmp: str, device: str) -> dict:
             text_encoder = _clip_text(tokenizer, hidden=256, layers=4, heads=4, intermediate=1024)
         elif model == "overhead":
             # SD-1.5's block layout (levels, 2 layers per block, 8 heads) at almost no width: 32
-            # channels, latent 8 (64 px). The arithmetic is negligible, so a call's time is its Python
-            # and operator-dispatch work: what bounds an SD 1.5 call on a fast GPU (issue 7's profile).
-            unet = _sd_unet((32, 32, 32, 32), cross_attention_dim=32, heads=8, sample_size=8)
-            vae = _sd_vae((32, 32, 32, 32), sample_size=64)
+            # channels, latent 16 (128 px; the deepest level is 2x2, so a group norm of one image still
+            # has 4 values). The arithmetic is negligible, so a call's time is its Python and
+            # operator-dispatch work: what bounds an SD 1.5 call on a fast GPU (issue 7's profile).
+            unet = _sd_unet((32, 32, 32, 32), cross_attention_dim=32, heads=8, sample_size=16)
+            vae = _sd_vae((32, 32, 32, 32), sample_size=128)
             text_encoder = _clip_text(tokenizer, hidden=32, layers=1, heads=4, intermediate=64)
         elif model == "sd15-shape":
             # Stable Diffusion 1.5's exact architecture, random weights.
