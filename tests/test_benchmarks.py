@@ -1,0 +1,51 @@
+"""The benchmark scripts run (tiny budgets), so that a lent GPU's minutes are not lost to a broken
+script. Their numbers are not checked here: timings belong in benchmarks/, not in tests."""
+
+import importlib.util
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+BENCH = Path(__file__).resolve().parents[1] / "benchmarks"
+
+
+def _script(name: str):
+    sys.path.insert(0, str(BENCH))
+    spec = importlib.util.spec_from_file_location(f"bench_{name}", BENCH / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_speed_writes_its_table_and_json(tmp_path, capsys):
+    out = tmp_path / "speed.json"
+    _script("speed").main(["--model", "tiny", "--steps", "2", "--repeats", "1", "--warmup", "0", "--variants", "replace,none",
+                           "--output-type", "latent", "--threads", "1", "--json", str(out)])
+    rows = json.loads(out.read_text())["results"]
+    assert [r["variant"] for r in rows] == ["replace", "none"] and all(r["time_ratio"] > 0 for r in rows)
+    assert "replace" in capsys.readouterr().out
+
+
+def test_operator_counts_see_the_edit(capsys):
+    _script("profile_edit").main(["--model", "tiny", "--count-ops", "--steps", "1"])
+    lines = {line.split()[0]: line.split() for line in capsys.readouterr().out.splitlines() if line.strip()}
+    assert float(lines["plain"][3]) == 0.0 and float(lines["replace"][3]) > 0  # extra kernels: none for plain, some for an edit
+
+
+def test_inversion_counts_a_pass_and_an_iteration(capsys):
+    _script("inversion").main(["--model", "tiny", "--count-ops", "--steps", "2"])
+    out = capsys.readouterr().out
+    per_pass = float(out.split("UNet pass: ")[1].split()[0])
+    per_iteration = float(out.split("Adam): ")[1].split()[0])
+    assert per_iteration > per_pass > 0  # an iteration adds a backward and an Adam step to a pass
+
+
+def test_training_cost_counts_flops_and_kernels(capsys):
+    _script("shapes_training_cost").main(["--batch", "256"])
+    out = capsys.readouterr().out
+    per_sample = float(out.split("together ")[1].split()[0])  # GFLOP
+    per_step = float(out.split("batch 256: ")[1].split()[0])  # TFLOP
+    assert per_sample > 0 and per_step == pytest.approx(per_sample * 256 / 1000, rel=0.02)
+    assert int(out.split("kernels (not views): ")[1].split()[0]) > 100
