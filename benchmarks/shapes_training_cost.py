@@ -6,7 +6,10 @@ Counts, on any device (the counts do not depend on it), for the exported model i
   the UNet and text encoder forward and backward, and per step at ``--batch``;
 - ATen operators per step of the model work (encode, forward, loss, backward), views left out.
   The optimizer and the EMA are not counted: on CUDA they are a fused AdamW and foreach updates, a
-  handful of launches, while on a CPU they run per tensor.
+  handful of launches, while on a CPU they run per tensor;
+- host time, on this machine with ``--threads``, of two pieces of per-step work that train.py now
+  does on the training device: turning a batch of uint8 images into floats, and drawing the step's
+  random numbers (best of 3).
 
 On an H200 a step at batch 512 took 113-149 ms (DEVELOPERS.md). Set against what this prints, the
 step is bound neither by the arithmetic nor by kernel launches alone, which the chunk's own timing
@@ -37,7 +40,9 @@ def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", default=str(MODEL_DIR), help="an exported shapes model (default: the bundled one)")
     parser.add_argument("--batch", type=int, default=512, help="batch for the per-step figure (default 512)")
+    parser.add_argument("--threads", type=int, default=2, help="torch threads for the host timings (default 2)")
     args = parser.parse_args(argv)
+    torch.set_num_threads(args.threads)
     folder = Path(args.model)
     unet = UNet2DConditionModel.from_pretrained(folder / "unet")
     text_encoder = CLIPTextModel.from_pretrained(folder / "text_encoder")
@@ -73,6 +78,32 @@ def main(argv=None) -> None:
     print(f"FLOPs per step at batch {args.batch}: {per_sample * args.batch / 1e12:.2f} T")
     print(f"operators per step (model work, optimizer and EMA left out): {sum(ops.counts.values()):.0f}, "
           f"of which kernels (not views): {kernels(ops.counts):.0f}")
+    import time
+
+    import numpy as np
+
+    from prompt2prompt.shapes.train import images_to_tensor, training_noise
+
+    batch = np.random.default_rng(0).integers(0, 256, (args.batch, size, size, vae.config.in_channels), dtype=np.uint8)
+    side = size // 2 ** (len(vae.config.block_out_channels) - 1)  # the latent's side
+    latent = (args.batch, vae.config.latent_channels, side, side)
+
+    def best(fn) -> float:
+        times = []
+        for _ in range(3):
+            start = time.perf_counter()
+            fn()
+            times.append(time.perf_counter() - start)
+        return min(times) * 1000
+
+    def draws():
+        gen = torch.Generator().manual_seed(0)
+        torch.rand(args.batch, generator=gen)
+        training_noise(latent, gen, 0.1)
+        torch.randint(0, 1000, (args.batch,), generator=gen)
+
+    print(f"host time at batch {args.batch} on {torch.get_num_threads()} threads: uint8 -> float {best(lambda: images_to_tensor(batch)):.1f} ms, "
+          f"the step's random numbers {best(draws):.1f} ms")
 
 
 if __name__ == "__main__":

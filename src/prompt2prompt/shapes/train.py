@@ -517,7 +517,7 @@ class Run:
 
         def step_fn(x, ids, step):
             # The step's random numbers are drawn where they are used: on a GPU the host only
-            # launches (drawing 2048 x 4 x 16 x 16 normals on two CPU threads took 16 ms).
+            # launches (benchmarks/shapes_training_cost.py times the draws on the host).
             gen = torch.Generator(device=self.device).manual_seed(1_000_000 + step)
             drop = torch.rand(x.shape[0], generator=gen, device=self.device) < 0.1
             ids = torch.where(drop[:, None], empty, ids.to(self.device))  # (batch, length); 10% empty captions
