@@ -17,6 +17,10 @@ Examples::
     python benchmarks/inversion.py --images 8 --steps 50 --edits --json inv.json
     python benchmarks/inversion.py --model sd15-shape --device cuda --images 2 --methods null-text
     python benchmarks/inversion.py --model overhead --count-ops
+    python benchmarks/inversion.py --model sd15-shape --device cuda --dtype float16 --images 1 --methods null-text,null-text-graph
+
+``null-text-graph`` is null-text inversion with ``cuda_graph=True``. Run after ``null-text``, it
+also reports the largest difference of its null embeddings from the eager run's, image by image.
 
 ``--count-ops`` counts instead the ATen operators (kernels: those that are not views) of one UNet
 pass of DDIM inversion and of one inner null-text iteration (forward with the gradient, backward to
@@ -40,6 +44,7 @@ import torch
 
 REPO = Path(__file__).resolve().parents[1]
 METHODS = ("ddim", "negative-prompt", "null-text", "direct")
+GRAPH = "null-text-graph"  # null-text with cuda_graph=True (CUDA only, opt-in: not in the default list)
 
 
 def psnr(a: np.ndarray, b: np.ndarray, where: np.ndarray | None = None) -> float:
@@ -103,8 +108,10 @@ def main(argv=None) -> None:
     args = parser.parse_args(argv)
     methods = [m for m in args.methods.split(",") if m]
     for m in methods:
-        if m not in METHODS:
-            parser.error(f"unknown method {m!r}; use {', '.join(METHODS)}")
+        if m not in METHODS + (GRAPH,):
+            parser.error(f"unknown method {m!r}; use {', '.join(METHODS + (GRAPH,))}")
+    if GRAPH in methods and not args.device.startswith("cuda"):
+        parser.error(f"{GRAPH} needs --device cuda")
     if args.threads:
         torch.set_num_threads(args.threads)
     sys.path.insert(0, str(REPO / "benchmarks"))
@@ -140,16 +147,24 @@ def main(argv=None) -> None:
 
     rows = {}
     ceiling = [] if synthetic else [vae_psnr(load_image(img, size, size)[0]) for img, *_ in inputs]
+    eager_null = {}  # image index -> the eager null-text run's embeddings
     for method in methods:
-        seconds, passes, rec, hits, bg_psnr = [], [], [], 0, []
+        seconds, passes, rec, hits, bg_psnr, graphed, diffs = [], [], [], 0, [], [], []
         for k, (img, spec, colour, bg, shape) in enumerate(inputs):
             caption = f"a big {colour} {shape} on a {bg} background"
+            kw = dict(method="null-text", cuda_graph=True) if method == GRAPH else dict(method=method)
             t0 = time.perf_counter()
-            inv = pipe.invert(img, caption, method=method, num_inference_steps=args.steps, guidance_scale=args.guidance)
+            inv = pipe.invert(img, caption, num_inference_steps=args.steps, guidance_scale=args.guidance, **kw)
             if args.device.startswith("cuda"):
                 torch.cuda.synchronize()
             seconds.append(time.perf_counter() - t0)
             passes.append(inv.info.get("unet_forward_passes", args.steps))
+            if method == "null-text":
+                eager_null[k] = inv.null_embeddings
+            if method == GRAPH:
+                graphed.append(inv.info["cuda_graph"])
+                if k in eager_null:
+                    diffs.append(float((inv.null_embeddings.float() - eager_null[k].float()).abs().max()))
             if synthetic:
                 continue
             out = pipe(caption, inversion=inv, output_type="np").images
@@ -167,6 +182,10 @@ def main(argv=None) -> None:
                     region |= d.mask
                 bg_psnr.append(psnr(edit, inv.image, world._erode(~region, 2)))
         row = {"median_seconds": statistics.median(seconds), "median_unet_passes": statistics.median(passes)}
+        if method == GRAPH:
+            row["cuda_graph_used"] = all(graphed)
+            if diffs:
+                row["max_abs_diff_null_embeddings_vs_eager"] = max(diffs)
         if rec:
             row["median_reconstruction_psnr_db"] = statistics.median(rec)
             row["min_reconstruction_psnr_db"] = min(rec)

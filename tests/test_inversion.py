@@ -258,6 +258,9 @@ def test_bad_edit_arguments_with_an_inversion(null_inv, kwargs, message):
         (dict(prompt=""), "prompt"),
         (dict(image=b"\x89PNG"), "must be a file path"),
         (dict(height=31), "multiple of"),
+        (dict(cuda_graph=True), "needs the pipeline on a CUDA device"),
+        (dict(cuda_graph=True, method="ddim"), "null-text inversion only"),
+        (dict(cuda_graph="yes"), "cuda_graph must be True or False"),
     ],
 )
 def test_bad_invert_arguments(null_inv, kwargs, message):
@@ -281,3 +284,65 @@ def test_inverting_a_png_file_with_alpha(tiny_sd1, tmp_path):
     path.write_bytes(buf.getvalue())
     inv = make(tiny_sd1).invert(path, PROMPT, method="ddim", num_inference_steps=2)
     assert inv.image.shape == (32, 32, 3) and "centre-cropped from 48x32 to 32x32" in inv.info["preprocessing"]
+
+
+# --------------------------------------------------------------------------- CUDA graphs (plumbing; the capture needs a GPU)
+
+
+@pytest.fixture
+def eps_setup(tiny_sd1):
+    """The tiny UNet frozen as null-text inversion freezes it (restored after the test), inputs, and
+    the eager prediction."""
+    from prompt2prompt.inversion import predict_eps
+
+    unet = tiny_sd1["unet"]
+    state = [p.requires_grad for p in unet.parameters()]
+    for p in unet.parameters():
+        p.requires_grad_(False)
+    gen = torch.Generator().manual_seed(0)
+    latent = torch.randn(1, 4, 16, 16, generator=gen)  # (1, C, h, w)
+    t = torch.tensor(500)
+    states = torch.randn(1, 77, 32, generator=gen)  # (1, tokens, dim)
+
+    def eager(latent, t, states):
+        out = unet(latent, t, encoder_hidden_states=states, return_dict=False)[0].float()
+        return predict_eps(out, latent, torch.tensor(0.5), "epsilon")
+
+    yield unet, latent, t, states, eager
+    for p, g in zip(unet.parameters(), state):
+        p.requires_grad_(g)
+
+
+def test_graphed_eps_replays_what_the_eager_loop_computes(eps_setup, monkeypatch):
+    """With the capture replaced by the function itself, the wrapper must give the eager loop's
+    prediction and gradient: its dtype casts, its copy out of the reused buffer, its alpha."""
+    from prompt2prompt.inversion import graphed_eps
+
+    unet, latent, t, states, eager = eps_setup
+    captured = []
+    monkeypatch.setattr(torch.cuda, "make_graphed_callables", lambda fn, sample: captured.append(sample) or fn)
+    sample = (latent.clone(), t.clone(), states.clone().requires_grad_(True))
+    eps, graphed = graphed_eps(unet, sample, lambda step: torch.tensor(0.5), "epsilon", eager)
+    assert graphed and captured and captured[0][2].requires_grad
+    a = states.clone().requires_grad_(True)
+    b = states.clone().requires_grad_(True)
+    with torch.enable_grad():
+        fast, slow = eps(latent, t, a), eager(latent, t, b)
+        fast.pow(2).mean().backward()
+        slow.pow(2).mean().backward()
+    assert torch.equal(fast, slow) and a.grad is not None and torch.equal(a.grad, b.grad)
+
+
+def test_graphed_eps_falls_back_to_the_eager_loop_when_the_capture_fails(eps_setup, monkeypatch, caplog):
+    from prompt2prompt.inversion import graphed_eps
+
+    unet, latent, t, states, eager = eps_setup
+
+    def refuse(fn, sample):
+        raise RuntimeError("operation not permitted when stream is capturing")
+
+    monkeypatch.setattr(torch.cuda, "make_graphed_callables", refuse)
+    with caplog.at_level("WARNING", logger="prompt2prompt.inversion"):
+        eps, graphed = graphed_eps(unet, (latent, t, states.clone().requires_grad_(True)), lambda step: torch.tensor(0.5), "epsilon", eager)
+    assert eps is eager and not graphed
+    assert "CUDA graph capture failed" in caplog.text and "not permitted" in caplog.text

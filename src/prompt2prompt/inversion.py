@@ -315,6 +315,7 @@ def invert(
     num_inner_steps: int = 10,
     early_stop_epsilon: float = 1e-5,
     negative_prompt: str | None = None,
+    cuda_graph: bool = False,
 ) -> Inversion:
     """Invert ``image`` with ``prompt`` (see `Prompt2PromptPipeline.invert` for the arguments)."""
     method = InversionMethod.parse(method)
@@ -327,6 +328,13 @@ def invert(
         raise ValueError(f"num_inner_steps must be a positive integer, got {num_inner_steps!r}")
     if isinstance(early_stop_epsilon, bool) or not isinstance(early_stop_epsilon, (int, float)) or not early_stop_epsilon >= 0:
         raise ValueError(f"early_stop_epsilon must be a number >= 0, got {early_stop_epsilon!r}")
+    if not isinstance(cuda_graph, bool):
+        raise ValueError(f"cuda_graph must be True or False, got {cuda_graph!r}")
+    if cuda_graph and method is not InversionMethod.NULL_TEXT:
+        raise ValueError(f"cuda_graph=True speeds up null-text inversion only; drop it for method={method.value!r}")
+    if cuda_graph and pipe._execution_device.type != "cuda":
+        raise ValueError(f"cuda_graph=True needs the pipeline on a CUDA device, but it is on {pipe._execution_device}; "
+                         "move it with pipe.to('cuda') or drop cuda_graph")
     height = pipe._check_size(height if height is not None else pipe._default_size(), "height")
     width = pipe._check_size(width if width is not None else pipe._default_size(), "width")
     pixels, note = load_image(image, height, width)
@@ -370,10 +378,14 @@ def invert(
 
     null = None
     if method is InversionMethod.NULL_TEXT:
+        eps_with_grad, graphed = eps_of, False
+        if cuda_graph:
+            sample = (trajectory[:1].to(dtype), timesteps[0].clone(), uncond0.detach().clone().requires_grad_(True))
+            eps_with_grad, graphed = graphed_eps(pipe.unet, sample, lambda t: _alpha(scheduler, int(t)), prediction_type, eps_of)
         null, used, losses = _null_text(pipe, trajectory, timesteps, ratio, scheduler, cond, uncond0, guidance_scale,
-                                        num_inner_steps, early_stop_epsilon, eps_of)
+                                        num_inner_steps, early_stop_epsilon, eps_of, eps_with_grad)
         info.update(num_inner_steps=num_inner_steps, early_stop_epsilon=early_stop_epsilon, inner_steps_used=used,
-                    final_losses=losses, unet_forward_passes=num_inference_steps * 2 + sum(used))
+                    final_losses=losses, unet_forward_passes=num_inference_steps * 2 + sum(used), cuda_graph=graphed)
     info["seconds"] = time.perf_counter() - start
     return Inversion(
         method=method, prompt=prompt, num_inference_steps=num_inference_steps, guidance_scale=float(guidance_scale),
@@ -382,15 +394,50 @@ def invert(
     )
 
 
-def _null_text(pipe, trajectory, timesteps, ratio, scheduler, cond, uncond0, guidance_scale, num_inner_steps, epsilon, eps_of):
+def graphed_eps(unet, sample: tuple[torch.Tensor, torch.Tensor, torch.Tensor], alpha_of, prediction_type: str, eager):
+    """``eps(latent, t, states)`` with the UNet's forward and backward captured once as CUDA graphs
+    and replayed (`torch.cuda.make_graphed_callables`), for null-text inversion's inner loop.
+
+    An inner iteration of SD 1.5 launches about 1,465 kernels for a few milliseconds of arithmetic
+    at batch 1 (``benchmarks/inversion.py --count-ops``), so the GPU waits for the host; a replay
+    launches them at once. ``sample`` is ``(latent, t, states)`` as the loop passes them (the
+    states requiring their gradient); every call must match their shapes, dtypes and devices. The
+    graph's output buffer is reused by the next replay, so the output is copied. Returns ``(eps,
+    True)``, or ``(eager, False)`` with a warning when the capture fails (e.g. a UNet that
+    synchronises with the host), so that the inversion still runs.
+
+    Experimental: written without a GPU at hand; ``benchmarks/gpu_bench.sh`` compares it with the
+    eager loop (time and the null embeddings) on the first CUDA machine."""
+
+    def unet_call(latent: torch.Tensor, t: torch.Tensor, states: torch.Tensor) -> torch.Tensor:
+        return unet(latent, t, encoder_hidden_states=states, return_dict=False)[0]
+
+    try:
+        graphed = torch.cuda.make_graphed_callables(unet_call, sample)
+    except Exception as err:  # noqa: BLE001 - any capture failure falls back to the eager loop
+        logger.warning("null-text inversion: the CUDA graph capture failed (%s: %s); running without it", type(err).__name__, err)
+        return eager, False
+    dtype = sample[0].dtype
+
+    def eps(latent: torch.Tensor, t: torch.Tensor, states: torch.Tensor) -> torch.Tensor:
+        out = graphed(latent.to(dtype), t, states.to(dtype)).clone().float()  # (1, C, h, w), out of the reused buffer
+        return predict_eps(out, latent, alpha_of(t), prediction_type)
+
+    return eps, True
+
+
+def _null_text(pipe, trajectory, timesteps, ratio, scheduler, cond, uncond0, guidance_scale, num_inner_steps, epsilon, eps_of,
+               eps_with_grad=None):
     """Null-text optimisation (Mokady et al., 2022, Algorithm 1) along the DDIM-inversion ``trajectory``.
 
     Per step i: Adam on the unconditional embedding, lr ``1e-2 (1 - i/100)``, at most
     ``num_inner_steps`` evaluations, stopping once the MSE to the pivot ``z*_{t-1}`` is below
     ``epsilon + i * 2e-5``. The embedding kept is the last one evaluated (the update after the
     final evaluation is not taken), so its denoised latent is already known and continues the
-    trajectory without another forward pass.
+    trajectory without another forward pass. ``eps_with_grad`` (default ``eps_of``) computes the
+    unconditional prediction of the inner loop (`graphed_eps`).
     """
+    eps_with_grad = eps_with_grad or eps_of
     params = [p for m in (pipe.unet, pipe.text_encoder) for p in m.parameters()]
     grad_state = [p.requires_grad for p in params]
     for p in params:
@@ -410,7 +457,7 @@ def _null_text(pipe, trajectory, timesteps, ratio, scheduler, cond, uncond0, gui
                 threshold = null_text_threshold(i, epsilon)
                 for j in range(num_inner_steps):
                     with torch.enable_grad():
-                        eps_uncond = eps_of(latent, t, uncond.to(cond.dtype))
+                        eps_uncond = eps_with_grad(latent, t, uncond.to(cond.dtype))
                         eps = eps_uncond + guidance_scale * (eps_cond - eps_uncond)
                         denoised = ddim_step(latent, eps, alpha_t, alpha_prev)
                         loss = F.mse_loss(denoised, target)

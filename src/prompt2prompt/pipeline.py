@@ -276,6 +276,7 @@ class Prompt2PromptPipeline(DiffusionPipeline):
         num_inner_steps: int = 10,
         early_stop_epsilon: float = 1e-5,
         negative_prompt: str | None = None,
+        cuda_graph: bool = False,
     ) -> Inversion:
         r"""Invert a real image, to edit it with ``pipe(prompt, edit_prompts, inversion=inv)``.
 
@@ -292,6 +293,10 @@ class Prompt2PromptPipeline(DiffusionPipeline):
             num_inner_steps: null-text: at most this many Adam evaluations per step.
             early_stop_epsilon: null-text: stop a step's optimisation below ``epsilon + i * 2e-5``.
             negative_prompt: the text whose embedding starts the null-text optimisation (default ``""``).
+            cuda_graph: null-text on CUDA, experimental: capture the UNet's forward and backward once as
+                CUDA graphs and replay them in the inner loop, where the GPU otherwise waits for
+                kernel launches (`inversion.graphed_eps`; falls back to the plain loop, with a
+                warning, if the capture fails). Not yet run on a GPU by this project.
 
         Returns:
             An `Inversion` (``save(path)`` / ``Inversion.load(path)`` to keep it).
@@ -302,7 +307,7 @@ class Prompt2PromptPipeline(DiffusionPipeline):
         from .inversion import invert
 
         return invert(self, image, prompt, method, num_inference_steps, guidance_scale, height, width,
-                      num_inner_steps, early_stop_epsilon, negative_prompt)
+                      num_inner_steps, early_stop_epsilon, negative_prompt, cuda_graph)
 
     # ----------------------------------------------------------------- call
 
