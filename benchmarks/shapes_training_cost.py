@@ -9,7 +9,10 @@ Counts, on any device (the counts do not depend on it), for the exported model i
   handful of launches, while on a CPU they run per tensor;
 - host time, on this machine with ``--threads``, of two pieces of per-step work that train.py now
   does on the training device: turning a batch of uint8 images into floats, and drawing the step's
-  random numbers (best of 3).
+  random numbers (best of 3);
+- with ``--memory`` (Linux), the peak memory that the model work adds at batch 128 in float32
+  (process peak RSS), scaled to ``--batch``: what a GPU needs for the activations, before bf16
+  autocast halves much of it.
 
 On an H200 a step at batch 512 took 113-149 ms (DEVELOPERS.md). Set against what this prints, the
 step is bound neither by the arithmetic nor by kernel launches alone, which the chunk's own timing
@@ -41,6 +44,7 @@ def main(argv=None) -> None:
     parser.add_argument("--model", default=str(MODEL_DIR), help="an exported shapes model (default: the bundled one)")
     parser.add_argument("--batch", type=int, default=512, help="batch for the per-step figure (default 512)")
     parser.add_argument("--threads", type=int, default=2, help="torch threads for the host timings (default 2)")
+    parser.add_argument("--memory", action="store_true", help="also measure the activation memory (Linux, about 1 min)")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     folder = Path(args.model)
@@ -104,6 +108,22 @@ def main(argv=None) -> None:
 
     print(f"host time at batch {args.batch} on {torch.get_num_threads()} threads: uint8 -> float {best(lambda: images_to_tensor(batch)):.1f} ms, "
           f"the step's random numbers {best(draws):.1f} ms")
+    if args.memory:
+        def peak_gb() -> float:
+            with open("/proc/self/status") as f:
+                return int(f.read().split("VmHWM:")[1].split()[0]) / 1e6  # kB -> GB
+
+        small = 128
+        z = torch.randn(small, *latent[1:])  # (128, C, h, w)
+        ids_small = torch.randint(0, text_encoder.config.vocab_size, (small, text_encoder.config.max_position_embeddings))
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")  # reset the peak to the current RSS
+        before = peak_gb()
+        pred = unet(z, torch.randint(0, 1000, (small,)), encoder_hidden_states=text_encoder(ids_small)[0]).sample
+        pred.pow(2).mean().backward()
+        added = peak_gb() - before
+        print(f"memory: forward and backward at batch {small} in float32 add {added:.2f} GB; "
+              f"at batch {args.batch} about {added * args.batch / small:.0f} GB")
 
 
 if __name__ == "__main__":
