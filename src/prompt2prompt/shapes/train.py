@@ -284,7 +284,7 @@ class Run:
         self.vae_opt = torch.optim.AdamW(self.vae.parameters(), lr=1e-3, weight_decay=0.0)
         self.decoder_opt = torch.optim.AdamW(self._decoder_params(), lr=1e-4, weight_decay=0.0)
         params = list(self.unet.parameters()) + list(self.text_encoder.parameters())
-        # The fused kernel on CUDA: a few launches a step for all the parameters, not a few per tensor.
+        # The fused kernel on CUDA: one fused update instead of the default foreach path's ten or so multi-tensor ops.
         self.opt = torch.optim.AdamW(params, lr=3e-4, weight_decay=0.01, fused=self.device.type == "cuda")
         if resuming:
             self._load()
