@@ -100,11 +100,18 @@ def main(argv=None) -> None:
             print(f"operators per denoising step ({args.model}, {dtype}; kernels = operators that are not views)")
             print(f"{'side':20s} {'operators':>10s} {'kernels':>8s} {'extra kernels':>14s}  most frequent extra operators")
             print(f"{'plain':20s} {sum(base.values()):10.1f} {kernels(base):8.1f} {0:14.1f}")
-            for name, (target, kw) in edits.items():
-                c = ops_per_step(lambda n: p2p(prompt=src, edit_prompts=[target], latents=noise.clone(), num_inference_steps=n, output_type="latent", **kw), args.steps)
-                extra = sorted(((k, c[k] - base.get(k, 0)) for k in c if k not in VIEW_OPS and c[k] - base.get(k, 0) > 0), key=lambda kv: -kv[1])
-                print(f"{name:20s} {sum(c.values()):10.1f} {kernels(c):8.1f} {kernels(c) - kernels(base):14.1f}  "
+            sides = {name: (base, lambda n, target=target, kw=kw: p2p(prompt=src, edit_prompts=[target], latents=noise.clone(),
+                                                                   num_inference_steps=n, output_type="latent", **kw))
+                     for name, (target, kw) in edits.items()}
+            # `p2p attention`: the source alone with its maps recorded, against plain generation of that one prompt
+            single = ops_per_step(lambda n: plain(prompt=[src], latents=noise.clone(), num_inference_steps=n, output_type="latent"), args.steps)
+            sides["attention"] = (single, lambda n: p2p(prompt=src, latents=noise.clone(), num_inference_steps=n, output_type="latent"))
+            for name, (ref, call) in sides.items():
+                c = ops_per_step(call, args.steps)
+                extra = sorted(((k, c[k] - ref.get(k, 0)) for k in c if k not in VIEW_OPS and c[k] - ref.get(k, 0) > 0), key=lambda kv: -kv[1])
+                print(f"{name:20s} {sum(c.values()):10.1f} {kernels(c):8.1f} {kernels(c) - kernels(ref):14.1f}  "
                       + ", ".join(f"{k} {v:g}" for k, v in extra[:6]))
+            print(f"(attention: against plain generation of the source alone, {kernels(single):.1f} kernels a step)")
         return
     common = dict(num_inference_steps=args.steps, output_type="latent")
     tgt, kwargs = edits[args.variant]
