@@ -187,6 +187,11 @@ class P2PController:
         self.self_calls += 1
 
 
+def _split_heads(x: torch.Tensor, heads: int) -> torch.Tensor:
+    """``(rows, length, heads * dim)`` -> ``(rows, heads, length, dim)``, a view."""
+    return x.view(x.shape[0], x.shape[1], heads, x.shape[2] // heads).transpose(1, 2)  # (rows, heads, length, dim)
+
+
 class P2PAttnProcessor:
     """A diffusers attention processor that applies Prompt-to-Prompt's edits.
 
@@ -260,13 +265,9 @@ class P2PAttnProcessor:
         key = attn.to_k(key_states)
         value = attn.to_v(encoder_hidden_states if injection is None else ctrl.injected_states(injection, p2p_step, encoder_hidden_states))
         head_dim = key.shape[-1] // attn.heads
-
-        def heads(x: torch.Tensor) -> torch.Tensor:  # (rows, length, heads * dim) -> (rows, heads, length, dim)
-            return x.view(x.shape[0], -1, attn.heads, head_dim).transpose(1, 2)
-
-        query = heads(query)  # (batch, heads, pixels, dim)
-        key = heads(key)  # (batch [+ targets], heads, keys, dim)
-        value = heads(value)  # (batch [+ targets], heads, keys, dim)
+        query = _split_heads(query, attn.heads)  # (batch, heads, pixels, dim)
+        key = _split_heads(key, attn.heads)  # (batch [+ targets], heads, keys, dim)
+        value = _split_heads(value, attn.heads)  # (batch [+ targets], heads, keys, dim)
         if attn.norm_q is not None:
             query = attn.norm_q(query)
         if attn.norm_k is not None:
@@ -278,7 +279,7 @@ class P2PAttnProcessor:
             key = ctrl.with_source_rows(key)  # (batch, heads, keys, dim)
         own_query, own_key = query, key  # each prompt's own, for the maps that are recorded
         if source_keys and record:  # the keys above are the source's in the target rows
-            own_key = heads(attn.to_k(encoder_hidden_states))  # (batch, heads, tokens, dim)
+            own_key = _split_heads(attn.to_k(encoder_hidden_states), attn.heads)  # (batch, heads, tokens, dim)
             if attn.norm_k is not None:
                 own_key = attn.norm_k(own_key)
         own_rows = injection is not None and injection.both_terms  # extra rows: the targets' own term

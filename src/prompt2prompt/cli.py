@@ -628,8 +628,6 @@ def check_model(model: str | None, allow_pickle: bool = False) -> None:
 
     path = Path(model).expanduser()
     if path.exists():
-        if not (path / "model_index.json").is_file():
-            raise RuntimeFailure(f"--model {model}: not a diffusers model folder (it has no model_index.json); name a folder saved with save_pretrained")
         try:
             check_model_folder(path, allow_pickle)  # a missing or damaged file, named before torch and diffusers load
         except ValueError as err:

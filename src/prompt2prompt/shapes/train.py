@@ -117,12 +117,18 @@ def load_optimizer(opt: torch.optim.Optimizer, tensors: dict[str, torch.Tensor],
 
 # ----------------------------------------------------------------------------- data
 
-def batch_images(start: int, size: int, split: str = "train") -> tuple[torch.Tensor, list[str]]:
-    """Scenes ``start .. start+size-1`` of the stream as ``(batch, 3, 64, 64)`` in [-1, 1] and captions."""
+def render_range(start: int, size: int, split: str = "train") -> tuple[np.ndarray, list[str]]:
+    """Scenes ``start .. start+size-1`` of the stream: uint8 ``(batch, h, w, 3)`` and captions."""
     from . import world
 
     images, captions = world.render_batch(list(range(start, start + size)), split)
-    return images_to_tensor(images), list(captions)
+    return images, list(captions)
+
+
+def batch_images(start: int, size: int, split: str = "train") -> tuple[torch.Tensor, list[str]]:
+    """Scenes ``start .. start+size-1`` of the stream as ``(batch, 3, 64, 64)`` in [-1, 1] and captions."""
+    images, captions = render_range(start, size, split)
+    return images_to_tensor(images), captions
 
 
 def images_to_tensor(images: np.ndarray, device: torch.device | str = "cpu") -> torch.Tensor:
@@ -146,14 +152,12 @@ def _worker_init(tok_dir: str | None) -> None:
 
 def _render_job(start: int, size: int) -> tuple[np.ndarray, list[str], np.ndarray | None]:
     """One batch rendered (and tokenized, if the worker has a tokenizer) in a worker process."""
-    from . import world
-
-    images, captions = world.render_batch(list(range(start, start + size)))
+    images, captions = render_range(start, size)
     ids = None
     if _WORKER_TOKENIZER is not None:
         tok = _WORKER_TOKENIZER
         ids = tok(list(captions), padding="max_length", max_length=tok.model_max_length, truncation=True, return_tensors="np").input_ids
-    return images, list(captions), ids
+    return images, captions, ids
 
 
 class Batches:
@@ -185,11 +189,7 @@ class Batches:
     def get(self) -> tuple[np.ndarray, list[str], torch.Tensor | None]:
         """The next batch: uint8 images ``(batch, h, w, 3)``, captions, token ids (or None)."""
         if self.pool is None:
-            from . import world
-
-            start = self.offset + self.next * self.size
-            images, captions = world.render_batch(list(range(start, start + self.size)))
-            captions = list(captions)
+            images, captions = render_range(self.offset + self.next * self.size, self.size)
             self.next += 1
             ids = None
             if self.tokenizer is not None:
