@@ -160,6 +160,23 @@ def test_plan_uses_no_mapper_for_same_length_swaps_only(clip_tokenizer):
     assert inj.own[0, red] == 1 and inj.source[0, :, red].eq(0).all() and inj.own.sum() == 1
 
 
+def test_local_blend_words_per_target(clip_tokenizer):
+    """Each target may name its own blend word (the paper's code: one word list per prompt)."""
+    from prompt2prompt import LocalBlend
+    from prompt2prompt.edits import build_edit_plan
+
+    src = tokenize_words("a cat riding a bicycle", clip_tokenizer)
+    targets = [tokenize_words(p, clip_tokenizer) for p in ("a dog riding a bicycle", "a horse riding a bicycle")]
+    plan = build_edit_plan(src, targets, "replace", 10, local_blend=LocalBlend("cat", ("dog", "horse")))
+    words = plan.blend.words  # (prompts, tokens)
+    assert words[0, src.positions("cat")].eq(1).all() and words[0].sum() == len(src.positions("cat"))
+    assert words[1, targets[0].positions("dog")].eq(1).all() and words[1].sum() == len(targets[0].positions("dog"))
+    assert words[2, targets[1].positions("horse")].eq(1).all() and words[2].sum() == len(targets[1].positions("horse"))
+    # a target with none of the words would get an empty mask and silently copy the source
+    with pytest.raises(ValueError, match="has no word of the target prompt 'a horse riding a bicycle'"):
+        build_edit_plan(src, targets, "replace", 10, local_blend=LocalBlend("cat", "dog"))
+
+
 @pytest.mark.parametrize("case", ["swap", "refine", "reweight", "partial", "none"])
 def test_value_weights_give_the_edited_maps_times_the_values(case):
     """M^ V = M_src (S V) + M_k (o * V): the edit moved onto the values, for every mode."""

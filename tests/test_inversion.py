@@ -61,7 +61,11 @@ def test_predict_eps_from_v():
 
 
 def test_null_text_schedule_is_the_papers():
-    assert null_text_lr(0) == pytest.approx(1e-2) and null_text_lr(49) == pytest.approx(1e-2 * 0.51)
+    # the paper's 1e-2 * (1 - i/100) at its 50 steps
+    assert null_text_lr(0, 50) == pytest.approx(1e-2) and null_text_lr(49, 50) == pytest.approx(1e-2 * 0.51)
+    # longer inversions decay to half as well, and never below: Adam refuses a negative rate
+    rates = [null_text_lr(i, 250) for i in range(250)]
+    assert min(rates) > 0.5e-2 - 1e-12 and rates == sorted(rates, reverse=True)
     assert null_text_threshold(0) == pytest.approx(1e-5) and null_text_threshold(10) == pytest.approx(1e-5 + 10 * 2e-5)
 
 
@@ -98,6 +102,22 @@ def test_load_image_modes_and_exif(tmp_path):
     raw, note = load_image(path, 40, 20)  # height 40, width 20: the displayed picture as is
     assert "used as it is" in note
     assert raw[:5].mean(axis=(0, 1))[0] > 200 and raw[-5:].mean(axis=(0, 1))[2] > 200  # red on top, blue below
+
+
+def test_load_image_scales_16_bit_grey(tmp_path):
+    """A 16-bit greyscale PNG (PIL mode I;16) is scaled to 8 bits, not clipped at 255 (all white)."""
+    ramp = np.tile(np.linspace(0, 65535, 32).round().astype(np.uint16), (32, 1))  # (h, w), left dark
+    path = tmp_path / "deep.png"
+    PIL.Image.fromarray(ramp).save(path)
+    with PIL.Image.open(path) as opened:
+        assert opened.mode.startswith("I")  # what this test is about: PIL reads it as 16-bit integers
+    out, note = load_image(path, 32, 32)
+    expected = (ramp.astype(np.float64) * 255 / 65535).round()  # (h, w)
+    assert np.abs(out[..., 0].astype(np.float64) - expected).max() <= 1
+    assert (out[..., 0] == out[..., 2]).all() and "greyscale scaled from 0..65535 to 8 bits" in note
+    # 32-bit integer greyscale within 0..255 is read as 8-bit values
+    small, _ = load_image(PIL.Image.fromarray(np.full((8, 8), 200, np.int32), mode="I"), 8, 8)
+    assert (small == 200).all()
 
 
 @pytest.mark.parametrize(

@@ -55,6 +55,26 @@ def test_generator_draws_one_noise_for_all_prompts(tiny_sd1):
     np.testing.assert_array_equal(again.images, out.images)  # reproducible
 
 
+@pytest.mark.parametrize("scheduler, eta", [("EulerAncestralDiscreteScheduler", 0.0), ("DDPMScheduler", 0.0), ("DDIMScheduler", 1.0)])
+def test_stochastic_schedulers_add_one_noise_to_all_prompts(tiny_sd1, scheduler, eta):
+    """Algorithm 1's one seed holds for samplers that add noise at every step: each prompt row gets
+    the same step noise, so identical prompts stay identical and the source matches plain diffusers."""
+    import diffusers
+
+    components = dict(tiny_sd1, scheduler=getattr(diffusers, scheduler).from_config(tiny_sd1["scheduler"].config))
+    pipe = make(components)
+    seed = lambda: torch.Generator().manual_seed(11)  # noqa: E731
+    out = pipe("a cat", ["a cat"], edit="replace", num_inference_steps=STEPS, generator=seed(), eta=eta, output_type="np")
+    np.testing.assert_allclose(out.images[1], out.images[0], atol=1e-5)
+    expected = plain(components)("a cat", num_inference_steps=STEPS, generator=seed(), eta=eta, output_type="np").images[0]
+    np.testing.assert_allclose(out.images[0], expected, atol=1e-5)
+    # unseeded runs follow torch's global seed
+    torch.manual_seed(5)
+    first = pipe("a cat", ["a dog"], num_inference_steps=STEPS, eta=eta, output_type="np").images
+    torch.manual_seed(5)
+    np.testing.assert_array_equal(pipe("a cat", ["a dog"], num_inference_steps=STEPS, eta=eta, output_type="np").images, first)
+
+
 @pytest.mark.parametrize(
     "kwargs",
     [

@@ -58,7 +58,9 @@ class LocalBlend:
 
     Args:
         source_words: word(s) of the source prompt whose region may change.
-        target_words: word(s) of every target prompt whose region may change.
+        target_words: word(s) of the target prompts whose region may change; each is looked up in
+            every target that contains it (``("dog", "horse")`` for two targets), and each target
+            must contain at least one.
         threshold: mask threshold in [0, 1]; a pair ``(mask, subtract)`` sets both thresholds.
         start: fraction of the steps after which blending begins (the paper's code uses 0.2).
         subtract_words: word(s) whose region is kept from the source even inside the mask; each is
@@ -247,12 +249,13 @@ def _blend_plan(blend: LocalBlend, source: PromptTokens, targets: Sequence[Promp
             words[0, source.positions(w)] = 1.0
     except ValueError as err:
         raise ValueError(f"LocalBlend source_words: {err}") from None
-    try:
-        for k, target in enumerate(targets, start=1):
-            for w in blend.target_words:
-                words[k, target.positions(w)] = 1.0
-    except ValueError as err:
-        raise ValueError(f"LocalBlend target_words: {err}") from None
+    for w in blend.target_words:  # each word marks every target that has it ("dog" in one, "horse" in another)
+        for k, positions in enumerate(positions_in_each(list(targets), w, "LocalBlend target_words"), start=1):
+            words[k, positions] = 1.0
+    for k, target in enumerate(targets, start=1):
+        if not bool(words[k].any()):  # an empty mask would silently copy the source
+            raise ValueError(f"LocalBlend target_words {tuple(blend.target_words)} has no word of the target prompt "
+                             f"{target.prompt!r}; name at least one word of each target")
     subtract = None
     if blend.subtract_words:
         subtract = torch.zeros_like(words)

@@ -92,9 +92,19 @@ def ddim_inversion_step(sample: torch.Tensor, eps: torch.Tensor, alpha_prev: tor
     return alpha_t.sqrt() * x0 + (1 - alpha_t).sqrt() * eps
 
 
-def null_text_lr(step: int, base: float = 1e-2) -> float:
-    """Adam learning rate at DDIM step ``step`` as in the paper's code: ``1e-2 * (1 - step/100)``."""
-    return base * (1.0 - step / 100.0)
+def null_text_lr(step: int, num_steps: int, base: float = 1e-2) -> float:
+    """Adam learning rate at DDIM step ``step`` of ``num_steps``: ``base * (1 - step / (2 * num_steps))``.
+
+    The paper's code (Mokady et al., 2022) uses ``1e-2 * (1 - step/100)`` for its 50 steps, which
+    is this formula at ``num_steps=50``. Written against 100 it would turn negative after step 100
+    (and Adam refuses it), so the decay is tied to the step count: from ``base`` down to half of it.
+
+    Args:
+        step: the DDIM step, 0 at the noisiest.
+        num_steps: how many DDIM steps the inversion has.
+        base: the learning rate at step 0.
+    """
+    return base * (1.0 - step / (2.0 * num_steps))
 
 
 def null_text_threshold(step: int, epsilon: float = 1e-5) -> float:
@@ -136,6 +146,7 @@ def load_image(image: Any, height: int, width: int) -> tuple[np.ndarray, str]:
         pil = _array_to_pil(image)
     else:
         raise ValueError(f"image must be a file path, a PIL image, a numpy array or a tensor, got {type(image).__name__}")
+    pil, deep = _deep_grey_to_8bit(pil)
     if pil.mode in ("RGBA", "LA", "PA") or (pil.mode == "P" and "transparency" in pil.info):
         rgba = pil.convert("RGBA")
         white = PIL.Image.new("RGBA", rgba.size, (255, 255, 255, 255))
@@ -152,7 +163,7 @@ def load_image(image: Any, height: int, width: int) -> tuple[np.ndarray, str]:
         cw, ch = w, max(1, round(w / target))
     left, top = (w - cw) // 2, (h - ch) // 2
     pil = pil.crop((left, top, left + cw, top + ch))
-    steps = []
+    steps = [deep] if deep else []
     if (cw, ch) != (w, h):
         steps.append(f"centre-cropped from {w}x{h} to {cw}x{ch}")
     if (cw, ch) != (width, height):
@@ -160,6 +171,27 @@ def load_image(image: Any, height: int, width: int) -> tuple[np.ndarray, str]:
         steps.append(f"resized to {width}x{height}")
     note = f"input {original[0]}x{original[1]}: " + (" and ".join(steps) if steps else "used as it is") + " (the model's resolution)"
     return np.asarray(pil, dtype=np.uint8).copy(), note
+
+
+def _deep_grey_to_8bit(pil: PIL.Image.Image) -> tuple[PIL.Image.Image, str]:
+    """16- or 32-bit greyscale (PIL modes ``I;16*``, ``I``, ``F``) as 8-bit ``L``, scaled to its range.
+
+    ``convert("RGB")`` would clip these at 255, so a 16-bit PNG would come out nearly all white.
+    ``I;16`` spans 0..65535; ``I`` is read as 8-bit if it stays within 255, else as 16-bit; ``F`` as
+    [0, 1] if it stays within 1, else as 0..255. Returns the image and what was done ("" if nothing).
+    """
+    if not (pil.mode.startswith("I") or pil.mode == "F"):
+        return pil, ""
+    values = np.asarray(pil, dtype=np.float64)  # (h, w)
+    top = values.max(initial=0.0)
+    if pil.mode.startswith("I;16") or (pil.mode == "I" and top > 255):
+        full = 65535.0 if top <= 65535 else top
+    elif pil.mode == "F" and top <= 1:
+        full = 1.0
+    else:
+        full = 255.0
+    grey = np.clip(np.round(values * (255.0 / full)), 0, 255).astype(np.uint8)  # (h, w)
+    return PIL.Image.fromarray(grey), f"{pil.mode} greyscale scaled from 0..{full:g} to 8 bits"
 
 
 def _array_to_pil(image) -> PIL.Image.Image:
@@ -430,7 +462,8 @@ def _null_text(pipe, trajectory, timesteps, ratio, scheduler, cond, uncond0, gui
                eps_with_grad=None):
     """Null-text optimisation (Mokady et al., 2022, Algorithm 1) along the DDIM-inversion ``trajectory``.
 
-    Per step i: Adam on the unconditional embedding, lr ``1e-2 (1 - i/100)``, at most
+    Per step i: Adam on the unconditional embedding, lr `null_text_lr` (the paper's ``1e-2 (1 - i/100)`` at
+    50 steps), at most
     ``num_inner_steps`` evaluations, stopping once the MSE to the pivot ``z*_{t-1}`` is below
     ``epsilon + i * 2e-5``. The embedding kept is the last one evaluated (the update after the
     final evaluation is not taken), so its denoised latent is already known and continues the
@@ -453,7 +486,7 @@ def _null_text(pipe, trajectory, timesteps, ratio, scheduler, cond, uncond0, gui
                 with torch.no_grad():
                     eps_cond = eps_of(latent, t, cond)
                 uncond = uncond.detach().requires_grad_(True)
-                opt = torch.optim.Adam([uncond], lr=null_text_lr(i))
+                opt = torch.optim.Adam([uncond], lr=null_text_lr(i, len(timesteps)))
                 threshold = null_text_threshold(i, epsilon)
                 for j in range(num_inner_steps):
                     with torch.enable_grad():

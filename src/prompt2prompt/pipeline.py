@@ -85,6 +85,23 @@ class Prompt2PromptPipelineOutput(BaseOutput):
     self_attention_res: int | None = None
 
 
+def same_noise_generators(generator: torch.Generator, n: int) -> list[torch.Generator]:
+    """``n`` copies of ``generator``'s state, for one stochastic scheduler step of ``n`` prompt rows.
+
+    Prompt-to-Prompt runs every prompt with the same seed (Hertz et al., 2022, Algorithm 1), so a
+    sampler that adds noise at each step (DDPM, Euler ancestral, DDIM with ``eta > 0``) must add
+    the same noise to every row. diffusers' ``randn_tensor`` draws row ``i`` from ``generator[i]``,
+    so equal copies give equal rows, and row 0 is what ``generator`` alone would draw for one image.
+    After the step, ``generator.set_state(copies[0].get_state())`` moves the original past the draw.
+
+    Args:
+        generator: the run's generator (its device decides the copies').
+        n: the number of prompt rows the step denoises.
+    """
+    state = generator.get_state()
+    return [torch.Generator(device=generator.device).set_state(state) for _ in range(n)]
+
+
 def _closest_side(sides: Sequence[int], wanted: int) -> int:
     return min(sides, key=lambda s: (abs(s - wanted), -s))
 
@@ -364,7 +381,9 @@ class Prompt2PromptPipeline(DiffusionPipeline):
             height: image height in pixels (default: the UNet's sample size times the VAE factor).
             width: image width in pixels.
             negative_prompt: prompt(s) for the unconditional half of guidance (default ``""``).
-            generator: draws the one initial noise that the source and all targets share.
+            generator: draws the one initial noise that the source and all targets share and, with a
+                stochastic scheduler (DDPM, Euler ancestral, DDIM with ``eta > 0``), each step's
+                noise, again one draw for all prompts (`same_noise_generators`).
             latents: initial noise ``(1 or prompts, channels, height/f, width/f)`` with the model's dtype and device.
             output_type: ``"pil"``, ``"np"``, ``"pt"`` or ``"latent"``.
             return_dict: return a `Prompt2PromptPipelineOutput` rather than a tuple.
@@ -415,6 +434,10 @@ class Prompt2PromptPipeline(DiffusionPipeline):
             raise ValueError(f"num_inference_steps must be a positive integer, got {num_inference_steps!r}")
         if isinstance(guidance_scale, bool) or not isinstance(guidance_scale, Real) or not math.isfinite(guidance_scale):
             raise ValueError(f"guidance_scale must be a finite number, got {guidance_scale!r}")
+        if isinstance(generator, list) and len(generator) == 1:  # diffusers' one-image form
+            generator = generator[0]
+        if generator is not None and not isinstance(generator, torch.Generator):
+            raise ValueError(f"generator must be one torch.Generator (the source and every target share its seed), got {generator!r}")
         if output_type not in ("pil", "np", "pt", "latent"):
             raise ValueError(f"output_type must be 'pil', 'np', 'pt' or 'latent', got {output_type!r}")
         height = self._check_size(height if height is not None else self._default_size(), "height")
@@ -487,8 +510,11 @@ class Prompt2PromptPipeline(DiffusionPipeline):
         step_params = set(inspect.signature(scheduler.step).parameters)
         if "eta" in step_params:
             extra["eta"] = eta
+        step_generator = None  # a stochastic step's noise: one draw, the same for every prompt row
         if "generator" in step_params:
-            extra["generator"] = generator
+            step_generator = generator
+            if step_generator is None:  # seeded from torch's global generator, so torch.manual_seed reproduces it
+                step_generator = torch.Generator(device=device).manual_seed(int(torch.randint(2**62, ())))
 
         # ---- denoising loop with the P2P processors installed
         record = {s for s in (record_res, blend_res) if s is not None}
@@ -507,7 +533,11 @@ class Prompt2PromptPipeline(DiffusionPipeline):
                 if guidance:
                     uncond, cond = noise.chunk(2)
                     noise = uncond + guidance_scale * (cond - uncond)
+                if step_generator is not None:
+                    extra["generator"] = same_noise_generators(step_generator, n)
                 latents = scheduler.step(noise, t, latents, **extra, return_dict=False)[0]
+                if step_generator is not None:
+                    step_generator.set_state(extra["generator"][0].get_state())
                 if trajectory is not None:  # direct inversion: adding the gap (inverted - denoised) to the source row
                     latents[:1] = trajectory[i + 1 : i + 2]  # puts it on the inverted latent exactly
                 if plan is not None and plan.blend is not None and i >= plan.blend.start_step:
