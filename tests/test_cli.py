@@ -102,6 +102,8 @@ USAGE_ERRORS = [
     (["edit", SRC, "--to", TGT, "--blend", "banana", "square"], "--blend"),
     (["edit", SRC, "--to", TGT, "--blend", "circle", "banana"], "--blend"),
     (["edit", SRC, "--to", TGT, "--blend-threshold", "0.5"], "--blend"),
+    # two targets, a blend word for only one of them: the other would silently copy the source
+    (["edit", SRC, "--to", TGT, "--to", "a red star on a blue background", "--blend", "circle", "square"], "no word of the target prompt 'a red star"),
     (["edit", SRC], "--to"),
     (["edit", SRC, "--to", ""], "--to"),
     (["edit", "--to", TGT], "prompt"),

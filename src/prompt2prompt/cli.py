@@ -389,12 +389,11 @@ def check_edit_words(options: Mapping, names: Names = cli_names) -> None:
                 source.positions(word)
             except ValueError as err:
                 raise UsageError(f"{names('blend')} SOURCE_WORDS: {err}") from None
-        for word in target_words:
-            for target in targets:
-                try:
-                    target.positions(word)
-                except ValueError as err:
-                    raise UsageError(f"{names('blend')} TARGET_WORDS: {err}") from None
+        for word in target_words:  # each word in the targets that have it; the library checks every target gets one
+            try:
+                positions_in_each(targets, word, f"{names('blend')} TARGET_WORDS")
+            except ValueError as err:
+                raise UsageError(str(err)) from None
     try:  # everything else the library checks (same code as the real run, on word-level tokens)
         kwargs = edit_kwargs(options)
         build_edit_plan(
@@ -1154,7 +1153,8 @@ def _add_edit_settings(parser, cross_steps_help: str):
                        help="a word's own cross-attention window, e.g. square=0:0.4 (repeatable)")
     group.add_argument("--self-steps", metavar="F|START:END", help="self-attention injection window (default 0.4)")
     group.add_argument("--blend", nargs=2, metavar=("SOURCE_WORDS", "TARGET_WORDS"),
-                       help="local blending: change only the region of these words (comma-separated), e.g. --blend circle square")
+                       help="local blending: change only the region of these words (comma-separated), e.g. --blend circle square; "
+                            "with several --to, a target word applies to the targets that contain it (--blend circle square,star)")
     group.add_argument("--blend-threshold", metavar="F", help="local blending's mask threshold in [0, 1] (default 0.3)")
     group.add_argument("--reweight", metavar="WORD=FACTOR", nargs="+", action="extend",
                        help="scale a target word's attention, e.g. red=2 (0, negative and > 1 allowed; repeatable)")
