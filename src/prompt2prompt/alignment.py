@@ -18,12 +18,27 @@ _WORD_RE = re.compile(r"[^\W_]+(?:['\-_][^\W_]+)*|[^\w\s]+|_+")
 
 
 def split_words(prompt: str) -> list[str]:
-    """Split a prompt into the words that edits name and that word swap compares."""
+    """Split a prompt into the words that edits name and that word swap compares.
+
+    Args:
+        prompt: the text.
+
+    Returns:
+        The words in order: runs of letters/digits (with inner apostrophes, hyphens and
+        underscores), runs of punctuation and runs of underscores; whitespace is dropped.
+    """
     return _WORD_RE.findall(prompt)
 
 
 def normalize_word(word: str) -> str:
-    """Case-folded form used to compare words (CLIP lower-cases its input too)."""
+    """Case-folded form used to compare words (CLIP lower-cases its input too).
+
+    Args:
+        word: a word, as `split_words` returns it.
+
+    Returns:
+        ``word.casefold()``.
+    """
     return word.casefold()
 
 
@@ -47,13 +62,24 @@ class PromptTokens:
 
     @property
     def num_tokens(self) -> int:
+        """The number of token ids with special tokens, unpadded (``len(ids)``)."""
         return len(self.ids)
 
     def positions(self, word: str | int) -> list[int]:
         """Token positions of a word (all its occurrences), a phrase of words, or a word index.
 
+        Args:
+            word: a word or a phrase of consecutive words (split with `split_words`, compared
+                case-insensitively, every occurrence), or an index into ``words`` (negative counts
+                from the end).
+
+        Returns:
+            Positions in the padded sequence: for a string, sorted and without repeats; for an
+            index, that word's positions.
+
         Raises:
-            ValueError: when the word is not in the prompt, naming the prompt's words.
+            ValueError: when the word is not in the prompt, naming the prompt's words; also for a
+                string with no word, an index out of range, or a value that is neither str nor int.
         """
         if isinstance(word, bool) or not isinstance(word, (str, int)):
             raise ValueError(f"a word must be a string or a word index, got {word!r}")
@@ -95,9 +121,12 @@ def tokenize_words(prompt: str, tokenizer, truncate: bool = False) -> PromptToke
         tokenizer: a Hugging Face tokenizer with `model_max_length`.
         truncate: cut a prompt longer than `model_max_length` tokens instead of raising.
 
+    Returns:
+        The `PromptTokens`; when truncated, only the words that fit whole are kept.
+
     Raises:
         ValueError: the prompt is too long (and `truncate` is False), or the tokenizer does not
-            tokenize words independently.
+            tokenize words independently; also when ``prompt`` is not a string.
     """
     if not isinstance(prompt, str):
         raise ValueError(f"a prompt must be a string, got {type(prompt).__name__}")
@@ -138,6 +167,10 @@ def replacement_mapper(source: PromptTokens, target: PromptTokens) -> torch.Tens
     does: each of the ``n`` target tokens receives the sum of the source word's maps over ``n``.
     Unlike the paper's code, tokens after such a word stay aligned (the code's ``mapper[j, j]``
     shifts them when the token counts differ).
+
+    Args:
+        source: the tokenized source prompt.
+        target: the tokenized target prompt, with as many words as ``source`` (and the same ``max_length``).
 
     Returns:
         ``(max_length, max_length)`` float matrix, rows = source positions, columns = target positions.
@@ -181,6 +214,13 @@ def global_align(x: list[int], y: list[int], gap: int = 0, match: int = 1, misma
     Ties prefer a gap in ``x`` (an inserted ``y`` token), then a gap in ``y``, then the diagonal,
     as in the reference implementation.
 
+    Args:
+        x: the first sequence (the source's token ids).
+        y: the second sequence (the target's token ids).
+        gap: score of a gap in either sequence.
+        match: score of aligning equal elements.
+        mismatch: score of aligning different elements.
+
     Returns:
         For each position of ``y``, the aligned position of ``x`` or -1 for an inserted token.
     """
@@ -219,6 +259,10 @@ def refinement_mapper(source: PromptTokens, target: PromptTokens) -> tuple[torch
     ``(Edit(M, M*))_{i,j} = M*_{i,j}`` if ``A(j) = None`` else ``M_{i,A(j)}``, with ``A`` the global
     alignment of the two token sequences. Padding positions map to themselves.
 
+    Args:
+        source: the tokenized source prompt.
+        target: the tokenized target prompt (same ``max_length``); its ``ids`` are aligned to the source's.
+
     Returns:
         ``(mapper, alphas)``: ``mapper`` (max_length,) long, the source position of each target
         position; ``alphas`` (max_length,) float, 1 where the target token takes the source's map,
@@ -236,6 +280,14 @@ def refinement_mapper(source: PromptTokens, target: PromptTokens) -> tuple[torch
 
 def positions_in_each(prompts: "list[PromptTokens]", word: str | int, what: str) -> list[list[int]]:
     """Token positions of ``word`` in each prompt (``[]`` where it is absent).
+
+    Args:
+        prompts: the tokenized prompts to search.
+        word: a word, phrase or word index, as `PromptTokens.positions` takes it.
+        what: the name of the setting that gave ``word``, for the error message.
+
+    Returns:
+        One list of positions per prompt, in order (see `PromptTokens.positions`).
 
     Raises:
         ValueError: the word is in none of the prompts; ``what`` names the setting in the message.

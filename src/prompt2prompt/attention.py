@@ -34,14 +34,34 @@ from .edits import EditPlan, ValueInjection
 
 
 def place_of(key: str) -> str:
-    """``down`` / ``mid`` / ``up`` from a processor key such as ``up_blocks.1.attentions.0...``."""
+    """``down`` / ``mid`` / ``up`` from a processor key such as ``up_blocks.1.attentions.0...``.
+
+    Args:
+        key: a processor key of ``unet.attn_processors`` or a module name of the UNet.
+
+    Returns:
+        ``"down"``, ``"mid"`` or ``"up"`` for keys under ``down_blocks``, ``mid_block`` or ``up_blocks``;
+        otherwise the key's first dotted component unchanged.
+    """
     head = key.split(".", 1)[0]
     return {"down_blocks": "down", "mid_block": "mid", "up_blocks": "up"}.get(head, head)
 
 
 def map_size(pixels: int, latent_hw: tuple[int, int]) -> tuple[int, int]:
     """The ``(height, width)`` of an attention map with ``pixels`` positions in a UNet whose input
-    latent is ``latent_hw`` (sides halve, rounding up, at each downsampling)."""
+    latent is ``latent_hw`` (sides halve, rounding up, at each downsampling).
+
+    Args:
+        pixels: the number of query positions of the attention layer (``height * width``).
+        latent_hw: the latent ``(height, width)`` the UNet was called with.
+
+    Returns:
+        The ``(height, width)`` of the first halving of ``latent_hw`` (the latent itself included)
+        that has ``pixels`` positions.
+
+    Raises:
+        RuntimeError: no halving of ``latent_hw`` has exactly ``pixels`` positions.
+    """
     h, w = latent_hw
     while h * w > pixels and (h > 1 or w > 1):
         h, w = math.ceil(h / 2), math.ceil(w / 2)
@@ -90,7 +110,16 @@ class P2PController:
     def with_source_rows(self, x: torch.Tensor, append_targets: bool = False) -> torch.Tensor:
         """``x`` (batch, ...) with each target row of the conditional half replaced by the source's
         row: one concatenation (rows before the targets, the source's row repeated, the rest), and
-        with ``append_targets`` the targets' own rows after them (batch + targets, ...)."""
+        with ``append_targets`` the targets' own rows after them (batch + targets, ...).
+
+        Args:
+            x: ``(batch, ...)`` rows in the batch layout (e.g. queries ``(batch, heads, pixels, dim)``
+                or text states ``(batch, tokens, channels)``).
+            append_targets: also append the conditional targets' own rows of ``x`` at the end.
+
+        Returns:
+            ``(batch, ...)``, or ``(batch + targets, ...)`` with ``append_targets``; a new tensor.
+        """
         src, stop = self.cond.start, self.cond.stop
         parts = [x[: src + 1], x[src : src + 1].expand(stop - src - 1, *x.shape[1:]), x[stop:]]
         if append_targets:
@@ -103,7 +132,15 @@ class P2PController:
         return slice(self.cond.start + 1, self.cond.stop)
 
     def with_target_rows(self, x: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
-        """``x`` (batch, ...) with its conditional target rows replaced by ``rows`` (targets, ...)."""
+        """``x`` (batch, ...) with its conditional target rows replaced by ``rows`` (targets, ...).
+
+        Args:
+            x: ``(batch, ...)`` rows in the batch layout.
+            rows: ``(targets, ...)`` the new rows of the conditional target prompts, in their order.
+
+        Returns:
+            ``(batch, ...)``, a new tensor (``x`` is not modified).
+        """
         return torch.cat([x[: self.targets.start], rows, x[self.targets.stop :]])  # (batch, ...)
 
     def _per_step(self, step: int, what: str, states: torch.Tensor, make) -> torch.Tensor:
@@ -121,7 +158,17 @@ class P2PController:
         """Text states whose key projections are the keys of a value-form edit: each target row of
         the conditional half takes the source's states (and with ``append_targets`` the targets' own
         follow), so ``to_k`` of them equals `with_source_rows` of the keys. ``to_k`` acts on each
-        row alone, so this moves a concatenation per layer onto the states, once per step."""
+        row alone, so this moves a concatenation per layer onto the states, once per step.
+
+        Args:
+            step: the denoising step index (``p2p_step``); the result is cached for this step.
+            states: ``(batch, tokens, channels)`` the text states (``encoder_hidden_states``) of the layer.
+            append_targets: append the targets' own states as extra rows (when the injection needs
+                both terms, `ValueInjection.both_terms`).
+
+        Returns:
+            ``(batch, tokens, channels)``, or ``(batch + targets, tokens, channels)`` with ``append_targets``.
+        """
         return self._per_step(step, f"keys{int(append_targets)}", states, lambda: self.with_source_rows(states, append_targets))
 
     def injected_states(self, inj: ValueInjection, step: int, states: torch.Tensor) -> torch.Tensor:
@@ -132,7 +179,17 @@ class P2PController:
         ``E`` (batch, tokens, channels), once per step for every layer. Returns the states for the
         values: the target rows are ``S_k E_k`` (or ``o_k * E_k`` when nothing comes from the source),
         and when both terms are needed ``o_k * E_k`` follows as extra rows (batch + targets, tokens,
-        channels), the values of a second attention that the same SDPA call computes."""
+        channels), the values of a second attention that the same SDPA call computes.
+
+        Args:
+            inj: this step's `ValueInjection` (``S_k`` as ``source``/``source_diagonal``, ``o_k`` as ``own``).
+            step: the denoising step index (``p2p_step``); the result is cached for this step.
+            states: ``(batch, tokens, channels)`` the text states (``encoder_hidden_states``) of the layer.
+
+        Returns:
+            ``(batch, tokens, channels)``, or ``(batch + targets, tokens, channels)`` when
+            ``inj.both_terms``; rows off the conditional targets are ``states`` unchanged.
+        """
         def make() -> torch.Tensor:
             t = self.targets
 
@@ -158,6 +215,17 @@ class P2PController:
         return self._per_step(step, "values", states, make)
 
     def size(self, pixels: int) -> tuple[int, int]:
+        """The ``(height, width)`` of an attention map with ``pixels`` positions (`map_size`, cached).
+
+        Args:
+            pixels: the number of query positions of the attention layer.
+
+        Returns:
+            The map's ``(height, width)`` at ``self.latent_hw``.
+
+        Raises:
+            RuntimeError: ``pixels`` fits no downsampling of the latent (see `map_size`).
+        """
         if pixels not in self._sizes:
             self._sizes[pixels] = map_size(pixels, self.latent_hw)
         return self._sizes[pixels]
@@ -166,7 +234,15 @@ class P2PController:
         """Add head-averaged float32 maps ``(prompts, heads, pixels, tokens)`` to the sum at ``side``.
 
         The average over heads and the sum are one batched product, ``sum += (1/heads) @ probs``
-        (one kernel where ``mean`` and ``+=`` would be two; this runs in every recorded layer)."""
+        (one kernel where ``mean`` and ``+=`` would be two; this runs in every recorded layer).
+
+        Args:
+            side: the map side (``max(hw)``) whose sum ``self.maps[side]`` is added to; also counted
+                in ``self.layer_calls[side]``.
+            hw: the map's ``(height, width)``; ``pixels`` is ``height * width``, row-major.
+            probs: ``(prompts, heads, pixels, tokens)`` float32 attention probabilities of the
+                conditional rows, one per prompt (source first).
+        """
         prompts, heads, pixels, tokens = probs.shape
         key = (prompts, heads, probs.device)
         if key not in self._head_means:
@@ -180,7 +256,16 @@ class P2PController:
 
     def record_self(self, query: torch.Tensor, key: torch.Tensor, scale: float) -> None:
         """Add the source's head-averaged self-attention ``softmax(q k^T * scale)`` from its
-        ``(heads, pixels, dim)`` query and key to the running sum."""
+        ``(heads, pixels, dim)`` query and key to the running sum.
+
+        The ``(pixels, pixels)`` float32 map is added to ``self.self_map`` and ``self.self_calls``
+        is incremented.
+
+        Args:
+            query: ``(heads, pixels, dim)`` the source's conditional-row queries.
+            key: ``(heads, pixels, dim)`` the source's conditional-row keys.
+            scale: the factor on ``q k^T`` (the layer's ``attn.scale``, usually ``dim ** -0.5``).
+        """
         probs = (torch.einsum("hpd,hqd->hpq", query.float(), key.float()) * scale).softmax(-1)  # (heads, pixels, pixels)
         probs = probs.mean(0)  # (pixels, pixels)
         self.self_map = probs if self.self_map is None else self.self_map + probs
@@ -338,7 +423,15 @@ class P2PAttnProcessor:
 @contextmanager
 def p2p_attention(unet, controller: P2PController) -> Iterator[None]:
     """Install `P2PAttnProcessor` on every attention layer of ``unet``; restore the originals on exit,
-    also when the body raises."""
+    also when the body raises.
+
+    Args:
+        unet: a diffusers UNet (``attn_processors`` / ``set_attn_processor``, e.g. `UNet2DConditionModel`).
+        controller: the `P2PController` that every installed processor shares.
+
+    Yields:
+        None, while the processors are installed.
+    """
     original = unet.attn_processors
     unet.set_attn_processor({key: P2PAttnProcessor(controller, key) for key in original})
     try:
@@ -352,6 +445,14 @@ def attention_sides(unet, latent_hw: tuple[int, int]) -> list[int]:
 
     ``down_blocks.i`` works at the latent halved ``i`` times, ``mid_block`` at the deepest level and
     ``up_blocks.j`` at level ``deepest - j``.
+
+    Args:
+        unet: a diffusers `UNet2DConditionModel` (its ``config.down_block_types`` gives the depth;
+            modules with ``is_cross_attention`` set are the cross-attention layers).
+        latent_hw: the latent ``(height, width)``; each level halves it, rounding up.
+
+    Returns:
+        The distinct sides ``max(height, width)`` of the cross-attention maps, ascending.
     """
     deepest = len(unet.config.down_block_types) - 1
     sides = set()

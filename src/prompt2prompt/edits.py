@@ -25,6 +25,17 @@ class EditMode(str, enum.Enum):
 
     @classmethod
     def parse(cls, value: "EditMode | str") -> "EditMode":
+        """The `EditMode` that ``value`` names.
+
+        Args:
+            value: an `EditMode`, or its name (``"auto"``, ``"replace"``, ``"refine"``, ``"none"``; any case).
+
+        Returns:
+            The `EditMode`.
+
+        Raises:
+            ValueError: ``value`` names no mode; the message lists the choices.
+        """
         try:
             return cls(value.value if isinstance(value, EditMode) else str(value).lower())
         except ValueError:
@@ -120,12 +131,32 @@ class ValueInjection:
         return self.source is not None and self.own is not None
 
     def to(self, device: torch.device) -> "ValueInjection":
+        """A copy with the tensors on ``device``.
+
+        Args:
+            device: the device to move ``source``, ``source_diagonal`` and ``own`` to (None stays None).
+
+        Returns:
+            A new `ValueInjection` (this one is frozen and unchanged).
+        """
         move = lambda t: None if t is None else t.to(device)  # noqa: E731
         return ValueInjection(move(self.source), move(self.source_diagonal), self.source_is_identity, move(self.own))
 
 
 def value_injection(mapper: torch.Tensor, alphas: torch.Tensor, weights: torch.Tensor, equalizer: torch.Tensor | None) -> ValueInjection:
-    """The `ValueInjection` of one step, with the terms that are all zero left out."""
+    """The `ValueInjection` of one step, with the terms that are all zero left out.
+
+    Args:
+        mapper: ``(targets, tokens_src, tokens_tgt)`` source position -> target position weights.
+        alphas: ``(targets, tokens)`` 1 where the target token takes the mapped source map.
+        weights: ``(targets, tokens)`` this step's injection weights (a step of ``EditPlan.cross_weights``).
+        equalizer: ``(targets, tokens)`` re-weighting factors, or None (all ones).
+
+    Returns:
+        A `ValueInjection` of ``S`` and ``o`` from `edit_ops.value_weights`: ``source`` is None when
+        ``S`` is all zero; ``source_diagonal`` is set when ``S`` is diagonal and ``source_is_identity``
+        when it is the identity; ``own`` is None when ``o`` is all zero (and ``S`` is not).
+    """
     source, own = value_weights(mapper, alphas, weights, equalizer)
     if not bool(source.any()):
         return ValueInjection(None, None, False, own)
@@ -188,17 +219,49 @@ class EditPlan:
             self.injections.append(by_weights[key])
 
     def step_weights(self, step: int) -> torch.Tensor | None:
-        """This step's ``(targets, tokens)`` injection weights, None when all are one."""
+        """This step's ``(targets, tokens)`` injection weights, None when all are one.
+
+        Args:
+            step: the denoising step index, ``0 <= step < num_steps``.
+        """
         return None if self.cross_full[step] else self.cross_weights[step]
 
     def value_injection(self, step: int) -> ValueInjection | None:
-        """The cross-attention edit of ``step`` on the values, None when no cross-attention is edited."""
+        """The cross-attention edit of ``step`` on the values, None when no cross-attention is edited.
+
+        Args:
+            step: the denoising step index, ``0 <= step < num_steps``.
+
+        Returns:
+            The step's `ValueInjection` (steps with the same weights share one), or None.
+        """
         return self.injections[step]
 
     def self_active(self, step: int, side: int) -> bool:
+        """Whether the source's self-attention is injected into the targets at ``step`` and ``side``.
+
+        Args:
+            step: the denoising step index.
+            side: the attention map's side (``max(height, width)``).
+
+        Returns:
+            True when the mode is not ``none``, ``step`` lies in ``self_steps`` (end excluded) and
+            ``side <= self_max_res``.
+        """
         return self.mode is not EditMode.NONE and self.self_steps[0] <= step < self.self_steps[1] and side <= self.self_max_res
 
     def to(self, device: torch.device) -> "EditPlan":
+        """Move the plan's tensors to ``device``, in place.
+
+        Moves the mapper, alphas, step weights, equalizer, their fast forms, every `ValueInjection`
+        (steps that shared one still share it) and the LocalBlend indicators.
+
+        Args:
+            device: the device of the UNet the plan will run on.
+
+        Returns:
+            ``self``.
+        """
         for name in ("mapper", "alphas", "cross_weights", "equalizer", "fast_mapper", "fast_alphas"):
             value = getattr(self, name)
             if value is not None:
@@ -216,7 +279,19 @@ class EditPlan:
 
 
 def resolve_mode(mode: EditMode | str, source: PromptTokens, targets: Sequence[PromptTokens]) -> EditMode:
-    """``auto`` -> replace when every target has the source's number of words, else refine."""
+    """``auto`` -> replace when every target has the source's number of words, else refine.
+
+    Args:
+        mode: an `EditMode` or its name.
+        source: the tokenized source prompt.
+        targets: the tokenized target prompts.
+
+    Returns:
+        ``REPLACE`` or ``REFINE`` for ``auto``; any other mode as parsed.
+
+    Raises:
+        ValueError: ``mode`` names no `EditMode`.
+    """
     mode = EditMode.parse(mode)
     if mode is EditMode.AUTO:
         same = all(len(t.words) == len(source.words) for t in targets)

@@ -53,6 +53,18 @@ class InversionMethod(str, Enum):
 
     @classmethod
     def parse(cls, value: "InversionMethod | str") -> "InversionMethod":
+        """The `InversionMethod` that ``value`` names.
+
+        Args:
+            value: an `InversionMethod`, or its value: ``"ddim"``, ``"null-text"``, ``"negative-prompt"``
+                or ``"direct"`` (exactly, lower case).
+
+        Returns:
+            The `InversionMethod`.
+
+        Raises:
+            ValueError: ``value`` names no method; the message lists the choices.
+        """
         if isinstance(value, cls):
             return value
         try:
@@ -70,6 +82,18 @@ def predict_eps(model_output: torch.Tensor, sample: torch.Tensor, alpha_t: torch
 
     With ``x_t = sqrt(a) x_0 + sqrt(1-a) eps`` and ``v = sqrt(a) eps - sqrt(1-a) x_0`` (Salimans &
     Ho, 2022): ``eps = sqrt(a) v + sqrt(1-a) x_t``.
+
+    Args:
+        model_output: the UNet's prediction at ``(x_t, t)``, e.g. ``(1, channels, h, w)``.
+        sample: ``x_t``, the latent the UNet was given, the same shape.
+        alpha_t: ``a``, the cumulative alpha (``alphas_cumprod``) at ``t``; a tensor that broadcasts.
+        prediction_type: the scheduler config's ``prediction_type``.
+
+    Returns:
+        ``eps``, the shape of ``model_output`` (``model_output`` itself for ``epsilon``).
+
+    Raises:
+        ValueError: ``prediction_type`` is neither ``"epsilon"`` nor ``"v_prediction"``.
     """
     if prediction_type == "epsilon":
         return model_output
@@ -80,14 +104,35 @@ def predict_eps(model_output: torch.Tensor, sample: torch.Tensor, alpha_t: torch
 
 def ddim_step(sample: torch.Tensor, eps: torch.Tensor, alpha_t: torch.Tensor, alpha_prev: torch.Tensor) -> torch.Tensor:
     """Deterministic DDIM step ``x_t -> x_{t-1}`` (Song et al., 2021, eq. 12 with sigma = 0):
-    ``x_{t-1} = sqrt(a_prev) * (x_t - sqrt(1-a_t) eps) / sqrt(a_t) + sqrt(1-a_prev) * eps``."""
+    ``x_{t-1} = sqrt(a_prev) * (x_t - sqrt(1-a_t) eps) / sqrt(a_t) + sqrt(1-a_prev) * eps``.
+
+    Args:
+        sample: ``x_t``, e.g. ``(1, channels, h, w)``.
+        eps: the noise predicted at ``(x_t, t)``, the same shape.
+        alpha_t: ``a_t``, the cumulative alpha at ``t`` (a tensor that broadcasts).
+        alpha_prev: ``a_prev``, the cumulative alpha at the previous (less noisy) timestep; the
+            scheduler's ``final_alpha_cumprod`` after the last step.
+
+    Returns:
+        ``x_{t-1}``, the shape of ``sample``.
+    """
     x0 = (sample - (1 - alpha_t).sqrt() * eps) / alpha_t.sqrt()
     return alpha_prev.sqrt() * x0 + (1 - alpha_prev).sqrt() * eps
 
 
 def ddim_inversion_step(sample: torch.Tensor, eps: torch.Tensor, alpha_prev: torch.Tensor, alpha_t: torch.Tensor) -> torch.Tensor:
     """DDIM inversion ``x_{t-1} -> x_t``: the DDIM step run backwards with ``eps`` predicted at
-    ``(x_{t-1}, t)`` (Mokady et al., 2022, eq. 2; Dhariwal & Nichol, 2021)."""
+    ``(x_{t-1}, t)`` (Mokady et al., 2022, eq. 2; Dhariwal & Nichol, 2021).
+
+    Args:
+        sample: ``x_{t-1}``, e.g. ``(1, channels, h, w)``.
+        eps: the noise predicted at ``(x_{t-1}, t)``, the same shape.
+        alpha_prev: the cumulative alpha at the timestep of ``x_{t-1}`` (note the order: before ``alpha_t``).
+        alpha_t: the cumulative alpha at ``t``, the timestep stepped to.
+
+    Returns:
+        ``x_t``, the shape of ``sample``.
+    """
     x0 = (sample - (1 - alpha_prev).sqrt() * eps) / alpha_prev.sqrt()
     return alpha_t.sqrt() * x0 + (1 - alpha_t).sqrt() * eps
 
@@ -108,7 +153,15 @@ def null_text_lr(step: int, num_steps: int, base: float = 1e-2) -> float:
 
 
 def null_text_threshold(step: int, epsilon: float = 1e-5) -> float:
-    """Early-stop threshold of the inner loop at step ``step``: ``epsilon + step * 2e-5``."""
+    """Early-stop threshold of the inner loop at step ``step``: ``epsilon + step * 2e-5``.
+
+    Args:
+        step: the DDIM step, 0 at the noisiest.
+        epsilon: the threshold at step 0 (``early_stop_epsilon``).
+
+    Returns:
+        The MSE below which null-text optimisation stops at this step.
+    """
     return epsilon + step * 2e-5
 
 
@@ -248,15 +301,24 @@ class Inversion:
 
     @property
     def height(self) -> int:
+        """The image height in pixels (of ``image``)."""
         return int(self.image.shape[0])
 
     @property
     def width(self) -> int:
+        """The image width in pixels (of ``image``)."""
         return int(self.image.shape[1])
 
     def save(self, path: str | os.PathLike) -> Path:
         """Write ``path`` (tensors, safetensors; ``.safetensors`` is appended if missing) and its
-        JSON sidecar ``<path minus .safetensors>.json``; each through a temporary file and a rename."""
+        JSON sidecar ``<path minus .safetensors>.json``; each through a temporary file and a rename.
+
+        Args:
+            path: the file to write; missing parent folders are created.
+
+        Returns:
+            The path of the ``.safetensors`` file written.
+        """
         from safetensors.torch import save_file
 
         path = _tensor_path(path)
@@ -287,7 +349,18 @@ class Inversion:
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> "Inversion":
-        """Read an inversion written by `save` (safetensors only; nothing is unpickled)."""
+        """Read an inversion written by `save` (safetensors only; nothing is unpickled).
+
+        Args:
+            path: the ``.safetensors`` file (the suffix is appended if missing); its ``.json``
+                sidecar must lie beside it.
+
+        Returns:
+            The `Inversion`, with its tensors on the CPU.
+
+        Raises:
+            ValueError: the file or its sidecar is missing or unreadable, or is not this format and version.
+        """
         from safetensors.torch import load_file
 
         path = _tensor_path(path)
@@ -325,7 +398,14 @@ def _sidecar(path: Path) -> Path:
 
 def inversion_scheduler(pipe: "Prompt2PromptPipeline"):
     """The deterministic DDIM scheduler that inversions and edits of inverted images share,
-    built from the pipeline's scheduler config (sample clipping and thresholding off)."""
+    built from the pipeline's scheduler config (sample clipping and thresholding off).
+
+    Args:
+        pipe: the pipeline whose ``scheduler.config`` is used (its scheduler is not changed).
+
+    Returns:
+        A new `diffusers.DDIMScheduler`.
+    """
     from diffusers import DDIMScheduler
 
     return DDIMScheduler.from_config(pipe.scheduler.config, clip_sample=False, thresholding=False)
@@ -349,7 +429,28 @@ def invert(
     negative_prompt: str | None = None,
     cuda_graph: bool = False,
 ) -> Inversion:
-    """Invert ``image`` with ``prompt`` (see `Prompt2PromptPipeline.invert` for the arguments)."""
+    """Invert ``image`` with ``prompt`` (see `Prompt2PromptPipeline.invert` for the arguments).
+
+    Args:
+        pipe: the `Prompt2PromptPipeline` whose VAE, text encoder, UNet and scheduler config are used.
+        image: a path, PIL image, array or tensor (see `load_image`).
+        prompt: a caption of the image; the source prompt of the edits.
+        method: an `InversionMethod` or its value.
+        num_inference_steps: DDIM steps (the edits use the same).
+        guidance_scale: the classifier-free guidance scale null-text optimises for (recorded for the edits).
+        height: pixels, a multiple of the VAE factor (default: the model's resolution).
+        width: pixels, a multiple of the VAE factor (default: the model's resolution).
+        num_inner_steps: null-text: at most this many evaluations per step.
+        early_stop_epsilon: null-text: stop a step's optimisation below `null_text_threshold`.
+        negative_prompt: null-text: the text whose embedding starts the optimisation (default ``""``).
+        cuda_graph: null-text on CUDA only: run the inner loop through `graphed_eps`.
+
+    Returns:
+        The `Inversion`, with its tensors on the CPU.
+
+    Raises:
+        ValueError: a bad argument or unreadable image, before any model work.
+    """
     method = InversionMethod.parse(method)
     source = pipe._tokenize(prompt, "prompt", False)
     if isinstance(num_inference_steps, bool) or not isinstance(num_inference_steps, int) or num_inference_steps < 1:
@@ -439,7 +540,20 @@ def graphed_eps(unet, sample: tuple[torch.Tensor, torch.Tensor, torch.Tensor], a
     synchronises with the host), so that the inversion still runs.
 
     Experimental: written without a GPU at hand; ``benchmarks/gpu_bench.sh`` compares it with the
-    eager loop (time and the null embeddings) on the first CUDA machine."""
+    eager loop (time and the null embeddings) on the first CUDA machine.
+
+    Args:
+        unet: the pipeline's UNet.
+        sample: example ``(latent, t, states)`` for the capture: ``latent`` ``(1, channels, h, w)`` in the
+            UNet's dtype, ``t`` a timestep tensor, ``states`` ``(1, tokens, dim)`` requiring its gradient.
+        alpha_of: ``t -> a_t``, the cumulative alpha at a timestep (for `predict_eps`).
+        prediction_type: the scheduler config's ``prediction_type`` (for `predict_eps`).
+        eager: the uncaptured ``eps(latent, t, states)`` to fall back on.
+
+    Returns:
+        ``(eps, True)`` with ``eps(latent, t, states)`` returning float32 noise ``(1, channels, h, w)``,
+        or ``(eager, False)`` when the capture fails.
+    """
 
     def unet_call(latent: torch.Tensor, t: torch.Tensor, states: torch.Tensor) -> torch.Tensor:
         return unet(latent, t, encoder_hidden_states=states, return_dict=False)[0]

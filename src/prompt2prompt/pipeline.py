@@ -56,7 +56,18 @@ class AttentionMaps:
     resolution: int
 
     def word(self, prompt_index: int, word: str | int) -> torch.Tensor:
-        """``(height, width)`` map of a word of prompt ``prompt_index``: the sum over its tokens."""
+        """``(height, width)`` map of a word of prompt ``prompt_index``: the sum over its tokens.
+
+        Args:
+            prompt_index: index into ``prompts``: 0 for the source, ``k`` for the ``k``-th target.
+            word: a word, phrase or word index of that prompt, as `PromptTokens.positions` takes it.
+
+        Returns:
+            ``(height, width)`` float32 map at side ``resolution``.
+
+        Raises:
+            ValueError: the word is not in that prompt (see `PromptTokens.positions`).
+        """
         positions = self.prompts[prompt_index].positions(word)
         return self.maps[prompt_index][..., positions].sum(-1)
 
@@ -97,6 +108,9 @@ def same_noise_generators(generator: torch.Generator, n: int) -> list[torch.Gene
     Args:
         generator: the run's generator (its device decides the copies').
         n: the number of prompt rows the step denoises.
+
+    Returns:
+        ``n`` new generators, each in ``generator``'s current state (``generator`` is not advanced).
     """
     state = generator.get_state()
     return [torch.Generator(device=generator.device).set_state(state) for _ in range(n)]
@@ -160,6 +174,20 @@ class Prompt2PromptPipeline(DiffusionPipeline):
         are refused unless ``allow_pickle=True``, since unpickling can run arbitrary code. A local
         folder is checked first (`check_model_folder`): a missing or damaged file raises a
         ``ValueError`` that names it.
+
+        Args:
+            pretrained_model_name_or_path: a local diffusers pipeline folder or a hub id; None loads
+                the bundled shapes-world model and sets ``pipe.vocabulary``.
+            *args: passed on to `DiffusionPipeline.from_pretrained`.
+            allow_pickle: allow pickle (``.bin``) checkpoints; otherwise ``use_safetensors=True`` is passed.
+            **kwargs: passed on to `DiffusionPipeline.from_pretrained` (e.g. ``torch_dtype``).
+
+        Returns:
+            The loaded `Prompt2PromptPipeline`.
+
+        Raises:
+            ValueError: the bundled model is missing, ``use_safetensors=False`` without
+                ``allow_pickle``, or a local folder lacks or has a damaged file.
         """
         if pretrained_model_name_or_path is None:
             from .shapes import MODEL_DIR

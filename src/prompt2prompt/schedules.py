@@ -21,6 +21,13 @@ Window = float | tuple[float, float]
 def parse_window(bounds, name: str) -> tuple[float, float]:
     """Validate a fraction or a ``(start, end)`` pair of fractions of the denoising steps.
 
+    Args:
+        bounds: a number ``f`` (meaning ``(0, f)``) or a ``(start, end)`` pair of numbers in [0, 1].
+        name: the setting's name, for the error messages.
+
+    Returns:
+        ``(start, end)`` as floats.
+
     Raises:
         ValueError: not numbers, outside [0, 1], or start > end.
     """
@@ -42,7 +49,15 @@ def parse_window(bounds, name: str) -> tuple[float, float]:
 
 
 def step_window(bounds: tuple[float, float], num_steps: int) -> tuple[int, int]:
-    """Step indices ``[int(f0*T), int(f1*T))`` of a window of fractions (paper's code rounding)."""
+    """Step indices ``[int(f0*T), int(f1*T))`` of a window of fractions (paper's code rounding).
+
+    Args:
+        bounds: ``(f0, f1)`` fractions of the steps, as `parse_window` returns them.
+        num_steps: the number of denoising steps ``T``.
+
+    Returns:
+        ``(first, stop)`` step indices; ``stop`` is excluded.
+    """
     return int(bounds[0] * num_steps), int(bounds[1] * num_steps)
 
 
@@ -56,6 +71,12 @@ def cross_step_weights(
     ``cross_replace_steps`` is one window for all tokens, or a dict of windows per word of the
     target prompts with ``"default_"`` for the rest (``(0, 1)`` when absent), as the paper's
     per-word injection (its Fig. 5 object preservation: ``{"default_": 0.0, "butterfly": 1.0}``).
+
+    Args:
+        targets: the tokenized target prompts (``max_length`` is taken from the first).
+        cross_replace_steps: a window (fraction or ``(start, end)``) for all tokens, or a dict of
+            word -> window; a word's window replaces the default on its tokens in every target that has it.
+        num_steps: the number of denoising steps.
 
     Returns:
         ``(num_steps, num_targets, max_length)`` float tensor.
