@@ -127,6 +127,8 @@ USAGE_ERRORS = [
     (["batch", "missing.jsonl", "-o", "out"], "missing.jsonl"),
     (["batch", "{jsonl}"], "-o"),
     (["batch", "{jsonl}", "-o", "out", "--workers", "0"], "--workers"),
+    (["generate", SRC, "-o", "{not_p2p_png}/sub"], "is a file, not a folder"),
+    (["batch", "{jsonl}", "-o", "{not_p2p_png}/sub"], "is a file, not a folder"),
     (["info", "missing.png"], "missing.png"),
     (["info", "{not_p2p_png}"], "no prompt2prompt parameters"),
     (["serve", "--port", "0"], "--port"),
@@ -164,8 +166,32 @@ def test_usage_error_in_a_subprocess_is_one_line_without_traceback(tmp_path):
 def test_pipeline_value_errors_are_usage_errors(capsys, tmp_path):
     """Errors only the loaded model can find (a map side it lacks) still exit 2 with one line."""
     code, out, err = run(capsys, "attention", SRC, *FAST, "--res", "5", "-o", tmp_path / "a")
-    assert code == 2 and len(err.strip().splitlines()) == 1 and "attention_res 5" in err
+    assert code == 2 and len(err.strip().splitlines()) == 1 and "--res: attention_res 5" in err
     assert not (tmp_path / "a").exists()
+
+
+def test_serve_checks_host_and_port_before_loading(capsys, no_model, monkeypatch):
+    import socket
+
+    monkeypatch.setattr(cli, "check_model", lambda *a: (_ for _ in ()).throw(AssertionError("checked the model first")))
+
+    with socket.socket() as held:
+        held.bind(("127.0.0.1", 0))
+        held.listen()
+        port = held.getsockname()[1]
+        code, out, err = run(capsys, "serve", "--port", str(port))
+    assert code == 2 and len(err.strip().splitlines()) == 1 and f"--port {port}: cannot listen" in err
+    code, out, err = run(capsys, "serve", "--host", "999.1.1.1")
+    assert code == 2 and len(err.strip().splitlines()) == 1 and "--host 999.1.1.1" in err and out == ""
+
+
+def test_batch_workers_report_a_bad_model_in_one_line(capsys, tmp_path):
+    """The model folder is checked once before the pool starts: no traceback per worker."""
+    jsonl = tmp_path / "e.jsonl"
+    jsonl.write_text("\n".join(json.dumps({"prompt": SRC, "to": TGT}) for _ in range(2)) + "\n")
+    (tmp_path / "empty").mkdir()
+    code, out, err = run(capsys, "batch", jsonl, "-o", tmp_path / "b", "--workers", "2", "--model", tmp_path / "empty")
+    assert code == 1 and len(err.strip().splitlines()) == 1 and "model_index.json" in err and "Traceback" not in err
 
 
 def test_runtime_failures_exit_1_with_one_line_and_debug_shows_the_traceback(capsys, tmp_path):
@@ -473,6 +499,47 @@ def test_output_set_failure_removes_everything_it_wrote(tmp_path, monkeypatch):
     monkeypatch.setattr(imageio.os, "replace", real_replace)
     assert [p.name for p in files.commit()] == ["a.txt", "b.txt"]
     assert (tmp_path / "new" / "b.txt").read_bytes() == b"b"
+
+
+def test_output_set_replaces_an_earlier_result_and_nothing_else(tmp_path, monkeypatch):
+    """A one-target result committed over a two-target one leaves no edit-2.png behind; files the
+    earlier result did not name as its own (a photo in its options, a user's notes) stay."""
+    folder = tmp_path / "out"
+    first = imageio.OutputSet(folder)
+    for name in ("source.png", "edit-1.png", "edit-2.png"):
+        first.add(name, b"old")
+    first.add_json("result.json", {"options": {"image": "photo.png"}, "grid": "edit-2.png",
+                                   "images": [{"file": n} for n in ("source.png", "edit-1.png", "edit-2.png")]})
+    first.commit()
+    (folder / "photo.png").write_bytes(b"user's")
+    (folder / "notes.txt").write_text("mine")
+    second = imageio.OutputSet(folder)
+    second.add("source.png", b"new")
+    second.add("edit-1.png", b"new")
+    second.add_json("result.json", {"images": [{"file": "source.png"}, {"file": "edit-1.png"}]})
+    second.commit()
+    assert sorted(p.name for p in folder.iterdir()) == ["edit-1.png", "notes.txt", "photo.png", "result.json", "source.png"]
+    assert (folder / "edit-1.png").read_bytes() == b"new"
+    # interrupted while replacing: the earlier marker is gone first, so the folder never looks finished
+    real_replace = os.replace
+    monkeypatch.setattr(imageio.os, "replace", lambda src, dst: (_ for _ in ()).throw(OSError("disk full")))
+    third = imageio.OutputSet(folder)
+    third.add("source.png", b"third")
+    third.add_json("result.json", {"images": [{"file": "source.png"}]})
+    with pytest.raises(OSError):
+        third.commit()
+    monkeypatch.setattr(imageio.os, "replace", real_replace)
+    assert not (folder / "result.json").exists()
+
+
+def test_written_files_get_ordinary_permissions(tmp_path):
+    """mkstemp makes files owner-only (0600); results are ordinary files (0666 less the umask)."""
+    old = os.umask(0o022)
+    try:
+        path = imageio.atomic_write_bytes(tmp_path / "x.bin", b"x")
+    finally:
+        os.umask(old)
+    assert (path.stat().st_mode & 0o777) == 0o644
 
 
 # ============================================================================ real images (inversion)

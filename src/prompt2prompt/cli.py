@@ -555,18 +555,32 @@ def slugify(text: str, length: int = 40) -> str:
     return slug.strip("-") or "p2p"
 
 
+def _check_writable(folder: Path, label: str) -> None:
+    """Raise `UsageError` unless ``folder`` can be made and written: its nearest existing ancestor
+    must be a folder this process can write in (checked before any model work)."""
+    existing = folder
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if not existing.is_dir():
+        raise UsageError(f"{label}: {existing} is a file, not a folder; name a folder")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise UsageError(f"{label}: cannot write in {existing}; name a folder you can write to")
+
+
 def output_folder(given: str | None, slug: str) -> Path:
-    """``-o DIR``, or a new ``outputs/<YYYYmmdd-HHMMSS>-<slug>``."""
+    """``-o DIR``, or a new ``outputs/<YYYYmmdd-HHMMSS>-<slug>``; checked to be writable."""
     if given is not None:
         folder = Path(given).expanduser()
         if folder.exists() and not folder.is_dir():
             raise UsageError(f"-o {given}: exists and is not a folder; name a folder")
+        _check_writable(folder, f"-o {given}")
         return folder
     stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
     base = Path("outputs") / f"{stamp}-{slug}"
     folder, n = base, 2
     while folder.exists():
         folder, n = base.with_name(f"{base.name}-{n}"), n + 1
+    _check_writable(folder, f"the output folder {folder} (choose another with -o)")
     return folder
 
 
@@ -650,7 +664,11 @@ def load_pipeline(model: str | None, dtype: str, device: str, progress: bool, al
         pipe = Prompt2PromptPipeline.from_pretrained(model, torch_dtype=getattr(torch, dtype), allow_pickle=allow_pickle)
         pipe = pipe.to(device)
     except Exception as err:  # noqa: BLE001 - every load failure is a runtime failure
-        raise RuntimeFailure(f"could not load the model {model_label(model)}: {_one_line(err)}") from err
+        reason = _one_line(err).replace(" Please check out the root cause in the stacktrace above.", "")
+        if model is not None and not Path(model).expanduser().exists():  # a hub id: no folder of that name here
+            reason += (f" ({model!r} is not a folder here, so it was looked up as a Hugging Face hub id; name a local "
+                       "diffusers folder, or run where the hub can be reached)")
+        raise RuntimeFailure(f"could not load the model {model_label(model)}: {reason}") from err
     pipe.set_progress_bar_config(disable=not progress)
     return pipe
 
@@ -661,12 +679,24 @@ def _generator(seed: int):
     return torch.Generator().manual_seed(seed)
 
 
+#: The pipeline's argument names as the command line spells them, for its error messages.
+LIBRARY_FLAGS = {
+    "attention_res": "--res", "num_inference_steps": "--steps", "guidance_scale": "--guidance", "edit_prompts": "--to",
+    "cross_replace_steps": "--cross-steps", "self_replace_steps": "--self-steps", "equalizer": "--reweight",
+    "LocalBlend": "--blend",
+}
+
+
 def _call(pipe, *args, **kwargs):
-    """Run the pipeline; its argument errors (ValueError, raised before any denoising) are usage errors."""
+    """Run the pipeline; its argument errors (ValueError, raised before any denoising) are usage errors,
+    prefixed with the option that set the argument the message starts with (``--res: attention_res 7 ...``)."""
     try:
         return pipe(*args, **kwargs)
     except ValueError as err:
-        raise UsageError(_one_line(err)) from err
+        message = _one_line(err)
+        match = re.match(r"[A-Za-z_]+", message)
+        flag = LIBRARY_FLAGS.get(match.group(0)) if match else None
+        raise UsageError(f"{flag}: {message}" if flag else message) from err
 
 
 def _bar(pipe, show: bool, desc: str | None = None) -> None:
@@ -921,12 +951,17 @@ def _worker_init(env: dict) -> None:
     # torch keeps its default thread count: fewer threads would change float reductions, and so
     # pixels, making results depend on --workers.
     warnings.simplefilter("ignore")
-    with library_output(False):
-        _WORKER["pipe"] = load_pipeline(env["model"], env["dtype"], env["device"], progress=False, allow_pickle=env["allow_pickle"])
     _WORKER["env"] = env
+    try:
+        with library_output(False):
+            _WORKER["pipe"] = load_pipeline(env["model"], env["dtype"], env["device"], progress=False, allow_pickle=env["allow_pickle"])
+    except RuntimeFailure as err:  # reported once per line as a failure, not as the pool's traceback
+        _WORKER["load_error"] = str(err)
 
 
 def _worker_line(options: dict, folder: str) -> tuple[str, str]:
+    if "load_error" in _WORKER:
+        return "failed", _WORKER["load_error"]
     try:
         run_batch_line(_WORKER["pipe"], options, Path(folder), _WORKER["env"], Console(quiet=True))
         return "done", folder
@@ -992,6 +1027,7 @@ def cmd_batch(args, console: Console) -> int:
     if todo:
         device = check_device(args.device)
         env = {"device": device, "model": model, "dtype": dtype, "allow_pickle": args.allow_pickle}
+        check_model(model, args.allow_pickle)  # here, once: a bad folder is one line, not one traceback per worker
         if workers > 1 and len(todo) > 1:
             _run_parallel(todo, min(workers, len(todo)), env, console, done, failed)
         else:
@@ -1083,6 +1119,26 @@ def cmd_info(args, console: Console) -> int:
     return 0
 
 
+def check_listen(host: str, port: int) -> None:
+    """Raise `UsageError` unless this process can listen on ``host:port`` (checked before the model loads)."""
+    import errno
+    import socket
+
+    try:
+        family, kind, proto, _, address = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0]
+    except (socket.gaierror, UnicodeError) as err:
+        raise UsageError(f"--host {host}: not a name or address this machine can resolve ({err}); "
+                         "use 127.0.0.1 (this machine only) or 0.0.0.0 (every interface)") from None
+    with socket.socket(family, kind, proto) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as the server does: a closed port in TIME_WAIT is free
+        try:
+            probe.bind(address)
+        except OSError as err:
+            if err.errno == errno.EADDRNOTAVAIL:
+                raise UsageError(f"--host {host}: not an address of this machine; use 127.0.0.1 or 0.0.0.0") from None
+            raise UsageError(f"--port {port}: cannot listen on {host}:{port} ({err.strerror}); choose another --port") from None
+
+
 def cmd_serve(args, console: Console) -> int:
     import importlib.util
 
@@ -1090,6 +1146,7 @@ def cmd_serve(args, console: Console) -> int:
     if port > 65535:
         raise UsageError(f"--port must be a port number from 1 to 65535, got {args.port!r}")
     host = args.host or "127.0.0.1"
+    check_listen(host, port)
     model = _model(args.model, "--model")
     dtype = _choice(DTYPES)(args.dtype, "--dtype") if args.dtype is not None else None
     device = check_device(args.device)

@@ -76,15 +76,25 @@ def _fsync_dir(folder: Path) -> None:
         os.close(fd)
 
 
+def _file_mode() -> int:
+    """The permissions a plain ``open(path, "w")`` would give: ``0o666`` less the process's umask."""
+    umask = os.umask(0)
+    os.umask(umask)
+    return 0o666 & ~umask
+
+
 def write_temp(path: str | os.PathLike, data: bytes) -> Path:
     """Write ``data`` to a new temporary file beside ``path`` (flushed to disk) and return its path.
 
+    The file gets the permissions of an ordinary new file (``mkstemp`` alone makes it owner-only).
     The temporary file is removed again if writing fails or is interrupted.
     """
     path = Path(path)
     fd, temp = tempfile.mkstemp(prefix=f"{TEMP_PREFIX}{path.name}.", dir=path.parent)
     try:
         with os.fdopen(fd, "wb") as handle:
+            if hasattr(os, "fchmod"):
+                os.fchmod(handle.fileno(), _file_mode())
             handle.write(data)
             handle.flush()
             os.fsync(handle.fileno())
@@ -134,14 +144,50 @@ def remove_stale_temps(folder: str | os.PathLike) -> list[Path]:
     return removed
 
 
+#: Keys under which a result's JSON names its own files (``{"file": "edit-1.png"}``, ``"grid": "grid.png"``).
+FILE_KEYS = ("file", "grid")
+
+
+def _files_named_by(marker: Path) -> set[str]:
+    """The files beside ``marker`` that its JSON names as its own (under `FILE_KEYS`, at any depth).
+
+    Only those keys count, so a user's photo named in the options (``"image": "cat.png"``) is never
+    taken for an output.
+    """
+    try:
+        value = json.loads(marker.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return set()
+    names: set[str] = set()
+    stack = [value]
+    while stack:
+        item = stack.pop()
+        if isinstance(item, list):
+            stack.extend(item)
+        elif isinstance(item, dict):
+            for key, entry in item.items():
+                if key in FILE_KEYS and isinstance(entry, str) and entry and Path(entry).name == entry:
+                    names.add(entry)
+                else:
+                    stack.append(entry)
+    return {n for n in names if (marker.parent / n).is_file()}
+
+
 class OutputSet:
     """Files of one result, committed together.
 
     `add` encodes files in memory; `commit` writes each to a temporary file, then renames them
-    all into place in the order added (so the last one, e.g. ``result.json``, appears last). If
-    anything fails or is interrupted (Ctrl-C) before `commit` returns, the temporary files and the
-    files this commit already renamed are removed, and the folder too when this commit created it
-    and it is left empty: an interrupted run leaves no partial result.
+    all into place in the order added (so the last one, e.g. ``result.json``, appears last and
+    marks the result complete). If anything fails or is interrupted (Ctrl-C) before `commit`
+    returns, the temporary files and the files this commit already renamed are removed, and the
+    folder too when this commit created it and it is left empty: an interrupted run leaves no
+    partial result.
+
+    Committing into a folder that holds an earlier result replaces it: the earlier marker file is
+    removed before any file is renamed (so an interruption leaves an unfinished result, never a
+    finished-looking mix), and afterwards the files the earlier marker named that this set does
+    not rewrite are deleted, so ``edit-2.png`` of a two-target run does not survive a one-target
+    run. Other files in the folder are left alone.
     """
 
     def __init__(self, folder: str | os.PathLike):
@@ -164,13 +210,18 @@ class OutputSet:
         return [n for n, _ in self._files]
 
     def commit(self) -> list[Path]:
+        """Write the files into the folder (see the class); returns their paths in order."""
         created = not self.folder.exists()
         self.folder.mkdir(parents=True, exist_ok=True)
+        marker = self.folder / self._files[-1][0] if self._files else None
+        previous = [] if created or marker is None else sorted(_files_named_by(marker) - set(self.names))
         temps: list[tuple[Path, Path]] = []
         done: list[Path] = []
         try:
             for name, data in self._files:
                 temps.append((write_temp(self.folder / name, data), self.folder / name))
+            if temps:  # the earlier result is no longer complete from here on
+                temps[-1][1].unlink(missing_ok=True)
             for temp, final in temps:
                 os.replace(temp, final)
                 done.append(final)
@@ -186,4 +237,6 @@ class OutputSet:
                 except OSError:
                     pass
             raise
+        for stale in previous:
+            (self.folder / stale).unlink(missing_ok=True)
         return done

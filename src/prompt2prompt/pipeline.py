@@ -234,7 +234,8 @@ class Prompt2PromptPipeline(DiffusionPipeline):
     def _negative_ids(self, negative_prompt, count: int, truncate: bool) -> list[list[int]]:
         if negative_prompt is None:
             negative_prompt = ""
-        rows = [negative_prompt] * count if isinstance(negative_prompt, str) else list(negative_prompt)
+        listed = isinstance(negative_prompt, Sequence) and not isinstance(negative_prompt, str)
+        rows = [negative_prompt] * count if not listed else list(negative_prompt)
         if len(rows) != count or not all(isinstance(r, str) for r in rows):
             raise ValueError(f"negative_prompt must be a string or a list of {count} strings (one per prompt), got {negative_prompt!r}")
         out = []
@@ -462,6 +463,8 @@ class Prompt2PromptPipeline(DiffusionPipeline):
             raise ValueError(f"num_inference_steps must be a positive integer, got {num_inference_steps!r}")
         if isinstance(guidance_scale, bool) or not isinstance(guidance_scale, Real) or not math.isfinite(guidance_scale):
             raise ValueError(f"guidance_scale must be a finite number, got {guidance_scale!r}")
+        if isinstance(eta, bool) or not isinstance(eta, Real) or not math.isfinite(eta) or eta < 0:
+            raise ValueError(f"eta must be a finite number >= 0 (0: deterministic DDIM, 1: DDPM-like noise), got {eta!r}")
         if isinstance(generator, list) and len(generator) == 1:  # diffusers' one-image form
             generator = generator[0]
         if generator is not None and not isinstance(generator, torch.Generator):
