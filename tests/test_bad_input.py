@@ -39,6 +39,7 @@ CASES = [
     (dict(edit_prompts=[TGT], local_blend="bicycle"), r"local_blend must be a LocalBlend"),
     (dict(edit_prompts=["a cat riding a red bicycle"], edit="replace"), r"same number of words.*edit='refine'"),
     (dict(edit_prompts=[TGT], edit="swap"), r"edit must be one of 'auto', 'replace', 'refine', 'none'"),
+    (dict(edit_prompts=[TGT], edit=None), r"edit must be one of 'auto', 'replace', 'refine', 'none', got None"),
     (dict(edit_prompts=[" ".join(["cat"] * 80)]), r"edit_prompts\[0\]: the prompt .* is 82 tokens long but the text encoder takes at most 77; .*truncate_prompts=True"),
     (dict(prompt=" ".join(["cat"] * 90)), r"prompt: the prompt .* is 92 tokens long"),
     (dict(prompt=""), r"prompt must be a non-empty string"),

@@ -231,6 +231,19 @@ def test_load_bad_files(tmp_path):
     (tmp_path / "x.json").write_text(json.dumps({"format": "prompt2prompt-inversion", "version": 1}))
     with pytest.raises(ValueError, match="not a readable inversion"):
         Inversion.load(tmp_path / "x.safetensors")
+    # a readable file that lacks what its method needs is refused here, not at edit time
+    from safetensors.torch import save_file
+
+    save_file({"timesteps": torch.zeros(2), "latent": torch.zeros(1, 4, 2, 2), "image_latent": torch.zeros(1, 4, 2, 2),
+               "image": torch.zeros(8, 8, 3, dtype=torch.uint8)}, str(tmp_path / "y.safetensors"))
+    meta = {"format": "prompt2prompt-inversion", "version": 1, "method": "null-text", "prompt": "a cat",
+            "num_inference_steps": 2, "guidance_scale": 7.5}
+    (tmp_path / "y.json").write_text(json.dumps(meta))
+    with pytest.raises(ValueError, match="lacks null_embeddings, which a null-text inversion needs"):
+        Inversion.load(tmp_path / "y.safetensors")
+    (tmp_path / "y.json").write_text(json.dumps({**meta, "method": None}))
+    with pytest.raises(ValueError, match="names no inversion method"):
+        Inversion.load(tmp_path / "y.safetensors")
 
 
 @pytest.fixture(scope="module")

@@ -37,7 +37,9 @@ class EditMode(str, enum.Enum):
             ValueError: ``value`` names no mode; the message lists the choices.
         """
         try:
-            return cls(value.value if isinstance(value, EditMode) else str(value).lower())
+            if not isinstance(value, (EditMode, str)):  # str(None) would read as "none"
+                raise ValueError
+            return cls(value.value if isinstance(value, EditMode) else value.lower())
         except ValueError:
             choices = ", ".join(repr(m.value) for m in cls)
             raise ValueError(f"edit must be one of {choices}, got {value!r}") from None

@@ -25,6 +25,7 @@ import os
 import time
 from dataclasses import dataclass, field
 from enum import Enum
+from numbers import Real
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -375,8 +376,17 @@ class Inversion:
             raise ValueError(f"{str(path)!r} is not a readable inversion ({err}); invert the image again") from None
         if meta.get("format") != FORMAT or meta.get("version") != FORMAT_VERSION:
             raise ValueError(f"{str(sidecar)!r} is not a version-{FORMAT_VERSION} {FORMAT} file; invert the image again")
+        try:
+            method = InversionMethod.parse(meta["method"])
+        except (KeyError, ValueError):
+            raise ValueError(f"{str(sidecar)!r} names no inversion method; invert the image again") from None
+        needed = {"timesteps", "latent", "image_latent", "image"}
+        needed |= {InversionMethod.NULL_TEXT: {"null_embeddings"}, InversionMethod.DIRECT: {"trajectory"}}.get(method, set())
+        missing = sorted(needed - set(tensors)) + sorted({"prompt", "num_inference_steps", "guidance_scale"} - set(meta))
+        if missing:
+            raise ValueError(f"{str(path)!r} lacks {', '.join(missing)}, which a {method.value} inversion needs; invert the image again")
         return cls(
-            method=InversionMethod.parse(meta["method"]), prompt=meta["prompt"],
+            method=method, prompt=meta["prompt"],
             num_inference_steps=int(meta["num_inference_steps"]), guidance_scale=float(meta["guidance_scale"]),
             timesteps=tensors["timesteps"], latent=tensors["latent"], image_latent=tensors["image_latent"],
             image=tensors["image"].numpy(), null_embeddings=tensors.get("null_embeddings"),
@@ -455,11 +465,11 @@ def invert(
     source = pipe._tokenize(prompt, "prompt", False)
     if isinstance(num_inference_steps, bool) or not isinstance(num_inference_steps, int) or num_inference_steps < 1:
         raise ValueError(f"num_inference_steps must be a positive integer, got {num_inference_steps!r}")
-    if isinstance(guidance_scale, bool) or not isinstance(guidance_scale, (int, float)) or not math.isfinite(guidance_scale):
+    if isinstance(guidance_scale, bool) or not isinstance(guidance_scale, Real) or not math.isfinite(guidance_scale):
         raise ValueError(f"guidance_scale must be a finite number, got {guidance_scale!r}")
     if isinstance(num_inner_steps, bool) or not isinstance(num_inner_steps, int) or num_inner_steps < 1:
         raise ValueError(f"num_inner_steps must be a positive integer, got {num_inner_steps!r}")
-    if isinstance(early_stop_epsilon, bool) or not isinstance(early_stop_epsilon, (int, float)) or not early_stop_epsilon >= 0:
+    if isinstance(early_stop_epsilon, bool) or not isinstance(early_stop_epsilon, Real) or not early_stop_epsilon >= 0:
         raise ValueError(f"early_stop_epsilon must be a number >= 0, got {early_stop_epsilon!r}")
     if not isinstance(cuda_graph, bool):
         raise ValueError(f"cuda_graph must be True or False, got {cuda_graph!r}")
