@@ -12,6 +12,7 @@ import sys
 import time
 from pathlib import Path
 
+import PIL.Image
 import pytest
 
 from prompt2prompt.web import FieldError, field_of, parse_request
@@ -24,13 +25,27 @@ REPO = Path(__file__).resolve().parents[1]
 
 def test_field_of_maps_library_messages_to_fields():
     assert field_of("equalizer names 'dog', which is in none of the prompts") == "reweight"
-    assert field_of("LocalBlend source word 'dog' is not in the prompt") == "blend"
-    assert field_of("cross_replace_steps fraction 1.5 is outside [0, 1]") == "cross"
+    assert field_of("equalizer['dog'] must be a finite number") == "reweight"
+    assert field_of("LocalBlend source_words: 'dog' is not a word of the prompt") == "blend"
+    assert field_of("LocalBlend target_words names 'dog', which is in none of the prompts") == "blend"
+    assert field_of("cross_replace_steps['default_'] must lie in [0, 1]") == "cross"
+    assert field_of("self_replace_steps must lie in [0, 1]") == "self"
     assert field_of("word swap (edit='replace') needs prompts with the same number of words") == "mode"
+    assert field_of("edit must be one of auto, replace, refine, none, got 'x'") == "mode"
     assert field_of("num_inference_steps must be a positive integer") == "sampling"
+    assert field_of("guidance_scale must be a finite number, got nan") == "sampling"
     assert field_of("image file 'x.png' is empty") == "image"
+    assert field_of("inversion method must be one of null-text, direct, got 'x'") == "image"
     assert field_of("prompt: the prompt is 82 tokens long") == "prompt"
+    assert field_of("edit_prompts[1]: the prompt is 82 tokens long") == "edit_prompts"
     assert field_of("something else entirely") == "general"
+
+
+def test_field_of_reads_only_the_leading_argument_name():
+    # the message quotes the user's prompt: words in it must not pick the field
+    assert field_of("prompt: the prompt 'a seed of a plant' is 82 tokens long but the text encoder takes at most 77") == "prompt"
+    assert field_of("edit_prompts[0]: the prompt 'a blend of equalizer image' is 82 tokens long") == "edit_prompts"
+    assert field_of("the model says: seed, blend, image and prompt") == "general"
 
 
 def base(**over):
@@ -64,6 +79,229 @@ def test_parse_request_errors_name_their_field(over, field):
     with pytest.raises(FieldError) as info:
         base(**over)
     assert info.value.field == field
+
+
+@pytest.mark.parametrize(
+    "over, field",
+    [
+        (dict(seed=2**63), "sampling"),
+        (dict(seed=2**64), "sampling"),
+        (dict(seed=float("inf")), "sampling"),
+        (dict(seed=1.5), "sampling"),
+        (dict(steps=0), "sampling"),
+        (dict(cross=None), "cross"),
+        (dict(cross="lots"), "cross"),
+        (dict(self_steps=None), "self"),
+        (dict(blend_threshold=None), "blend"),
+        (dict(blend_threshold=float("nan")), "blend"),
+        (dict(guidance=None), "sampling"),
+        (dict(steps=None), "sampling"),
+        (dict(seed=None), "sampling"),
+        (dict(reweight_rows=[["square", float("inf")]]), "reweight"),
+        (dict(reweight_rows=5), "reweight"),
+        (dict(prompt=5), "prompt"),
+        (dict(targets=["a red square"]), "edit_prompts"),
+        (dict(blend_source=5, blend_target="square"), "blend"),
+        (dict(image="/nonexistent.png"), "image"),
+    ],
+)
+def test_parse_request_catches_what_used_to_escape(over, field):
+    """Out-of-range seeds and None/non-numbers through the API are messages beside their field."""
+    with pytest.raises(FieldError) as info:
+        base(**over)
+    assert info.value.field == field and str(info.value)
+
+
+def test_parse_request_accepts_the_largest_seed():
+    assert base(seed=2**63 - 1).seed == 2**63 - 1 and base(seed=7.0).seed == 7
+
+
+def test_blend_words_are_comma_separated_phrases():
+    req = base(prompt="a pencil sketch of a cat", targets="an oil painting of a red cat", blend_source=" pencil sketch ",
+               blend_target="oil painting,  red ,")
+    assert req.blend_source == ["pencil sketch"] and req.blend_target == ["oil painting", "red"]
+    assert req.pipeline_kwargs()["local_blend"].target_words == ("oil painting", "red")
+    assert req.options(None)["blend"] == [["pencil sketch"], ["oil painting", "red"]]
+
+
+def test_options_errors_are_field_errors():
+    """`EditRequest.options` (the command line's checks) names the page's field, never raises UsageError."""
+    req = base()
+    req.seed = 2**63
+    with pytest.raises(FieldError) as info:
+        req.options(None)
+    assert info.value.field == "sampling" and "Seed" in str(info.value)
+    req = base()
+    req.cross_replace_steps = 1.5
+    with pytest.raises(FieldError) as info:
+        req.options(None)
+    assert info.value.field == "cross"
+
+
+# --------------------------------------------------------------------------- the page's handler, no server
+
+
+class NoWork:
+    """A pipeline stand-in that fails the test if any model work starts."""
+
+    device = "cpu"
+
+    def __call__(self, *args, **kwargs):
+        raise AssertionError("the pipeline ran before the input was checked")
+
+    def invert(self, *args, **kwargs):
+        raise AssertionError("the inversion ran before the input was checked")
+
+
+@pytest.fixture(scope="module")
+def pipe():
+    from prompt2prompt.pipeline import Prompt2PromptPipeline
+
+    return Prompt2PromptPipeline.from_pretrained()
+
+
+def page(editor):
+    """The Edit button's handler of the page built for ``editor`` (what a click or an API call runs)."""
+    pytest.importorskip("gradio")
+    from prompt2prompt.web import build_app
+
+    demo = build_app(editor)
+    (handler,) = [f.fn for f in demo.fns.values() if getattr(f.fn, "__name__", "") == "on_run"]
+    return demo, handler
+
+
+def click(handler, history=(), **over):
+    values = dict(prompt="a big red circle on a blue background", targets="a big red square on a blue background", mode="auto",
+                  cross=0.8, self_steps=0.4, blend_source="", blend_target="", blend_threshold=0.3, reweight_rows=[["", ""]],
+                  seed=0, steps=2, guidance=7.5, image=None, inversion_method="null-text")
+    values.update(over)
+    return handler(*values.values(), list(history))
+
+
+def shown(outputs) -> dict:
+    """The error slots the handler made visible: field -> message."""
+    from prompt2prompt.web import FIELDS
+
+    slots = outputs[-len(FIELDS):]
+    return {name: u["value"] for name, u in zip(FIELDS, slots) if isinstance(u, dict) and u.get("visible")}
+
+
+def folders(out: Path) -> list[Path]:
+    return [p for p in out.iterdir() if p.name != ".gradio"] if out.exists() else []
+
+
+def has_parameters(path) -> bool:
+    from PIL import Image
+
+    with Image.open(path) as im:
+        return im.format == "PNG" and "prompt2prompt" in im.text and "parameters" in im.text
+
+
+def test_editor_checks_the_options_before_any_work(tmp_path):
+    from prompt2prompt.web import Editor
+
+    req = base()
+    req.seed = 2**63  # past parse_request: the command line's own check (cli.normalise_options) still stops it
+    with pytest.raises(FieldError) as info:
+        Editor(NoWork(), tmp_path / "out").run(req)
+    assert info.value.field == "sampling" and folders(tmp_path / "out") == []
+
+
+@pytest.mark.parametrize("over, field", [
+    (dict(blend_source="triangle", blend_target="square"), "blend"),
+    (dict(reweight_rows=[["banana", "2"]]), "reweight"),
+])
+def test_page_checks_words_before_a_photo_is_inverted(tmp_path, over, field):
+    """A word that is not in the prompts is reported beside its field before the (slow) inversion."""
+    from prompt2prompt.web import Editor
+
+    photo = tmp_path / "photo.png"
+    PIL.Image.new("RGB", (16, 16), (200, 30, 30)).save(photo)
+    _, handler = page(Editor(NoWork(), tmp_path / "out"))
+    shown_errors = shown(click(handler, image=str(photo), **over))
+    assert list(shown_errors) == [field] and folders(tmp_path / "out") == []
+
+
+@pytest.mark.parametrize("seed", [2**63, 2**64, -1])
+def test_page_rejects_a_seed_out_of_range_beside_the_seed(tmp_path, seed):
+    from prompt2prompt.web import Editor
+
+    _, handler = page(Editor(NoWork(), tmp_path / "out"))
+    errors = shown(click(handler, seed=seed))
+    assert list(errors) == ["sampling"] and "seed" in errors["sampling"].lower()
+    assert folders(tmp_path / "out") == []
+
+
+@pytest.mark.parametrize("over", [dict(cross=None), dict(guidance=None), dict(blend_threshold=None), dict(image="/nonexistent.png")])
+def test_page_api_values_that_used_to_escape(tmp_path, over):
+    from prompt2prompt.web import Editor
+
+    _, handler = page(Editor(NoWork(), tmp_path / "out"))
+    errors = shown(click(handler, **over))
+    assert len(errors) == 1 and "general" not in errors and folders(tmp_path / "out") == []
+
+
+def test_page_photo_that_is_not_an_image(tmp_path):
+    """A non-image upload reaches the image check (not Gradio's decoder) and is reported under the photo."""
+    from gradio.data_classes import ImageData
+
+    from prompt2prompt.web import Editor
+
+    demo, handler = page(Editor(NoWork(), tmp_path / "out"))
+    upload = tmp_path / "notes.png"
+    upload.write_text("not a picture")
+    photo = next(b for b in demo.blocks.values() if getattr(b, "elem_id", None) == "photo")
+    path = photo.preprocess(ImageData(path=str(upload), orig_name="notes.png"))
+    assert path == str(upload)
+    errors = shown(click(handler, image=path))
+    assert list(errors) == ["image"] and "notes.png" in errors["image"] and folders(tmp_path / "out") == []
+
+
+@pytest.mark.parametrize("over, field", [
+    (dict(prompt="a seed " * 20), "prompt"),  # too long, and says "seed"
+    (dict(targets="a blend " * 20, blend_source="circle", blend_target="blend"), "edit_prompts"),  # too long, says "blend"
+])
+def test_page_routes_library_errors_by_their_argument(tmp_path, pipe, over, field):
+    from prompt2prompt.web import Editor
+
+    _, handler = page(Editor(pipe, tmp_path / "out"))
+    errors = shown(click(handler, **over))
+    assert list(errors) == [field] and "tokens long" in errors[field] and folders(tmp_path / "out") == []
+
+
+def test_page_galleries_show_the_saved_pngs(tmp_path, pipe):
+    """Every image the page shows is a saved PNG that carries its parameters, so the galleries'
+    download buttons give the PNG with its parameters (not a re-encoded WebP without them)."""
+    from prompt2prompt.web import Editor
+
+    demo, handler = page(Editor(pipe, tmp_path / "out"))
+    results, attention, files, past, history, *_ = outputs = click(handler)
+    assert shown(outputs) == {}
+    (folder,) = folders(tmp_path / "out")
+    assert sorted(Path(f).name for f in files) == ["edit-1.png", "source.png"] and all(Path(f).parent == folder for f in files)
+    assert [caption for _, caption in results] == ["source", "a big red square on a blue background"]
+    assert [path for path, _ in results] == files
+    assert past == history and [path for path, _ in past] == files[1:]
+    assert len(attention) >= 8 and attention[0][1].startswith("source: ")
+    for path, _ in [*results, *attention, *past]:
+        assert isinstance(path, str) and Path(path).parent == folder and has_parameters(path), path
+    from prompt2prompt.imageio import read_png_metadata
+
+    meta = read_png_metadata(attention[0][0])
+    assert meta["image"]["role"] == "cross-attention" and meta["options"]["prompt"] == "a big red circle on a blue background"
+    # what Gradio serves (and its download button gives) is that file, byte for byte
+    from gradio import processing_utils
+
+    gallery = next(b for b in demo.blocks.values() if getattr(b, "elem_id", None) == "results")
+    served = processing_utils.move_files_to_cache(gallery.postprocess(results), gallery, postprocess=True)
+    served = served.model_dump() if hasattr(served, "model_dump") else served
+    paths = [item["image"]["path"] for item in served]
+    assert len(paths) == 2 and all(has_parameters(p) for p in paths)
+    assert [Path(p).read_bytes() for p in paths] == [Path(f).read_bytes() for f in files]
+
+    # the history keeps the earlier edits' files
+    *_, past2, _ = click(handler, history=history, targets="a big red circle on a green background")[:5]
+    assert len(past2) == 2 and past2[0] == past[0] and all(has_parameters(p) for p, _ in past2)
 
 
 # --------------------------------------------------------------------------- the page in a browser
@@ -160,7 +398,7 @@ def test_server_binds_loopback_only(server):
             socket.create_connection((host, port), timeout=1).close()
 
 
-def test_edit_in_the_browser(server, browser):
+def test_edit_in_the_browser(server, browser, tmp_path):
     from selenium.webdriver.common.by import By
 
     url, out, _ = server
@@ -186,8 +424,11 @@ def test_edit_in_the_browser(server, browser):
     sizes = _wait(browser, results_ready)
     assert all(w == 64 and h == 64 for _, w, h in sizes[:2]), sizes
     assert not _visible_errors(browser)
-    pngs = [p for p in sorted(out.rglob("*.png")) if ".gradio" not in p.parts and "rerun" not in p.parts]
-    assert len(pngs) == 2
+    written = [p for p in sorted(out.rglob("*.png")) if ".gradio" not in p.parts and "rerun" not in p.parts]
+    pngs = [p for p in written if not p.name.startswith("attention-")]
+    assert len(pngs) == 2 and len(written) - len(pngs) >= 8 and all(has_parameters(p) for p in written)
+    # the page shows those PNGs (not WebP copies without the parameters)
+    assert all(i.get_attribute("src").endswith(".png") for i in browser.find_elements(By.CSS_SELECTOR, "#results img"))
     from prompt2prompt.imageio import read_png_metadata
 
     meta = read_png_metadata(next(p for p in pngs if p.name == "edit-1.png"))
@@ -231,3 +472,15 @@ def test_edit_in_the_browser(server, browser):
     browser.find_element(By.CSS_SELECTOR, "#run").click()
     errors = _wait(browser, lambda b: [e for e in _visible_errors(b) if "target prompt" in e] or False, 60)
     assert errors
+
+    # a file that is not a picture, uploaded as the photo, is reported under the photo (not by Gradio's decoder)
+    _set(browser, "targets", "a big red square on a blue background")
+    notes = tmp_path / "notes.png"
+    notes.write_text("not a picture")
+    browser.find_element(By.CSS_SELECTOR, "#photo-accordion button").click()
+    upload = _wait(browser, lambda b: b.find_elements(By.CSS_SELECTOR, "#photo input[type=file]") or False, 30)[0]
+    upload.send_keys(str(notes))
+    time.sleep(2)  # the upload finishes before the click sends its path
+    browser.find_element(By.CSS_SELECTOR, "#run").click()
+    errors = _wait(browser, lambda b: [e for e in _visible_errors(b) if "not an image" in e] or False, 60)
+    assert "notes" in errors[0] and "Traceback" not in browser.page_source

@@ -11,6 +11,7 @@ Needs the optional extra: ``pip install "prompt2prompt[web]"``.
 from __future__ import annotations
 
 import hashlib
+import math
 import os
 import re
 import time
@@ -23,23 +24,48 @@ from typing import Any
 MAX_UPLOAD_MB = 20
 #: Error slots on the page, one beside each group of fields.
 FIELDS = ("prompt", "edit_prompts", "mode", "cross", "self", "blend", "reweight", "sampling", "image", "general")
-_FIELD_PATTERNS = (  # (pattern in a library message, field), first match wins
-    (r"equalizer|re-?weight", "reweight"),
-    (r"local_blend|LocalBlend|blend", "blend"),
-    (r"cross_replace_steps|cross-attention", "cross"),
-    (r"self_replace", "self"),
-    (r"edit_prompts", "edit_prompts"),
-    (r"word swap|\bedit=|\bedit must|edit mode", "mode"),
-    (r"num_inference_steps|guidance_scale|seed", "sampling"),
-    (r"image|invers|inverted", "image"),
-    (r"\bprompt", "prompt"),
+_FIELD_PATTERNS = (  # (how a library message starts: the argument it names, field), first match wins
+    (r"equalizer\b", "reweight"),
+    (r"(LocalBlend|local_blend)\b", "blend"),
+    (r"cross_replace_steps\b", "cross"),
+    (r"self_replace_(steps|max_res)\b", "self"),
+    (r"edit_prompts\b", "edit_prompts"),
+    (r"(edit\b|word swap\b)", "mode"),
+    (r"(num_inference_steps|guidance_scale|seed|generator|eta)\b", "sampling"),
+    (r"(image\b|an image\b|a non-uint8 image\b|the image was inverted\b|inversion\b|the inversion's\b)", "image"),
+    (r"prompt\b", "prompt"),
 )
+#: The page's name of each command-line option (it leads `cli.normalise_options`' messages) and its field.
+_OPTION_LABELS = {
+    "prompt": ("Source prompt", "prompt"), "to": ("Target prompt", "edit_prompts"), "mode": ("Edit mode", "mode"),
+    "cross_steps": ("Cross-attention replace steps", "cross"), "self_steps": ("Self-attention replace steps", "self"),
+    "blend": ("Local blend words", "blend"), "blend_threshold": ("Local blend threshold", "blend"),
+    "reweight": ("Re-weighting", "reweight"), "seed": ("Seed", "sampling"), "steps": ("Steps", "sampling"),
+    "guidance": ("Guidance", "sampling"), "image": ("Photo", "image"), "invert": ("Inversion", "image"),
+}
+#: Seeds are 64-bit signed integers (``torch.Generator.manual_seed``, the command line's ``--seed``).
+MAX_SEED = 2**63 - 1
 
 
 def field_of(message: str) -> str:
-    """The page field a validation message is about (``general`` when none matches)."""
+    """The page field a library validation message is about, read from the argument name the message
+    starts with (never from the rest, which quotes the user's prompts); ``general`` when none matches."""
     for pattern, name in _FIELD_PATTERNS:
-        if re.search(pattern, message):
+        if re.match(pattern, message):
+            return name
+    return "general"
+
+
+def _option_label(key: str) -> str:
+    from .cli import cli_names
+
+    return _OPTION_LABELS[key][0] if key in _OPTION_LABELS else cli_names(key)
+
+
+def _option_field(message: str) -> str:
+    """The field of a `cli.UsageError` raised with `_option_label` names: the longest label it starts with."""
+    for label, name in sorted(_OPTION_LABELS.values(), key=lambda pair: -len(pair[0])):
+        if message.startswith(label):
             return name
     return "general"
 
@@ -86,8 +112,13 @@ class EditRequest:
 
     def options(self, model: str | None, dtype: str | None = None) -> dict[str, Any]:
         """The request as the command line's canonical edit options (what ``p2p info`` reads and
-        ``p2p edit --from`` reruns)."""
-        from .cli import EDIT_KEYS, normalise_options
+        ``p2p edit --from`` reruns), checked by the command line's own rules.
+
+        Raises:
+            FieldError: a value the command line rejects, or a word (blend, re-weighting, per-word window)
+                that is not in the prompts, beside its field (its message names the page's field).
+        """
+        from .cli import EDIT_KEYS, UsageError, check_edit_words, normalise_options
 
         raw = {
             "prompt": self.prompt, "to": list(self.edit_prompts), "mode": self.mode,
@@ -98,49 +129,106 @@ class EditRequest:
             "guidance": self.guidance_scale, "model": model, "dtype": dtype,
             "image": self.image, "invert": self.inversion_method if self.image else None,
         }
-        return normalise_options(raw, EDIT_KEYS, required=("prompt", "to"))
+        try:
+            options = normalise_options(raw, EDIT_KEYS, names=_option_label, required=("prompt", "to"))
+            check_edit_words(options, _option_label)  # every named word, before an inversion or the model runs
+        except UsageError as err:
+            raise FieldError(_option_field(str(err)), str(err)) from None
+        return options
 
 
-def _words(text: str | None) -> list[str]:
-    return [w for w in re.split(r"[,\s]+", text or "") if w]
+def _words(text, field_name: str) -> list[str]:
+    """Comma-separated words; each may be a phrase (``"pencil sketch, red"``), as the library and ``--blend`` take them."""
+    if text is None:
+        return []
+    if not isinstance(text, str):
+        raise FieldError(field_name, f"Local blend words must be text: words separated by commas, got {text!r}.")
+    return [w.strip() for w in text.split(",") if w.strip()]
+
+
+def _text(value, field_name: str, what: str) -> str:
+    if value is None:
+        return ""
+    if not isinstance(value, str):
+        raise FieldError(field_name, f"The {what} must be text, got {value!r}.")
+    return value
+
+
+def _number(value, field_name: str, label: str, example: str) -> float:
+    """A finite number; None or a non-number (possible through the API) is a `FieldError`."""
+    try:
+        if isinstance(value, bool):
+            raise TypeError
+        number = float(value)
+    except (TypeError, ValueError):
+        raise FieldError(field_name, f"{label} must be a number such as {example}, got {value!r}.") from None
+    if not math.isfinite(number):
+        raise FieldError(field_name, f"{label} must be a finite number such as {example}, got {value!r}.")
+    return number
+
+
+def _whole(value, field_name: str, label: str, minimum: int, maximum: int) -> int:
+    """A whole number in [minimum, maximum]; 7.0 counts, 7.5 and None do not."""
+    try:
+        if isinstance(value, bool) or isinstance(value, float) and not value.is_integer():
+            raise ValueError
+        number = int(value) if isinstance(value, (int, float)) else int(str(value).strip())
+    except (TypeError, ValueError, OverflowError):
+        raise FieldError(field_name, f"{label} must be a whole number, got {value!r}.") from None
+    if not minimum <= number <= maximum:
+        raise FieldError(field_name, f"{label} must be from {minimum} to {maximum}, got {number}.")
+    return number
+
+
+def _photo_path(image) -> str | None:
+    """The photo's path, checked to exist (the library checks that it is a picture)."""
+    if image is None or isinstance(image, str) and not image.strip():
+        return None
+    try:
+        found = isinstance(image, (str, os.PathLike)) and Path(image).is_file()
+    except (OSError, ValueError):  # e.g. a NUL byte in the name
+        found = False
+    if not found:
+        raise FieldError("image", f"The photo {image!r} is not a file; upload a PNG, JPEG or WebP picture.")
+    return str(image)
 
 
 def parse_request(prompt, targets, mode, cross, self_steps, blend_source, blend_target, blend_threshold, reweight_rows,
                   seed, steps, guidance, image, inversion_method) -> EditRequest:
-    """Turn the page's raw values into an `EditRequest`; a bad value raises `FieldError`."""
-    prompt = (prompt or "").strip()
+    """Turn the page's raw values into an `EditRequest`; a bad value raises `FieldError`.
+
+    The values come from the page or from Gradio's API, so any of them may be None or of the wrong type.
+    """
+    prompt = _text(prompt, "prompt", "source prompt").strip()
     if not prompt:
         raise FieldError("prompt", "Write a source prompt, e.g. 'a big red circle on a blue background'.")
-    edit_prompts = [t.strip() for t in (targets or "").splitlines() if t.strip()]
+    edit_prompts = [t.strip() for t in _text(targets, "edit_prompts", "target prompts").splitlines() if t.strip()]
     if not edit_prompts:
         raise FieldError("edit_prompts", "Write at least one target prompt (one per line), e.g. the source with one word changed.")
-    src, tgt = _words(blend_source), _words(blend_target)
+    src, tgt = _words(blend_source, "blend"), _words(blend_target, "blend")
     if bool(src) != bool(tgt):
         raise FieldError("blend", "Local blend needs words on both sides: the source words and the target words (or neither).")
     equalizer: dict[str, float] = {}
-    for row in _rows(reweight_rows):
+    try:
+        rows = _rows(reweight_rows)
+    except TypeError:
+        raise FieldError("reweight", f"Re-weighting takes rows of (word, factor), got {reweight_rows!r}.") from None
+    for row in rows:
         word, factor = (str(row[0]).strip() if len(row) > 0 and row[0] is not None else ""), (row[1] if len(row) > 1 else "")
         if not word and (factor in ("", None)):
             continue
         if not word:
             raise FieldError("reweight", f"A re-weighting row has the factor {factor!r} but no word; fill in the word or clear the row.")
-        try:
-            value = float(factor)
-        except (TypeError, ValueError):
-            raise FieldError("reweight", f"The factor for {word!r} must be a number such as 2 or -1, got {factor!r}.") from None
-        equalizer[word] = value
-    try:
-        seed_value = int(seed)
-        steps_value = int(steps)
-    except (TypeError, ValueError):
-        raise FieldError("sampling", "Seed and steps must be whole numbers.") from None
-    if seed_value < 0:
-        raise FieldError("sampling", f"The seed must be 0 or more, got {seed_value}.")
+        equalizer[word] = _number(factor, "reweight", f"The factor for {word!r}", "2 or -1")
     return EditRequest(
-        prompt=prompt, edit_prompts=edit_prompts, mode=mode or "auto", cross_replace_steps=float(cross),
-        self_replace_steps=float(self_steps), blend_source=src, blend_target=tgt, blend_threshold=float(blend_threshold),
-        equalizer=equalizer, seed=seed_value, num_inference_steps=steps_value, guidance_scale=float(guidance),
-        image=image or None, inversion_method=inversion_method or "null-text",
+        prompt=prompt, edit_prompts=edit_prompts, mode=mode or "auto",
+        cross_replace_steps=_number(cross, "cross", "Cross-attention replace steps", "0.8"),
+        self_replace_steps=_number(self_steps, "self", "Self-attention replace steps", "0.4"),
+        blend_source=src, blend_target=tgt, blend_threshold=_number(blend_threshold, "blend", "Local blend threshold", "0.3"),
+        equalizer=equalizer, seed=_whole(seed, "sampling", "Seed", 0, MAX_SEED),
+        num_inference_steps=_whole(steps, "sampling", "Steps", 1, MAX_SEED),
+        guidance_scale=_number(guidance, "sampling", "Guidance", "7.5"),
+        image=_photo_path(image), inversion_method=inversion_method or "null-text",
     )
 
 
@@ -150,7 +238,7 @@ def _rows(value) -> list[list]:
     if hasattr(value, "values") and hasattr(value, "columns"):  # a pandas DataFrame
         return [list(r) for r in value.values.tolist()]
     if isinstance(value, dict) and "data" in value:
-        return list(value["data"])
+        return [list(r) for r in value["data"]]
     return [list(r) for r in value]
 
 
@@ -188,23 +276,8 @@ class Editor:
                 self._inversions.popitem(last=False)
         return self._inversions[key]
 
-    def run(self, req: EditRequest):
-        """Run the edit; returns ``(images, attention, files)``. Library ValueErrors pass through."""
-        import torch
-
-        from .imageio import save_png
-        from .visualisation import token_heatmaps
-
-        kwargs = req.pipeline_kwargs()
-        if req.image:
-            kwargs["inversion"] = self._inversion(req)
-        else:
-            kwargs["generator"] = torch.Generator(device="cpu").manual_seed(req.seed)
-        out = self.pipe(req.prompt, req.edit_prompts, **kwargs)
-        images = out.images
-        heat = []
-        for k, image in enumerate(images):
-            heat += [(im, f"{'source' if k == 0 else f'target {k}'}: {word}") for word, im in token_heatmaps(image, out.attention, k)]
+    def _new_folder(self, req: EditRequest) -> Path:
+        """A result folder name not taken yet (created by the commit of its files, not here)."""
         from .cli import slugify
 
         folder = self.output_dir / f"{time.strftime('%Y%m%d-%H%M%S')}-{slugify(req.prompt)}"
@@ -212,19 +285,69 @@ class Editor:
         while folder.exists():
             n += 1
             folder = folder.with_name(folder.name.split("~")[0] + f"~{n}")
-        folder.mkdir(parents=True)
-        from .cli import image_metadata, parameters_text
+        return folder
 
-        options = req.options(self.model, self.dtype)
+    def run(self, req: EditRequest):
+        """Run the edit and write its PNGs, each carrying the parameters.
+
+        Returns ``(files, heat)``: the paths of ``source.png`` and ``edit-K.png``, and ``(path, caption)``
+        of each word's cross-attention heat map PNG. The options are checked before any work (a bad one
+        raises `FieldError`, and nothing is written); library ValueErrors pass through. The files appear
+        together or not at all (`imageio.OutputSet`).
+        """
+        import torch
+
+        from .cli import image_metadata, parameters_text, slugify
+        from .imageio import OutputSet
+        from .visualisation import token_heatmaps
+
+        options = req.options(self.model, self.dtype)  # the command line's checks, before the model runs
+        kwargs = req.pipeline_kwargs()
+        if req.image:
+            kwargs["inversion"] = self._inversion(req)
+        else:
+            kwargs["generator"] = torch.Generator(device="cpu").manual_seed(req.seed)
+        out = self.pipe(req.prompt, req.edit_prompts, **kwargs)
+        folder = self._new_folder(req)
         mode = out.edit_mode.value if out.edit_mode is not None else None
         prompts = [req.prompt, *req.edit_prompts]
-        files = []
-        for k, image in enumerate(images):
-            name = "source.png" if k == 0 else f"edit-{k}.png"
-            meta = image_metadata("edit", options, {"device": self.device}, "source" if k == 0 else "target", k, len(prompts), name,
-                                  prompts[k], edit_mode=mode, source="p2p serve")
-            files.append(str(save_png(folder / name, image, meta, parameters_text(meta))))
-        return images, heat, files
+
+        def meta(role: str, k: int, name: str, **extra) -> tuple[dict, str]:
+            m = image_metadata("edit", options, {"device": self.device}, role, k, len(prompts), name, prompts[k],
+                               edit_mode=mode, source="p2p serve", **extra)
+            return m, parameters_text(m)
+
+        output = OutputSet(folder)
+        files, heat = [], []
+        for k, image in enumerate(out.images):
+            stem = "source" if k == 0 else f"edit-{k}"
+            output.add_png(f"{stem}.png", image, *meta("source" if k == 0 else "target", k, f"{stem}.png"))
+            files.append(str(folder / f"{stem}.png"))
+            for i, (word, im) in enumerate(token_heatmaps(image, out.attention, k), start=1):
+                name = f"attention-{stem}-{i:02d}-{slugify(word, 20)}.png"
+                output.add_png(name, im, *meta("cross-attention", k, name, word=word, attention_resolution=out.attention.resolution))
+                heat.append((str(folder / name), f"{'source' if k == 0 else f'target {k}'}: {word}"))
+        output.commit()
+        return files, heat
+
+
+def _tolerant(photo):
+    """Make a `gradio.Image` upload (``type="filepath"``) hand on a file PIL cannot open instead of
+    failing in Gradio's own decoding, so that the image check (`EditRequest.options`) reports it beside
+    the photo field. Returns ``photo``. (Wrapped on the instance: a `gradio.Image` subclass would make
+    Gradio write a ``.pyi`` file beside this module.)"""
+    decode = photo.preprocess
+
+    def preprocess(payload):
+        try:
+            return decode(payload)
+        except Exception:  # noqa: BLE001 - any decoder error: the image check names it
+            if payload is None or not getattr(payload, "path", None):
+                raise
+            return str(payload.path)
+
+    photo.preprocess = preprocess
+    return photo
 
 
 def build_app(editor: Editor, default_prompt: str = "a big red circle on a blue background",
@@ -256,8 +379,10 @@ def build_app(editor: Editor, default_prompt: str = "a big red circle on a blue 
                 self_steps = gr.Slider(0, 1, value=0.4, step=0.05, label="Self-attention replace steps (fraction)", elem_id="self")
                 errors["self"] = slot()
                 with gr.Row():
-                    blend_src = gr.Textbox(label="Local blend: source words", placeholder="circle", elem_id="blend-source")
-                    blend_tgt = gr.Textbox(label="Local blend: target words", placeholder="square", elem_id="blend-target")
+                    blend_src = gr.Textbox(label="Local blend: source words", placeholder="circle", elem_id="blend-source",
+                                           info="Separated by commas; each may be a phrase, e.g. pencil sketch")
+                    blend_tgt = gr.Textbox(label="Local blend: target words", placeholder="square", elem_id="blend-target",
+                                           info="Separated by commas; each may be a phrase, e.g. oil painting")
                 blend_thr = gr.Slider(0, 1, value=0.3, step=0.05, label="Local blend threshold", elem_id="blend-threshold")
                 errors["blend"] = slot()
                 reweight = gr.Dataframe(headers=["word", "factor"], datatype=["str", "str"], row_count=2, column_count=2,
@@ -268,8 +393,8 @@ def build_app(editor: Editor, default_prompt: str = "a big red circle on a blue 
                     steps = gr.Slider(1, 100, value=50, step=1, label="Steps", elem_id="steps")
                     guidance = gr.Slider(0, 15, value=7.5, step=0.5, label="Guidance", elem_id="guidance")
                 errors["sampling"] = slot()
-                with gr.Accordion("Edit a real photo (optional)", open=False):
-                    image = gr.Image(type="filepath", label="Photo", sources=["upload"], elem_id="photo")
+                with gr.Accordion("Edit a real photo (optional)", open=False, elem_id="photo-accordion"):
+                    image = _tolerant(gr.Image(type="filepath", label="Photo", sources=["upload"], elem_id="photo"))
                     method = gr.Dropdown([m.value for m in InversionMethod], value="null-text", label="Inversion", elem_id="inversion")
                 errors["image"] = slot()
                 run = gr.Button("Edit", variant="primary", elem_id="run")
@@ -289,13 +414,14 @@ def build_app(editor: Editor, default_prompt: str = "a big red circle on a blue 
             hidden = [gr.update(visible=False, value="") for _ in FIELDS]
             try:
                 req = parse_request(*raw)
-                images, heat, paths = editor.run(req)
-            except ValueError as err:
+                paths, heat = editor.run(req)
+            except ValueError as err:  # FieldError (the page's and the command line's checks) or the library's
                 name = err.field if isinstance(err, FieldError) else field_of(str(err))
                 hidden[FIELDS.index(name)] = gr.update(visible=True, value=f"⚠ {err}")
                 return (gr.skip(), gr.skip(), gr.skip(), gr.skip(), hist, *hidden)
-            labelled = [(im, "source" if k == 0 else req.edit_prompts[k - 1]) for k, im in enumerate(images)]
-            hist = (hist + [(im, f"{req.prompt} → {req.edit_prompts[k - 1]}") for k, im in enumerate(images) if k > 0])[-24:]
+            # the galleries show the saved PNGs themselves, so their download buttons give the parameters too
+            labelled = [(p, "source" if k == 0 else req.edit_prompts[k - 1]) for k, p in enumerate(paths)]
+            hist = (hist + [(p, f"{req.prompt} → {req.edit_prompts[k - 1]}") for k, p in enumerate(paths) if k > 0])[-24:]
             return (labelled, heat, paths, hist, hist, *hidden)
 
         run.click(on_run, inputs=inputs, outputs=[results, attention, files, past, history, *slots],
