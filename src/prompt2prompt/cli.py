@@ -1,7 +1,7 @@
 """``p2p``: Prompt-to-Prompt from the command line.
 
-A thin layer over `Prompt2PromptPipeline`: it parses and checks options, calls the pipeline and
-writes files. Commands: ``generate``, ``edit``, ``attention``, ``sweep``, ``batch``, ``info`` and
+A thin layer over `Prompt2PromptPipeline`: it parses arguments, checks them with
+`prompt2prompt.options` (shared with the web page), calls the pipeline and writes files. Commands: ``generate``, ``edit``, ``attention``, ``sweep``, ``batch``, ``info`` and
 ``serve`` (the web page of `prompt2prompt.web`); ``p2p COMMAND --help`` shows each one's options
 and examples.
 
@@ -15,25 +15,49 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import copy
 import datetime
 import json
 import logging
-import math
 import os
 import re
-import shlex
 import sys
 import traceback
-import unicodedata
 import warnings
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from pathlib import Path
 
 from . import __version__
-from .alignment import PromptTokens, normalize_word, positions_in_each, split_words, tokenize_words
-from .edits import EditMode, LocalBlend, build_edit_plan
-from .imageio import OutputSet, read_png_metadata, remove_stale_temps
+from .alignment import split_words, tokenize_words
+from .edits import EditMode
+from .imageio import OutputSet, remove_stale_temps
+from .options import (
+    ATTENTION_KEYS,
+    BATCH_LINE_KEYS,
+    DEFAULTS,
+    DTYPES,
+    EDIT_KEYS,
+    FLAGS,
+    GENERATE_KEYS,
+    INVERT_METHODS,
+    NORMALISERS,
+    PROG,
+    RESULT,
+    SWEEP_KEYS,
+    OptionError,
+    check_edit_words,
+    choice_of,
+    edit_kwargs,
+    image_metadata,
+    integer_option,
+    model_label,
+    model_option,
+    normalise_options,
+    one_line,
+    parameters_text,
+    read_stored_metadata,
+    read_stored_options,
+    slugify,
+)
 from .visualisation import (
     align_words,
     gray_image,
@@ -42,517 +66,16 @@ from .visualisation import (
     token_heatmaps,
 )
 
-PROG = "p2p"
-RESULT = "result.json"
-MODES = ("auto", "replace", "refine", "none")
-INVERT_METHODS = ("null-text", "direct", "negative-prompt", "ddim")
-DTYPES = ("float32", "float16", "bfloat16")
-SWEEP_DEFAULT = [0.0, 0.2, 0.4, 0.6, 0.8, 1.0]
-
-#: Option defaults (the canonical, JSON-ready form of every option).
-DEFAULTS: dict = {
-    "mode": "auto",
-    "cross_steps": 0.8,
-    "cross_steps_word": {},
-    "self_steps": 0.4,
-    "blend": None,
-    "blend_threshold": 0.3,
-    "reweight": {},
-    "seed": 0,
-    "steps": 50,
-    "guidance": 7.5,
-    "image": None,
-    "invert": None,
-    "model": None,
-    "dtype": "float32",
-    "top_k": 6,
-    "res": None,
-    "sweep": SWEEP_DEFAULT,
-}
-
-#: The command-line spelling of each option.
-FLAGS = {
-    "prompt": "PROMPT",
-    "to": "--to",
-    "mode": "--mode",
-    "cross_steps": "--cross-steps",
-    "cross_steps_word": "--cross-steps-word",
-    "self_steps": "--self-steps",
-    "blend": "--blend",
-    "blend_threshold": "--blend-threshold",
-    "reweight": "--reweight",
-    "seed": "--seed",
-    "steps": "--steps",
-    "guidance": "--guidance",
-    "image": "--image",
-    "invert": "--invert",
-    "model": "--model",
-    "dtype": "--dtype",
-    "top_k": "--top-k",
-    "res": "--res",
-    "sweep": "--cross-steps",
-}
-
-COMMON_KEYS = ("seed", "steps", "guidance", "model", "dtype")
-GENERATE_KEYS = ("prompt", *COMMON_KEYS)
-ATTENTION_KEYS = ("prompt", "top_k", "res", *COMMON_KEYS)
-EDIT_SETTING_KEYS = ("mode", "cross_steps", "cross_steps_word", "self_steps", "blend", "blend_threshold", "reweight")
-EDIT_KEYS = ("prompt", "to", *EDIT_SETTING_KEYS, *COMMON_KEYS, "image", "invert")
-SWEEP_KEYS = ("prompt", "to", "sweep", *[k for k in EDIT_SETTING_KEYS if k != "cross_steps"], *COMMON_KEYS)
-#: Keys a line of a ``p2p batch`` file may hold (model, dtype and device are set for the whole batch).
-BATCH_LINE_KEYS = tuple(k for k in EDIT_KEYS if k not in ("model", "dtype"))
-
-
-class UsageError(Exception):
-    """Bad command-line input: exit status 2, one line."""
+#: Bad command-line input: exit status 2, one line (the options' `OptionError`, a ``ValueError``).
+UsageError = OptionError
 
 
 class RuntimeFailure(Exception):
     """The command could not be carried out: exit status 1, one line."""
 
 
-def _one_line(message) -> str:
-    return re.sub(r"\s*\n\s*", " ", str(message)).strip()
-
-
-# ============================================================================ option parsing
-#
-# Every option has one normaliser that accepts the command-line string, the JSON of a batch line
-# and its own canonical output (so stored options parse again), and raises UsageError naming the
-# option as the user spelled it (``name``).
-
-Names = Callable[[str], str]
-
-
-def cli_names(key: str) -> str:
-    return FLAGS.get(key, key)
-
-
-def _number(text, name: str, what: str) -> float:
-    if isinstance(text, bool):
-        raise UsageError(f"{name} must be {what}, got {text!r}")
-    if isinstance(text, (int, float)):
-        value = float(text)
-    else:
-        try:
-            value = float(str(text).strip())
-        except ValueError:
-            raise UsageError(f"{name} must be {what}, got {text!r}") from None
-    if not math.isfinite(value):
-        raise UsageError(f"{name} must be {what}, got {text!r}")
-    return value
-
-
-def _window(value, name: str):
-    """A fraction ``f`` (canonical: the float) or ``START:END`` (canonical: ``[start, end]``)."""
-    what = "a fraction of the steps like 0.8, or START:END like 0.2:0.8"
-    if isinstance(value, str) and ":" in value:
-        parts = value.split(":")
-        if len(parts) != 2:
-            raise UsageError(f"{name} must be {what}, got {value!r}")
-        pair = [_number(p, name, what) for p in parts]
-    elif isinstance(value, (list, tuple)):
-        if len(value) != 2:
-            raise UsageError(f"{name} must be {what}, got {value!r}")
-        pair = [_number(p, name, what) for p in value]
-    else:
-        pair = [0.0, _number(value, name, what)]
-    for v in pair:
-        if not 0.0 <= v <= 1.0:
-            raise UsageError(f"{name} {_fmt_value(value)} is outside [0, 1]; give fractions of the steps between 0 and 1, e.g. 0.8 or 0.2:0.8")
-    if pair[0] > pair[1]:
-        raise UsageError(f"{name} {_fmt_value(value)} has its start after its end; give START:END with START <= END, e.g. {pair[1]:g}:{pair[0]:g}")
-    single = not isinstance(value, (list, tuple)) and not (isinstance(value, str) and ":" in value)
-    return pair[1] if single else pair
-
-
-def _fmt_value(value) -> str:
-    if isinstance(value, (list, tuple)):
-        return ":".join(_fmt_value(v) for v in value)
-    return value if isinstance(value, str) else repr(value)
-
-
-def _fraction(value, name: str) -> float:
-    v = _number(value, name, "a number in [0, 1]")
-    if not 0.0 <= v <= 1.0:
-        raise UsageError(f"{name} must be a number in [0, 1], got {_fmt_value(value)}")
-    return v
-
-
-def _integer(value, name: str, minimum: int, what: str) -> int:
-    if isinstance(value, bool) or isinstance(value, float) and not value.is_integer():
-        raise UsageError(f"{name} must be {what}, got {value!r}")
-    try:
-        number = int(value) if isinstance(value, (int, float)) else int(str(value).strip())
-    except ValueError:
-        raise UsageError(f"{name} must be {what}, got {value!r}") from None
-    if number < minimum or number >= 2**63:
-        raise UsageError(f"{name} must be {what}, got {value!r}")
-    return number
-
-
-def _text(value, name: str) -> str:
-    if not isinstance(value, str) or not value.strip():
-        raise UsageError(f"{name} must be a non-empty prompt, got {value!r}")
-    return value
-
-
-def _prompts(value, name: str) -> list[str]:
-    values = [value] if isinstance(value, str) else value
-    if not isinstance(values, (list, tuple)) or not values:
-        raise UsageError(f"{name} must give at least one target prompt, got {value!r}")
-    return [_text(v, name) for v in values]
-
-
-def _choice(choices: tuple[str, ...]):
-    def parse(value, name: str) -> str:
-        text = str(value).strip().lower() if isinstance(value, str) else value
-        if text not in choices:
-            raise UsageError(f"{name} must be one of {', '.join(choices)}, got {value!r}")
-        return text
-
-    return parse
-
-
-def _pairs(value, name: str, example: str) -> list[tuple[str, object]]:
-    """``WORD=VALUE`` strings (a list or one string) or a JSON object -> [(word, raw value)]."""
-    if isinstance(value, Mapping):
-        items = list(value.items())
-    else:
-        texts = [value] if isinstance(value, str) else value
-        if not isinstance(texts, (list, tuple)):
-            raise UsageError(f"{name} must be WORD=VALUE, e.g. {example}, got {value!r}")
-        items = []
-        for text in texts:
-            if not isinstance(text, str) or "=" not in text:
-                raise UsageError(f"{name} must be WORD=VALUE, e.g. {example}, got {text!r}")
-            word, _, raw = text.rpartition("=")
-            items.append((word, raw))
-    out = []
-    for word, raw in items:
-        if not isinstance(word, str) or not word.strip():
-            raise UsageError(f"{name} must name a word before '=', e.g. {example}, got {word!r}")
-        out.append((word.strip(), raw))
-    return out
-
-
-def _reweight(value, name: str) -> dict[str, float]:
-    return {w: _number(raw, f"{name} {w}", "a number (the attention factor; 0, negative and > 1 allowed), e.g. car=2") for w, raw in _pairs(value, name, "car=2")}
-
-
-def _word_windows(value, name: str) -> dict:
-    return {w: _window(raw, f"{name} {w}") for w, raw in _pairs(value, name, "car=0:0.4")}
-
-
-def _words(value, name: str) -> list[str]:
-    items = value.split(",") if isinstance(value, str) else value
-    if not isinstance(items, (list, tuple)) or not all(isinstance(w, str) for w in items):
-        raise UsageError(f"{name} takes words separated by commas, got {value!r}")
-    words = [w.strip() for w in items if w.strip()]
-    if not words:
-        raise UsageError(f"{name} takes words separated by commas, got {value!r}")
-    return words
-
-
-def _blend(value, name: str) -> list[list[str]]:
-    if not isinstance(value, (list, tuple)) or len(value) != 2:
-        raise UsageError(f"{name} takes two arguments, SOURCE_WORDS TARGET_WORDS (e.g. {name} circle square), got {value!r}")
-    return [_words(value[0], f"{name} SOURCE_WORDS"), _words(value[1], f"{name} TARGET_WORDS")]
-
-
-def _sweep(value, name: str) -> list:
-    items = value.split(",") if isinstance(value, str) else value
-    if not isinstance(items, (list, tuple)) or not items:
-        raise UsageError(f"{name} takes comma-separated values, e.g. 0,0.2,0.4,0.6,0.8,1.0, got {value!r}")
-    if isinstance(items, (list, tuple)) and any(isinstance(i, str) and not i.strip() for i in items):
-        raise UsageError(f"{name} has an empty value in {value!r}; give e.g. 0,0.2,0.4")
-    return [_window(i.strip() if isinstance(i, str) else i, name) for i in items]
-
-
-def _image_path(value, name: str) -> str:
-    if not isinstance(value, str) or not value.strip():
-        raise UsageError(f"{name} must be the path of an image file, got {value!r}")
-    path = Path(value).expanduser()
-    if not path.is_file():
-        raise UsageError(f"{name} {value}: no such file; give the path of an image file")
-    import PIL.Image
-
-    try:
-        with PIL.Image.open(path) as image:
-            image.verify()
-    except Exception as err:  # noqa: BLE001 - any decoder error means "not an image"
-        raise UsageError(f"{name} {value}: not an image PIL can read ({_one_line(err)})") from None
-    return str(path.resolve())
-
-
-def _model(value, name: str) -> str | None:
-    if value is None:
-        return None
-    if not isinstance(value, str) or not value.strip():
-        raise UsageError(f"{name} must be a model folder or hub id, got {value!r}")
-    path = Path(value).expanduser()
-    return str(path.resolve()) if path.exists() else value
-
-
-NORMALISERS: dict[str, Callable] = {
-    "prompt": _text,
-    "to": _prompts,
-    "mode": _choice(MODES),
-    "cross_steps": _window,
-    "cross_steps_word": _word_windows,
-    "self_steps": _window,
-    "blend": _blend,
-    "blend_threshold": _fraction,
-    "reweight": _reweight,
-    "seed": lambda v, n: _integer(v, n, 0, "a non-negative integer"),
-    "steps": lambda v, n: _integer(v, n, 1, "a positive integer"),
-    "guidance": lambda v, n: _number(v, n, "a finite number"),
-    "image": _image_path,
-    "invert": _choice(INVERT_METHODS),
-    "model": _model,
-    "dtype": _choice(DTYPES),
-    "top_k": lambda v, n: _integer(v, n, 1, "a positive integer"),
-    "res": lambda v, n: _integer(v, n, 1, "a positive integer side of the attention maps"),
-    "sweep": _sweep,
-}
-
-
-def normalise_options(raw: Mapping, keys: tuple[str, ...], names: Names = cli_names, required: tuple[str, ...] = ("prompt",)) -> dict:
-    """Check and canonicalise the given options (``raw``: key -> value, None = not given) and fill defaults.
-
-    Raises:
-        UsageError: a bad value, a missing required option, or options that need each other.
-    """
-    given = {k: v for k, v in raw.items() if v is not None}
-    for key in required:
-        if key not in given:
-            if key == "prompt":
-                raise UsageError(f"the prompt is missing; give it as the first argument, e.g. {PROG} generate \"a red circle on a blue background\"")
-            raise UsageError(f"{names(key)} is required; e.g. {names(key)} \"a red square on a blue background\"")
-    options = {}
-    for key in keys:
-        if key in given:
-            options[key] = NORMALISERS[key](given[key], names(key))
-        else:
-            options[key] = copy.deepcopy(DEFAULTS.get(key))
-    if "blend_threshold" in keys and "blend_threshold" in given and options.get("blend") is None:
-        raise UsageError(f"{names('blend_threshold')} needs {names('blend')}; add e.g. {names('blend')} circle square, or drop {names('blend_threshold')}")
-    if "invert" in keys:
-        if options["invert"] is not None and options["image"] is None:
-            raise UsageError(f"{names('invert')} needs {names('image')} PHOTO: the photo to invert and edit")
-        if options["image"] is not None and options["invert"] is None:
-            options["invert"] = "null-text"
-    if "to" in options and isinstance(options["to"], list) and "sweep" in keys and len(options["to"]) != 1:
-        raise UsageError(f"sweep takes exactly one {names('to')} target prompt, got {len(options['to'])}")
-    return options
-
-
-def _word_level_tokens(prompts: list[str]) -> list[PromptTokens]:
-    """Word-level stand-ins for tokenized prompts (one token per word), so that the library's own
-    checks of words, windows and modes run before any model loads."""
-    ids: dict[str, int] = {}
-    split = [split_words(p) for p in prompts]
-    length = max(len(w) for w in split) + 2
-    out = []
-    for prompt, words in zip(prompts, split):
-        word_ids = [ids.setdefault(normalize_word(w), len(ids) + 2) for w in words]
-        positions = tuple((k + 1,) for k in range(len(words)))
-        out.append(PromptTokens(prompt, tuple(words), positions, (0, *word_ids, 1), length))
-    return out
-
-
-def check_edit_words(options: Mapping, names: Names = cli_names) -> None:
-    """Check every word and the mode against the prompts, before any model work.
-
-    Raises:
-        UsageError: naming the option, with the library's message (its words, the fix).
-    """
-    source, *targets = _word_level_tokens([options["prompt"], *options["to"]])
-    if options["mode"] == "replace":
-        for target in targets:
-            if len(target.words) != len(source.words):
-                raise UsageError(
-                    f"{names('mode')} replace needs the same number of words in the source and each target, but "
-                    f"{source.prompt!r} has {len(source.words)} and {target.prompt!r} has {len(target.words)}; "
-                    f"use {names('mode')} refine (or auto) to add or remove words"
-                )
-    for key in ("cross_steps_word", "reweight"):
-        for word in options.get(key) or {}:
-            try:
-                positions_in_each(targets, word, names(key))
-            except ValueError as err:
-                raise UsageError(str(err)) from None
-    if options.get("blend"):
-        source_words, target_words = options["blend"]
-        for word in source_words:
-            try:
-                source.positions(word)
-            except ValueError as err:
-                raise UsageError(f"{names('blend')} SOURCE_WORDS: {err}") from None
-        for word in target_words:  # each word in the targets that have it; the library checks every target gets one
-            try:
-                positions_in_each(targets, word, f"{names('blend')} TARGET_WORDS")
-            except ValueError as err:
-                raise UsageError(str(err)) from None
-    try:  # everything else the library checks (same code as the real run, on word-level tokens)
-        kwargs = edit_kwargs(options)
-        build_edit_plan(
-            source, targets, kwargs["edit"], options["steps"], kwargs["cross_replace_steps"], kwargs["self_replace_steps"],
-            0, kwargs["equalizer"], kwargs["local_blend"], 0,
-        )
-    except ValueError as err:
-        raise UsageError(f"invalid edit settings: {err}") from None
-
-
-def _window_arg(window):
-    return tuple(window) if isinstance(window, list) else window
-
-
-def edit_kwargs(options: Mapping) -> dict:
-    """The pipeline's edit arguments from canonical options."""
-    cross = _window_arg(options["cross_steps"])
-    if options.get("cross_steps_word"):
-        cross = {"default_": cross, **{w: _window_arg(v) for w, v in options["cross_steps_word"].items()}}
-    blend = None
-    if options.get("blend"):
-        blend = LocalBlend(list(options["blend"][0]), list(options["blend"][1]), threshold=options["blend_threshold"])
-    return dict(
-        edit=options["mode"],
-        cross_replace_steps=cross,
-        self_replace_steps=_window_arg(options["self_steps"]),
-        equalizer=dict(options["reweight"]) or None,
-        local_blend=blend,
-        num_inference_steps=options["steps"],
-        guidance_scale=options["guidance"],
-    )
-
-
-def options_to_argv(command: str, options: Mapping) -> list[str]:
-    """A ``p2p`` command line that runs ``options`` again (non-default options only)."""
-    argv = [PROG, command, options["prompt"]]
-    for target in options.get("to") or []:
-        argv += ["--to", target]
-
-    def window(w) -> str:
-        return ":".join(f"{v:g}" for v in w) if isinstance(w, list) else f"{w:g}"
-
-    for key, value in options.items():
-        if key in ("prompt", "to") or value is None or value == DEFAULTS.get(key) or key not in FLAGS:
-            continue
-        if key == "blend_threshold" and not options.get("blend"):
-            continue
-        flag = FLAGS[key]
-        if key in ("cross_steps", "self_steps"):
-            argv += [flag, window(value)]
-        elif key == "sweep":
-            argv += [flag, ",".join(window(v) for v in value)]
-        elif key == "cross_steps_word":
-            argv += [flag, *[f"{w}={window(v)}" for w, v in value.items()]]
-        elif key == "reweight":
-            argv += [flag, *[f"{w}={v:g}" for w, v in value.items()]]
-        elif key == "blend":
-            argv += [flag, ",".join(value[0]), ",".join(value[1])]
-        elif key == "invert" and options.get("image") is None:
-            continue
-        else:
-            argv += [flag, f"{value:g}" if isinstance(value, float) else str(value)]
-    return argv
-
-
-# ============================================================================ metadata
-
-
-def model_label(model: str | None) -> str:
-    return "bundled shapes model" if model is None else model
-
-
-def image_metadata(command: str, options: Mapping, env: Mapping, role: str, index: int, count: int, file: str, prompt: str | None, **extra) -> dict:
-    """The JSON stored in each PNG: everything needed to make it again."""
-    meta = {
-        "software": f"prompt2prompt {__version__}",
-        "version": __version__,
-        "command": command,
-        "options": dict(options),
-        "model": model_label(options.get("model")),
-        "device": env.get("device"),
-        "dtype": options.get("dtype"),
-        "image": {"role": role, "index": index, "count": count, "file": file, "prompt": prompt},
-    }
-    meta.update(extra)
-    return meta
-
-
-def rerun_command(meta: Mapping) -> str:
-    options = meta.get("options") or {}
-    command = meta.get("command", "edit")
-    if command == "sweep" and "sweep" not in options:
-        command = "edit"
-    if command == "edit" and not options.get("to"):
-        command = "generate"
-    return shlex.join(options_to_argv(command, options))
-
-
-def parameters_text(meta: Mapping) -> str:
-    """The human-readable parameters of an image (PNG chunk ``parameters`` and ``p2p info``)."""
-    options = meta.get("options") or {}
-    lines = []
-    image = meta.get("image") or {}
-    if image:
-        lines.append(f"image: {image.get('role')} ({image.get('index', 0) + 1} of {image.get('count')}), {image.get('file')}")
-        if image.get("prompt"):
-            lines.append(f"its prompt: {image['prompt']}")
-    lines.append(f"command: {PROG} {meta.get('command')}")
-    lines.append(f"prompt: {options.get('prompt')}")
-    for target in options.get("to") or []:
-        lines.append(f"to: {target}")
-    if meta.get("edit_mode"):
-        lines.append(f"edit mode: {meta['edit_mode']}" + (" (chosen by auto)" if options.get("mode") == "auto" else ""))
-    order = [k for k in (*EDIT_KEYS, "sweep", "top_k", "res") if k in options] + [k for k in options if k not in FLAGS]
-    for key in order:
-        value = options[key]
-        if key in ("prompt", "to", "model", "dtype") or value is None or value == {} or key == "blend_threshold" and not options.get("blend"):
-            continue
-        label = {"image": "photo"}.get(key, key.replace("_", " "))
-        lines.append(f"{label}: {json.dumps(value) if isinstance(value, (list, dict)) else value}")
-    lines.append(f"model: {meta.get('model')}, {meta.get('dtype')} on {meta.get('device')}")
-    lines.append(f"made by: {meta.get('software')}")
-    lines.append(f"rerun: {rerun_command(meta)}")
-    return "\n".join(lines)
-
-
-def read_stored_options(path: str, name: str) -> dict:
-    """The options stored in a PNG written by ``p2p`` (for ``--from``)."""
-    meta = read_stored_metadata(path, name)
-    if not isinstance(meta.get("options"), dict):
-        raise UsageError(f"{name} {path}: its parameters were not written by the p2p command line ({meta.get('source', 'unknown writer')}), "
-                         f"so they cannot be rerun; give a PNG written by {PROG} edit, sweep or batch")
-    return meta["options"]
-
-
-def read_stored_metadata(path: str, name: str) -> dict:
-    file = Path(path).expanduser()
-    if not file.is_file():
-        raise UsageError(f"{name} {path}: no such file; give a PNG written by {PROG}")
-    try:
-        meta = read_png_metadata(file)
-    except (OSError, ValueError) as err:
-        raise UsageError(f"{name} {path}: cannot read it as a PNG written by {PROG} ({_one_line(err)})") from None
-    if meta is None:
-        raise UsageError(f"{name} {path}: this image carries no prompt2prompt parameters; give a PNG written by {PROG}")
-    return meta
-
-
 # ============================================================================ output folders
 
-
-def slugify(text: str, length: int = 40) -> str:
-    """A short ASCII file-name form of a prompt: ``"a Red circle!"`` -> ``"a-red-circle"``."""
-    ascii_text = unicodedata.normalize("NFKD", text).encode("ascii", "ignore").decode()
-    slug = re.sub(r"[^a-z0-9]+", "-", ascii_text.lower()).strip("-")
-    if len(slug) > length:
-        cut = slug[: length + 1]
-        slug = cut[: cut.rfind("-")] if "-" in cut else slug[:length]  # at a word boundary when there is one
-    return slug.strip("-") or "p2p"
 
 
 def _check_writable(folder: Path, label: str) -> None:
@@ -644,7 +167,7 @@ def check_model(model: str | None, allow_pickle: bool = False) -> None:
         try:
             check_model_folder(path, allow_pickle)  # a missing or damaged file, named before torch and diffusers load
         except ValueError as err:
-            raise RuntimeFailure(f"--model {model}: {_one_line(err)}") from err
+            raise RuntimeFailure(f"--model {model}: {one_line(err)}") from err
     elif _looks_like_path(model):
         raise RuntimeFailure(f"--model {model}: no such folder; name a diffusers model folder or a hub id")
 
@@ -664,7 +187,7 @@ def load_pipeline(model: str | None, dtype: str, device: str, progress: bool, al
         pipe = Prompt2PromptPipeline.from_pretrained(model, torch_dtype=getattr(torch, dtype), allow_pickle=allow_pickle)
         pipe = pipe.to(device)
     except Exception as err:  # noqa: BLE001 - every load failure is a runtime failure
-        reason = _one_line(err).replace(" Please check out the root cause in the stacktrace above.", "")
+        reason = one_line(err).replace(" Please check out the root cause in the stacktrace above.", "")
         if model is not None and not Path(model).expanduser().exists():  # a hub id: no folder of that name here
             reason += (f" ({model!r} is not a folder here, so it was looked up as a Hugging Face hub id; name a local "
                        "diffusers folder, or run where the hub can be reached)")
@@ -693,7 +216,7 @@ def _call(pipe, *args, **kwargs):
     try:
         return pipe(*args, **kwargs)
     except ValueError as err:
-        message = _one_line(err)
+        message = one_line(err)
         match = re.match(r"[A-Za-z_]+", message)
         flag = LIBRARY_FLAGS.get(match.group(0)) if match else None
         raise UsageError(f"{flag}: {message}" if flag else message) from err
@@ -741,7 +264,7 @@ def _invert(pipe, options: dict):
     try:  # the library reads the file (EXIF rotation, transparency, crop and resize: inversion.load_image)
         return pipe.invert(options["image"], options["prompt"], method=options["invert"], num_inference_steps=options["steps"], guidance_scale=options["guidance"])
     except ValueError as err:
-        raise UsageError(_one_line(err)) from err
+        raise UsageError(one_line(err)) from err
 
 
 def run_edit_images(pipe, options: dict, console: Console, desc: str | None = None):
@@ -898,7 +421,7 @@ def parse_batch_file(path: Path, defaults: Mapping) -> tuple[list[tuple[int, dic
     try:
         lines = path.read_text(encoding="utf-8").splitlines()
     except (OSError, UnicodeDecodeError) as err:
-        raise UsageError(f"batch: cannot read {path}: {_one_line(err)}") from None
+        raise UsageError(f"batch: cannot read {path}: {one_line(err)}") from None
     for number, line in enumerate(lines, start=1):
         if not line.strip() or line.lstrip().startswith("#"):
             continue
@@ -968,7 +491,7 @@ def _worker_line(options: dict, folder: str) -> tuple[str, str]:
     except (UsageError, RuntimeFailure) as err:
         return "failed", str(err)
     except Exception as err:  # noqa: BLE001 - reported per line
-        return "failed", f"{type(err).__name__}: {_one_line(err)}"
+        return "failed", f"{type(err).__name__}: {one_line(err)}"
 
 
 def _run_parallel(todo: list[tuple[int, dict, Path]], workers: int, env: dict, console: Console, done: list, failed: list) -> None:
@@ -984,7 +507,7 @@ def _run_parallel(todo: list[tuple[int, dict, Path]], workers: int, env: dict, c
             try:
                 status, message = future.result()
             except Exception as err:  # noqa: BLE001 - a worker that died or could not start
-                status, message = "failed", f"worker failed: {type(err).__name__}: {_one_line(err)}"
+                status, message = "failed", f"worker failed: {type(err).__name__}: {one_line(err)}"
             if status == "done":
                 done.append(number)
                 console.info(f"line {number}: done -> {folder}")
@@ -1001,14 +524,14 @@ def cmd_batch(args, console: Console) -> int:
     path = Path(args.jsonl).expanduser()
     if not path.is_file():
         raise UsageError(f"batch: {args.jsonl}: no such file; give the path of a .jsonl file with one edit per line")
-    workers = _integer(args.workers if args.workers is not None else 1, "--workers", 1, "a positive integer")
+    workers = integer_option(args.workers if args.workers is not None else 1, "--workers", 1, "a positive integer")
     root = output_folder(args.output, "batch")
     defaults = {"seed": args.seed, "steps": args.steps, "guidance": args.guidance}
     for key, value in defaults.items():
         if value is not None:
             NORMALISERS[key](value, FLAGS[key])
-    model = _model(args.model, "--model") if args.model is not None else None
-    dtype = _choice(DTYPES)(args.dtype, "--dtype") if args.dtype is not None else DEFAULTS["dtype"]
+    model = model_option(args.model, "--model") if args.model is not None else None
+    dtype = choice_of(DTYPES)(args.dtype, "--dtype") if args.dtype is not None else DEFAULTS["dtype"]
     jobs, bad = parse_batch_file(path, defaults)
     for number, reason in bad:
         print(f"{PROG} batch: line {number}: {reason}", file=sys.stderr)
@@ -1040,8 +563,8 @@ def cmd_batch(args, console: Console) -> int:
                     console.info(f"line {number}: failed: {err}")
                     continue
                 except Exception as err:  # noqa: BLE001 - one line's failure must not stop the others
-                    failed.append((number, f"{type(err).__name__}: {_one_line(err)}"))
-                    console.info(f"line {number}: failed: {type(err).__name__}: {_one_line(err)}")
+                    failed.append((number, f"{type(err).__name__}: {one_line(err)}"))
+                    console.info(f"line {number}: failed: {type(err).__name__}: {one_line(err)}")
                     continue
                 done.append(number)
                 console.info(f"line {number}: done -> {folder}")
@@ -1142,13 +665,13 @@ def check_listen(host: str, port: int) -> None:
 def cmd_serve(args, console: Console) -> int:
     import importlib.util
 
-    port = _integer(args.port if args.port is not None else 7860, "--port", 1, "a port number from 1 to 65535")
+    port = integer_option(args.port if args.port is not None else 7860, "--port", 1, "a port number from 1 to 65535")
     if port > 65535:
         raise UsageError(f"--port must be a port number from 1 to 65535, got {args.port!r}")
     host = args.host or "127.0.0.1"
     check_listen(host, port)
-    model = _model(args.model, "--model")
-    dtype = _choice(DTYPES)(args.dtype, "--dtype") if args.dtype is not None else None
+    model = model_option(args.model, "--model")
+    dtype = choice_of(DTYPES)(args.dtype, "--dtype") if args.dtype is not None else None
     device = check_device(args.device)
     check_model(model, args.allow_pickle)
     if importlib.util.find_spec("gradio") is None:
@@ -1179,7 +702,7 @@ class ArgumentParser(argparse.ArgumentParser):
     """argparse that reports errors as a `UsageError` (one line) instead of printing usage and exiting."""
 
     def error(self, message):
-        raise UsageError(f"{_one_line(message)}; see '{self.prog} --help'")
+        raise UsageError(f"{one_line(message)}; see '{self.prog} --help'")
 
 
 class _Formatter(argparse.RawDescriptionHelpFormatter):
@@ -1347,7 +870,7 @@ def build_parser() -> ArgumentParser:
 
 
 def _show_warning(message, category, filename, lineno, file=None, line=None):
-    print(f"{PROG}: warning: {_one_line(message)}", file=sys.stderr)
+    print(f"{PROG}: warning: {one_line(message)}", file=sys.stderr)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -1381,12 +904,12 @@ def main(argv: list[str] | None = None) -> int:
     except UsageError as err:
         if debug:
             traceback.print_exc()
-        print(f"{prefix}: error: {_one_line(err)}", file=sys.stderr)
+        print(f"{prefix}: error: {one_line(err)}", file=sys.stderr)
         return 2
     except RuntimeFailure as err:
         if debug:
             traceback.print_exc()
-        print(f"{prefix}: error: {_one_line(err)}", file=sys.stderr)
+        print(f"{prefix}: error: {one_line(err)}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         print(f"{prefix}: interrupted", file=sys.stderr)
@@ -1394,7 +917,7 @@ def main(argv: list[str] | None = None) -> int:
     except Exception as err:  # noqa: BLE001 - every other failure: one line, traceback with --debug
         if debug:
             traceback.print_exc()
-        print(f"{prefix}: error: {type(err).__name__}: {_one_line(err)}" + ("" if debug else " (--debug shows the traceback)"), file=sys.stderr)
+        print(f"{prefix}: error: {type(err).__name__}: {one_line(err)}" + ("" if debug else " (--debug shows the traceback)"), file=sys.stderr)
         return 1
     finally:
         if handler is not None:

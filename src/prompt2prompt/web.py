@@ -35,7 +35,7 @@ _FIELD_PATTERNS = (  # (how a library message starts: the argument it names, fie
     (r"(image\b|an image\b|a non-uint8 image\b|the image was inverted\b|inversion\b|the inversion's\b)", "image"),
     (r"prompt\b", "prompt"),
 )
-#: The page's name of each command-line option (it leads `cli.normalise_options`' messages) and its field.
+#: The page's name of each command-line option (it leads `options.normalise_options`' messages) and its field.
 _OPTION_LABELS = {
     "prompt": ("Source prompt", "prompt"), "to": ("Target prompt", "edit_prompts"), "mode": ("Edit mode", "mode"),
     "cross_steps": ("Cross-attention replace steps", "cross"), "self_steps": ("Self-attention replace steps", "self"),
@@ -57,13 +57,13 @@ def field_of(message: str) -> str:
 
 
 def _option_label(key: str) -> str:
-    from .cli import cli_names
+    from .options import cli_names
 
     return _OPTION_LABELS[key][0] if key in _OPTION_LABELS else cli_names(key)
 
 
 def _option_field(message: str) -> str:
-    """The field of a `cli.UsageError` raised with `_option_label` names: the longest label it starts with."""
+    """The field of a `options.OptionError` raised with `_option_label` names: the longest label it starts with."""
     for label, name in sorted(_OPTION_LABELS.values(), key=lambda pair: -len(pair[0])):
         if message.startswith(label):
             return name
@@ -118,7 +118,7 @@ class EditRequest:
             FieldError: a value the command line rejects, or a word (blend, re-weighting, per-word window)
                 that is not in the prompts, beside its field (its message names the page's field).
         """
-        from .cli import EDIT_KEYS, UsageError, check_edit_words, normalise_options
+        from .options import EDIT_KEYS, OptionError, check_edit_words, normalise_options
 
         raw = {
             "prompt": self.prompt, "to": list(self.edit_prompts), "mode": self.mode,
@@ -132,7 +132,7 @@ class EditRequest:
         try:
             options = normalise_options(raw, EDIT_KEYS, names=_option_label, required=("prompt", "to"))
             check_edit_words(options, _option_label)  # every named word, before an inversion or the model runs
-        except UsageError as err:
+        except OptionError as err:
             raise FieldError(_option_field(str(err)), str(err)) from None
         return options
 
@@ -278,7 +278,7 @@ class Editor:
 
     def _new_folder(self, req: EditRequest) -> Path:
         """A result folder name not taken yet (created by the commit of its files, not here)."""
-        from .cli import slugify
+        from .options import slugify
 
         folder = self.output_dir / f"{time.strftime('%Y%m%d-%H%M%S')}-{slugify(req.prompt)}"
         n = 1
@@ -297,7 +297,7 @@ class Editor:
         """
         import torch
 
-        from .cli import image_metadata, parameters_text, slugify
+        from .options import image_metadata, parameters_text, slugify
         from .imageio import OutputSet
         from .visualisation import token_heatmaps
 

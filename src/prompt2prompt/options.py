@@ -1,0 +1,537 @@
+"""The options of a run: their canonical form, their checks, and the parameters every image carries.
+
+The command line (`prompt2prompt.cli`) and the web page (`prompt2prompt.web`) share this module,
+so that both are thin layers over the library. Every option has one normaliser that accepts the
+command-line string, the JSON of a batch line and its own canonical output (so stored options
+parse again), and raises `OptionError` (a ``ValueError``) naming the option as the user spelled
+it. `image_metadata` and `parameters_text` are what every saved PNG carries; `options_to_argv`
+and `rerun_command` turn stored options back into the command that makes the image again.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import math
+import re
+import shlex
+import unicodedata
+from collections.abc import Callable, Mapping
+from pathlib import Path
+
+from . import __version__
+from .alignment import PromptTokens, normalize_word, positions_in_each, split_words
+from .edits import LocalBlend, build_edit_plan
+from .imageio import read_png_metadata
+
+PROG = "p2p"
+RESULT = "result.json"
+MODES = ("auto", "replace", "refine", "none")
+INVERT_METHODS = ("null-text", "direct", "negative-prompt", "ddim")
+DTYPES = ("float32", "float16", "bfloat16")
+SWEEP_DEFAULT = [0.0, 0.2, 0.4, 0.6, 0.8, 1.0]
+
+#: Option defaults (the canonical, JSON-ready form of every option).
+DEFAULTS: dict = {
+    "mode": "auto",
+    "cross_steps": 0.8,
+    "cross_steps_word": {},
+    "self_steps": 0.4,
+    "blend": None,
+    "blend_threshold": 0.3,
+    "reweight": {},
+    "seed": 0,
+    "steps": 50,
+    "guidance": 7.5,
+    "image": None,
+    "invert": None,
+    "model": None,
+    "dtype": "float32",
+    "top_k": 6,
+    "res": None,
+    "sweep": SWEEP_DEFAULT,
+}
+
+#: The command-line spelling of each option.
+FLAGS = {
+    "prompt": "PROMPT",
+    "to": "--to",
+    "mode": "--mode",
+    "cross_steps": "--cross-steps",
+    "cross_steps_word": "--cross-steps-word",
+    "self_steps": "--self-steps",
+    "blend": "--blend",
+    "blend_threshold": "--blend-threshold",
+    "reweight": "--reweight",
+    "seed": "--seed",
+    "steps": "--steps",
+    "guidance": "--guidance",
+    "image": "--image",
+    "invert": "--invert",
+    "model": "--model",
+    "dtype": "--dtype",
+    "top_k": "--top-k",
+    "res": "--res",
+    "sweep": "--cross-steps",
+}
+
+COMMON_KEYS = ("seed", "steps", "guidance", "model", "dtype")
+GENERATE_KEYS = ("prompt", *COMMON_KEYS)
+ATTENTION_KEYS = ("prompt", "top_k", "res", *COMMON_KEYS)
+EDIT_SETTING_KEYS = ("mode", "cross_steps", "cross_steps_word", "self_steps", "blend", "blend_threshold", "reweight")
+EDIT_KEYS = ("prompt", "to", *EDIT_SETTING_KEYS, *COMMON_KEYS, "image", "invert")
+SWEEP_KEYS = ("prompt", "to", "sweep", *[k for k in EDIT_SETTING_KEYS if k != "cross_steps"], *COMMON_KEYS)
+#: Keys a line of a ``p2p batch`` file may hold (model, dtype and device are set for the whole batch).
+BATCH_LINE_KEYS = tuple(k for k in EDIT_KEYS if k not in ("model", "dtype"))
+
+
+class OptionError(ValueError):
+    """A bad option value: the message names the option as the user spelled it and the fix.
+
+    The command line exits with status 2 on it (one line); the web page shows it beside its field.
+    """
+
+
+def one_line(message) -> str:
+    return re.sub(r"\s*\n\s*", " ", str(message)).strip()
+
+
+# ============================================================================ option parsing
+#
+# Every option has one normaliser that accepts the command-line string, the JSON of a batch line
+# and its own canonical output (so stored options parse again), and raises OptionError naming the
+# option as the user spelled it (``name``).
+
+Names = Callable[[str], str]
+
+
+def cli_names(key: str) -> str:
+    return FLAGS.get(key, key)
+
+
+def _number(text, name: str, what: str) -> float:
+    if isinstance(text, bool):
+        raise OptionError(f"{name} must be {what}, got {text!r}")
+    if isinstance(text, (int, float)):
+        value = float(text)
+    else:
+        try:
+            value = float(str(text).strip())
+        except ValueError:
+            raise OptionError(f"{name} must be {what}, got {text!r}") from None
+    if not math.isfinite(value):
+        raise OptionError(f"{name} must be {what}, got {text!r}")
+    return value
+
+
+def _window(value, name: str):
+    """A fraction ``f`` (canonical: the float) or ``START:END`` (canonical: ``[start, end]``)."""
+    what = "a fraction of the steps like 0.8, or START:END like 0.2:0.8"
+    if isinstance(value, str) and ":" in value:
+        parts = value.split(":")
+        if len(parts) != 2:
+            raise OptionError(f"{name} must be {what}, got {value!r}")
+        pair = [_number(p, name, what) for p in parts]
+    elif isinstance(value, (list, tuple)):
+        if len(value) != 2:
+            raise OptionError(f"{name} must be {what}, got {value!r}")
+        pair = [_number(p, name, what) for p in value]
+    else:
+        pair = [0.0, _number(value, name, what)]
+    for v in pair:
+        if not 0.0 <= v <= 1.0:
+            raise OptionError(f"{name} {_fmt_value(value)} is outside [0, 1]; give fractions of the steps between 0 and 1, e.g. 0.8 or 0.2:0.8")
+    if pair[0] > pair[1]:
+        raise OptionError(f"{name} {_fmt_value(value)} has its start after its end; give START:END with START <= END, e.g. {pair[1]:g}:{pair[0]:g}")
+    single = not isinstance(value, (list, tuple)) and not (isinstance(value, str) and ":" in value)
+    return pair[1] if single else pair
+
+
+def _fmt_value(value) -> str:
+    if isinstance(value, (list, tuple)):
+        return ":".join(_fmt_value(v) for v in value)
+    return value if isinstance(value, str) else repr(value)
+
+
+def _fraction(value, name: str) -> float:
+    v = _number(value, name, "a number in [0, 1]")
+    if not 0.0 <= v <= 1.0:
+        raise OptionError(f"{name} must be a number in [0, 1], got {_fmt_value(value)}")
+    return v
+
+
+def integer_option(value, name: str, minimum: int, what: str) -> int:
+    if isinstance(value, bool) or isinstance(value, float) and not value.is_integer():
+        raise OptionError(f"{name} must be {what}, got {value!r}")
+    try:
+        number = int(value) if isinstance(value, (int, float)) else int(str(value).strip())
+    except ValueError:
+        raise OptionError(f"{name} must be {what}, got {value!r}") from None
+    if number < minimum or number >= 2**63:
+        raise OptionError(f"{name} must be {what}, got {value!r}")
+    return number
+
+
+def _text(value, name: str) -> str:
+    if not isinstance(value, str) or not value.strip():
+        raise OptionError(f"{name} must be a non-empty prompt, got {value!r}")
+    return value
+
+
+def _prompts(value, name: str) -> list[str]:
+    values = [value] if isinstance(value, str) else value
+    if not isinstance(values, (list, tuple)) or not values:
+        raise OptionError(f"{name} must give at least one target prompt, got {value!r}")
+    return [_text(v, name) for v in values]
+
+
+def choice_of(choices: tuple[str, ...]):
+    def parse(value, name: str) -> str:
+        text = str(value).strip().lower() if isinstance(value, str) else value
+        if text not in choices:
+            raise OptionError(f"{name} must be one of {', '.join(choices)}, got {value!r}")
+        return text
+
+    return parse
+
+
+def _pairs(value, name: str, example: str) -> list[tuple[str, object]]:
+    """``WORD=VALUE`` strings (a list or one string) or a JSON object -> [(word, raw value)]."""
+    if isinstance(value, Mapping):
+        items = list(value.items())
+    else:
+        texts = [value] if isinstance(value, str) else value
+        if not isinstance(texts, (list, tuple)):
+            raise OptionError(f"{name} must be WORD=VALUE, e.g. {example}, got {value!r}")
+        items = []
+        for text in texts:
+            if not isinstance(text, str) or "=" not in text:
+                raise OptionError(f"{name} must be WORD=VALUE, e.g. {example}, got {text!r}")
+            word, _, raw = text.rpartition("=")
+            items.append((word, raw))
+    out = []
+    for word, raw in items:
+        if not isinstance(word, str) or not word.strip():
+            raise OptionError(f"{name} must name a word before '=', e.g. {example}, got {word!r}")
+        out.append((word.strip(), raw))
+    return out
+
+
+def _reweight(value, name: str) -> dict[str, float]:
+    return {w: _number(raw, f"{name} {w}", "a number (the attention factor; 0, negative and > 1 allowed), e.g. car=2") for w, raw in _pairs(value, name, "car=2")}
+
+
+def _word_windows(value, name: str) -> dict:
+    return {w: _window(raw, f"{name} {w}") for w, raw in _pairs(value, name, "car=0:0.4")}
+
+
+def _words(value, name: str) -> list[str]:
+    items = value.split(",") if isinstance(value, str) else value
+    if not isinstance(items, (list, tuple)) or not all(isinstance(w, str) for w in items):
+        raise OptionError(f"{name} takes words separated by commas, got {value!r}")
+    words = [w.strip() for w in items if w.strip()]
+    if not words:
+        raise OptionError(f"{name} takes words separated by commas, got {value!r}")
+    return words
+
+
+def _blend(value, name: str) -> list[list[str]]:
+    if not isinstance(value, (list, tuple)) or len(value) != 2:
+        raise OptionError(f"{name} takes two arguments, SOURCE_WORDS TARGET_WORDS (e.g. {name} circle square), got {value!r}")
+    return [_words(value[0], f"{name} SOURCE_WORDS"), _words(value[1], f"{name} TARGET_WORDS")]
+
+
+def _sweep(value, name: str) -> list:
+    items = value.split(",") if isinstance(value, str) else value
+    if not isinstance(items, (list, tuple)) or not items:
+        raise OptionError(f"{name} takes comma-separated values, e.g. 0,0.2,0.4,0.6,0.8,1.0, got {value!r}")
+    if isinstance(items, (list, tuple)) and any(isinstance(i, str) and not i.strip() for i in items):
+        raise OptionError(f"{name} has an empty value in {value!r}; give e.g. 0,0.2,0.4")
+    return [_window(i.strip() if isinstance(i, str) else i, name) for i in items]
+
+
+def _image_path(value, name: str) -> str:
+    if not isinstance(value, str) or not value.strip():
+        raise OptionError(f"{name} must be the path of an image file, got {value!r}")
+    path = Path(value).expanduser()
+    if not path.is_file():
+        raise OptionError(f"{name} {value}: no such file; give the path of an image file")
+    import PIL.Image
+
+    try:
+        with PIL.Image.open(path) as image:
+            image.verify()
+    except Exception as err:  # noqa: BLE001 - any decoder error means "not an image"
+        raise OptionError(f"{name} {value}: not an image PIL can read ({one_line(err)})") from None
+    return str(path.resolve())
+
+
+def model_option(value, name: str) -> str | None:
+    if value is None:
+        return None
+    if not isinstance(value, str) or not value.strip():
+        raise OptionError(f"{name} must be a model folder or hub id, got {value!r}")
+    path = Path(value).expanduser()
+    return str(path.resolve()) if path.exists() else value
+
+
+NORMALISERS: dict[str, Callable] = {
+    "prompt": _text,
+    "to": _prompts,
+    "mode": choice_of(MODES),
+    "cross_steps": _window,
+    "cross_steps_word": _word_windows,
+    "self_steps": _window,
+    "blend": _blend,
+    "blend_threshold": _fraction,
+    "reweight": _reweight,
+    "seed": lambda v, n: integer_option(v, n, 0, "a non-negative integer"),
+    "steps": lambda v, n: integer_option(v, n, 1, "a positive integer"),
+    "guidance": lambda v, n: _number(v, n, "a finite number"),
+    "image": _image_path,
+    "invert": choice_of(INVERT_METHODS),
+    "model": model_option,
+    "dtype": choice_of(DTYPES),
+    "top_k": lambda v, n: integer_option(v, n, 1, "a positive integer"),
+    "res": lambda v, n: integer_option(v, n, 1, "a positive integer side of the attention maps"),
+    "sweep": _sweep,
+}
+
+
+def normalise_options(raw: Mapping, keys: tuple[str, ...], names: Names = cli_names, required: tuple[str, ...] = ("prompt",)) -> dict:
+    """Check and canonicalise the given options (``raw``: key -> value, None = not given) and fill defaults.
+
+    Raises:
+        OptionError: a bad value, a missing required option, or options that need each other.
+    """
+    given = {k: v for k, v in raw.items() if v is not None}
+    for key in required:
+        if key not in given:
+            if key == "prompt":
+                raise OptionError(f"the prompt is missing; give it as the first argument, e.g. {PROG} generate \"a red circle on a blue background\"")
+            raise OptionError(f"{names(key)} is required; e.g. {names(key)} \"a red square on a blue background\"")
+    options = {}
+    for key in keys:
+        if key in given:
+            options[key] = NORMALISERS[key](given[key], names(key))
+        else:
+            options[key] = copy.deepcopy(DEFAULTS.get(key))
+    if "blend_threshold" in keys and "blend_threshold" in given and options.get("blend") is None:
+        raise OptionError(f"{names('blend_threshold')} needs {names('blend')}; add e.g. {names('blend')} circle square, or drop {names('blend_threshold')}")
+    if "invert" in keys:
+        if options["invert"] is not None and options["image"] is None:
+            raise OptionError(f"{names('invert')} needs {names('image')} PHOTO: the photo to invert and edit")
+        if options["image"] is not None and options["invert"] is None:
+            options["invert"] = "null-text"
+    if "to" in options and isinstance(options["to"], list) and "sweep" in keys and len(options["to"]) != 1:
+        raise OptionError(f"sweep takes exactly one {names('to')} target prompt, got {len(options['to'])}")
+    return options
+
+
+def _word_level_tokens(prompts: list[str]) -> list[PromptTokens]:
+    """Word-level stand-ins for tokenized prompts (one token per word), so that the library's own
+    checks of words, windows and modes run before any model loads."""
+    ids: dict[str, int] = {}
+    split = [split_words(p) for p in prompts]
+    length = max(len(w) for w in split) + 2
+    out = []
+    for prompt, words in zip(prompts, split):
+        word_ids = [ids.setdefault(normalize_word(w), len(ids) + 2) for w in words]
+        positions = tuple((k + 1,) for k in range(len(words)))
+        out.append(PromptTokens(prompt, tuple(words), positions, (0, *word_ids, 1), length))
+    return out
+
+
+def check_edit_words(options: Mapping, names: Names = cli_names) -> None:
+    """Check every word and the mode against the prompts, before any model work.
+
+    Raises:
+        OptionError: naming the option, with the library's message (its words, the fix).
+    """
+    source, *targets = _word_level_tokens([options["prompt"], *options["to"]])
+    if options["mode"] == "replace":
+        for target in targets:
+            if len(target.words) != len(source.words):
+                raise OptionError(
+                    f"{names('mode')} replace needs the same number of words in the source and each target, but "
+                    f"{source.prompt!r} has {len(source.words)} and {target.prompt!r} has {len(target.words)}; "
+                    f"use {names('mode')} refine (or auto) to add or remove words"
+                )
+    for key in ("cross_steps_word", "reweight"):
+        for word in options.get(key) or {}:
+            try:
+                positions_in_each(targets, word, names(key))
+            except ValueError as err:
+                raise OptionError(str(err)) from None
+    if options.get("blend"):
+        source_words, target_words = options["blend"]
+        for word in source_words:
+            try:
+                source.positions(word)
+            except ValueError as err:
+                raise OptionError(f"{names('blend')} SOURCE_WORDS: {err}") from None
+        for word in target_words:  # each word in the targets that have it; the library checks every target gets one
+            try:
+                positions_in_each(targets, word, f"{names('blend')} TARGET_WORDS")
+            except ValueError as err:
+                raise OptionError(str(err)) from None
+    try:  # everything else the library checks (same code as the real run, on word-level tokens)
+        kwargs = edit_kwargs(options)
+        build_edit_plan(
+            source, targets, kwargs["edit"], options["steps"], kwargs["cross_replace_steps"], kwargs["self_replace_steps"],
+            0, kwargs["equalizer"], kwargs["local_blend"], 0,
+        )
+    except ValueError as err:
+        raise OptionError(f"invalid edit settings: {err}") from None
+
+
+def _window_arg(window):
+    return tuple(window) if isinstance(window, list) else window
+
+
+def edit_kwargs(options: Mapping) -> dict:
+    """The pipeline's edit arguments from canonical options."""
+    cross = _window_arg(options["cross_steps"])
+    if options.get("cross_steps_word"):
+        cross = {"default_": cross, **{w: _window_arg(v) for w, v in options["cross_steps_word"].items()}}
+    blend = None
+    if options.get("blend"):
+        blend = LocalBlend(list(options["blend"][0]), list(options["blend"][1]), threshold=options["blend_threshold"])
+    return dict(
+        edit=options["mode"],
+        cross_replace_steps=cross,
+        self_replace_steps=_window_arg(options["self_steps"]),
+        equalizer=dict(options["reweight"]) or None,
+        local_blend=blend,
+        num_inference_steps=options["steps"],
+        guidance_scale=options["guidance"],
+    )
+
+
+def options_to_argv(command: str, options: Mapping) -> list[str]:
+    """A ``p2p`` command line that runs ``options`` again (non-default options only)."""
+    argv = [PROG, command, options["prompt"]]
+    for target in options.get("to") or []:
+        argv += ["--to", target]
+
+    def window(w) -> str:
+        return ":".join(f"{v:g}" for v in w) if isinstance(w, list) else f"{w:g}"
+
+    for key, value in options.items():
+        if key in ("prompt", "to") or value is None or value == DEFAULTS.get(key) or key not in FLAGS:
+            continue
+        if key == "blend_threshold" and not options.get("blend"):
+            continue
+        flag = FLAGS[key]
+        if key in ("cross_steps", "self_steps"):
+            argv += [flag, window(value)]
+        elif key == "sweep":
+            argv += [flag, ",".join(window(v) for v in value)]
+        elif key == "cross_steps_word":
+            argv += [flag, *[f"{w}={window(v)}" for w, v in value.items()]]
+        elif key == "reweight":
+            argv += [flag, *[f"{w}={v:g}" for w, v in value.items()]]
+        elif key == "blend":
+            argv += [flag, ",".join(value[0]), ",".join(value[1])]
+        elif key == "invert" and options.get("image") is None:
+            continue
+        else:
+            argv += [flag, f"{value:g}" if isinstance(value, float) else str(value)]
+    return argv
+
+
+# ============================================================================ metadata
+
+
+def model_label(model: str | None) -> str:
+    return "bundled shapes model" if model is None else model
+
+
+def image_metadata(command: str, options: Mapping, env: Mapping, role: str, index: int, count: int, file: str, prompt: str | None, **extra) -> dict:
+    """The JSON stored in each PNG: everything needed to make it again."""
+    meta = {
+        "software": f"prompt2prompt {__version__}",
+        "version": __version__,
+        "command": command,
+        "options": dict(options),
+        "model": model_label(options.get("model")),
+        "device": env.get("device"),
+        "dtype": options.get("dtype"),
+        "image": {"role": role, "index": index, "count": count, "file": file, "prompt": prompt},
+    }
+    meta.update(extra)
+    return meta
+
+
+def rerun_command(meta: Mapping) -> str:
+    options = meta.get("options") or {}
+    command = meta.get("command", "edit")
+    if command == "sweep" and "sweep" not in options:
+        command = "edit"
+    if command == "edit" and not options.get("to"):
+        command = "generate"
+    return shlex.join(options_to_argv(command, options))
+
+
+def parameters_text(meta: Mapping) -> str:
+    """The human-readable parameters of an image (PNG chunk ``parameters`` and ``p2p info``)."""
+    options = meta.get("options") or {}
+    lines = []
+    image = meta.get("image") or {}
+    if image:
+        lines.append(f"image: {image.get('role')} ({image.get('index', 0) + 1} of {image.get('count')}), {image.get('file')}")
+        if image.get("prompt"):
+            lines.append(f"its prompt: {image['prompt']}")
+    lines.append(f"command: {PROG} {meta.get('command')}")
+    lines.append(f"prompt: {options.get('prompt')}")
+    for target in options.get("to") or []:
+        lines.append(f"to: {target}")
+    if meta.get("edit_mode"):
+        lines.append(f"edit mode: {meta['edit_mode']}" + (" (chosen by auto)" if options.get("mode") == "auto" else ""))
+    order = [k for k in (*EDIT_KEYS, "sweep", "top_k", "res") if k in options] + [k for k in options if k not in FLAGS]
+    for key in order:
+        value = options[key]
+        if key in ("prompt", "to", "model", "dtype") or value is None or value == {} or key == "blend_threshold" and not options.get("blend"):
+            continue
+        label = {"image": "photo"}.get(key, key.replace("_", " "))
+        lines.append(f"{label}: {json.dumps(value) if isinstance(value, (list, dict)) else value}")
+    lines.append(f"model: {meta.get('model')}, {meta.get('dtype')} on {meta.get('device')}")
+    lines.append(f"made by: {meta.get('software')}")
+    lines.append(f"rerun: {rerun_command(meta)}")
+    return "\n".join(lines)
+
+
+def read_stored_options(path: str, name: str) -> dict:
+    """The options stored in a PNG written by ``p2p`` (for ``--from``)."""
+    meta = read_stored_metadata(path, name)
+    if not isinstance(meta.get("options"), dict):
+        raise OptionError(f"{name} {path}: its parameters were not written by the p2p command line ({meta.get('source', 'unknown writer')}), "
+                         f"so they cannot be rerun; give a PNG written by {PROG} edit, sweep or batch")
+    return meta["options"]
+
+
+def read_stored_metadata(path: str, name: str) -> dict:
+    file = Path(path).expanduser()
+    if not file.is_file():
+        raise OptionError(f"{name} {path}: no such file; give a PNG written by {PROG}")
+    try:
+        meta = read_png_metadata(file)
+    except (OSError, ValueError) as err:
+        raise OptionError(f"{name} {path}: cannot read it as a PNG written by {PROG} ({one_line(err)})") from None
+    if meta is None:
+        raise OptionError(f"{name} {path}: this image carries no prompt2prompt parameters; give a PNG written by {PROG}")
+    return meta
+
+
+# ============================================================================ file names
+
+
+def slugify(text: str, length: int = 40) -> str:
+    """A short ASCII file-name form of a prompt: ``"a Red circle!"`` -> ``"a-red-circle"``."""
+    ascii_text = unicodedata.normalize("NFKD", text).encode("ascii", "ignore").decode()
+    slug = re.sub(r"[^a-z0-9]+", "-", ascii_text.lower()).strip("-")
+    if len(slug) > length:
+        cut = slug[: length + 1]
+        slug = cut[: cut.rfind("-")] if "-" in cut else slug[:length]  # at a word boundary when there is one
+    return slug.strip("-") or "p2p"
+
