@@ -552,3 +552,10 @@ def test_edit_a_real_image_through_inversion(capsys, tmp_path):
     assert code == 0, err
     meta = imageio.read_png_metadata(tmp_path / "out" / "edit-1.png")
     assert meta["options"]["image"] == str(photo.resolve()) and meta["options"]["invert"] == "ddim"
+    assert meta["photo_sha256"] == imageio.file_sha256(photo)
+    # a rerun from the PNG says so when the photo has changed since
+    code, out, err = run(capsys, "edit", "--from", tmp_path / "out" / "edit-1.png", "-o", tmp_path / "same")
+    assert code == 0 and "warning" not in err
+    PIL.Image.new("RGB", (64, 64), (220, 40, 40)).save(photo)
+    code, out, err = run(capsys, "edit", "--from", tmp_path / "out" / "edit-1.png", "-o", tmp_path / "changed")
+    assert code == 0 and "the photo" in err and "has changed since that image was made" in err

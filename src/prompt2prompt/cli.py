@@ -29,7 +29,7 @@ from pathlib import Path
 from . import __version__
 from .alignment import split_words, tokenize_words
 from .edits import EditMode
-from .imageio import OutputSet, remove_stale_temps
+from .imageio import OutputSet, file_sha256, remove_stale_temps
 from .options import (
     ATTENTION_KEYS,
     BATCH_LINE_KEYS,
@@ -602,9 +602,13 @@ def cmd_generate(args, console: Console) -> int:
 
 def cmd_edit(args, console: Console) -> int:
     raw = _raw(args, EDIT_KEYS)
+    photo_sha256 = None
     if args.from_image is not None:
         stored = read_stored_options(args.from_image, "--from")
+        photo_sha256 = read_stored_metadata(args.from_image, "--from").get("photo_sha256")
         stored = {k: v for k, v in stored.items() if k in EDIT_KEYS and v != DEFAULTS.get(k)}  # defaults stay defaults
+        if raw.get("image") is not None:  # a new photo: the stored one's hash says nothing about it
+            photo_sha256 = None
         raw = {**stored, **{k: v for k, v in raw.items() if v is not None}}
     if raw.get("prompt") is None:
         raise UsageError(f"the source prompt is missing; give it as the first argument (or --from IMAGE.png), e.g. {PROG} edit \"a red circle on a blue background\" --to \"a red square on a blue background\"")
@@ -612,6 +616,9 @@ def cmd_edit(args, console: Console) -> int:
         raise UsageError("--to is required: give the target prompt, e.g. --to \"a red square on a blue background\"")
     options = normalise_options(raw, EDIT_KEYS, required=("prompt", "to"))
     check_edit_words(options)
+    if photo_sha256 and options["image"] and file_sha256(options["image"]) != photo_sha256:
+        warnings.warn(f"--from {args.from_image}: the photo {options['image']} has changed since that image was made "
+                      "(its SHA-256 differs), so the result will differ from it", UserWarning, stacklevel=1)
     return _run_in_folder(args, options, slugify(options["to"][0]), run_edit, console)
 
 

@@ -8,6 +8,7 @@ renamed over the final name (`os.replace`), so a reader or an interrupted run ne
 
 from __future__ import annotations
 
+import hashlib
 import io
 import json
 import os
@@ -37,6 +38,15 @@ def png_bytes(image: PIL.Image.Image, metadata: Mapping | None = None, parameter
     buffer = io.BytesIO()
     image.save(buffer, format="PNG", pnginfo=info)
     return buffer.getvalue()
+
+
+def file_sha256(path: str | os.PathLike) -> str:
+    """The SHA-256 of a file's bytes, as hex (read in 1 MiB pieces)."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for chunk in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
 
 
 def read_png_metadata(path: str | os.PathLike) -> dict | None:

@@ -22,7 +22,7 @@ from pathlib import Path
 from . import __version__
 from .alignment import PromptTokens, normalize_word, positions_in_each, split_words
 from .edits import LocalBlend, build_edit_plan
-from .imageio import read_png_metadata
+from .imageio import file_sha256, read_png_metadata
 
 PROG = "p2p"
 RESULT = "result.json"
@@ -448,7 +448,7 @@ def model_label(model: str | None) -> str:
 
 
 def image_metadata(command: str, options: Mapping, env: Mapping, role: str, index: int, count: int, file: str, prompt: str | None, **extra) -> dict:
-    """The JSON stored in each PNG: everything needed to make it again."""
+    """The JSON stored in each PNG: everything needed to make it again (with a photo, its SHA-256)."""
     meta = {
         "software": f"prompt2prompt {__version__}",
         "version": __version__,
@@ -459,6 +459,9 @@ def image_metadata(command: str, options: Mapping, env: Mapping, role: str, inde
         "dtype": options.get("dtype"),
         "image": {"role": role, "index": index, "count": count, "file": file, "prompt": prompt},
     }
+    photo = options.get("image")
+    if photo and Path(photo).is_file():  # so that a rerun can tell when the photo has changed since
+        meta["photo_sha256"] = file_sha256(photo)
     meta.update(extra)
     return meta
 

@@ -10,7 +10,6 @@ Needs the optional extra: ``pip install "prompt2prompt[web]"``.
 
 from __future__ import annotations
 
-import hashlib
 import math
 import os
 import re
@@ -242,14 +241,6 @@ def _rows(value) -> list[list]:
     return [list(r) for r in value]
 
 
-def _sha256(path: str) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 class Editor:
     """Runs requests on one pipeline and writes their PNGs under ``output_dir``.
 
@@ -268,7 +259,9 @@ class Editor:
         self._inversions: OrderedDict[tuple, Any] = OrderedDict()
 
     def _inversion(self, req: EditRequest):
-        key = (_sha256(req.image), req.prompt, req.inversion_method, req.num_inference_steps, req.guidance_scale)
+        from .imageio import file_sha256
+
+        key = (file_sha256(req.image), req.prompt, req.inversion_method, req.num_inference_steps, req.guidance_scale)
         if key not in self._inversions:
             self._inversions[key] = self.pipe.invert(req.image, req.prompt, method=req.inversion_method,
                                                      num_inference_steps=req.num_inference_steps, guidance_scale=req.guidance_scale)
