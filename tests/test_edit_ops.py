@@ -167,14 +167,16 @@ def test_local_blend_words_per_target(clip_tokenizer):
 
     src = tokenize_words("a cat riding a bicycle", clip_tokenizer)
     targets = [tokenize_words(p, clip_tokenizer) for p in ("a dog riding a bicycle", "a horse riding a bicycle")]
-    plan = build_edit_plan(src, targets, "replace", 10, local_blend=LocalBlend("cat", ("dog", "horse")))
+    plan = build_edit_plan(src, targets, "replace", 10, local_blend=LocalBlend("cat", ("dog", "horse")), blend_resolution=4)
     words = plan.blend.words  # (prompts, tokens)
     assert words[0, src.positions("cat")].eq(1).all() and words[0].sum() == len(src.positions("cat"))
     assert words[1, targets[0].positions("dog")].eq(1).all() and words[1].sum() == len(targets[0].positions("dog"))
     assert words[2, targets[1].positions("horse")].eq(1).all() and words[2].sum() == len(targets[1].positions("horse"))
     # a target with none of the words would get an empty mask and silently copy the source
     with pytest.raises(ValueError, match="has no word of the target prompt 'a horse riding a bicycle'"):
-        build_edit_plan(src, targets, "replace", 10, local_blend=LocalBlend("cat", "dog"))
+        build_edit_plan(src, targets, "replace", 10, local_blend=LocalBlend("cat", "dog"), blend_resolution=4)
+    with pytest.raises(ValueError, match="needs blend_resolution"):
+        build_edit_plan(src, targets, "replace", 10, local_blend=LocalBlend("cat", ("dog", "horse")))
 
 
 @pytest.mark.parametrize("case", ["swap", "refine", "reweight", "partial", "none"])

@@ -349,10 +349,10 @@ def build_edit_plan(
     num_steps: int,
     cross_replace_steps: Window | Mapping[str, Window] = 0.8,
     self_replace_steps: Window = 0.4,
-    self_max_res: int = 16,
+    self_max_res: int = 0,
     equalizer: Mapping | None = None,
     local_blend: LocalBlend | None = None,
-    blend_resolution: int = 16,
+    blend_resolution: int | None = None,
 ) -> EditPlan:
     """Compile the edit settings into tensors, validating every word and window first.
 
@@ -363,10 +363,12 @@ def build_edit_plan(
         num_steps: number of denoising steps T.
         cross_replace_steps: cross-attention injection window(s), see `cross_step_weights`.
         self_replace_steps: self-attention injection window.
-        self_max_res: largest attention-map side whose self-attention is injected.
+        self_max_res: largest attention-map side whose self-attention is injected (0: none; the
+            pipeline passes the latent side // 4, 16 for SD at 512 px).
         equalizer: word -> factor (or one factor per target) re-weighting the target's attention.
         local_blend: optional `LocalBlend`.
-        blend_resolution: the map side LocalBlend reads (already resolved against the UNet).
+        blend_resolution: the map side LocalBlend reads (already resolved against the UNet);
+            required with ``local_blend``.
 
     Raises:
         ValueError: on any bad setting, before any work is done.
@@ -391,5 +393,7 @@ def build_edit_plan(
     weights = cross_step_weights(targets, cross_replace_steps, num_steps)
     self_steps = step_window(parse_window(self_replace_steps, "self_replace_steps"), num_steps)
     eq = _equalizer(targets, equalizer) if equalizer is not None else None
+    if local_blend is not None and blend_resolution is None:
+        raise ValueError("build_edit_plan needs blend_resolution with local_blend: the map side of the UNet at this size")
     blend = _blend_plan(local_blend, source, targets, num_steps, blend_resolution) if local_blend is not None else None
     return EditPlan(mode, num_steps, mapper, alphas, weights, eq, self_steps, self_max_res, blend, source, list(targets))
