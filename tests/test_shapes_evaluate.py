@@ -305,6 +305,34 @@ def test_wilson_interval_matches_known_values_and_the_table_shows_it():
     assert rows["adherence (held-out pairs): shape"] == "0.0% [0%-19%]"
 
 
+def test_psnr_counts_an_untouched_region_at_its_ceiling():
+    """A perfect LocalBlend sample (background untouched) must count among the best, not vanish from
+    the median as an infinite value; an empty region is not scored."""
+    a = np.full((8, 8, 3), 100, np.uint8)
+    b = a.copy()
+    b[2:4, 2:4] = 200  # the object changed, the background did not
+    outside = np.ones((8, 8), bool)
+    outside[2:4, 2:4] = False
+    assert ev._psnr(a, b, outside) == ev.PSNR_CEILING_DB
+    assert ev._median([ev._psnr(a, b, outside)] * 2 + [12.0]) == ev.PSNR_CEILING_DB
+    assert math.isnan(ev._psnr(a, b, np.zeros((8, 8), bool)))
+    c = b.copy()
+    c[0, 0] = 110  # one pixel's 3 channels off by 10, over 60 pixels x 3 channels: 10 log10(255^2 / (300 / 180))
+    assert ev._psnr(a, c, outside) == pytest.approx(10 * math.log10(255**2 * 180 / 300))
+
+
+def test_table_shows_the_issues_goals_for_swaps_and_local_blend():
+    swap = {"target_rate": 0.5, "median_mask_iou": 0.5, "median_centroid_shift_px": 2.0, "n_scored": 4}
+    model = {"settings": {"samples": 16}, "local_blend": {"median_background_psnr_db": 20.0, "n": 16},
+             "word_swap": {k: swap for k in ("shape_p2p", "shape_none", "colour_p2p", "colour_none")}}
+    goals = {r[0]: r[2] for r in ev.summary_rows(model)}
+    assert goals["word swap shape_p2p: target rate"] == ">= 80%" and goals["word swap colour_p2p: target rate"] == ">= 90%"
+    assert goals["word swap shape_p2p: median centroid shift px"] == "<= 3"
+    assert goals["word swap colour_p2p: median mask IoU (n=4)"] == ">= 0.8"
+    assert goals["word swap shape_none: target rate"] == ""  # the baseline has no goal
+    assert goals["LocalBlend: median background PSNR dB"] == ">= 30"
+
+
 def test_grow_dilates_without_growing_in_from_the_border():
     m = np.zeros((5, 5), bool)
     m[2, 2] = True
