@@ -213,6 +213,26 @@ def test_adherence_prompts_use_held_out_or_training_pairs_and_score_renders(part
     assert r["colour"] >= 7 / 8 and r["background_correct"] == 1.0 and r["background_has_object_colour"] == 0.0
 
 
+@pytest.mark.parametrize("split", ["train", "held_out"])
+def test_two_object_prompts_use_their_split_and_score_renders(split):
+    """The held-out variant names two held-out pairs (the issue's two-object goal); renders score 100%."""
+
+    class Recording:
+        def __init__(self):
+            self.prompts = []
+
+        def __call__(self, part, k, prompt, targets=None, **kwargs):
+            self.prompts.append(prompt)
+            return [np.zeros((world.SIZE, world.SIZE, 3), np.uint8)]
+
+    fake = Recording()
+    r = ev.eval_two_objects(fake, 6, split=split)
+    assert r["pairs"] == split and len(fake.prompts) == 6 and r["rendered"]["both_present_with_shape"] == 1.0
+    for prompt in fake.prompts:
+        named = [(c, s) for c in world.COLOUR_NAMES for s in world.SHAPES if f"{c} {s}" in prompt]
+        assert len(named) == 2 and all((pair in world.HELDOUT_PAIRS) == (split == "held_out") for pair in named), prompt
+
+
 # ----------------------------------------------------------------------------- the model (tiny budget)
 
 @pytest.fixture(scope="module")
