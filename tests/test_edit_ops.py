@@ -177,6 +177,11 @@ def test_local_blend_words_per_target(clip_tokenizer):
         build_edit_plan(src, targets, "replace", 10, local_blend=LocalBlend("cat", "dog"), blend_resolution=4)
     with pytest.raises(ValueError, match="needs blend_resolution"):
         build_edit_plan(src, targets, "replace", 10, local_blend=LocalBlend("cat", ("dog", "horse")))
+    # moving a plan returns a moved copy and leaves the caller's plan where it was
+    moved = plan.to(torch.device("meta"))
+    assert moved.mapper.device.type == "meta" and moved.blend.words.device.type == "meta"
+    assert plan.mapper.device.type == "cpu" and plan.blend.words.device.type == "cpu"
+    assert all(i is None or i.own is None or i.own.device.type == "cpu" for i in plan.injections)
 
 
 @pytest.mark.parametrize("case", ["swap", "refine", "reweight", "partial", "none"])

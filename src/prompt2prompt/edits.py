@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import copy
+import dataclasses
 import enum
 import math
 from collections.abc import Mapping, Sequence
@@ -253,7 +255,7 @@ class EditPlan:
         return self.mode is not EditMode.NONE and self.self_steps[0] <= step < self.self_steps[1] and side <= self.self_max_res
 
     def to(self, device: torch.device) -> "EditPlan":
-        """Move the plan's tensors to ``device``, in place.
+        """A copy of the plan with its tensors on ``device`` (the plan itself is left as it is).
 
         Moves the mapper, alphas, step weights, equalizer, their fast forms, every `ValueInjection`
         (steps that shared one still share it) and the LocalBlend indicators.
@@ -262,22 +264,22 @@ class EditPlan:
             device: the device of the UNet the plan will run on.
 
         Returns:
-            ``self``.
+            The moved copy.
         """
+        plan = copy.copy(self)  # shallow: the derived per-step lists are rebuilt below, never shared mutably
         for name in ("mapper", "alphas", "cross_weights", "equalizer", "fast_mapper", "fast_alphas"):
             value = getattr(self, name)
             if value is not None:
-                setattr(self, name, value.to(device))
+                setattr(plan, name, value.to(device))
         moved: dict[int, ValueInjection] = {}
         for inj in self.injections:
             if inj is not None and id(inj) not in moved:
                 moved[id(inj)] = inj.to(device)
-        self.injections = [None if inj is None else moved[id(inj)] for inj in self.injections]
+        plan.injections = [None if inj is None else moved[id(inj)] for inj in self.injections]
         if self.blend is not None:
-            self.blend.words = self.blend.words.to(device)
-            if self.blend.subtract is not None:
-                self.blend.subtract = self.blend.subtract.to(device)
-        return self
+            subtract = None if self.blend.subtract is None else self.blend.subtract.to(device)
+            plan.blend = dataclasses.replace(self.blend, words=self.blend.words.to(device), subtract=subtract)
+        return plan
 
 
 def resolve_mode(mode: EditMode | str, source: PromptTokens, targets: Sequence[PromptTokens]) -> EditMode:
