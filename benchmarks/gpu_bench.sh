@@ -10,13 +10,13 @@ mkdir -p "$OUT"
 t0=$(date +%s)
 git rev-parse HEAD > "$OUT/commit.txt" 2>/dev/null
 timeout 190 python3 benchmarks/speed.py --model sd15-shape --device cuda --repeats 3 \
-  --variants replace,refine,reweight,replace_localblend,three_targets,attention,none --json "$OUT/bench_sd15_fp16.json" 2>&1 | grep -v torchvision
+  --variants replace,refine,reweight,replace_localblend,three_targets,attention,none --json "$OUT/bench_sd15_fp16.json" 2>&1 | grep --line-buffered -v torchvision
 echo "fp16 done after $(( $(date +%s) - t0 )) s"
 timeout 150 python3 benchmarks/inversion.py --model sd15-shape --device cuda --dtype float16 --images 1 --steps 50 \
-  --methods null-text,null-text-graph --json "$OUT/inversion_sd15_fp16_graph.json" 2>&1 | grep -v torchvision
+  --methods null-text,null-text-graph --json "$OUT/inversion_sd15_fp16_graph.json" 2>&1 | grep --line-buffered -v torchvision
 echo "inversion done after $(( $(date +%s) - t0 )) s"
 timeout 60 python3 benchmarks/profile_edit.py --model sd15-shape --device cuda --steps 10 > "$OUT/profile_replace.txt" 2>&1
 echo "profile done after $(( $(date +%s) - t0 )) s"
 timeout 80 python3 benchmarks/speed.py --model sd15-shape --device cuda --dtype bfloat16 --repeats 3 \
-  --variants replace,refine,none --json "$OUT/bench_sd15_bf16.json" 2>&1 | grep -v torchvision
+  --variants replace,refine,none --json "$OUT/bench_sd15_bf16.json" 2>&1 | grep --line-buffered -v torchvision
 echo "all done after $(( $(date +%s) - t0 )) s"

@@ -26,15 +26,16 @@ mkdir -p "$OUT"
 python3 -c "import torch, diffusers, transformers; print('torch', torch.__version__, 'diffusers', diffusers.__version__, 'transformers', transformers.__version__, 'cuda', torch.cuda.is_available() and torch.cuda.get_device_name())" || exit 1
 t0=$(date +%s)
 if [ -n "${INIT:-}" ]; then
-  python3 -m prompt2prompt.shapes.train "$RUN" --init "$INIT" --stage unet --batch "${BATCH:-512}" --lr "${LR:-3e-4}" --warmup 200 --minutes "$UNET_MIN" --workers "$WORKERS" --offset-noise "${OFFSET:-0}" --min-snr "${MINSNR:-0}" --export "$RUN.model" 2>&1 | grep -v -e torchvision -e "Writing model"
+  rm -rf "$RUN" "$RUN.model"  # a retry on the same machine starts from INIT again, not from the first try's run
+  python3 -m prompt2prompt.shapes.train "$RUN" --init "$INIT" --stage unet --batch "${BATCH:-512}" --lr "${LR:-3e-4}" --warmup 200 --minutes "$UNET_MIN" --workers "$WORKERS" --offset-noise "${OFFSET:-0}" --min-snr "${MINSNR:-0}" --export "$RUN.model" 2>&1 | grep --line-buffered -v -e torchvision -e "Writing model"
 else
-  python3 -m prompt2prompt.shapes.train "$RUN" --stage vae --batch 128 --minutes "$VAE_MIN" --workers "$WORKERS" 2>&1 | grep -v torchvision
-  python3 -m prompt2prompt.shapes.train "$RUN" --stage unet --batch "${BATCH:-512}" --lr "${LR:-4e-4}" --warmup 500 --minutes "$UNET_MIN" --workers "$WORKERS" --offset-noise "${OFFSET:-0}" --min-snr "${MINSNR:-0}" --export "$RUN.model" 2>&1 | grep -v -e torchvision -e "Writing model"
+  python3 -m prompt2prompt.shapes.train "$RUN" --stage vae --batch 128 --minutes "$VAE_MIN" --workers "$WORKERS" 2>&1 | grep --line-buffered -v torchvision
+  python3 -m prompt2prompt.shapes.train "$RUN" --stage unet --batch "${BATCH:-512}" --lr "${LR:-4e-4}" --warmup 500 --minutes "$UNET_MIN" --workers "$WORKERS" --offset-noise "${OFFSET:-0}" --min-snr "${MINSNR:-0}" --export "$RUN.model" 2>&1 | grep --line-buffered -v -e torchvision -e "Writing model"
 fi
 echo "training took $(( $(date +%s) - t0 )) s"
 cp "$RUN/state.json" "$OUT/"; cp "$RUN/loss.csv" "$OUT/" 2>/dev/null
 tar -C "$(dirname "$RUN.model")" -cf - "$(basename "$RUN.model")" | split -b 15M - "$OUT/model.tar.part-"
 [ "$BENCH" = none ] && { echo "all done after $(( $(date +%s) - t0 )) s"; exit 0; }
 # shellcheck disable=SC2086
-timeout 150 python3 benchmarks/speed.py $BENCH --variants replace,refine,reweight,replace_localblend,three_targets,attention,none --json "$OUT/bench_sd15_fp16.json" 2>&1 | grep -v torchvision
+timeout 150 python3 benchmarks/speed.py $BENCH --variants replace,refine,reweight,replace_localblend,three_targets,attention,none --json "$OUT/bench_sd15_fp16.json" 2>&1 | grep --line-buffered -v torchvision
 echo "all done after $(( $(date +%s) - t0 )) s"

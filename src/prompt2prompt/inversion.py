@@ -523,7 +523,9 @@ def invert(
     if method is InversionMethod.NULL_TEXT:
         eps_with_grad, graphed = eps_of, False
         if cuda_graph:
-            sample = (trajectory[:1].to(dtype), timesteps[0].clone(), uncond0.detach().clone().requires_grad_(True))
+            # a copy: the graph's input buffer is written at every call, and .to(dtype) of a float32
+            # trajectory would be a view of x_T itself
+            sample = (trajectory[:1].to(dtype, copy=True), timesteps[0].clone(), uncond0.detach().clone().requires_grad_(True))
             eps_with_grad, graphed = graphed_eps(pipe.unet, sample, lambda t: _alpha(scheduler, int(t)), prediction_type, eps_of)
         null, used, losses = _null_text(pipe, trajectory, timesteps, ratio, scheduler, cond, uncond0, guidance_scale,
                                         num_inner_steps, early_stop_epsilon, eps_of, eps_with_grad)
