@@ -366,6 +366,22 @@ def test_graphed_eps_replays_what_the_eager_loop_computes(eps_setup, monkeypatch
     assert torch.equal(fast, slow) and a.grad is not None and torch.equal(a.grad, b.grad)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_capture_sample_shares_no_memory_with_the_inversion(dtype):
+    """Replays overwrite the capture's inputs: x_T must not be one of them (in float32 a bare
+    ``.to(dtype)`` is a view of it)."""
+    from prompt2prompt.inversion import capture_sample
+
+    trajectory = torch.randn(4, 4, 8, 8)  # (steps + 1, C, h, w)
+    timesteps, uncond = torch.tensor([750, 500, 250]), torch.randn(1, 7, 16)
+    latent, t, states = capture_sample(trajectory, timesteps, uncond, dtype)
+    x_t = trajectory[0].clone()
+    for buffer in (latent, t, states):
+        buffer.data.fill_(0)  # what a replay does to its static inputs
+    assert torch.equal(trajectory[0], x_t) and timesteps[0] == 750 and uncond.abs().sum() > 0
+    assert latent.dtype == dtype and states.requires_grad and not uncond.requires_grad
+
+
 def test_graphed_eps_falls_back_to_the_eager_loop_when_the_capture_fails(eps_setup, monkeypatch, caplog):
     from prompt2prompt.inversion import graphed_eps
 

@@ -523,9 +523,7 @@ def invert(
     if method is InversionMethod.NULL_TEXT:
         eps_with_grad, graphed = eps_of, False
         if cuda_graph:
-            # a copy: the graph's input buffer is written at every call, and .to(dtype) of a float32
-            # trajectory would be a view of x_T itself
-            sample = (trajectory[:1].to(dtype, copy=True), timesteps[0].clone(), uncond0.detach().clone().requires_grad_(True))
+            sample = capture_sample(trajectory, timesteps, uncond0, dtype)
             eps_with_grad, graphed = graphed_eps(pipe.unet, sample, lambda t: _alpha(scheduler, int(t)), prediction_type, eps_of)
         null, used, losses = _null_text(pipe, trajectory, timesteps, ratio, scheduler, cond, uncond0, guidance_scale,
                                         num_inner_steps, early_stop_epsilon, eps_of, eps_with_grad)
@@ -537,6 +535,25 @@ def invert(
         timesteps=timesteps.cpu(), latent=trajectory[:1].cpu().clone(), image_latent=z0.cpu(), image=pixels,
         null_embeddings=null, trajectory=trajectory.cpu() if method is InversionMethod.DIRECT else None, info=info,
     )
+
+
+def capture_sample(trajectory: torch.Tensor, timesteps: torch.Tensor, uncond: torch.Tensor, dtype: torch.dtype) -> tuple:
+    """The sample inputs ``(latent, t, unconditional embedding)`` for `graphed_eps`' capture.
+
+    A captured graph's inputs are static buffers that every replay overwrites, so each is a fresh
+    tensor: ``trajectory[:1].to(dtype)`` alone would be a view of x_T when the dtype already
+    matches (float32), and the replays would overwrite the inversion's x_T.
+
+    Args:
+        trajectory: the DDIM-inversion trajectory ``(steps + 1, C, h, w)``, x_T first.
+        timesteps: the scheduler's timesteps.
+        uncond: the unconditional embedding ``(1, tokens, dim)`` the optimisation starts from.
+        dtype: the UNet's dtype.
+
+    Returns:
+        ``(latent (1, C, h, w), t, embedding that requires grad)``, none sharing memory with the inputs.
+    """
+    return trajectory[:1].to(dtype, copy=True), timesteps[0].clone(), uncond.detach().clone().requires_grad_(True)
 
 
 def graphed_eps(unet, sample: tuple[torch.Tensor, torch.Tensor, torch.Tensor], alpha_of, prediction_type: str, eager):
