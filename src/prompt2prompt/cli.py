@@ -1,9 +1,9 @@
 """``p2p``: Prompt-to-Prompt from the command line.
 
 A thin layer over `Prompt2PromptPipeline`: it parses arguments, checks them with
-`prompt2prompt.options` (shared with the web page), calls the pipeline and writes files. Commands: ``generate``, ``edit``, ``attention``, ``sweep``, ``batch``, ``info`` and
-``serve`` (the web page of `prompt2prompt.web`); ``p2p COMMAND --help`` shows each one's options
-and examples.
+`prompt2prompt.options` (shared with the web page), calls the pipeline and writes files.
+Commands: ``generate``, ``edit``, ``attention``, ``sweep``, ``batch``, ``info`` and ``serve``
+(the web page of `prompt2prompt.web`); ``p2p COMMAND --help`` shows each one's options and examples.
 
 Every PNG it writes carries its parameters (see `prompt2prompt.imageio`); ``p2p info`` prints
 them and ``p2p edit --from IMAGE.png`` runs them again. Exit status: 0 success, 1 runtime

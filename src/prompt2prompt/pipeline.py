@@ -453,6 +453,8 @@ class Prompt2PromptPipeline(DiffusionPipeline):
         mode = EditMode.parse(edit)
         self._warn_unknown_words([source, *targets])
         n = 1 + len(targets)
+        if isinstance(eta, bool) or not isinstance(eta, Real) or not math.isfinite(eta) or eta < 0:
+            raise ValueError(f"eta must be a finite number >= 0 (0: deterministic DDIM, 1: DDPM-like noise), got {eta!r}")
         if inversion is not None:
             num_inference_steps, guidance_scale, height, width = self._check_inversion(
                 inversion, prompt, num_inference_steps, guidance_scale, height, width, latents, negative_prompt, eta
@@ -463,8 +465,6 @@ class Prompt2PromptPipeline(DiffusionPipeline):
             raise ValueError(f"num_inference_steps must be a positive integer, got {num_inference_steps!r}")
         if isinstance(guidance_scale, bool) or not isinstance(guidance_scale, Real) or not math.isfinite(guidance_scale):
             raise ValueError(f"guidance_scale must be a finite number, got {guidance_scale!r}")
-        if isinstance(eta, bool) or not isinstance(eta, Real) or not math.isfinite(eta) or eta < 0:
-            raise ValueError(f"eta must be a finite number >= 0 (0: deterministic DDIM, 1: DDPM-like noise), got {eta!r}")
         if isinstance(generator, list) and len(generator) == 1:  # diffusers' one-image form
             generator = generator[0]
         if generator is not None and not isinstance(generator, torch.Generator):
