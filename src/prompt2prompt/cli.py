@@ -724,11 +724,16 @@ def _add_common(parser, batch: bool = False):
     group.add_argument("--guidance", help="classifier-free guidance scale (default 7.5; <= 1 turns guidance off)")
     group = parser.add_argument_group("model and output")
     group.add_argument("-o", "--output", metavar="DIR", help="output folder (default outputs/<YYYYmmdd-HHMMSS>-<slug>/)")
+    _add_model_flags(group, quiet_help="no progress bar or messages; print only the output folder")
+
+
+def _add_model_flags(group, quiet_help: str) -> None:
+    """The flags that choose and load the model, and --quiet/--debug (every command that loads one)."""
     group.add_argument("--model", metavar="PATH_OR_ID", help="diffusers Stable Diffusion folder or hub id (default: the bundled shapes model)")
     group.add_argument("--device", metavar="DEVICE", help="cpu, cuda, cuda:N or mps (default: cuda if available, else mps, else cpu)")
     group.add_argument("--dtype", metavar="DTYPE", help="float32 (default), float16 or bfloat16")
     group.add_argument("--allow-pickle", action="store_true", help="load a model whose weights are pickle files (.bin, .ckpt): unpickling can run code, so only for files you trust")
-    group.add_argument("--quiet", action="store_true", help="no progress bar or messages; print only the output folder")
+    group.add_argument("--quiet", action="store_true", help=quiet_help)
     group.add_argument("--debug", action="store_true", help="show tracebacks and library logs")
 
 
@@ -859,13 +864,8 @@ def build_parser() -> ArgumentParser:
     p = command("serve", "serve the web page (Gradio) for editing in a browser")
     p.add_argument("--host", help="address to bind (default 127.0.0.1: this machine only)")
     p.add_argument("--port", help="port (default 7860)")
-    p.add_argument("--model", metavar="PATH_OR_ID", help="diffusers Stable Diffusion folder or hub id (default: the bundled shapes model)")
-    p.add_argument("--device", metavar="DEVICE", help="cpu, cuda, cuda:N or mps (default: cuda if available, else mps, else cpu)")
-    p.add_argument("--dtype", metavar="DTYPE", help="float32 (default), float16 or bfloat16")
-    p.add_argument("--allow-pickle", action="store_true", help="load a model whose weights are pickle files (.bin, .ckpt): unpickling can run code, so only for files you trust")
     p.add_argument("--output-dir", metavar="DIR", help="where results are written (default outputs/web)")
-    p.add_argument("--quiet", action="store_true", help="no messages")
-    p.add_argument("--debug", action="store_true", help="show tracebacks and library logs")
+    _add_model_flags(p, quiet_help="no messages")
 
     p = command("info", "print the parameters stored in a PNG written by p2p")
     p.add_argument("image", metavar="IMAGE.png", help="a PNG written by p2p")
