@@ -454,3 +454,82 @@ def test_reconstruction_ceilings_fall_when_the_autoencoder_loses_detail():
 def test_reconstruction_separates_the_objects_from_the_background():
     r = ev.eval_reconstruction(_pipe(_RoundTrip(0.5, edges_only=True)), 2)  # errors at strong edges only
     assert r["median_object_psnr_db"] + 2 < r["median_background_psnr_db"], r  # 19.3 vs 22.6 dB (textured backgrounds have edges too)
+
+
+# ----------------------------------------------------------------------------- cross-attention localisation
+
+def test_cross_attention_of_returns_each_sides_probabilities(gen):
+    import torch
+
+    pipe = gen.pipe
+    side = pipe.unet.config.sample_size
+    latents = torch.randn(1, pipe.unet.config.in_channels, side, side, generator=torch.Generator().manual_seed(0))
+    tokens, maps = ev.cross_attention_of(pipe, latents, 500, "a big red star on a blue background")
+    assert tokens.words[3] == "star"
+    from prompt2prompt.attention import attention_sides
+
+    assert sorted(maps) == attention_sides(pipe.unet, (side, side))
+    for s, m in maps.items():
+        assert m.shape == (s, s, pipe.tokenizer.model_max_length)
+        # averaged over heads and layers, each pixel's attention is still a distribution over the tokens
+        torch.testing.assert_close(m.sum(-1), torch.ones(s, s), atol=1e-4, rtol=0)
+
+
+def _fake_maps(monkeypatch, bind: bool):
+    """`cross_attention_of` replaced by maps built from the scene: with ``bind``, the object's words
+    look at the object's cells and the background's words at the rest; without, every word looks
+    everywhere alike."""
+    import torch
+
+    from prompt2prompt.alignment import tokenize_words
+
+    scenes = []
+    real_render = world.render
+
+    def render(spec):
+        scenes.append(real_render(spec))
+        return scenes[-1]
+
+    def fake(pipe, latents, t, prompt):
+        tokens = tokenize_words(prompt, pipe.tokenizer)
+        sc = scenes[-1]
+        o = sc.spec.objects[0]
+        maps = {}
+        for side in (16, 8):
+            cover = torch.from_numpy(ev._cell_coverage(sc.filled[0], side)).float()  # (side, side)
+            m = torch.full((side, side, pipe.tokenizer.model_max_length), 0.01)
+            if bind:
+                for w in (o.shape, o.colour):
+                    m[..., tokens.positions(w)] += cover[..., None]
+                for w in (sc.spec.background.name, "background"):
+                    m[..., tokens.positions(w)] += (1 - cover)[..., None]
+            maps[side] = m / m.sum(-1, keepdim=True)
+        return tokens, maps
+
+    monkeypatch.setattr(world, "render", render)
+    monkeypatch.setattr(ev, "cross_attention_of", fake)
+
+
+@pytest.mark.parametrize("bind", [True, False])
+def test_localisation_tells_maps_that_bind_words_from_maps_that_do_not(gen, monkeypatch, bind):
+    _fake_maps(monkeypatch, bind)
+    r = ev.eval_localisation(gen, 3)
+    assert r["n"] == 3 and set(r["sides"]) == {"16", "8"}
+    for side, v in r["sides"].items():
+        assert v["n_scored"] == 3 * len(ev.LOCALISATION_TIMESTEPS)
+        if bind:
+            assert v["shape_inside_outside"] > 5 and v["colour_inside_outside"] > 5, v
+            assert v["background_colour_inside_outside"] < 0.5 and v["background_inside_outside"] < 0.5, v
+            assert v["binding_contrast"] > 10, v
+        else:
+            for role in ev.LOCALISATION_ROLES:
+                assert v[f"{role}_inside_outside"] == pytest.approx(1.0)
+            assert v["binding_contrast"] == pytest.approx(1.0)
+    rows = [k for k, _, _ in ev.summary_rows({"localisation": r})]
+    assert sum("binding contrast" in k for k in rows) == 2
+
+
+def test_localisation_smoke(gen):
+    r = ev.eval_localisation(gen, 1)
+    for v in r["sides"].values():
+        assert v["binding_contrast"] > 0 and 0 < v["word_share"] <= 1

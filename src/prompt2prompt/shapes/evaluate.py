@@ -27,7 +27,9 @@ The evaluation then generates with the model and scores (the parts of ``--parts`
 - ``reconstruction``: the autoencoder alone (no generation): PSNR of rendered held-out scenes
   through encode (latent mean) and decode, over the whole image, the objects and the background;
   and the detector's accuracy on single-object scenes after that round trip, the ceiling the
-  autoencoder sets on every generation figure.
+  autoencoder sets on every generation figure;
+- ``localisation``: whether the cross-attention maps bind the caption's words to the object's
+  pixels, on rendered scenes noised to several levels (no generation; `eval_localisation`).
 
 Every part also scores the rendered (ground-truth) scenes of its own prompts where that makes sense
 (``rendered``): the ceiling that the detector allows.
@@ -58,7 +60,7 @@ _RING = world._erode(np.ones((world.SIZE, world.SIZE), bool), 2) == 0  # the 2 p
 
 # New parts go at the end: a part's place seeds its prompts and noise (`_part_rng`, `_SEED_OFFSET`).
 PARTS = ("adherence", "swap", "blend", "two_objects", "refine", "reweight", "sweep", "adherence_train", "reconstruction",
-         "two_objects_held_out")
+         "two_objects_held_out", "localisation")
 RECONSTRUCTION_SCENES_PER_SAMPLE = 16  # the autoencoder is cheap to run: 16 scenes per "sample"
 REWEIGHT_FACTORS = (-2.0, -1.0, 0.0, 0.5, 1.0, 1.5, 2.0)
 SWEEP_STEPS = (0.0, 0.2, 0.4, 0.6, 0.8, 1.0)
@@ -1016,12 +1018,104 @@ def eval_reconstruction(gen: _Generator, n: int, seed: int = 0) -> dict:
     return result
 
 
+LOCALISATION_TIMESTEPS = (0.25, 0.5, 0.75)  # noise levels, as fractions of the training timesteps
+LOCALISATION_ROLES = ("shape", "colour", "background_colour", "background")
+
+
+def cross_attention_of(pipe, latents, timestep: int, prompt: str) -> tuple:
+    """The cross-attention maps of one UNet call on ``latents`` (no guidance), conditioned on
+    ``prompt``: ``(PromptTokens, {side: (height, width, tokens) float32})``, each map averaged over
+    heads and over the layers at that side, as `Prompt2PromptPipeline` records them."""
+    import torch
+
+    from ..alignment import tokenize_words
+    from ..attention import P2PController, attention_sides, p2p_attention
+
+    tokens = tokenize_words(prompt, pipe.tokenizer)
+    unet = pipe.unet
+    param = next(unet.parameters())
+    states = pipe._encode([tokens.ids], param.device, param.dtype)  # (1, tokens, dim)
+    hw = tuple(latents.shape[-2:])
+    ctrl = P2PController(None, 1, False, hw, record_sides=attention_sides(unet, hw))
+    with torch.no_grad(), p2p_attention(unet, ctrl):
+        unet(latents.to(param.device, param.dtype), timestep, encoder_hidden_states=states, cross_attention_kwargs={"p2p_step": 0})
+    return tokens, {side: (m[0] / ctrl.layer_calls[side]).cpu() for side, m in ctrl.maps.items()}
+
+
+def _cell_coverage(mask: np.ndarray, side: int) -> np.ndarray:
+    """The share of each cell of a ``side x side`` grid that ``mask`` (64x64 bool) covers."""
+    f = mask.shape[0] // side
+    return mask.reshape(side, f, side, f).mean((1, 3))  # (side, side)
+
+
+def eval_localisation(gen: _Generator, n: int, seed: int = 0) -> dict:
+    """Whether the cross-attention maps bind words to pixels, which every edit relies on (the
+    paper's premise; LocalBlend's mask is these maps). ``n`` rendered single-object scenes (big,
+    plain background, training pairs, the world's caption) are encoded to their latent means and
+    noised at `LOCALISATION_TIMESTEPS`; one UNet call records the maps. For each word role (the
+    shape word, the object's colour word, the background's colour word, "background") and each
+    map side: the median over scenes and noise levels of the word's mean attention over the cells
+    inside the object (covered >= 75%) divided by its mean over the cells outside it (not
+    covered). A map that binds the object's words to the object gives > 1 for ``shape`` and
+    ``colour`` and < 1 for the background's words; maps that ignore the layout give 1.
+    ``binding_contrast``: the median of the geometric mean of the object's two words' ratios over
+    that of the background's two, so that a spatial pattern all tokens share cancels (1: no
+    binding; a binding model is well above 1). Also the median share of each pixel's attention that
+    goes to the caption's words (the rest goes to the start token and the padding)."""
+    import torch
+
+    from .train import images_to_tensor
+
+    pipe = gen.pipe
+    vae, scheduler = pipe.vae, pipe.scheduler
+    rng = _part_rng("localisation", seed)
+    g = torch.Generator().manual_seed(seed * 100_003 + _SEED_OFFSET["localisation"])
+    ratios: dict[int, dict[str, list[float]]] = {}
+    word_share: dict[int, list[float]] = {}
+    for k in range(n):
+        colour, shape = world._TRAIN_PAIRS[int(rng.integers(len(world._TRAIN_PAIRS)))]
+        bg = _pick(rng, world.COLOUR_NAMES, (colour,))
+        spec = world.make_spec([dict(shape=shape, colour=colour, size="big")], bg, seed=k)
+        scene = world.render(spec)
+        param = next(vae.parameters())
+        with torch.no_grad():
+            x = images_to_tensor(scene.image[None]).to(param.device, param.dtype)  # (1, 3, h, w) in [-1, 1]
+            latent = vae.encode(x).latent_dist.mean * vae.config.scaling_factor  # (1, channels, h/f, w/f)
+        for frac in LOCALISATION_TIMESTEPS:
+            t = int(frac * scheduler.config.num_train_timesteps)
+            noise = torch.randn(latent.shape, generator=g).to(latent.device, latent.dtype)
+            noisy = scheduler.add_noise(latent, noise, torch.tensor([t]))
+            tokens, maps = cross_attention_of(pipe, noisy, t, spec.caption)
+            words = {"shape": shape, "colour": colour, "background_colour": bg, "background": "background"}
+            word_tokens = sorted({p for w in tokens.words for p in tokens.positions(w)})
+            for side, m in maps.items():
+                if world.SIZE % side:
+                    continue
+                cover = _cell_coverage(scene.filled[0], side)
+                inside, outside = torch.from_numpy(cover >= 0.75), torch.from_numpy(cover == 0)
+                if not inside.any() or not outside.any():
+                    continue
+                per = ratios.setdefault(side, {r: [] for r in LOCALISATION_ROLES + ("binding",)})
+                for role, word in words.items():
+                    wm = m[..., tokens.positions(word)].sum(-1)  # (h, w)
+                    per[role].append(float(wm[inside].mean() / wm[outside].mean()))
+                # the object's words against the background's: what all words share drops out
+                per["binding"].append(math.sqrt(per["shape"][-1] * per["colour"][-1] / (per["background_colour"][-1] * per["background"][-1])))
+                word_share.setdefault(side, []).append(float(m[..., word_tokens].sum(-1).median()))
+    return {"sides": {str(side): {**{f"{r}_inside_outside": _median(per[r]) for r in LOCALISATION_ROLES},
+                                  "binding_contrast": _median(per["binding"]),
+                                  "word_share": _median(word_share[side]), "n_scored": len(per["shape"])}
+                      for side, per in sorted(ratios.items(), reverse=True)},
+            "n": n, "timesteps": list(LOCALISATION_TIMESTEPS)}
+
+
 _EVALS = {"adherence": eval_adherence, "adherence_train": eval_adherence_train, "swap": eval_word_swap, "blend": eval_local_blend, "two_objects": eval_two_objects,
-          "two_objects_held_out": eval_two_objects_held_out, "refine": eval_refine, "reweight": eval_reweight, "sweep": eval_sweep, "reconstruction": eval_reconstruction}
+          "two_objects_held_out": eval_two_objects_held_out, "refine": eval_refine, "reweight": eval_reweight, "sweep": eval_sweep, "reconstruction": eval_reconstruction,
+          "localisation": eval_localisation}
 _RESULT_KEY = {"adherence": "adherence", "swap": "word_swap", "blend": "local_blend", "two_objects": "two_objects",
                "two_objects_held_out": "two_objects_held_out",
                "refine": "refine", "reweight": "reweight", "sweep": "sweep", "adherence_train": "adherence_train",
-               "reconstruction": "reconstruction"}
+               "reconstruction": "reconstruction", "localisation": "localisation"}
 
 
 def evaluate_model(pipe, n: int = 16, steps: int = 30, guidance: float = 5.0, seed: int = 0, parts=PARTS) -> dict:
@@ -1132,6 +1226,14 @@ def summary_rows(model: dict) -> list[tuple[str, str, str]]:
                 for key in keys:
                     add(f"autoencoder round trip, {label} objects (n={r['n']}): detector reads {key}", r[part][key], True,
                         "ceiling" if part == "detector_big_plain" else "", n=r["n"])
+    if "localisation" in model:
+        loc = model["localisation"]
+        for side, v in loc["sides"].items():
+            for role in LOCALISATION_ROLES:
+                add(f"cross-attention {side}x{side}, {role} word: attention inside / outside the object (n={v['n_scored']})",
+                    v[f"{role}_inside_outside"], goal=("> 1" if role in ("shape", "colour") else "< 1"))
+            add(f"cross-attention {side}x{side}: binding contrast, object's words over background's", v["binding_contrast"], goal="> 1")
+            add(f"cross-attention {side}x{side}: median share of attention on the caption's words", v["word_share"], True, n=0)
     return rows
 
 
