@@ -102,8 +102,8 @@ def test_parallel_batches_match_the_serial_stream(tmp_path):
     serial, parallel = Batches(3, 4, 100, 0, tok_dir), Batches(3, 4, 100, 1, tok_dir)
     try:
         for _ in range(3):
-            (xs, cs, ids), (xp, cp, idp) = serial.get(), parallel.get()
-            assert np.array_equal(xs, xp) and cs == cp and torch.equal(ids, idp)
+            (xs, cs, ids, ts), (xp, cp, idp, tp) = serial.get(), parallel.get()
+            assert np.array_equal(xs, xp) and cs == cp and torch.equal(ids, idp) and ts is None and tp is None
             assert xs.shape == (4, 64, 64, 3) and xs.dtype == np.uint8 and ids.shape == (4, 32)  # bytes: floats are made on the device
     finally:
         serial.close()
@@ -215,7 +215,7 @@ def test_min_snr_changes_the_update_only_through_the_weights(tmp_path):
     assert not torch.equal(after["off"][key], after["five"][key])
 
 
-@pytest.mark.parametrize("flag", ["--offset-noise", "--min-snr"])
+@pytest.mark.parametrize("flag", ["--offset-noise", "--min-snr", "--grounding"])
 def test_negative_training_settings_exit_2_before_any_work(tmp_path, flag, capsys):
     from prompt2prompt.shapes.train import main
 
@@ -283,3 +283,104 @@ def test_the_trainer_leaves_the_rendering_workers_their_cores(tmp_path, monkeypa
         assert torch.get_num_threads() == 3  # an explicit --threads wins
     finally:
         torch.set_num_threads(before)
+
+
+# ----------------------------------------------------------------------------- grounding loss
+
+def _shipped_tokenizer():
+    from prompt2prompt.shapes import MODEL_DIR
+
+    return CLIPTokenizer.from_pretrained(str(MODEL_DIR / "tokenizer"))
+
+
+@pytest.mark.parametrize("template", range(world.NUM_TEMPLATES))
+def test_grounding_targets_point_each_phrase_at_its_pixels(template):
+    from prompt2prompt.shapes.train import BACKGROUND_REGION, grounding_targets
+
+    tok = _shipped_tokenizer()
+    objects = [dict(shape="star", colour="red", size="big", pattern="striped"), dict(shape="star", colour="blue", size="small")]
+    spec = world.make_spec(objects, "green", relation="left of", seed=3, template=template)
+    scene = world.render(spec)
+    masks, regions = grounding_targets(spec, scene.filled, tok)
+    tokens = tokenize_words(spec.caption, tok)
+    words = list(tokens.words)
+    named = {}  # region -> its words, in caption order
+    for k, w in enumerate(words):
+        for pos in tokens.word_positions[k]:
+            named.setdefault(int(regions[pos]), []).append(w)
+    # the same shape word twice: each occurrence points at its own object, in caption order
+    assert named[0] == ["big", "striped", "red", "star"] and named[1] == ["small", "blue", "star"]
+    assert named[BACKGROUND_REGION] == ["green", "background"]
+    assert set(named[-1]) <= {"a", "left", "of", "on", ","}
+    assert (regions[len(tokens.ids):] == -1).all() and regions[0] == -1  # padding and the start token
+    assert np.array_equal(masks[0], scene.filled[0]) and np.array_equal(masks[1], scene.filled[1])
+    assert np.array_equal(masks[BACKGROUND_REGION], ~scene.filled.any(0))
+
+
+def test_grounding_loss_is_zero_inside_and_grows_outside():
+    from prompt2prompt.shapes.train import grounding_loss
+
+    masks = torch.zeros(1, 3, 64, 64)
+    masks[0, 0, :32] = 1  # object 0: the top half
+    masks[0, 2] = 1 - masks[0, 0]  # background: the rest
+    regions = torch.tensor([[-1, 0, 2, -1]])  # token 1 names the object, token 2 the background
+    side = 8
+    top = torch.zeros(side, side)
+    top[: side // 2] = 1
+    top = top.flatten()  # (pixels,)
+
+    def maps(w1, w2):
+        a = torch.full((1, side * side, 4), 1.0)
+        a[0, :, 1], a[0, :, 2] = w1, w2
+        return [a / a.sum(-1, keepdim=True)]  # a distribution over the tokens at each pixel
+
+    assert grounding_loss(maps(top * 5, (1 - top) * 5), masks, regions).item() == pytest.approx(0.0, abs=1e-6)
+    uniform = grounding_loss(maps(torch.ones(side * side), torch.ones(side * side)), masks, regions).item()
+    assert uniform == pytest.approx(0.25, abs=1e-6)  # half of each token's attention outside: (1 - 1/2)^2
+    swapped = grounding_loss(maps((1 - top) * 5, top * 5), masks, regions).item()
+    assert swapped > uniform
+    assert grounding_loss(maps(top, top), masks, torch.full((1, 4), -1)).item() == 0.0  # nothing supervised
+
+
+def test_grounding_processor_keeps_the_unets_output_and_collects_each_cross_attention_map():
+    from diffusers import UNet2DConditionModel
+
+    from prompt2prompt.shapes.train import GroundingAttnProcessor, model_configs
+
+    unet = UNet2DConditionModel(**model_configs(_shipped_tokenizer())["unet"]).eval()
+    x = torch.randn(2, unet.config.in_channels, 16, 16)
+    states = torch.randn(2, 32, unet.config.cross_attention_dim)
+    with torch.no_grad():
+        plain = unet(x, 10, encoder_hidden_states=states).sample
+        maps = []
+        original = unet.attn_processors
+        unet.set_attn_processor(GroundingAttnProcessor(maps))
+        try:
+            grounded = unet(x, 10, encoder_hidden_states=states).sample
+        finally:
+            unet.set_attn_processor(original)
+    torch.testing.assert_close(grounded, plain, atol=1e-5, rtol=1e-4)
+    n_cross = sum(bool(getattr(m, "is_cross_attention", False)) for m in unet.modules())
+    assert len(maps) == n_cross
+    for a in maps:
+        assert a.shape[0] == 2 and a.shape[2] == 32
+        torch.testing.assert_close(a.sum(-1), torch.ones(a.shape[:2]), atol=1e-5, rtol=0)
+
+
+def test_grounding_changes_the_update_and_the_processors_are_restored(tmp_path):
+    import json
+
+    base = Run(tmp_path / "base", "cpu")
+    base.train_vae(steps=1, batch=2, minutes=5)
+    base.train_unet(steps=1, batch=2, minutes=5)
+    first = base.export(tmp_path / "first")
+    after = {}
+    for name, w in (("off", 0.0), ("on", 1.0)):
+        run = Run(tmp_path / name, "cpu", init=first)
+        before = run.unet.attn_processors
+        run.train_unet(steps=3, batch=8, minutes=5, grounding=w)
+        assert {k: type(v) for k, v in run.unet.attn_processors.items()} == {k: type(v) for k, v in before.items()}
+        after[name] = run.unet.state_dict()
+        assert json.loads((run.export(tmp_path / f"{name}.model") / "training.json").read_text())["grounding"] == w
+    key = next(k for k in after["off"] if k.endswith("attn2.to_k.weight"))
+    assert not torch.equal(after["off"][key], after["on"][key])

@@ -138,6 +138,73 @@ def images_to_tensor(images: np.ndarray, device: torch.device | str = "cpu") -> 
     return x.permute(0, 3, 1, 2).float() / 127.5 - 1.0  # (batch, 3, h, w)
 
 
+BACKGROUND_REGION = 2  # region index of the background; objects are 0 and 1 (`grounding_targets`)
+
+
+def grounding_targets(spec, filled: np.ndarray, tokenizer) -> tuple[np.ndarray, np.ndarray]:
+    """What each caption token should look at, for `grounding_loss`: ``masks`` (3, h, w) bool, the
+    filled shape of object 0 and object 1 (all False when absent) and the background (neither), and
+    ``regions`` (max_length,) int8, the mask index of each token position: the words of an object's
+    phrase (size, pattern, colour, shape; as `world.caption` writes it, objects in order) look at
+    that object, the background phrase's words (colour and "background", or the scene) at the
+    background, every other token (articles, relations, styles, start, end, padding) at none (-1).
+
+    Args:
+        spec: the scene's `world.SceneSpec`.
+        filled: (objects, h, w) bool, the scene's `Scene.filled`.
+        tokenizer: the CLIP tokenizer of the model being trained.
+    """
+    from ..alignment import normalize_word, tokenize_words
+    from . import world
+
+    tokens = tokenize_words(spec.caption, tokenizer)
+    words = [normalize_word(w) for w in tokens.words]
+    regions = np.full(int(tokenizer.model_max_length), -1, np.int8)
+    masks = np.zeros((3, *filled.shape[1:]), bool)
+    masks[: len(filled)] = filled
+    masks[BACKGROUND_REGION] = ~filled.any(0)
+
+    def find(phrase: list[str], start: int) -> int:
+        for i in range(start, len(words) - len(phrase) + 1):
+            if words[i : i + len(phrase)] == phrase:
+                return i
+        return -1
+
+    def mark(first: int, count: int, region: int) -> None:
+        for k in range(first, first + count):
+            regions[list(tokens.word_positions[k])] = region
+
+    after = 0
+    for i, o in enumerate(spec.objects):
+        phrase = world._object_phrase(o, article=False).split()
+        at = find(phrase, after)
+        if at >= 0:
+            mark(at, len(phrase), i)
+            after = at + len(phrase)
+    background = [w for w in world._background_phrase(spec.background, on=False).split() if w not in ("a", "an")]
+    at = find(background, 0)
+    if at >= 0:
+        mark(at, len(background), BACKGROUND_REGION)
+    return masks, regions
+
+
+def render_grounded(start: int, size: int, tokenizer) -> tuple[np.ndarray, list[str], np.ndarray, np.ndarray]:
+    """Scenes ``start .. start+size-1`` of the training stream with their `grounding_targets`:
+    uint8 images (batch, h, w, 3), captions, masks (batch, 3, h, w) bool, regions (batch, max_length) int8."""
+    from . import world
+
+    images = np.empty((size, world.SIZE, world.SIZE, 3), np.uint8)
+    masks = np.empty((size, 3, world.SIZE, world.SIZE), bool)
+    regions = np.empty((size, int(tokenizer.model_max_length)), np.int8)
+    captions = []
+    for i in range(size):
+        scene = world.sample_scene(start + i)
+        images[i] = scene.image
+        masks[i], regions[i] = grounding_targets(scene.spec, scene.filled, tokenizer)
+        captions.append(scene.spec.caption)
+    return images, captions, masks, regions
+
+
 _WORKER_TOKENIZER = None
 
 
@@ -150,14 +217,25 @@ def _worker_init(tok_dir: str | None) -> None:
         _WORKER_TOKENIZER = CLIPTokenizer.from_pretrained(tok_dir)
 
 
-def _render_job(start: int, size: int) -> tuple[np.ndarray, list[str], np.ndarray | None]:
-    """One batch rendered (and tokenized, if the worker has a tokenizer) in a worker process."""
-    images, captions = render_range(start, size)
+def _render(start: int, size: int, tokenizer, grounding: bool) -> tuple:
+    """One batch: images, captions, token ids (None without a tokenizer) and, with ``grounding``,
+    ``(masks, regions)`` of `render_grounded` (else None)."""
+    targets = None
+    if grounding:
+        images, captions, masks, regions = render_grounded(start, size, tokenizer)
+        targets = (masks, regions)
+    else:
+        images, captions = render_range(start, size)
     ids = None
-    if _WORKER_TOKENIZER is not None:
-        tok = _WORKER_TOKENIZER
-        ids = tok(list(captions), padding="max_length", max_length=tok.model_max_length, truncation=True, return_tensors="np").input_ids
-    return images, captions, ids
+    if tokenizer is not None:
+        ids = tokenizer(list(captions), padding="max_length", max_length=tokenizer.model_max_length, truncation=True,
+                        return_tensors="np").input_ids
+    return images, captions, ids, targets
+
+
+def _render_job(start: int, size: int, grounding: bool = False) -> tuple:
+    """One batch rendered (and tokenized, if the worker has a tokenizer) in a worker process (`_render`)."""
+    return _render(start, size, _WORKER_TOKENIZER, grounding)
 
 
 class Batches:
@@ -167,8 +245,10 @@ class Batches:
     workers (or none); at most ``2*workers`` batches are in flight, so memory stays bounded.
     """
 
-    def __init__(self, first: int, size: int, offset: int, workers: int, tok_dir: str | None):
-        self.next, self.size, self.offset = first, size, offset
+    def __init__(self, first: int, size: int, offset: int, workers: int, tok_dir: str | None, grounding: bool = False):
+        self.next, self.size, self.offset, self.grounding = first, size, offset, grounding
+        if grounding and tok_dir is None:
+            raise ValueError("grounding targets need the tokenizer (tok_dir)")
         self.tok_dir, self.pool, self.pending = tok_dir, None, []
         self.tokenizer = None
         if workers > 0:
@@ -183,24 +263,24 @@ class Batches:
 
     def _submit(self) -> None:
         start = self.offset + self.next * self.size
-        self.pending.append(self.pool.apply_async(_render_job, (start, self.size)))
+        self.pending.append(self.pool.apply_async(_render_job, (start, self.size, self.grounding)))
         self.next += 1
 
-    def get(self) -> tuple[np.ndarray, list[str], torch.Tensor | None]:
-        """The next batch: uint8 images ``(batch, h, w, 3)``, captions, token ids (or None)."""
+    def get(self) -> tuple[np.ndarray, list[str], torch.Tensor | None, tuple | None]:
+        """The next batch: uint8 images ``(batch, h, w, 3)``, captions, token ids (or None), and
+        with ``grounding`` the `render_grounded` masks and regions as tensors (else None)."""
         if self.pool is None:
-            images, captions = render_range(self.offset + self.next * self.size, self.size)
+            images, captions, ids, targets = _render(self.offset + self.next * self.size, self.size, self.tokenizer, self.grounding)
             self.next += 1
-            ids = None
-            if self.tokenizer is not None:
-                tok = self.tokenizer
-                ids = tok(captions, padding="max_length", max_length=tok.model_max_length, truncation=True, return_tensors="pt").input_ids
-            return images, captions, ids
-        while len(self.pending) < self.depth:
+        else:
+            while len(self.pending) < self.depth:
+                self._submit()
+            images, captions, ids, targets = self.pending.pop(0).get()
             self._submit()
-        images, captions, ids = self.pending.pop(0).get()
-        self._submit()
-        return images, captions, (None if ids is None else torch.from_numpy(ids))
+        ids = None if ids is None else torch.from_numpy(ids)
+        if targets is not None:
+            targets = tuple(torch.from_numpy(t) for t in targets)
+        return images, captions, ids, targets
 
     def close(self) -> None:
         if self.pool is not None:
@@ -234,6 +314,66 @@ def min_snr_weights(alpha_bar: torch.Tensor, gamma: float) -> torch.Tensor:
         return torch.ones_like(alpha_bar)
     snr = alpha_bar / (1 - alpha_bar)
     return snr.clamp(max=gamma) / snr
+
+
+class GroundingAttnProcessor:
+    """A diffusers attention processor for training with `grounding_loss`: cross-attention forms its
+    probabilities explicitly (softmax in float32) and appends their mean over heads to
+    ``self.maps``; self-attention is plain SDPA. The output is the layer's usual one, so the
+    diffusion loss is unchanged. Installed for a step and removed after (`Run.train_unet`)."""
+
+    def __init__(self, maps: list):
+        self.maps = maps
+
+    def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, temb=None, **kwargs):
+        batch = hidden_states.shape[0]
+        is_cross = encoder_hidden_states is not None
+        context = encoder_hidden_states if is_cross else hidden_states
+        if attention_mask is not None or attn.spatial_norm is not None or attn.group_norm is not None or attn.norm_cross:
+            raise ValueError("GroundingAttnProcessor supports the plain transformer-block attention of the shapes UNet only")
+        h = attn.heads
+        q = attn.to_q(hidden_states)  # (batch, pixels, heads * dim)
+        k, v = attn.to_k(context), attn.to_v(context)  # (batch, keys, heads * dim)
+        q, k, v = (x.view(batch, x.shape[1], h, -1).transpose(1, 2) for x in (q, k, v))  # (batch, heads, length, dim)
+        if is_cross:
+            probs = (torch.matmul(q, k.transpose(-1, -2)) * attn.scale).softmax(-1, dtype=torch.float32)  # (batch, heads, pixels, tokens)
+            self.maps.append(probs.mean(1))  # (batch, pixels, tokens)
+            out = torch.matmul(probs.to(v.dtype), v)  # (batch, heads, pixels, dim)
+        else:
+            out = F.scaled_dot_product_attention(q, k, v, scale=attn.scale)  # (batch, heads, pixels, dim)
+        out = out.transpose(1, 2).reshape(batch, -1, h * out.shape[-1])  # (batch, pixels, heads * dim)
+        out = attn.to_out[1](attn.to_out[0](out))
+        if attn.residual_connection:
+            out = out + hidden_states
+        return out / attn.rescale_output_factor
+
+
+def grounding_loss(maps: list[torch.Tensor], masks: torch.Tensor, regions: torch.Tensor) -> torch.Tensor:
+    """Token-level grounding loss on cross-attention maps (TokenCompose's L_token, Wang et al.,
+    CVPR 2024): for each caption token ``j`` that names a region ``R`` and each layer's
+    head-averaged map ``A`` (a distribution over tokens at each pixel), ``(1 - sum_p A_pj R_p /
+    sum_p A_pj)^2``: zero when the token's attention lies inside its region, averaged over the
+    supervised tokens of the batch and over the layers.
+
+    Args:
+        maps: per layer ``(batch, pixels, tokens)`` float32, ``pixels`` a square side's cells.
+        masks: ``(batch, regions, H, W)`` bool or float, the regions at image resolution.
+        regions: ``(batch, tokens)`` int, each token's region index, or < 0 for none.
+
+    Returns:
+        A scalar; zero if no token is supervised.
+    """
+    valid = (regions >= 0).to(maps[0].dtype)  # (batch, tokens)
+    count = valid.sum().clamp_min(1)  # no host sync: a batch with no supervised token gives 0
+    total = maps[0].new_zeros(())
+    for a in maps:
+        side = math.isqrt(a.shape[1])
+        r = F.adaptive_avg_pool2d(masks.to(a.dtype), side).flatten(2)  # (batch, regions, pixels): coverage of each cell
+        target = r.gather(1, regions.clamp(min=0).long()[..., None].expand(-1, -1, r.shape[2]))  # (batch, tokens, pixels)
+        inside = (a.transpose(1, 2) * target).sum(-1)  # (batch, tokens)
+        share = inside / a.sum(1).clamp_min(1e-8)  # (batch, tokens)
+        total = total + (((1 - share) ** 2) * valid).sum() / count
+    return total / len(maps)
 
 
 def lr_at(step: int, total: int, base: float, warmup: int) -> float:
@@ -370,8 +510,10 @@ class Run:
         return self.state.get(stage + "_total")
 
     def _loop(self, stage: str, steps: int | None, batch: int, minutes: float, workers: int, offset: int,
-              base_lr: float, warmup: int | None, opt: torch.optim.Optimizer, step_fn) -> None:
-        """Run ``step_fn(x, ids, step)`` until the stage's total or ``minutes``; then checkpoint.
+              base_lr: float, warmup: int | None, opt: torch.optim.Optimizer, step_fn, grounding: bool = False) -> None:
+        """Run ``step_fn(x, ids, step, targets)`` until the stage's total or ``minutes``; then
+        checkpoint. ``targets`` are the batch's `render_grounded` masks and regions with
+        ``grounding``, else None.
 
         With ``steps=None`` and no recorded total, the total (which sets the cosine decay) is fitted
         after 30 timed steps so that the run ends with ``minutes``; it is recorded, so a resumed
@@ -386,7 +528,7 @@ class Run:
         self.state["seconds"].setdefault(stage, 0.0)
         start, step = time.time(), self.state[key]
         tok_dir = str(self.folder / "tokenizer") if stage == "unet" else None
-        data = Batches(step, batch, offset, workers, tok_dir)
+        data = Batches(step, batch, offset, workers, tok_dir, grounding)
         calib_from = calib_t = None
         waited = 0.0  # seconds spent waiting for rendered batches: the data pipeline's share of the chunk
         try:
@@ -400,14 +542,14 @@ class Run:
                     self.state[stage + "_total"] = total
                     print(f"{stage}: {(time.time() - calib_t) / 30 * 1000:.1f} ms/step; total fitted to {total} steps", flush=True)
                 t0 = time.time()
-                images, _, ids = data.get()
+                images, _, ids, targets = data.get()
                 waited += time.time() - t0
                 x = images_to_tensor(images, self.device)  # (batch, 3, h, w) in [-1, 1]
                 first = self.state.get(stage + "_from", 0)  # where this stage's schedule began (--init)
                 lr = lr_at(step - first, (total or 10**9) - first, base_lr, warmup)
                 for g in opt.param_groups:
                     g["lr"] = lr
-                loss = step_fn(x, ids, step)
+                loss = step_fn(x, ids, step, targets)
                 step += 1
                 if step % 50 == 0:
                     self.log(stage, step, loss.item(), lr)
@@ -432,7 +574,7 @@ class Run:
                   lr: float = 1e-3, warmup: int | None = None) -> None:
         self.vae.train().requires_grad_(True)  # an earlier stage in this process may have frozen it
 
-        def step_fn(x, _ids, step):
+        def step_fn(x, _ids, step, _targets):
             x = x.to(self.device)
             posterior = self.vae.encode(x).latent_dist
             gen = torch.Generator(device=self.device).manual_seed(step)
@@ -458,7 +600,7 @@ class Run:
         for p in params:
             p.requires_grad_(True)
 
-        def step_fn(x, _ids, step):
+        def step_fn(x, _ids, step, _targets):
             x = x.to(self.device)
             with torch.no_grad():
                 z = self.vae.encode(x).latent_dist.mean  # (batch, latent_channels, h/f, w/f)
@@ -489,18 +631,23 @@ class Run:
             self.state["scaling_factor"] = float(1.0 / z.std())
 
     def train_unet(self, steps: int | None, batch: int, minutes: float, ema_decay: float = 0.999, workers: int = 0,
-                   lr: float = 3e-4, warmup: int | None = None, offset_noise: float = 0.0, min_snr_gamma: float = 0.0) -> None:
+                   lr: float = 3e-4, warmup: int | None = None, offset_noise: float = 0.0, min_snr_gamma: float = 0.0,
+                   grounding: float = 0.0) -> None:
         """Train the UNet and text encoder. ``offset_noise`` adds ``offset_noise * N(0, 1)`` per
         sample and channel to the noise (constant over the image): with SD's schedule the noisiest
         step still leaks the latent's mean (sqrt(alpha_bar_T) = 0.068), so without it the model
         learns to read a flat background's colour from the starting noise instead of the caption.
         ``min_snr_gamma`` > 0 weights each sample's loss by `min_snr_weights`; the logged loss stays
-        the unweighted MSE, comparable across runs."""
+        the unweighted MSE, comparable across runs. ``grounding`` > 0 adds that multiple of
+        `grounding_loss` on every cross-attention layer's maps, so that the caption's object and
+        background words attend to their own pixels (the scenes' masks are known); the model's
+        architecture and inference path do not change."""
         from diffusers import DDPMScheduler
 
         self._ensure_scaling_factor()
         self.state["offset_noise"] = offset_noise
         self.state["min_snr_gamma"] = min_snr_gamma
+        self.state["grounding"] = grounding
         noise_sched = DDPMScheduler(**SCHEDULE)
         alphas = noise_sched.alphas_cumprod.to(self.device)
         self.vae.eval().requires_grad_(False)
@@ -515,7 +662,9 @@ class Run:
 
         empty = empty.to(self.device)
 
-        def step_fn(x, ids, step):
+        maps: list[torch.Tensor] = []  # the step's cross-attention maps, with grounding
+
+        def step_fn(x, ids, step, targets):
             # The step's random numbers are drawn where they are used: on a GPU the host only
             # launches (benchmarks/shapes_training_cost.py times the draws on the host).
             gen = torch.Generator(device=self.device).manual_seed(1_000_000 + step)
@@ -531,6 +680,14 @@ class Run:
                 pred = self.unet(zt, t, encoder_hidden_states=states).sample
             mse = (pred.float() - noise).pow(2).mean((1, 2, 3))  # (batch,)
             weighted = (min_snr_weights(alphas[t], min_snr_gamma) * mse).mean()
+            if grounding > 0:
+                masks, regions = (v.to(self.device) for v in targets)
+                regions = torch.where(drop[:, None], -1, regions.long())  # (batch, length): no targets for empty captions
+                ground = grounding_loss(maps, masks, regions)
+                weighted = weighted + grounding * ground
+                maps.clear()
+                if (step + 1) % 50 == 0:  # with the loss log's cadence (one host sync)
+                    print(f"unet step {step + 1}: grounding loss {ground.item():.4f}", flush=True)
             self.opt.zero_grad(set_to_none=True)
             weighted.backward()
             torch.nn.utils.clip_grad_norm_(params, 1.0)
@@ -540,7 +697,13 @@ class Run:
                 torch._foreach_lerp_(ema_params, [p.detach().float() for p in params], 1 - decay)
             return mse.mean().detach()
 
-        self._loop("unet", steps, batch, minutes, workers, 0, lr, warmup, self.opt, step_fn)
+        original = self.unet.attn_processors
+        if grounding > 0:
+            self.unet.set_attn_processor(GroundingAttnProcessor(maps))
+        try:
+            self._loop("unet", steps, batch, minutes, workers, 0, lr, warmup, self.opt, step_fn, grounding=grounding > 0)
+        finally:
+            self.unet.set_attn_processor(original)
         with torch.no_grad():  # buffers (e.g. position ids) are not trained: copy them as they are
             for part, m in models:
                 for k, v in m.named_buffers():
@@ -573,6 +736,7 @@ class Run:
             info["decoder_step"] = self.state["decoder_step"]
         info["offset_noise"] = self.state.get("offset_noise", 0.0)  # of the last UNet chunk
         info["min_snr_gamma"] = self.state.get("min_snr_gamma", 0.0)
+        info["grounding"] = self.state.get("grounding", 0.0)
         if self.state.get("history"):
             info["history"] = self.state["history"]  # the exported models this run continued from
         (tmp / "training.json").write_text(json.dumps(info, indent=1))
@@ -638,6 +802,9 @@ def main(argv=None) -> None:
                              "flat colours come from the caption, not from the starting noise's mean")
     parser.add_argument("--min-snr", type=float, default=0.0, metavar="GAMMA",
                         help="weight each sample's loss by min(SNR, GAMMA) / SNR (Min-SNR-gamma, e.g. 5; 0: off)")
+    parser.add_argument("--grounding", type=float, default=0.0, metavar="W",
+                        help="add W x a token grounding loss on the cross-attention maps (TokenCompose's L_token; "
+                             "object and background words attend to their own pixels), e.g. 0.05; 0: off")
     parser.add_argument("--init", default=None, metavar="MODEL_DIR",
                         help="start a new run from an exported model (e.g. the shipped one) instead of random weights; "
                              "training accumulates across machines without carrying optimizer state")
@@ -654,7 +821,7 @@ def main(argv=None) -> None:
         csv = Path(args.run_dir)
         print(plot_loss(csv if csv.suffix == ".csv" else csv / "loss.csv", args.plot))
         return
-    for flag, value in (("--offset-noise", args.offset_noise), ("--min-snr", args.min_snr)):
+    for flag, value in (("--offset-noise", args.offset_noise), ("--min-snr", args.min_snr), ("--grounding", args.grounding)):
         if not value >= 0:  # also catches nan
             parser.exit(2, f"error: {flag} must be a number >= 0 (0: off), got {value}\n")
     try:
@@ -666,7 +833,7 @@ def main(argv=None) -> None:
         print(f"vae step {run.state['vae_step']}")
     elif args.stage == "unet":
         run.train_unet(args.steps, args.batch, args.minutes, workers=args.workers, lr=args.lr or 3e-4, warmup=args.warmup,
-                       offset_noise=args.offset_noise, min_snr_gamma=args.min_snr)
+                       offset_noise=args.offset_noise, min_snr_gamma=args.min_snr, grounding=args.grounding)
         print(f"unet step {run.state['unet_step']}")
     elif args.stage == "decoder":
         run.train_decoder(args.steps, args.batch, args.minutes, workers=args.workers, lr=args.lr or 1e-4, warmup=args.warmup)
