@@ -197,13 +197,18 @@ def test_min_snr_weights_follow_the_papers_formula():
     assert torch.equal(min_snr_weights(alpha_bar, 0.0), torch.ones(5))  # off
 
 
-def test_min_snr_changes_the_update_only_through_the_weights(tmp_path):
-    import json
-
+def _tiny_export(tmp_path):
+    """A one-step model exported by a run (the starting point of the --init comparisons)."""
     base = Run(tmp_path / "base", "cpu")
     base.train_vae(steps=1, batch=2, minutes=5)
     base.train_unet(steps=1, batch=2, minutes=5)
-    first = base.export(tmp_path / "first")
+    return base.export(tmp_path / "first")
+
+
+def test_min_snr_changes_the_update_only_through_the_weights(tmp_path):
+    import json
+
+    first = _tiny_export(tmp_path)
     after = {}
     for name, gamma in (("off", 0.0), ("huge", 1e9), ("five", 5.0)):
         run = Run(tmp_path / name, "cpu", init=first)
@@ -370,10 +375,7 @@ def test_grounding_processor_keeps_the_unets_output_and_collects_each_cross_atte
 def test_grounding_changes_the_update_and_the_processors_are_restored(tmp_path):
     import json
 
-    base = Run(tmp_path / "base", "cpu")
-    base.train_vae(steps=1, batch=2, minutes=5)
-    base.train_unet(steps=1, batch=2, minutes=5)
-    first = base.export(tmp_path / "first")
+    first = _tiny_export(tmp_path)
     after = {}
     for name, w in (("off", 0.0), ("on", 1.0)):
         run = Run(tmp_path / name, "cpu", init=first)
