@@ -386,3 +386,12 @@ def test_grounding_changes_the_update_and_the_processors_are_restored(tmp_path):
         assert json.loads((run.export(tmp_path / f"{name}.model") / "training.json").read_text())["grounding"] == w
     key = next(k for k in after["off"] if k.endswith("attn2.to_k.weight"))
     assert not torch.equal(after["off"][key], after["on"][key])
+
+
+def test_grounded_batches_are_the_same_scenes_as_the_plain_stream():
+    from prompt2prompt.shapes.train import render_grounded, render_range
+
+    images, captions, masks, regions = render_grounded(100, 3, _shipped_tokenizer())
+    plain_images, plain_captions = render_range(100, 3)
+    assert np.array_equal(images, plain_images) and captions == plain_captions
+    assert masks.shape == (3, 3, 64, 64) and regions.shape == (3, 32) and (regions >= 0).any(1).all()
