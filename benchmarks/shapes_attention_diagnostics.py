@@ -81,7 +81,6 @@ def main(argv=None) -> None:
     parser.add_argument("--caption", default="a big red star on a blue background")
     parser.add_argument("--other", default="a big green star on a yellow background", help="the caption with other colour words")
     args = parser.parse_args(argv)
-    torch.set_num_threads(max(1, torch.get_num_threads()))
     pipe = Prompt2PromptPipeline.from_pretrained(args.model)
     print(f"caption: {args.caption!r}; uniform attention over {pipe.tokenizer.model_max_length} tokens: "
           f"normalised entropy 1.000, max probability {1 / pipe.tokenizer.model_max_length:.3f}")

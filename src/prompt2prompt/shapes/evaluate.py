@@ -1070,6 +1070,7 @@ def eval_localisation(gen: _Generator, n: int, seed: int = 0) -> dict:
     vae, scheduler = pipe.vae, pipe.scheduler
     rng = _part_rng("localisation", seed)
     g = torch.Generator().manual_seed(seed * 100_003 + _SEED_OFFSET["localisation"])
+    param = next(vae.parameters())
     ratios: dict[int, dict[str, list[float]]] = {}
     word_share: dict[int, list[float]] = {}
     for k in range(n):
@@ -1077,7 +1078,6 @@ def eval_localisation(gen: _Generator, n: int, seed: int = 0) -> dict:
         bg = _pick(rng, world.COLOUR_NAMES, (colour,))
         spec = world.make_spec([dict(shape=shape, colour=colour, size="big")], bg, seed=k)
         scene = world.render(spec)
-        param = next(vae.parameters())
         with torch.no_grad():
             x = images_to_tensor(scene.image[None]).to(param.device, param.dtype)  # (1, 3, h, w) in [-1, 1]
             latent = vae.encode(x).latent_dist.mean * vae.config.scaling_factor  # (1, channels, h/f, w/f)
