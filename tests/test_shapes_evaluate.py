@@ -289,6 +289,18 @@ def test_reweight_smoke(gen):
     assert wide["n_scored"] + wide["n_undefined"] == 1 and all(v is not None for v in wide["median_effect_by_factor"].values())
 
 
+def test_rho_summary_reports_how_far_the_effect_moves_not_only_its_direction():
+    s = ev._rho_summary((-1.0, 0.0, 1.0), [1.0, -0.5, float("nan")],
+                        [[0.1, 0.2, 0.3], [0.5, 0.6, 0.4], [0.2, float("nan"), 0.2]])
+    assert s["median_rho"] == pytest.approx(0.25) and s["n_scored"] == 2 and s["n_undefined"] == 1
+    assert s["median_effect_change"] == pytest.approx((0.2 - 0.1) / 2)  # +0.2 and -0.1; the NaN curve is left out
+    assert s["median_effect_range"] == pytest.approx(0.2)  # both curves span 0.2
+    rows = {k: v for k, v, _ in ev.summary_rows({"reweight": {"pattern": {**s, "effect": "pattern_strength"},
+                                                              "colour": {**s, "effect": "colour_strength", "image_wide": s},
+                                                              "factors": [-1.0, 0.0, 1.0], "n": 3}})}
+    assert float(rows["reweight pattern word: median change of pattern_strength, factor -1 -> 1"]) == pytest.approx(0.05)
+
+
 def test_sweep_smoke(gen):
     r = ev.eval_sweep(gen, 1, steps=(0.0, 1.0))
     assert list(r["cross_replace_steps"]) == ["0.0", "1.0", "none"]
@@ -521,9 +533,12 @@ def test_localisation_tells_maps_that_bind_words_from_maps_that_do_not(gen, monk
             assert v["shape_inside_outside"] > 5 and v["colour_inside_outside"] > 5, v
             assert v["background_colour_inside_outside"] < 0.5 and v["background_inside_outside"] < 0.5, v
             assert v["binding_contrast"] > 10, v
+            for role in ev.LOCALISATION_ROLES:  # each bound word holds a large part of its region's attention
+                assert v[f"{role}_share_own"] > 0.2, v
         else:
             for role in ev.LOCALISATION_ROLES:
                 assert v[f"{role}_inside_outside"] == pytest.approx(1.0)
+                assert v[f"{role}_share_own"] < 3 / gen.pipe.tokenizer.model_max_length, v  # uniform: 1/length a token
             assert v["binding_contrast"] == pytest.approx(1.0)
     rows = [k for k, _, _ in ev.summary_rows({"localisation": r})]
     assert sum("binding contrast" in k for k in rows) == 2

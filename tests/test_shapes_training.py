@@ -3,6 +3,7 @@
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 from transformers import CLIPTokenizer
 
 from prompt2prompt.alignment import tokenize_words
@@ -220,7 +221,7 @@ def test_min_snr_changes_the_update_only_through_the_weights(tmp_path):
     assert not torch.equal(after["off"][key], after["five"][key])
 
 
-@pytest.mark.parametrize("flag", ["--offset-noise", "--min-snr", "--grounding"])
+@pytest.mark.parametrize("flag", ["--offset-noise", "--min-snr", "--grounding", "--grounding-share"])
 def test_negative_training_settings_exit_2_before_any_work(tmp_path, flag, capsys):
     from prompt2prompt.shapes.train import main
 
@@ -234,7 +235,6 @@ def test_decoder_stage_trains_the_decoder_alone_and_keeps_the_latent_space(tmp_p
     improves, the UNet, text encoder and scaling factor are exported as they were, and it resumes."""
     import json
 
-    import torch.nn.functional as F
 
     run = Run(tmp_path / "run", "cpu")
     run.train_vae(steps=1, batch=2, minutes=5)
@@ -347,6 +347,48 @@ def test_grounding_loss_is_zero_inside_and_grows_outside():
     assert grounding_loss(maps(top, top), masks, torch.full((1, 4), -1)).item() == 0.0  # nothing supervised
 
 
+def test_grounding_share_loss_asks_each_regions_words_to_hold_its_pixels():
+    from prompt2prompt.shapes.train import grounding_share_loss
+
+    masks = torch.zeros(1, 3, 64, 64)
+    masks[0, 0, :32] = 1  # object 0: the top half
+    masks[0, 2] = 1 - masks[0, 0]  # background: the rest
+    regions = torch.tensor([[-1, 0, 2, -1]])  # token 1 names the object, token 2 the background
+    side = 8
+    top = torch.zeros(side, side)
+    top[: side // 2] = 1
+    top = top.flatten()  # (pixels,)
+
+    def maps(w0, w1, w2):
+        a = torch.stack([w0, w1, w2, torch.full_like(w0, 1e-9)], -1)[None]  # (1, pixels, tokens)
+        return [a / a.sum(-1, keepdim=True)]
+
+    ones = torch.ones(side * side)
+    held = maps(ones * 1e-9, top, 1 - top)  # each region's word holds all of its pixels' attention
+    assert grounding_share_loss(held, masks, regions).item() == pytest.approx(0.0, abs=1e-6)
+    # the start token holds a quarter everywhere: share 3/4 on every covered cell
+    assert grounding_share_loss(maps(ones / 3, top, 1 - top), masks, regions).item() == pytest.approx(1 / 16, abs=1e-6)
+    # the words attend to the wrong halves: share 0
+    assert grounding_share_loss(maps(ones * 1e-9, 1 - top, top), masks, regions).item() == pytest.approx(1.0, abs=1e-6)
+    # only the object is named: the background's cells do not count
+    only_object = torch.tensor([[-1, 0, -1, -1]])
+    assert grounding_share_loss(maps(ones * 1e-9, top, 1 - top), masks, only_object).item() == pytest.approx(0.0, abs=1e-6)
+    assert grounding_share_loss(held, masks, torch.full((1, 4), -1)).item() == 0.0  # nothing supervised
+    # against a direct sum on random maps, two regions named by two tokens each
+    a = torch.rand(2, side * side, 6).softmax(-1)
+    regs = torch.tensor([[-1, 0, 0, 2, 2, -1], [0, -1, 2, -1, 2, 0]])
+    m = masks.expand(2, -1, -1, -1)
+    expected = 0.0
+    weights = 0.0
+    for b in range(2):
+        for r in (0, 2):
+            cover = F.adaptive_avg_pool2d(m[b, r][None, None], side).flatten()
+            share = a[b][:, regs[b] == r].sum(-1)
+            expected += (cover * (1 - share) ** 2).sum()
+            weights += cover.sum()
+    assert grounding_share_loss([a], m, regs).item() == pytest.approx((expected / weights).item(), rel=1e-5)
+
+
 def test_grounding_processor_keeps_the_unets_output_and_collects_each_cross_attention_map():
     from diffusers import UNet2DConditionModel
 
@@ -377,15 +419,18 @@ def test_grounding_changes_the_update_and_the_processors_are_restored(tmp_path):
 
     first = _tiny_export(tmp_path)
     after = {}
-    for name, w in (("off", 0.0), ("on", 1.0)):
+    for name, w, share in (("off", 0.0, 0.0), ("on", 1.0, 0.0), ("share", 0.0, 1.0)):
         run = Run(tmp_path / name, "cpu", init=first)
         before = run.unet.attn_processors
-        run.train_unet(steps=3, batch=8, minutes=5, grounding=w)
+        run.train_unet(steps=3, batch=8, minutes=5, grounding=w, grounding_share=share)
         assert {k: type(v) for k, v in run.unet.attn_processors.items()} == {k: type(v) for k, v in before.items()}
         after[name] = run.unet.state_dict()
-        assert json.loads((run.export(tmp_path / f"{name}.model") / "training.json").read_text())["grounding"] == w
+        info = json.loads((run.export(tmp_path / f"{name}.model") / "training.json").read_text())
+        assert (info["grounding"], info["grounding_share"]) == (w, share)
     key = next(k for k in after["off"] if k.endswith("attn2.to_k.weight"))
     assert not torch.equal(after["off"][key], after["on"][key])
+    assert not torch.equal(after["off"][key], after["share"][key])
+    assert not torch.equal(after["on"][key], after["share"][key])
 
 
 def test_grounded_batches_are_the_same_scenes_as_the_plain_stream():

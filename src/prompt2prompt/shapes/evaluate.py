@@ -888,11 +888,18 @@ def eval_refine(gen: _Generator, n: int, seed: int = 0) -> dict:
 
 
 def _rho_summary(factors, rhos: list[float], curves: list[list[float]]) -> dict:
-    """Median / mean of the finite rhos, how many were scored or undefined, the median effect per factor."""
+    """Median / mean of the finite rhos, how many were scored or undefined, the median effect per
+    factor, and how large the effect is: per sample the effect at the largest factor minus that at
+    the smallest (``median_effect_change``, signed) and the curve's max minus min
+    (``median_effect_range``). A rho of +-1 says only that a curve is monotonic; these say whether
+    the weight changes the image by more than rounding."""
     finite = [r for r in rhos if np.isfinite(r)]
+    whole = [c for c in curves if np.all(np.isfinite(c))]
     return {"median_rho": _median(finite), "mean_rho": float(np.mean(finite)) if finite else None,
             "n_scored": len(finite), "n_undefined": len(rhos) - len(finite),
-            "median_effect_by_factor": {str(f): _median([c[i] for c in curves]) for i, f in enumerate(factors)}}
+            "median_effect_by_factor": {str(f): _median([c[i] for c in curves]) for i, f in enumerate(factors)},
+            "median_effect_change": _median([float(c[-1] - c[0]) for c in whole]),
+            "median_effect_range": _median([float(np.max(c) - np.min(c)) for c in whole])}
 
 
 def eval_reweight(gen: _Generator, n: int, seed: int = 0, factors=REWEIGHT_FACTORS) -> dict:
@@ -1048,6 +1055,9 @@ def _cell_coverage(mask: np.ndarray, side: int) -> np.ndarray:
     return mask.reshape(side, f, side, f).mean((1, 3))  # (side, side)
 
 
+_SHARE_KEYS = tuple(r + "_share" for r in LOCALISATION_ROLES)
+
+
 def eval_localisation(gen: _Generator, n: int, seed: int = 0) -> dict:
     """Whether the cross-attention maps bind words to pixels, which every edit relies on (the
     paper's premise; LocalBlend's mask is these maps). ``n`` rendered single-object scenes (big,
@@ -1061,7 +1071,11 @@ def eval_localisation(gen: _Generator, n: int, seed: int = 0) -> dict:
     ``binding_contrast``: the median of the geometric mean of the object's two words' ratios over
     that of the background's two, so that a spatial pattern all tokens share cancels (1: no
     binding; a binding model is well above 1). Also the median share of each pixel's attention that
-    goes to the caption's words (the rest goes to the start token and the padding)."""
+    goes to the caption's words (the rest goes to the start token and the padding), and per role
+    ``{role}_share_own``: the median of the word's mean share of the attention of the cells of its
+    own region (inside the object for the object's words, outside for the background's). That share
+    bounds what re-weighting can do: the paper's re-weighting (Sec. 3.2) scales the word's column of the map, so
+    a factor ``c`` moves a cell's output by ``(c - 1)`` times the share of that word's value."""
     import torch
 
     from .train import images_to_tensor
@@ -1095,14 +1109,16 @@ def eval_localisation(gen: _Generator, n: int, seed: int = 0) -> dict:
                 inside, outside = torch.from_numpy(cover >= 0.75), torch.from_numpy(cover == 0)
                 if not inside.any() or not outside.any():
                     continue
-                per = ratios.setdefault(side, {r: [] for r in LOCALISATION_ROLES + ("binding",)})
+                per = ratios.setdefault(side, {r: [] for r in LOCALISATION_ROLES + ("binding",) + _SHARE_KEYS})
                 for role, word in words.items():
                     wm = m[..., tokens.positions(word)].sum(-1)  # (h, w)
                     per[role].append(float(wm[inside].mean() / wm[outside].mean()))
+                    per[role + "_share"].append(float(wm[inside if role in ("shape", "colour") else outside].mean()))
                 # the object's words against the background's: what all words share drops out
                 per["binding"].append(math.sqrt(per["shape"][-1] * per["colour"][-1] / (per["background_colour"][-1] * per["background"][-1])))
                 word_share.setdefault(side, []).append(float(m[..., word_tokens].sum(-1).median()))
     return {"sides": {str(side): {**{f"{r}_inside_outside": _median(per[r]) for r in LOCALISATION_ROLES},
+                                  **{f"{r}_share_own": _median(per[r + "_share"]) for r in LOCALISATION_ROLES},
                                   "binding_contrast": _median(per["binding"]),
                                   "word_share": _median(word_share[side]), "n_scored": len(per["shape"])}
                       for side, per in sorted(ratios.items(), reverse=True)},
@@ -1209,6 +1225,10 @@ def summary_rows(model: dict) -> list[tuple[str, str, str]]:
         for kind in ("pattern", "colour"):
             w = model["reweight"][kind]
             add(f"reweight {kind} word: median Spearman rho (n={w['n_scored']})", w["median_rho"], False, ">= 0.8")
+            if "median_effect_change" in w:  # results written before these figures existed lack them
+                lo, hi = model["reweight"]["factors"][0], model["reweight"]["factors"][-1]
+                add(f"reweight {kind} word: median change of {w['effect']}, factor {lo:g} -> {hi:g}", w["median_effect_change"])
+                add(f"reweight {kind} word: median range of {w['effect']} over the factors", w["median_effect_range"])
         w = model["reweight"]["colour"]["image_wide"]
         add(f"reweight colour word, image-wide: median Spearman rho (n={w['n_scored']})", w["median_rho"])
     if "sweep" in model:
@@ -1233,6 +1253,9 @@ def summary_rows(model: dict) -> list[tuple[str, str, str]]:
                 add(f"cross-attention {side}x{side}, {role} word: attention inside / outside the object (n={v['n_scored']})",
                     v[f"{role}_inside_outside"], goal=("> 1" if role in ("shape", "colour") else "< 1"))
             add(f"cross-attention {side}x{side}: binding contrast, object's words over background's", v["binding_contrast"], goal="> 1")
+            for role in LOCALISATION_ROLES:
+                if f"{role}_share_own" in v:  # results written before these figures existed lack them
+                    add(f"cross-attention {side}x{side}, {role} word: its share of its own region's attention", v[f"{role}_share_own"])
             add(f"cross-attention {side}x{side}: median share of attention on the caption's words", v["word_share"], True, n=0)
     return rows
 

@@ -376,6 +376,37 @@ def grounding_loss(maps: list[torch.Tensor], masks: torch.Tensor, regions: torch
     return total / len(maps)
 
 
+def grounding_share_loss(maps: list[torch.Tensor], masks: torch.Tensor, regions: torch.Tensor) -> torch.Tensor:
+    """The pixel side of `grounding_loss`: at each cell of a region, the share of the cell's
+    attention that the tokens naming that region hold together, ``s_p = sum_{j in R} A_pj``, and
+    the loss ``(1 - s_p)^2``, averaged over the cells weighted by how much of them the region covers
+    (regions no token names are skipped), then over the layers. `grounding_loss` puts a word's
+    attention inside its region; this one makes the region's words, not the start token or the
+    padding, hold its pixels' attention, so that re-weighting a word (the paper's Sec. 3.2 scales its
+    column ``M_pj``) and LocalBlend's mask act where the word is. TokenCompose's L_pixel pursues the
+    same with a per-token BCE.
+
+    Args:
+        maps: per layer ``(batch, pixels, tokens)`` float32, ``pixels`` a square side's cells.
+        masks: ``(batch, regions, H, W)`` bool or float, the regions at image resolution.
+        regions: ``(batch, tokens)`` int, each token's region index, or < 0 for none.
+
+    Returns:
+        A scalar; zero if no token is supervised.
+    """
+    n_regions = masks.shape[1]
+    onehot = F.one_hot(regions.clamp(min=0).long(), n_regions).to(maps[0].dtype)  # (batch, tokens, regions)
+    onehot = onehot * (regions >= 0)[..., None].to(onehot.dtype)
+    named = (onehot.sum(1) > 0).to(maps[0].dtype)  # (batch, regions): regions some token names
+    total = maps[0].new_zeros(())
+    for a in maps:
+        side = math.isqrt(a.shape[1])
+        cover = F.adaptive_avg_pool2d(masks.to(a.dtype), side).flatten(2) * named[..., None]  # (batch, regions, pixels)
+        share = torch.einsum("bpt,btr->brp", a, onehot)  # (batch, regions, pixels): the region's words' share of each cell
+        total = total + (cover * (1 - share) ** 2).sum() / cover.sum().clamp_min(1e-8)
+    return total / len(maps)
+
+
 def lr_at(step: int, total: int, base: float, warmup: int) -> float:
     """Linear warm-up, then cosine decay to 10% of ``base``."""
     if step < warmup:
@@ -632,7 +663,7 @@ class Run:
 
     def train_unet(self, steps: int | None, batch: int, minutes: float, ema_decay: float = 0.999, workers: int = 0,
                    lr: float = 3e-4, warmup: int | None = None, offset_noise: float = 0.0, min_snr_gamma: float = 0.0,
-                   grounding: float = 0.0) -> None:
+                   grounding: float = 0.0, grounding_share: float = 0.0) -> None:
         """Train the UNet and text encoder. ``offset_noise`` adds ``offset_noise * N(0, 1)`` per
         sample and channel to the noise (constant over the image): with SD's schedule the noisiest
         step still leaks the latent's mean (sqrt(alpha_bar_T) = 0.068), so without it the model
@@ -641,13 +672,16 @@ class Run:
         the unweighted MSE, comparable across runs. ``grounding`` > 0 adds that multiple of
         `grounding_loss` on every cross-attention layer's maps, so that the caption's object and
         background words attend to their own pixels (the scenes' masks are known); the model's
-        architecture and inference path do not change."""
+        architecture and inference path do not change. ``grounding_share`` > 0 adds that multiple of
+        `grounding_share_loss`: the region's words hold its pixels' attention."""
         from diffusers import DDPMScheduler
 
         self._ensure_scaling_factor()
         self.state["offset_noise"] = offset_noise
         self.state["min_snr_gamma"] = min_snr_gamma
         self.state["grounding"] = grounding
+        self.state["grounding_share"] = grounding_share
+        grounded = grounding > 0 or grounding_share > 0
         noise_sched = DDPMScheduler(**SCHEDULE)
         alphas = noise_sched.alphas_cumprod.to(self.device)
         self.vae.eval().requires_grad_(False)
@@ -680,14 +714,15 @@ class Run:
                 pred = self.unet(zt, t, encoder_hidden_states=states).sample
             mse = (pred.float() - noise).pow(2).mean((1, 2, 3))  # (batch,)
             weighted = (min_snr_weights(alphas[t], min_snr_gamma) * mse).mean()
-            if grounding > 0:
+            if grounded:
                 masks, regions = (v.to(self.device) for v in targets)
                 regions = torch.where(drop[:, None], -1, regions.long())  # (batch, length): no targets for empty captions
                 ground = grounding_loss(maps, masks, regions)
-                weighted = weighted + grounding * ground
+                share = grounding_share_loss(maps, masks, regions)
+                weighted = weighted + grounding * ground + grounding_share * share
                 maps.clear()
                 if (step + 1) % 50 == 0:  # with the loss log's cadence (one host sync)
-                    print(f"unet step {step + 1}: grounding loss {ground.item():.4f}", flush=True)
+                    print(f"unet step {step + 1}: grounding loss {ground.item():.4f}, share loss {share.item():.4f}", flush=True)
             self.opt.zero_grad(set_to_none=True)
             weighted.backward()
             torch.nn.utils.clip_grad_norm_(params, 1.0)
@@ -698,10 +733,10 @@ class Run:
             return mse.mean().detach()
 
         original = self.unet.attn_processors
-        if grounding > 0:
+        if grounded:
             self.unet.set_attn_processor(GroundingAttnProcessor(maps))
         try:
-            self._loop("unet", steps, batch, minutes, workers, 0, lr, warmup, self.opt, step_fn, grounding=grounding > 0)
+            self._loop("unet", steps, batch, minutes, workers, 0, lr, warmup, self.opt, step_fn, grounding=grounded)
         finally:
             self.unet.set_attn_processor(original)
         with torch.no_grad():  # buffers (e.g. position ids) are not trained: copy them as they are
@@ -737,6 +772,7 @@ class Run:
         info["offset_noise"] = self.state.get("offset_noise", 0.0)  # of the last UNet chunk
         info["min_snr_gamma"] = self.state.get("min_snr_gamma", 0.0)
         info["grounding"] = self.state.get("grounding", 0.0)
+        info["grounding_share"] = self.state.get("grounding_share", 0.0)
         if self.state.get("history"):
             info["history"] = self.state["history"]  # the exported models this run continued from
         (tmp / "training.json").write_text(json.dumps(info, indent=1))
@@ -805,6 +841,9 @@ def main(argv=None) -> None:
     parser.add_argument("--grounding", type=float, default=0.0, metavar="W",
                         help="add W x a token grounding loss on the cross-attention maps (TokenCompose's L_token; "
                              "object and background words attend to their own pixels), e.g. 0.05; 0: off")
+    parser.add_argument("--grounding-share", type=float, default=0.0, metavar="W",
+                        help="add W x the pixel side of the grounding loss (each region's words hold its pixels' "
+                             "attention, so that re-weighting and LocalBlend act there), e.g. 0.05; 0: off")
     parser.add_argument("--init", default=None, metavar="MODEL_DIR",
                         help="start a new run from an exported model (e.g. the shipped one) instead of random weights; "
                              "training accumulates across machines without carrying optimizer state")
@@ -821,7 +860,8 @@ def main(argv=None) -> None:
         csv = Path(args.run_dir)
         print(plot_loss(csv if csv.suffix == ".csv" else csv / "loss.csv", args.plot))
         return
-    for flag, value in (("--offset-noise", args.offset_noise), ("--min-snr", args.min_snr), ("--grounding", args.grounding)):
+    for flag, value in (("--offset-noise", args.offset_noise), ("--min-snr", args.min_snr), ("--grounding", args.grounding),
+                        ("--grounding-share", args.grounding_share)):
         if not value >= 0:  # also catches nan
             parser.exit(2, f"error: {flag} must be a number >= 0 (0: off), got {value}\n")
     try:
@@ -833,7 +873,8 @@ def main(argv=None) -> None:
         print(f"vae step {run.state['vae_step']}")
     elif args.stage == "unet":
         run.train_unet(args.steps, args.batch, args.minutes, workers=args.workers, lr=args.lr or 3e-4, warmup=args.warmup,
-                       offset_noise=args.offset_noise, min_snr_gamma=args.min_snr, grounding=args.grounding)
+                       offset_noise=args.offset_noise, min_snr_gamma=args.min_snr, grounding=args.grounding,
+                       grounding_share=args.grounding_share)
         print(f"unet step {run.state['unet_step']}")
     elif args.stage == "decoder":
         run.train_decoder(args.steps, args.batch, args.minutes, workers=args.workers, lr=args.lr or 1e-4, warmup=args.warmup)
