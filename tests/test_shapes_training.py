@@ -378,15 +378,19 @@ def test_grounding_share_loss_asks_each_regions_words_to_hold_its_pixels():
     a = torch.rand(2, side * side, 6).softmax(-1)
     regs = torch.tensor([[-1, 0, 0, 2, 2, -1], [0, -1, 2, -1, 2, 0]])
     m = masks.expand(2, -1, -1, -1)
-    expected = 0.0
-    weights = 0.0
+    per_region = []
     for b in range(2):
         for r in (0, 2):
             cover = F.adaptive_avg_pool2d(m[b, r][None, None], side).flatten()
             share = a[b][:, regs[b] == r].sum(-1)
-            expected += (cover * (1 - share) ** 2).sum()
-            weights += cover.sum()
-    assert grounding_share_loss([a], m, regs).item() == pytest.approx((expected / weights).item(), rel=1e-5)
+            per_region.append(((cover * (1 - share) ** 2).sum() / cover.sum()).item())
+    assert grounding_share_loss([a], m, regs).item() == pytest.approx(sum(per_region) / 4, rel=1e-5)
+    # a small object weighs as much as the background: only the object's cells miss their words
+    small = torch.zeros(1, 3, 64, 64)
+    small[0, 0, :8, :8] = 1  # one cell of 64
+    small[0, 2] = 1 - small[0, 0]
+    background_everywhere = maps(ones * 1e-9, ones * 1e-9, ones)  # the object's one cell attends to the background word
+    assert grounding_share_loss(background_everywhere, small, regions).item() == pytest.approx(0.5, abs=1e-6)  # not 1/64
 
 
 def test_grounding_processor_keeps_the_unets_output_and_collects_each_cross_attention_map():

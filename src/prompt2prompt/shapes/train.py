@@ -379,8 +379,9 @@ def grounding_loss(maps: list[torch.Tensor], masks: torch.Tensor, regions: torch
 def grounding_share_loss(maps: list[torch.Tensor], masks: torch.Tensor, regions: torch.Tensor) -> torch.Tensor:
     """The pixel side of `grounding_loss`: at each cell of a region, the share of the cell's
     attention that the tokens naming that region hold together, ``s_p = sum_{j in R} A_pj``, and
-    the loss ``(1 - s_p)^2``, averaged over the cells weighted by how much of them the region covers
-    (regions no token names are skipped), then over the layers. `grounding_loss` puts a word's
+    the loss ``(1 - s_p)^2``, averaged over the region's cells weighted by how much of them it
+    covers, then over the regions that a token names (each region counts once, so that a small
+    object weighs as much as the background), then over the layers. `grounding_loss` puts a word's
     attention inside its region; this one makes the region's words, not the start token or the
     padding, hold its pixels' attention, so that re-weighting a word (the paper's Sec. 3.2 scales its
     column ``M_pj``) and LocalBlend's mask act where the word is. TokenCompose's L_pixel pursues the
@@ -401,9 +402,11 @@ def grounding_share_loss(maps: list[torch.Tensor], masks: torch.Tensor, regions:
     total = maps[0].new_zeros(())
     for a in maps:
         side = math.isqrt(a.shape[1])
-        cover = F.adaptive_avg_pool2d(masks.to(a.dtype), side).flatten(2) * named[..., None]  # (batch, regions, pixels)
+        cover = F.adaptive_avg_pool2d(masks.to(a.dtype), side).flatten(2)  # (batch, regions, pixels)
         share = torch.einsum("bpt,btr->brp", a, onehot)  # (batch, regions, pixels): the region's words' share of each cell
-        total = total + (cover * (1 - share) ** 2).sum() / cover.sum().clamp_min(1e-8)
+        per_region = (cover * (1 - share) ** 2).sum(-1) / cover.sum(-1).clamp_min(1e-8)  # (batch, regions)
+        scored = named * (cover.sum(-1) > 0).to(named.dtype)  # (batch, regions): named and present at this side
+        total = total + (per_region * scored).sum() / scored.sum().clamp_min(1)  # no host sync
     return total / len(maps)
 
 
