@@ -535,6 +535,7 @@ def test_localisation_tells_maps_that_bind_words_from_maps_that_do_not(gen, monk
             assert v["binding_contrast"] > 10, v
             for role in ev.LOCALISATION_ROLES:  # each bound word holds a large part of its region's attention
                 assert v[f"{role}_share_own"] > 0.2, v
+            assert v["padding_share"] < 0.5, v  # the words hold most of it
         else:
             for role in ev.LOCALISATION_ROLES:
                 assert v[f"{role}_inside_outside"] == pytest.approx(1.0)
@@ -547,4 +548,5 @@ def test_localisation_tells_maps_that_bind_words_from_maps_that_do_not(gen, monk
 def test_localisation_smoke(gen):
     r = ev.eval_localisation(gen, 1)
     for v in r["sides"].values():
-        assert v["binding_contrast"] > 0 and 0 < v["word_share"] <= 1
+        assert v["binding_contrast"] > 0 and 0 < v["word_share"] <= 1 and 0 < v["padding_share"] <= 1
+        assert v["word_share"] + v["padding_share"] <= 1 + 1e-6  # medians of disjoint shares of each cell

@@ -1071,7 +1071,9 @@ def eval_localisation(gen: _Generator, n: int, seed: int = 0) -> dict:
     ``binding_contrast``: the median of the geometric mean of the object's two words' ratios over
     that of the background's two, so that a spatial pattern all tokens share cancels (1: no
     binding; a binding model is well above 1). Also the median share of each pixel's attention that
-    goes to the caption's words (the rest goes to the start token and the padding), and per role
+    goes to the caption's words and to the padding after the end token (``padding_share``: a causal
+    text encoder's padding states summarise the whole caption, so a UNet can read the caption from
+    them without looking at any word), and per role
     ``{role}_share_own``: the median of the word's mean share of the attention of the cells of its
     own region (inside the object for the object's words, outside for the background's). That share
     bounds what re-weighting can do: the paper's re-weighting (Sec. 3.2) scales the word's column of the map, so
@@ -1087,6 +1089,7 @@ def eval_localisation(gen: _Generator, n: int, seed: int = 0) -> dict:
     param = next(vae.parameters())
     ratios: dict[int, dict[str, list[float]]] = {}
     word_share: dict[int, list[float]] = {}
+    padding_share: dict[int, list[float]] = {}
     for k in range(n):
         colour, shape = world._TRAIN_PAIRS[int(rng.integers(len(world._TRAIN_PAIRS)))]
         bg = _pick(rng, world.COLOUR_NAMES, (colour,))
@@ -1117,10 +1120,12 @@ def eval_localisation(gen: _Generator, n: int, seed: int = 0) -> dict:
                 # the object's words against the background's: what all words share drops out
                 per["binding"].append(math.sqrt(per["shape"][-1] * per["colour"][-1] / (per["background_colour"][-1] * per["background"][-1])))
                 word_share.setdefault(side, []).append(float(m[..., word_tokens].sum(-1).median()))
+                padding_share.setdefault(side, []).append(float(m[..., tokens.num_tokens :].sum(-1).median()))
     return {"sides": {str(side): {**{f"{r}_inside_outside": _median(per[r]) for r in LOCALISATION_ROLES},
                                   **{f"{r}_share_own": _median(per[r + "_share"]) for r in LOCALISATION_ROLES},
                                   "binding_contrast": _median(per["binding"]),
-                                  "word_share": _median(word_share[side]), "n_scored": len(per["shape"])}
+                                  "word_share": _median(word_share[side]), "padding_share": _median(padding_share[side]),
+                                  "n_scored": len(per["shape"])}
                       for side, per in sorted(ratios.items(), reverse=True)},
             "n": n, "timesteps": list(LOCALISATION_TIMESTEPS)}
 
@@ -1257,6 +1262,8 @@ def summary_rows(model: dict) -> list[tuple[str, str, str]]:
                 if f"{role}_share_own" in v:  # results written before these figures existed lack them
                     add(f"cross-attention {side}x{side}, {role} word: its share of its own region's attention", v[f"{role}_share_own"])
             add(f"cross-attention {side}x{side}: median share of attention on the caption's words", v["word_share"], True, n=0)
+            if "padding_share" in v:
+                add(f"cross-attention {side}x{side}: median share of attention on the padding", v["padding_share"], True, n=0)
     return rows
 
 
