@@ -1,0 +1,66 @@
+#!/usr/bin/env python
+"""Draw a grid of attention re-weighting: one row per (model, prompt), one column per factor.
+
+    python docs/make_reweight_figure.py OUT.png [--model DIR ...] [--steps 30]
+
+Each row edits the prompt into itself with ``equalizer={word: factors}`` (the paper's Sec. 3.2:
+the word's column of the cross-attention maps is scaled by the factor), as the evaluation's
+``reweight`` part does. With several ``--model`` folders the rows of each model follow one another,
+so that the same prompt and seed can be compared across checkpoints.
+"""
+
+import argparse
+import os
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image, ImageDraw
+
+from prompt2prompt import Prompt2PromptPipeline
+
+FACTORS = (-2.0, -1.0, 0.0, 0.5, 1.0, 1.5, 2.0)
+ROWS = [
+    ("a big red circle on a blue background", "red"),
+    ("a big yellow star on a purple background", "yellow"),
+    ("a big striped green square on a white background", "striped"),
+]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("out")
+    parser.add_argument("--model", action="append", default=None, help="a diffusers folder (default: the bundled model)")
+    parser.add_argument("--steps", type=int, default=30)
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args()
+    if not args.out.endswith(".png"):
+        parser.exit(2, f"error: OUT must end in .png, got {args.out!r}\n")
+    rows = []
+    for model in args.model or [None]:
+        pipe = Prompt2PromptPipeline.from_pretrained(model)
+        pipe.set_progress_bar_config(disable=True)
+        for prompt, word in ROWS:
+            out = pipe(prompt, [prompt] * len(FACTORS), equalizer={word: list(FACTORS)}, num_inference_steps=args.steps,
+                       generator=torch.Generator().manual_seed(args.seed), output_type="np")
+            rows.append((f"{Path(model).name if model else 'bundled'}: {prompt}, re-weighting '{word}'", out.images[1:]))
+    scale, label = 2, 14
+    size = rows[0][1].shape[1] * scale
+    img = Image.new("RGB", (len(FACTORS) * size, label + len(rows) * (size + label)), "white")
+    draw = ImageDraw.Draw(img)
+    for c, f in enumerate(FACTORS):
+        draw.text((c * size + 4, 1), f"x {f:g}", fill="black")
+    for r, (caption, images) in enumerate(rows):
+        y = label + r * (size + label)
+        for c, im in enumerate(images):  # (H, W, 3) in [0, 1]
+            tile = Image.fromarray((im * 255).round().astype(np.uint8)).resize((size, size), Image.NEAREST)
+            img.paste(tile, (c * size, y))
+        draw.text((4, y + size + 1), caption, fill="black")
+    tmp = args.out + ".tmp.png"
+    img.save(tmp)
+    os.replace(tmp, args.out)
+    print(args.out)
+
+
+if __name__ == "__main__":
+    main()
