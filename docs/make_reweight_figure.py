@@ -13,11 +13,9 @@ import argparse
 import os
 from pathlib import Path
 
-import numpy as np
 import torch
-from PIL import Image, ImageDraw
-
 from prompt2prompt import Prompt2PromptPipeline
+from prompt2prompt.visualisation import labelled_grid
 
 FACTORS = (-2.0, -1.0, 0.0, 0.5, 1.0, 1.5, 2.0)
 ROWS = [
@@ -36,26 +34,18 @@ def main() -> None:
     args = parser.parse_args()
     if not args.out.endswith(".png"):
         parser.exit(2, f"error: OUT must end in .png, got {args.out!r}\n")
-    rows = []
+    images, labels = [], []
     for model in args.model or [None]:
+        name = Path(model).name if model else "bundled"
         pipe = Prompt2PromptPipeline.from_pretrained(model)
         pipe.set_progress_bar_config(disable=True)
         for prompt, word in ROWS:
             out = pipe(prompt, [prompt] * len(FACTORS), equalizer={word: list(FACTORS)}, num_inference_steps=args.steps,
                        generator=torch.Generator().manual_seed(args.seed), output_type="np")
-            rows.append((f"{Path(model).name if model else 'bundled'}: {prompt}, re-weighting '{word}'", out.images[1:]))
-    scale, label = 2, 14
-    size = rows[0][1].shape[1] * scale
-    img = Image.new("RGB", (len(FACTORS) * size, label + len(rows) * (size + label)), "white")
-    draw = ImageDraw.Draw(img)
-    for c, f in enumerate(FACTORS):
-        draw.text((c * size + 4, 1), f"x {f:g}", fill="black")
-    for r, (caption, images) in enumerate(rows):
-        y = label + r * (size + label)
-        for c, im in enumerate(images):  # (H, W, 3) in [0, 1]
-            tile = Image.fromarray((im * 255).round().astype(np.uint8)).resize((size, size), Image.NEAREST)
-            img.paste(tile, (c * size, y))
-        draw.text((4, y + size + 1), caption, fill="black")
+            images += list(out.images[1:])  # (H, W, 3) each, one per factor
+            labels += [f"{name}: {prompt}\n'{word}' x {f:g}" for f in FACTORS]
+    img = labelled_grid(images, labels, marked_words=[[w] for _, w in ROWS for _ in FACTORS] * len(args.model or [None]),
+                        columns=len(FACTORS), min_cell=128, font_size=11)
     tmp = args.out + ".tmp.png"
     img.save(tmp)
     os.replace(tmp, args.out)
