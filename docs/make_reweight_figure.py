@@ -34,7 +34,7 @@ def main() -> None:
     args = parser.parse_args()
     if not args.out.endswith(".png"):
         parser.exit(2, f"error: OUT must end in .png, got {args.out!r}\n")
-    images, labels = [], []
+    images, labels, marked = [], [], []
     for model in args.model or [None]:
         name = Path(model).name if model else "bundled"
         pipe = Prompt2PromptPipeline.from_pretrained(model)
@@ -44,8 +44,8 @@ def main() -> None:
                        generator=torch.Generator().manual_seed(args.seed), output_type="np")
             images += list(out.images[1:])  # (H, W, 3) each, one per factor
             labels += [f"{name}: {prompt}\n'{word}' x {f:g}" for f in FACTORS]
-    img = labelled_grid(images, labels, marked_words=[[w] for _, w in ROWS for _ in FACTORS] * len(args.model or [None]),
-                        columns=len(FACTORS), min_cell=128, font_size=11)
+            marked += [[word]] * len(FACTORS)
+    img = labelled_grid(images, labels, marked_words=marked, columns=len(FACTORS), min_cell=128, font_size=11)
     tmp = args.out + ".tmp.png"
     img.save(tmp)
     os.replace(tmp, args.out)
