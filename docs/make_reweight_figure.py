@@ -10,11 +10,13 @@ so that the same prompt and seed can be compared across checkpoints.
 """
 
 import argparse
-import os
+import shlex
+import sys
 from pathlib import Path
 
 import torch
 from prompt2prompt import Prompt2PromptPipeline
+from prompt2prompt.imageio import save_png
 from prompt2prompt.visualisation import labelled_grid
 
 FACTORS = (-2.0, -1.0, 0.0, 0.5, 1.0, 1.5, 2.0)
@@ -46,9 +48,8 @@ def main() -> None:
             labels += [f"{name}: {prompt}\n'{word}' x {f:g}" for f in FACTORS]
             marked += [[word]] * len(FACTORS)
     img = labelled_grid(images, labels, marked_words=marked, columns=len(FACTORS), min_cell=128, font_size=11)
-    tmp = args.out + ".tmp.png"
-    img.save(tmp)
-    os.replace(tmp, args.out)
+    # atomically, carrying the command that drew it
+    save_png(args.out, img, metadata={"script": "docs/make_reweight_figure.py", "arguments": vars(args)}, parameters=shlex.join(sys.argv))
     print(args.out)
 
 

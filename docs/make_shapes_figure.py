@@ -8,7 +8,8 @@ Each row: the source, a word swap (cross 0.8, self 0.4), the same target without
 """
 
 import argparse
-import os
+import shlex
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -16,6 +17,7 @@ import torch
 from PIL import Image, ImageDraw
 
 from prompt2prompt import LocalBlend, Prompt2PromptPipeline
+from prompt2prompt.imageio import save_png
 
 ROWS = [
     ("a big red circle on a blue background", "a big red square on a blue background", "circle", "square"),
@@ -54,9 +56,8 @@ def main() -> None:
             tile = Image.fromarray((im * 255).round().astype(np.uint8)).resize((size, size), Image.NEAREST)
             img.paste(tile, (c * size, y))
         draw.text((4, y + size + 2), f"{source}  ->  {b} (was {a})", fill="black")
-    tmp = args.out + ".tmp.png"
-    img.save(tmp)
-    os.replace(tmp, args.out)
+    # atomically, carrying the command that drew it
+    save_png(args.out, img, metadata={"script": "docs/make_shapes_figure.py", "arguments": vars(args)}, parameters=shlex.join(sys.argv))
     print(args.out)
 
 

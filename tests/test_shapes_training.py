@@ -322,17 +322,24 @@ def test_grounding_targets_point_each_phrase_at_its_pixels(template):
     assert np.array_equal(masks[BACKGROUND_REGION], ~scene.filled.any(0))
 
 
-def test_grounding_loss_is_zero_inside_and_grows_outside():
-    from prompt2prompt.shapes.train import grounding_loss
-
+def _top_half_scene(side=8):
+    """An object over the top half of a 64x64 scene, the background below; token 1 names the
+    object, token 2 the background. Returns (masks, regions, top), `top` the object's cells
+    on a side x side map."""
     masks = torch.zeros(1, 3, 64, 64)
     masks[0, 0, :32] = 1  # object 0: the top half
     masks[0, 2] = 1 - masks[0, 0]  # background: the rest
-    regions = torch.tensor([[-1, 0, 2, -1]])  # token 1 names the object, token 2 the background
-    side = 8
+    regions = torch.tensor([[-1, 0, 2, -1]])  # (batch, tokens): region each token names, -1 none
     top = torch.zeros(side, side)
     top[: side // 2] = 1
-    top = top.flatten()  # (pixels,)
+    return masks, regions, top.flatten()  # top: (pixels,)
+
+
+def test_grounding_loss_is_zero_inside_and_grows_outside():
+    from prompt2prompt.shapes.train import grounding_loss
+
+    side = 8
+    masks, regions, top = _top_half_scene(side)
 
     def maps(w1, w2):
         a = torch.full((1, side * side, 4), 1.0)
@@ -350,14 +357,8 @@ def test_grounding_loss_is_zero_inside_and_grows_outside():
 def test_grounding_share_loss_asks_each_regions_words_to_hold_its_pixels():
     from prompt2prompt.shapes.train import grounding_share_loss
 
-    masks = torch.zeros(1, 3, 64, 64)
-    masks[0, 0, :32] = 1  # object 0: the top half
-    masks[0, 2] = 1 - masks[0, 0]  # background: the rest
-    regions = torch.tensor([[-1, 0, 2, -1]])  # token 1 names the object, token 2 the background
     side = 8
-    top = torch.zeros(side, side)
-    top[: side // 2] = 1
-    top = top.flatten()  # (pixels,)
+    masks, regions, top = _top_half_scene(side)
 
     def maps(w0, w1, w2):
         a = torch.stack([w0, w1, w2, torch.full_like(w0, 1e-9)], -1)[None]  # (1, pixels, tokens)
