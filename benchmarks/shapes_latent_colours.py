@@ -6,7 +6,7 @@ background (180 scenes), encodes each to its latent mean and takes the latent ve
 under the object's centre. Prints nearest-centroid accuracy per colour and, for each colour, the
 mean distance of its vectors to their centroid ("spread") beside the distance to the nearest other
 colour's centroid. A colour whose spread is close to that distance is not kept apart by the encoder,
-and no decoder can restore it (see the README model card's decoder fine-tune).
+and no decoder can restore it (see the decoder fine-tune in docs/shapes_model_experiments.md).
 
     python benchmarks/shapes_latent_colours.py [--model DIR]
 """
