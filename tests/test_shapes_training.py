@@ -1,5 +1,7 @@
 """The shapes model's tokenizer and the resumable training run (no real training here)."""
 
+import math
+
 import numpy as np
 import pytest
 import torch
@@ -419,23 +421,74 @@ def test_grounding_processor_keeps_the_unets_output_and_collects_each_cross_atte
         torch.testing.assert_close(a.sum(-1), torch.ones(a.shape[:2]), atol=1e-5, rtol=0)
 
 
+def test_grounding_sides_pick_the_maps_and_are_checked_against_the_model():
+    from diffusers import UNet2DConditionModel
+
+    from prompt2prompt.shapes.train import GroundingAttnProcessor, check_grounding_sides, cross_attention_sides, model_configs
+
+    unet = UNet2DConditionModel(**model_configs(_shipped_tokenizer())["unet"]).eval()
+    side = unet.config.sample_size
+    levels = len(unet.config.block_out_channels)
+    assert cross_attention_sides(unet, 32) == [side // 2**i for i in range(levels)]  # one side per level
+    x = torch.randn(2, unet.config.in_channels, side, side)
+    states = torch.randn(2, 32, unet.config.cross_attention_dim)
+    collected = {}
+    with torch.no_grad():
+        plain = unet(x, 10, encoder_hidden_states=states).sample
+        for name, sides in (("all", None), ("coarse", frozenset({side // 2, side // 4}))):
+            maps = []
+            original = unet.attn_processors
+            unet.set_attn_processor(GroundingAttnProcessor(maps, sides))
+            try:
+                out = unet(x, 10, encoder_hidden_states=states).sample
+            finally:
+                unet.set_attn_processor(original)
+            torch.testing.assert_close(out, plain, atol=1e-5, rtol=1e-4)
+            collected[name] = [math.isqrt(a.shape[1]) for a in maps]  # a: (batch, pixels, tokens)
+    assert collected["coarse"] == [s for s in collected["all"] if s < side] and 0 < len(collected["coarse"]) < len(collected["all"])
+    check_grounding_sides(unet, 32, (side // 2, side // 4))
+    for bad in ((3,), (), (side, side * 2)):
+        with pytest.raises(ValueError, match="cross-attention map sides"):
+            check_grounding_sides(unet, 32, bad)
+
+
+@pytest.mark.parametrize("args", [["--grounding-sides", "3", "--grounding", "0.05"], ["--grounding-sides", "x,4", "--grounding", "0.05"],
+                                  ["--grounding-sides", "0", "--grounding", "0.05"], ["--grounding-sides", "8,4"]])
+def test_bad_grounding_sides_exit_2_before_the_run_folder_is_made(tmp_path, args, capsys):
+    from prompt2prompt.shapes.train import main
+
+    with pytest.raises(SystemExit) as e:
+        main([str(tmp_path / "run"), "--stage", "unet", *args])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and "grounding" in err and len(err.strip().splitlines()) == 1
+    assert not (tmp_path / "run").exists()
+
+
 def test_grounding_changes_the_update_and_the_processors_are_restored(tmp_path):
     import json
 
     first = _tiny_export(tmp_path)
     after = {}
-    for name, w, share in (("off", 0.0, 0.0), ("on", 1.0, 0.0), ("share", 0.0, 1.0)):
+    cases = (("off", 0.0, 0.0, None), ("on", 1.0, 0.0, None), ("share", 0.0, 1.0, None), ("coarse", 1.0, 0.0, (8, 4)))
+    for name, w, share, sides in cases:
         run = Run(tmp_path / name, "cpu", init=first)
         before = run.unet.attn_processors
-        run.train_unet(steps=3, batch=8, minutes=5, grounding=w, grounding_share=share)
+        run.train_unet(steps=3, batch=8, minutes=5, grounding=w, grounding_share=share, grounding_sides=sides)
         assert {k: type(v) for k, v in run.unet.attn_processors.items()} == {k: type(v) for k, v in before.items()}
         after[name] = run.unet.state_dict()
         info = json.loads((run.export(tmp_path / f"{name}.model") / "training.json").read_text())
         assert (info["grounding"], info["grounding_share"]) == (w, share)
+        assert info["grounding_sides"] == (list(sides) if sides else None)
     key = next(k for k in after["off"] if k.endswith("attn2.to_k.weight"))
     assert not torch.equal(after["off"][key], after["on"][key])
     assert not torch.equal(after["off"][key], after["share"][key])
     assert not torch.equal(after["on"][key], after["share"][key])
+    # restricted to the 8x8 and 4x4 maps (`test_grounding_sides_pick_the_maps_...` checks which maps
+    # it sees), the loss still moves a coarse layer's keys, and the update differs from the all-layer one
+    fine = next(k for k in after["off"] if k.startswith("down_blocks.0.") and k.endswith("attn2.to_k.weight"))
+    coarse = next(k for k in after["off"] if k.startswith("down_blocks.2.") and k.endswith("attn2.to_k.weight"))
+    assert not torch.equal(after["on"][fine], after["coarse"][fine])
+    assert not torch.equal(after["off"][coarse], after["coarse"][coarse])
 
 
 def test_grounded_batches_are_the_same_scenes_as_the_plain_stream():

@@ -320,10 +320,17 @@ class GroundingAttnProcessor:
     """A diffusers attention processor for training with `grounding_loss`: cross-attention forms its
     probabilities explicitly (softmax in float32) and appends their mean over heads to
     ``self.maps``; self-attention is plain SDPA. The output is the layer's usual one, so the
-    diffusion loss is unchanged. Installed for a step and removed after (`Run.train_unet`)."""
+    diffusion loss is unchanged. Installed for a step and removed after (`Run.train_unet`).
 
-    def __init__(self, maps: list):
+    Args:
+        maps: the list the maps are appended to, ``(batch, pixels, tokens)`` each.
+        sides: the square sides (e.g. ``{8, 4}``) whose cross-attention maps are collected; the
+            other layers run plain SDPA and are not supervised. None: every layer.
+    """
+
+    def __init__(self, maps: list, sides: frozenset[int] | None = None):
         self.maps = maps
+        self.sides = sides
 
     def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, temb=None, **kwargs):
         batch = hidden_states.shape[0]
@@ -335,7 +342,7 @@ class GroundingAttnProcessor:
         q = attn.to_q(hidden_states)  # (batch, pixels, heads * dim)
         k, v = attn.to_k(context), attn.to_v(context)  # (batch, keys, heads * dim)
         q, k, v = (x.view(batch, x.shape[1], h, -1).transpose(1, 2) for x in (q, k, v))  # (batch, heads, length, dim)
-        if is_cross:
+        if is_cross and (self.sides is None or math.isqrt(hidden_states.shape[1]) in self.sides):
             probs = (torch.matmul(q, k.transpose(-1, -2)) * attn.scale).softmax(-1, dtype=torch.float32)  # (batch, heads, pixels, tokens)
             self.maps.append(probs.mean(1))  # (batch, pixels, tokens)
             out = torch.matmul(probs.to(v.dtype), v)  # (batch, heads, pixels, dim)
@@ -346,6 +353,33 @@ class GroundingAttnProcessor:
         if attn.residual_connection:
             out = out + hidden_states
         return out / attn.rescale_output_factor
+
+
+def cross_attention_sides(unet, length: int) -> list[int]:
+    """The square sides of the UNet's cross-attention maps, largest first (e.g. ``[16, 8, 4]``),
+    read from the map shapes of one dry forward pass on a zero latent of the config's
+    ``sample_size`` and ``length`` zero text states."""
+    maps: list[torch.Tensor] = []
+    original = unet.attn_processors
+    p = next(unet.parameters())
+    side = unet.config.sample_size
+    z = torch.zeros(1, unet.config.in_channels, side, side, device=p.device, dtype=p.dtype)  # (1, C, h, w)
+    states = torch.zeros(1, length, unet.config.cross_attention_dim, device=p.device, dtype=p.dtype)  # (1, tokens, dim)
+    unet.set_attn_processor(GroundingAttnProcessor(maps))
+    try:
+        with torch.no_grad():
+            unet(z, 0, encoder_hidden_states=states)
+    finally:
+        unet.set_attn_processor(original)
+    return sorted({math.isqrt(a.shape[1]) for a in maps}, reverse=True)  # a: (1, pixels, tokens)
+
+
+def check_grounding_sides(unet, length: int, sides) -> None:
+    """Raise ValueError unless ``sides`` is a non-empty subset of `cross_attention_sides`."""
+    available = cross_attention_sides(unet, length)
+    if not sides or not set(sides) <= set(available):
+        raise ValueError(f"grounding sides {list(sides)} are not among this model's cross-attention map sides "
+                         f"{available}; pass some of those (e.g. --grounding-sides {','.join(map(str, available[1:] or available))})")
 
 
 def grounding_loss(maps: list[torch.Tensor], masks: torch.Tensor, regions: torch.Tensor) -> torch.Tensor:
@@ -666,7 +700,8 @@ class Run:
 
     def train_unet(self, steps: int | None, batch: int, minutes: float, ema_decay: float = 0.999, workers: int = 0,
                    lr: float = 3e-4, warmup: int | None = None, offset_noise: float = 0.0, min_snr_gamma: float = 0.0,
-                   grounding: float = 0.0, grounding_share: float = 0.0) -> None:
+                   grounding: float = 0.0, grounding_share: float = 0.0,
+                   grounding_sides: tuple[int, ...] | None = None) -> None:
         """Train the UNet and text encoder. ``offset_noise`` adds ``offset_noise * N(0, 1)`` per
         sample and channel to the noise (constant over the image): with SD's schedule the noisiest
         step still leaks the latent's mean (sqrt(alpha_bar_T) = 0.068), so without it the model
@@ -676,22 +711,27 @@ class Run:
         `grounding_loss` on every cross-attention layer's maps, so that the caption's object and
         background words attend to their own pixels (the scenes' masks are known); the model's
         architecture and inference path do not change. ``grounding_share`` > 0 adds that multiple of
-        `grounding_share_loss`: the region's words hold its pixels' attention."""
+        `grounding_share_loss`: the region's words hold its pixels' attention. ``grounding_sides``
+        (e.g. ``(8, 4)``) restricts both losses to the cross-attention maps of those square sides
+        (`cross_attention_sides` lists the model's); None: every layer."""
         from diffusers import DDPMScheduler
 
+        length = self.tokenizer.model_max_length
+        if grounding_sides is not None:
+            check_grounding_sides(self.unet, length, grounding_sides)
         self._ensure_scaling_factor()
         self.state["offset_noise"] = offset_noise
         self.state["min_snr_gamma"] = min_snr_gamma
         self.state["grounding"] = grounding
         self.state["grounding_share"] = grounding_share
         grounded = grounding > 0 or grounding_share > 0
+        self.state["grounding_sides"] = sorted(grounding_sides, reverse=True) if grounded and grounding_sides else None
         noise_sched = DDPMScheduler(**SCHEDULE)
         alphas = noise_sched.alphas_cumprod.to(self.device)
         self.vae.eval().requires_grad_(False)
         self.unet.train()
         self.text_encoder.train()
         amp = self.device.type == "cuda"
-        length = self.tokenizer.model_max_length
         empty = self.tokenizer([""], padding="max_length", max_length=length, return_tensors="pt").input_ids  # (1, length)
         models = (("unet", self.unet), ("text_encoder", self.text_encoder))
         params = [p for _, m in models for p in m.parameters()]
@@ -737,7 +777,7 @@ class Run:
 
         original = self.unet.attn_processors
         if grounded:
-            self.unet.set_attn_processor(GroundingAttnProcessor(maps))
+            self.unet.set_attn_processor(GroundingAttnProcessor(maps, frozenset(grounding_sides) if grounding_sides else None))
         try:
             self._loop("unet", steps, batch, minutes, workers, 0, lr, warmup, self.opt, step_fn, grounding=grounded)
         finally:
@@ -776,6 +816,7 @@ class Run:
         info["min_snr_gamma"] = self.state.get("min_snr_gamma", 0.0)
         info["grounding"] = self.state.get("grounding", 0.0)
         info["grounding_share"] = self.state.get("grounding_share", 0.0)
+        info["grounding_sides"] = self.state.get("grounding_sides")  # None: every layer
         if self.state.get("history"):
             info["history"] = self.state["history"]  # the exported models this run continued from
         (tmp / "training.json").write_text(json.dumps(info, indent=1))
@@ -847,6 +888,9 @@ def main(argv=None) -> None:
     parser.add_argument("--grounding-share", type=float, default=0.0, metavar="W",
                         help="add W x the pixel side of the grounding loss (each region's words hold its pixels' "
                              "attention, so that re-weighting and LocalBlend act there), e.g. 0.05; 0: off")
+    parser.add_argument("--grounding-sides", default=None, metavar="SIDES",
+                        help="comma-separated square sides of the cross-attention maps the grounding losses act on "
+                             "(e.g. 8,4 for the shapes model's two coarsest levels; default: every layer)")
     parser.add_argument("--init", default=None, metavar="MODEL_DIR",
                         help="start a new run from an exported model (e.g. the shipped one) instead of random weights; "
                              "training accumulates across machines without carrying optimizer state")
@@ -867,6 +911,26 @@ def main(argv=None) -> None:
                         ("--grounding-share", args.grounding_share)):
         if not value >= 0:  # also catches nan
             parser.exit(2, f"error: {flag} must be a number >= 0 (0: off), got {value}\n")
+    sides = None
+    if args.grounding_sides is not None:
+        try:
+            sides = tuple(int(v) for v in args.grounding_sides.split(","))
+        except ValueError:
+            sides = ()
+        if not sides or min(sides) < 1:
+            parser.exit(2, f"error: --grounding-sides takes positive integers separated by commas (e.g. 8,4), got {args.grounding_sides!r}\n")
+        if not (args.grounding > 0 or args.grounding_share > 0):
+            parser.exit(2, "error: --grounding-sides picks where the grounding losses act; add --grounding W and/or --grounding-share W\n")
+        from diffusers import UNet2DConditionModel
+        from transformers import CLIPTokenizer
+
+        from . import MODEL_DIR
+
+        tok = CLIPTokenizer.from_pretrained(str(MODEL_DIR / "tokenizer"))  # the UNet's shapes do not depend on it
+        try:  # before the run folder is made
+            check_grounding_sides(UNet2DConditionModel(**model_configs(tok)["unet"]), tok.model_max_length, sides)
+        except ValueError as e:
+            parser.exit(2, f"error: {e}\n")
     try:
         run = Run(args.run_dir, args.device, init=args.init)
     except ValueError as e:
@@ -877,7 +941,7 @@ def main(argv=None) -> None:
     elif args.stage == "unet":
         run.train_unet(args.steps, args.batch, args.minutes, workers=args.workers, lr=args.lr or 3e-4, warmup=args.warmup,
                        offset_noise=args.offset_noise, min_snr_gamma=args.min_snr, grounding=args.grounding,
-                       grounding_share=args.grounding_share)
+                       grounding_share=args.grounding_share, grounding_sides=sides)
         print(f"unet step {run.state['unet_step']}")
     elif args.stage == "decoder":
         run.train_decoder(args.steps, args.batch, args.minutes, workers=args.workers, lr=args.lr or 1e-4, warmup=args.warmup)
