@@ -452,8 +452,36 @@ def test_grounding_sides_pick_the_maps_and_are_checked_against_the_model():
             check_grounding_sides(unet, 32, bad)
 
 
+def test_backward_split_gives_the_extra_loss_to_its_parameters_only():
+    from prompt2prompt.shapes.train import backward_split
+
+    torch.manual_seed(0)
+    text, unet = torch.nn.Linear(3, 4), torch.nn.Linear(4, 2)
+    x = torch.randn(5, 3)
+
+    def losses():
+        out = unet(torch.tanh(text(x)))  # (5, 2)
+        return out.pow(2).mean(), out[:, 0].sum()  # a "diffusion" loss and an "extra" one
+
+    grads = {}
+    for name in ("main", "extra", "split"):
+        text.zero_grad(set_to_none=True), unet.zero_grad(set_to_none=True)
+        main, extra = losses()
+        if name == "split":
+            backward_split(main, extra, list(unet.parameters()))
+        else:
+            (main if name == "main" else main + extra).backward()
+        grads[name] = [p.grad.clone() for p in (*text.parameters(), *unet.parameters())]
+    n_text = len(list(text.parameters()))
+    for k in range(n_text):  # the text side learns from the main loss alone
+        torch.testing.assert_close(grads["split"][k], grads["main"][k])
+        assert not torch.allclose(grads["extra"][k], grads["main"][k])
+    for k in range(n_text, len(grads["split"])):  # the other side from both
+        torch.testing.assert_close(grads["split"][k], grads["extra"][k])
+
+
 @pytest.mark.parametrize("args", [["--grounding-sides", "3", "--grounding", "0.05"], ["--grounding-sides", "x,4", "--grounding", "0.05"],
-                                  ["--grounding-sides", "0", "--grounding", "0.05"], ["--grounding-sides", "8,4"]])
+                                  ["--grounding-sides", "0", "--grounding", "0.05"], ["--grounding-sides", "8,4"], ["--grounding-no-text"]])
 def test_bad_grounding_sides_exit_2_before_the_run_folder_is_made(tmp_path, args, capsys):
     from prompt2prompt.shapes.train import main
 
@@ -469,16 +497,18 @@ def test_grounding_changes_the_update_and_the_processors_are_restored(tmp_path):
 
     first = _tiny_export(tmp_path)
     after = {}
-    cases = (("off", 0.0, 0.0, None), ("on", 1.0, 0.0, None), ("share", 0.0, 1.0, None), ("coarse", 1.0, 0.0, (8, 4)))
-    for name, w, share, sides in cases:
+    cases = (("off", 0.0, 0.0, None, True), ("on", 1.0, 0.0, None, True), ("share", 0.0, 1.0, None, True),
+             ("coarse", 1.0, 0.0, (8, 4), True), ("unet_only", 1.0, 0.0, None, False))
+    for name, w, share, sides, text in cases:
         run = Run(tmp_path / name, "cpu", init=first)
         before = run.unet.attn_processors
-        run.train_unet(steps=3, batch=8, minutes=5, grounding=w, grounding_share=share, grounding_sides=sides)
+        run.train_unet(steps=3, batch=8, minutes=5, grounding=w, grounding_share=share, grounding_sides=sides, grounding_text=text)
         assert {k: type(v) for k, v in run.unet.attn_processors.items()} == {k: type(v) for k, v in before.items()}
         after[name] = run.unet.state_dict()
         info = json.loads((run.export(tmp_path / f"{name}.model") / "training.json").read_text())
         assert (info["grounding"], info["grounding_share"]) == (w, share)
         assert info["grounding_sides"] == (list(sides) if sides else None)
+        assert info["grounding_text"] == (text if w or share else None)
     key = next(k for k in after["off"] if k.endswith("attn2.to_k.weight"))
     assert not torch.equal(after["off"][key], after["on"][key])
     assert not torch.equal(after["off"][key], after["share"][key])
@@ -489,6 +519,7 @@ def test_grounding_changes_the_update_and_the_processors_are_restored(tmp_path):
     coarse = next(k for k in after["off"] if k.startswith("down_blocks.2.") and k.endswith("attn2.to_k.weight"))
     assert not torch.equal(after["on"][fine], after["coarse"][fine])
     assert not torch.equal(after["off"][coarse], after["coarse"][coarse])
+    assert not torch.equal(after["on"][key], after["unet_only"][key])
 
 
 def test_grounded_batches_are_the_same_scenes_as_the_plain_stream():

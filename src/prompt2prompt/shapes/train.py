@@ -444,6 +444,15 @@ def grounding_share_loss(maps: list[torch.Tensor], masks: torch.Tensor, regions:
     return total / len(maps)
 
 
+def backward_split(loss: torch.Tensor, extra: torch.Tensor, extra_params: list[torch.Tensor]) -> None:
+    """Accumulate into ``.grad`` the gradient of ``loss`` for every parameter and that of ``extra``
+    for ``extra_params`` only: e.g. a grounding loss that trains the UNet but not the text encoder,
+    which still learns from the diffusion loss. Two backward passes over the shared graph (the
+    first keeps it); the second, restricted to ``extra_params``, skips what only the others need."""
+    torch.autograd.backward(extra, inputs=extra_params, retain_graph=True)
+    loss.backward()
+
+
 def lr_at(step: int, total: int, base: float, warmup: int) -> float:
     """Linear warm-up, then cosine decay to 10% of ``base``."""
     if step < warmup:
@@ -701,7 +710,7 @@ class Run:
     def train_unet(self, steps: int | None, batch: int, minutes: float, ema_decay: float = 0.999, workers: int = 0,
                    lr: float = 3e-4, warmup: int | None = None, offset_noise: float = 0.0, min_snr_gamma: float = 0.0,
                    grounding: float = 0.0, grounding_share: float = 0.0,
-                   grounding_sides: tuple[int, ...] | None = None) -> None:
+                   grounding_sides: tuple[int, ...] | None = None, grounding_text: bool = True) -> None:
         """Train the UNet and text encoder. ``offset_noise`` adds ``offset_noise * N(0, 1)`` per
         sample and channel to the noise (constant over the image): with SD's schedule the noisiest
         step still leaks the latent's mean (sqrt(alpha_bar_T) = 0.068), so without it the model
@@ -713,7 +722,8 @@ class Run:
         architecture and inference path do not change. ``grounding_share`` > 0 adds that multiple of
         `grounding_share_loss`: the region's words hold its pixels' attention. ``grounding_sides``
         (e.g. ``(8, 4)``) restricts both losses to the cross-attention maps of those square sides
-        (`cross_attention_sides` lists the model's); None: every layer."""
+        (`cross_attention_sides` lists the model's); None: every layer. ``grounding_text=False``
+        keeps the losses' gradient out of the text encoder (it still learns from the diffusion loss)."""
         from diffusers import DDPMScheduler
 
         length = self.tokenizer.model_max_length
@@ -726,6 +736,7 @@ class Run:
         self.state["grounding_share"] = grounding_share
         grounded = grounding > 0 or grounding_share > 0
         self.state["grounding_sides"] = sorted(grounding_sides, reverse=True) if grounded and grounding_sides else None
+        self.state["grounding_text"] = grounding_text if grounded else None
         noise_sched = DDPMScheduler(**SCHEDULE)
         alphas = noise_sched.alphas_cumprod.to(self.device)
         self.vae.eval().requires_grad_(False)
@@ -735,6 +746,7 @@ class Run:
         empty = self.tokenizer([""], padding="max_length", max_length=length, return_tensors="pt").input_ids  # (1, length)
         models = (("unet", self.unet), ("text_encoder", self.text_encoder))
         params = [p for _, m in models for p in m.parameters()]
+        unet_params = list(self.unet.parameters())
         ema_params = [self.ema[part][k] for part, m in models for k, _ in m.named_parameters()]
 
         empty = empty.to(self.device)
@@ -762,12 +774,15 @@ class Run:
                 regions = torch.where(drop[:, None], -1, regions.long())  # (batch, length): no targets for empty captions
                 ground = grounding_loss(maps, masks, regions)
                 share = grounding_share_loss(maps, masks, regions)
-                weighted = weighted + grounding * ground + grounding_share * share
+                extra = grounding * ground + grounding_share * share
                 maps.clear()
                 if (step + 1) % 50 == 0:  # with the loss log's cadence (one host sync)
                     print(f"unet step {step + 1}: grounding loss {ground.item():.4f}, share loss {share.item():.4f}", flush=True)
             self.opt.zero_grad(set_to_none=True)
-            weighted.backward()
+            if grounded and not grounding_text:
+                backward_split(weighted, extra, unet_params)
+            else:
+                (weighted + extra if grounded else weighted).backward()
             torch.nn.utils.clip_grad_norm_(params, 1.0)
             self.opt.step()
             decay = min(ema_decay, (1 + step) / (10 + step))
@@ -777,7 +792,8 @@ class Run:
 
         original = self.unet.attn_processors
         if grounded:
-            self.unet.set_attn_processor(GroundingAttnProcessor(maps, frozenset(grounding_sides) if grounding_sides else None))
+            sides = frozenset(grounding_sides) if grounding_sides else None
+            self.unet.set_attn_processor(GroundingAttnProcessor(maps, sides))
         try:
             self._loop("unet", steps, batch, minutes, workers, 0, lr, warmup, self.opt, step_fn, grounding=grounded)
         finally:
@@ -817,6 +833,7 @@ class Run:
         info["grounding"] = self.state.get("grounding", 0.0)
         info["grounding_share"] = self.state.get("grounding_share", 0.0)
         info["grounding_sides"] = self.state.get("grounding_sides")  # None: every layer
+        info["grounding_text"] = self.state.get("grounding_text")  # False: the losses did not train the text encoder
         if self.state.get("history"):
             info["history"] = self.state["history"]  # the exported models this run continued from
         (tmp / "training.json").write_text(json.dumps(info, indent=1))
@@ -891,6 +908,9 @@ def main(argv=None) -> None:
     parser.add_argument("--grounding-sides", default=None, metavar="SIDES",
                         help="comma-separated square sides of the cross-attention maps the grounding losses act on "
                              "(e.g. 8,4 for the shapes model's two coarsest levels; default: every layer)")
+    parser.add_argument("--grounding-no-text", action="store_true",
+                        help="keep the grounding losses' gradient out of the text encoder (it still learns from the "
+                             "diffusion loss); the losses then train the UNet only (a second backward pass)")
     parser.add_argument("--init", default=None, metavar="MODEL_DIR",
                         help="start a new run from an exported model (e.g. the shipped one) instead of random weights; "
                              "training accumulates across machines without carrying optimizer state")
@@ -911,6 +931,9 @@ def main(argv=None) -> None:
                         ("--grounding-share", args.grounding_share)):
         if not value >= 0:  # also catches nan
             parser.exit(2, f"error: {flag} must be a number >= 0 (0: off), got {value}\n")
+    if (args.grounding_sides is not None or args.grounding_no_text) and not (args.grounding > 0 or args.grounding_share > 0):
+        parser.exit(2, "error: --grounding-sides and --grounding-no-text set how the grounding losses act; "
+                       "add --grounding W and/or --grounding-share W\n")
     sides = None
     if args.grounding_sides is not None:
         try:
@@ -919,8 +942,6 @@ def main(argv=None) -> None:
             sides = ()
         if not sides or min(sides) < 1:
             parser.exit(2, f"error: --grounding-sides takes positive integers separated by commas (e.g. 8,4), got {args.grounding_sides!r}\n")
-        if not (args.grounding > 0 or args.grounding_share > 0):
-            parser.exit(2, "error: --grounding-sides picks where the grounding losses act; add --grounding W and/or --grounding-share W\n")
         from diffusers import UNet2DConditionModel
         from transformers import CLIPTokenizer
 
@@ -941,7 +962,7 @@ def main(argv=None) -> None:
     elif args.stage == "unet":
         run.train_unet(args.steps, args.batch, args.minutes, workers=args.workers, lr=args.lr or 3e-4, warmup=args.warmup,
                        offset_noise=args.offset_noise, min_snr_gamma=args.min_snr, grounding=args.grounding,
-                       grounding_share=args.grounding_share, grounding_sides=sides)
+                       grounding_share=args.grounding_share, grounding_sides=sides, grounding_text=not args.grounding_no_text)
         print(f"unet step {run.state['unet_step']}")
     elif args.stage == "decoder":
         run.train_decoder(args.steps, args.batch, args.minutes, workers=args.workers, lr=args.lr or 1e-4, warmup=args.warmup)
