@@ -396,6 +396,29 @@ def test_grounding_share_loss_asks_each_regions_words_to_hold_its_pixels():
     assert grounding_share_loss(background_everywhere, small, regions).item() == pytest.approx(0.5, abs=1e-6)  # not 1/64
 
 
+def test_grounding_share_among_the_words_leaves_the_start_token_and_padding_alone():
+    from prompt2prompt.shapes.train import grounding_share_loss
+
+    side = 8
+    masks, regions, top = _top_half_scene(side)  # tokens: start, object word, background word, padding
+    words = torch.tensor([[False, True, True, False]])
+    ones = torch.ones(side * side)
+
+    def maps(start, w1, w2, pad):
+        return [torch.stack([start, w1, w2, pad], -1)[None]]  # (1, pixels, tokens), rows sum to 1
+
+    # the start token and the padding hold 90%; each region's word the rest of its own cells
+    mostly_padding = maps(ones * 0.5, top * 0.1, (1 - top) * 0.1, ones * 0.4)
+    assert grounding_share_loss(mostly_padding, masks, regions, words).item() == pytest.approx(0.0, abs=1e-6)
+    assert grounding_share_loss(mostly_padding, masks, regions).item() == pytest.approx(0.81, abs=1e-5)  # (1 - 0.1)^2
+    # the two words split every cell evenly: half of the words' share, whatever the padding holds
+    even = maps(ones * 0.5, ones * 0.05, ones * 0.05, ones * 0.4)
+    assert grounding_share_loss(even, masks, regions, words).item() == pytest.approx(0.25, abs=1e-5)
+    # the wrong word holds each region: the full loss
+    swapped = maps(ones * 0.5, (1 - top) * 0.1, top * 0.1, ones * 0.4)
+    assert grounding_share_loss(swapped, masks, regions, words).item() == pytest.approx(1.0, abs=1e-5)
+
+
 def test_grounding_processor_keeps_the_unets_output_and_collects_each_cross_attention_map():
     from diffusers import UNet2DConditionModel
 
@@ -481,7 +504,8 @@ def test_backward_split_gives_the_extra_loss_to_its_parameters_only():
 
 
 @pytest.mark.parametrize("args", [["--grounding-sides", "3", "--grounding", "0.05"], ["--grounding-sides", "x,4", "--grounding", "0.05"],
-                                  ["--grounding-sides", "0", "--grounding", "0.05"], ["--grounding-sides", "8,4"], ["--grounding-no-text"]])
+                                  ["--grounding-sides", "0", "--grounding", "0.05"], ["--grounding-sides", "8,4"], ["--grounding-no-text"],
+                                  ["--grounding-share-words", "--grounding", "0.05"]])
 def test_bad_grounding_sides_exit_2_before_the_run_folder_is_made(tmp_path, args, capsys):
     from prompt2prompt.shapes.train import main
 
@@ -498,17 +522,19 @@ def test_grounding_changes_the_update_and_the_processors_are_restored(tmp_path):
     first = _tiny_export(tmp_path)
     after = {}
     cases = (("off", 0.0, 0.0, None, True), ("on", 1.0, 0.0, None, True), ("share", 0.0, 1.0, None, True),
-             ("coarse", 1.0, 0.0, (8, 4), True), ("unet_only", 1.0, 0.0, None, False))
+             ("coarse", 1.0, 0.0, (8, 4), True), ("unet_only", 1.0, 0.0, None, False), ("share_words", 0.0, 1.0, None, True))
     for name, w, share, sides, text in cases:
         run = Run(tmp_path / name, "cpu", init=first)
         before = run.unet.attn_processors
-        run.train_unet(steps=3, batch=8, minutes=5, grounding=w, grounding_share=share, grounding_sides=sides, grounding_text=text)
+        run.train_unet(steps=3, batch=8, minutes=5, grounding=w, grounding_share=share, grounding_sides=sides, grounding_text=text,
+                       grounding_share_words=name == "share_words")
         assert {k: type(v) for k, v in run.unet.attn_processors.items()} == {k: type(v) for k, v in before.items()}
         after[name] = run.unet.state_dict()
         info = json.loads((run.export(tmp_path / f"{name}.model") / "training.json").read_text())
         assert (info["grounding"], info["grounding_share"]) == (w, share)
         assert info["grounding_sides"] == (list(sides) if sides else None)
         assert info["grounding_text"] == (text if w or share else None)
+        assert info["grounding_share_words"] == ((name == "share_words") if share else None)
     key = next(k for k in after["off"] if k.endswith("attn2.to_k.weight"))
     assert not torch.equal(after["off"][key], after["on"][key])
     assert not torch.equal(after["off"][key], after["share"][key])
@@ -520,6 +546,7 @@ def test_grounding_changes_the_update_and_the_processors_are_restored(tmp_path):
     assert not torch.equal(after["on"][fine], after["coarse"][fine])
     assert not torch.equal(after["off"][coarse], after["coarse"][coarse])
     assert not torch.equal(after["on"][key], after["unet_only"][key])
+    assert not torch.equal(after["share"][key], after["share_words"][key])
 
 
 def test_grounded_batches_are_the_same_scenes_as_the_plain_stream():

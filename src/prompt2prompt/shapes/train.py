@@ -410,7 +410,8 @@ def grounding_loss(maps: list[torch.Tensor], masks: torch.Tensor, regions: torch
     return total / len(maps)
 
 
-def grounding_share_loss(maps: list[torch.Tensor], masks: torch.Tensor, regions: torch.Tensor) -> torch.Tensor:
+def grounding_share_loss(maps: list[torch.Tensor], masks: torch.Tensor, regions: torch.Tensor,
+                         words: torch.Tensor | None = None) -> torch.Tensor:
     """The pixel side of `grounding_loss`: at each cell of a region, the share of the cell's
     attention that the tokens naming that region hold together, ``s_p = sum_{j in R} A_pj``, and
     the loss ``(1 - s_p)^2``, averaged over the region's cells weighted by how much of them it
@@ -425,6 +426,10 @@ def grounding_share_loss(maps: list[torch.Tensor], masks: torch.Tensor, regions:
         maps: per layer ``(batch, pixels, tokens)`` float32, ``pixels`` a square side's cells.
         masks: ``(batch, regions, H, W)`` bool or float, the regions at image resolution.
         regions: ``(batch, tokens)`` int, each token's region index, or < 0 for none.
+        words: optional ``(batch, tokens)`` bool, the caption's word tokens. Given, the share is
+            taken among them, ``s_p = sum_{j in R} A_pj / sum_{j in words} A_pj``: the region's
+            words should outweigh the caption's other words at its pixels, and the start token and
+            the padding keep whatever mass they hold.
 
     Returns:
         A scalar; zero if no token is supervised.
@@ -438,6 +443,9 @@ def grounding_share_loss(maps: list[torch.Tensor], masks: torch.Tensor, regions:
         side = math.isqrt(a.shape[1])
         cover = F.adaptive_avg_pool2d(masks.to(a.dtype), side).flatten(2)  # (batch, regions, pixels)
         share = torch.einsum("bpt,btr->brp", a, onehot)  # (batch, regions, pixels): the region's words' share of each cell
+        if words is not None:
+            held = torch.einsum("bpt,bt->bp", a, words.to(a.dtype))  # (batch, pixels): all the words' share
+            share = share / held[:, None, :].clamp_min(1e-8)  # (batch, regions, pixels): among the words
         per_region = (cover * (1 - share) ** 2).sum(-1) / cover.sum(-1).clamp_min(1e-8)  # (batch, regions)
         scored = named * (cover.sum(-1) > 0).to(named.dtype)  # (batch, regions): named and present at this side
         total = total + (per_region * scored).sum() / scored.sum().clamp_min(1)  # no host sync
@@ -710,7 +718,8 @@ class Run:
     def train_unet(self, steps: int | None, batch: int, minutes: float, ema_decay: float = 0.999, workers: int = 0,
                    lr: float = 3e-4, warmup: int | None = None, offset_noise: float = 0.0, min_snr_gamma: float = 0.0,
                    grounding: float = 0.0, grounding_share: float = 0.0,
-                   grounding_sides: tuple[int, ...] | None = None, grounding_text: bool = True) -> None:
+                   grounding_sides: tuple[int, ...] | None = None, grounding_text: bool = True,
+                   grounding_share_words: bool = False) -> None:
         """Train the UNet and text encoder. ``offset_noise`` adds ``offset_noise * N(0, 1)`` per
         sample and channel to the noise (constant over the image): with SD's schedule the noisiest
         step still leaks the latent's mean (sqrt(alpha_bar_T) = 0.068), so without it the model
@@ -723,7 +732,9 @@ class Run:
         `grounding_share_loss`: the region's words hold its pixels' attention. ``grounding_sides``
         (e.g. ``(8, 4)``) restricts both losses to the cross-attention maps of those square sides
         (`cross_attention_sides` lists the model's); None: every layer. ``grounding_text=False``
-        keeps the losses' gradient out of the text encoder (it still learns from the diffusion loss)."""
+        keeps the losses' gradient out of the text encoder (it still learns from the diffusion loss).
+        ``grounding_share_words`` takes the pixel side's share among the caption's words only
+        (`grounding_share_loss`'s ``words``), leaving the start token's and the padding's mass alone."""
         from diffusers import DDPMScheduler
 
         length = self.tokenizer.model_max_length
@@ -737,6 +748,9 @@ class Run:
         grounded = grounding > 0 or grounding_share > 0
         self.state["grounding_sides"] = sorted(grounding_sides, reverse=True) if grounded and grounding_sides else None
         self.state["grounding_text"] = grounding_text if grounded else None
+        self.state["grounding_share_words"] = grounding_share_words if grounding_share > 0 else None
+        specials = torch.tensor(sorted({self.tokenizer.bos_token_id, self.tokenizer.eos_token_id, self.tokenizer.pad_token_id}),
+                                device=self.device)  # tokens that are not the caption's words
         noise_sched = DDPMScheduler(**SCHEDULE)
         alphas = noise_sched.alphas_cumprod.to(self.device)
         self.vae.eval().requires_grad_(False)
@@ -773,7 +787,8 @@ class Run:
                 masks, regions = (v.to(self.device) for v in targets)
                 regions = torch.where(drop[:, None], -1, regions.long())  # (batch, length): no targets for empty captions
                 ground = grounding_loss(maps, masks, regions)
-                share = grounding_share_loss(maps, masks, regions)
+                words = ~torch.isin(ids, specials) if grounding_share_words else None  # (batch, length)
+                share = grounding_share_loss(maps, masks, regions, words)
                 extra = grounding * ground + grounding_share * share
                 maps.clear()
                 if (step + 1) % 50 == 0:  # with the loss log's cadence (one host sync)
@@ -834,6 +849,7 @@ class Run:
         info["grounding_share"] = self.state.get("grounding_share", 0.0)
         info["grounding_sides"] = self.state.get("grounding_sides")  # None: every layer
         info["grounding_text"] = self.state.get("grounding_text")  # False: the losses did not train the text encoder
+        info["grounding_share_words"] = self.state.get("grounding_share_words")  # True: the share among the words only
         if self.state.get("history"):
             info["history"] = self.state["history"]  # the exported models this run continued from
         (tmp / "training.json").write_text(json.dumps(info, indent=1))
@@ -911,6 +927,9 @@ def main(argv=None) -> None:
     parser.add_argument("--grounding-no-text", action="store_true",
                         help="keep the grounding losses' gradient out of the text encoder (it still learns from the "
                              "diffusion loss); the losses then train the UNet only (a second backward pass)")
+    parser.add_argument("--grounding-share-words", action="store_true",
+                        help="take --grounding-share's share among the caption's words only, so that the start token "
+                             "and the padding keep their attention")
     parser.add_argument("--init", default=None, metavar="MODEL_DIR",
                         help="start a new run from an exported model (e.g. the shipped one) instead of random weights; "
                              "training accumulates across machines without carrying optimizer state")
@@ -934,6 +953,8 @@ def main(argv=None) -> None:
     if (args.grounding_sides is not None or args.grounding_no_text) and not (args.grounding > 0 or args.grounding_share > 0):
         parser.exit(2, "error: --grounding-sides and --grounding-no-text set how the grounding losses act; "
                        "add --grounding W and/or --grounding-share W\n")
+    if args.grounding_share_words and not args.grounding_share > 0:
+        parser.exit(2, "error: --grounding-share-words sets how --grounding-share's loss is taken; add --grounding-share W\n")
     sides = None
     if args.grounding_sides is not None:
         try:
@@ -962,7 +983,8 @@ def main(argv=None) -> None:
     elif args.stage == "unet":
         run.train_unet(args.steps, args.batch, args.minutes, workers=args.workers, lr=args.lr or 3e-4, warmup=args.warmup,
                        offset_noise=args.offset_noise, min_snr_gamma=args.min_snr, grounding=args.grounding,
-                       grounding_share=args.grounding_share, grounding_sides=sides, grounding_text=not args.grounding_no_text)
+                       grounding_share=args.grounding_share, grounding_sides=sides, grounding_text=not args.grounding_no_text,
+                       grounding_share_words=args.grounding_share_words)
         print(f"unet step {run.state['unet_step']}")
     elif args.stage == "decoder":
         run.train_decoder(args.steps, args.batch, args.minutes, workers=args.workers, lr=args.lr or 1e-4, warmup=args.warmup)
