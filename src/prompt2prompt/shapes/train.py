@@ -455,8 +455,9 @@ def grounding_share_loss(maps: list[torch.Tensor], masks: torch.Tensor, regions:
 def backward_split(loss: torch.Tensor, extra: torch.Tensor, extra_params: list[torch.Tensor]) -> None:
     """Accumulate into ``.grad`` the gradient of ``loss`` for every parameter and that of ``extra``
     for ``extra_params`` only: e.g. a grounding loss that trains the UNet but not the text encoder,
-    which still learns from the diffusion loss. Two backward passes over the shared graph (the
-    first keeps it); the second, restricted to ``extra_params``, skips what only the others need."""
+    which still learns from the diffusion loss. Two backward passes over the shared graph: the
+    first, restricted to ``extra_params`` (it skips what only the others need), keeps the graph for
+    the second."""
     torch.autograd.backward(extra, inputs=extra_params, retain_graph=True)
     loss.backward()
 
