@@ -9,7 +9,8 @@
 # noise (see train.py --offset-noise); MINSNR=5 weights the loss by Min-SNR-gamma (train.py
 # --min-snr); GROUNDING=0.05 adds the token grounding loss on the cross-attention maps (train.py
 # --grounding), SHARE=0.05 its pixel side (--grounding-share), SIDES=8,4 keeps both on the maps of
-# those sides (--grounding-sides; default every layer); BATCH=2048 trains the UNet at that batch (default 512; LR=... sets the peak learning
+# those sides (--grounding-sides; default every layer), SHARE_WORDS=1 takes the pixel side's share among
+# the caption's words only (--grounding-share-words); BATCH=2048 trains the UNet at that batch (default 512; LR=... sets the peak learning
 # rate); BENCH=none skips the benchmark. Each stage prints how long it waited for rendered batches.
 #
 # Writes into OUT_DIR: loss.csv and state.json of the run, the exported model as
@@ -29,10 +30,10 @@ python3 -c "import torch, diffusers, transformers; print('torch', torch.__versio
 t0=$(date +%s)
 if [ -n "${INIT:-}" ]; then
   rm -rf "$RUN" "$RUN.model"  # a retry on the same machine starts from INIT again, not from the first try's run
-  python3 -m prompt2prompt.shapes.train "$RUN" --init "$INIT" --stage unet --batch "${BATCH:-512}" --lr "${LR:-3e-4}" --warmup 200 --minutes "$UNET_MIN" --workers "$WORKERS" --offset-noise "${OFFSET:-0}" --min-snr "${MINSNR:-0}" --grounding "${GROUNDING:-0}" --grounding-share "${SHARE:-0}" ${SIDES:+--grounding-sides "$SIDES"} --export "$RUN.model" 2>&1 | grep --line-buffered -v -e torchvision -e "Writing model"
+  python3 -m prompt2prompt.shapes.train "$RUN" --init "$INIT" --stage unet --batch "${BATCH:-512}" --lr "${LR:-3e-4}" --warmup 200 --minutes "$UNET_MIN" --workers "$WORKERS" --offset-noise "${OFFSET:-0}" --min-snr "${MINSNR:-0}" --grounding "${GROUNDING:-0}" --grounding-share "${SHARE:-0}" ${SIDES:+--grounding-sides "$SIDES"} ${SHARE_WORDS:+--grounding-share-words} --export "$RUN.model" 2>&1 | grep --line-buffered -v -e torchvision -e "Writing model"
 else
   python3 -m prompt2prompt.shapes.train "$RUN" --stage vae --batch 128 --minutes "$VAE_MIN" --workers "$WORKERS" 2>&1 | grep --line-buffered -v torchvision
-  python3 -m prompt2prompt.shapes.train "$RUN" --stage unet --batch "${BATCH:-512}" --lr "${LR:-4e-4}" --warmup 500 --minutes "$UNET_MIN" --workers "$WORKERS" --offset-noise "${OFFSET:-0}" --min-snr "${MINSNR:-0}" --grounding "${GROUNDING:-0}" --grounding-share "${SHARE:-0}" ${SIDES:+--grounding-sides "$SIDES"} --export "$RUN.model" 2>&1 | grep --line-buffered -v -e torchvision -e "Writing model"
+  python3 -m prompt2prompt.shapes.train "$RUN" --stage unet --batch "${BATCH:-512}" --lr "${LR:-4e-4}" --warmup 500 --minutes "$UNET_MIN" --workers "$WORKERS" --offset-noise "${OFFSET:-0}" --min-snr "${MINSNR:-0}" --grounding "${GROUNDING:-0}" --grounding-share "${SHARE:-0}" ${SIDES:+--grounding-sides "$SIDES"} ${SHARE_WORDS:+--grounding-share-words} --export "$RUN.model" 2>&1 | grep --line-buffered -v -e torchvision -e "Writing model"
 fi
 echo "training took $(( $(date +%s) - t0 )) s"
 cp "$RUN/state.json" "$OUT/"; cp "$RUN/loss.csv" "$OUT/" 2>/dev/null
