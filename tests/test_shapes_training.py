@@ -173,10 +173,31 @@ def test_a_run_initialised_from_an_export_continues_it(tmp_path):
     info = json.loads((second / "training.json").read_text())
     assert info["unet_step"] == 52 and info["history"][0]["unet_step"] == 2
     assert info["history"][0]["samples_seen"]["unet"] == 4 and info["samples_seen"]["unet"] == 104
+    # Every chunk is logged with its steps, settings and hardware, and travels with the export.
+    (chunk,) = info["chunks"]
+    assert chunk["stage"] == "unet" and chunk["steps"] == [2, 52] and chunk["samples"] == 100
+    assert (chunk["batch"], chunk["lr"], chunk["warmup"], chunk["total"]) == (2, 1e-3, 10, 52)
+    assert chunk["grounding"] == 0.0 and chunk["ema_decay"] == 0.999 and chunk["command"] is None
+    assert chunk["hardware"].startswith("CPU") and chunk["seconds"] > 0
+    assert [c["stage"] for c in info["history"][0]["chunks"]] == ["vae", "unet"]  # the first export's own log
+    assert info["history"][0]["chunks"][1]["steps"] == [0, 2]
     assert (second / "tokenizer" / "tokenizer_config.json").is_file()
     with pytest.raises(SystemExit) as e:  # a folder that is not an export: exit 2 before any work
         main([str(tmp_path / "run3"), "--init", str(tmp_path / "nothing"), "--stage", "unet"])
     assert e.value.code == 2 and not (tmp_path / "run3").exists()
+
+
+def test_the_command_line_is_logged_with_its_chunk(tmp_path):
+    import json
+    import shlex
+
+    from prompt2prompt.shapes.train import main
+
+    argv = [str(tmp_path / "run dir"), "--stage", "vae", "--steps", "1", "--batch", "2", "--lr", "5e-4"]
+    main(argv)
+    (chunk,) = json.loads((tmp_path / "run dir" / "state.json").read_text())["chunks"]
+    assert shlex.split(chunk["command"]) == ["python", "-m", "prompt2prompt.shapes.train", *argv]
+    assert (chunk["stage"], chunk["steps"], chunk["batch"], chunk["lr"]) == ("vae", [0, 1], 2, 5e-4)
 
 
 def test_offset_noise_moves_each_channel_mean():

@@ -26,6 +26,9 @@ import argparse
 import json
 import math
 import os
+import platform
+import shlex
+import sys
 import time
 from pathlib import Path
 
@@ -462,6 +465,19 @@ def backward_split(loss: torch.Tensor, extra: torch.Tensor, extra_params: list[t
     loss.backward()
 
 
+def chunk_record(stage: str, steps: tuple[int, int], seconds: float, device: torch.device, settings: dict,
+                 command: str | None) -> dict:
+    """One training chunk, as the run's log and the exported ``training.json`` keep it: the stage,
+    its first and last step, samples, wall time, the date (UTC), the hardware it ran on, its
+    settings (batch, learning rate, ...) and the command line that started it (None from the API)."""
+    if device.type == "cuda":
+        hardware = f"1x {torch.cuda.get_device_name(device)} (bf16 autocast for the UNet and text encoder)"
+    else:
+        hardware = f"CPU ({platform.machine()}, {os.cpu_count()} cores, {torch.get_num_threads()} torch threads, float32)"
+    return {"stage": stage, "steps": list(steps), "samples": (steps[1] - steps[0]) * settings["batch"], "seconds": seconds,
+            "date": time.strftime("%Y-%m-%d", time.gmtime()), "hardware": hardware, **settings, "command": command}
+
+
 def lr_at(step: int, total: int, base: float, warmup: int) -> float:
     """Linear warm-up, then cosine decay to 10% of ``base``."""
     if step < warmup:
@@ -507,6 +523,7 @@ class Run:
             "text_encoder": {k: v.detach().clone().float() for k, v in self.text_encoder.state_dict().items()},
         }
         self.state = {"vae_step": 0, "unet_step": 0, "scaling_factor": None, "files": {}, "samples_seen": {"vae": 0, "unet": 0}, "seconds": {"vae": 0.0, "unet": 0.0}}
+        self.command: str | None = None  # the command line of this process, for the chunk log (`main` sets it)
         self.vae_opt = torch.optim.AdamW(self.vae.parameters(), lr=1e-3, weight_decay=0.0)
         self.decoder_opt = torch.optim.AdamW(self._decoder_params(), lr=1e-4, weight_decay=0.0)
         params = list(self.unet.parameters()) + list(self.text_encoder.parameters())
@@ -539,7 +556,7 @@ class Run:
             self.state["decoder_step"] = info["decoder_step"]
             self.state["decoder_from"] = info["decoder_step"]
         self.state["unet_from"] = info["unet_step"]
-        earlier = {k: info[k] for k in ("unet_step", "samples_seen", "seconds") if k in info}
+        earlier = {k: info[k] for k in ("unet_step", "samples_seen", "seconds", "chunks") if k in info}
         self.state["history"] = info.get("history", []) + [json.loads(json.dumps(earlier))]  # a copy: the counts go on
 
     def _decoder_params(self) -> list[torch.nn.Parameter]:
@@ -596,10 +613,12 @@ class Run:
         return self.state.get(stage + "_total")
 
     def _loop(self, stage: str, steps: int | None, batch: int, minutes: float, workers: int, offset: int,
-              base_lr: float, warmup: int | None, opt: torch.optim.Optimizer, step_fn, grounding: bool = False) -> None:
+              base_lr: float, warmup: int | None, opt: torch.optim.Optimizer, step_fn, grounding: bool = False,
+              settings: dict | None = None) -> None:
         """Run ``step_fn(x, ids, step, targets)`` until the stage's total or ``minutes``; then
         checkpoint. ``targets`` are the batch's `render_grounded` masks and regions with
-        ``grounding``, else None.
+        ``grounding``, else None. The chunk is logged in ``state["chunks"]`` (`chunk_record`, with
+        the stage's own ``settings``), which the export carries into ``training.json``.
 
         With ``steps=None`` and no recorded total, the total (which sets the cosine decay) is fitted
         after 30 timed steps so that the run ends with ``minutes``; it is recorded, so a resumed
@@ -649,6 +668,9 @@ class Run:
         self.state.setdefault("data_wait_seconds", {}).setdefault(stage, 0.0)
         self.state["data_wait_seconds"][stage] += waited
         self.state["samples_seen"][stage] += (step - self.state[key]) * batch
+        lr_settings = {"batch": batch, "lr": base_lr, "warmup": warmup, "total": total, "workers": workers}
+        self.state.setdefault("chunks", []).append(
+            chunk_record(stage, (self.state[key], step), elapsed, self.device, {**lr_settings, **(settings or {})}, self.command))
         self.state[key] = step
         self.save()
 
@@ -811,7 +833,10 @@ class Run:
             sides = frozenset(grounding_sides) if grounding_sides else None
             self.unet.set_attn_processor(GroundingAttnProcessor(maps, sides))
         try:
-            self._loop("unet", steps, batch, minutes, workers, 0, lr, warmup, self.opt, step_fn, grounding=grounded)
+            settings = {k: self.state[k] for k in ("offset_noise", "min_snr_gamma", "grounding", "grounding_share", "grounding_sides",
+                                                     "grounding_text", "grounding_share_words")}
+            self._loop("unet", steps, batch, minutes, workers, 0, lr, warmup, self.opt, step_fn, grounding=grounded,
+                       settings={"ema_decay": ema_decay, **settings})
         finally:
             self.unet.set_attn_processor(original)
         with torch.no_grad():  # buffers (e.g. position ids) are not trained: copy them as they are
@@ -851,6 +876,7 @@ class Run:
         info["grounding_sides"] = self.state.get("grounding_sides")  # None: every layer
         info["grounding_text"] = self.state.get("grounding_text")  # False: the losses did not train the text encoder
         info["grounding_share_words"] = self.state.get("grounding_share_words")  # True: the share among the words only
+        info["chunks"] = self.state.get("chunks", [])  # this run's chunks: steps, settings, hardware, command
         if self.state.get("history"):
             info["history"] = self.state["history"]  # the exported models this run continued from
         (tmp / "training.json").write_text(json.dumps(info, indent=1))
@@ -978,6 +1004,7 @@ def main(argv=None) -> None:
         run = Run(args.run_dir, args.device, init=args.init)
     except ValueError as e:
         parser.exit(2, f"error: {e}\n")
+    run.command = shlex.join(["python", "-m", "prompt2prompt.shapes.train", *(sys.argv[1:] if argv is None else argv)])
     if args.stage == "vae":
         run.train_vae(args.steps, args.batch, args.minutes, workers=args.workers, lr=args.lr or 1e-3, warmup=args.warmup)
         print(f"vae step {run.state['vae_step']}")
