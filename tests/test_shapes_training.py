@@ -178,7 +178,8 @@ def test_a_run_initialised_from_an_export_continues_it(tmp_path):
     assert chunk["stage"] == "unet" and chunk["steps"] == [2, 52] and chunk["samples"] == 100
     assert (chunk["batch"], chunk["lr"], chunk["warmup"], chunk["total"]) == (2, 1e-3, 10, 52)
     assert chunk["grounding"] == 0.0 and chunk["ema_decay"] == 0.999 and chunk["command"] is None
-    assert chunk["hardware"].startswith("CPU") and chunk["seconds"] > 0
+    assert chunk["hardware"].startswith("CPU") and chunk["precision"] == "float32"
+    assert chunk["seconds"] > 0 and 0 <= chunk["data_wait_seconds"] <= chunk["seconds"]
     assert [c["stage"] for c in info["history"][0]["chunks"]] == ["vae", "unet"]  # the first export's own log
     assert info["history"][0]["chunks"][1]["steps"] == [0, 2]
     assert (second / "tokenizer" / "tokenizer_config.json").is_file()

@@ -471,9 +471,9 @@ def chunk_record(stage: str, steps: tuple[int, int], seconds: float, device: tor
     its first and last step, samples, wall time, the date (UTC), the hardware it ran on, its
     settings (batch, learning rate, ...) and the command line that started it (None from the API)."""
     if device.type == "cuda":
-        hardware = f"1x {torch.cuda.get_device_name(device)} (bf16 autocast for the UNet and text encoder)"
+        hardware = f"1x {torch.cuda.get_device_name(device)}"
     else:
-        hardware = f"CPU ({platform.machine()}, {os.cpu_count()} cores, {torch.get_num_threads()} torch threads, float32)"
+        hardware = f"CPU ({platform.machine()}, {os.cpu_count()} cores, {torch.get_num_threads()} torch threads)"
     return {"stage": stage, "steps": list(steps), "samples": (steps[1] - steps[0]) * settings["batch"], "seconds": seconds,
             "date": time.strftime("%Y-%m-%d", time.gmtime()), "hardware": hardware, **settings, "command": command}
 
@@ -668,7 +668,12 @@ class Run:
         self.state.setdefault("data_wait_seconds", {}).setdefault(stage, 0.0)
         self.state["data_wait_seconds"][stage] += waited
         self.state["samples_seen"][stage] += (step - self.state[key]) * batch
-        lr_settings = {"batch": batch, "lr": base_lr, "warmup": warmup, "total": total, "workers": workers}
+        precision = "float32"
+        if self.device.type == "cuda":
+            precision = "bf16 autocast (UNet, text encoder, VAE encode)" if stage == "unet" else precision
+            precision += ", TF32 matmuls" if torch.backends.cuda.matmul.allow_tf32 else ""
+        lr_settings = {"batch": batch, "lr": base_lr, "warmup": warmup, "total": total, "workers": workers,
+                       "data_wait_seconds": waited, "precision": precision}
         self.state.setdefault("chunks", []).append(
             chunk_record(stage, (self.state[key], step), elapsed, self.device, {**lr_settings, **(settings or {})}, self.command))
         self.state[key] = step
