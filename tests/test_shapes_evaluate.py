@@ -550,3 +550,12 @@ def test_localisation_smoke(gen):
     for v in r["sides"].values():
         assert v["binding_contrast"] > 0 and 0 < v["word_share"] <= 1 and 0 < v["padding_share"] <= 1
         assert v["word_share"] + v["padding_share"] <= 1 + 1e-6  # medians of disjoint shares of each cell
+
+
+def test_blend_sides_scores_each_map_side_and_its_default_side_is_the_blend_part(gen):
+    r = ev.eval_blend_sides(gen, 1)
+    assert set(r["sides"]) == {"16", "8", "4"}  # the shipped UNet's cross-attention map sides (README)
+    assert r["sides"]["4"] == ev.eval_local_blend(gen, 1)  # LocalBlend's default: a quarter of the 16 latent side
+    rows = {name: value for name, value, _ in ev.summary_rows({"local_blend_sides": r})}
+    assert float(rows["LocalBlend, mask from the 8x8 maps: median background PSNR dB (n=1)"]) == pytest.approx(
+        r["sides"]["8"]["median_background_psnr_db"], abs=1e-3)

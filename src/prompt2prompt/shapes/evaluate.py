@@ -29,7 +29,9 @@ The evaluation then generates with the model and scores (the parts of ``--parts`
   and the detector's accuracy on single-object scenes after that round trip, the ceiling the
   autoencoder sets on every generation figure;
 - ``localisation``: whether the cross-attention maps bind the caption's words to the object's
-  pixels, on rendered scenes noised to several levels (no generation; `eval_localisation`).
+  pixels, on rendered scenes noised to several levels (no generation; `eval_localisation`);
+- ``blend_sides``: ``blend``'s prompts and seeds with LocalBlend's mask taken from each side of
+  cross-attention map the UNet has, not only the default (a diagnostic; `eval_blend_sides`).
 
 Every part also scores the rendered (ground-truth) scenes of its own prompts where that makes sense
 (``rendered``): the ceiling that the detector allows.
@@ -60,7 +62,7 @@ _RING = world._erode(np.ones((world.SIZE, world.SIZE), bool), 2) == 0  # the 2 p
 
 # New parts go at the end: a part's place seeds its prompts and noise (`_part_rng`, `_SEED_OFFSET`).
 PARTS = ("adherence", "swap", "blend", "two_objects", "refine", "reweight", "sweep", "adherence_train", "reconstruction",
-         "two_objects_held_out", "localisation")
+         "two_objects_held_out", "localisation", "blend_sides")
 RECONSTRUCTION_SCENES_PER_SAMPLE = 16  # the autoencoder is cheap to run: 16 scenes per "sample"
 REWEIGHT_FACTORS = (-2.0, -1.0, 0.0, 0.5, 1.0, 1.5, 2.0)
 SWEEP_STEPS = (0.0, 0.2, 0.4, 0.6, 0.8, 1.0)
@@ -726,12 +728,13 @@ def eval_word_swap(gen: _Generator, n: int, seed: int = 0) -> dict:
     return swap
 
 
-def eval_local_blend(gen: _Generator, n: int, seed: int = 0) -> dict:
+def eval_local_blend(gen: _Generator, n: int, seed: int = 0, resolution: int | None = None) -> dict:
     """LocalBlend on colour swaps: median PSNR between source and edit outside both images' objects
     (2 px margin); samples with nothing left outside or identical images are left out. The objects'
     region is the union of the detected masks and of both images' `foreground` (taken against the
     image's own border colour), so that an image whose background is not the named colour (where
-    `detect` finds nothing) still has its object left out."""
+    `detect` finds nothing) still has its object left out. ``resolution``: `LocalBlend`'s (None:
+    its default, a quarter of the latent side)."""
     from ..edits import LocalBlend
 
     rng = _part_rng("blend", seed)
@@ -741,13 +744,26 @@ def eval_local_blend(gen: _Generator, n: int, seed: int = 0) -> dict:
         colour, colour2 = rng.choice(world.COLOUR_NAMES, 2, replace=False)
         bg = _pick(rng, world.COLOUR_NAMES, (colour, colour2))
         a, b = gen("blend", k, f"a big {colour} {shape} on a {bg} background", [f"a big {colour2} {shape} on a {bg} background"],
-                   local_blend=LocalBlend([shape], [shape]))
+                   local_blend=LocalBlend([shape], [shape], resolution=resolution))
         region = foreground(a) | foreground(b)
         for d in detect(a, bg) + detect(b, bg):
             region |= d.mask
         psnrs.append(_psnr(a, b, ~_grow(region, 2)))  # outside the objects and a 2 px margin (the image's edge counts)
     scored = [p for p in psnrs if np.isfinite(p)]
     return {"median_background_psnr_db": _median(scored), "n": n, "n_scored": len(scored)}
+
+
+def eval_blend_sides(gen: _Generator, n: int, seed: int = 0) -> dict:
+    """`eval_local_blend` (the same prompts and seeds) with the mask from each cross-attention map
+    side of the UNet. The mask is max-pooled 3x3 at its side before it is resized (paper Sec. 3.2),
+    so it reaches one cell, ``1/side`` of the image, beyond the words' cells: at SD's default
+    (16 at 512 px) that is 32 px, at the shapes model's (4 at 64 px) a quarter of the image. The
+    figure shows which maps bind a model's words tightly enough for the blend."""
+    from ..attention import attention_sides
+
+    side = gen.pipe.unet.config.sample_size  # the latent side at the model's own resolution
+    return {"sides": {str(s): eval_local_blend(gen, n, seed, resolution=s) for s in attention_sides(gen.pipe.unet, (side, side))},
+            "n": n}
 
 
 def _score_two(found: list[Detection], objects: list[dict], relation: str) -> tuple[bool, bool, bool | None]:
@@ -1132,11 +1148,11 @@ def eval_localisation(gen: _Generator, n: int, seed: int = 0) -> dict:
 
 _EVALS = {"adherence": eval_adherence, "adherence_train": eval_adherence_train, "swap": eval_word_swap, "blend": eval_local_blend, "two_objects": eval_two_objects,
           "two_objects_held_out": eval_two_objects_held_out, "refine": eval_refine, "reweight": eval_reweight, "sweep": eval_sweep, "reconstruction": eval_reconstruction,
-          "localisation": eval_localisation}
+          "localisation": eval_localisation, "blend_sides": eval_blend_sides}
 _RESULT_KEY = {"adherence": "adherence", "swap": "word_swap", "blend": "local_blend", "two_objects": "two_objects",
                "two_objects_held_out": "two_objects_held_out",
                "refine": "refine", "reweight": "reweight", "sweep": "sweep", "adherence_train": "adherence_train",
-               "reconstruction": "reconstruction", "localisation": "localisation"}
+               "reconstruction": "reconstruction", "localisation": "localisation", "blend_sides": "local_blend_sides"}
 
 
 def evaluate_model(pipe, n: int = 16, steps: int = 30, guidance: float = 5.0, seed: int = 0, parts=PARTS) -> dict:
@@ -1200,6 +1216,8 @@ def summary_rows(model: dict) -> list[tuple[str, str, str]]:
             add(f"word swap {key}: median centroid shift px", v["median_centroid_shift_px"], goal="<= 3" if p2p and shape else "")
     if "local_blend" in model:
         add("LocalBlend: median background PSNR dB", model["local_blend"]["median_background_psnr_db"], goal=">= 30")
+    for side, v in model.get("local_blend_sides", {}).get("sides", {}).items():
+        add(f"LocalBlend, mask from the {side}x{side} maps: median background PSNR dB (n={v['n_scored']})", v["median_background_psnr_db"])
     for part, label in (("two_objects", "two objects, training pairs"), ("two_objects_held_out", "two objects, held-out pairs")):
         if part not in model:
             continue
