@@ -102,6 +102,9 @@ USAGE_ERRORS = [
     (["edit", SRC, "--to", TGT, "--blend", "banana", "square"], "--blend"),
     (["edit", SRC, "--to", TGT, "--blend", "circle", "banana"], "--blend"),
     (["edit", SRC, "--to", TGT, "--blend-threshold", "0.5"], "--blend"),
+    (["edit", SRC, "--to", TGT, "--blend-res", "8"], "--blend-res needs --blend"),
+    (["edit", SRC, "--to", TGT, "--blend", "circle", "square", "--blend-res", "0"], "--blend-res"),
+    (["edit", SRC, "--to", TGT, "--blend", "circle", "square", "--blend-res", "eight"], "--blend-res"),
     # two targets, a blend word for only one of them: the other would silently copy the source
     (["edit", SRC, "--to", TGT, "--to", "a red star on a blue background", "--blend", "circle", "square"], "no word of the target prompt 'a red star"),
     (["edit", SRC], "--to"),
@@ -168,6 +171,9 @@ def test_pipeline_value_errors_are_usage_errors(capsys, tmp_path):
     code, out, err = run(capsys, "attention", SRC, *FAST, "--res", "5", "-o", tmp_path / "a")
     assert code == 2 and len(err.strip().splitlines()) == 1 and "--res: attention_res 5" in err
     assert not (tmp_path / "a").exists()
+    code, out, err = run(capsys, "edit", SRC, "--to", TGT, *FAST, "--blend", "circle", "square", "--blend-res", "5", "-o", tmp_path / "b")
+    assert code == 2 and len(err.strip().splitlines()) == 1 and "--blend-res: LocalBlend resolution 5" in err and "[4, 8, 16]" in err
+    assert not (tmp_path / "b").exists()
 
 
 def test_serve_checks_host_and_port_before_loading(capsys, no_model, monkeypatch):
@@ -228,7 +234,7 @@ def test_generate_writes_a_png_with_its_parameters(capsys, tmp_path, monkeypatch
 def test_edit_info_and_from_round_trip(capsys, tmp_path):
     first = tmp_path / "first"
     code, out, err = run(capsys, "edit", SRC, "--to", TGT, *FAST, "--seed", "2", "--cross-steps", "0.2:0.8",
-                         "--reweight", "square=2", "--blend", "circle", "square", "-o", first)
+                         "--reweight", "square=2", "--blend", "circle", "square", "--blend-res", "8", "-o", first)
     assert code == 0, err
     assert "edit mode: replace (chosen by auto)" in out
     assert f"aligned words ({TGT}): circle -> square" in out
@@ -238,6 +244,7 @@ def test_edit_info_and_from_round_trip(capsys, tmp_path):
     assert result["edit_mode"] == "replace"
     assert result["alignment"][0]["changed_target_words"] == ["square"]
     assert result["options"]["cross_steps"] == [0.2, 0.8] and result["options"]["blend"] == [["circle"], ["square"]]
+    assert result["options"]["blend_res"] == 8  # and --from / the rerun line below make the same pixels with it
     grid = PIL.Image.open(first / "grid.png")
     assert grid.width > 2 * 64
     for name, role in (("source.png", "source"), ("edit-1.png", "target"), ("grid.png", "grid")):

@@ -62,6 +62,12 @@ def test_parse_request():
     kwargs = req.pipeline_kwargs()
     assert kwargs["local_blend"].target_words == ("square", "blue") if hasattr(kwargs["local_blend"], "target_words") else True
     assert kwargs["equalizer"] == {"square": 2.0} and kwargs["num_inference_steps"] == 5
+    assert req.blend_res is None and kwargs["local_blend"].resolution is None  # no map side given: the library's default
+    for given in (8, 8.0, " 8 "):
+        req = base(blend_source="circle", blend_target="square, blue", blend_res=given)
+        assert req.blend_res == 8 and req.pipeline_kwargs()["local_blend"].resolution == 8
+        assert req.options(None)["blend_res"] == 8  # what the saved PNGs carry and --from reruns
+    assert base(blend_res="").blend_res is None
 
 
 @pytest.mark.parametrize(
@@ -73,6 +79,9 @@ def test_parse_request():
         (dict(reweight_rows=[["square", "lots"]]), "reweight"),
         (dict(reweight_rows=[["", "2"]]), "reweight"),
         (dict(seed=-1), "sampling"),
+        (dict(blend_source="circle", blend_target="square", blend_res=2.5), "blend"),
+        (dict(blend_source="circle", blend_target="square", blend_res="eight"), "blend"),
+        (dict(blend_source="circle", blend_target="square", blend_res=0), "blend"),
     ],
 )
 def test_parse_request_errors_name_their_field(over, field):
@@ -173,7 +182,7 @@ def page(editor):
 def click(handler, history=(), **over):
     values = dict(prompt="a big red circle on a blue background", targets="a big red square on a blue background", mode="auto",
                   cross=0.8, self_steps=0.4, blend_source="", blend_target="", blend_threshold=0.3, reweight_rows=[["", ""]],
-                  seed=0, steps=2, guidance=7.5, image=None, inversion_method="null-text")
+                  seed=0, steps=2, guidance=7.5, image=None, inversion_method="null-text", blend_res=None)
     values.update(over)
     return handler(*values.values(), list(history))
 
@@ -267,6 +276,14 @@ def test_page_routes_library_errors_by_their_argument(tmp_path, pipe, over, fiel
     _, handler = page(Editor(pipe, tmp_path / "out"))
     errors = shown(click(handler, **over))
     assert list(errors) == [field] and "tokens long" in errors[field] and folders(tmp_path / "out") == []
+
+
+def test_page_blend_map_side_the_model_lacks_is_shown_beside_the_blend_fields(tmp_path, pipe):
+    from prompt2prompt.web import Editor
+
+    _, handler = page(Editor(pipe, tmp_path / "out"))
+    errors = shown(click(handler, blend_source="circle", blend_target="square", blend_res=5))
+    assert list(errors) == ["blend"] and "LocalBlend resolution 5" in errors["blend"] and folders(tmp_path / "out") == []
 
 
 def test_page_galleries_show_the_saved_pngs(tmp_path, pipe):

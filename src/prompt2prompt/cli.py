@@ -206,7 +206,7 @@ def _generator(seed: int):
 LIBRARY_FLAGS = {
     "attention_res": "--res", "num_inference_steps": "--steps", "guidance_scale": "--guidance", "edit_prompts": "--to",
     "cross_replace_steps": "--cross-steps", "self_replace_steps": "--self-steps", "equalizer": "--reweight",
-    "LocalBlend": "--blend",
+    "LocalBlend": "--blend", "LocalBlend resolution": "--blend-res",
 }
 
 
@@ -217,7 +217,7 @@ def _call(pipe, *args, **kwargs):
         return pipe(*args, **kwargs)
     except ValueError as err:
         message = one_line(err)
-        match = re.match(r"[A-Za-z_]+", message)
+        match = re.match(r"[A-Za-z_]+(?: resolution\b)?", message)
         flag = LIBRARY_FLAGS.get(match.group(0)) if match else None
         raise UsageError(f"{flag}: {message}" if flag else message) from err
 
@@ -377,7 +377,7 @@ def run_sweep(pipe, options: dict, folder: Path, env: Mapping, console: Console)
     base.update(image=None, invert=None)
     runs = [({**base, "cross_steps": w}, f"cross-{_window_label(w).replace(':', '-')}.png", f"cross-steps {_window_label(w)}") for w in options["sweep"]]
     baseline = {**base, "mode": "none", "cross_steps": DEFAULTS["cross_steps"], "cross_steps_word": {}, "reweight": {}, "blend": None,
-                "blend_threshold": DEFAULTS["blend_threshold"]}
+                "blend_threshold": DEFAULTS["blend_threshold"], "blend_res": None}
     runs.append((baseline, "none.png", "no injection (mode none)"))
     images, modes, source = [], [], None
     for run_options, _, label in runs:
@@ -748,6 +748,9 @@ def _add_edit_settings(parser, cross_steps_help: str):
                        help="local blending: change only the region of these words (comma-separated), e.g. --blend circle square; "
                             "with several --to, a target word applies to the targets that contain it (--blend circle square,star)")
     group.add_argument("--blend-threshold", metavar="F", help="local blending's mask threshold in [0, 1] (default 0.3)")
+    group.add_argument("--blend-res", metavar="SIDE",
+                       help="side of the cross-attention maps local blending's mask comes from (default: the latent side // 4, "
+                            "as the paper's 16 for SD at 512 px; the bundled model's maps are 16, 8 and 4)")
     group.add_argument("--reweight", metavar="WORD=FACTOR", nargs="+", action="extend",
                        help="scale a target word's attention, e.g. red=2 (0, negative and > 1 allowed; repeatable)")
 

@@ -39,6 +39,7 @@ DEFAULTS: dict = {
     "self_steps": 0.4,
     "blend": None,
     "blend_threshold": 0.3,
+    "blend_res": None,
     "reweight": {},
     "seed": 0,
     "steps": 50,
@@ -62,6 +63,7 @@ FLAGS = {
     "self_steps": "--self-steps",
     "blend": "--blend",
     "blend_threshold": "--blend-threshold",
+    "blend_res": "--blend-res",
     "reweight": "--reweight",
     "seed": "--seed",
     "steps": "--steps",
@@ -75,10 +77,12 @@ FLAGS = {
     "sweep": "--cross-steps",
 }
 
+#: Options that set how ``blend`` acts, and so need it.
+BLEND_SETTINGS = ("blend_threshold", "blend_res")
 COMMON_KEYS = ("seed", "steps", "guidance", "model", "dtype")
 GENERATE_KEYS = ("prompt", *COMMON_KEYS)
 ATTENTION_KEYS = ("prompt", "top_k", "res", *COMMON_KEYS)
-EDIT_SETTING_KEYS = ("mode", "cross_steps", "cross_steps_word", "self_steps", "blend", "blend_threshold", "reweight")
+EDIT_SETTING_KEYS = ("mode", "cross_steps", "cross_steps_word", "self_steps", "blend", "blend_threshold", "blend_res", "reweight")
 EDIT_KEYS = ("prompt", "to", *EDIT_SETTING_KEYS, *COMMON_KEYS, "image", "invert")
 SWEEP_KEYS = ("prompt", "to", "sweep", *[k for k in EDIT_SETTING_KEYS if k != "cross_steps"], *COMMON_KEYS)
 #: Keys a line of a ``p2p batch`` file may hold (model, dtype and device are set for the whole batch).
@@ -284,6 +288,7 @@ NORMALISERS: dict[str, Callable] = {
     "self_steps": _window,
     "blend": _blend,
     "blend_threshold": _fraction,
+    "blend_res": lambda v, n: integer_option(v, n, 1, "a positive integer side of the cross-attention maps"),
     "reweight": _reweight,
     "seed": lambda v, n: integer_option(v, n, 0, "a non-negative integer"),
     "steps": lambda v, n: integer_option(v, n, 1, "a positive integer"),
@@ -316,8 +321,9 @@ def normalise_options(raw: Mapping, keys: tuple[str, ...], names: Names = cli_na
             options[key] = NORMALISERS[key](given[key], names(key))
         else:
             options[key] = copy.deepcopy(DEFAULTS.get(key))
-    if "blend_threshold" in keys and "blend_threshold" in given and options.get("blend") is None:
-        raise OptionError(f"{names('blend_threshold')} needs {names('blend')}; add e.g. {names('blend')} circle square, or drop {names('blend_threshold')}")
+    for key in BLEND_SETTINGS:
+        if key in keys and key in given and options.get("blend") is None:
+            raise OptionError(f"{names(key)} needs {names('blend')}; add e.g. {names('blend')} circle square, or drop {names(key)}")
     if "invert" in keys:
         if options["invert"] is not None and options["image"] is None:
             raise OptionError(f"{names('invert')} needs {names('image')} PHOTO: the photo to invert and edit")
@@ -396,7 +402,8 @@ def edit_kwargs(options: Mapping) -> dict:
         cross = {"default_": cross, **{w: _window_arg(v) for w, v in options["cross_steps_word"].items()}}
     blend = None
     if options.get("blend"):
-        blend = LocalBlend(list(options["blend"][0]), list(options["blend"][1]), threshold=options["blend_threshold"])
+        blend = LocalBlend(list(options["blend"][0]), list(options["blend"][1]), threshold=options["blend_threshold"],
+                           resolution=options.get("blend_res"))
     return dict(
         edit=options["mode"],
         cross_replace_steps=cross,
@@ -420,7 +427,7 @@ def options_to_argv(command: str, options: Mapping) -> list[str]:
     for key, value in options.items():
         if key in ("prompt", "to") or value is None or value == DEFAULTS.get(key) or key not in FLAGS:
             continue
-        if key == "blend_threshold" and not options.get("blend"):
+        if key in BLEND_SETTINGS and not options.get("blend"):
             continue
         flag = FLAGS[key]
         if key in ("cross_steps", "self_steps"):
@@ -494,7 +501,7 @@ def parameters_text(meta: Mapping) -> str:
     order = [k for k in (*EDIT_KEYS, "sweep", "top_k", "res") if k in options] + [k for k in options if k not in FLAGS]
     for key in order:
         value = options[key]
-        if key in ("prompt", "to", "model", "dtype") or value is None or value == {} or key == "blend_threshold" and not options.get("blend"):
+        if key in ("prompt", "to", "model", "dtype") or value is None or value == {} or key in BLEND_SETTINGS and not options.get("blend"):
             continue
         label = {"image": "photo"}.get(key, key.replace("_", " "))
         lines.append(f"{label}: {json.dumps(value) if isinstance(value, (list, dict)) else value}")

@@ -39,6 +39,7 @@ _OPTION_LABELS = {
     "prompt": ("Source prompt", "prompt"), "to": ("Target prompt", "edit_prompts"), "mode": ("Edit mode", "mode"),
     "cross_steps": ("Cross-attention replace steps", "cross"), "self_steps": ("Self-attention replace steps", "self"),
     "blend": ("Local blend words", "blend"), "blend_threshold": ("Local blend threshold", "blend"),
+    "blend_res": ("Local blend map side", "blend"),
     "reweight": ("Re-weighting", "reweight"), "seed": ("Seed", "sampling"), "steps": ("Steps", "sampling"),
     "guidance": ("Guidance", "sampling"), "image": ("Photo", "image"), "invert": ("Inversion", "image"),
 }
@@ -89,6 +90,7 @@ class EditRequest:
     blend_source: list[str] = field(default_factory=list)
     blend_target: list[str] = field(default_factory=list)
     blend_threshold: float = 0.3
+    blend_res: int | None = None  # None: the library's default side
     equalizer: dict[str, float] = field(default_factory=dict)
     seed: int = 0
     num_inference_steps: int = 50
@@ -106,7 +108,8 @@ class EditRequest:
         if self.equalizer:
             kwargs["equalizer"] = dict(self.equalizer)
         if self.blend_source or self.blend_target:
-            kwargs["local_blend"] = LocalBlend(self.blend_source, self.blend_target, threshold=self.blend_threshold)
+            kwargs["local_blend"] = LocalBlend(self.blend_source, self.blend_target, threshold=self.blend_threshold,
+                                               resolution=self.blend_res)
         return kwargs
 
     def options(self, model: str | None, dtype: str | None = None) -> dict[str, Any]:
@@ -124,6 +127,7 @@ class EditRequest:
             "cross_steps": self.cross_replace_steps, "self_steps": self.self_replace_steps,
             "blend": [self.blend_source, self.blend_target] if self.blend_source else None,
             "blend_threshold": self.blend_threshold if self.blend_source else None,
+            "blend_res": self.blend_res if self.blend_source else None,
             "reweight": dict(self.equalizer) or None, "seed": self.seed, "steps": self.num_inference_steps,
             "guidance": self.guidance_scale, "model": model, "dtype": dtype,
             "image": self.image, "invert": self.inversion_method if self.image else None,
@@ -193,8 +197,9 @@ def _photo_path(image) -> str | None:
 
 
 def parse_request(prompt, targets, mode, cross, self_steps, blend_source, blend_target, blend_threshold, reweight_rows,
-                  seed, steps, guidance, image, inversion_method) -> EditRequest:
+                  seed, steps, guidance, image, inversion_method, blend_res=None) -> EditRequest:
     """Turn the page's raw values into an `EditRequest`; a bad value raises `FieldError`.
+    ``blend_res`` (the local blend's map side) may be empty: the library's default.
 
     The values come from the page or from Gradio's API, so any of them may be None or of the wrong type.
     """
@@ -228,6 +233,7 @@ def parse_request(prompt, targets, mode, cross, self_steps, blend_source, blend_
         num_inference_steps=_whole(steps, "sampling", "Steps", 1, MAX_SEED),
         guidance_scale=_number(guidance, "sampling", "Guidance", "7.5"),
         image=_photo_path(image), inversion_method=inversion_method or "null-text",
+        blend_res=None if blend_res is None or str(blend_res).strip() == "" else _whole(blend_res, "blend", "Local blend map side", 1, MAX_SEED),
     )
 
 
@@ -376,7 +382,10 @@ def build_app(editor: Editor, default_prompt: str = "a big red circle on a blue 
                                            info="Separated by commas; each may be a phrase, e.g. pencil sketch")
                     blend_tgt = gr.Textbox(label="Local blend: target words", placeholder="square", elem_id="blend-target",
                                            info="Separated by commas; each may be a phrase, e.g. oil painting")
-                blend_thr = gr.Slider(0, 1, value=0.3, step=0.05, label="Local blend threshold", elem_id="blend-threshold")
+                with gr.Row():
+                    blend_thr = gr.Slider(0, 1, value=0.3, step=0.05, label="Local blend threshold", elem_id="blend-threshold")
+                    blend_res = gr.Number(value=None, precision=0, label="Local blend map side", elem_id="blend-res",
+                                          info="Empty: a quarter of the latent side (16 for SD at 512 px)")
                 errors["blend"] = slot()
                 reweight = gr.Dataframe(headers=["word", "factor"], datatype=["str", "str"], row_count=2, column_count=2,
                                         label="Re-weighting (word, factor)", elem_id="reweight", value=[["", ""], ["", ""]])
@@ -400,7 +409,8 @@ def build_app(editor: Editor, default_prompt: str = "a big red circle on a blue 
                 past = gr.Gallery(label="History (this browser session)", columns=8, height=220, object_fit="contain", elem_id="history")
 
         slots = [errors[name] for name in FIELDS]
-        inputs = [prompt, targets, mode, cross, self_steps, blend_src, blend_tgt, blend_thr, reweight, seed, steps, guidance, image, method, history]
+        inputs = [prompt, targets, mode, cross, self_steps, blend_src, blend_tgt, blend_thr, reweight, seed, steps, guidance, image, method,
+                  blend_res, history]
 
         def on_run(*values, progress=gr.Progress(track_tqdm=True)):
             *raw, hist = values
