@@ -67,7 +67,7 @@ def test_parse_request():
         req = base(blend_source="circle", blend_target="square, blue", blend_res=given)
         assert req.blend_res == 8 and req.pipeline_kwargs()["local_blend"].resolution == 8
         assert req.options(None)["blend_res"] == 8  # what the saved PNGs carry and --from reruns
-    assert base(blend_res="").blend_res is None
+    assert base(blend_res="").blend_res is None and base(blend_res=0).blend_res is None  # the page's 0: the default
 
 
 @pytest.mark.parametrize(
@@ -81,7 +81,7 @@ def test_parse_request():
         (dict(seed=-1), "sampling"),
         (dict(blend_source="circle", blend_target="square", blend_res=2.5), "blend"),
         (dict(blend_source="circle", blend_target="square", blend_res="eight"), "blend"),
-        (dict(blend_source="circle", blend_target="square", blend_res=0), "blend"),
+        (dict(blend_source="circle", blend_target="square", blend_res=-4), "blend"),
     ],
 )
 def test_parse_request_errors_name_their_field(over, field):
@@ -182,7 +182,7 @@ def page(editor):
 def click(handler, history=(), **over):
     values = dict(prompt="a big red circle on a blue background", targets="a big red square on a blue background", mode="auto",
                   cross=0.8, self_steps=0.4, blend_source="", blend_target="", blend_threshold=0.3, reweight_rows=[["", ""]],
-                  seed=0, steps=2, guidance=7.5, image=None, inversion_method="null-text", blend_res=None)
+                  seed=0, steps=2, guidance=7.5, image=None, inversion_method="null-text", blend_res=0)
     values.update(over)
     return handler(*values.values(), list(history))
 

@@ -199,7 +199,7 @@ def _photo_path(image) -> str | None:
 def parse_request(prompt, targets, mode, cross, self_steps, blend_source, blend_target, blend_threshold, reweight_rows,
                   seed, steps, guidance, image, inversion_method, blend_res=None) -> EditRequest:
     """Turn the page's raw values into an `EditRequest`; a bad value raises `FieldError`.
-    ``blend_res`` (the local blend's map side) may be empty: the library's default.
+    ``blend_res`` (the local blend's map side): empty or 0 is the library's default.
 
     The values come from the page or from Gradio's API, so any of them may be None or of the wrong type.
     """
@@ -233,8 +233,15 @@ def parse_request(prompt, targets, mode, cross, self_steps, blend_source, blend_
         num_inference_steps=_whole(steps, "sampling", "Steps", 1, MAX_SEED),
         guidance_scale=_number(guidance, "sampling", "Guidance", "7.5"),
         image=_photo_path(image), inversion_method=inversion_method or "null-text",
-        blend_res=None if blend_res is None or str(blend_res).strip() == "" else _whole(blend_res, "blend", "Local blend map side", 1, MAX_SEED),
+        blend_res=_blend_side(blend_res),
     )
+
+
+def _blend_side(value) -> int | None:
+    """The page's local blend map side: empty or 0 is None (the library's default side)."""
+    if value is None or isinstance(value, str) and not value.strip():
+        return None
+    return _whole(value, "blend", "Local blend map side (0: the default)", 0, MAX_SEED) or None
 
 
 def _rows(value) -> list[list]:
@@ -384,8 +391,8 @@ def build_app(editor: Editor, default_prompt: str = "a big red circle on a blue 
                                            info="Separated by commas; each may be a phrase, e.g. oil painting")
                 with gr.Row():
                     blend_thr = gr.Slider(0, 1, value=0.3, step=0.05, label="Local blend threshold", elem_id="blend-threshold")
-                    blend_res = gr.Number(value=None, precision=0, label="Local blend map side", elem_id="blend-res",
-                                          info="Empty: a quarter of the latent side (16 for SD at 512 px)")
+                    blend_res = gr.Number(value=0, precision=0, minimum=0, label="Local blend map side", elem_id="blend-res",
+                                          info="0: a quarter of the latent side (16 for SD at 512 px)")
                 errors["blend"] = slot()
                 reweight = gr.Dataframe(headers=["word", "factor"], datatype=["str", "str"], row_count=2, column_count=2,
                                         label="Re-weighting (word, factor)", elem_id="reweight", value=[["", ""], ["", ""]])
