@@ -256,6 +256,7 @@ def test_edit_info_and_from_round_trip(capsys, tmp_path):
     assert code == 0, err
     assert f"prompt: {SRC}" in out and f"to: {TGT}" in out and "seed: 2" in out and "edit mode: replace" in out
     rerun = next(line for line in out.splitlines() if line.startswith("rerun: "))[len("rerun: "):]
+    assert "--blend-res 8" in rerun and "blend res: 8" in out
     code, out_json, _ = run(capsys, "info", first / "edit-1.png", "--json")
     assert json.loads(out_json)["options"]["prompt"] == SRC
 
