@@ -217,8 +217,9 @@ def _call(pipe, *args, **kwargs):
         return pipe(*args, **kwargs)
     except ValueError as err:
         message = one_line(err)
-        match = re.match(r"[A-Za-z_]+(?: resolution\b)?", message)
-        flag = LIBRARY_FLAGS.get(match.group(0)) if match else None
+        # the longest argument name the message starts with ("LocalBlend resolution" before "LocalBlend")
+        names = [name for name in LIBRARY_FLAGS if re.match(rf"{re.escape(name)}\b", message)]
+        flag = LIBRARY_FLAGS[max(names, key=len)] if names else None
         raise UsageError(f"{flag}: {message}" if flag else message) from err
 
 
