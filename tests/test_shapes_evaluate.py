@@ -559,3 +559,24 @@ def test_blend_sides_scores_each_map_side_and_its_default_side_is_the_blend_part
     rows = {name: value for name, value, _ in ev.summary_rows({"local_blend_sides": r})}
     assert float(rows["LocalBlend, mask from the 8x8 maps: median background PSNR dB (n=1)"]) == pytest.approx(
         r["sides"]["8"]["median_background_psnr_db"], abs=1e-3)
+
+
+@pytest.mark.parametrize("edit_applied", [True, False])
+def test_local_blend_scores_whether_the_edit_took_the_target_colour(edit_applied):
+    """Renders of the source and target prompts (same seed, so the same place): background untouched,
+    target colour shown; a "blend" that kept the source everywhere keeps the background too, and only
+    the target rate tells them apart."""
+
+    def render(prompt, k):
+        words = prompt.split()  # "a big <colour> <shape> on a <bg> background"
+        spec = world.make_spec([dict(shape=words[3], colour=words[2], size="big")], background=words[6], seed=k)
+        return world.render(spec).image
+
+    def fake(part, k, prompt, targets, **kwargs):
+        assert part == "blend" and kwargs["local_blend"].source_words == kwargs["local_blend"].target_words
+        return [render(prompt, k), render(targets[0] if edit_applied else prompt, k)]
+
+    r = ev.eval_local_blend(fake, 6)
+    assert r["target_rate"] == (1.0 if edit_applied else 0.0)
+    if edit_applied:  # the backgrounds are the same renders: the 100 dB ceiling
+        assert r["n_scored"] == 6 and r["median_background_psnr_db"] >= 40

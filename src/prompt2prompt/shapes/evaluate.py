@@ -733,12 +733,14 @@ def eval_local_blend(gen: _Generator, n: int, seed: int = 0, resolution: int | N
     (2 px margin); samples with nothing left outside or identical images are left out. The objects'
     region is the union of the detected masks and of both images' `foreground` (taken against the
     image's own border colour), so that an image whose background is not the named colour (where
-    `detect` finds nothing) still has its object left out. ``resolution``: `LocalBlend`'s (None:
+    `detect` finds nothing) still has its object left out. ``target_rate``: the edit's largest
+    detected object has the target colour (as `eval_word_swap`'s), so that a blend that kept the
+    background by keeping everything does not pass unseen. ``resolution``: `LocalBlend`'s (None:
     its default, a quarter of the latent side)."""
     from ..edits import LocalBlend
 
     rng = _part_rng("blend", seed)
-    psnrs = []
+    psnrs, hits = [], 0
     for k in range(n):
         shape = str(rng.choice(world.SHAPES))
         colour, colour2 = rng.choice(world.COLOUR_NAMES, 2, replace=False)
@@ -746,11 +748,13 @@ def eval_local_blend(gen: _Generator, n: int, seed: int = 0, resolution: int | N
         a, b = gen("blend", k, f"a big {colour} {shape} on a {bg} background", [f"a big {colour2} {shape} on a {bg} background"],
                    local_blend=LocalBlend([shape], [shape], resolution=resolution))
         region = foreground(a) | foreground(b)
-        for d in detect(a, bg) + detect(b, bg):
+        found = detect(b, bg)
+        hits += bool(found) and found[0].colour == colour2
+        for d in detect(a, bg) + found:
             region |= d.mask
         psnrs.append(_psnr(a, b, ~_grow(region, 2)))  # outside the objects and a 2 px margin (the image's edge counts)
     scored = [p for p in psnrs if np.isfinite(p)]
-    return {"median_background_psnr_db": _median(scored), "n": n, "n_scored": len(scored)}
+    return {"median_background_psnr_db": _median(scored), "target_rate": hits / n, "n": n, "n_scored": len(scored)}
 
 
 def eval_blend_sides(gen: _Generator, n: int, seed: int = 0) -> dict:
@@ -1216,8 +1220,11 @@ def summary_rows(model: dict) -> list[tuple[str, str, str]]:
             add(f"word swap {key}: median centroid shift px", v["median_centroid_shift_px"], goal="<= 3" if p2p and shape else "")
     if "local_blend" in model:
         add("LocalBlend: median background PSNR dB", model["local_blend"]["median_background_psnr_db"], goal=">= 30")
+        if "target_rate" in model["local_blend"]:  # results older than 2026-12-02 lack it
+            add("LocalBlend: the edit has the target colour", model["local_blend"]["target_rate"], True)
     for side, v in model.get("local_blend_sides", {}).get("sides", {}).items():
         add(f"LocalBlend, mask from the {side}x{side} maps: median background PSNR dB (n={v['n_scored']})", v["median_background_psnr_db"])
+        add(f"LocalBlend, mask from the {side}x{side} maps: the edit has the target colour", v["target_rate"], True)
     for part, label in (("two_objects", "two objects, training pairs"), ("two_objects_held_out", "two objects, held-out pairs")):
         if part not in model:
             continue
