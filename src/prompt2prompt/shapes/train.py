@@ -668,12 +668,9 @@ class Run:
         self.state.setdefault("data_wait_seconds", {}).setdefault(stage, 0.0)
         self.state["data_wait_seconds"][stage] += waited
         self.state["samples_seen"][stage] += (step - self.state[key]) * batch
-        precision = "float32"
-        if self.device.type == "cuda":
-            precision = "bf16 autocast (UNet, text encoder, VAE encode)" if stage == "unet" else precision
-            precision += ", TF32 matmuls" if torch.backends.cuda.matmul.allow_tf32 else ""
+        precision = "float32" + (", TF32 matmuls" if self.device.type == "cuda" and torch.backends.cuda.matmul.allow_tf32 else "")
         lr_settings = {"batch": batch, "lr": base_lr, "warmup": warmup, "total": total, "workers": workers,
-                       "data_wait_seconds": waited, "precision": precision}
+                       "data_wait_seconds": waited, "precision": precision}  # a stage's own settings may name its precision
         self.state.setdefault("chunks", []).append(
             chunk_record(stage, (self.state[key], step), elapsed, self.device, {**lr_settings, **(settings or {})}, self.command))
         self.state[key] = step
@@ -840,6 +837,9 @@ class Run:
         try:
             settings = {k: self.state[k] for k in ("offset_noise", "min_snr_gamma", "grounding", "grounding_share", "grounding_sides",
                                                      "grounding_text", "grounding_share_words")}
+            if amp:
+                settings["precision"] = "bf16 autocast (UNet, text encoder, VAE encode)" + (
+                    ", TF32 matmuls" if torch.backends.cuda.matmul.allow_tf32 else "")
             self._loop("unet", steps, batch, minutes, workers, 0, lr, warmup, self.opt, step_fn, grounding=grounded,
                        settings={"ema_decay": ema_decay, **settings})
         finally:
