@@ -1,0 +1,284 @@
+"""Learning curves for the bundled model's redesign (issue 27): short CPU runs of candidate designs,
+scored by the project's evaluation at fixed steps, on fixed prompts and seeds.
+
+Every candidate trains a UNet and a text encoder from scratch on the frozen shipped autoencoder's
+latents, over a *narrow world*: one object of a training colour/shape pair on a plain background,
+caption template 0 ("a [big|small] red circle on a blue background"), no pattern, no style. The
+scenes are rendered and encoded once into a cache shared by all candidates (scene k is drawn from
+seed k), so the candidates see the same data in the same order and differ only in what the
+candidate names. At each ``--eval-every`` steps the EMA weights are scored with
+`prompt2prompt.shapes.evaluate.evaluate_model` (adherence on training and held-out pairs, word swaps)
+at the CLI's guidance, and the figures go to ``RUN_DIR/curve.json`` and to the results JSON.
+
+A run checkpoints at every evaluation (safetensors, no pickle) and the same command resumes it, so a
+long curve can be spread over several chunks of at most 150 minutes.
+
+    python benchmarks/shapes_learning_curve.py runs/curves --candidate small_b32 --steps 3000 --eval-every 500
+    python benchmarks/shapes_learning_curve.py runs/curves --list
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from safetensors.torch import load_file, save_file
+
+from prompt2prompt.shapes import MODEL_DIR, world
+from prompt2prompt.shapes.train import SCHEDULE, load_optimizer, lr_at, min_snr_weights, optimizer_tensors
+
+RESULTS = Path(__file__).with_name("results_shapes_learning_curves.json")  # every candidate's curve, by name
+CACHE_SCENES = 40_000  # rendered and encoded once; at batch 32 that is 1,250 steps an epoch
+EVAL_PARTS = ("adherence_train", "adherence", "swap")
+CAPTION_DROPOUT = 0.1  # share of empty captions, for classifier-free guidance (as the shipped model)
+
+SMALL_UNET = dict(block_out_channels=(32, 64, 128), attention_head_dim=4)  # cross-attention maps at 16, 8, 4
+LEAN_UNET = dict(  # no attention at the latent's full side: cross-attention maps at 8 and 4 only
+    block_out_channels=(32, 64, 128), attention_head_dim=4,
+    down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+    up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"))
+SMALL_TEXT = dict(hidden_size=64, intermediate_size=256, num_hidden_layers=2, num_attention_heads=4)
+
+#: name -> what differs from the base recipe (shipped UNet and text encoder shapes, batch 32, lr 5e-4,
+#: uniform timesteps, EMA 0.999, 100 warm-up steps, constant rate after it).
+CANDIDATES: dict[str, dict] = {
+    "shipped_arch_b32": {},
+    "small_b32": dict(unet=SMALL_UNET),
+    "small_b32_logitnormal": dict(unet=SMALL_UNET, timesteps=("logit_normal", 0.5, 1.0)),
+    "small_b16": dict(unet=SMALL_UNET, batch=16),
+    "small_b32_smalltext": dict(unet=SMALL_UNET, text=SMALL_TEXT),
+    "lean_b32": dict(unet=LEAN_UNET),
+    "lean_b32_logitnormal": dict(unet=LEAN_UNET, timesteps=("logit_normal", 0.5, 1.0)),
+}
+BASE = dict(unet={}, text={}, batch=32, lr=5e-4, warmup=100, timesteps=("uniform",), ema=0.999)
+
+
+def train_pairs() -> list[tuple[str, str]]:
+    """The colour/shape pairs of the training split (every pair not held out)."""
+    return [(c, s) for c in world.COLOUR_NAMES for s in world.SHAPES if (c, s) not in world.HELDOUT_PAIRS]
+
+
+def narrow_spec(k: int) -> world.SceneSpec:
+    """Scene ``k`` of the narrow world: one object of a training pair on a plain background."""
+    rng = np.random.default_rng([k, 27])
+    pairs = train_pairs()
+    colour, shape = pairs[int(rng.integers(len(pairs)))]
+    size = ("big", "small")[int(rng.integers(2))]
+    backgrounds = [c for c in world.COLOUR_NAMES if c != colour]
+    bg = backgrounds[int(rng.integers(len(backgrounds)))]
+    say = bool(rng.random() < 0.5)
+    return world.make_spec([dict(shape=shape, colour=colour, size=size, say_size=say)], bg, seed=k, template=0)
+
+
+def sample_timesteps(kind: tuple, n: int, num_train: int, gen: torch.Generator) -> torch.Tensor:
+    """Training timesteps ``(n,)``: uniform, or logit-normal (Esser et al., 2024, eq. 19: ``t = sigmoid(m + s * N(0, 1))``),
+    whose mean ``m`` > 0 puts more of the steps at high noise, where layout, shape and colour are decided."""
+    if kind[0] == "uniform":
+        return torch.randint(0, num_train, (n,), generator=gen)
+    _, m, s = kind
+    u = torch.sigmoid(m + s * torch.randn(n, generator=gen))  # (n,) in (0, 1)
+    return (u * num_train).long().clamp(0, num_train - 1)
+
+
+def build_cache(path: Path, vae, tokenizer, n: int = CACHE_SCENES, batch: int = 250) -> dict[str, torch.Tensor]:
+    """Render scenes ``0..n-1`` of the narrow world, encode them with the frozen ``vae`` (latent means
+    times its scaling factor) and tokenize their captions; saved as safetensors at ``path``."""
+    if path.exists():
+        return load_file(str(path))
+    length = tokenizer.model_max_length
+    latents, ids = [], []
+    t0 = time.time()
+    for start in range(0, n, batch):
+        specs = [narrow_spec(k) for k in range(start, min(n, start + batch))]
+        images = np.stack([world.render(s).image for s in specs])  # (b, H, W, 3) uint8
+        x = torch.from_numpy(images).permute(0, 3, 1, 2).float() / 127.5 - 1  # (b, 3, H, W) in [-1, 1]
+        with torch.no_grad():
+            latents.append(vae.encode(x).latent_dist.mean * vae.config.scaling_factor)  # (b, C, h, w)
+        ids.append(tokenizer([s.caption for s in specs], padding="max_length", max_length=length,
+                             truncation=True, return_tensors="pt").input_ids)  # (b, length)
+        print(f"cache: {start + len(specs)}/{n} scenes, {time.time() - t0:.0f} s", flush=True)
+    cache = {"latents": torch.cat(latents).contiguous(), "ids": torch.cat(ids).to(torch.int32).contiguous()}
+    tmp = path.with_suffix(".tmp")
+    save_file(cache, str(tmp))
+    os.replace(tmp, path)
+    return cache
+
+
+def build_models(recipe: dict, tokenizer):
+    from diffusers import UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    unet_cfg = json.loads((MODEL_DIR / "unet" / "config.json").read_text())
+    unet_cfg = {k: v for k, v in unet_cfg.items() if not k.startswith("_")}
+    unet_cfg.update(recipe["unet"])
+    text_cfg = json.loads((MODEL_DIR / "text_encoder" / "config.json").read_text())
+    text_cfg = {k: v for k, v in text_cfg.items() if not k.startswith("_") and k not in ("architectures", "transformers_version")}
+    text_cfg.update(recipe["text"])
+    unet_cfg["cross_attention_dim"] = text_cfg["hidden_size"]
+    torch.manual_seed(0)
+    unet = UNet2DConditionModel(**unet_cfg)
+    text_encoder = CLIPTextModel(CLIPTextConfig(**text_cfg))
+    return unet, text_encoder
+
+
+def evaluate(unet, text_encoder, ema: dict, vae, tokenizer, samples: int, steps: int, guidance: float) -> dict:
+    """Score the EMA weights with the project's evaluation."""
+    import copy
+
+    from diffusers import DDIMScheduler
+
+    from prompt2prompt import Prompt2PromptPipeline
+    from prompt2prompt.shapes.evaluate import evaluate_model
+
+    u, te = copy.deepcopy(unet).eval(), copy.deepcopy(text_encoder).eval()
+    u.load_state_dict({k[5:]: v for k, v in ema.items() if k.startswith("unet.")}, strict=False)
+    te.load_state_dict({k[5:]: v for k, v in ema.items() if k.startswith("text.")}, strict=False)
+    sched = DDIMScheduler.from_pretrained(MODEL_DIR / "scheduler")
+    pipe = Prompt2PromptPipeline(vae=vae, text_encoder=te, tokenizer=tokenizer, unet=u, scheduler=sched)
+    pipe.set_progress_bar_config(disable=True)
+    with torch.no_grad():
+        return evaluate_model(pipe, n=samples, steps=steps, guidance=guidance, parts=EVAL_PARTS)
+
+
+def headline(r: dict) -> dict:
+    """The figures the curves are read by."""
+    sw = r["word_swap"]
+    return {"train_colour": r["adherence_train"]["colour"], "train_shape": r["adherence_train"]["shape"],
+            "heldout_colour": r["adherence"]["colour"], "heldout_shape": r["adherence"]["shape"],
+            "swap_colour_target": sw["colour_p2p"]["target_rate"], "swap_colour_iou": sw["colour_p2p"]["median_mask_iou"],
+            "swap_shape_target": sw["shape_p2p"]["target_rate"], "swap_shape_shift_px": sw["shape_p2p"]["median_centroid_shift_px"]}
+
+
+def save_results(name: str, curve: dict) -> None:
+    data = json.loads(RESULTS.read_text()) if RESULTS.exists() else {}
+    data[name] = curve
+    tmp = RESULTS.with_suffix(".tmp")
+    tmp.write_text(json.dumps(data, indent=1))
+    os.replace(tmp, RESULTS)
+
+
+def run(args) -> None:
+    from diffusers import AutoencoderKL, DDPMScheduler
+    from transformers import CLIPTokenizer
+
+    torch.set_num_threads(args.threads)
+    recipe = {**BASE, **CANDIDATES[args.candidate]}
+    root = Path(args.run_dir)
+    folder = root / args.candidate
+    folder.mkdir(parents=True, exist_ok=True)
+    tokenizer = CLIPTokenizer.from_pretrained(MODEL_DIR / "tokenizer")
+    vae = AutoencoderKL.from_pretrained(MODEL_DIR / "vae").eval().requires_grad_(False)
+    cache = build_cache(root / f"narrow_cache_{args.cache_scenes}.safetensors", vae, tokenizer, args.cache_scenes)
+    unet, text_encoder = build_models(recipe, tokenizer)
+    models = {"unet": unet, "text": text_encoder}
+    params = [p for m in models.values() for p in m.parameters()]
+    opt = torch.optim.AdamW(params, lr=recipe["lr"], weight_decay=0.01)
+    ema = {f"{n}.{k}": v.detach().clone() for n, m in models.items() for k, v in m.state_dict().items()}
+    ema_keys = [f"{n}.{k}" for n, m in models.items() for k, _ in m.named_parameters()]
+    curve_path = folder / "curve.json"
+    curve = json.loads(curve_path.read_text()) if curve_path.exists() else {
+        "candidate": args.candidate, "recipe": recipe, "points": [], "cpu_seconds": 0.0,
+        "unet_parameters": sum(p.numel() for p in unet.parameters()),
+        "text_parameters": sum(p.numel() for p in text_encoder.parameters()),
+        "world": "narrow: one object, training pairs, plain background, template 0", "cache_scenes": args.cache_scenes,
+        "evaluation": {"parts": EVAL_PARTS, "samples": args.eval_samples, "steps": args.eval_steps, "guidance": args.guidance}}
+    step = 0
+    if (folder / "state.safetensors").exists():
+        state = load_file(str(folder / "state.safetensors"))
+        meta = json.loads((folder / "state.json").read_text())
+        for n, m in models.items():
+            m.load_state_dict({k[len(n) + 1:]: v for k, v in state.items() if k.startswith(n + ".")})
+        ema = {k[4:]: v for k, v in state.items() if k.startswith("ema.")}
+        load_optimizer(opt, {k[4:]: v for k, v in state.items() if k.startswith("opt.")}, meta["optimizer"])
+        step = meta["step"]
+        print(f"resumed {args.candidate} at step {step}", flush=True)
+    sched = DDPMScheduler(**SCHEDULE)
+    alphas = sched.alphas_cumprod
+    num_train = sched.config.num_train_timesteps
+    empty = tokenizer([""], padding="max_length", max_length=tokenizer.model_max_length, return_tensors="pt").input_ids
+    order = torch.randperm(args.cache_scenes, generator=torch.Generator().manual_seed(0))  # one fixed order, repeated
+    batch, losses = recipe["batch"], []
+    cpu0 = time.process_time()
+    for m in models.values():
+        m.train()
+    while step < args.steps:
+        gen = torch.Generator().manual_seed(1_000_000 + step)
+        idx = order[(torch.arange(batch) + step * batch) % args.cache_scenes]  # (batch,)
+        z0 = cache["latents"][idx]  # (batch, C, h, w)
+        ids = cache["ids"][idx].long()  # (batch, length)
+        drop = torch.rand(batch, generator=gen) < CAPTION_DROPOUT
+        ids = torch.where(drop[:, None], empty, ids)  # (batch, length)
+        noise = torch.randn(z0.shape, generator=gen)  # (batch, C, h, w)
+        t = sample_timesteps(recipe["timesteps"], batch, num_train, gen)  # (batch,)
+        a = alphas[t].view(-1, 1, 1, 1)  # (batch, 1, 1, 1)
+        zt = a.sqrt() * z0 + (1 - a).sqrt() * noise
+        states = text_encoder(ids)[0]  # (batch, length, width)
+        pred = unet(zt, t, encoder_hidden_states=states).sample  # (batch, C, h, w)
+        loss = (pred - noise).pow(2).mean()
+        for g in opt.param_groups:
+            g["lr"] = lr_at(step, 10 ** 9, recipe["lr"], recipe["warmup"]) if step < recipe["warmup"] else recipe["lr"]
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        decay = min(recipe["ema"], (1 + step) / (10 + step))
+        with torch.no_grad():
+            flat = [p.detach() for p in params]
+            torch._foreach_lerp_([ema[k] for k in ema_keys], flat, 1 - decay)
+        losses.append(loss.item())
+        step += 1
+        if step % 50 == 0:
+            print(f"{args.candidate} step {step}: loss {np.mean(losses[-50:]):.4f}", flush=True)
+        if step % args.eval_every == 0 or step == args.steps:
+            curve["cpu_seconds"] += time.process_time() - cpu0
+            t_eval = time.process_time()
+            r = evaluate(unet, text_encoder, ema, vae, tokenizer, args.eval_samples, args.eval_steps, args.guidance)
+            point = {"step": step, "samples": step * batch, "train_cpu_seconds": round(curve["cpu_seconds"], 1),
+                     "loss": float(np.mean(losses[-200:])), **headline(r), "full": r,
+                     "eval_cpu_seconds": round(time.process_time() - t_eval, 1)}
+            curve["points"] = [p for p in curve["points"] if p["step"] != step] + [point]
+            print(json.dumps({k: v for k, v in point.items() if k != "full"}), flush=True)
+            state = {f"{n}.{k}": v.contiguous() for n, m in models.items() for k, v in m.state_dict().items()}
+            state.update({f"ema.{k}": v.contiguous() for k, v in ema.items()})
+            opt_t, opt_meta = optimizer_tensors(opt)
+            state.update({f"opt.{k}": v.contiguous() for k, v in opt_t.items()})
+            save_file(state, str(folder / "state.tmp"))
+            os.replace(folder / "state.tmp", folder / "state.safetensors")
+            (folder / "state.json").write_text(json.dumps({"step": step, "optimizer": opt_meta}))
+            curve_path.write_text(json.dumps(curve, indent=1))
+            save_results(args.candidate, curve)
+            cpu0 = time.process_time()
+            for m in models.values():
+                m.train()
+
+
+def main(argv=None) -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("run_dir")
+    p.add_argument("--candidate", choices=sorted(CANDIDATES))
+    p.add_argument("--list", action="store_true", help="print the candidates and exit")
+    p.add_argument("--steps", type=int, default=3000)
+    p.add_argument("--eval-every", type=int, default=500)
+    p.add_argument("--eval-samples", type=int, default=16)
+    p.add_argument("--eval-steps", type=int, default=30)
+    p.add_argument("--guidance", type=float, default=7.5, help="the CLI's default")
+    p.add_argument("--cache-scenes", type=int, default=CACHE_SCENES, help="narrow-world scenes rendered and encoded once")
+    p.add_argument("--threads", type=int, default=2)
+    args = p.parse_args(argv)
+    if args.list or not args.candidate:
+        for name, diff in CANDIDATES.items():
+            print(f"{name}: {diff or 'the base recipe'}")
+        print(f"base: {BASE}")
+        return
+    run(args)
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
