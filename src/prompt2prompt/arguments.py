@@ -57,7 +57,22 @@ ARGUMENTS: dict[str, Argument] = {a.name: a for a in (
     Argument("guidance_scale", "guidance", 7.5),
     Argument("generator", "seed", None),
     Argument("attention_res", "res", None),
-    Argument("inversion", "invert", None),
+    Argument("height", None, None),
+    Argument("width", None, None),
+    Argument("negative_prompt", None, None),
+    Argument("latents", None, None),
+    Argument("eta", None, 0.0),
+    Argument("output_type", None, "pil"),
+    Argument("return_self_attention", None, False),
+    Argument("truncate_prompts", None, False),
+    Argument("inversion", None, None),
+    # Pipeline.invert's own arguments
+    Argument("image", "image", None),
+    Argument("method", "invert", "null-text"),
+    Argument("num_inner_steps", None, 10),
+    Argument("early_stop_epsilon", None, 1e-5),
+    # the attention pictures (`p2p attention`)
+    Argument("top_k", "top_k", 6),
 )}
 
 
