@@ -104,6 +104,7 @@ class Argument:
             object.__setattr__(self, "option_default", self.default)
 
 
+#: The page's sliders of fractions: 0 to 1 in steps of 5% of the denoising steps.
 _FRACTION_SLIDER = (0.0, 1.0, 0.05)
 
 ARGUMENTS: dict[str, Argument] = {a.name: a for a in (
@@ -126,11 +127,12 @@ ARGUMENTS: dict[str, Argument] = {a.name: a for a in (
              kind="integer", what="a positive integer side of the cross-attention maps", minimum=1),
     # the paper's code starts blending after a fifth of the steps
     Argument("local_blend.start", None, 0.2, field="blend", kind="fraction"),
-    # sampling
+    # sampling; the page's sliders cover the usual counts and scales, the command line takes any
     Argument("num_inference_steps", "steps", 50, flag="--steps", field="sampling", label="Steps",
              kind="integer", what="a positive integer", minimum=1, slider=(1, 100, 1)),
     Argument("guidance_scale", "guidance", 7.5, flag="--guidance", field="sampling", label="Guidance",
              kind="number", what="a finite number", slider=(0.0, 15.0, 0.5)),
+    # the library draws fresh noise without a generator; the options always seed one, from 0
     Argument("generator", "seed", None, option_default=0, flag="--seed", field="sampling", label="Seed",
              kind="integer", what="a non-negative integer", minimum=0, maximum=MAX_INT64),
     Argument("eta", None, 0.0, field="sampling", kind="number", what="a finite number >= 0", minimum=0.0),
@@ -150,6 +152,7 @@ ARGUMENTS: dict[str, Argument] = {a.name: a for a in (
     # a real photo: the pipeline's `inversion`, and `Prompt2PromptPipeline.invert`'s own arguments
     Argument("inversion", None, None, flag="--image", field="image"),
     Argument("image", "image", None, flag="--image", field="image", label="Photo"),
+    # the option is None without a photo; with one, the method is the library's default
     Argument("method", "invert", "null-text", option_default=None, flag="--invert", field="image", label="Inversion",
              kind="choice", choices=INVERT_METHODS),
     Argument("num_inner_steps", None, 10, field="image"),

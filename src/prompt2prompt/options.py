@@ -285,14 +285,15 @@ def normalise_options(raw: Mapping, keys: tuple[str, ...], names: Names = cli_na
 def _word_level_tokens(prompts: list[str]) -> list[PromptTokens]:
     """Word-level stand-ins for tokenized prompts (one token per word), so that the library's own
     checks of words, windows and modes run before any model loads."""
+    start, end = 0, 1  # the stand-in start and end tokens, as CLIP's frame each prompt; words take ids from 2
     ids: dict[str, int] = {}
     split = [split_words(p) for p in prompts]
-    length = max(len(w) for w in split) + 2
+    length = max(len(w) for w in split) + 2  # the longest prompt with its start and end tokens
     out = []
     for prompt, words in zip(prompts, split):
         word_ids = [ids.setdefault(normalize_word(w), len(ids) + 2) for w in words]
-        positions = tuple((k + 1,) for k in range(len(words)))
-        out.append(PromptTokens(prompt, tuple(words), positions, (0, *word_ids, 1), length))
+        positions = tuple((k + 1,) for k in range(len(words)))  # after the start token
+        out.append(PromptTokens(prompt, tuple(words), positions, (start, *word_ids, end), length))
     return out
 
 
