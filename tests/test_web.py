@@ -15,6 +15,7 @@ from pathlib import Path
 import PIL.Image
 import pytest
 
+from prompt2prompt.arguments import ArgumentError
 from prompt2prompt.web import FieldError, field_of, parse_request
 
 REPO = Path(__file__).resolve().parents[1]
@@ -23,29 +24,26 @@ REPO = Path(__file__).resolve().parents[1]
 # --------------------------------------------------------------------------- pure parts
 
 
-def test_field_of_maps_library_messages_to_fields():
-    assert field_of("equalizer names 'dog', which is in none of the prompts") == "reweight"
-    assert field_of("equalizer['dog'] must be a finite number") == "reweight"
-    assert field_of("LocalBlend source_words: 'dog' is not a word of the prompt") == "blend"
-    assert field_of("LocalBlend target_words names 'dog', which is in none of the prompts") == "blend"
-    assert field_of("cross_replace_steps['default_'] must lie in [0, 1]") == "cross"
-    assert field_of("self_replace_steps must lie in [0, 1]") == "self"
-    assert field_of("word swap (edit='replace') needs prompts with the same number of words") == "mode"
-    assert field_of("edit must be one of auto, replace, refine, none, got 'x'") == "mode"
-    assert field_of("num_inference_steps must be a positive integer") == "sampling"
-    assert field_of("guidance_scale must be a finite number, got nan") == "sampling"
-    assert field_of("image file 'x.png' is empty") == "image"
-    assert field_of("inversion method must be one of null-text, direct, got 'x'") == "image"
-    assert field_of("prompt: the prompt is 82 tokens long") == "prompt"
-    assert field_of("edit_prompts[1]: the prompt is 82 tokens long") == "edit_prompts"
-    assert field_of("something else entirely") == "general"
+def test_field_of_maps_arguments_to_fields():
+    """The field comes from the error's argument (`arguments.ARGUMENTS`), whatever its message says."""
+    fields = {
+        "equalizer": "reweight", "local_blend": "blend", "local_blend.threshold": "blend", "local_blend.resolution": "blend",
+        "cross_replace_steps": "cross", "self_replace_steps": "self", "edit": "mode", "num_inference_steps": "sampling",
+        "guidance_scale": "sampling", "generator": "sampling", "image": "image", "method": "image", "inversion": "image",
+        "prompt": "prompt", "edit_prompts": "edit_prompts",
+    }
+    for argument, name in fields.items():
+        assert field_of(ArgumentError(argument, "something else entirely")) == name, argument
+    assert field_of(ValueError("something else entirely")) == "general"
 
 
-def test_field_of_reads_only_the_leading_argument_name():
+def test_field_of_never_reads_the_message():
     # the message quotes the user's prompt: words in it must not pick the field
-    assert field_of("prompt: the prompt 'a seed of a plant' is 82 tokens long but the text encoder takes at most 77") == "prompt"
-    assert field_of("edit_prompts[0]: the prompt 'a blend of equalizer image' is 82 tokens long") == "edit_prompts"
-    assert field_of("the model says: seed, blend, image and prompt") == "general"
+    long = "prompt: the prompt 'a seed of a plant' is 82 tokens long but the text encoder takes at most 77"
+    assert field_of(ArgumentError("prompt", long)) == "prompt"
+    assert field_of(ArgumentError("edit_prompts", "edit_prompts[0]: the prompt 'a blend of equalizer image' is 82 tokens long")) == "edit_prompts"
+    assert field_of(ValueError("equalizer names 'dog', which is in none of the prompts")) == "general"
+    assert field_of(ValueError("the model says: seed, blend, image and prompt")) == "general"
 
 
 def base(**over):

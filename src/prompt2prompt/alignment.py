@@ -12,6 +12,8 @@ from dataclasses import dataclass
 
 import torch
 
+from .arguments import ArgumentError
+
 # A prompt's "words": runs of letters/digits (with inner apostrophes and hyphens), and runs of
 # punctuation. "a cat's bicycle." -> ["a", "cat's", "bicycle", "."]
 _WORD_RE = re.compile(r"[^\W_]+(?:['\-_][^\W_]+)*|[^\w\s]+|_+")
@@ -176,10 +178,11 @@ def replacement_mapper(source: PromptTokens, target: PromptTokens) -> torch.Tens
         ``(max_length, max_length)`` float matrix, rows = source positions, columns = target positions.
 
     Raises:
-        ValueError: the prompts have different numbers of words.
+        ArgumentError: (of ``edit``) the prompts have different numbers of words.
     """
     if len(source.words) != len(target.words):
-        raise ValueError(
+        raise ArgumentError(
+            "edit",
             f"word swap (edit='replace') needs prompts with the same number of words, but {source.prompt!r} has "
             f"{len(source.words)} and {target.prompt!r} has {len(target.words)}; use edit='refine' to add or remove words"
         )
@@ -278,19 +281,20 @@ def refinement_mapper(source: PromptTokens, target: PromptTokens) -> tuple[torch
     return mapper, alphas
 
 
-def positions_in_each(prompts: "list[PromptTokens]", word: str | int, what: str) -> list[list[int]]:
+def positions_in_each(prompts: "list[PromptTokens]", word: str | int, what: str, argument: str | None = None) -> list[list[int]]:
     """Token positions of ``word`` in each prompt (``[]`` where it is absent).
 
     Args:
         prompts: the tokenized prompts to search.
         word: a word, phrase or word index, as `PromptTokens.positions` takes it.
         what: the name of the setting that gave ``word``, for the error message.
+        argument: the library name of that setting, which the error carries (default: ``what``).
 
     Returns:
         One list of positions per prompt, in order (see `PromptTokens.positions`).
 
     Raises:
-        ValueError: the word is in none of the prompts; ``what`` names the setting in the message.
+        ArgumentError: the word is in none of the prompts; ``what`` names the setting in the message.
     """
     found = []
     for p in prompts:
@@ -300,5 +304,5 @@ def positions_in_each(prompts: "list[PromptTokens]", word: str | int, what: str)
             found.append([])
     if not any(found):
         listed = "; ".join(repr(p.prompt) for p in prompts)
-        raise ValueError(f"{what} names {word!r}, which is in none of the prompts {listed}; name a word of one of them")
+        raise ArgumentError(argument or what, f"{what} names {word!r}, which is in none of the prompts {listed}; name a word of one of them")
     return found

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import copy
 import datetime
 import json
 import logging
@@ -28,17 +29,16 @@ from pathlib import Path
 
 from . import __version__
 from .alignment import split_words, tokenize_words
+from .arguments import ARGUMENTS, DTYPES, INVERT_METHODS, MODES, argument_of, option_default
 from .edits import EditMode
 from .imageio import OutputSet, file_sha256, remove_stale_temps
 from .options import (
     ATTENTION_KEYS,
     BATCH_LINE_KEYS,
     DEFAULTS,
-    DTYPES,
     EDIT_KEYS,
     FLAGS,
     GENERATE_KEYS,
-    INVERT_METHODS,
     NORMALISERS,
     PROG,
     RESULT,
@@ -68,6 +68,15 @@ from .visualisation import (
 
 #: Bad command-line input: exit status 2, one line (the options' `OptionError`, a ``ValueError``).
 UsageError = OptionError
+#: Images per row of the attention pictures' grids.
+GRID_COLUMNS = 8
+#: ``p2p batch --workers``: one process, one model in memory.
+BATCH_WORKERS = 1
+#: ``p2p serve``: this machine only, on Gradio's usual port.
+SERVE_HOST = "127.0.0.1"
+SERVE_PORT = 7860
+MAX_PORT = 65535
+SERVE_OUTPUT_DIR = "outputs/web"
 
 
 class RuntimeFailure(Exception):
@@ -75,7 +84,6 @@ class RuntimeFailure(Exception):
 
 
 # ============================================================================ output folders
-
 
 
 def _check_writable(folder: Path, label: str) -> None:
@@ -202,25 +210,27 @@ def _generator(seed: int):
     return torch.Generator().manual_seed(seed)
 
 
-#: The pipeline's argument names as the command line spells them, for its error messages.
-LIBRARY_FLAGS = {
-    "attention_res": "--res", "num_inference_steps": "--steps", "guidance_scale": "--guidance", "edit_prompts": "--to",
-    "cross_replace_steps": "--cross-steps", "self_replace_steps": "--self-steps", "equalizer": "--reweight",
-    "LocalBlend": "--blend", "LocalBlend resolution": "--blend-res",
-}
+def library_flag(error: BaseException) -> str | None:
+    """The flag of the option that sets the argument a library error carries (its ``.argument``
+    looked up in `arguments.ARGUMENTS`, never its message).
+
+    None for an error without an argument (a plain ``ValueError``), for an argument no flag sets,
+    and for the positional prompt (the library's messages about it start with ``prompt``).
+    """
+    row = argument_of(error)
+    flag = row.flag if row is not None else None
+    return flag if flag is not None and flag.startswith("-") else None
 
 
-def _call(pipe, *args, **kwargs):
-    """Run the pipeline; its argument errors (ValueError, raised before any denoising) are usage errors,
-    prefixed with the option that set the argument the message starts with (``--res: attention_res 7 ...``)."""
+def _call(function, *args, **kwargs):
+    """Run a library call; its argument errors (ValueError, raised before any work) are usage errors,
+    prefixed with the flag of the argument they carry (``--res: attention_res 7 ...``)."""
     try:
-        return pipe(*args, **kwargs)
+        return function(*args, **kwargs)
     except ValueError as err:
         message = one_line(err)
-        # the longest argument name the message starts with ("LocalBlend resolution" before "LocalBlend")
-        names = [name for name in LIBRARY_FLAGS if re.match(rf"{re.escape(name)}\b", message)]
-        flag = LIBRARY_FLAGS[max(names, key=len)] if names else None
-        raise UsageError(f"{flag}: {message}" if flag else message) from err
+        flag = library_flag(err)
+        raise UsageError(f"{flag}: {message}" if flag else message, getattr(err, "argument", None)) from err
 
 
 def _bar(pipe, show: bool, desc: str | None = None) -> None:
@@ -262,10 +272,9 @@ def run_generate(pipe, options: dict, folder: Path, env: Mapping, console: Conso
 
 
 def _invert(pipe, options: dict):
-    try:  # the library reads the file (EXIF rotation, transparency, crop and resize: inversion.load_image)
-        return pipe.invert(options["image"], options["prompt"], method=options["invert"], num_inference_steps=options["steps"], guidance_scale=options["guidance"])
-    except ValueError as err:
-        raise UsageError(one_line(err)) from err
+    # the library reads the file (EXIF rotation, transparency, crop and resize: inversion.load_image)
+    return _call(pipe.invert, options["image"], options["prompt"], method=options["invert"], num_inference_steps=options["steps"],
+                 guidance_scale=options["guidance"])
 
 
 def run_edit_images(pipe, options: dict, console: Console, desc: str | None = None):
@@ -338,7 +347,7 @@ def run_attention(pipe, options: dict, folder: Path, env: Mapping, console: Cons
     )
     image = out.images[0]
     heat = token_heatmaps(image, out.attention, 0)
-    cross = labelled_grid([image, *[im for _, im in heat]], [options["prompt"], *[w for w, _ in heat]], columns=min(8, len(heat) + 1))
+    cross = labelled_grid([image, *[im for _, im in heat]], [options["prompt"], *[w for w, _ in heat]], columns=min(GRID_COLUMNS, len(heat) + 1))
     components = None
     if out.self_attention is not None:
         components = self_attention_components(out.self_attention, out.self_attention_res, options["top_k"])
@@ -356,7 +365,7 @@ def run_attention(pipe, options: dict, folder: Path, env: Mapping, console: Cons
     if components is not None:
         pictures = [gray_image(c, image.size) for c in components.images]
         labels = [f"component {k + 1}\nsingular value {s:.3g}" for k, s in enumerate(components.singular_values)]
-        self_grid = labelled_grid([image, *pictures], [options["prompt"], *labels], columns=min(8, len(pictures) + 1))
+        self_grid = labelled_grid([image, *pictures], [options["prompt"], *labels], columns=min(GRID_COLUMNS, len(pictures) + 1))
         meta = image_metadata("attention", options, env, "self-attention", 2, count, "self-attention.png", options["prompt"],
                               self_attention_resolution=out.self_attention_res)
         files.add_png("self-attention.png", self_grid, meta, parameters_text(meta))
@@ -377,8 +386,8 @@ def run_sweep(pipe, options: dict, folder: Path, env: Mapping, console: Console)
     base = {k: v for k, v in options.items() if k != "sweep"}
     base.update(image=None, invert=None)
     runs = [({**base, "cross_steps": w}, f"cross-{_window_label(w).replace(':', '-')}.png", f"cross-steps {_window_label(w)}") for w in options["sweep"]]
-    baseline = {**base, "mode": "none", "cross_steps": DEFAULTS["cross_steps"], "cross_steps_word": {}, "reweight": {}, "blend": None,
-                "blend_threshold": DEFAULTS["blend_threshold"], "blend_res": None}
+    unset = ("cross_steps", "cross_steps_word", "reweight", "blend", "blend_threshold", "blend_res")
+    baseline = {**base, "mode": "none", **{k: copy.deepcopy(DEFAULTS[k]) for k in unset}}
     runs.append((baseline, "none.png", "no injection (mode none)"))
     images, modes, source = [], [], None
     for run_options, _, label in runs:
@@ -525,7 +534,7 @@ def cmd_batch(args, console: Console) -> int:
     path = Path(args.jsonl).expanduser()
     if not path.is_file():
         raise UsageError(f"batch: {args.jsonl}: no such file; give the path of a .jsonl file with one edit per line")
-    workers = integer_option(args.workers if args.workers is not None else 1, "--workers", 1, "a positive integer")
+    workers = integer_option(args.workers if args.workers is not None else BATCH_WORKERS, "--workers", 1, "a positive integer")
     root = output_folder(args.output, "batch")
     defaults = {"seed": args.seed, "steps": args.steps, "guidance": args.guidance}
     for key, value in defaults.items():
@@ -673,10 +682,10 @@ def check_listen(host: str, port: int) -> None:
 def cmd_serve(args, console: Console) -> int:
     import importlib.util
 
-    port = integer_option(args.port if args.port is not None else 7860, "--port", 1, "a port number from 1 to 65535")
-    if port > 65535:
+    port = integer_option(args.port if args.port is not None else SERVE_PORT, "--port", 1, "a port number from 1 to 65535")
+    if port > MAX_PORT:
         raise UsageError(f"--port must be a port number from 1 to 65535, got {args.port!r}")
-    host = args.host or "127.0.0.1"
+    host = args.host or SERVE_HOST
     check_listen(host, port)
     model = model_option(args.model, "--model")
     dtype = choice_of(DTYPES)(args.dtype, "--dtype") if args.dtype is not None else None
@@ -687,7 +696,7 @@ def cmd_serve(args, console: Console) -> int:
     from . import web
 
     console.info(f"serving {model_label(model)} on http://{host}:{port} (Ctrl-C stops)")
-    web.serve(host=host, port=port, model=model, device=device, dtype=dtype, output_dir=args.output_dir or "outputs/web",
+    web.serve(host=host, port=port, model=model, device=device, dtype=dtype, output_dir=args.output_dir or SERVE_OUTPUT_DIR,
               allow_pickle=args.allow_pickle)
     return 0
 
@@ -718,11 +727,28 @@ class _Formatter(argparse.RawDescriptionHelpFormatter):
         super().__init__(prog, max_help_position=32)
 
 
+def _default(key: str) -> str:
+    """The default of the option ``key`` as the help shows it (from `arguments.ARGUMENTS`)."""
+    value = option_default(key)
+    if isinstance(value, list):
+        return ",".join(_default_number(v) for v in value)
+    return _default_number(value)
+
+
+def _default_number(value) -> str:
+    return f"{value:g}" if isinstance(value, float) else str(value)
+
+
+def _one_of(choices) -> str:
+    """``a, b or c``."""
+    return f"{', '.join(choices[:-1])} or {choices[-1]}"
+
+
 def _add_common(parser, batch: bool = False):
     group = parser.add_argument_group("generation" if not batch else "generation (defaults for lines that do not set them)")
-    group.add_argument("--seed", help="seed of the initial noise (default 0); the same seed gives the same pixels")
-    group.add_argument("--steps", help="denoising steps (default 50)")
-    group.add_argument("--guidance", help="classifier-free guidance scale (default 7.5; <= 1 turns guidance off)")
+    group.add_argument("--seed", help=f"seed of the initial noise (default {_default('seed')}); the same seed gives the same pixels")
+    group.add_argument("--steps", help=f"denoising steps (default {_default('steps')})")
+    group.add_argument("--guidance", help=f"classifier-free guidance scale (default {_default('guidance')}; <= 1 turns guidance off)")
     group = parser.add_argument_group("model and output")
     group.add_argument("-o", "--output", metavar="DIR", help="output folder (default outputs/<YYYYmmdd-HHMMSS>-<slug>/)")
     _add_model_flags(group, quiet_help="no progress bar or messages; print only the output folder")
@@ -732,7 +758,7 @@ def _add_model_flags(group, quiet_help: str) -> None:
     """The flags that choose and load the model, and --quiet/--debug (every command that loads one)."""
     group.add_argument("--model", metavar="PATH_OR_ID", help="diffusers Stable Diffusion folder or hub id (default: the bundled shapes model)")
     group.add_argument("--device", metavar="DEVICE", help="cpu, cuda, cuda:N or mps (default: cuda if available, else mps, else cpu)")
-    group.add_argument("--dtype", metavar="DTYPE", help="float32 (default), float16 or bfloat16")
+    group.add_argument("--dtype", metavar="DTYPE", help=f"{_one_of(DTYPES)} (default {_default('dtype')})")
     group.add_argument("--allow-pickle", action="store_true", help="load a model whose weights are pickle files (.bin, .ckpt): unpickling can run code, so only for files you trust")
     group.add_argument("--quiet", action="store_true", help=quiet_help)
     group.add_argument("--debug", action="store_true", help="show tracebacks and library logs")
@@ -740,15 +766,15 @@ def _add_model_flags(group, quiet_help: str) -> None:
 
 def _add_edit_settings(parser, cross_steps_help: str):
     group = parser.add_argument_group("edit")
-    group.add_argument("--mode", help="auto (default: replace when the word counts match, else refine), replace, refine or none")
+    group.add_argument("--mode", help=f"{_one_of(MODES)} (default {_default('mode')}: replace when the word counts match, else refine)")
     group.add_argument("--cross-steps", metavar="F|START:END", help=cross_steps_help)
     group.add_argument("--cross-steps-word", metavar="WORD=F|WORD=START:END", nargs="+", action="extend",
                        help="a word's own cross-attention window, e.g. square=0:0.4 (repeatable)")
-    group.add_argument("--self-steps", metavar="F|START:END", help="self-attention injection window (default 0.4)")
+    group.add_argument("--self-steps", metavar="F|START:END", help=f"self-attention injection window (default {_default('self_steps')})")
     group.add_argument("--blend", nargs=2, metavar=("SOURCE_WORDS", "TARGET_WORDS"),
                        help="local blending: change only the region of these words (comma-separated), e.g. --blend circle square; "
                             "with several --to, a target word applies to the targets that contain it (--blend circle square,star)")
-    group.add_argument("--blend-threshold", metavar="F", help="local blending's mask threshold in [0, 1] (default 0.3)")
+    group.add_argument("--blend-threshold", metavar="F", help=f"local blending's mask threshold in [0, 1] (default {_default('blend_threshold')})")
     group.add_argument("--blend-res", metavar="SIDE",
                        help="side of the cross-attention maps local blending's mask comes from (default: the latent side // 4, "
                             "as the paper's 16 for SD at 512 px; the bundled model's maps are 16, 8 and 4)")
@@ -813,6 +839,73 @@ Needs the web extra: pip install "prompt2prompt[web]". Binds to 127.0.0.1 unless
 }
 
 
+def _add_generate(p) -> None:
+    p.add_argument("prompt", help="the prompt")
+    _add_common(p)
+
+
+def _add_edit(p) -> None:
+    p.add_argument("prompt", nargs="?", help="the source prompt (optional with --from)")
+    p.add_argument("--to", action="append", metavar="PROMPT", help="a target prompt (repeat for several targets)")
+    _add_edit_settings(p, f"cross-attention injection window: a fraction of the steps or START:END (default {_default('cross_steps')})")
+    group = p.add_argument_group("real image")
+    group.add_argument("--image", metavar="PHOTO", help="edit this photo instead of a generated image (needs inversion)")
+    group.add_argument("--invert", metavar="METHOD",
+                       help=f"how to invert --image: {', '.join(INVERT_METHODS)} (default {ARGUMENTS['method'].default})")
+    group = p.add_argument_group("rerun")
+    group.add_argument("--from", dest="from_image", metavar="IMAGE.png",
+                       help="take the prompts and settings stored in a PNG written by p2p as defaults; flags given override them")
+    _add_common(p)
+
+
+def _add_attention(p) -> None:
+    p.add_argument("prompt", help="the prompt")
+    p.add_argument("--top-k", metavar="K", help=f"self-attention components to show (default {_default('top_k')})")
+    p.add_argument("--res", metavar="SIDE", help="side of the attention maps to record (default: the latent side // 4)")
+    _add_common(p)
+
+
+def _add_sweep(p) -> None:
+    p.add_argument("prompt", help="the source prompt")
+    p.add_argument("--to", action="append", metavar="PROMPT", help="the target prompt")
+    _add_edit_settings(p, f"comma-separated windows to try (default {_default('sweep')}; each F or START:END)")
+    _add_common(p)
+
+
+def _add_batch(p) -> None:
+    p.add_argument("jsonl", help="a file with one JSON edit per line")
+    p.add_argument("--workers", metavar="N", help=f"processes running lines at once, each loading the model (default {BATCH_WORKERS})")
+    _add_common(p, batch=True)
+    for action in p._actions:
+        if action.dest == "output":
+            action.required = True
+            action.help = "output folder; each line writes DIR/line-<n>-<slug>/"
+
+
+def _add_serve(p) -> None:
+    p.add_argument("--host", help=f"address to bind (default {SERVE_HOST}: this machine only)")
+    p.add_argument("--port", help=f"port (default {SERVE_PORT})")
+    p.add_argument("--output-dir", metavar="DIR", help=f"where results are written (default {SERVE_OUTPUT_DIR})")
+    _add_model_flags(p, quiet_help="no messages")
+
+
+def _add_info(p) -> None:
+    p.add_argument("image", metavar="IMAGE.png", help="a PNG written by p2p")
+    p.add_argument("--json", action="store_true", help="print the stored JSON")
+
+
+#: The commands in the order ``p2p --help`` lists them: (name, help, adds its arguments).
+SUBCOMMANDS = (
+    ("generate", "generate an image from a prompt", _add_generate),
+    ("edit", "edit an image by editing its prompt", _add_edit),
+    ("attention", "show a prompt's cross-attention per word and its self-attention components", _add_attention),
+    ("sweep", "edit with a range of cross-attention injection windows, side by side", _add_sweep),
+    ("batch", "run many edits from a .jsonl file, resumably", _add_batch),
+    ("serve", "serve the web page (Gradio) for editing in a browser", _add_serve),
+    ("info", "print the parameters stored in a PNG written by p2p", _add_info),
+)
+
+
 def build_parser() -> ArgumentParser:
     parser = ArgumentParser(
         prog=PROG, allow_abbrev=False, formatter_class=_Formatter,
@@ -823,57 +916,9 @@ def build_parser() -> ArgumentParser:
     parser.add_argument("--version", action="version", version=f"%(prog)s (prompt2prompt) {__version__}")
     commands = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=ArgumentParser)
     commands.required = True
-
-    def command(name, help_text):
-        return commands.add_parser(name, help=help_text, description=help_text, epilog=EPILOGS[name],
-                                   formatter_class=_Formatter, allow_abbrev=False)
-
-    p = command("generate", "generate an image from a prompt")
-    p.add_argument("prompt", help="the prompt")
-    _add_common(p)
-
-    p = command("edit", "edit an image by editing its prompt")
-    p.add_argument("prompt", nargs="?", help="the source prompt (optional with --from)")
-    p.add_argument("--to", action="append", metavar="PROMPT", help="a target prompt (repeat for several targets)")
-    _add_edit_settings(p, "cross-attention injection window: a fraction of the steps or START:END (default 0.8)")
-    group = p.add_argument_group("real image")
-    group.add_argument("--image", metavar="PHOTO", help="edit this photo instead of a generated image (needs inversion)")
-    group.add_argument("--invert", metavar="METHOD", help=f"how to invert --image: {', '.join(INVERT_METHODS)} (default null-text)")
-    group = p.add_argument_group("rerun")
-    group.add_argument("--from", dest="from_image", metavar="IMAGE.png",
-                       help="take the prompts and settings stored in a PNG written by p2p as defaults; flags given override them")
-    _add_common(p)
-
-    p = command("attention", "show a prompt's cross-attention per word and its self-attention components")
-    p.add_argument("prompt", help="the prompt")
-    p.add_argument("--top-k", metavar="K", help="self-attention components to show (default 6)")
-    p.add_argument("--res", metavar="SIDE", help="side of the attention maps to record (default: the latent side // 4)")
-    _add_common(p)
-
-    p = command("sweep", "edit with a range of cross-attention injection windows, side by side")
-    p.add_argument("prompt", help="the source prompt")
-    p.add_argument("--to", action="append", metavar="PROMPT", help="the target prompt")
-    _add_edit_settings(p, "comma-separated windows to try (default 0,0.2,0.4,0.6,0.8,1.0; each F or START:END)")
-    _add_common(p)
-
-    p = command("batch", "run many edits from a .jsonl file, resumably")
-    p.add_argument("jsonl", help="a file with one JSON edit per line")
-    p.add_argument("--workers", metavar="N", help="processes running lines at once, each loading the model (default 1)")
-    _add_common(p, batch=True)
-    for action in p._actions:
-        if action.dest == "output":
-            action.required = True
-            action.help = "output folder; each line writes DIR/line-<n>-<slug>/"
-
-    p = command("serve", "serve the web page (Gradio) for editing in a browser")
-    p.add_argument("--host", help="address to bind (default 127.0.0.1: this machine only)")
-    p.add_argument("--port", help="port (default 7860)")
-    p.add_argument("--output-dir", metavar="DIR", help="where results are written (default outputs/web)")
-    _add_model_flags(p, quiet_help="no messages")
-
-    p = command("info", "print the parameters stored in a PNG written by p2p")
-    p.add_argument("image", metavar="IMAGE.png", help="a PNG written by p2p")
-    p.add_argument("--json", action="store_true", help="print the stored JSON")
+    for name, help_text, add_arguments in SUBCOMMANDS:
+        add_arguments(commands.add_parser(name, help=help_text, description=help_text, epilog=EPILOGS[name],
+                                          formatter_class=_Formatter, allow_abbrev=False))
     return parser
 
 

@@ -5,14 +5,13 @@ from __future__ import annotations
 import copy
 import dataclasses
 import enum
-import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from numbers import Real
 
 import torch
 
 from .alignment import PromptTokens, positions_in_each, refinement_mapper, replacement_mapper
+from .arguments import ARGUMENTS, ArgumentError, default, fraction, integer, number
 from .edit_ops import value_weights
 from .schedules import Window, cross_step_weights, parse_window, step_window
 
@@ -36,7 +35,7 @@ class EditMode(str, enum.Enum):
             The `EditMode`.
 
         Raises:
-            ValueError: ``value`` names no mode; the message lists the choices.
+            ArgumentError: (of ``edit``) ``value`` names no mode; the message lists the choices.
         """
         try:
             if not isinstance(value, (EditMode, str)):  # str(None) would read as "none"
@@ -44,21 +43,15 @@ class EditMode(str, enum.Enum):
             return cls(value.value if isinstance(value, EditMode) else value.lower())
         except ValueError:
             choices = ", ".join(repr(m.value) for m in cls)
-            raise ValueError(f"edit must be one of {choices}, got {value!r}") from None
+            raise ArgumentError("edit", f"edit must be one of {choices}, got {value!r}") from None
 
 
 def _words(value, name: str) -> tuple[str, ...]:
     if isinstance(value, str):
         value = (value,)
     if not isinstance(value, Sequence) or not value or not all(isinstance(w, str) and w.strip() for w in value):
-        raise ValueError(f"LocalBlend {name} must be a word or a list of words, got {value!r}")
+        raise ArgumentError("local_blend", f"LocalBlend {name} must be a word or a list of words, got {value!r}")
     return tuple(value)
-
-
-def _fraction(value, name: str) -> float:
-    if isinstance(value, bool) or not isinstance(value, Real) or not math.isfinite(value) or not 0 <= value <= 1:
-        raise ValueError(f"LocalBlend {name} must be a number in [0, 1], got {value!r}")
-    return float(value)
 
 
 @dataclass(frozen=True)
@@ -86,10 +79,10 @@ class LocalBlend:
 
     source_words: Sequence[str] | str
     target_words: Sequence[str] | str
-    threshold: float | tuple[float, float] = 0.3
-    start: float = 0.2
+    threshold: float | tuple[float, float] = default("local_blend.threshold")
+    start: float = default("local_blend.start")
     subtract_words: Sequence[str] | str | None = None
-    resolution: int | None = None
+    resolution: int | None = default("local_blend.resolution")
 
     def __post_init__(self):
         object.__setattr__(self, "source_words", _words(self.source_words, "source_words"))
@@ -99,12 +92,12 @@ class LocalBlend:
         th = self.threshold
         pair = tuple(th) if isinstance(th, Sequence) and not isinstance(th, str) else (th, th)
         if len(pair) != 2:
-            raise ValueError(f"LocalBlend threshold must be a number or a (mask, subtract) pair, got {th!r}")
-        object.__setattr__(self, "threshold", tuple(_fraction(t, "threshold") for t in pair))
-        object.__setattr__(self, "start", _fraction(self.start, "start"))
-        res = self.resolution
-        if res is not None and (isinstance(res, bool) or not isinstance(res, int) or res <= 0):
-            raise ValueError(f"LocalBlend resolution must be a positive integer side or None, got {res!r}")
+            raise ArgumentError("local_blend.threshold", f"LocalBlend threshold must be a number or a (mask, subtract) pair, got {th!r}")
+        object.__setattr__(self, "threshold", tuple(fraction(t, "local_blend.threshold", "LocalBlend threshold", text=False) for t in pair))
+        object.__setattr__(self, "start", fraction(self.start, "local_blend.start", "LocalBlend start", text=False))
+        if self.resolution is not None:
+            side = ARGUMENTS["local_blend.resolution"]
+            integer(self.resolution, side.name, "LocalBlend resolution", f"{side.what} or None", side.minimum, text=False)
 
 
 @dataclass
@@ -306,17 +299,16 @@ def resolve_mode(mode: EditMode | str, source: PromptTokens, targets: Sequence[P
 def _equalizer(targets: Sequence[PromptTokens], equalizer: Mapping) -> torch.Tensor:
     """Re-weighting factors per target token (paper Sec. 3.2: ``c * M_{i,j*}``); 1 elsewhere."""
     if not isinstance(equalizer, Mapping) or not equalizer:
-        raise ValueError(f"equalizer must be a non-empty dict of word -> factor, got {equalizer!r}")
+        raise ArgumentError("equalizer", f"equalizer must be a non-empty dict of word -> factor, got {equalizer!r}")
     factors = torch.ones(len(targets), targets[0].max_length)  # (targets, tokens)
     for word, value in equalizer.items():
         values = value if isinstance(value, Sequence) and not isinstance(value, str) else [value] * len(targets)
         if len(values) != len(targets):
-            raise ValueError(f"equalizer[{word!r}] gives {len(values)} factors for {len(targets)} target prompts")
-        for v in values:
-            if isinstance(v, bool) or not isinstance(v, Real) or not math.isfinite(v):
-                raise ValueError(f"equalizer[{word!r}] must be a finite number (0, negative and > 1 are fine), got {v!r}")
+            raise ArgumentError("equalizer", f"equalizer[{word!r}] gives {len(values)} factors for {len(targets)} target prompts")
+        values = [number(v, "equalizer", f"equalizer[{word!r}]", "a finite number (0, negative and > 1 are fine)", text=False)
+                  for v in values]
         for k, positions in enumerate(positions_in_each(list(targets), word, "equalizer")):
-            factors[k, positions] = float(values[k])
+            factors[k, positions] = values[k]
     return factors
 
 
@@ -327,19 +319,19 @@ def _blend_plan(blend: LocalBlend, source: PromptTokens, targets: Sequence[Promp
         for w in blend.source_words:
             words[0, source.positions(w)] = 1.0
     except ValueError as err:
-        raise ValueError(f"LocalBlend source_words: {err}") from None
+        raise ArgumentError("local_blend", f"LocalBlend source_words: {err}") from None
     for w in blend.target_words:  # each word marks every target that has it ("dog" in one, "horse" in another)
-        for k, positions in enumerate(positions_in_each(list(targets), w, "LocalBlend target_words"), start=1):
+        for k, positions in enumerate(positions_in_each(list(targets), w, "LocalBlend target_words", "local_blend"), start=1):
             words[k, positions] = 1.0
     for k, target in enumerate(targets, start=1):
         if not bool(words[k].any()):  # an empty mask would silently copy the source
-            raise ValueError(f"LocalBlend target_words {tuple(blend.target_words)} has no word of the target prompt "
-                             f"{target.prompt!r}; name at least one word of each target")
+            raise ArgumentError("local_blend", f"LocalBlend target_words {tuple(blend.target_words)} has no word of the target prompt "
+                                               f"{target.prompt!r}; name at least one word of each target")
     subtract = None
     if blend.subtract_words:
         subtract = torch.zeros_like(words)
         for w in blend.subtract_words:
-            for k, positions in enumerate(positions_in_each(prompts, w, "LocalBlend subtract_words")):
+            for k, positions in enumerate(positions_in_each(prompts, w, "LocalBlend subtract_words", "local_blend")):
                 subtract[k, positions] = 1.0
     return BlendPlan(words, subtract, blend.threshold[0], blend.threshold[1], int(blend.start * num_steps), resolution)
 
@@ -349,8 +341,8 @@ def build_edit_plan(
     targets: Sequence[PromptTokens],
     mode: EditMode | str,
     num_steps: int,
-    cross_replace_steps: Window | Mapping[str, Window] = 0.8,
-    self_replace_steps: Window = 0.4,
+    cross_replace_steps: Window | Mapping[str, Window] = default("cross_replace_steps"),
+    self_replace_steps: Window = default("self_replace_steps"),
     self_max_res: int = 0,
     equalizer: Mapping | None = None,
     local_blend: LocalBlend | None = None,
@@ -373,10 +365,11 @@ def build_edit_plan(
             required with ``local_blend``.
 
     Raises:
-        ValueError: on any bad setting, before any work is done.
+        ArgumentError: on any bad setting, before any work is done; its ``.argument`` names the setting.
+        ValueError: ``local_blend`` without ``blend_resolution`` (a caller's mistake, not a setting's).
     """
     if not targets:
-        raise ValueError("edit_prompts is empty; give at least one target prompt")
+        raise ArgumentError("edit_prompts", "edit_prompts is empty; give at least one target prompt")
     mode = resolve_mode(mode, source, targets)
     length = source.max_length
     n = len(targets)

@@ -3,16 +3,17 @@
 The command line (`prompt2prompt.cli`) and the web page (`prompt2prompt.web`) share this module,
 so that both are thin layers over the library. Every option has one normaliser that accepts the
 command-line string, the JSON of a batch line and its own canonical output (so stored options
-parse again), and raises `OptionError` (a ``ValueError``) naming the option as the user spelled
-it. `image_metadata` and `parameters_text` are what every saved PNG carries; `options_to_argv`
-and `rerun_command` turn stored options back into the command that makes the image again.
+parse again), and raises `OptionError` naming the option as the user spelled it and carrying the
+library name of the argument it sets. The options' defaults, flags, kinds and ranges are the rows
+of `prompt2prompt.arguments.ARGUMENTS`. `image_metadata` and `parameters_text` are what every
+saved PNG carries; `options_to_argv` and `rerun_command` turn stored options back into the command
+that makes the image again.
 """
 
 from __future__ import annotations
 
 import copy
 import json
-import math
 import re
 import shlex
 import unicodedata
@@ -21,61 +22,18 @@ from pathlib import Path
 
 from . import __version__
 from .alignment import PromptTokens, normalize_word, positions_in_each, split_words
+from .arguments import MAX_INT64, OPTIONS, ArgumentError, choice, fraction, integer, number, option_default, window
 from .edits import LocalBlend, build_edit_plan
 from .imageio import file_sha256, read_png_metadata
 
 PROG = "p2p"
 RESULT = "result.json"
-MODES = ("auto", "replace", "refine", "none")
-INVERT_METHODS = ("null-text", "direct", "negative-prompt", "ddim")
-DTYPES = ("float32", "float16", "bfloat16")
-SWEEP_DEFAULT = [0.0, 0.2, 0.4, 0.6, 0.8, 1.0]
 
-#: Option defaults (the canonical, JSON-ready form of every option).
-DEFAULTS: dict = {
-    "mode": "auto",
-    "cross_steps": 0.8,
-    "cross_steps_word": {},
-    "self_steps": 0.4,
-    "blend": None,
-    "blend_threshold": 0.3,
-    "blend_res": None,
-    "reweight": {},
-    "seed": 0,
-    "steps": 50,
-    "guidance": 7.5,
-    "image": None,
-    "invert": None,
-    "model": None,
-    "dtype": "float32",
-    "top_k": 6,
-    "res": None,
-    "sweep": SWEEP_DEFAULT,
-}
+#: Option defaults (the canonical, JSON-ready form of every option), from `arguments.ARGUMENTS`.
+DEFAULTS: dict = {key: option_default(key) for key in OPTIONS}
 
 #: The command-line spelling of each option.
-FLAGS = {
-    "prompt": "PROMPT",
-    "to": "--to",
-    "mode": "--mode",
-    "cross_steps": "--cross-steps",
-    "cross_steps_word": "--cross-steps-word",
-    "self_steps": "--self-steps",
-    "blend": "--blend",
-    "blend_threshold": "--blend-threshold",
-    "blend_res": "--blend-res",
-    "reweight": "--reweight",
-    "seed": "--seed",
-    "steps": "--steps",
-    "guidance": "--guidance",
-    "image": "--image",
-    "invert": "--invert",
-    "model": "--model",
-    "dtype": "--dtype",
-    "top_k": "--top-k",
-    "res": "--res",
-    "sweep": "--cross-steps",
-}
+FLAGS: dict[str, str] = {key: row.flag for key, row in OPTIONS.items() if row.flag is not None}
 
 #: Options that set how ``blend`` acts, and so need it.
 BLEND_SETTINGS = ("blend_threshold", "blend_res")
@@ -89,11 +47,20 @@ SWEEP_KEYS = ("prompt", "to", "sweep", *[k for k in EDIT_SETTING_KEYS if k != "c
 BATCH_LINE_KEYS = tuple(k for k in EDIT_KEYS if k not in ("model", "dtype"))
 
 
-class OptionError(ValueError):
+class OptionError(ArgumentError):
     """A bad option value: the message names the option as the user spelled it and the fix.
 
-    The command line exits with status 2 on it (one line); the web page shows it beside its field.
+    The command line exits with status 2 on it (one line); the web page shows it beside the field
+    of its ``.argument``.
+
+    Args:
+        message: what is wrong and how to fix it.
+        argument: the library name of the argument the option sets (a key of
+            `arguments.ARGUMENTS`); None for a usage error about no argument (a file, the device).
     """
+
+    def __init__(self, message: str, argument: str | None = None):
+        super().__init__(argument, message)
 
 
 def one_line(message) -> str:
@@ -102,9 +69,9 @@ def one_line(message) -> str:
 
 # ============================================================================ option parsing
 #
-# Every option has one normaliser that accepts the command-line string, the JSON of a batch line
-# and its own canonical output (so stored options parse again), and raises OptionError naming the
-# option as the user spelled it (``name``).
+# Every option has one normaliser (value, name) -> canonical value; ``name`` is the option as the
+# user spells it. The checks below raise with no argument: `_option` gives their error the
+# argument of the option it normalises.
 
 Names = Callable[[str], str]
 
@@ -113,67 +80,19 @@ def cli_names(key: str) -> str:
     return FLAGS.get(key, key)
 
 
-def _number(text, name: str, what: str) -> float:
-    if isinstance(text, bool):
-        raise OptionError(f"{name} must be {what}, got {text!r}")
-    if isinstance(text, (int, float)):
-        value = float(text)
-    else:
-        try:
-            value = float(str(text).strip())
-        except ValueError:
-            raise OptionError(f"{name} must be {what}, got {text!r}") from None
-    if not math.isfinite(value):
-        raise OptionError(f"{name} must be {what}, got {text!r}")
-    return value
-
-
 def _window(value, name: str):
     """A fraction ``f`` (canonical: the float) or ``START:END`` (canonical: ``[start, end]``)."""
-    what = "a fraction of the steps like 0.8, or START:END like 0.2:0.8"
-    if isinstance(value, str) and ":" in value:
-        parts = value.split(":")
-        if len(parts) != 2:
-            raise OptionError(f"{name} must be {what}, got {value!r}")
-        pair = [_number(p, name, what) for p in parts]
-    elif isinstance(value, (list, tuple)):
-        if len(value) != 2:
-            raise OptionError(f"{name} must be {what}, got {value!r}")
-        pair = [_number(p, name, what) for p in value]
-    else:
-        pair = [0.0, _number(value, name, what)]
-    for v in pair:
-        if not 0.0 <= v <= 1.0:
-            raise OptionError(f"{name} {_fmt_value(value)} is outside [0, 1]; give fractions of the steps between 0 and 1, e.g. 0.8 or 0.2:0.8")
-    if pair[0] > pair[1]:
-        raise OptionError(f"{name} {_fmt_value(value)} has its start after its end; give START:END with START <= END, e.g. {pair[1]:g}:{pair[0]:g}")
+    start, end = window(value, None, name)
     single = not isinstance(value, (list, tuple)) and not (isinstance(value, str) and ":" in value)
-    return pair[1] if single else pair
-
-
-def _fmt_value(value) -> str:
-    if isinstance(value, (list, tuple)):
-        return ":".join(_fmt_value(v) for v in value)
-    return value if isinstance(value, str) else repr(value)
-
-
-def _fraction(value, name: str) -> float:
-    v = _number(value, name, "a number in [0, 1]")
-    if not 0.0 <= v <= 1.0:
-        raise OptionError(f"{name} must be a number in [0, 1], got {_fmt_value(value)}")
-    return v
+    return end if single else [start, end]
 
 
 def integer_option(value, name: str, minimum: int, what: str) -> int:
-    if isinstance(value, bool) or isinstance(value, float) and not value.is_integer():
-        raise OptionError(f"{name} must be {what}, got {value!r}")
+    """A whole number from ``minimum`` (`arguments.integer`), for options that set no argument (``--workers``)."""
     try:
-        number = int(value) if isinstance(value, (int, float)) else int(str(value).strip())
-    except ValueError:
-        raise OptionError(f"{name} must be {what}, got {value!r}") from None
-    if number < minimum or number >= 2**63:
-        raise OptionError(f"{name} must be {what}, got {value!r}")
-    return number
+        return integer(value, None, name, what, minimum)
+    except ArgumentError as err:
+        raise OptionError(str(err)) from None
 
 
 def _text(value, name: str) -> str:
@@ -190,11 +109,13 @@ def _prompts(value, name: str) -> list[str]:
 
 
 def choice_of(choices: tuple[str, ...]):
+    """The normaliser of an option that names one of ``choices`` (any case)."""
+
     def parse(value, name: str) -> str:
-        text = str(value).strip().lower() if isinstance(value, str) else value
-        if text not in choices:
-            raise OptionError(f"{name} must be one of {', '.join(choices)}, got {value!r}")
-        return text
+        try:
+            return choice(value, None, name, choices)
+        except ArgumentError as err:
+            raise OptionError(str(err)) from None
 
     return parse
 
@@ -222,7 +143,8 @@ def _pairs(value, name: str, example: str) -> list[tuple[str, object]]:
 
 
 def _reweight(value, name: str) -> dict[str, float]:
-    return {w: _number(raw, f"{name} {w}", "a number (the attention factor; 0, negative and > 1 allowed), e.g. car=2") for w, raw in _pairs(value, name, "car=2")}
+    what = "a number (the attention factor; 0, negative and > 1 allowed), e.g. car=2"
+    return {w: number(raw, None, f"{name} {w}", what) for w, raw in _pairs(value, name, "car=2")}
 
 
 def _word_windows(value, name: str) -> dict:
@@ -274,33 +196,60 @@ def model_option(value, name: str) -> str | None:
     if value is None:
         return None
     if not isinstance(value, str) or not value.strip():
-        raise OptionError(f"{name} must be a model folder or hub id, got {value!r}")
+        raise OptionError(f"{name} must be a model folder or hub id, got {value!r}", "model")
     path = Path(value).expanduser()
     return str(path.resolve()) if path.exists() else value
 
 
-NORMALISERS: dict[str, Callable] = {
+def _by_kind(key: str) -> Callable:
+    """The normaliser of an option whose row in `arguments.ARGUMENTS` gives its kind and range."""
+    row = OPTIONS[key]
+    if row.kind == "integer":
+        maximum = MAX_INT64 if row.maximum is None else int(row.maximum)
+        return lambda v, n: integer(v, None, n, row.what, int(row.minimum), maximum)
+    if row.kind == "number":
+        return lambda v, n: number(v, None, n, row.what)
+    if row.kind == "fraction":
+        return lambda v, n: fraction(v, None, n)
+    if row.kind == "window":
+        return _window
+    if row.kind == "choice":
+        return lambda v, n: choice(v, None, n, row.choices)
+    raise ValueError(f"option {key!r} has no kind in arguments.ARGUMENTS; give it a normaliser")
+
+
+def _option(key: str, parse: Callable) -> Callable:
+    """``parse`` raising `OptionError`s that carry the argument the option ``key`` sets."""
+    argument = OPTIONS[key].name
+
+    def normalise(value, name: str):
+        try:
+            return parse(value, name)
+        except ArgumentError as err:
+            raise OptionError(str(err), argument) from None
+
+    return normalise
+
+
+_OWN_NORMALISERS: dict[str, Callable] = {
     "prompt": _text,
     "to": _prompts,
-    "mode": choice_of(MODES),
-    "cross_steps": _window,
     "cross_steps_word": _word_windows,
-    "self_steps": _window,
     "blend": _blend,
-    "blend_threshold": _fraction,
-    "blend_res": lambda v, n: integer_option(v, n, 1, "a positive integer side of the cross-attention maps"),
     "reweight": _reweight,
-    "seed": lambda v, n: integer_option(v, n, 0, "a non-negative integer"),
-    "steps": lambda v, n: integer_option(v, n, 1, "a positive integer"),
-    "guidance": lambda v, n: _number(v, n, "a finite number"),
     "image": _image_path,
-    "invert": choice_of(INVERT_METHODS),
     "model": model_option,
-    "dtype": choice_of(DTYPES),
-    "top_k": lambda v, n: integer_option(v, n, 1, "a positive integer"),
-    "res": lambda v, n: integer_option(v, n, 1, "a positive integer side of the attention maps"),
     "sweep": _sweep,
 }
+#: Each option's normaliser: (value, name as the user spells the option) -> canonical value.
+NORMALISERS: dict[str, Callable] = {key: _option(key, _OWN_NORMALISERS.get(key) or _by_kind(key)) for key in OPTIONS}
+
+
+def _missing(key: str, names: Names) -> OptionError:
+    argument = OPTIONS[key].name
+    if key == "prompt":
+        return OptionError(f"the prompt is missing; give it as the first argument, e.g. {PROG} generate \"a red circle on a blue background\"", argument)
+    return OptionError(f"{names(key)} is required; e.g. {names(key)} \"a red square on a blue background\"", argument)
 
 
 def normalise_options(raw: Mapping, keys: tuple[str, ...], names: Names = cli_names, required: tuple[str, ...] = ("prompt",)) -> dict:
@@ -312,9 +261,7 @@ def normalise_options(raw: Mapping, keys: tuple[str, ...], names: Names = cli_na
     given = {k: v for k, v in raw.items() if v is not None}
     for key in required:
         if key not in given:
-            if key == "prompt":
-                raise OptionError(f"the prompt is missing; give it as the first argument, e.g. {PROG} generate \"a red circle on a blue background\"")
-            raise OptionError(f"{names(key)} is required; e.g. {names(key)} \"a red square on a blue background\"")
+            raise _missing(key, names)
     options = {}
     for key in keys:
         if key in given:
@@ -323,28 +270,30 @@ def normalise_options(raw: Mapping, keys: tuple[str, ...], names: Names = cli_na
             options[key] = copy.deepcopy(DEFAULTS.get(key))
     for key in BLEND_SETTINGS:
         if key in keys and key in given and options.get("blend") is None:
-            raise OptionError(f"{names(key)} needs {names('blend')}; add e.g. {names('blend')} circle square, or drop {names(key)}")
+            raise OptionError(f"{names(key)} needs {names('blend')}; add e.g. {names('blend')} circle square, or drop {names(key)}",
+                              OPTIONS[key].name)
     if "invert" in keys:
         if options["invert"] is not None and options["image"] is None:
-            raise OptionError(f"{names('invert')} needs {names('image')} PHOTO: the photo to invert and edit")
+            raise OptionError(f"{names('invert')} needs {names('image')} PHOTO: the photo to invert and edit", "image")
         if options["image"] is not None and options["invert"] is None:
-            options["invert"] = "null-text"
+            options["invert"] = OPTIONS["invert"].default
     if "to" in options and isinstance(options["to"], list) and "sweep" in keys and len(options["to"]) != 1:
-        raise OptionError(f"sweep takes exactly one {names('to')} target prompt, got {len(options['to'])}")
+        raise OptionError(f"sweep takes exactly one {names('to')} target prompt, got {len(options['to'])}", "edit_prompts")
     return options
 
 
 def _word_level_tokens(prompts: list[str]) -> list[PromptTokens]:
     """Word-level stand-ins for tokenized prompts (one token per word), so that the library's own
     checks of words, windows and modes run before any model loads."""
+    start, end = 0, 1  # the stand-in start and end tokens, as CLIP's frame each prompt; words take ids from 2
     ids: dict[str, int] = {}
     split = [split_words(p) for p in prompts]
-    length = max(len(w) for w in split) + 2
+    length = max(len(w) for w in split) + 2  # the longest prompt with its start and end tokens
     out = []
     for prompt, words in zip(prompts, split):
         word_ids = [ids.setdefault(normalize_word(w), len(ids) + 2) for w in words]
-        positions = tuple((k + 1,) for k in range(len(words)))
-        out.append(PromptTokens(prompt, tuple(words), positions, (0, *word_ids, 1), length))
+        positions = tuple((k + 1,) for k in range(len(words)))  # after the start token
+        out.append(PromptTokens(prompt, tuple(words), positions, (start, *word_ids, end), length))
     return out
 
 
@@ -352,7 +301,8 @@ def check_edit_words(options: Mapping, names: Names = cli_names) -> None:
     """Check every word and the mode against the prompts, before any model work.
 
     Raises:
-        OptionError: naming the option, with the library's message (its words, the fix).
+        OptionError: naming the option, with the library's message (its words, the fix), and
+            carrying the argument the option sets.
     """
     source, *targets = _word_level_tokens([options["prompt"], *options["to"]])
     if options["mode"] == "replace":
@@ -361,34 +311,40 @@ def check_edit_words(options: Mapping, names: Names = cli_names) -> None:
                 raise OptionError(
                     f"{names('mode')} replace needs the same number of words in the source and each target, but "
                     f"{source.prompt!r} has {len(source.words)} and {target.prompt!r} has {len(target.words)}; "
-                    f"use {names('mode')} refine (or auto) to add or remove words"
+                    f"use {names('mode')} refine (or auto) to add or remove words",
+                    OPTIONS["mode"].name,
                 )
     for key in ("cross_steps_word", "reweight"):
         for word in options.get(key) or {}:
             try:
                 positions_in_each(targets, word, names(key))
             except ValueError as err:
-                raise OptionError(str(err)) from None
+                raise OptionError(str(err), OPTIONS[key].name) from None
     if options.get("blend"):
-        source_words, target_words = options["blend"]
-        for word in source_words:
-            try:
-                source.positions(word)
-            except ValueError as err:
-                raise OptionError(f"{names('blend')} SOURCE_WORDS: {err}") from None
-        for word in target_words:  # each word in the targets that have it; the library checks every target gets one
-            try:
-                positions_in_each(targets, word, f"{names('blend')} TARGET_WORDS")
-            except ValueError as err:
-                raise OptionError(str(err)) from None
+        _check_blend_words(options["blend"], source, targets, names)
     try:  # everything else the library checks (same code as the real run, on word-level tokens)
         kwargs = edit_kwargs(options)
-        build_edit_plan(
+        build_edit_plan(  # no map sides here (no model): 0 stands in for them, the settings are what is checked
             source, targets, kwargs["edit"], options["steps"], kwargs["cross_replace_steps"], kwargs["self_replace_steps"],
-            0, kwargs["equalizer"], kwargs["local_blend"], 0,
+            self_max_res=0, equalizer=kwargs["equalizer"], local_blend=kwargs["local_blend"], blend_resolution=0,
         )
     except ValueError as err:
-        raise OptionError(f"invalid edit settings: {err}") from None
+        raise OptionError(f"invalid edit settings: {err}", getattr(err, "argument", None)) from None
+
+
+def _check_blend_words(blend: list[list[str]], source: PromptTokens, targets: list[PromptTokens], names: Names) -> None:
+    argument = OPTIONS["blend"].name
+    source_words, target_words = blend
+    for word in source_words:
+        try:
+            source.positions(word)
+        except ValueError as err:
+            raise OptionError(f"{names('blend')} SOURCE_WORDS: {err}", argument) from None
+    for word in target_words:  # each word in the targets that have it; the library checks every target gets one
+        try:
+            positions_in_each(targets, word, f"{names('blend')} TARGET_WORDS")
+        except ValueError as err:
+            raise OptionError(str(err), argument) from None
 
 
 def _window_arg(window):

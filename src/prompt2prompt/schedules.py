@@ -7,45 +7,31 @@ paper's code does; a single number ``f`` means ``(0, f)``.
 
 from __future__ import annotations
 
-import math
 from collections.abc import Mapping, Sequence
-from numbers import Real
 
 import torch
 
 from .alignment import PromptTokens, positions_in_each
+from .arguments import window
 
 Window = float | tuple[float, float]
 
 
-def parse_window(bounds, name: str) -> tuple[float, float]:
+def parse_window(bounds, name: str, argument: str | None = None) -> tuple[float, float]:
     """Validate a fraction or a ``(start, end)`` pair of fractions of the denoising steps.
 
     Args:
         bounds: a number ``f`` (meaning ``(0, f)``) or a ``(start, end)`` pair of numbers in [0, 1].
         name: the setting's name, for the error messages.
+        argument: the library name of the setting, which the error carries (default: ``name``).
 
     Returns:
         ``(start, end)`` as floats.
 
     Raises:
-        ValueError: not numbers, outside [0, 1], or start > end.
+        ArgumentError: not numbers, outside [0, 1], or start > end (`arguments.window`).
     """
-    if isinstance(bounds, Real) and not isinstance(bounds, bool):
-        pair = (0.0, float(bounds))
-    elif isinstance(bounds, Sequence) and not isinstance(bounds, str) and len(bounds) == 2:
-        pair = tuple(bounds)
-    else:
-        raise ValueError(f"{name} must be a fraction of the steps or a (start, end) pair, got {bounds!r}")
-    for v in pair:
-        if isinstance(v, bool) or not isinstance(v, Real) or not math.isfinite(v):
-            raise ValueError(f"{name} must hold finite numbers in [0, 1], got {bounds!r}")
-        if not 0.0 <= v <= 1.0:
-            raise ValueError(f"{name} must lie in [0, 1] (fractions of the steps), got {bounds!r}")
-    start, end = float(pair[0]), float(pair[1])
-    if start > end:
-        raise ValueError(f"{name} has start {start} after end {end}; give (start, end) with start <= end")
-    return start, end
+    return window(bounds, argument or name, name, text=False)
 
 
 def step_window(bounds: tuple[float, float], num_steps: int) -> tuple[int, int]:
@@ -82,19 +68,20 @@ def cross_step_weights(
         ``(num_steps, num_targets, max_length)`` float tensor.
 
     Raises:
-        ValueError: a bad window, or a word that is in none of the target prompts.
+        ArgumentError: (of ``cross_replace_steps``) a bad window, or a word that is in none of the
+            target prompts.
     """
     length = targets[0].max_length
     if isinstance(cross_replace_steps, Mapping):
         windows = dict(cross_replace_steps)
-        default = windows.pop("default_", (0.0, 1.0))
+        default, name = windows.pop("default_", (0.0, 1.0)), "cross_replace_steps['default_']"
     else:
-        windows, default = {}, cross_replace_steps
+        windows, default, name = {}, cross_replace_steps, "cross_replace_steps"
     weights = torch.zeros(num_steps, len(targets), length)  # (steps, targets, tokens)
-    start, end = step_window(parse_window(default, "cross_replace_steps['default_']"), num_steps)
+    start, end = step_window(parse_window(default, name, "cross_replace_steps"), num_steps)
     weights[start:end] = 1.0
     for word, bounds in windows.items():
-        start, end = step_window(parse_window(bounds, f"cross_replace_steps[{word!r}]"), num_steps)
+        start, end = step_window(parse_window(bounds, f"cross_replace_steps[{word!r}]", "cross_replace_steps"), num_steps)
         for k, positions in enumerate(positions_in_each(list(targets), word, "cross_replace_steps")):
             weights[:, k, positions] = 0.0
             weights[start:end, k, positions] = 1.0

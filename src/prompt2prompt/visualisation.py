@@ -23,6 +23,7 @@ import PIL.ImageDraw
 import PIL.ImageFont
 
 from .alignment import PromptTokens, normalize_word, refinement_mapper, replacement_mapper, split_words
+from .arguments import ArgumentError, default
 from .edits import EditMode, resolve_mode
 
 #: Colour of marked (changed) words in `labelled_grid` captions.
@@ -139,7 +140,7 @@ class SelfAttentionComponents:
     singular_values: np.ndarray
 
 
-def self_attention_components(self_map, side: int, k: int = 6) -> SelfAttentionComponents:
+def self_attention_components(self_map, side: int, k: int = default("top_k")) -> SelfAttentionComponents:
     """Top-``k`` SVD components of a ``(pixels, pixels)`` self-attention map (the paper's Fig. 4 view).
 
     As the paper's code: subtract each row's mean, take the SVD ``U S Vh``, and show each of the
@@ -152,7 +153,8 @@ def self_attention_components(self_map, side: int, k: int = 6) -> SelfAttentionC
         k: number of components (at most ``pixels``; fewer are returned when the map is smaller).
 
     Raises:
-        ValueError: the map is not square, or not ``side * side`` pixels, or ``k < 1``.
+        ValueError: the map is not square, or not ``side * side`` pixels; `ArgumentError` (of
+            ``top_k``, the command line's ``--top-k``) for ``k < 1``.
     """
     matrix = np.nan_to_num(_as_numpy(self_map).astype(np.float64))
     if isinstance(side, bool) or not isinstance(side, int) or side < 1:
@@ -160,7 +162,7 @@ def self_attention_components(self_map, side: int, k: int = 6) -> SelfAttentionC
     if matrix.ndim != 2 or matrix.shape[0] != matrix.shape[1] or matrix.shape[0] != side * side:
         raise ValueError(f"self_map must have shape ({side * side}, {side * side}) for side {side}, got {matrix.shape}")
     if isinstance(k, bool) or not isinstance(k, int) or k < 1:
-        raise ValueError(f"k must be a positive integer, got {k!r}")
+        raise ArgumentError("top_k", f"k must be a positive integer, got {k!r}")
     k = min(k, matrix.shape[0])
     centred = matrix - matrix.mean(axis=1, keepdims=True)
     _, values, vh = np.linalg.svd(centred, full_matrices=False)

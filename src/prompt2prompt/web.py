@@ -10,72 +10,58 @@ Needs the optional extra: ``pip install "prompt2prompt[web]"``.
 
 from __future__ import annotations
 
-import math
 import os
-import re
 import time
 from collections import OrderedDict
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from .arguments import ARGUMENTS, MAX_INT64, OPTIONS, ArgumentError, argument_of, default, integer, number, option_default
+
 #: Largest upload accepted.
 MAX_UPLOAD_MB = 20
-#: Error slots on the page, one beside each group of fields.
+#: Error slots on the page, one beside each group of fields (`arguments.Argument.field`).
 FIELDS = ("prompt", "edit_prompts", "mode", "cross", "self", "blend", "reweight", "sampling", "image", "general")
-_FIELD_PATTERNS = (  # (how a library message starts: the argument it names, field), first match wins
-    (r"equalizer\b", "reweight"),
-    (r"(LocalBlend|local_blend)\b", "blend"),
-    (r"cross_replace_steps\b", "cross"),
-    (r"self_replace_(steps|max_res)\b", "self"),
-    (r"edit_prompts\b", "edit_prompts"),
-    (r"(edit\b|word swap\b)", "mode"),
-    (r"(num_inference_steps|guidance_scale|seed|generator|eta)\b", "sampling"),
-    (r"(image\b|an image\b|a non-uint8 image\b|the image was inverted\b|inversion\b|the inversion's\b)", "image"),
-    (r"prompt\b", "prompt"),
-)
-#: The page's name of each command-line option (it leads `options.normalise_options`' messages) and its field.
-_OPTION_LABELS = {
-    "prompt": ("Source prompt", "prompt"), "to": ("Target prompt", "edit_prompts"), "mode": ("Edit mode", "mode"),
-    "cross_steps": ("Cross-attention replace steps", "cross"), "self_steps": ("Self-attention replace steps", "self"),
-    "blend": ("Local blend words", "blend"), "blend_threshold": ("Local blend threshold", "blend"),
-    "blend_res": ("Local blend map side", "blend"),
-    "reweight": ("Re-weighting", "reweight"), "seed": ("Seed", "sampling"), "steps": ("Steps", "sampling"),
-    "guidance": ("Guidance", "sampling"), "image": ("Photo", "image"), "invert": ("Inversion", "image"),
-}
-#: Seeds are 64-bit signed integers (``torch.Generator.manual_seed``, the command line's ``--seed``).
-MAX_SEED = 2**63 - 1
+#: The page's local blend map side that means "the library's default side".
+DEFAULT_SIDE = 0
+#: Inversions kept in memory (a null-text one holds an embedding per step), so that editing the
+#: same photo again with other settings skips the slow inversion.
+KEPT_INVERSIONS = 4
+#: Past edits the history gallery shows.
+HISTORY_LENGTH = 24
+#: Visitors waiting in Gradio's queue before the page turns more away.
+QUEUE_SIZE = 32
 
 
-def field_of(message: str) -> str:
-    """The page field a library validation message is about, read from the argument name the message
-    starts with (never from the rest, which quotes the user's prompts); ``general`` when none matches."""
-    for pattern, name in _FIELD_PATTERNS:
-        if re.match(pattern, message):
-            return name
-    return "general"
+def field_of(error: BaseException) -> str:
+    """The page field an error belongs beside: the `arguments.ARGUMENTS` field of its ``.argument``
+    (never read from its message, which quotes the user's prompts); ``general`` for an error with no
+    argument or an argument the page does not set."""
+    row = argument_of(error)
+    return row.field if row is not None and row.field is not None else "general"
 
 
 def _option_label(key: str) -> str:
+    """The page's name of an option (`arguments.Argument.label`), which leads `options.OptionError`'s messages."""
     from .options import cli_names
 
-    return _OPTION_LABELS[key][0] if key in _OPTION_LABELS else cli_names(key)
+    row = OPTIONS.get(key)
+    return row.label if row is not None and row.label is not None else cli_names(key)
 
 
-def _option_field(message: str) -> str:
-    """The field of a `options.OptionError` raised with `_option_label` names: the longest label it starts with."""
-    for label, name in sorted(_OPTION_LABELS.values(), key=lambda pair: -len(pair[0])):
-        if message.startswith(label):
-            return name
-    return "general"
+class FieldError(ArgumentError):
+    """A bad value of the page: an `ArgumentError` whose argument gives the field it is shown beside.
 
+    Args:
+        argument: the library name of the argument the value sets (a key of `arguments.ARGUMENTS`).
+        message: what is wrong and how to fix it.
+    """
 
-class FieldError(ValueError):
-    """A ValueError that knows which field of the page it belongs to."""
-
-    def __init__(self, field_name: str, message: str):
-        super().__init__(message)
-        self.field = field_name
+    @property
+    def field(self) -> str:
+        """The error slot it is shown in (one of `FIELDS`)."""
+        return field_of(self)
 
 
 @dataclass
@@ -84,19 +70,19 @@ class EditRequest:
 
     prompt: str
     edit_prompts: list[str]
-    mode: str = "auto"
-    cross_replace_steps: float = 0.8
-    self_replace_steps: float = 0.4
+    mode: str = default("edit")
+    cross_replace_steps: float = default("cross_replace_steps")
+    self_replace_steps: float = default("self_replace_steps")
     blend_source: list[str] = field(default_factory=list)
     blend_target: list[str] = field(default_factory=list)
-    blend_threshold: float = 0.3
-    blend_res: int | None = None  # None: the library's default side
+    blend_threshold: float = default("local_blend.threshold")
+    blend_res: int | None = default("local_blend.resolution")  # None: the library's default side
     equalizer: dict[str, float] = field(default_factory=dict)
-    seed: int = 0
-    num_inference_steps: int = 50
-    guidance_scale: float = 7.5
-    image: str | None = None
-    inversion_method: str = "null-text"
+    seed: int = option_default("seed")
+    num_inference_steps: int = default("num_inference_steps")
+    guidance_scale: float = default("guidance_scale")
+    image: str | None = default("image")
+    inversion_method: str = default("method")
 
     def pipeline_kwargs(self) -> dict[str, Any]:
         from .edits import LocalBlend
@@ -136,51 +122,37 @@ class EditRequest:
             options = normalise_options(raw, EDIT_KEYS, names=_option_label, required=("prompt", "to"))
             check_edit_words(options, _option_label)  # every named word, before an inversion or the model runs
         except OptionError as err:
-            raise FieldError(_option_field(str(err)), str(err)) from None
+            raise FieldError(err.argument, str(err)) from None
         return options
 
 
-def _words(text, field_name: str) -> list[str]:
+def _words(text) -> list[str]:
     """Comma-separated words; each may be a phrase (``"pencil sketch, red"``), as the library and ``--blend`` take them."""
     if text is None:
         return []
     if not isinstance(text, str):
-        raise FieldError(field_name, f"Local blend words must be text: words separated by commas, got {text!r}.")
+        raise FieldError("local_blend", f"Local blend words must be text: words separated by commas, got {text!r}.")
     return [w.strip() for w in text.split(",") if w.strip()]
 
 
-def _text(value, field_name: str, what: str) -> str:
+def _text(value, argument: str, what: str) -> str:
     if value is None:
         return ""
     if not isinstance(value, str):
-        raise FieldError(field_name, f"The {what} must be text, got {value!r}.")
+        raise FieldError(argument, f"The {what} must be text, got {value!r}.")
     return value
 
 
-def _number(value, field_name: str, label: str, example: str) -> float:
-    """A finite number; None or a non-number (possible through the API) is a `FieldError`."""
-    try:
-        if isinstance(value, bool):
-            raise TypeError
-        number = float(value)
-    except (TypeError, ValueError):
-        raise FieldError(field_name, f"{label} must be a number such as {example}, got {value!r}.") from None
-    if not math.isfinite(number):
-        raise FieldError(field_name, f"{label} must be a finite number such as {example}, got {value!r}.")
-    return number
+def _number(value, argument: str) -> float:
+    """A finite number for the page's field of ``argument``; None or a non-number (possible through the API) is not."""
+    row = ARGUMENTS[argument]
+    return number(value, argument, row.label, f"a finite number such as {row.default:g}")
 
 
-def _whole(value, field_name: str, label: str, minimum: int, maximum: int) -> int:
-    """A whole number in [minimum, maximum]; 7.0 counts, 7.5 and None do not."""
-    try:
-        if isinstance(value, bool) or isinstance(value, float) and not value.is_integer():
-            raise ValueError
-        number = int(value) if isinstance(value, (int, float)) else int(str(value).strip())
-    except (TypeError, ValueError, OverflowError):
-        raise FieldError(field_name, f"{label} must be a whole number, got {value!r}.") from None
-    if not minimum <= number <= maximum:
-        raise FieldError(field_name, f"{label} must be from {minimum} to {maximum}, got {number}.")
-    return number
+def _whole(value, argument: str) -> int:
+    """A whole number in the range of ``argument``'s row; 7.0 counts, 7.5 and None do not."""
+    row = ARGUMENTS[argument]
+    return integer(value, argument, row.label, row.what, int(row.minimum), MAX_INT64 if row.maximum is None else int(row.maximum))
 
 
 def _photo_path(image) -> str | None:
@@ -203,45 +175,58 @@ def parse_request(prompt, targets, mode, cross, self_steps, blend_source, blend_
 
     The values come from the page or from Gradio's API, so any of them may be None or of the wrong type.
     """
-    prompt = _text(prompt, "prompt", "source prompt").strip()
-    if not prompt:
-        raise FieldError("prompt", "Write a source prompt, e.g. 'a big red circle on a blue background'.")
-    edit_prompts = [t.strip() for t in _text(targets, "edit_prompts", "target prompts").splitlines() if t.strip()]
-    if not edit_prompts:
-        raise FieldError("edit_prompts", "Write at least one target prompt (one per line), e.g. the source with one word changed.")
-    src, tgt = _words(blend_source, "blend"), _words(blend_target, "blend")
-    if bool(src) != bool(tgt):
-        raise FieldError("blend", "Local blend needs words on both sides: the source words and the target words (or neither).")
+    try:
+        prompt = _text(prompt, "prompt", "source prompt").strip()
+        if not prompt:
+            raise FieldError("prompt", "Write a source prompt, e.g. 'a big red circle on a blue background'.")
+        edit_prompts = [t.strip() for t in _text(targets, "edit_prompts", "target prompts").splitlines() if t.strip()]
+        if not edit_prompts:
+            raise FieldError("edit_prompts", "Write at least one target prompt (one per line), e.g. the source with one word changed.")
+        src, tgt = _words(blend_source), _words(blend_target)
+        if bool(src) != bool(tgt):
+            raise FieldError("local_blend", "Local blend needs words on both sides: the source words and the target words (or neither).")
+        equalizer = _equalizer(reweight_rows)
+        return EditRequest(
+            prompt=prompt, edit_prompts=edit_prompts, mode=mode or default("edit"),
+            cross_replace_steps=_number(cross, "cross_replace_steps"),
+            self_replace_steps=_number(self_steps, "self_replace_steps"),
+            blend_source=src, blend_target=tgt, blend_threshold=_number(blend_threshold, "local_blend.threshold"),
+            equalizer=equalizer, seed=_whole(seed, "generator"),
+            num_inference_steps=_whole(steps, "num_inference_steps"),
+            guidance_scale=_number(guidance, "guidance_scale"),
+            image=_photo_path(image), inversion_method=inversion_method or default("method"),
+            blend_res=_blend_side(blend_res),
+        )
+    except FieldError:
+        raise
+    except ArgumentError as err:  # the shared checks of `arguments`
+        raise FieldError(err.argument, str(err)) from None
+
+
+def _equalizer(reweight_rows) -> dict[str, float]:
+    """The re-weighting table's rows -> {word: factor}; empty rows are skipped."""
     equalizer: dict[str, float] = {}
     try:
         rows = _rows(reweight_rows)
     except TypeError:
-        raise FieldError("reweight", f"Re-weighting takes rows of (word, factor), got {reweight_rows!r}.") from None
+        raise FieldError("equalizer", f"Re-weighting takes rows of (word, factor), got {reweight_rows!r}.") from None
     for row in rows:
         word, factor = (str(row[0]).strip() if len(row) > 0 and row[0] is not None else ""), (row[1] if len(row) > 1 else "")
         if not word and (factor in ("", None)):
             continue
         if not word:
-            raise FieldError("reweight", f"A re-weighting row has the factor {factor!r} but no word; fill in the word or clear the row.")
-        equalizer[word] = _number(factor, "reweight", f"The factor for {word!r}", "2 or -1")
-    return EditRequest(
-        prompt=prompt, edit_prompts=edit_prompts, mode=mode or "auto",
-        cross_replace_steps=_number(cross, "cross", "Cross-attention replace steps", "0.8"),
-        self_replace_steps=_number(self_steps, "self", "Self-attention replace steps", "0.4"),
-        blend_source=src, blend_target=tgt, blend_threshold=_number(blend_threshold, "blend", "Local blend threshold", "0.3"),
-        equalizer=equalizer, seed=_whole(seed, "sampling", "Seed", 0, MAX_SEED),
-        num_inference_steps=_whole(steps, "sampling", "Steps", 1, MAX_SEED),
-        guidance_scale=_number(guidance, "sampling", "Guidance", "7.5"),
-        image=_photo_path(image), inversion_method=inversion_method or "null-text",
-        blend_res=_blend_side(blend_res),
-    )
+            raise FieldError("equalizer", f"A re-weighting row has the factor {factor!r} but no word; fill in the word or clear the row.")
+        equalizer[word] = number(factor, "equalizer", f"The factor for {word!r}", "a finite number such as 2 or -1")
+    return equalizer
 
 
 def _blend_side(value) -> int | None:
-    """The page's local blend map side: empty or 0 is None (the library's default side)."""
+    """The page's local blend map side: empty or `DEFAULT_SIDE` is None (the library's default side)."""
     if value is None or isinstance(value, str) and not value.strip():
         return None
-    return _whole(value, "blend", "Local blend map side (0: the default)", 0, MAX_SEED) or None
+    row = ARGUMENTS["local_blend.resolution"]
+    side = integer(value, row.name, row.label, f"{DEFAULT_SIDE} (the default) or {row.what}", DEFAULT_SIDE)
+    return None if side == DEFAULT_SIDE else side
 
 
 def _rows(value) -> list[list]:
@@ -278,7 +263,7 @@ class Editor:
         if key not in self._inversions:
             self._inversions[key] = self.pipe.invert(req.image, req.prompt, method=req.inversion_method,
                                                      num_inference_steps=req.num_inference_steps, guidance_scale=req.guidance_scale)
-            while len(self._inversions) > 4:
+            while len(self._inversions) > KEPT_INVERSIONS:
                 self._inversions.popitem(last=False)
         return self._inversions[key]
 
@@ -356,85 +341,112 @@ def _tolerant(photo):
     return photo
 
 
+def _slider(gr, name: str, label_suffix: str = "", **kwargs):
+    """A slider of the argument ``name``: its range, step, default and label from `arguments.ARGUMENTS`."""
+    row = ARGUMENTS[name]
+    low, high, step = row.slider
+    return gr.Slider(low, high, value=row.default, step=step, label=f"{row.label}{label_suffix}", **kwargs)
+
+
+def _slot(gr):
+    """An error slot: hidden until `on_run` shows a message in it."""
+    return gr.Markdown(visible=False, elem_classes=["field-error"])
+
+
+def _form(gr, default_prompt: str, default_target: str) -> tuple[list, dict[str, Any]]:
+    """The page's fields, in the order `parse_request` takes them, and the error slot of each
+    `FIELDS` name but ``general``."""
+    slot = lambda: _slot(gr)  # noqa: E731
+    label = {name: row.label for name, row in ARGUMENTS.items()}
+    errors: dict[str, Any] = {}
+    prompt = gr.Textbox(label=label["prompt"], value=default_prompt, elem_id="prompt")
+    errors["prompt"] = slot()
+    targets = gr.Textbox(label="Target prompts (one per line)", value=default_target, lines=3, elem_id="targets")
+    errors["edit_prompts"] = slot()
+    # "none" (the same noise, no injection) is left to the command line: the page shows edits
+    modes = [m for m in ARGUMENTS["edit"].choices if m != "none"]
+    mode = gr.Radio(modes, value=default("edit"), label=label["edit"], elem_id="mode")
+    errors["mode"] = slot()
+    cross = _slider(gr, "cross_replace_steps", " (fraction)", elem_id="cross")
+    errors["cross"] = slot()
+    self_steps = _slider(gr, "self_replace_steps", " (fraction)", elem_id="self")
+    errors["self"] = slot()
+    with gr.Row():
+        blend_src = gr.Textbox(label="Local blend: source words", placeholder="circle", elem_id="blend-source",
+                               info="Separated by commas; each may be a phrase, e.g. pencil sketch")
+        blend_tgt = gr.Textbox(label="Local blend: target words", placeholder="square", elem_id="blend-target",
+                               info="Separated by commas; each may be a phrase, e.g. oil painting")
+    with gr.Row():
+        blend_thr = _slider(gr, "local_blend.threshold", elem_id="blend-threshold")
+        blend_res = gr.Number(value=DEFAULT_SIDE, precision=0, minimum=DEFAULT_SIDE, label=label["local_blend.resolution"],
+                              elem_id="blend-res", info=f"{DEFAULT_SIDE}: a quarter of the latent side (16 for SD at 512 px)")
+    errors["blend"] = slot()
+    reweight = gr.Dataframe(headers=["word", "factor"], datatype=["str", "str"], row_count=2, column_count=2,
+                            label=f"{label['equalizer']} (word, factor)", elem_id="reweight", value=[["", ""], ["", ""]])
+    errors["reweight"] = slot()
+    with gr.Row():
+        seed = gr.Number(value=option_default("seed"), precision=0, label=label["generator"], elem_id="seed")
+        steps = _slider(gr, "num_inference_steps", elem_id="steps")
+        guidance = _slider(gr, "guidance_scale", elem_id="guidance")
+    errors["sampling"] = slot()
+    with gr.Accordion("Edit a real photo (optional)", open=False, elem_id="photo-accordion"):
+        image = _tolerant(gr.Image(type="filepath", label=label["image"], sources=["upload"], elem_id="photo"))
+        method = gr.Dropdown(list(ARGUMENTS["method"].choices), value=default("method"), label=label["method"], elem_id="inversion")
+    errors["image"] = slot()
+    inputs = [prompt, targets, mode, cross, self_steps, blend_src, blend_tgt, blend_thr, reweight, seed, steps, guidance, image, method,
+              blend_res]
+    return inputs, errors
+
+
+def _results(gr) -> tuple:
+    """The page's outputs: the images, the attention maps, the downloads and the history."""
+    results = gr.Gallery(label="Source and edits", columns=4, height="auto", elem_id="results")
+    with gr.Accordion("Cross-attention per word", open=False, elem_id="attention-accordion"):
+        attention = gr.Gallery(label="Attention", columns=6, height="auto", elem_id="attention")
+    files = gr.File(label="Download (PNGs with their parameters)", file_count="multiple", elem_id="files")
+    past = gr.Gallery(label="History (this browser session)", columns=8, height=220, object_fit="contain", elem_id="history")
+    return results, attention, files, past
+
+
+def _handler(gr, editor: Editor):
+    """The Edit button's handler: parse, run, and show each error beside the field of its argument."""
+
+    def on_run(*values, progress=gr.Progress(track_tqdm=True)):
+        *raw, hist = values
+        hidden = [gr.update(visible=False, value="") for _ in FIELDS]
+        try:
+            req = parse_request(*raw)
+            paths, heat = editor.run(req)
+        except ValueError as err:  # the page's and the command line's checks, or the library's
+            hidden[FIELDS.index(field_of(err))] = gr.update(visible=True, value=f"⚠ {err}")
+            return (gr.skip(), gr.skip(), gr.skip(), gr.skip(), hist, *hidden)
+        # the galleries show the saved PNGs themselves, so their download buttons give the parameters too
+        labelled = [(p, "source" if k == 0 else req.edit_prompts[k - 1]) for k, p in enumerate(paths)]
+        hist = (hist + [(p, f"{req.prompt} → {req.edit_prompts[k - 1]}") for k, p in enumerate(paths) if k > 0])[-HISTORY_LENGTH:]
+        return (labelled, heat, paths, hist, hist, *hidden)
+
+    return on_run
+
+
 def build_app(editor: Editor, default_prompt: str = "a big red circle on a blue background",
               default_target: str = "a big red square on a blue background"):
     """The page (a `gradio.Blocks`) for ``editor``."""
     import gradio as gr
-
-    from .inversion import InversionMethod
-
-    def slot():
-        return gr.Markdown(visible=False, elem_classes=["field-error"])
 
     with gr.Blocks(title="prompt2prompt") as demo:
         gr.Markdown("## prompt2prompt — edit an image by editing its prompt\n"
                     "Write a source prompt and one or more targets; the source's attention is injected "
                     "into each target so that the layout survives while the words change.")
         history = gr.State([])
-        errors: dict[str, Any] = {}
         with gr.Row():
             with gr.Column(scale=1):
-                prompt = gr.Textbox(label="Source prompt", value=default_prompt, elem_id="prompt")
-                errors["prompt"] = slot()
-                targets = gr.Textbox(label="Target prompts (one per line)", value=default_target, lines=3, elem_id="targets")
-                errors["edit_prompts"] = slot()
-                mode = gr.Radio(["auto", "replace", "refine"], value="auto", label="Edit mode", elem_id="mode")
-                errors["mode"] = slot()
-                cross = gr.Slider(0, 1, value=0.8, step=0.05, label="Cross-attention replace steps (fraction)", elem_id="cross")
-                errors["cross"] = slot()
-                self_steps = gr.Slider(0, 1, value=0.4, step=0.05, label="Self-attention replace steps (fraction)", elem_id="self")
-                errors["self"] = slot()
-                with gr.Row():
-                    blend_src = gr.Textbox(label="Local blend: source words", placeholder="circle", elem_id="blend-source",
-                                           info="Separated by commas; each may be a phrase, e.g. pencil sketch")
-                    blend_tgt = gr.Textbox(label="Local blend: target words", placeholder="square", elem_id="blend-target",
-                                           info="Separated by commas; each may be a phrase, e.g. oil painting")
-                with gr.Row():
-                    blend_thr = gr.Slider(0, 1, value=0.3, step=0.05, label="Local blend threshold", elem_id="blend-threshold")
-                    blend_res = gr.Number(value=0, precision=0, minimum=0, label="Local blend map side", elem_id="blend-res",
-                                          info="0: a quarter of the latent side (16 for SD at 512 px)")
-                errors["blend"] = slot()
-                reweight = gr.Dataframe(headers=["word", "factor"], datatype=["str", "str"], row_count=2, column_count=2,
-                                        label="Re-weighting (word, factor)", elem_id="reweight", value=[["", ""], ["", ""]])
-                errors["reweight"] = slot()
-                with gr.Row():
-                    seed = gr.Number(value=0, precision=0, label="Seed", elem_id="seed")
-                    steps = gr.Slider(1, 100, value=50, step=1, label="Steps", elem_id="steps")
-                    guidance = gr.Slider(0, 15, value=7.5, step=0.5, label="Guidance", elem_id="guidance")
-                errors["sampling"] = slot()
-                with gr.Accordion("Edit a real photo (optional)", open=False, elem_id="photo-accordion"):
-                    image = _tolerant(gr.Image(type="filepath", label="Photo", sources=["upload"], elem_id="photo"))
-                    method = gr.Dropdown([m.value for m in InversionMethod], value="null-text", label="Inversion", elem_id="inversion")
-                errors["image"] = slot()
+                inputs, errors = _form(gr, default_prompt, default_target)
                 run = gr.Button("Edit", variant="primary", elem_id="run")
-                errors["general"] = slot()
+                errors["general"] = _slot(gr)
             with gr.Column(scale=2):
-                results = gr.Gallery(label="Source and edits", columns=4, height="auto", elem_id="results")
-                with gr.Accordion("Cross-attention per word", open=False, elem_id="attention-accordion"):
-                    attention = gr.Gallery(label="Attention", columns=6, height="auto", elem_id="attention")
-                files = gr.File(label="Download (PNGs with their parameters)", file_count="multiple", elem_id="files")
-                past = gr.Gallery(label="History (this browser session)", columns=8, height=220, object_fit="contain", elem_id="history")
-
+                results, attention, files, past = _results(gr)
         slots = [errors[name] for name in FIELDS]
-        inputs = [prompt, targets, mode, cross, self_steps, blend_src, blend_tgt, blend_thr, reweight, seed, steps, guidance, image, method,
-                  blend_res, history]
-
-        def on_run(*values, progress=gr.Progress(track_tqdm=True)):
-            *raw, hist = values
-            hidden = [gr.update(visible=False, value="") for _ in FIELDS]
-            try:
-                req = parse_request(*raw)
-                paths, heat = editor.run(req)
-            except ValueError as err:  # FieldError (the page's and the command line's checks) or the library's
-                name = err.field if isinstance(err, FieldError) else field_of(str(err))
-                hidden[FIELDS.index(name)] = gr.update(visible=True, value=f"⚠ {err}")
-                return (gr.skip(), gr.skip(), gr.skip(), gr.skip(), hist, *hidden)
-            # the galleries show the saved PNGs themselves, so their download buttons give the parameters too
-            labelled = [(p, "source" if k == 0 else req.edit_prompts[k - 1]) for k, p in enumerate(paths)]
-            hist = (hist + [(p, f"{req.prompt} → {req.edit_prompts[k - 1]}") for k, p in enumerate(paths) if k > 0])[-24:]
-            return (labelled, heat, paths, hist, hist, *hidden)
-
-        run.click(on_run, inputs=inputs, outputs=[results, attention, files, past, history, *slots],
+        run.click(_handler(gr, editor), inputs=[*inputs, history], outputs=[results, attention, files, past, history, *slots],
                   concurrency_limit=1, concurrency_id="device")
     return demo
 
@@ -464,7 +476,7 @@ def serve(host: str = "127.0.0.1", port: int = 7860, model: str | None = None, d
         pipe.to(device)
     editor = Editor(pipe, out, model, dtype, str(pipe.device))
     demo = build_app(editor)
-    demo.queue(default_concurrency_limit=1, max_size=32)
+    demo.queue(default_concurrency_limit=1, max_size=QUEUE_SIZE)
     demo.launch(server_name=host, server_port=port, max_file_size=f"{MAX_UPLOAD_MB}mb", css=_CSS,
                 allowed_paths=[str(out)], prevent_thread_lock=not block, show_error=False, quiet=not block)
     return demo
