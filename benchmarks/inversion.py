@@ -180,7 +180,7 @@ def main(argv=None) -> None:
                 region = np.zeros(edit.shape[:2], bool)
                 for d in evaluate.detect(inv.image, bg) + found:
                     region |= d.mask
-                bg_psnr.append(psnr(edit, inv.image, world._erode(~region, 2)))
+                bg_psnr.append(psnr(edit, inv.image, world.erode(~region, 2)))
         row = {"median_seconds": statistics.median(seconds), "median_unet_passes": statistics.median(passes)}
         if method == GRAPH:
             row["cuda_graph_used"] = all(graphed)

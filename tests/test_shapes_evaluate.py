@@ -27,7 +27,7 @@ def test_patterns_are_invisible_only_in_the_objects_own_colour():
     assert world.pattern_visible("white", plain("blue")) and world.pattern_visible("black", plain("red"))
     assert world.pattern_visible("red", plain("white")) and world.pattern_visible("yellow", plain("black"))
     scene = world.render(world.make_spec([dict(shape="square", colour="white", size="big", pattern="striped")], "black", seed=4))
-    assert np.ptp(scene.image[scene.filled[0] & world._erode(scene.filled[0], 2)].astype(int), axis=0).max() <= 2 * world.JITTER
+    assert np.ptp(scene.image[scene.filled[0] & world.erode(scene.filled[0], 2)].astype(int), axis=0).max() <= 2 * world.JITTER
 
 
 def test_object_masks_are_the_rendered_masks():
@@ -51,7 +51,7 @@ def test_fit_recovers_the_rendered_geometry_of_rotated_shapes(shape):
 def test_stripe_and_dot_cues_follow_the_renderers_geometry():
     spec = world.make_spec([dict(shape="square", colour="red", size="big", pattern="striped")], "blue", seed=2)
     scene, o = world.render(spec), spec.objects[0]
-    core = world._erode(scene.filled[0], 1)
+    core = world.erode(scene.filled[0], 1)
     img = scene.image.astype(np.float32)
     idx, dist = ev._nearest_palette(img[core])
     ys, xs = np.nonzero(core)
@@ -64,7 +64,7 @@ def test_stripe_and_dot_cues_follow_the_renderers_geometry():
     assert strength == pytest.approx(abs(other), abs=0.05) and abs(rotation - o.rotation) <= 2
     assert ev.dot_strength(ys[white], xs[white]) < 0.4 < strength
     dotted = world.render(world.make_spec([dict(shape="square", colour="red", size="big", pattern="dotted")], "blue", seed=2))
-    core = world._erode(dotted.filled[0], 1)
+    core = world.erode(dotted.filled[0], 1)
     idx, dist = ev._nearest_palette(dotted.image.astype(np.float32)[core])
     dots = (idx == world.COLOUR_NAMES.index("white")) & (dist < ev._PURE)
     ys, xs = np.nonzero(core)

@@ -58,7 +58,7 @@ _MAX_BORDER = 0.1  # a component holding more than this share of the border pixe
 _PALETTE = np.array([world.COLOURS[c] for c in world.COLOUR_NAMES], np.float32)
 _BORDER = np.zeros((world.SIZE, world.SIZE), bool)
 _BORDER[0, :] = _BORDER[-1, :] = _BORDER[:, 0] = _BORDER[:, -1] = True
-_RING = world._erode(np.ones((world.SIZE, world.SIZE), bool), 2) == 0  # the 2 px border ring
+_RING = world.erode(np.ones((world.SIZE, world.SIZE), bool), 2) == 0  # the 2 px border ring
 
 # New parts go at the end: a part's place seeds its prompts and noise (`_part_rng`, `_SEED_OFFSET`).
 PARTS = ("adherence", "swap", "blend", "two_objects", "refine", "reweight", "sweep", "adherence_train", "reconstruction",
@@ -244,7 +244,7 @@ def _palette_counts(pixels: np.ndarray) -> np.ndarray:
 
 def _core_pixels(img: np.ndarray, mask: np.ndarray) -> np.ndarray:
     """The pixels of ``mask`` eroded by 1 px (all of them if the erosion leaves fewer than 8)."""
-    core = world._erode(mask, 1)
+    core = world.erode(mask, 1)
     return img[core if core.sum() >= 8 else mask]
 
 
@@ -352,8 +352,8 @@ def _object_colour(pixels: np.ndarray, ys: np.ndarray, xs: np.ndarray, fit: _Fit
 
 
 def _closing(mask: np.ndarray, k: int) -> np.ndarray:
-    """Binary closing (`_dilate` then `world._erode`, ``k`` times each), never removing a pixel."""
-    return world._erode(_dilate(mask, k), k) | mask
+    """Binary closing (`_dilate` then `world.erode`, ``k`` times each), never removing a pixel."""
+    return world.erode(_dilate(mask, k), k) | mask
 
 
 def _silhouette(drawn: np.ndarray) -> np.ndarray:
@@ -396,7 +396,7 @@ def detect(image: np.ndarray, background: str) -> list[Detection]:
         if outlined:  # a thin line: its pixels farthest from the background are the least blended
             where = drawn & (far >= 0.75 * far[drawn].max())
         else:  # the edge's blends left out
-            where = world._erode(drawn, 1)
+            where = world.erode(drawn, 1)
         if where.sum() < 8:
             where = drawn
         ys, xs = np.nonzero(where)
@@ -528,8 +528,8 @@ def foreground(image: np.ndarray, radius: int = 1, threshold: float = 40.0, join
     fg = np.sqrt(((s - ref) ** 2).sum(-1)) > threshold
     for group in _components(_dilate(fg, join)):
         obj = fg & group
-        if not _is_background(world._erode(obj, radius)):
-            return world._erode(convex_hull(obj), radius)
+        if not _is_background(world.erode(obj, radius)):
+            return world.erode(convex_hull(obj), radius)
     return np.zeros(s.shape[:2], bool)
 
 
@@ -672,8 +672,8 @@ def eval_adherence(gen: _Generator, n: int, seed: int = 0, part: str = "adherenc
     border is nearest to the named background colour; ``background_has_object_colour``, it is
     nearest to the named *object* colour (colours swapped)."""
     rng = _part_rng(part, seed)
-    pairs = sorted(world.HELDOUT_PAIRS) if part == "adherence" else [world._TRAIN_PAIRS[i] for i in
-                                                                      rng.permutation(len(world._TRAIN_PAIRS))]
+    pairs = sorted(world.HELDOUT_PAIRS) if part == "adherence" else [world.TRAIN_PAIRS[i] for i in
+                                                                      rng.permutation(len(world.TRAIN_PAIRS))]
     found_n = colour_ok = shape_ok = bg_ok = bg_swapped = 0
     for k in range(n):
         colour, shape = pairs[k % len(pairs)]
@@ -789,7 +789,7 @@ def eval_two_objects(gen: _Generator, n: int, seed: int = 0, split: str = "train
     scoring on the world's renders of the same prompts."""
     part = "two_objects" if split == "train" else "two_objects_held_out"
     rng = _part_rng(part, seed)
-    pairs = world._TRAIN_PAIRS if split == "train" else sorted(world.HELDOUT_PAIRS)
+    pairs = world.TRAIN_PAIRS if split == "train" else sorted(world.HELDOUT_PAIRS)
     counts = {"model": [0, 0, 0, 0, 0], "rendered": [0, 0, 0, 0, 0]}  # two found, both, both+shape, rel ok, rel scored
     for k in range(n):
         (c1, s1) = pairs[int(rng.integers(len(pairs)))]
@@ -1111,7 +1111,7 @@ def eval_localisation(gen: _Generator, n: int, seed: int = 0) -> dict:
     word_share: dict[int, list[float]] = {}
     padding_share: dict[int, list[float]] = {}
     for k in range(n):
-        colour, shape = world._TRAIN_PAIRS[int(rng.integers(len(world._TRAIN_PAIRS)))]
+        colour, shape = world.TRAIN_PAIRS[int(rng.integers(len(world.TRAIN_PAIRS)))]
         bg = _pick(rng, world.COLOUR_NAMES, (colour,))
         spec = world.make_spec([dict(shape=shape, colour=colour, size="big")], bg, seed=k)
         scene = world.render(spec)

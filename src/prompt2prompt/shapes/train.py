@@ -179,12 +179,12 @@ def grounding_targets(spec, filled: np.ndarray, tokenizer) -> tuple[np.ndarray, 
 
     after = 0
     for i, o in enumerate(spec.objects):
-        phrase = world._object_phrase(o, article=False).split()
+        phrase = world.object_phrase(o, article=False).split()
         at = find(phrase, after)
         if at >= 0:
             mark(at, len(phrase), i)
             after = at + len(phrase)
-    background = [w for w in world._background_phrase(spec.background, on=False).split() if w not in ("a", "an")]
+    background = [w for w in world.background_phrase(spec.background, on=False).split() if w not in ("a", "an")]
     at = find(background, 0)
     if at >= 0:
         mark(at, len(background), BACKGROUND_REGION)
