@@ -135,7 +135,7 @@ def evaluate(unet, text_encoder, ema: dict, vae, tokenizer, samples: int, steps:
     from diffusers import DDIMScheduler
 
     from prompt2prompt import Prompt2PromptPipeline
-    from prompt2prompt.shapes.evaluate import evaluate_model
+    from prompt2prompt.shapes.evaluation import evaluate_model
 
     u, te = copy.deepcopy(unet).eval(), copy.deepcopy(text_encoder).eval()
     u.load_state_dict({k[5:]: v for k, v in ema.items() if k.startswith("unet.")}, strict=False)
