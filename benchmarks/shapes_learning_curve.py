@@ -32,7 +32,8 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from prompt2prompt.shapes import MODEL_DIR, world
-from prompt2prompt.shapes.train import SCHEDULE, load_optimizer, lr_at, min_snr_weights, optimizer_tensors
+from prompt2prompt.shapes.checkpoints import load_optimizer, optimizer_tensors
+from prompt2prompt.shapes.objective import SCHEDULE, lr_at, min_snr_weights
 
 RESULTS = Path(__file__).with_name("results_shapes_learning_curves.json")  # every candidate's curve, by name
 CACHE_SCENES = 40_000  # rendered and encoded once; at batch 32 that is 1,250 steps an epoch

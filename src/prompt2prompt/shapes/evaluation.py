@@ -420,7 +420,7 @@ def autoencoder_round_trip(vae, images: np.ndarray, batch: int = 64) -> np.ndarr
     trained on, and decoded back to uint8: what the autoencoder alone keeps of a scene."""
     import torch
 
-    from .train import images_to_tensor
+    from .data import images_to_tensor
 
     param = next(vae.parameters())
     out = np.empty_like(images)
@@ -539,7 +539,7 @@ def _scaled_latent(vae, image: np.ndarray):
     the latent the UNet works on, ``(1, channels, h/f, w/f)``."""
     import torch
 
-    from .train import images_to_tensor
+    from .data import images_to_tensor
 
     param = next(vae.parameters())
     with torch.no_grad():
