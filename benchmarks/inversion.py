@@ -120,7 +120,7 @@ def main(argv=None) -> None:
 
     import prompt2prompt
     from prompt2prompt import LocalBlend, Prompt2PromptPipeline, load_image
-    from prompt2prompt.shapes import evaluate, world
+    from prompt2prompt.shapes import detector, world
 
     dlogging.set_verbosity_error()
     dtype = getattr(torch, args.dtype)
@@ -175,12 +175,12 @@ def main(argv=None) -> None:
                     colour2 = world.COLOUR_NAMES[(world.COLOUR_NAMES.index(colour2) + 1) % len(world.COLOUR_NAMES)]
                 edit = to_u8(pipe(caption, [caption.replace(colour, colour2, 1)], inversion=inv, output_type="np",
                                   local_blend=LocalBlend(shape, shape)).images[1])
-                found = evaluate.detect(edit, bg)
+                found = detector.detect(edit, bg)
                 hits += bool(found) and found[0].colour == colour2
                 region = np.zeros(edit.shape[:2], bool)
-                for d in evaluate.detect(inv.image, bg) + found:
+                for d in detector.detect(inv.image, bg) + found:
                     region |= d.mask
-                bg_psnr.append(psnr(edit, inv.image, world._erode(~region, 2)))
+                bg_psnr.append(psnr(edit, inv.image, world.erode(~region, 2)))
         row = {"median_seconds": statistics.median(seconds), "median_unet_passes": statistics.median(passes)}
         if method == GRAPH:
             row["cuda_graph_used"] = all(graphed)

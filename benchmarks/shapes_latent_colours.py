@@ -22,7 +22,7 @@ import torch
 
 def centre_latents(vae, world) -> tuple[np.ndarray, np.ndarray]:
     """``(scenes, latent_channels)`` latent means under each object's centre, and the colour index of each."""
-    from prompt2prompt.shapes.train import images_to_tensor
+    from prompt2prompt.shapes.data import images_to_tensor
 
     feats, labels, k = [], [], 0
     for ci, colour in enumerate(world.COLOUR_NAMES):

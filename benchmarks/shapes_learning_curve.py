@@ -32,7 +32,8 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from prompt2prompt.shapes import MODEL_DIR, world
-from prompt2prompt.shapes.train import SCHEDULE, load_optimizer, lr_at, min_snr_weights, optimizer_tensors
+from prompt2prompt.shapes.checkpoints import load_optimizer, optimizer_tensors
+from prompt2prompt.shapes.objective import SCHEDULE, lr_at, min_snr_weights
 
 RESULTS = Path(__file__).with_name("results_shapes_learning_curves.json")  # every candidate's curve, by name
 CACHE_SCENES = 40_000  # rendered and encoded once; at batch 32 that is 1,250 steps an epoch
@@ -135,7 +136,7 @@ def evaluate(unet, text_encoder, ema: dict, vae, tokenizer, samples: int, steps:
     from diffusers import DDIMScheduler
 
     from prompt2prompt import Prompt2PromptPipeline
-    from prompt2prompt.shapes.evaluate import evaluate_model
+    from prompt2prompt.shapes.evaluation import evaluate_model
 
     u, te = copy.deepcopy(unet).eval(), copy.deepcopy(text_encoder).eval()
     u.load_state_dict({k[5:]: v for k, v in ema.items() if k.startswith("unet.")}, strict=False)

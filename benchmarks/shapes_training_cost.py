@@ -86,7 +86,8 @@ def main(argv=None) -> None:
 
     import numpy as np
 
-    from prompt2prompt.shapes.train import images_to_tensor, training_noise
+    from prompt2prompt.shapes.data import images_to_tensor
+    from prompt2prompt.shapes.objective import training_noise
 
     batch = np.random.default_rng(0).integers(0, 256, (args.batch, size, size, vae.config.in_channels), dtype=np.uint8)
     side = size // 2 ** (len(vae.config.block_out_channels) - 1)  # the latent's side

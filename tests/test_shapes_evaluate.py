@@ -1,5 +1,6 @@
 """The evaluation's detector and measures, checked against the renderer's ground truth, and a smoke
-run of every evaluation part on the bundled model (tiny budget: one sample, two steps)."""
+run of every evaluation part on the bundled model (tiny budget: one sample, two steps); the table
+of `report` and the CLI of `evaluate`."""
 
 import json
 import math
@@ -7,11 +8,11 @@ import math
 import numpy as np
 import pytest
 
-from prompt2prompt.shapes import world
-from prompt2prompt.shapes import evaluate as ev
-from prompt2prompt.shapes.evaluate import (
-    _fill_holes, colour_strength, convex_hull, detect, detector_accuracy, foreground, pattern_strength, relation_holds, spearman,
+from prompt2prompt.shapes import detector, evaluate, evaluation, metrics, report, world
+from prompt2prompt.shapes.detector import (
+    colour_strength, convex_hull, detect, detector_accuracy, fill_holes, foreground, pattern_strength,
 )
+from prompt2prompt.shapes.metrics import relation_holds, spearman
 
 
 def test_detector_on_rendered_scenes():
@@ -27,7 +28,7 @@ def test_patterns_are_invisible_only_in_the_objects_own_colour():
     assert world.pattern_visible("white", plain("blue")) and world.pattern_visible("black", plain("red"))
     assert world.pattern_visible("red", plain("white")) and world.pattern_visible("yellow", plain("black"))
     scene = world.render(world.make_spec([dict(shape="square", colour="white", size="big", pattern="striped")], "black", seed=4))
-    assert np.ptp(scene.image[scene.filled[0] & world._erode(scene.filled[0], 2)].astype(int), axis=0).max() <= 2 * world.JITTER
+    assert np.ptp(scene.image[scene.filled[0] & world.erode(scene.filled[0], 2)].astype(int), axis=0).max() <= 2 * world.JITTER
 
 
 def test_object_masks_are_the_rendered_masks():
@@ -42,7 +43,7 @@ def test_fit_recovers_the_rendered_geometry_of_rotated_shapes(shape):
     for seed in range(3):
         spec = world.make_spec([dict(shape=shape, colour="red", size="big")], "blue", seed=seed)
         o = spec.objects[0]
-        fit = ev._fit_filled(world.render(spec).filled[0])
+        fit = detector._fit_filled(world.render(spec).filled[0])
         assert fit.shape == shape and fit.iou > 0.9
         assert math.hypot(fit.cx - o.center[0], fit.cy - o.center[1]) <= 0.75  # the box centre can be 3 px off
         assert abs(fit.side / o.diameter - 1) <= 0.06
@@ -51,24 +52,24 @@ def test_fit_recovers_the_rendered_geometry_of_rotated_shapes(shape):
 def test_stripe_and_dot_cues_follow_the_renderers_geometry():
     spec = world.make_spec([dict(shape="square", colour="red", size="big", pattern="striped")], "blue", seed=2)
     scene, o = world.render(spec), spec.objects[0]
-    core = world._erode(scene.filled[0], 1)
+    core = world.erode(scene.filled[0], 1)
     img = scene.image.astype(np.float32)
-    idx, dist = ev._nearest_palette(img[core])
+    idx, dist = detector._nearest_palette(img[core])
     ys, xs = np.nonzero(core)
-    red, white = ((idx == world.COLOUR_NAMES.index(c)) & (dist < ev._PURE) for c in ("red", "white"))
-    own = ev.stripe_phase(ys[red], xs[red], *o.center, o.rotation)
-    other = ev.stripe_phase(ys[white], xs[white], *o.center, o.rotation)
+    red, white = ((idx == world.COLOUR_NAMES.index(c)) & (dist < detector._PURE) for c in ("red", "white"))
+    own = detector.stripe_phase(ys[red], xs[red], *o.center, o.rotation)
+    other = detector.stripe_phase(ys[white], xs[white], *o.center, o.rotation)
     assert abs(own) > 0.6 and abs(math.degrees(np.angle(own)) - 90) < 25  # the object's stripes: t mod 5 < 2.5
     assert abs(other) > 0.6 and abs(math.degrees(np.angle(other)) + 90) < 25
-    strength, rotation = ev.stripe_fit(ys[white], xs[white])  # the modulus ignores the centre
+    strength, rotation = detector.stripe_fit(ys[white], xs[white])  # the modulus ignores the centre
     assert strength == pytest.approx(abs(other), abs=0.05) and abs(rotation - o.rotation) <= 2
-    assert ev.dot_strength(ys[white], xs[white]) < 0.4 < strength
+    assert detector.dot_strength(ys[white], xs[white]) < 0.4 < strength
     dotted = world.render(world.make_spec([dict(shape="square", colour="red", size="big", pattern="dotted")], "blue", seed=2))
-    core = world._erode(dotted.filled[0], 1)
-    idx, dist = ev._nearest_palette(dotted.image.astype(np.float32)[core])
-    dots = (idx == world.COLOUR_NAMES.index("white")) & (dist < ev._PURE)
+    core = world.erode(dotted.filled[0], 1)
+    idx, dist = detector._nearest_palette(dotted.image.astype(np.float32)[core])
+    dots = (idx == world.COLOUR_NAMES.index("white")) & (dist < detector._PURE)
     ys, xs = np.nonzero(core)
-    assert ev.dot_strength(ys[dots], xs[dots]) > 0.6 > ev.stripe_fit(ys[dots], xs[dots])[0]
+    assert detector.dot_strength(ys[dots], xs[dots]) > 0.6 > detector.stripe_fit(ys[dots], xs[dots])[0]
 
 
 @pytest.mark.parametrize("colour,bg", [("white", "blue"), ("black", "red"), ("white", "green"), ("black", "yellow")])
@@ -102,14 +103,14 @@ def test_detector_finds_two_objects_with_their_masks():
 def test_detector_finds_nothing_when_the_background_has_another_colour():
     scene = world.render(world.make_spec([dict(shape="circle", colour="blue", size="big")], "red", seed=0))
     assert detect(scene.image, "red") and not detect(scene.image, "blue")  # the red background is no object
-    assert ev.border_colour(scene.image) == "red"
+    assert detector.border_colour(scene.image) == "red"
 
 
 def test_fill_holes():
     m = np.zeros((8, 8), bool)
     m[1:6, 1:6] = True
     m[3, 3] = False
-    assert _fill_holes(m)[3, 3] and not _fill_holes(m)[7, 7]
+    assert fill_holes(m)[3, 3] and not fill_holes(m)[7, 7]
 
 
 def test_spearman_on_known_sequences():
@@ -151,7 +152,7 @@ def test_relation_holds_on_rendered_two_object_scenes(relation):
         objects = [dict(shape=str(s), colour=str(c), size=size) for s, c, size in
                    zip(rng.choice(world.SHAPES, 2), (c1, c2), rng.choice(["small", "big"], 2))]
         scene = world.render(world.make_spec(objects, bg, relation=relation, seed=seed))
-        a, b = ev._match(detect(scene.image, bg), [dict(colour=o["colour"]) for o in objects])
+        a, b = evaluation._match(detect(scene.image, bg), [dict(colour=o["colour"]) for o in objects])
         truth_a, truth_b = (tuple(o.center) for o in scene.spec.objects)
         assert relation_holds(truth_a, truth_b, relation) and relation_holds(a.centroid, b.centroid, relation)
         assert not relation_holds(a.centroid, b.centroid, opposite[relation])
@@ -183,11 +184,11 @@ def test_convex_hull():
 
 def test_captions_use_the_worlds_phrasing():
     obj = dict(shape="circle", colour="red", size="big")
-    assert ev._caption([obj], "blue") == "a big red circle on a blue background"
-    assert ev._caption([dict(obj, pattern="striped")], "blue") == "a big striped red circle on a blue background"
-    assert ev._caption([obj], "blue", style="pencil sketch") == "a big red circle on a blue background in pencil sketch style"
+    assert evaluation._caption([obj], "blue") == "a big red circle on a blue background"
+    assert evaluation._caption([dict(obj, pattern="striped")], "blue") == "a big striped red circle on a blue background"
+    assert evaluation._caption([obj], "blue", style="pencil sketch") == "a big red circle on a blue background in pencil sketch style"
     two = [dict(shape="square", colour="red"), dict(shape="star", colour="yellow")]
-    assert ev._caption(two, "green", relation="left of") == "a red square left of a yellow star on a green background"
+    assert evaluation._caption(two, "green", relation="left of") == "a red square left of a yellow star on a green background"
 
 
 class _RecordingGenerator:
@@ -206,7 +207,7 @@ class _RecordingGenerator:
 @pytest.mark.parametrize("part", ["adherence", "adherence_train"])
 def test_adherence_prompts_use_held_out_or_training_pairs_and_score_renders(part):
     fake = _RecordingGenerator()
-    r = ev.eval_adherence(fake, 8, part=part)
+    r = evaluation.eval_adherence(fake, 8, part=part)
     pairs = {(p.split()[2], p.split()[3]) for p in fake.prompts}
     assert len(fake.prompts) == 8 and len(pairs) == 8
     assert all((pair in world.HELDOUT_PAIRS) == (part == "adherence") for pair in pairs)
@@ -226,7 +227,7 @@ def test_two_object_prompts_use_their_split_and_score_renders(split):
             return [np.zeros((world.SIZE, world.SIZE, 3), np.uint8)]
 
     fake = Recording()
-    r = ev.eval_two_objects(fake, 6, split=split)
+    r = evaluation.eval_two_objects(fake, 6, split=split)
     assert r["pairs"] == split and len(fake.prompts) == 6 and r["rendered"]["both_present_with_shape"] == 1.0
     for prompt in fake.prompts:
         named = [(c, s) for c in world.COLOUR_NAMES for s in world.SHAPES if f"{c} {s}" in prompt]
@@ -247,7 +248,7 @@ def gen():
     torch.set_num_threads(1)
     pipe = Prompt2PromptPipeline.from_pretrained()
     pipe.set_progress_bar_config(disable=True)
-    yield ev._Generator(pipe, steps=2, guidance=5.0, seed=0)
+    yield evaluation.Sampler(pipe, steps=2, guidance=5.0, seed=0)
     torch.set_num_threads(threads)
 
 
@@ -257,7 +258,7 @@ def _rate(x):
 
 
 def test_two_objects_smoke(gen):
-    r = ev.eval_two_objects(gen, 1)
+    r = evaluation.eval_two_objects(gen, 1)
     assert r["pairs"] == "train" and r["model"]["n"] == 1
     for key in ("model", "rendered"):
         for f in ("two_found", "both_present", "both_present_with_shape", "relation_correct"):
@@ -266,7 +267,7 @@ def test_two_objects_smoke(gen):
 
 
 def test_refine_smoke(gen):
-    r = ev.eval_refine(gen, 1)
+    r = evaluation.eval_refine(gen, 1)
     for mode in ("p2p", "none"):
         p = r["pattern"][mode]
         _rate(p["pattern_rate"]), _rate(p["pattern_rate_in_source"]), _rate(p["object_kept_median_iou"])
@@ -278,31 +279,31 @@ def test_refine_smoke(gen):
 
 
 def test_reweight_smoke(gen):
-    r = ev.eval_reweight(gen, 1)
-    assert r["factors"] == list(ev.REWEIGHT_FACTORS)
+    r = evaluation.eval_reweight(gen, 1)
+    assert r["factors"] == list(evaluation.REWEIGHT_FACTORS)
     for kind in ("pattern", "colour"):
         w = r[kind]
         assert w["n_scored"] + w["n_undefined"] <= 1
         assert w["median_rho"] is None or -1.0 <= w["median_rho"] <= 1.0
-        assert set(w["median_effect_by_factor"]) == {str(f) for f in ev.REWEIGHT_FACTORS}
+        assert set(w["median_effect_by_factor"]) == {str(f) for f in evaluation.REWEIGHT_FACTORS}
     wide = r["colour"]["image_wide"]  # scored without a detection
     assert wide["n_scored"] + wide["n_undefined"] == 1 and all(v is not None for v in wide["median_effect_by_factor"].values())
 
 
 def test_rho_summary_reports_how_far_the_effect_moves_not_only_its_direction():
-    s = ev._rho_summary((-1.0, 0.0, 1.0), [1.0, -0.5, float("nan")],
-                        [[0.1, 0.2, 0.3], [0.5, 0.6, 0.4], [0.2, float("nan"), 0.2]])
+    s = metrics.rho_summary((-1.0, 0.0, 1.0), [1.0, -0.5, float("nan")],
+                            [[0.1, 0.2, 0.3], [0.5, 0.6, 0.4], [0.2, float("nan"), 0.2]])
     assert s["median_rho"] == pytest.approx(0.25) and s["n_scored"] == 2 and s["n_undefined"] == 1
     assert s["median_effect_change"] == pytest.approx((0.2 - 0.1) / 2)  # +0.2 and -0.1; the NaN curve is left out
     assert s["median_effect_range"] == pytest.approx(0.2)  # both curves span 0.2
-    rows = {k: v for k, v, _ in ev.summary_rows({"reweight": {"pattern": {**s, "effect": "pattern_strength"},
-                                                              "colour": {**s, "effect": "colour_strength", "image_wide": s},
-                                                              "factors": [-1.0, 0.0, 1.0], "n": 3}})}
+    rows = {k: v for k, v, _ in report.summary_rows({"reweight": {"pattern": {**s, "effect": "pattern_strength"},
+                                                                  "colour": {**s, "effect": "colour_strength", "image_wide": s},
+                                                                  "factors": [-1.0, 0.0, 1.0], "n": 3}})}
     assert float(rows["reweight pattern word: median change of pattern_strength, factor -1 -> 1"]) == pytest.approx(0.05)
 
 
 def test_sweep_smoke(gen):
-    r = ev.eval_sweep(gen, 1, steps=(0.0, 1.0))
+    r = evaluation.eval_sweep(gen, 1, steps=(0.0, 1.0))
     assert list(r["cross_replace_steps"]) == ["0.0", "1.0", "none"]
     for v in r["cross_replace_steps"].values():
         _rate(v["median_mask_iou"]), _rate(v["target_rate"]), _rate(v["source_shape_kept"])
@@ -310,14 +311,14 @@ def test_sweep_smoke(gen):
 
 def test_parts_are_checked_and_the_cli_prints_a_table(gen, tmp_path, capsys, monkeypatch):
     with pytest.raises(ValueError, match="unknown parts"):
-        ev.evaluate_model(gen.pipe, 1, 2, parts=["bogus"])
+        evaluation.evaluate_model(gen.pipe, 1, 2, parts=["bogus"])
     with pytest.raises(SystemExit):
-        ev.main(["--parts", "adherence,bogus"])
+        evaluate.main(["--parts", "adherence,bogus"])
     from prompt2prompt import Prompt2PromptPipeline
 
     monkeypatch.setattr(Prompt2PromptPipeline, "from_pretrained", classmethod(lambda cls, *a, **k: gen.pipe))
     out = tmp_path / "eval.json"
-    ev.main(["--parts", "adherence,swap,blend", "--samples", "1", "--steps", "2", "--n", "3", "--json", str(out)])
+    evaluate.main(["--parts", "adherence,swap,blend", "--samples", "1", "--steps", "2", "--n", "3", "--json", str(out)])
     result = json.loads(out.read_text())
     assert set(result["model"]) == {"adherence", "word_swap", "local_blend", "settings"}
     table = capsys.readouterr().out
@@ -325,14 +326,14 @@ def test_parts_are_checked_and_the_cli_prints_a_table(gen, tmp_path, capsys, mon
 
 
 def test_wilson_interval_matches_known_values_and_the_table_shows_it():
-    lo, hi = ev.wilson_interval(0, 16)
+    lo, hi = metrics.wilson_interval(0, 16)
     assert lo == 0.0 and hi == pytest.approx(0.1936, abs=1e-3)  # the "rule of three"-like bound for 0/16
-    lo, hi = ev.wilson_interval(8, 16)
+    lo, hi = metrics.wilson_interval(8, 16)
     assert lo == pytest.approx(0.2800, abs=1e-3) and hi == pytest.approx(0.7200, abs=1e-3)  # symmetric at p = 0.5
-    lo, hi = ev.wilson_interval(30, 32)
+    lo, hi = metrics.wilson_interval(30, 32)
     assert lo < 30 / 32 < hi <= 1.0
     a = dict(found=0.5, colour=0.375, shape=0.0, background_correct=0.5, background_has_object_colour=0.25, n=16)
-    rows = dict((r[0], r[1]) for r in ev.summary_rows({"adherence": a, "settings": {"samples": 16}}))
+    rows = dict((r[0], r[1]) for r in report.summary_rows({"adherence": a, "settings": {"samples": 16}}))
     assert rows["adherence (held-out pairs): object found"] == "50.0% [28%-72%]"
     assert rows["adherence (held-out pairs): shape"] == "0.0% [0%-19%]"
 
@@ -345,19 +346,19 @@ def test_psnr_counts_an_untouched_region_at_its_ceiling():
     b[2:4, 2:4] = 200  # the object changed, the background did not
     outside = np.ones((8, 8), bool)
     outside[2:4, 2:4] = False
-    assert ev._psnr(a, b, outside) == ev.PSNR_CEILING_DB
-    assert ev._median([ev._psnr(a, b, outside)] * 2 + [12.0]) == ev.PSNR_CEILING_DB
-    assert math.isnan(ev._psnr(a, b, np.zeros((8, 8), bool)))
+    assert metrics.psnr(a, b, outside) == metrics.PSNR_CEILING_DB
+    assert metrics.median([metrics.psnr(a, b, outside)] * 2 + [12.0]) == metrics.PSNR_CEILING_DB
+    assert math.isnan(metrics.psnr(a, b, np.zeros((8, 8), bool)))
     c = b.copy()
     c[0, 0] = 110  # one pixel's 3 channels off by 10, over 60 pixels x 3 channels: 10 log10(255^2 / (300 / 180))
-    assert ev._psnr(a, c, outside) == pytest.approx(10 * math.log10(255**2 * 180 / 300))
+    assert metrics.psnr(a, c, outside) == pytest.approx(10 * math.log10(255**2 * 180 / 300))
 
 
 def test_table_shows_the_issues_goals_for_swaps_and_local_blend():
     swap = {"target_rate": 0.5, "median_mask_iou": 0.5, "median_centroid_shift_px": 2.0, "n_scored": 4}
     model = {"settings": {"samples": 16}, "local_blend": {"median_background_psnr_db": 20.0, "n": 16},
              "word_swap": {k: swap for k in ("shape_p2p", "shape_none", "colour_p2p", "colour_none")}}
-    goals = {r[0]: r[2] for r in ev.summary_rows(model)}
+    goals = {r[0]: r[2] for r in report.summary_rows(model)}
     assert goals["word swap shape_p2p: target rate"] == ">= 80%" and goals["word swap colour_p2p: target rate"] == ">= 90%"
     assert goals["word swap shape_p2p: median centroid shift px"] == "<= 3"
     assert goals["word swap colour_p2p: median mask IoU (n=4)"] == ">= 0.8"
@@ -365,11 +366,23 @@ def test_table_shows_the_issues_goals_for_swaps_and_local_blend():
     assert goals["LocalBlend: median background PSNR dB"] == ">= 30"
 
 
+def test_the_goals_are_data_that_mark_their_figures_in_the_shipped_evaluation():
+    from prompt2prompt.shapes import MODEL_DIR
+
+    model = json.loads((MODEL_DIR / "evaluation.json").read_text())["model"]
+    shown = [goal for _, _, goal in report.summary_rows(model) if goal]
+    expected = [g.text() for g in report.GOALS if g.path[0] in model] + ["ceiling"] * len(report.CEILINGS)
+    assert sorted(shown) == sorted(expected)  # each goal marks one row; the parts missing from the file, none
+    assert report.goal_text(("localisation", "sides", "16", "colour_inside_outside")) == "> 1"  # any side
+    assert report.goal_text(("localisation", "sides", "8", "background_inside_outside")) == "< 1"
+    assert report.goal_text(("adherence_train", "colour")) == "" and report.goal_text(("word_swap", "shape_none", "target_rate")) == ""
+
+
 def test_grow_dilates_without_growing_in_from_the_border():
     m = np.zeros((5, 5), bool)
     m[2, 2] = True
-    assert ev._grow(m, 1).sum() == 5 and ev._grow(m, 2).sum() == 13  # a cross, then a diamond
-    assert not ev._grow(np.zeros((5, 5), bool), 3).any()
+    assert detector.dilate(m, 1).sum() == 5 and detector.dilate(m, 2).sum() == 13  # a cross, then a diamond
+    assert not detector.dilate(np.zeros((5, 5), bool), 3).any()
 
 
 class _RoundTrip(__import__("torch").nn.Module):
@@ -420,12 +433,12 @@ def _pipe(vae):
 
 
 def test_reconstruction_psnr_follows_its_definition():
-    r = ev.eval_reconstruction(_pipe(_RoundTrip(0.1)), 1)
-    assert r["n"] == ev.RECONSTRUCTION_SCENES_PER_SAMPLE and r["split"] == "heldout"
+    r = evaluation.eval_reconstruction(_pipe(_RoundTrip(0.1)), 1)
+    assert r["n"] == evaluation.RECONSTRUCTION_SCENES_PER_SAMPLE and r["split"] == "heldout"
     # +0.1 is +12.75 of 255 levels, 13 once rounded: 20 log10(255 / 13) = 25.85 dB, more where 255 clips it
     for key in ("median_psnr_db", "median_object_psnr_db", "median_background_psnr_db"):
         assert 25.8 <= r[key] < 27.5, (key, r[key])
-    rows = [k for k, _, _ in ev.summary_rows({"reconstruction": r})]
+    rows = [k for k, _, _ in report.summary_rows({"reconstruction": r})]
     assert len(rows) == 3 + 2 + 3 + 3 and all(k.startswith("autoencoder round trip") for k in rows)
     assert sum("(n=16 scenes): median PSNR" in k for k in rows) == 3
     # a uniform shift of 13 levels moves no pixel across the detector's thresholds: the ceilings are the renders'
@@ -452,7 +465,7 @@ def test_detector_accuracy_scores_transformed_scenes_of_the_asked_size():
 
 
 def test_reconstruction_ceilings_fall_when_the_autoencoder_loses_detail():
-    exact, blurred = (ev.eval_reconstruction(_pipe(vae), 1) for vae in (_RoundTrip(0.0), _Blur()))
+    exact, blurred = (evaluation.eval_reconstruction(_pipe(vae), 1) for vae in (_RoundTrip(0.0), _Blur()))
     for part in ("detector_big_plain", "detector_big", "detector_small"):
         assert exact[part]["found"] == blurred[part]["found"] == 1.0  # every object is still there
         assert exact[part]["colour"] == exact[part]["shape"] == 1.0, (part, exact[part])  # a lossless round trip: the renders' own
@@ -464,7 +477,7 @@ def test_reconstruction_ceilings_fall_when_the_autoencoder_loses_detail():
 
 
 def test_reconstruction_separates_the_objects_from_the_background():
-    r = ev.eval_reconstruction(_pipe(_RoundTrip(0.5, edges_only=True)), 2)  # errors at strong edges only
+    r = evaluation.eval_reconstruction(_pipe(_RoundTrip(0.5, edges_only=True)), 2)  # errors at strong edges only
     assert r["median_object_psnr_db"] + 2 < r["median_background_psnr_db"], r  # 19.3 vs 22.6 dB (textured backgrounds have edges too)
 
 
@@ -476,7 +489,7 @@ def test_cross_attention_of_returns_each_sides_probabilities(gen):
     pipe = gen.pipe
     side = pipe.unet.config.sample_size
     latents = torch.randn(1, pipe.unet.config.in_channels, side, side, generator=torch.Generator().manual_seed(0))
-    tokens, maps = ev.cross_attention_of(pipe, latents, 500, "a big red star on a blue background")
+    tokens, maps = evaluation.cross_attention_of(pipe, latents, 500, "a big red star on a blue background")
     assert tokens.words[3] == "star"
     from prompt2prompt.attention import attention_sides
 
@@ -508,7 +521,7 @@ def _fake_maps(monkeypatch, bind: bool):
         o = sc.spec.objects[0]
         maps = {}
         for side in (16, 8):
-            cover = torch.from_numpy(ev._cell_coverage(sc.filled[0], side)).float()  # (side, side)
+            cover = torch.from_numpy(metrics.cell_coverage(sc.filled[0], side)).float()  # (side, side)
             m = torch.full((side, side, pipe.tokenizer.model_max_length), 0.01)
             if bind:
                 for w in (o.shape, o.colour):
@@ -519,44 +532,44 @@ def _fake_maps(monkeypatch, bind: bool):
         return tokens, maps
 
     monkeypatch.setattr(world, "render", render)
-    monkeypatch.setattr(ev, "cross_attention_of", fake)
+    monkeypatch.setattr(evaluation, "cross_attention_of", fake)
 
 
 @pytest.mark.parametrize("bind", [True, False])
 def test_localisation_tells_maps_that_bind_words_from_maps_that_do_not(gen, monkeypatch, bind):
     _fake_maps(monkeypatch, bind)
-    r = ev.eval_localisation(gen, 3)
+    r = evaluation.eval_localisation(gen, 3)
     assert r["n"] == 3 and set(r["sides"]) == {"16", "8"}
     for side, v in r["sides"].items():
-        assert v["n_scored"] == 3 * len(ev.LOCALISATION_TIMESTEPS)
+        assert v["n_scored"] == 3 * len(evaluation.LOCALISATION_TIMESTEPS)
         if bind:
             assert v["shape_inside_outside"] > 5 and v["colour_inside_outside"] > 5, v
             assert v["background_colour_inside_outside"] < 0.5 and v["background_inside_outside"] < 0.5, v
             assert v["binding_contrast"] > 10, v
-            for role in ev.LOCALISATION_ROLES:  # each bound word holds a large part of its region's attention
+            for role in evaluation.LOCALISATION_ROLES:  # each bound word holds a large part of its region's attention
                 assert v[f"{role}_share_own"] > 0.2, v
             assert v["padding_share"] < 0.5, v  # the words hold most of it
         else:
-            for role in ev.LOCALISATION_ROLES:
+            for role in evaluation.LOCALISATION_ROLES:
                 assert v[f"{role}_inside_outside"] == pytest.approx(1.0)
                 assert v[f"{role}_share_own"] < 3 / gen.pipe.tokenizer.model_max_length, v  # uniform: 1/length a token
             assert v["binding_contrast"] == pytest.approx(1.0)
-    rows = [k for k, _, _ in ev.summary_rows({"localisation": r})]
+    rows = [k for k, _, _ in report.summary_rows({"localisation": r})]
     assert sum("binding contrast" in k for k in rows) == 2
 
 
 def test_localisation_smoke(gen):
-    r = ev.eval_localisation(gen, 1)
+    r = evaluation.eval_localisation(gen, 1)
     for v in r["sides"].values():
         assert v["binding_contrast"] > 0 and 0 < v["word_share"] <= 1 and 0 < v["padding_share"] <= 1
         assert v["word_share"] + v["padding_share"] <= 1 + 1e-6  # medians of disjoint shares of each cell
 
 
 def test_blend_sides_scores_each_map_side_and_its_default_side_is_the_blend_part(gen):
-    r = ev.eval_blend_sides(gen, 1)
+    r = evaluation.eval_blend_sides(gen, 1)
     assert set(r["sides"]) == {"16", "8", "4"}  # the shipped UNet's cross-attention map sides (README)
-    assert r["sides"]["4"] == ev.eval_local_blend(gen, 1)  # LocalBlend's default: a quarter of the 16 latent side
-    rows = {name: value for name, value, _ in ev.summary_rows({"local_blend_sides": r})}
+    assert r["sides"]["4"] == evaluation.eval_local_blend(gen, 1)  # LocalBlend's default: a quarter of the 16 latent side
+    rows = {name: value for name, value, _ in report.summary_rows({"local_blend_sides": r})}
     assert float(rows["LocalBlend, mask from the 8x8 maps: median background PSNR dB (n=1)"]) == pytest.approx(
         r["sides"]["8"]["median_background_psnr_db"], abs=1e-3)
 
@@ -576,7 +589,7 @@ def test_local_blend_scores_whether_the_edit_took_the_target_colour(edit_applied
         assert part == "blend" and kwargs["local_blend"].source_words == kwargs["local_blend"].target_words
         return [render(prompt, k), render(targets[0] if edit_applied else prompt, k)]
 
-    r = ev.eval_local_blend(fake, 6)
+    r = evaluation.eval_local_blend(fake, 6)
     assert r["target_rate"] == (1.0 if edit_applied else 0.0)
     if edit_applied:  # the backgrounds are the same renders: the 100 dB ceiling
         assert r["n_scored"] == 6 and r["median_background_psnr_db"] >= 40

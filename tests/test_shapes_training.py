@@ -11,7 +11,10 @@ from transformers import CLIPTokenizer
 from prompt2prompt.alignment import tokenize_words
 from prompt2prompt.shapes import world
 from prompt2prompt.shapes.tokenizer import learn_merges, word_counts, write_tokenizer
-from prompt2prompt.shapes.train import Run, batch_images, images_to_tensor, load_optimizer, load_sharded, lr_at, optimizer_tensors, save_sharded
+from prompt2prompt.shapes.checkpoints import load_optimizer, load_sharded, optimizer_tensors, save_sharded
+from prompt2prompt.shapes.data import batch_images, images_to_tensor
+from prompt2prompt.shapes.objective import lr_at
+from prompt2prompt.shapes.training import Run
 
 
 def test_bpe_is_deterministic_and_splits_rare_words(tmp_path):
@@ -89,7 +92,7 @@ def test_exported_run_loads_as_a_diffusers_folder_and_edits(tmp_path):
     assert out.images.shape == (2, 64, 64, 3)
     assert out.attention.maps.shape[-1] == 32
 
-    from prompt2prompt.shapes.evaluate import evaluate_model
+    from prompt2prompt.shapes.evaluation import evaluate_model
 
     result = evaluate_model(pipe, n=1, steps=2, parts=("adherence", "swap", "blend"))
     assert 0 <= result["adherence"]["colour"] <= 1 and result["adherence"]["n"] == 1
@@ -99,7 +102,7 @@ def test_exported_run_loads_as_a_diffusers_folder_and_edits(tmp_path):
 
 def test_parallel_batches_match_the_serial_stream(tmp_path):
     from prompt2prompt.shapes import MODEL_DIR
-    from prompt2prompt.shapes.train import Batches
+    from prompt2prompt.shapes.data import Batches
 
     tok_dir = str(MODEL_DIR / "tokenizer")
     serial, parallel = Batches(3, 4, 100, 0, tok_dir), Batches(3, 4, 100, 1, tok_dir)
@@ -124,7 +127,7 @@ def test_images_become_floats_in_minus_one_to_one_channels_first():
 
 
 def test_fitted_total_ends_the_chunk_on_time():
-    from prompt2prompt.shapes.train import fit_total
+    from prompt2prompt.shapes.objective import fit_total
 
     # 30 steps took 3 s (0.1 s/step) after 60 s of a 10-minute chunk: 540 s left -> 5400 more steps
     assert fit_total(step=35, started_step=5, elapsed=3.0, minutes=9.0 + 3.0 / 60) == 35 + 5400
@@ -133,7 +136,7 @@ def test_fitted_total_ends_the_chunk_on_time():
 def test_loss_plot(tmp_path):
     from PIL import Image
 
-    from prompt2prompt.shapes.train import plot_loss
+    from prompt2prompt.shapes.plots import plot_loss
 
     csv = tmp_path / "loss.csv"
     csv.write_text("stage,step,loss,lr,time\n" + "".join(f"{st},{s},{1 / s:.6f},1e-3,0\n" for st in ("vae", "unet") for s in range(50, 501, 50)))
@@ -202,7 +205,7 @@ def test_the_command_line_is_logged_with_its_chunk(tmp_path):
 
 
 def test_offset_noise_moves_each_channel_mean():
-    from prompt2prompt.shapes.train import training_noise
+    from prompt2prompt.shapes.objective import training_noise
 
     plain = training_noise((256, 4, 16, 16), torch.Generator().manual_seed(0))
     offset = training_noise((256, 4, 16, 16), torch.Generator().manual_seed(0), offset=0.5)
@@ -214,7 +217,7 @@ def test_offset_noise_moves_each_channel_mean():
 
 
 def test_min_snr_weights_follow_the_papers_formula():
-    from prompt2prompt.shapes.train import min_snr_weights
+    from prompt2prompt.shapes.objective import min_snr_weights
 
     alpha_bar = torch.tensor([0.999, 0.9, 5 / 6, 0.5, 0.01])  # SNR 999, 9, 5, 1, 0.0101
     w = min_snr_weights(alpha_bar, 5.0)
@@ -324,7 +327,7 @@ def _shipped_tokenizer():
 
 @pytest.mark.parametrize("template", range(world.NUM_TEMPLATES))
 def test_grounding_targets_point_each_phrase_at_its_pixels(template):
-    from prompt2prompt.shapes.train import BACKGROUND_REGION, grounding_targets
+    from prompt2prompt.shapes.grounding import BACKGROUND_REGION, grounding_targets
 
     tok = _shipped_tokenizer()
     objects = [dict(shape="star", colour="red", size="big", pattern="striped"), dict(shape="star", colour="blue", size="small")]
@@ -360,7 +363,7 @@ def _top_half_scene(side=8):
 
 
 def test_grounding_loss_is_zero_inside_and_grows_outside():
-    from prompt2prompt.shapes.train import grounding_loss
+    from prompt2prompt.shapes.grounding import grounding_loss
 
     side = 8
     masks, regions, top = _top_half_scene(side)
@@ -379,7 +382,7 @@ def test_grounding_loss_is_zero_inside_and_grows_outside():
 
 
 def test_grounding_share_loss_asks_each_regions_words_to_hold_its_pixels():
-    from prompt2prompt.shapes.train import grounding_share_loss
+    from prompt2prompt.shapes.grounding import grounding_share_loss
 
     side = 8
     masks, regions, top = _top_half_scene(side)
@@ -419,7 +422,7 @@ def test_grounding_share_loss_asks_each_regions_words_to_hold_its_pixels():
 
 
 def test_grounding_share_among_the_words_leaves_the_start_token_and_padding_alone():
-    from prompt2prompt.shapes.train import grounding_share_loss
+    from prompt2prompt.shapes.grounding import grounding_share_loss
 
     side = 8
     masks, regions, top = _top_half_scene(side)  # tokens: start, object word, background word, padding
@@ -444,7 +447,8 @@ def test_grounding_share_among_the_words_leaves_the_start_token_and_padding_alon
 def test_grounding_processor_keeps_the_unets_output_and_collects_each_cross_attention_map():
     from diffusers import UNet2DConditionModel
 
-    from prompt2prompt.shapes.train import GroundingAttnProcessor, model_configs
+    from prompt2prompt.shapes.grounding import GroundingAttnProcessor
+    from prompt2prompt.shapes.training import model_configs
 
     unet = UNet2DConditionModel(**model_configs(_shipped_tokenizer())["unet"]).eval()
     x = torch.randn(2, unet.config.in_channels, 16, 16)
@@ -453,7 +457,7 @@ def test_grounding_processor_keeps_the_unets_output_and_collects_each_cross_atte
         plain = unet(x, 10, encoder_hidden_states=states).sample
         maps = []
         original = unet.attn_processors
-        unet.set_attn_processor(GroundingAttnProcessor(maps))
+        unet.set_attn_processor(GroundingAttnProcessor(maps, latent_hw=(16, 16)))
         try:
             grounded = unet(x, 10, encoder_hidden_states=states).sample
         finally:
@@ -469,12 +473,13 @@ def test_grounding_processor_keeps_the_unets_output_and_collects_each_cross_atte
 def test_grounding_sides_pick_the_maps_and_are_checked_against_the_model():
     from diffusers import UNet2DConditionModel
 
-    from prompt2prompt.shapes.train import GroundingAttnProcessor, check_grounding_sides, cross_attention_sides, model_configs
+    from prompt2prompt.shapes.grounding import GroundingAttnProcessor, check_grounding_sides, map_sides
+    from prompt2prompt.shapes.training import model_configs
 
     unet = UNet2DConditionModel(**model_configs(_shipped_tokenizer())["unet"]).eval()
     side = unet.config.sample_size
     levels = len(unet.config.block_out_channels)
-    assert cross_attention_sides(unet, 32) == [side // 2**i for i in range(levels)]  # one side per level
+    assert map_sides(unet) == [side // 2**i for i in range(levels)]  # one side per level, largest first
     x = torch.randn(2, unet.config.in_channels, side, side)
     states = torch.randn(2, 32, unet.config.cross_attention_dim)
     collected = {}
@@ -483,7 +488,7 @@ def test_grounding_sides_pick_the_maps_and_are_checked_against_the_model():
         for name, sides in (("all", None), ("coarse", frozenset({side // 2, side // 4}))):
             maps = []
             original = unet.attn_processors
-            unet.set_attn_processor(GroundingAttnProcessor(maps, sides))
+            unet.set_attn_processor(GroundingAttnProcessor(maps, sides, latent_hw=(side, side)))
             try:
                 out = unet(x, 10, encoder_hidden_states=states).sample
             finally:
@@ -491,14 +496,35 @@ def test_grounding_sides_pick_the_maps_and_are_checked_against_the_model():
             torch.testing.assert_close(out, plain, atol=1e-5, rtol=1e-4)
             collected[name] = [math.isqrt(a.shape[1]) for a in maps]  # a: (batch, pixels, tokens)
     assert collected["coarse"] == [s for s in collected["all"] if s < side] and 0 < len(collected["coarse"]) < len(collected["all"])
-    check_grounding_sides(unet, 32, (side // 2, side // 4))
+    check_grounding_sides(unet, (side // 2, side // 4))
     for bad in ((3,), (), (side, side * 2)):
         with pytest.raises(ValueError, match="cross-attention map sides"):
-            check_grounding_sides(unet, 32, bad)
+            check_grounding_sides(unet, bad)
+
+
+def test_grounding_attention_installs_the_processor_and_restores_the_originals_when_the_body_raises():
+    from diffusers import UNet2DConditionModel
+
+    from prompt2prompt.shapes.grounding import GroundingAttnProcessor, grounding_attention
+    from prompt2prompt.shapes.training import unet_config
+
+    unet = UNet2DConditionModel(**unet_config()).eval()
+    before = unet.attn_processors
+    maps = []
+    with pytest.raises(RuntimeError, match="inside"):
+        with grounding_attention(unet, maps, frozenset({8})):
+            installed = set(map(type, unet.attn_processors.values()))
+            assert installed == {GroundingAttnProcessor}
+            side = unet.config.sample_size
+            with torch.no_grad():
+                unet(torch.randn(1, unet.config.in_channels, side, side), 10, encoder_hidden_states=torch.randn(1, 32, unet.config.cross_attention_dim))
+            assert maps and {math.isqrt(a.shape[1]) for a in maps} == {8}  # the 8x8 maps only
+            raise RuntimeError("inside")
+    assert {k: type(v) for k, v in unet.attn_processors.items()} == {k: type(v) for k, v in before.items()}
 
 
 def test_backward_split_gives_the_extra_loss_to_its_parameters_only():
-    from prompt2prompt.shapes.train import backward_split
+    from prompt2prompt.shapes.grounding import backward_split
 
     torch.manual_seed(0)
     text, unet = torch.nn.Linear(3, 4), torch.nn.Linear(4, 2)
@@ -572,7 +598,7 @@ def test_grounding_changes_the_update_and_the_processors_are_restored(tmp_path):
 
 
 def test_grounded_batches_are_the_same_scenes_as_the_plain_stream():
-    from prompt2prompt.shapes.train import render_grounded, render_range
+    from prompt2prompt.shapes.data import render_grounded, render_range
 
     images, captions, masks, regions = render_grounded(100, 3, _shipped_tokenizer())
     plain_images, plain_captions = render_range(100, 3)

@@ -65,7 +65,7 @@ MAX_ROTATION = float(VOCAB["max_rotation_degrees"])
 HELDOUT_PAIRS: frozenset[tuple[str, str]] = frozenset((c, s) for c, s in VOCAB["heldout_pairs"])
 SPLITS = ("train", "heldout")
 
-_TRAIN_PAIRS = [(c, s) for c in COLOUR_NAMES for s in SHAPES if (c, s) not in HELDOUT_PAIRS]
+TRAIN_PAIRS = [(c, s) for c in COLOUR_NAMES for s in SHAPES if (c, s) not in HELDOUT_PAIRS]  # (colour, shape) seen in training
 _ALL_PAIRS = [(c, s) for c in COLOUR_NAMES for s in SHAPES]
 _HELDOUT_LIST = [tuple(p) for p in VOCAB["heldout_pairs"]]
 
@@ -188,14 +188,16 @@ def _article(word: str) -> str:
     return "an" if word[0] in "aeiou" else "a"
 
 
-def _object_phrase(o: ObjectSpec, article: bool) -> str:
+def object_phrase(o: ObjectSpec, article: bool) -> str:
+    """An object's words as captions name it: ``[article] [size] [pattern] colour shape``."""
     words = ([o.size] if o.say_size else []) + ([o.pattern] if o.pattern else []) + [o.colour, o.shape]
     if article:
         words.insert(0, _article(words[0]))
     return " ".join(words)
 
 
-def _background_phrase(bg: Background, on: bool) -> str:
+def background_phrase(bg: Background, on: bool) -> str:
+    """The background's phrase: after an object (``on``: "on a blue background") or on its own."""
     if bg.kind == "plain":
         return VOCAB["plain_background"]["on" if on else "bare"].format(colour=bg.name, a=_article(bg.name))
     return VOCAB["scenes"][bg.name]["on" if on else "bare"]
@@ -207,19 +209,19 @@ def caption(spec: SceneSpec, template: int | None = None) -> str:
     if not 0 <= t < NUM_TEMPLATES:
         raise ValueError(f"template must be in [0, {NUM_TEMPLATES}), got {t}")
     article = t != 1
-    objs = _object_phrase(spec.objects[0], article)
+    objs = object_phrase(spec.objects[0], article)
     if len(spec.objects) > 1:
-        objs += f" {spec.relation} " + _object_phrase(spec.objects[1], article)
+        objs += f" {spec.relation} " + object_phrase(spec.objects[1], article)
     style = spec.style
     if t == 0:
-        return f"{objs} {_background_phrase(spec.background, True)}" + (f" in {style} style" if style else "")
+        return f"{objs} {background_phrase(spec.background, True)}" + (f" in {style} style" if style else "")
     if t == 1:
-        return f"{objs}, {_background_phrase(spec.background, False)}" + (f", {style}" if style else "")
+        return f"{objs}, {background_phrase(spec.background, False)}" + (f", {style}" if style else "")
     if t == 2:
         if style:
-            return f"{style} of {objs} {_background_phrase(spec.background, True)}"
-        return f"{_background_phrase(spec.background, True)}, {objs}"
-    return f"{objs} {_background_phrase(spec.background, True)}" + (f", {style}" if style else "")
+            return f"{style} of {objs} {background_phrase(spec.background, True)}"
+        return f"{background_phrase(spec.background, True)}, {objs}"
+    return f"{objs} {background_phrase(spec.background, True)}" + (f", {style}" if style else "")
 
 
 def caption_words() -> frozenset[str]:
@@ -315,9 +317,9 @@ def sample_spec(seed: int, split: str = "train") -> SceneSpec:
     rng = np.random.default_rng([seed, 0])
     n = 2 if rng.random() < P_TWO_OBJECTS else 1
     if split == "train":
-        pairs = [_choose(rng, _TRAIN_PAIRS) for _ in range(n)]
+        pairs = [_choose(rng, TRAIN_PAIRS) for _ in range(n)]
         while n == 2 and pairs[1] == pairs[0]:
-            pairs[1] = _choose(rng, _TRAIN_PAIRS)
+            pairs[1] = _choose(rng, TRAIN_PAIRS)
     else:
         k = int(rng.integers(n))
         pairs = [_choose(rng, _ALL_PAIRS) for _ in range(n)]
@@ -532,7 +534,7 @@ def _texture_bank(name: str) -> np.ndarray:
 
 # ----------------------------------------------------------------------------- rendering
 
-def _erode(m: np.ndarray, k: int) -> np.ndarray:
+def erode(m: np.ndarray, k: int) -> np.ndarray:
     """Binary erosion by an octagon of radius ``k`` (alternating 4- and 8-neighbourhoods)."""
     for i in range(k):
         p = np.pad(m, 1)
@@ -600,7 +602,7 @@ def _draw_object(img: np.ndarray, o: ObjectSpec, rgb: np.ndarray, background: Ba
     rgb = rgb[:, None, None]
     if o.pattern == "outlined":
         thick = (2.5 if o.size == "big" else 2.0) if o.shape != "ring" else (1.5 if o.size == "big" else 1.0)
-        draw = _down(m & ~_erode(m, int(round(2 * thick))))
+        draw = _down(m & ~erode(m, int(round(2 * thick))))
         if hard:
             draw = (draw >= 0.5).astype(np.float32)
         box += draw * (rgb - box)
