@@ -68,6 +68,8 @@ MAP_SIDE_DIVISOR = 4
 #: Seeds drawn from torch's global generator for a stochastic sampler's step noise lie below this
 #: (any value `torch.Generator.manual_seed` takes; ``torch.randint`` needs it to fit an int64).
 _SEED_BOUND = 2**62
+
+
 @dataclass
 class AttentionMaps:
     """Cross-attention maps of every prompt, per token, averaged over heads, layers and steps.
@@ -260,7 +262,7 @@ class Prompt2PromptPipeline(DiffusionPipeline):
             safety_checker=safety_checker,
             feature_extractor=feature_extractor,
         )
-        self.vae_scale_factor = 2 ** (len(vae.config.block_out_channels) - 1)
+        self.vae_scale_factor = 2 ** (len(vae.config.block_out_channels) - 1)  # each VAE block but the last halves the image
         #: Words the model was trained on (the bundled shapes model sets it); others are warned about once.
         self.vocabulary: frozenset[str] | None = None
         self._warned_words: set[str] = set()
