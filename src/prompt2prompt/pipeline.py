@@ -13,7 +13,7 @@ import os
 import time
 import warnings
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -145,7 +145,6 @@ def same_noise_generators(generator: torch.Generator, n: int) -> list[torch.Gene
     return [torch.Generator(device=generator.device).set_state(state) for _ in range(n)]
 
 
-
 def scheduler_step(scheduler, noise: torch.Tensor, t, latents: torch.Tensor, extra: Mapping) -> torch.Tensor:
     """One scheduler step of every prompt row, with one noise draw for all of them.
 
@@ -206,10 +205,11 @@ class CheckedInputs:
     blend_res: int | None = None
     record_res: int | None = None
     self_res: int | None = None
-    record_sides: frozenset[int] = field(init=False)
 
-    def __post_init__(self):
-        object.__setattr__(self, "record_sides", frozenset(s for s in (self.record_res, self.blend_res) if s is not None))
+    @property
+    def record_sides(self) -> set[int]:
+        """The map sides whose cross-attention the call accumulates: the recorded one and LocalBlend's."""
+        return {s for s in (self.record_res, self.blend_res) if s is not None}
 
     @property
     def prompts(self) -> list[PromptTokens]:
@@ -337,8 +337,30 @@ class Prompt2PromptPipeline(DiffusionPipeline):
     ) -> CheckedInputs:
         """Check a call's arguments against the model and resolve their defaults; no model runs.
 
-        The arguments are the call's (see `__call__`); ``cross_replace_steps``, ``self_replace_steps``
-        and the words of ``equalizer`` and ``local_blend`` are checked when the edit is planned.
+        ``cross_replace_steps``, ``self_replace_steps`` and the words of ``equalizer`` and
+        ``local_blend`` are checked when the edit is planned (`edits.build_edit_plan`).
+
+        Args:
+            prompt: the source prompt.
+            edit_prompts: the target prompt(s), or None.
+            edit: the `EditMode` or its name.
+            equalizer: ``{word: factor}``; needs ``edit_prompts``.
+            local_blend: a `LocalBlend`; needs ``edit_prompts``; its resolution is checked here.
+            self_replace_max_res: largest side whose self-attention is injected, or None.
+            num_inference_steps: denoising steps, or None (the inversion's, or the table's).
+            guidance_scale: guidance scale, or None (the inversion's, or the table's).
+            height: pixels, or None (the model's).
+            width: pixels, or None (the model's).
+            negative_prompt: the unconditional prompt, or one per prompt, or None.
+            generator: one `torch.Generator` (or a list of one), or None.
+            latents: initial latents ``(1 or prompts, C, h, w)`` in the model's dtype, or None.
+            output_type: one of `checks.OUTPUT_TYPES`.
+            return_attention: whether cross-attention maps are recorded.
+            return_self_attention: whether the source's self-attention is recorded.
+            attention_res: the side of the recorded maps, or None.
+            truncate_prompts: cut prompts longer than the tokenizer's limit instead of raising.
+            eta: DDIM's eta.
+            inversion: an `Inversion`, checked against the other arguments and this model.
 
         Returns:
             The `CheckedInputs`.
