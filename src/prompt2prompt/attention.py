@@ -280,6 +280,16 @@ def _split_heads(x: torch.Tensor, heads: int) -> torch.Tensor:
 class P2PAttnProcessor:
     """A diffusers attention processor that applies Prompt-to-Prompt's edits.
 
+    Each call takes one of three paths, by the layer and the step (``p2p_step``, passed in by the
+    loop; without it the layer attends as diffusers' ``AttnProcessor2_0`` does):
+
+    - `self_attention`: the source's self-attention map injected into the targets, and the source's
+      map recorded;
+    - `cross_attention_values`: a cross-attention edit on the values (`edits.ValueInjection`), in
+      layers whose value projection is linear without a bias, with plain text states and no mask;
+    - `cross_attention_explicit`: the maps formed, recorded and edited (`edit_ops.edit_cross_attention`)
+      where the value form does not apply, and plain attention at steps without an edit.
+
     Args:
         controller: the `P2PController` of the current call.
         key: the processor's key in ``unet.attn_processors`` (for its place and for messages).
@@ -303,121 +313,205 @@ class P2PAttnProcessor:
         residual = hidden_states
         if attn.spatial_norm is not None:
             hidden_states = attn.spatial_norm(hidden_states, temb)
-        input_ndim = hidden_states.ndim
-        if input_ndim == 4:
-            batch, channel, height, width = hidden_states.shape
-            hidden_states = hidden_states.view(batch, channel, height * width).transpose(1, 2)  # (batch, pixels, channels)
-        is_cross = encoder_hidden_states is not None
+        image_shape = hidden_states.shape if hidden_states.ndim == 4 else None
+        if image_shape is not None:
+            batch, channels, height, width = image_shape
+            hidden_states = hidden_states.view(batch, channels, height * width).transpose(1, 2)  # (batch, pixels, channels)
         batch, pixels, _ = hidden_states.shape
-        context_len = encoder_hidden_states.shape[1] if is_cross else pixels
         if attention_mask is not None:
-            attention_mask = attn.prepare_attention_mask(attention_mask, context_len, batch)
-            attention_mask = attention_mask.view(batch, attn.heads, -1, attention_mask.shape[-1])  # (batch, heads, q, k)
+            keys = encoder_hidden_states.shape[1] if encoder_hidden_states is not None else pixels
+            attention_mask = attn.prepare_attention_mask(attention_mask, keys, batch)
+            attention_mask = attention_mask.view(batch, attn.heads, -1, attention_mask.shape[-1])  # (batch, heads, pixels, keys)
         if attn.group_norm is not None:
-            hidden_states = attn.group_norm(hidden_states.transpose(1, 2)).transpose(1, 2)
+            hidden_states = attn.group_norm(hidden_states.transpose(1, 2)).transpose(1, 2)  # (batch, pixels, channels)
+        if p2p_step is not None:
+            self._check_batch(batch)
 
+        if encoder_hidden_states is None:
+            out = self.self_attention(attn, hidden_states, attention_mask, p2p_step)
+        else:
+            injection = self._value_injection(attn, attention_mask, p2p_step)
+            if injection is not None:
+                out = self.cross_attention_values(attn, hidden_states, encoder_hidden_states, p2p_step, injection)
+            else:
+                out = self.cross_attention_explicit(attn, hidden_states, encoder_hidden_states, attention_mask, p2p_step)
+
+        hidden_states = out.transpose(1, 2).reshape(batch, pixels, -1)  # (batch, pixels, heads * dim)
+        hidden_states = attn.to_out[0](hidden_states)
+        hidden_states = attn.to_out[1](hidden_states)
+        if image_shape is not None:
+            hidden_states = hidden_states.transpose(-1, -2).reshape(image_shape)  # (batch, channels, height, width)
+        if attn.residual_connection:
+            hidden_states = hidden_states + residual
+        return hidden_states / attn.rescale_output_factor
+
+    def _check_batch(self, batch: int) -> None:
         ctrl = self.controller
-        plan = ctrl.plan
-        active = p2p_step is not None
-        if active and batch != (2 if ctrl.guidance else 1) * ctrl.num_prompts:
+        if batch != (2 if ctrl.guidance else 1) * ctrl.num_prompts:
             raise RuntimeError(
                 f"{self.key}: batch of {batch} does not match {ctrl.num_prompts} prompts "
                 f"{'with' if ctrl.guidance else 'without'} guidance"
             )
-        hw = ctrl.size(pixels) if active else None
-        side = max(hw) if active else 0
-        cond = ctrl.cond
-        record = active and is_cross and side in ctrl.record_sides
-        edit = active and is_cross and plan is not None and plan.cross_active[p2p_step]
-        # The cross-attention edit moves onto the values (edit_ops.value_weights) where the value
-        # projection is linear without a bias, the text states are not normalised and there is no
-        # mask; otherwise the maps are formed and edited below.
-        injection = None
-        if edit and attention_mask is None and not attn.norm_cross and getattr(attn.to_v, "bias", None) is None:
-            injection = plan.value_injection(p2p_step)
 
-        query = attn.to_q(hidden_states)
-        if not is_cross:
-            encoder_hidden_states = hidden_states
-        elif attn.norm_cross:
-            encoder_hidden_states = attn.norm_encoder_hidden_states(encoder_hidden_states)
-        # A value-form edit that takes the source's maps gives the target rows the source's keys:
-        # taken from the text states (once per step), not by copying keys in every layer.
-        source_keys = injection is not None and injection.source is not None
-        key_states = encoder_hidden_states
-        if source_keys:
-            key_states = ctrl.source_key_states(p2p_step, encoder_hidden_states, injection.both_terms)
-        key = attn.to_k(key_states)
-        value = attn.to_v(encoder_hidden_states if injection is None else ctrl.injected_states(injection, p2p_step, encoder_hidden_states))
-        head_dim = key.shape[-1] // attn.heads
-        query = _split_heads(query, attn.heads)  # (batch, heads, pixels, dim)
-        key = _split_heads(key, attn.heads)  # (batch [+ targets], heads, keys, dim)
-        value = _split_heads(value, attn.heads)  # (batch [+ targets], heads, keys, dim)
-        if attn.norm_q is not None:
-            query = attn.norm_q(query)
-        if attn.norm_k is not None:
-            key = attn.norm_k(key)
+    def _value_injection(self, attn, attention_mask: torch.Tensor | None, step: int | None) -> ValueInjection | None:
+        """This step's cross-attention edit on the values, or None: no edit at this step, or a layer
+        the value form does not cover (a mask, normalised text states, a ``to_v`` with a bias)."""
+        plan = self.controller.plan
+        if step is None or plan is None or not plan.cross_active[step]:
+            return None
+        if attention_mask is not None or attn.norm_cross or getattr(attn.to_v, "bias", None) is not None:
+            return None
+        return plan.value_injection(step)
 
-        if active and not is_cross and plan is not None and plan.self_active(p2p_step, side):
-            # Inject the source's self-attention map: SDPA(q_src, k_src, v_tgt) for every target.
+    def self_attention(self, attn, hidden_states: torch.Tensor, attention_mask: torch.Tensor | None, step: int | None) -> torch.Tensor:
+        """Self-attention, with the source's map ``softmax(q_s k_s^T)`` injected into the targets
+        where the plan says so: ``SDPA(q_s, k_s, v_t)``, the target rows take the source's queries and keys.
+
+        Args:
+            attn: the diffusers ``Attention`` module.
+            hidden_states: ``(batch, pixels, channels)``, normalised.
+            attention_mask: ``(batch, heads, pixels, pixels)`` or None.
+            step: the denoising step (``p2p_step``), or None outside the pipeline's loop.
+
+        Returns:
+            ``(batch, heads, pixels, dim)``.
+        """
+        ctrl = self.controller
+        query, key, value = _project(attn, hidden_states, hidden_states, hidden_states)  # (batch, heads, pixels, dim) each
+        side = max(ctrl.size(hidden_states.shape[1])) if step is not None else 0
+        if step is not None and ctrl.plan is not None and ctrl.plan.self_active(step, side):
             query = ctrl.with_source_rows(query)  # (batch, heads, pixels, dim)
-            key = ctrl.with_source_rows(key)  # (batch, heads, keys, dim)
-        own_query, own_key = query, key  # each prompt's own, for the maps that are recorded
-        if source_keys and record:  # the keys above are the source's in the target rows
-            own_key = _split_heads(attn.to_k(encoder_hidden_states), attn.heads)  # (batch, heads, tokens, dim)
-            if attn.norm_k is not None:
+            key = ctrl.with_source_rows(key)  # (batch, heads, pixels, dim)
+        if step is not None and side == ctrl.self_record_side:
+            ctrl.record_self(query[ctrl.cond.start], key[ctrl.cond.start], attn.scale)
+        return F.scaled_dot_product_attention(query, key, value, attn_mask=attention_mask, dropout_p=0.0, is_causal=False, scale=attn.scale)
+
+    def cross_attention_values(self, attn, hidden_states: torch.Tensor, text: torch.Tensor, step: int, injection: ValueInjection) -> torch.Tensor:
+        """A cross-attention edit on the values, no map formed: the target rows attend with the
+        source's queries and keys to ``S V_k``; where tokens keep their own maps (new words, windows
+        that have ended), extra rows attend with the targets' own queries and keys to ``o * V_k`` in
+        the same SDPA call and are added to them. The path is the same whether this side is
+        recorded or not, so the images do not depend on what is recorded.
+
+        Args:
+            attn: the diffusers ``Attention`` module (``to_v`` without a bias, no ``norm_cross``).
+            hidden_states: ``(batch, pixels, channels)``, normalised.
+            text: ``(batch, tokens, channels)`` the text states.
+            step: the denoising step (``p2p_step``).
+            injection: this step's `ValueInjection`.
+
+        Returns:
+            ``(batch, heads, pixels, dim)``.
+        """
+        ctrl = self.controller
+        source_keys = injection.source is not None  # the targets take the source's maps (and keys)
+        key_states = ctrl.source_key_states(step, text, injection.both_terms) if source_keys else text
+        value_states = ctrl.injected_states(injection, step, text)
+        query, key, value = _project(attn, hidden_states, key_states, value_states)  # (batch [+ targets], heads, pixels or tokens, dim)
+        hw = ctrl.size(hidden_states.shape[1])
+        if max(hw) in ctrl.record_sides:  # each prompt's own maps: its own keys where the targets took the source's
+            own_key = _split_heads(attn.to_k(text), attn.heads) if source_keys else key  # (batch, heads, tokens, dim)
+            if source_keys and attn.norm_k is not None:
                 own_key = attn.norm_k(own_key)
-        own_rows = injection is not None and injection.both_terms  # extra rows: the targets' own term
-        if injection is not None:
-            # The target rows attend with the source's queries and keys to S V_k. Where tokens keep
-            # their own maps (new words, windows that have ended), extra rows attend with the
-            # targets' own queries and keys to o * V_k in the same call, and are added to them. No
-            # map is formed, and the path does not depend on whether this side is recorded, so
-            # neither do the images.
-            if source_keys:  # the keys already are (source_key_states)
-                query = ctrl.with_source_rows(query, append_targets=own_rows)  # (batch [+ targets], heads, pixels, dim)
-            edit = False  # done
+            ctrl.record(max(hw), hw, _probabilities(attn, query[ctrl.cond], own_key[ctrl.cond], None))
+        if source_keys:
+            query = ctrl.with_source_rows(query, append_targets=injection.both_terms)  # (batch [+ targets], heads, pixels, dim)
+        out = F.scaled_dot_product_attention(query, key, value, dropout_p=0.0, is_causal=False, scale=attn.scale)  # (batch [+ targets], heads, pixels, dim)
+        if not injection.both_terms:
+            return out
+        batch = hidden_states.shape[0]
+        own, out = out[batch:], out[:batch]  # (targets, heads, pixels, dim), (batch, heads, pixels, dim)
+        if torch.is_grad_enabled():  # SDPA's output is saved for its backward: keep it intact
+            out = out.clone()
+        out[ctrl.targets].add_(own)
+        return out
 
-        if active and not is_cross and side == ctrl.self_record_side:
-            ctrl.record_self(query[cond.start], key[cond.start], attn.scale)
+    def cross_attention_explicit(self, attn, hidden_states: torch.Tensor, text: torch.Tensor, attention_mask: torch.Tensor | None,
+                                 step: int | None) -> torch.Tensor:
+        """Cross-attention through SDPA, with the maps formed where they are recorded or edited: the
+        targets' edited maps (`edit_ops.edit_cross_attention`) times their values replace their rows.
 
-        out = F.scaled_dot_product_attention(query, key, value, attn_mask=attention_mask, dropout_p=0.0, is_causal=False, scale=attn.scale)  # (batch [+ targets], heads, pixels, dim)
-        if own_rows:
-            own, out = out[batch:], out[:batch]  # (targets, heads, pixels, dim), (batch, heads, pixels, dim)
+        Args:
+            attn: the diffusers ``Attention`` module.
+            hidden_states: ``(batch, pixels, channels)``, normalised.
+            text: ``(batch, tokens, channels)`` the text states.
+            attention_mask: ``(batch, heads, pixels, tokens)`` or None.
+            step: the denoising step (``p2p_step``), or None outside the pipeline's loop.
+
+        Returns:
+            ``(batch, heads, pixels, dim)``.
+        """
+        ctrl, plan = self.controller, self.controller.plan
+        if attn.norm_cross:
+            text = attn.norm_encoder_hidden_states(text)
+        query, key, value = _project(attn, hidden_states, text, text)  # (batch, heads, pixels or tokens, dim)
+        out = F.scaled_dot_product_attention(query, key, value, attn_mask=attention_mask, dropout_p=0.0, is_causal=False, scale=attn.scale)  # (batch, heads, pixels, dim)
+        if step is None:
+            return out
+        hw = ctrl.size(hidden_states.shape[1])
+        record = max(hw) in ctrl.record_sides
+        edit = plan is not None and plan.cross_active[step]
+        if not (record or edit):
+            return out
+        cond = ctrl.cond
+        probs = _probabilities(attn, query[cond], key[cond], attention_mask[cond] if attention_mask is not None else None)  # (prompts, heads, pixels, tokens)
+        if record:  # each prompt's own maps, before the edit, as in the paper's code
+            ctrl.record(max(hw), hw, probs)
+        if edit:
+            edited = edit_cross_attention(
+                probs[0], probs[1:], plan.fast_mapper, plan.fast_alphas, plan.step_weights(step), plan.equalizer
+            )  # (targets, heads, pixels, tokens)
             if torch.is_grad_enabled():  # SDPA's output is saved for its backward: keep it intact
                 out = out.clone()
-            out[ctrl.targets].add_(own)
+            out[ctrl.targets] = torch.matmul(edited.to(value.dtype), value[ctrl.targets])  # (targets, heads, pixels, dim)
+        return out
 
-        if record or edit:
-            # As diffusers' AttnProcessor: scores in the model's dtype (float32 if the layer
-            # upcasts attention), softmax in float32. Few ops: this runs in every edited layer.
-            # Recorded maps are each prompt's own (before the edit), as in the paper's code.
-            q, k = own_query[cond], own_key[cond]
-            if attn.upcast_attention:
-                q, k = q.float(), k.float()
-            scores = torch.matmul(q * attn.scale, k.transpose(-1, -2))  # (prompts, heads, pixels, tokens)
-            if attention_mask is not None:
-                scores = scores + attention_mask[cond].to(scores.dtype)
-            probs = scores.softmax(dim=-1, dtype=torch.float32)  # (prompts, heads, pixels, tokens)
-            if record:
-                ctrl.record(side, hw, probs)
-            if edit:
-                edited = edit_cross_attention(
-                    probs[0], probs[1:], plan.fast_mapper, plan.fast_alphas, plan.step_weights(p2p_step), plan.equalizer
-                )  # (targets, heads, pixels, tokens)
-                targets = ctrl.targets
-                if torch.is_grad_enabled():  # SDPA's output is saved for its backward: keep it intact
-                    out = out.clone()
-                out[targets] = torch.matmul(edited.to(value.dtype), value[targets])  # (targets, heads, pixels, dim)
 
-        hidden_states = out.transpose(1, 2).reshape(batch, -1, attn.heads * head_dim).to(query.dtype)  # (batch, pixels, channels)
-        hidden_states = attn.to_out[0](hidden_states)
-        hidden_states = attn.to_out[1](hidden_states)
-        if input_ndim == 4:
-            hidden_states = hidden_states.transpose(-1, -2).reshape(batch, channel, height, width)  # (batch, channels, h, w)
-        if attn.residual_connection:
-            hidden_states = hidden_states + residual
-        return hidden_states / attn.rescale_output_factor
+def _project(attn, hidden_states: torch.Tensor, key_states: torch.Tensor, value_states: torch.Tensor):
+    """The layer's queries, keys and values, split into heads and normalised as the layer does.
+
+    Args:
+        attn: the diffusers ``Attention`` module.
+        hidden_states: ``(batch, pixels, channels)``.
+        key_states: ``(rows, keys, channels)`` the states the keys come from.
+        value_states: ``(rows, keys, channels)`` the states the values come from.
+
+    Returns:
+        ``(query (batch, heads, pixels, dim), key (rows, heads, keys, dim), value (rows, heads, keys, dim))``.
+    """
+    query = attn.to_q(hidden_states)
+    key = attn.to_k(key_states)
+    value = attn.to_v(value_states)
+    query = _split_heads(query, attn.heads)  # (batch, heads, pixels, dim)
+    key = _split_heads(key, attn.heads)  # (rows, heads, keys, dim)
+    value = _split_heads(value, attn.heads)  # (rows, heads, keys, dim)
+    if attn.norm_q is not None:
+        query = attn.norm_q(query)
+    if attn.norm_k is not None:
+        key = attn.norm_k(key)
+    return query, key, value
+
+
+def _probabilities(attn, query: torch.Tensor, key: torch.Tensor, attention_mask: torch.Tensor | None) -> torch.Tensor:
+    """Attention probabilities as diffusers' ``AttnProcessor`` forms them: scores in the model's dtype
+    (float32 if the layer upcasts attention), softmax in float32. Few ops: this runs in every edited
+    or recorded layer.
+
+    Args:
+        attn: the diffusers ``Attention`` module (``scale``, ``upcast_attention``).
+        query: ``(prompts, heads, pixels, dim)``.
+        key: ``(prompts, heads, tokens, dim)``.
+        attention_mask: ``(prompts, heads, pixels, tokens)`` additive, or None.
+
+    Returns:
+        ``(prompts, heads, pixels, tokens)`` float32.
+    """
+    if attn.upcast_attention:
+        query, key = query.float(), key.float()
+    scores = torch.matmul(query * attn.scale, key.transpose(-1, -2))  # (prompts, heads, pixels, tokens)
+    if attention_mask is not None:
+        scores = scores + attention_mask.to(scores.dtype)
+    return scores.softmax(dim=-1, dtype=torch.float32)  # (prompts, heads, pixels, tokens)
 
 
 @contextmanager

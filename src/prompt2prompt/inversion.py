@@ -12,22 +12,24 @@ inversion, and per method
   the gap between the inverted latent and the source branch's denoised latent is added back on the
   source branch only, so the source reconstructs the input exactly and the targets edit it.
 
-The step formulas are small pure functions (`predict_eps`, `ddim_step`, `ddim_inversion_step`).
-`invert` runs a method for a `Prompt2PromptPipeline`; the pipeline's ``invert`` method calls it.
+This module holds the formulas and loops of inversion over plain callables and modules: the step
+formulas (`predict_eps`, `ddim_step`, `ddim_inversion_step`), DDIM inversion (`ddim_inversion`),
+null-text optimisation (`null_text_optimisation`, `null_text_lr`, `null_text_threshold`,
+`graphed_eps`), image loading (`load_image`) and the result (`Inversion`, with ``save``/``load``).
+`Prompt2PromptPipeline.invert` runs them with its models; nothing here knows the pipeline.
 """
 
 from __future__ import annotations
 
 import json
 import logging
-import math
 import os
-import time
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from enum import Enum
-from numbers import Real
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 import PIL.Image
@@ -35,13 +37,18 @@ import PIL.ImageOps
 import torch
 import torch.nn.functional as F
 
-if TYPE_CHECKING:
-    from .pipeline import Prompt2PromptPipeline
+from .arguments import ArgumentError, default
 
 logger = logging.getLogger(__name__)
 
+#: The ``format`` field of a saved inversion's sidecar.
 FORMAT = "prompt2prompt-inversion"
+#: The version of that format that `Inversion.save` writes and `Inversion.load` reads.
 FORMAT_VERSION = 1
+#: Null-text inversion's Adam learning rate at step 0 (Mokady et al., 2022, their code).
+NULL_TEXT_LR = 1e-2
+#: How much null-text inversion's early-stop threshold grows per step (Mokady et al., 2022, their code).
+NULL_TEXT_THRESHOLD_STEP = 2e-5
 
 
 class InversionMethod(str, Enum):
@@ -64,7 +71,7 @@ class InversionMethod(str, Enum):
             The `InversionMethod`.
 
         Raises:
-            ValueError: ``value`` names no method; the message lists the choices.
+            ArgumentError: of ``method``: ``value`` names no method; the message lists the choices.
         """
         if isinstance(value, cls):
             return value
@@ -72,7 +79,7 @@ class InversionMethod(str, Enum):
             return cls(value)
         except ValueError:
             names = ", ".join(repr(m.value) for m in cls)
-            raise ValueError(f"inversion method must be one of {names}, got {value!r}") from None
+            raise ArgumentError("method", f"inversion method must be one of {names}, got {value!r}") from None
 
 
 # ----------------------------------------------------------------------------- step formulas
@@ -138,7 +145,7 @@ def ddim_inversion_step(sample: torch.Tensor, eps: torch.Tensor, alpha_prev: tor
     return alpha_t.sqrt() * x0 + (1 - alpha_t).sqrt() * eps
 
 
-def null_text_lr(step: int, num_steps: int, base: float = 1e-2) -> float:
+def null_text_lr(step: int, num_steps: int, base: float = NULL_TEXT_LR) -> float:
     """Adam learning rate at DDIM step ``step`` of ``num_steps``: ``base * (1 - step / (2 * num_steps))``.
 
     The paper's code (Mokady et al., 2022) uses ``1e-2 * (1 - step/100)`` for its 50 steps, which
@@ -153,8 +160,9 @@ def null_text_lr(step: int, num_steps: int, base: float = 1e-2) -> float:
     return base * (1.0 - step / (2.0 * num_steps))
 
 
-def null_text_threshold(step: int, epsilon: float = 1e-5) -> float:
-    """Early-stop threshold of the inner loop at step ``step``: ``epsilon + step * 2e-5``.
+def null_text_threshold(step: int, epsilon: float = default("early_stop_epsilon")) -> float:
+    """Early-stop threshold of the inner loop at step ``step``: ``epsilon + step *`` `NULL_TEXT_THRESHOLD_STEP`
+    (``2e-5``, as the paper's code).
 
     Args:
         step: the DDIM step, 0 at the noisiest.
@@ -163,7 +171,7 @@ def null_text_threshold(step: int, epsilon: float = 1e-5) -> float:
     Returns:
         The MSE below which null-text optimisation stops at this step.
     """
-    return epsilon + step * 2e-5
+    return epsilon + step * NULL_TEXT_THRESHOLD_STEP
 
 
 # ----------------------------------------------------------------------------- images
@@ -176,30 +184,36 @@ def load_image(image: Any, height: int, width: int) -> tuple[np.ndarray, str]:
     numpy array ``(h, w)``, ``(h, w, 1|3|4)`` (uint8, or float in [0, 1]) or a tensor ``(3, h, w)``
     / ``(1, 3, h, w)`` in [0, 1]. Transparency is composited on white, grey becomes RGB.
 
+    Args:
+        image: the picture (see above).
+        height: the height in pixels to crop and resize to.
+        width: the width in pixels to crop and resize to.
+
     Returns:
         The array and a sentence saying what was done to the picture.
 
     Raises:
-        ValueError: a missing, empty or unreadable file, or an array of the wrong shape or range.
+        ArgumentError: of ``image``: a missing, empty or unreadable file, or an array of the wrong
+            shape or range.
     """
     if isinstance(image, (str, os.PathLike)):
         path = Path(image)
         if not path.is_file():
-            raise ValueError(f"image file {str(path)!r} does not exist; give the path of a PNG, JPEG or WebP picture")
+            raise ArgumentError("image", f"image file {str(path)!r} does not exist; give the path of a PNG, JPEG or WebP picture")
         if path.stat().st_size == 0:
-            raise ValueError(f"image file {str(path)!r} is empty; give a PNG, JPEG or WebP picture")
+            raise ArgumentError("image", f"image file {str(path)!r} is empty; give a PNG, JPEG or WebP picture")
         try:
             with PIL.Image.open(path) as opened:
                 opened.load()
                 pil = opened.copy() if not getattr(opened, "getexif", None) else PIL.ImageOps.exif_transpose(opened)
         except (PIL.UnidentifiedImageError, OSError, SyntaxError, PIL.Image.DecompressionBombError) as err:
-            raise ValueError(f"image file {str(path)!r} is not a picture PIL can read ({err}); give a PNG, JPEG or WebP picture") from None
+            raise ArgumentError("image", f"image file {str(path)!r} is not a picture PIL can read ({err}); give a PNG, JPEG or WebP picture") from None
     elif isinstance(image, PIL.Image.Image):
         pil = PIL.ImageOps.exif_transpose(image)
     elif isinstance(image, (np.ndarray, torch.Tensor)):
         pil = _array_to_pil(image)
     else:
-        raise ValueError(f"image must be a file path, a PIL image, a numpy array or a tensor, got {type(image).__name__}")
+        raise ArgumentError("image", f"image must be a file path, a PIL image, a numpy array or a tensor, got {type(image).__name__}")
     pil, deep = _deep_grey_to_8bit(pil)
     if pil.mode in ("RGBA", "LA", "PA") or (pil.mode == "P" and "transparency" in pil.info):
         rgba = pil.convert("RGBA")
@@ -209,7 +223,7 @@ def load_image(image: Any, height: int, width: int) -> tuple[np.ndarray, str]:
     pil = pil.convert("RGB")
     w, h = pil.size
     if w < 1 or h < 1:
-        raise ValueError(f"image is {w}x{h} pixels; it has no content")
+        raise ArgumentError("image", f"image is {w}x{h} pixels; it has no content")
     target = width / height
     if w / h > target:  # too wide: crop the sides
         cw, ch = max(1, round(h * target)), h
@@ -254,15 +268,15 @@ def _array_to_pil(image) -> PIL.Image.Image:
         if arr.ndim == 4 and arr.shape[0] == 1:
             arr = arr[0]
         if arr.ndim != 3 or arr.shape[0] not in (1, 3, 4):
-            raise ValueError(f"an image tensor must be (3, height, width) or (1, 3, height, width) in [0, 1], got {tuple(arr.shape)}")
+            raise ArgumentError("image", f"an image tensor must be (3, height, width) or (1, 3, height, width) in [0, 1], got {tuple(arr.shape)}")
         arr = arr.transpose(1, 2, 0)  # (h, w, channels)
     if arr.ndim == 3 and arr.shape[-1] == 1:
         arr = arr[..., 0]
     if not (arr.ndim == 2 or (arr.ndim == 3 and arr.shape[-1] in (3, 4))):
-        raise ValueError(f"an image array must be (height, width), (height, width, 3) or (height, width, 4), got {arr.shape}")
+        raise ArgumentError("image", f"an image array must be (height, width), (height, width, 3) or (height, width, 4), got {arr.shape}")
     if arr.dtype != np.uint8:
         if not np.issubdtype(arr.dtype, np.floating) or not np.isfinite(arr).all() or arr.min() < 0 or arr.max() > 1:
-            raise ValueError("a non-uint8 image array must hold finite floats in [0, 1]; scale it (e.g. image / 255)")
+            raise ArgumentError("image", "a non-uint8 image array must hold finite floats in [0, 1]; scale it (e.g. image / 255)")
         arr = (arr * 255).round().astype(np.uint8)
     return PIL.Image.fromarray(arr)
 
@@ -406,135 +420,98 @@ def _sidecar(path: Path) -> Path:
 # ----------------------------------------------------------------------------- running it
 
 
-def inversion_scheduler(pipe: "Prompt2PromptPipeline"):
-    """The deterministic DDIM scheduler that inversions and edits of inverted images share,
-    built from the pipeline's scheduler config (sample clipping and thresholding off).
+def inversion_scheduler(config):
+    """The deterministic DDIM scheduler that inversions and edits of inverted images share, built
+    from a scheduler config (sample clipping and thresholding off).
 
     Args:
-        pipe: the pipeline whose ``scheduler.config`` is used (its scheduler is not changed).
+        config: a diffusers scheduler's ``config`` (the pipeline's; its scheduler is not changed).
 
     Returns:
         A new `diffusers.DDIMScheduler`.
     """
     from diffusers import DDIMScheduler
 
-    return DDIMScheduler.from_config(pipe.scheduler.config, clip_sample=False, thresholding=False)
+    return DDIMScheduler.from_config(config, clip_sample=False, thresholding=False)
 
 
-def _alpha(scheduler, t: int) -> torch.Tensor:
+def alpha_at(scheduler, t: int) -> torch.Tensor:
+    """The cumulative alpha of ``scheduler`` at timestep ``t``; its ``final_alpha_cumprod`` for
+    ``t < 0`` (the step after the last one).
+
+    Args:
+        scheduler: a DDIM scheduler (``alphas_cumprod``, ``final_alpha_cumprod``).
+        t: a timestep, or a negative number for "past the last step".
+
+    Returns:
+        A scalar tensor.
+    """
     return scheduler.alphas_cumprod[t] if t >= 0 else torch.as_tensor(scheduler.final_alpha_cumprod)
 
 
-def invert(
-    pipe: "Prompt2PromptPipeline",
-    image: Any,
-    prompt: str,
-    method: InversionMethod | str = "null-text",
-    num_inference_steps: int = 50,
-    guidance_scale: float = 7.5,
-    height: int | None = None,
-    width: int | None = None,
-    num_inner_steps: int = 10,
-    early_stop_epsilon: float = 1e-5,
-    negative_prompt: str | None = None,
-    cuda_graph: bool = False,
-) -> Inversion:
-    """Invert ``image`` with ``prompt`` (see `Prompt2PromptPipeline.invert` for the arguments).
+def unet_eps(unet, alpha_of: Callable[[torch.Tensor], torch.Tensor], prediction_type: str, dtype: torch.dtype):
+    """``eps(latent, t, states)``: the UNet's noise prediction at one latent, in float32.
 
     Args:
-        pipe: the `Prompt2PromptPipeline` whose VAE, text encoder, UNet and scheduler config are used.
-        image: a path, PIL image, array or tensor (see `load_image`).
-        prompt: a caption of the image; the source prompt of the edits.
-        method: an `InversionMethod` or its value.
-        num_inference_steps: DDIM steps (the edits use the same).
-        guidance_scale: the classifier-free guidance scale null-text optimises for (recorded for the edits).
-        height: pixels, a multiple of the VAE factor (default: the model's resolution).
-        width: pixels, a multiple of the VAE factor (default: the model's resolution).
-        num_inner_steps: null-text: at most this many evaluations per step.
-        early_stop_epsilon: null-text: stop a step's optimisation below `null_text_threshold`.
-        negative_prompt: null-text: the text whose embedding starts the optimisation (default ``""``).
-        cuda_graph: null-text on CUDA only: run the inner loop through `graphed_eps`.
+        unet: a diffusers UNet.
+        alpha_of: ``t -> a_t``, the cumulative alpha at a timestep (for `predict_eps`).
+        prediction_type: the scheduler config's ``prediction_type`` (for `predict_eps`).
+        dtype: the UNet's dtype; the latent is cast to it.
 
     Returns:
-        The `Inversion`, with its tensors on the CPU.
-
-    Raises:
-        ValueError: a bad argument or unreadable image, before any model work.
+        ``eps(latent (1, C, h, w), t, states (1, tokens, dim)) -> (1, C, h, w)`` float32.
     """
-    method = InversionMethod.parse(method)
-    source = pipe._tokenize(prompt, "prompt", False)
-    if isinstance(num_inference_steps, bool) or not isinstance(num_inference_steps, int) or num_inference_steps < 1:
-        raise ValueError(f"num_inference_steps must be a positive integer, got {num_inference_steps!r}")
-    if isinstance(guidance_scale, bool) or not isinstance(guidance_scale, Real) or not math.isfinite(guidance_scale):
-        raise ValueError(f"guidance_scale must be a finite number, got {guidance_scale!r}")
-    if isinstance(num_inner_steps, bool) or not isinstance(num_inner_steps, int) or num_inner_steps < 1:
-        raise ValueError(f"num_inner_steps must be a positive integer, got {num_inner_steps!r}")
-    if isinstance(early_stop_epsilon, bool) or not isinstance(early_stop_epsilon, Real) or not early_stop_epsilon >= 0:
-        raise ValueError(f"early_stop_epsilon must be a number >= 0, got {early_stop_epsilon!r}")
-    if not isinstance(cuda_graph, bool):
-        raise ValueError(f"cuda_graph must be True or False, got {cuda_graph!r}")
-    if cuda_graph and method is not InversionMethod.NULL_TEXT:
-        raise ValueError(f"cuda_graph=True speeds up null-text inversion only; drop it for method={method.value!r}")
-    if cuda_graph and pipe._execution_device.type != "cuda":
-        raise ValueError(f"cuda_graph=True needs the pipeline on a CUDA device, but it is on {pipe._execution_device}; "
-                         "move it with pipe.to('cuda') or drop cuda_graph")
-    height = pipe._check_size(height if height is not None else pipe._default_size(), "height")
-    width = pipe._check_size(width if width is not None else pipe._default_size(), "width")
-    pixels, note = load_image(image, height, width)
-    negative_ids = pipe._negative_ids(negative_prompt, 1, False)
-    prediction_type = pipe.scheduler.config.get("prediction_type", "epsilon")
-    predict_eps(torch.zeros(1), torch.zeros(1), torch.ones(1), prediction_type)  # validates the type early
-    logger.info("inversion: %s", note)
 
-    start = time.perf_counter()
-    device, dtype = pipe._execution_device, pipe.unet.dtype
-    scheduler = inversion_scheduler(pipe)
-    scheduler.set_timesteps(num_inference_steps, device=device)
-    timesteps = scheduler.timesteps
-    ratio = scheduler.config.num_train_timesteps // num_inference_steps
-    scheduler.alphas_cumprod = scheduler.alphas_cumprod.to(device=device, dtype=torch.float32)
+    def eps(latent: torch.Tensor, t: torch.Tensor, states: torch.Tensor) -> torch.Tensor:
+        out = unet(latent.to(dtype), t, encoder_hidden_states=states, return_dict=False)[0].float()  # (1, C, h, w)
+        return predict_eps(out, latent, alpha_of(t), prediction_type)
 
-    with torch.no_grad():
-        x = torch.from_numpy(pixels).to(device).permute(2, 0, 1)[None].float() / 127.5 - 1.0  # (1, 3, H, W) in [-1, 1]
-        z0 = pipe.vae.encode(x.to(pipe.vae.dtype)).latent_dist.mean.float()  # (1, C, h, w)
-        shift = getattr(pipe.vae.config, "shift_factor", None) or 0.0
-        z0 = (z0 - shift) * pipe.vae.config.scaling_factor
-        cond = pipe._encode([source.ids], device, dtype)  # (1, tokens, dim)
-        uncond0 = pipe._encode(negative_ids, device, dtype)  # (1, tokens, dim)
+    return eps
 
-    def eps_of(latent, t, states):
-        out = pipe.unet(latent.to(dtype), t, encoder_hidden_states=states, return_dict=False)[0].float()
-        return predict_eps(out, latent, _alpha(scheduler, int(t)), prediction_type)
 
-    # DDIM inversion with the conditional prediction (w = 1): x_0 -> x_T
-    path = [z0]
-    latent = z0
-    with torch.no_grad(), pipe.progress_bar(total=num_inference_steps) as bar:
-        for t in timesteps.flip(0):
-            prev = int(t) - ratio
-            latent = ddim_inversion_step(latent, eps_of(latent, t, cond), _alpha(scheduler, prev), _alpha(scheduler, int(t)))
-            path.append(latent)
-            bar.update()
-    trajectory = torch.cat(path[::-1])  # (steps + 1, C, h, w): x_T ... x_0
-    info: dict[str, Any] = {"preprocessing": note, "model": str(getattr(pipe, "name_or_path", "") or pipe.config.get("_name_or_path", "")),
-                            "negative_prompt": negative_prompt or ""}
+def ddim_inversion(image_latent: torch.Tensor, timesteps: torch.Tensor, step_ratio: int, alpha_of, eps, cond: torch.Tensor,
+                   on_step: Callable[[], Any] = lambda: None) -> torch.Tensor:
+    """DDIM inversion with the conditional prediction (w = 1): ``x_0 -> x_T`` along ``timesteps`` reversed.
 
-    null = None
-    if method is InversionMethod.NULL_TEXT:
-        eps_with_grad, graphed = eps_of, False
-        if cuda_graph:
-            sample = capture_sample(trajectory, timesteps, uncond0, dtype)
-            eps_with_grad, graphed = graphed_eps(pipe.unet, sample, lambda t: _alpha(scheduler, int(t)), prediction_type, eps_of)
-        null, used, losses = _null_text(pipe, trajectory, timesteps, ratio, scheduler, cond, uncond0, guidance_scale,
-                                        num_inner_steps, early_stop_epsilon, eps_of, eps_with_grad)
-        info.update(num_inner_steps=num_inner_steps, early_stop_epsilon=early_stop_epsilon, inner_steps_used=used,
-                    final_losses=losses, unet_forward_passes=num_inference_steps * 2 + sum(used), cuda_graph=graphed)
-    info["seconds"] = time.perf_counter() - start
-    return Inversion(
-        method=method, prompt=prompt, num_inference_steps=num_inference_steps, guidance_scale=float(guidance_scale),
-        timesteps=timesteps.cpu(), latent=trajectory[:1].cpu().clone(), image_latent=z0.cpu(), image=pixels,
-        null_embeddings=null, trajectory=trajectory.cpu() if method is InversionMethod.DIRECT else None, info=info,
-    )
+    Args:
+        image_latent: ``x_0`` ``(1, C, h, w)`` float32, the VAE encoding of the image.
+        timesteps: the scheduler's timesteps ``(steps,)``, descending.
+        step_ratio: timesteps between two DDIM steps (the step before ``t`` is ``t - step_ratio``).
+        alpha_of: ``t -> a_t`` (`alpha_at`), also for timesteps below 0.
+        eps: ``eps(latent, t, states)`` (`unet_eps`).
+        cond: the prompt's text states ``(1, tokens, dim)``.
+        on_step: called after each step (a progress bar's ``update``).
+
+    Returns:
+        The trajectory ``(steps + 1, C, h, w)``: ``x_T`` first, ``x_0`` last.
+    """
+    path = [image_latent]
+    latent = image_latent
+    for t in timesteps.flip(0):
+        prev = int(t) - step_ratio
+        latent = ddim_inversion_step(latent, eps(latent, t, cond), alpha_of(prev), alpha_of(int(t)))
+        path.append(latent)
+        on_step()
+    return torch.cat(path[::-1])  # (steps + 1, C, h, w): x_T ... x_0
+
+
+@contextmanager
+def frozen(modules: Iterable[torch.nn.Module]) -> Iterator[None]:
+    """Turn off ``requires_grad`` on every parameter of ``modules``; restore each on exit, also when
+    the body raises (null-text inversion differentiates with respect to the embedding alone).
+
+    Args:
+        modules: the modules to freeze (the UNet and the text encoder).
+    """
+    params = [p for m in modules for p in m.parameters()]
+    grad_state = [p.requires_grad for p in params]
+    for p in params:
+        p.requires_grad_(False)
+    try:
+        yield
+    finally:
+        for p, g in zip(params, grad_state):
+            p.requires_grad_(g)
 
 
 def capture_sample(trajectory: torch.Tensor, timesteps: torch.Tensor, uncond: torch.Tensor, dtype: torch.dtype) -> tuple:
@@ -568,8 +545,8 @@ def graphed_eps(unet, sample: tuple[torch.Tensor, torch.Tensor, torch.Tensor], a
     True)``, or ``(eager, False)`` with a warning when the capture fails (e.g. a UNet that
     synchronises with the host), so that the inversion still runs.
 
-    Experimental: written without a GPU at hand; ``benchmarks/gpu_bench.sh`` compares it with the
-    eager loop (time and the null embeddings) on the first CUDA machine.
+    Experimental: not yet run on a GPU by this project; ``benchmarks/gpu_bench.sh`` compares it with
+    the eager loop (time and the null embeddings).
 
     Args:
         unet: the pipeline's UNet.
@@ -601,53 +578,62 @@ def graphed_eps(unet, sample: tuple[torch.Tensor, torch.Tensor, torch.Tensor], a
     return eps, True
 
 
-def _null_text(pipe, trajectory, timesteps, ratio, scheduler, cond, uncond0, guidance_scale, num_inner_steps, epsilon, eps_of,
-               eps_with_grad=None):
+def null_text_optimisation(trajectory: torch.Tensor, timesteps: torch.Tensor, step_ratio: int, alpha_of, cond: torch.Tensor,
+                           uncond: torch.Tensor, guidance_scale: float, num_inner_steps: int, epsilon: float, eps,
+                           eps_with_grad=None, on_step: Callable[[], Any] = lambda: None) -> tuple[torch.Tensor, list[int], list[float]]:
     """Null-text optimisation (Mokady et al., 2022, Algorithm 1) along the DDIM-inversion ``trajectory``.
 
-    Per step i: Adam on the unconditional embedding, lr `null_text_lr` (the paper's ``1e-2 (1 - i/100)`` at
-    50 steps), at most
-    ``num_inner_steps`` evaluations, stopping once the MSE to the pivot ``z*_{t-1}`` is below
-    ``epsilon + i * 2e-5``. The embedding kept is the last one evaluated (the update after the
-    final evaluation is not taken), so its denoised latent is already known and continues the
-    trajectory without another forward pass. ``eps_with_grad`` (default ``eps_of``) computes the
-    unconditional prediction of the inner loop (`graphed_eps`).
+    Per step i: Adam on the unconditional embedding, lr `null_text_lr` (the paper's ``1e-2 (1 - i/100)``
+    at 50 steps), at most ``num_inner_steps`` evaluations, stopping once the MSE to the pivot
+    ``z*_{t-1}`` is below `null_text_threshold`. The embedding kept is the last one evaluated (the
+    update after the final evaluation is not taken), so its denoised latent is already known and
+    continues the trajectory without another forward pass. The models behind ``eps`` should be
+    `frozen`.
+
+    Args:
+        trajectory: the DDIM-inversion trajectory ``(steps + 1, C, h, w)``, ``x_T`` first (`ddim_inversion`).
+        timesteps: the scheduler's timesteps ``(steps,)``, descending.
+        step_ratio: timesteps between two DDIM steps.
+        alpha_of: ``t -> a_t`` (`alpha_at`).
+        cond: the prompt's text states ``(1, tokens, dim)``.
+        uncond: the unconditional text states ``(1, tokens, dim)`` the optimisation starts from.
+        guidance_scale: the classifier-free guidance scale the embeddings are optimised for.
+        num_inner_steps: at most this many evaluations per step.
+        epsilon: the early-stop threshold at step 0 (``early_stop_epsilon``).
+        eps: ``eps(latent, t, states)`` without gradients (`unet_eps`), for the conditional prediction.
+        eps_with_grad: the same with gradients, for the unconditional prediction (`graphed_eps`;
+            default ``eps``).
+        on_step: called after each step (a progress bar's ``update``).
+
+    Returns:
+        ``(embeddings (steps, tokens, dim) on the CPU, evaluations used per step, final loss per step)``.
     """
-    eps_with_grad = eps_with_grad or eps_of
-    params = [p for m in (pipe.unet, pipe.text_encoder) for p in m.parameters()]
-    grad_state = [p.requires_grad for p in params]
-    for p in params:
-        p.requires_grad_(False)
+    eps_with_grad = eps_with_grad or eps
     embeddings, used, losses = [], [], []
     latent = trajectory[:1]
-    uncond = uncond0.detach().float().clone()
-    try:
-        with pipe.progress_bar(total=len(timesteps)) as bar:
-            for i, t in enumerate(timesteps):
-                alpha_t, alpha_prev = _alpha(scheduler, int(t)), _alpha(scheduler, int(t) - ratio)
-                target = trajectory[i + 1 : i + 2]
-                with torch.no_grad():
-                    eps_cond = eps_of(latent, t, cond)
-                uncond = uncond.detach().requires_grad_(True)
-                opt = torch.optim.Adam([uncond], lr=null_text_lr(i, len(timesteps)))
-                threshold = null_text_threshold(i, epsilon)
-                for j in range(num_inner_steps):
-                    with torch.enable_grad():
-                        eps_uncond = eps_with_grad(latent, t, uncond.to(cond.dtype))
-                        eps = eps_uncond + guidance_scale * (eps_cond - eps_uncond)
-                        denoised = ddim_step(latent, eps, alpha_t, alpha_prev)
-                        loss = F.mse_loss(denoised, target)
-                        if loss.item() < threshold or j == num_inner_steps - 1:
-                            break
-                        opt.zero_grad(set_to_none=True)
-                        loss.backward()
-                    opt.step()
-                used.append(j + 1)
-                losses.append(float(loss.item()))
-                embeddings.append(uncond.detach()[0].clone())
-                latent = denoised.detach()
-                bar.update()
-    finally:
-        for p, g in zip(params, grad_state):
-            p.requires_grad_(g)
+    uncond = uncond.detach().float().clone()
+    for i, t in enumerate(timesteps):
+        alpha_t, alpha_prev = alpha_of(int(t)), alpha_of(int(t) - step_ratio)
+        target = trajectory[i + 1 : i + 2]
+        with torch.no_grad():
+            eps_cond = eps(latent, t, cond)
+        uncond = uncond.detach().requires_grad_(True)
+        opt = torch.optim.Adam([uncond], lr=null_text_lr(i, len(timesteps)))
+        threshold = null_text_threshold(i, epsilon)
+        for j in range(num_inner_steps):
+            with torch.enable_grad():
+                eps_uncond = eps_with_grad(latent, t, uncond.to(cond.dtype))
+                guided = eps_uncond + guidance_scale * (eps_cond - eps_uncond)
+                denoised = ddim_step(latent, guided, alpha_t, alpha_prev)
+                loss = F.mse_loss(denoised, target)
+                if loss.item() < threshold or j == num_inner_steps - 1:
+                    break
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+            opt.step()
+        used.append(j + 1)
+        losses.append(float(loss.item()))
+        embeddings.append(uncond.detach()[0].clone())
+        latent = denoised.detach()
+        on_step()
     return torch.stack(embeddings).cpu(), used, losses  # (steps, tokens, dim)

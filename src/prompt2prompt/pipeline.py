@@ -1,13 +1,19 @@
-"""`Prompt2PromptPipeline`: Algorithm 1 of Prompt-to-Prompt as a diffusers pipeline."""
+"""`Prompt2PromptPipeline`: Algorithm 1 of Prompt-to-Prompt as a diffusers pipeline.
+
+The call runs the stages diffusers' Stable Diffusion pipeline names (`check_inputs`,
+`encode_prompt`, `prepare_latents`, `prepare_extra_step_kwargs`, `decode_latents`) around the
+edit: plan it (`edits.build_edit_plan`), install the attention processors (`attention.p2p_attention`),
+denoise every prompt together, blend, decode. `Prompt2PromptPipeline.invert` builds an `Inversion`
+of a real image on the same stages and the formulas of `inversion`.
+"""
 
 import inspect
 import logging
-import math
 import os
+import time
 import warnings
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from numbers import Real
 from pathlib import Path
 
 import numpy as np
@@ -31,14 +37,37 @@ from diffusers.image_processor import VaeImageProcessor
 from diffusers.utils import BaseOutput
 from diffusers.utils.torch_utils import randn_tensor
 
+from . import checks
 from .alignment import PromptTokens, tokenize_words
+from .arguments import ArgumentError, default
 from .attention import P2PController, attention_sides, p2p_attention
 from .edit_ops import blend_latents, local_blend_mask
 from .edits import EditMode, EditPlan, LocalBlend, build_edit_plan
-from .inversion import Inversion, InversionMethod, inversion_scheduler
+from .inversion import (
+    Inversion,
+    InversionMethod,
+    alpha_at,
+    capture_sample,
+    ddim_inversion,
+    frozen,
+    graphed_eps,
+    inversion_scheduler,
+    load_image,
+    null_text_optimisation,
+    predict_eps,
+    unet_eps,
+)
 from .model_folder import check_model_folder
 
 logger = logging.getLogger(__name__)
+
+#: The default side of the attention maps that LocalBlend reads and the call records, and of
+#: ``self_replace_max_res``, is the latent's side over this: the paper's code uses the 16 x 16 maps
+#: of Stable Diffusion's 64 x 64 latent. The nearest side the UNet has is taken.
+MAP_SIDE_DIVISOR = 4
+#: Seeds drawn from torch's global generator for a stochastic sampler's step noise lie below this
+#: (any value `torch.Generator.manual_seed` takes; ``torch.randint`` needs it to fit an int64).
+_SEED_BOUND = 2**62
 
 
 @dataclass
@@ -116,8 +145,82 @@ def same_noise_generators(generator: torch.Generator, n: int) -> list[torch.Gene
     return [torch.Generator(device=generator.device).set_state(state) for _ in range(n)]
 
 
-def _closest_side(sides: Sequence[int], wanted: int) -> int:
-    return min(sides, key=lambda s: (abs(s - wanted), -s))
+def scheduler_step(scheduler, noise: torch.Tensor, t, latents: torch.Tensor, extra: Mapping) -> torch.Tensor:
+    """One scheduler step of every prompt row, with one noise draw for all of them.
+
+    Args:
+        scheduler: the call's scheduler.
+        noise: the guided noise prediction ``(prompts, C, h, w)``.
+        t: the step's timestep.
+        latents: ``(prompts, C, h, w)``.
+        extra: `Prompt2PromptPipeline.prepare_extra_step_kwargs`; its ``generator``, when there is
+            one, draws the step's noise once for all rows (`same_noise_generators`) and is advanced
+            past that draw.
+
+    Returns:
+        The latents of the next step ``(prompts, C, h, w)``.
+    """
+    kwargs = dict(extra)
+    generator = extra.get("generator")
+    if generator is not None:
+        kwargs["generator"] = same_noise_generators(generator, latents.shape[0])
+    latents = scheduler.step(noise, t, latents, **kwargs, return_dict=False)[0]
+    if generator is not None:
+        generator.set_state(kwargs["generator"][0].get_state())
+    return latents
+
+
+@dataclass(frozen=True)
+class CheckedInputs:
+    """A call's arguments after `Prompt2PromptPipeline.check_inputs`: tokenized, defaults resolved.
+
+    Attributes:
+        source: the tokenized source prompt.
+        targets: the tokenized target prompts (none: the source alone is generated).
+        mode: the `EditMode` asked for (``auto`` is resolved by the plan).
+        num_inference_steps: denoising steps (the table's default or the inversion's when not given).
+        guidance_scale: classifier-free guidance scale (likewise).
+        height: image height in pixels.
+        width: image width in pixels.
+        latent_hw: the latent ``(height, width)``: the image's over the VAE's factor.
+        generator: the run's one generator, or None.
+        negative_ids: token ids of the unconditional prompt, one row per prompt.
+        self_replace_max_res: largest map side whose self-attention is injected.
+        blend_res: the map side LocalBlend reads, or None without ``local_blend``.
+        record_res: the side of the recorded cross-attention maps, or None when none are returned.
+        self_res: the side of the recorded self-attention, or None when it is not returned.
+    """
+
+    source: PromptTokens
+    targets: list[PromptTokens]
+    mode: EditMode
+    num_inference_steps: int
+    guidance_scale: float
+    height: int
+    width: int
+    latent_hw: tuple[int, int]
+    generator: torch.Generator | None
+    negative_ids: list[list[int]]
+    self_replace_max_res: int
+    blend_res: int | None = None
+    record_res: int | None = None
+    self_res: int | None = None
+
+    @property
+    def record_sides(self) -> set[int]:
+        """The map sides whose cross-attention the call accumulates: the recorded one and LocalBlend's."""
+        return {s for s in (self.record_res, self.blend_res) if s is not None}
+
+    @property
+    def prompts(self) -> list[PromptTokens]:
+        """The source followed by the targets: the rows of every batch."""
+        return [self.source, *self.targets]
+
+    @property
+    def do_classifier_free_guidance(self) -> bool:
+        """Whether the unconditional half runs: at a scale <= 1 guidance adds nothing to the
+        conditional prediction, or takes from it (diffusers' convention)."""
+        return self.guidance_scale > 1.0
 
 
 class Prompt2PromptPipeline(DiffusionPipeline):
@@ -159,7 +262,7 @@ class Prompt2PromptPipeline(DiffusionPipeline):
             safety_checker=safety_checker,
             feature_extractor=feature_extractor,
         )
-        self.vae_scale_factor = 2 ** (len(vae.config.block_out_channels) - 1)
+        self.vae_scale_factor = 2 ** (len(vae.config.block_out_channels) - 1)  # each VAE block but the last halves the image
         #: Words the model was trained on (the bundled shapes model sets it); others are warned about once.
         self.vocabulary: frozenset[str] | None = None
         self._warned_words: set[str] = set()
@@ -207,48 +310,135 @@ class Prompt2PromptPipeline(DiffusionPipeline):
             check_model_folder(pretrained_model_name_or_path, allow_pickle=allow_pickle)  # names a missing or damaged file
         return super().from_pretrained(pretrained_model_name_or_path, *args, **kwargs)
 
-    # ----------------------------------------------------------------- helpers
+    # ----------------------------------------------------------------- checks
 
-    def _default_size(self) -> int:
-        size = self.unet.config.sample_size
-        return (size if isinstance(size, int) else size[0]) * self.vae_scale_factor
+    def check_inputs(
+        self,
+        prompt: str,
+        edit_prompts: Sequence[str] | str | None = default("edit_prompts"),
+        edit: EditMode | str = default("edit"),
+        equalizer: Mapping | None = default("equalizer"),
+        local_blend: LocalBlend | None = default("local_blend"),
+        self_replace_max_res: int | None = default("self_replace_max_res"),
+        num_inference_steps: int | None = None,
+        guidance_scale: float | None = None,
+        height: int | None = default("height"),
+        width: int | None = default("width"),
+        negative_prompt: str | Sequence[str] | None = default("negative_prompt"),
+        generator: torch.Generator | None = default("generator"),
+        latents: torch.Tensor | None = default("latents"),
+        output_type: str = default("output_type"),
+        return_attention: bool = True,
+        return_self_attention: bool = default("return_self_attention"),
+        attention_res: int | None = default("attention_res"),
+        truncate_prompts: bool = default("truncate_prompts"),
+        eta: float = default("eta"),
+        inversion: Inversion | None = default("inversion"),
+    ) -> CheckedInputs:
+        """Check a call's arguments against the model and resolve their defaults; no model runs.
+
+        ``cross_replace_steps``, ``self_replace_steps`` and the words of ``equalizer`` and
+        ``local_blend`` are checked when the edit is planned (`edits.build_edit_plan`).
+
+        Args:
+            prompt: the source prompt.
+            edit_prompts: the target prompt(s), or None.
+            edit: the `EditMode` or its name.
+            equalizer: ``{word: factor}``; needs ``edit_prompts``.
+            local_blend: a `LocalBlend`; needs ``edit_prompts``; its resolution is checked here.
+            self_replace_max_res: largest side whose self-attention is injected, or None.
+            num_inference_steps: denoising steps, or None (the inversion's, or the table's).
+            guidance_scale: guidance scale, or None (the inversion's, or the table's).
+            height: pixels, or None (the model's).
+            width: pixels, or None (the model's).
+            negative_prompt: the unconditional prompt, or one per prompt, or None.
+            generator: one `torch.Generator` (or a list of one), or None.
+            latents: initial latents ``(1 or prompts, C, h, w)`` in the model's dtype, or None.
+            output_type: one of `checks.OUTPUT_TYPES`.
+            return_attention: whether cross-attention maps are recorded.
+            return_self_attention: whether the source's self-attention is recorded.
+            attention_res: the side of the recorded maps, or None.
+            truncate_prompts: cut prompts longer than the tokenizer's limit instead of raising.
+            eta: DDIM's eta.
+            inversion: an `Inversion`, checked against the other arguments and this model.
+
+        Returns:
+            The `CheckedInputs`.
+
+        Raises:
+            ArgumentError: naming the first bad argument (``.argument``), and ValueError from the
+                edit's own checks (`edits.EditMode.parse`).
+        """
+        source, targets = self._check_prompts(prompt, edit_prompts, equalizer, local_blend, truncate_prompts)
+        mode = EditMode.parse(edit)
+        self._warn_unknown_words([source, *targets])
+        checks.eta(eta)
+        if inversion is not None:
+            num_inference_steps, guidance_scale, height, width = self._check_inversion(
+                inversion, prompt, num_inference_steps, guidance_scale, height, width, latents, negative_prompt, eta
+            )
+        steps = default("num_inference_steps") if num_inference_steps is None else num_inference_steps
+        scale = default("guidance_scale") if guidance_scale is None else guidance_scale
+        checks.positive_int("num_inference_steps", steps)
+        checks.finite_number("guidance_scale", scale)
+        generator = checks.one_generator(generator)
+        checks.output_type(output_type)
+        height = checks.multiple_of("height", self._default_size() if height is None else height, self.vae_scale_factor)
+        width = checks.multiple_of("width", self._default_size() if width is None else width, self.vae_scale_factor)
+        latent_hw = (height // self.vae_scale_factor, width // self.vae_scale_factor)
+        self._check_latents(latents, 1 + len(targets), latent_hw)
+        blend_res, record_res, self_res = self._map_sides(latent_hw, local_blend, attention_res, return_attention, return_self_attention)
+        max_res = checks.self_replace_max_res(self_replace_max_res, max(latent_hw) // MAP_SIDE_DIVISOR)
+        negative_ids = self._negative_ids(negative_prompt, 1 + len(targets), truncate_prompts)
+        return CheckedInputs(source, targets, mode, steps, scale, height, width, latent_hw, generator, negative_ids, max_res,
+                             blend_res, record_res, self_res)
+
+    def _check_prompts(self, prompt, edit_prompts, equalizer, local_blend, truncate: bool) -> tuple[PromptTokens, list[PromptTokens]]:
+        """The tokenized source and targets; checks that equalizer and local_blend have targets to edit."""
+        source = self._tokenize(prompt, "prompt", truncate)
+        if isinstance(edit_prompts, str):
+            edit_prompts = [edit_prompts]
+        if edit_prompts is not None:
+            if not isinstance(edit_prompts, Sequence) or len(edit_prompts) == 0:
+                raise ArgumentError("edit_prompts", "edit_prompts is empty; give at least one target prompt, or None to only generate")
+            targets = [self._tokenize(p, f"edit_prompts[{k}]", truncate) for k, p in enumerate(edit_prompts)]
+        else:
+            targets = []
+            if equalizer is not None or local_blend is not None:
+                raise ArgumentError("equalizer" if equalizer is not None else "local_blend",
+                                    "equalizer and local_blend edit target prompts; give edit_prompts as well")
+        if local_blend is not None and not isinstance(local_blend, LocalBlend):
+            raise ArgumentError("local_blend", f"local_blend must be a LocalBlend, got {type(local_blend).__name__}")
+        return source, targets
 
     def _tokenize(self, prompt, name: str, truncate: bool) -> PromptTokens:
+        """``prompt`` tokenized; ``name`` is how messages call it (``prompt``, ``edit_prompts[1]``)."""
+        argument = name.split("[", 1)[0]
         if not isinstance(prompt, str) or not prompt.strip():
-            raise ValueError(f"{name} must be a non-empty string, got {prompt!r}")
+            raise ArgumentError(argument, f"{name} must be a non-empty string, got {prompt!r}")
         try:
             return tokenize_words(prompt, self.tokenizer, truncate=truncate)
         except ValueError as err:
-            raise ValueError(f"{name}: {err}") from None
-
-    def _encode(self, id_rows: Sequence[Sequence[int]], device, dtype) -> torch.Tensor:
-        """Text-encoder states ``(prompts, max_length, dim)`` of token ids padded as diffusers pads."""
-        length = self.tokenizer.model_max_length
-        pad = self.tokenizer.pad_token_id
-        ids = torch.tensor([list(r) + [pad] * (length - len(r)) for r in id_rows], device=device)  # (prompts, tokens)
-        mask = torch.tensor([[1] * len(r) + [0] * (length - len(r)) for r in id_rows], device=device)
-        use_mask = getattr(self.text_encoder.config, "use_attention_mask", False)
-        states = self.text_encoder(ids, attention_mask=mask if use_mask else None)[0]
-        return states.to(dtype=dtype)
+            raise ArgumentError(argument, f"{name}: {err}") from None
 
     def _negative_ids(self, negative_prompt, count: int, truncate: bool) -> list[list[int]]:
+        """Token ids of the unconditional prompt of each of ``count`` rows (``""`` when None)."""
         if negative_prompt is None:
             negative_prompt = ""
         listed = isinstance(negative_prompt, Sequence) and not isinstance(negative_prompt, str)
         rows = [negative_prompt] * count if not listed else list(negative_prompt)
         if len(rows) != count or not all(isinstance(r, str) for r in rows):
-            raise ValueError(f"negative_prompt must be a string or a list of {count} strings (one per prompt), got {negative_prompt!r}")
+            raise ArgumentError("negative_prompt", f"negative_prompt must be a string or a list of {count} strings (one per prompt), got {negative_prompt!r}")
         out = []
         length = self.tokenizer.model_max_length
         for row in rows:
             ids = list(self.tokenizer(row, truncation=False, verbose=False)["input_ids"])
             if len(ids) > length:
                 if not truncate:
-                    raise ValueError(
-                        f"negative_prompt is {len(ids)} tokens long but the text encoder takes at most {length}; "
-                        "shorten it, or pass truncate_prompts=True"
-                    )
-                ids = ids[: length - 1] + ids[-1:]
+                    raise ArgumentError("negative_prompt",
+                                        f"negative_prompt is {len(ids)} tokens long but the text encoder takes at most {length}; "
+                                        "shorten it, or pass truncate_prompts=True")
+                ids = ids[: length - 1] + ids[-1:]  # keep the end-of-text token
             out.append(ids)
         return out
 
@@ -262,15 +452,203 @@ class Prompt2PromptPipeline(DiffusionPipeline):
             self._warned_words.update(new)
             warnings.warn(
                 f"words outside this model's vocabulary: {', '.join(new)}; the model will do what it can with them",
-                stacklevel=3,
+                stacklevel=4,
             )
 
-    def _check_size(self, value, name: str) -> int:
-        if isinstance(value, bool) or not isinstance(value, int) or value <= 0 or value % self.vae_scale_factor:
-            raise ValueError(f"{name} must be a positive multiple of {self.vae_scale_factor} (the VAE's factor), got {value!r}")
-        return value
+    def _default_size(self) -> int:
+        """The image side in pixels the UNet was made for: its sample size times the VAE's factor."""
+        size = self.unet.config.sample_size
+        return (size if isinstance(size, int) else size[0]) * self.vae_scale_factor
 
-    def _run_safety_checker(self, image: torch.Tensor, device, dtype):
+    def _check_latents(self, latents, count: int, latent_hw: tuple[int, int]) -> None:
+        """Refuse initial latents of another shape, dtype or device than the model's."""
+        if latents is None:
+            return
+        channels = self.unet.config.in_channels
+        device, dtype = self._execution_device, self.unet.dtype
+        if not isinstance(latents, torch.Tensor) or latents.ndim != 4 or latents.shape[0] not in (1, count) or tuple(latents.shape[1:]) != (channels, *latent_hw):
+            shape = getattr(latents, "shape", None)
+            raise ArgumentError("latents", f"latents must have shape (1 or {count}, {channels}, {latent_hw[0]}, {latent_hw[1]}), got {shape}")
+        if latents.dtype != dtype or latents.device.type != torch.device(device).type:
+            raise ArgumentError("latents",
+                                f"latents are {latents.dtype} on {latents.device} but the model is {dtype} on {device}; "
+                                f"pass latents.to(device={str(device)!r}, dtype={dtype})")
+
+    def _map_sides(self, latent_hw, local_blend, attention_res, return_attention: bool, return_self_attention: bool):
+        """``(blend_res, record_res, self_res)``: the map sides LocalBlend reads and the call records
+        (None where unused), each checked against the UNet's cross-attention sides at this size."""
+        sides = attention_sides(self.unet, latent_hw)
+
+        def fallback() -> int:
+            return checks.closest_side(sides, max(latent_hw) // MAP_SIDE_DIVISOR)
+
+        blend_res = None
+        if local_blend is not None:
+            wanted = local_blend.resolution if local_blend.resolution is not None else fallback()
+            blend_res = checks.map_side("local_blend.resolution", wanted, sides)
+        if attention_res is not None:
+            checks.map_side("attention_res", attention_res, sides)
+        record_res = (attention_res or fallback()) if return_attention else None
+        self_res = (attention_res or fallback()) if return_self_attention else None
+        return blend_res, record_res, self_res
+
+    def _check_inversion(self, inv, prompt, steps, guidance, height, width, latents, negative_prompt, eta):
+        """Check a call's arguments against its `Inversion`; returns (steps, guidance, height, width)."""
+        if not isinstance(inv, Inversion):
+            raise ArgumentError("inversion", f"inversion must be an Inversion (from pipe.invert or Inversion.load), got {type(inv).__name__}")
+        if prompt != inv.prompt:
+            raise ArgumentError("prompt", f"the image was inverted with the prompt {inv.prompt!r}; pass it as prompt (edit through edit_prompts)")
+        if latents is not None:
+            raise ArgumentError("latents", "latents and inversion both give the initial latent; pass only one")
+        if eta:
+            raise ArgumentError("eta", "inversion needs the deterministic DDIM sampler; pass eta=0")
+        if negative_prompt is not None and inv.method in (InversionMethod.NULL_TEXT, InversionMethod.NEGATIVE_PROMPT):
+            raise ArgumentError("negative_prompt", f"{inv.method.value} inversion sets the unconditional embedding itself; drop negative_prompt")
+        if steps is not None and steps != inv.num_inference_steps:
+            raise ArgumentError("num_inference_steps", f"num_inference_steps={steps!r} but the image was inverted with {inv.num_inference_steps}; "
+                                f"leave it out or invert again with num_inference_steps={steps!r}")
+        if inv.method is InversionMethod.NULL_TEXT and guidance is not None and guidance != inv.guidance_scale:
+            raise ArgumentError("guidance_scale", f"guidance_scale={guidance!r} but the null-text embeddings were optimised for {inv.guidance_scale}; "
+                                "leave it out or invert again with that guidance_scale")
+        for name, value in (("height", height), ("width", width)):
+            if value is not None and value != getattr(inv, name):
+                raise ArgumentError(name, f"{name}={value!r} but the inverted image is {inv.width}x{inv.height}; leave it out")
+        self._check_inversion_shapes(inv)
+        return inv.num_inference_steps, (inv.guidance_scale if guidance is None else guidance), inv.height, inv.width
+
+    def _check_inversion_shapes(self, inv: Inversion) -> None:
+        """Refuse an inversion made with a model of other latent or text-state shapes."""
+        channels = self.unet.config.in_channels
+        shape = (1, channels, inv.height // self.vae_scale_factor, inv.width // self.vae_scale_factor)
+        if tuple(inv.latent.shape) != shape:
+            raise ArgumentError("inversion", f"the inversion's latent has shape {tuple(inv.latent.shape)}, this model's is {shape}; invert the image with this model")
+        if inv.null_embeddings is not None:
+            want = (inv.num_inference_steps, self.tokenizer.model_max_length, self.text_encoder.config.hidden_size)
+            if tuple(inv.null_embeddings.shape) != want:
+                raise ArgumentError("inversion", f"the inversion's null-text embeddings are {tuple(inv.null_embeddings.shape)}, this model needs {want}; invert with this model")
+
+    # ----------------------------------------------------------------- stages
+
+    def encode_prompt(
+        self,
+        prompts: Sequence[PromptTokens],
+        device: torch.device,
+        do_classifier_free_guidance: bool,
+        negative_ids: Sequence[Sequence[int]] | None = None,
+        source_as_negative: bool = False,
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Text-encoder states of the prompts and, with guidance, of each row's unconditional prompt.
+
+        Args:
+            prompts: the tokenized prompts, source first (`CheckedInputs.prompts`).
+            device: where the states are made.
+            do_classifier_free_guidance: also make the unconditional states.
+            negative_ids: token ids of the unconditional prompt, one row per prompt
+                (`CheckedInputs.negative_ids`); needed with guidance unless ``source_as_negative``.
+            source_as_negative: negative-prompt inversion (Miyake et al., 2023): the source
+                prompt's states are every row's unconditional states.
+
+        Returns:
+            ``(prompt_embeds, negative_prompt_embeds)``, each ``(prompts, tokens, dim)`` in the UNet's
+            dtype; ``negative_prompt_embeds`` is None without guidance.
+        """
+        dtype = self.unet.dtype
+        prompt_embeds = self._encode([p.ids for p in prompts], device, dtype)  # (prompts, tokens, dim)
+        if not do_classifier_free_guidance:
+            return prompt_embeds, None
+        if source_as_negative:
+            return prompt_embeds, prompt_embeds[:1].expand(len(prompts), -1, -1)  # (prompts, tokens, dim)
+        return prompt_embeds, self._encode(negative_ids, device, dtype)  # (prompts, tokens, dim)
+
+    def _encode(self, id_rows: Sequence[Sequence[int]], device, dtype) -> torch.Tensor:
+        """Text-encoder states ``(prompts, max_length, dim)`` of token ids padded as diffusers pads."""
+        length = self.tokenizer.model_max_length
+        pad = self.tokenizer.pad_token_id
+        ids = torch.tensor([list(r) + [pad] * (length - len(r)) for r in id_rows], device=device)  # (prompts, tokens)
+        mask = torch.tensor([[1] * len(r) + [0] * (length - len(r)) for r in id_rows], device=device)  # (prompts, tokens)
+        use_mask = getattr(self.text_encoder.config, "use_attention_mask", False)
+        states = self.text_encoder(ids, attention_mask=mask if use_mask else None)[0]
+        return states.to(dtype=dtype)
+
+    def prepare_latents(
+        self,
+        batch_size: int,
+        num_channels_latents: int,
+        height: int,
+        width: int,
+        dtype: torch.dtype,
+        device: torch.device,
+        generator: torch.Generator | None,
+        latents: torch.Tensor | None = None,
+        scheduler=None,
+    ) -> torch.Tensor:
+        """The initial latents of every prompt: one noise (or ``latents``) shared by all rows.
+
+        Args:
+            batch_size: the number of prompts (source and targets).
+            num_channels_latents: the UNet's input channels.
+            height: image height in pixels (the latent's is this over ``vae_scale_factor``).
+            width: image width in pixels.
+            dtype: the latents' dtype.
+            device: the latents' device.
+            generator: draws the noise when ``latents`` is None.
+            latents: ``(1 or batch_size, C, h, w)`` initial latents (checked by `check_inputs`),
+                or an inversion's ``x_T``.
+            scheduler: the call's scheduler (default ``self.scheduler``), whose ``init_noise_sigma``
+                scales the latents.
+
+        Returns:
+            ``(batch_size, C, h, w)``.
+        """
+        scheduler = self.scheduler if scheduler is None else scheduler
+        shape = (1, num_channels_latents, height // self.vae_scale_factor, width // self.vae_scale_factor)
+        if latents is None:
+            latents = randn_tensor(shape, generator=generator, device=device, dtype=dtype)  # (1, C, h, w)
+        else:
+            latents = latents.to(device=device, dtype=dtype)
+        return latents.expand(batch_size, -1, -1, -1).clone() * scheduler.init_noise_sigma  # (prompts, C, h, w)
+
+    def prepare_extra_step_kwargs(self, generator: torch.Generator | None, eta: float, scheduler=None) -> dict:
+        """The keywords of ``scheduler.step`` that not every scheduler takes: ``eta`` and ``generator``.
+
+        Args:
+            generator: draws a stochastic sampler's step noise. None: a generator seeded from
+                torch's global generator, so that ``torch.manual_seed`` reproduces the run.
+            eta: DDIM's eta.
+            scheduler: the call's scheduler (default ``self.scheduler``).
+
+        Returns:
+            The keywords; pass them through `scheduler_step`, which draws one noise for all prompts.
+        """
+        scheduler = self.scheduler if scheduler is None else scheduler
+        accepted = set(inspect.signature(scheduler.step).parameters)
+        extra = {}
+        if "eta" in accepted:
+            extra["eta"] = eta
+        if "generator" in accepted:
+            if generator is None:
+                generator = torch.Generator(device=self._execution_device).manual_seed(int(torch.randint(_SEED_BOUND, ())))
+            extra["generator"] = generator
+        return extra
+
+    def decode_latents(self, latents: torch.Tensor) -> torch.Tensor:
+        """The VAE's images of ``latents``.
+
+        Args:
+            latents: ``(prompts, C, h, w)``.
+
+        Returns:
+            ``(prompts, 3, height, width)`` in about ``[-1, 1]``, in the VAE's dtype (see
+            ``image_processor.postprocess``).
+        """
+        scaled = latents / self.vae.config.scaling_factor
+        if getattr(self.vae.config, "shift_factor", None):
+            scaled = scaled + self.vae.config.shift_factor
+        return self.vae.decode(scaled.to(self.vae.dtype), return_dict=False)[0]
+
+    def run_safety_checker(self, image: torch.Tensor, device, dtype) -> tuple[torch.Tensor, list[bool] | None]:
+        """The safety checker's verdicts on decoded images (and the images it blacks out), when
+        the pipeline has one; ``(image, None)`` otherwise."""
         if self.safety_checker is None:
             return image, None
         pil = self.image_processor.postprocess(image, output_type="pil")
@@ -278,82 +656,27 @@ class Prompt2PromptPipeline(DiffusionPipeline):
         image, flags = self.safety_checker(images=image, clip_input=features.pixel_values.to(dtype))
         return image, flags
 
-    def _check_inversion(self, inv, prompt, steps, guidance, height, width, latents, negative_prompt, eta):
-        """Validate a call's arguments against its `Inversion`; returns (steps, guidance, height, width)."""
-        if not isinstance(inv, Inversion):
-            raise ValueError(f"inversion must be an Inversion (from pipe.invert or Inversion.load), got {type(inv).__name__}")
-        if prompt != inv.prompt:
-            raise ValueError(f"the image was inverted with the prompt {inv.prompt!r}; pass it as prompt (edit through edit_prompts)")
-        if latents is not None:
-            raise ValueError("latents and inversion both give the initial latent; pass only one")
-        if eta:
-            raise ValueError("inversion needs the deterministic DDIM sampler; pass eta=0")
-        if negative_prompt is not None and inv.method in (InversionMethod.NULL_TEXT, InversionMethod.NEGATIVE_PROMPT):
-            raise ValueError(f"{inv.method.value} inversion sets the unconditional embedding itself; drop negative_prompt")
-        if steps is not None and steps != inv.num_inference_steps:
-            raise ValueError(f"num_inference_steps={steps!r} but the image was inverted with {inv.num_inference_steps}; "
-                             f"leave it out or invert again with num_inference_steps={steps!r}")
-        if inv.method is InversionMethod.NULL_TEXT and guidance is not None and guidance != inv.guidance_scale:
-            raise ValueError(f"guidance_scale={guidance!r} but the null-text embeddings were optimised for {inv.guidance_scale}; "
-                             "leave it out or invert again with that guidance_scale")
-        for name, value, own in (("height", height, inv.height), ("width", width, inv.width)):
-            if value is not None and value != own:
-                raise ValueError(f"{name}={value!r} but the inverted image is {inv.width}x{inv.height}; leave it out")
-        channels = self.unet.config.in_channels
-        shape = (1, channels, inv.height // self.vae_scale_factor, inv.width // self.vae_scale_factor)
-        if tuple(inv.latent.shape) != shape:
-            raise ValueError(f"the inversion's latent has shape {tuple(inv.latent.shape)}, this model's is {shape}; invert the image with this model")
-        if inv.null_embeddings is not None:
-            dim = self.text_encoder.config.hidden_size
-            want = (inv.num_inference_steps, self.tokenizer.model_max_length, dim)
-            if tuple(inv.null_embeddings.shape) != want:
-                raise ValueError(f"the inversion's null-text embeddings are {tuple(inv.null_embeddings.shape)}, this model needs {want}; invert with this model")
-        return inv.num_inference_steps, (inv.guidance_scale if guidance is None else guidance), inv.height, inv.width
+    def _prepare_scheduler(self, num_inference_steps: int, inversion: Inversion | None, device):
+        """The call's scheduler with its timesteps set: the pipeline's, or DDIM for an inversion,
+        whose timesteps must be the inversion's."""
+        scheduler = self.scheduler if inversion is None else inversion_scheduler(self.scheduler.config)
+        scheduler.set_timesteps(num_inference_steps, device=device)
+        if inversion is not None and not torch.equal(scheduler.timesteps.cpu().long(), inversion.timesteps.long()):
+            raise ArgumentError("inversion", "this pipeline's scheduler config gives other DDIM timesteps than the inversion's; invert the image with this pipeline")
+        return scheduler, scheduler.timesteps
 
-    def invert(
-        self,
-        image,
-        prompt: str,
-        method: InversionMethod | str = "null-text",
-        num_inference_steps: int = 50,
-        guidance_scale: float = 7.5,
-        height: int | None = None,
-        width: int | None = None,
-        num_inner_steps: int = 10,
-        early_stop_epsilon: float = 1e-5,
-        negative_prompt: str | None = None,
-        cuda_graph: bool = False,
-    ) -> Inversion:
-        r"""Invert a real image, to edit it with ``pipe(prompt, edit_prompts, inversion=inv)``.
-
-        Args:
-            image: a path (PNG/JPEG/WebP...), PIL image, array or tensor; centre-cropped and resized
-                to ``height`` x ``width`` (logged, and kept in ``inv.info["preprocessing"]``).
-            prompt: a caption of the image; it becomes the source prompt of the edits.
-            method: ``"null-text"`` (Mokady et al.), ``"negative-prompt"`` (Miyake et al.),
-                ``"direct"`` (Ju et al., PnP Inversion) or ``"ddim"`` (plain DDIM inversion).
-            num_inference_steps: DDIM steps (the edits use the same).
-            guidance_scale: classifier-free guidance the edits will use (null-text optimises for it).
-            height: pixels (default: the model's resolution).
-            width: pixels (default: the model's resolution).
-            num_inner_steps: null-text: at most this many Adam evaluations per step.
-            early_stop_epsilon: null-text: stop a step's optimisation below ``epsilon + i * 2e-5``.
-            negative_prompt: the text whose embedding starts the null-text optimisation (default ``""``).
-            cuda_graph: null-text on CUDA, experimental: capture the UNet's forward and backward once as
-                CUDA graphs and replay them in the inner loop, where the GPU otherwise waits for
-                kernel launches (`inversion.graphed_eps`; falls back to the plain loop, with a
-                warning, if the capture fails). Not yet run on a GPU by this project.
-
-        Returns:
-            An `Inversion` (``save(path)`` / ``Inversion.load(path)`` to keep it).
-
-        Raises:
-            ValueError: a bad argument or unreadable image, before any model work.
-        """
-        from .inversion import invert
-
-        return invert(self, image, prompt, method, num_inference_steps, guidance_scale, height, width,
-                      num_inner_steps, early_stop_epsilon, negative_prompt, cuda_graph)
+    def _plan_edit(self, inputs: CheckedInputs, num_steps: int, cross_replace_steps, self_replace_steps, equalizer, local_blend,
+                   device) -> EditPlan | None:
+        """The compiled edit (`edits.build_edit_plan`), or None without target prompts."""
+        if not inputs.targets:
+            return None
+        plan = build_edit_plan(
+            inputs.source, inputs.targets, inputs.mode, num_steps, cross_replace_steps, self_replace_steps,
+            inputs.self_replace_max_res, equalizer, local_blend, inputs.blend_res or 0,
+        ).to(device)
+        if inputs.mode is EditMode.AUTO:
+            logger.info("edit='auto' chose %s", plan.mode.value)
+        return plan
 
     # ----------------------------------------------------------------- call
 
@@ -361,31 +684,33 @@ class Prompt2PromptPipeline(DiffusionPipeline):
     def __call__(
         self,
         prompt: str,
-        edit_prompts: Sequence[str] | str | None = None,
-        edit: EditMode | str = "auto",
-        cross_replace_steps: float | tuple[float, float] | Mapping = 0.8,
-        self_replace_steps: float | tuple[float, float] = 0.4,
-        self_replace_max_res: int | None = None,
-        equalizer: Mapping | None = None,
-        local_blend: LocalBlend | None = None,
+        edit_prompts: Sequence[str] | str | None = default("edit_prompts"),
+        edit: EditMode | str = default("edit"),
+        cross_replace_steps: float | tuple[float, float] | Mapping = default("cross_replace_steps"),
+        self_replace_steps: float | tuple[float, float] = default("self_replace_steps"),
+        self_replace_max_res: int | None = default("self_replace_max_res"),
+        equalizer: Mapping | None = default("equalizer"),
+        local_blend: LocalBlend | None = default("local_blend"),
         num_inference_steps: int | None = None,
         guidance_scale: float | None = None,
-        height: int | None = None,
-        width: int | None = None,
-        negative_prompt: str | Sequence[str] | None = None,
-        generator: torch.Generator | None = None,
-        latents: torch.Tensor | None = None,
-        output_type: str = "pil",
+        height: int | None = default("height"),
+        width: int | None = default("width"),
+        negative_prompt: str | Sequence[str] | None = default("negative_prompt"),
+        generator: torch.Generator | None = default("generator"),
+        latents: torch.Tensor | None = default("latents"),
+        output_type: str = default("output_type"),
         return_dict: bool = True,
         return_attention: bool = True,
-        return_self_attention: bool = False,
-        attention_res: int | None = None,
-        truncate_prompts: bool = False,
-        eta: float = 0.0,
+        return_self_attention: bool = default("return_self_attention"),
+        attention_res: int | None = default("attention_res"),
+        truncate_prompts: bool = default("truncate_prompts"),
+        eta: float = default("eta"),
         cross_attention_kwargs: dict | None = None,
-        inversion: Inversion | None = None,
+        inversion: Inversion | None = default("inversion"),
     ):
         r"""Generate the source image and edit it into one image per target prompt.
+
+        Defaults come from `arguments.ARGUMENTS`.
 
         Args:
             prompt: the source prompt.
@@ -399,21 +724,22 @@ class Prompt2PromptPipeline(DiffusionPipeline):
             self_replace_steps: fraction or ``(start, end)`` during which the source's
                 self-attention is injected.
             self_replace_max_res: largest attention-map side whose self-attention is injected;
-                None = the latent side // 4 (16 at SD 512, as the paper's code).
+                None = the latent side // `MAP_SIDE_DIVISOR` (16 for a 64 x 64 latent, as the paper's code).
             equalizer: ``{word: factor}`` (or a list of factors, one per target) re-weighting the
                 attention of target words; 0, negative and > 1 are allowed. Applied where
                 cross-attention is injected; with ``edit="none"`` it scales the target's own maps.
             local_blend: a `LocalBlend` restricting the edit to the named words' region.
-            num_inference_steps: denoising steps (default 50, or the inversion's).
-            guidance_scale: classifier-free guidance scale; <= 1 disables guidance (default 7.5,
-                or the inversion's).
+            num_inference_steps: denoising steps; None = the inversion's, or the table's default.
+            guidance_scale: classifier-free guidance scale; <= 1 disables guidance. None = the
+                inversion's, or the table's default.
             height: image height in pixels (default: the UNet's sample size times the VAE factor).
             width: image width in pixels.
-            negative_prompt: prompt(s) for the unconditional half of guidance (default ``""``).
+            negative_prompt: prompt(s) for the unconditional half of guidance (None: ``""``).
             generator: draws the one initial noise that the source and all targets share and, with a
                 stochastic scheduler (DDPM, Euler ancestral, DDIM with ``eta > 0``), each step's
                 noise, again one draw for all prompts (`same_noise_generators`).
-            latents: initial noise ``(1 or prompts, channels, height/f, width/f)`` with the model's dtype and device.
+            latents: initial noise ``(1 or prompts, channels, height / f, width / f)``, ``f`` the
+                VAE's factor (``vae_scale_factor``), with the model's dtype and device.
             output_type: ``"pil"``, ``"np"``, ``"pt"`` or ``"latent"``.
             return_dict: return a `Prompt2PromptPipelineOutput` rather than a tuple.
             return_attention: record the cross-attention maps for ``output.attention``.
@@ -432,181 +758,232 @@ class Prompt2PromptPipeline(DiffusionPipeline):
             `Prompt2PromptPipelineOutput` (or ``(images, attention)`` when ``return_dict=False``).
 
         Raises:
-            ValueError: any bad argument, before any denoising starts.
+            ArgumentError: a bad argument, named by ``.argument``, before any denoising starts
+                (the edit's own checks raise ValueError; `check_inputs`, `edits.build_edit_plan`).
         """
-        # ---- validate everything before any work
         device = self._execution_device
-        dtype = self.unet.dtype
-        source = self._tokenize(prompt, "prompt", truncate_prompts)
-        if isinstance(edit_prompts, str):
-            edit_prompts = [edit_prompts]
-        if edit_prompts is not None:
-            if not isinstance(edit_prompts, Sequence) or len(edit_prompts) == 0:
-                raise ValueError("edit_prompts is empty; give at least one target prompt, or None to only generate")
-            targets = [self._tokenize(p, f"edit_prompts[{k}]", truncate_prompts) for k, p in enumerate(edit_prompts)]
-        else:
-            targets = []
-            if equalizer is not None or local_blend is not None:
-                raise ValueError("equalizer and local_blend edit target prompts; give edit_prompts as well")
-        if local_blend is not None and not isinstance(local_blend, LocalBlend):
-            raise ValueError(f"local_blend must be a LocalBlend, got {type(local_blend).__name__}")
-        mode = EditMode.parse(edit)
-        self._warn_unknown_words([source, *targets])
-        n = 1 + len(targets)
-        if isinstance(eta, bool) or not isinstance(eta, Real) or not math.isfinite(eta) or eta < 0:
-            raise ValueError(f"eta must be a finite number >= 0 (0: deterministic DDIM, 1: DDPM-like noise), got {eta!r}")
-        if inversion is not None:
-            num_inference_steps, guidance_scale, height, width = self._check_inversion(
-                inversion, prompt, num_inference_steps, guidance_scale, height, width, latents, negative_prompt, eta
-            )
-        num_inference_steps = 50 if num_inference_steps is None else num_inference_steps
-        guidance_scale = 7.5 if guidance_scale is None else guidance_scale
-        if isinstance(num_inference_steps, bool) or not isinstance(num_inference_steps, int) or num_inference_steps < 1:
-            raise ValueError(f"num_inference_steps must be a positive integer, got {num_inference_steps!r}")
-        if isinstance(guidance_scale, bool) or not isinstance(guidance_scale, Real) or not math.isfinite(guidance_scale):
-            raise ValueError(f"guidance_scale must be a finite number, got {guidance_scale!r}")
-        if isinstance(generator, list) and len(generator) == 1:  # diffusers' one-image form
-            generator = generator[0]
-        if generator is not None and not isinstance(generator, torch.Generator):
-            raise ValueError(f"generator must be one torch.Generator (the source and every target share its seed), got {generator!r}")
-        if output_type not in ("pil", "np", "pt", "latent"):
-            raise ValueError(f"output_type must be 'pil', 'np', 'pt' or 'latent', got {output_type!r}")
-        height = self._check_size(height if height is not None else self._default_size(), "height")
-        width = self._check_size(width if width is not None else self._default_size(), "width")
-        latent_hw = (height // self.vae_scale_factor, width // self.vae_scale_factor)
-        channels = self.unet.config.in_channels
-        if latents is not None:
-            if not isinstance(latents, torch.Tensor) or latents.ndim != 4 or latents.shape[0] not in (1, n) or tuple(latents.shape[1:]) != (channels, *latent_hw):
-                shape = getattr(latents, "shape", None)
-                raise ValueError(f"latents must have shape (1 or {n}, {channels}, {latent_hw[0]}, {latent_hw[1]}), got {shape}")
-            if latents.dtype != dtype or latents.device.type != torch.device(device).type:
-                raise ValueError(
-                    f"latents are {latents.dtype} on {latents.device} but the model is {dtype} on {device}; "
-                    f"pass latents.to(device={str(device)!r}, dtype={dtype})"
-                )
-        sides = attention_sides(self.unet, latent_hw)
-        default_side = max(latent_hw) // 4
-        blend_res = None
-        if local_blend is not None:
-            blend_res = local_blend.resolution if local_blend.resolution is not None else _closest_side(sides, default_side)
-            if blend_res not in sides:
-                raise ValueError(f"LocalBlend resolution {blend_res} is not a cross-attention map side of this model at this size; use one of {sides}")
-        if attention_res is not None and attention_res not in sides:
-            raise ValueError(f"attention_res {attention_res} is not a cross-attention map side of this model at this size; use one of {sides}")
-        record_res = (attention_res or _closest_side(sides, default_side)) if return_attention else None
-        self_res = (attention_res or _closest_side(sides, default_side)) if return_self_attention else None
-        if self_replace_max_res is None:
-            self_replace_max_res = default_side
-        elif isinstance(self_replace_max_res, bool) or not isinstance(self_replace_max_res, int) or self_replace_max_res < 0:
-            raise ValueError(f"self_replace_max_res must be a non-negative integer side or None, got {self_replace_max_res!r}")
-        negative_ids = self._negative_ids(negative_prompt, n, truncate_prompts)
+        inputs = self.check_inputs(
+            prompt, edit_prompts, edit, equalizer, local_blend, self_replace_max_res, num_inference_steps, guidance_scale,
+            height, width, negative_prompt, generator, latents, output_type, return_attention, return_self_attention,
+            attention_res, truncate_prompts, eta, inversion,
+        )
+        scheduler, timesteps = self._prepare_scheduler(inputs.num_inference_steps, inversion, device)
+        plan = self._plan_edit(inputs, len(timesteps), cross_replace_steps, self_replace_steps, equalizer, local_blend, device)
 
-        scheduler = self.scheduler if inversion is None else inversion_scheduler(self)
-        scheduler.set_timesteps(num_inference_steps, device=device)
-        timesteps = scheduler.timesteps
-        if inversion is not None and not torch.equal(timesteps.cpu().long(), inversion.timesteps.long()):
-            raise ValueError("this pipeline's scheduler config gives other DDIM timesteps than the inversion's; invert the image with this pipeline")
-        plan: EditPlan | None = None
-        if targets:
-            plan = build_edit_plan(
-                source, targets, mode, len(timesteps), cross_replace_steps, self_replace_steps,
-                self_replace_max_res, equalizer, local_blend, blend_res or 0,
-            ).to(device)
-            if mode is EditMode.AUTO:
-                logger.info("edit='auto' chose %s", plan.mode.value)
-
-        # ---- prompts -> embeddings, noise
-        guidance = guidance_scale > 1.0
-        prompt_ids = [source.ids] + [t.ids for t in targets]
-        embeds = self._encode(prompt_ids, device, dtype)  # (prompts, tokens, dim)
+        # Algorithm 1: every prompt, source first, in one batch from the same initial latent
+        guidance, n = inputs.do_classifier_free_guidance, len(inputs.prompts)
         method = inversion.method if inversion is not None else None
-        null_embeds = None
-        if guidance:
-            if method is InversionMethod.NEGATIVE_PROMPT:
-                negative = embeds[:1].expand(n, -1, -1)  # the source prompt's embedding as the null text
-            else:
-                negative = self._encode(negative_ids, device, dtype)
-            embeds = torch.cat([negative, embeds])  # (2*prompts, tokens, dim)
-            if method is InversionMethod.NULL_TEXT:
-                null_embeds = inversion.null_embeddings.to(device=device, dtype=dtype)  # (steps, tokens, dim)
-        trajectory = None
-        if method is InversionMethod.DIRECT:
-            trajectory = inversion.trajectory.to(device=device, dtype=dtype)  # (steps + 1, C, h, w)
-        if inversion is not None:
-            latents = inversion.latent.to(device=device, dtype=dtype)
-        elif latents is None:
-            latents = randn_tensor((1, channels, *latent_hw), generator=generator, device=device, dtype=dtype)
-        latents = latents.expand(n, -1, -1, -1).clone() * scheduler.init_noise_sigma  # (prompts, C, h, w)
-        extra = {}
-        step_params = set(inspect.signature(scheduler.step).parameters)
-        if "eta" in step_params:
-            extra["eta"] = eta
-        step_generator = None  # a stochastic step's noise: one draw, the same for every prompt row
-        if "generator" in step_params:
-            step_generator = generator
-            if step_generator is None:  # seeded from torch's global generator, so torch.manual_seed reproduces it
-                step_generator = torch.Generator(device=device).manual_seed(int(torch.randint(2**62, ())))
+        prompt_embeds, negative_embeds = self.encode_prompt(
+            inputs.prompts, device, guidance, inputs.negative_ids, source_as_negative=method is InversionMethod.NEGATIVE_PROMPT
+        )
+        embeds = torch.cat([negative_embeds, prompt_embeds]) if guidance else prompt_embeds  # (2 * prompts or prompts, tokens, dim)
+        null_embeds, trajectory = self._inversion_guides(inversion, guidance, device)
+        latents = self.prepare_latents(n, self.unet.config.in_channels, inputs.height, inputs.width, self.unet.dtype, device,
+                                       inputs.generator, inversion.latent if inversion is not None else latents, scheduler)
+        extra = self.prepare_extra_step_kwargs(inputs.generator, eta, scheduler)
 
-        # ---- denoising loop with the P2P processors installed
-        record = {s for s in (record_res, blend_res) if s is not None}
-        controller = P2PController(plan, n, guidance, latent_hw, record, self_res)
-        user_kwargs = dict(cross_attention_kwargs or {})
+        controller = P2PController(plan, n, guidance, inputs.latent_hw, inputs.record_sides, inputs.self_res)
         with p2p_attention(self.unet, controller), self.progress_bar(total=len(timesteps)) as bar:
             for i, t in enumerate(timesteps):
-                model_in = torch.cat([latents] * 2) if guidance else latents  # (batch, C, h, w)
-                model_in = scheduler.scale_model_input(model_in, t)
                 if null_embeds is not None:  # null-text inversion: this step's optimised unconditional embedding
                     embeds[:n] = null_embeds[i]
-                noise = self.unet(
-                    model_in, t, encoder_hidden_states=embeds,
-                    cross_attention_kwargs={**user_kwargs, "p2p_step": i}, return_dict=False,
-                )[0]
-                if guidance:
-                    uncond, cond = noise.chunk(2)
-                    noise = uncond + guidance_scale * (cond - uncond)
-                if step_generator is not None:
-                    extra["generator"] = same_noise_generators(step_generator, n)
-                latents = scheduler.step(noise, t, latents, **extra, return_dict=False)[0]
-                if step_generator is not None:
-                    step_generator.set_state(extra["generator"][0].get_state())
-                if trajectory is not None:  # direct inversion: adding the gap (inverted - denoised) to the source row
+                noise = self._predict_noise(latents, t, i, embeds, inputs.guidance_scale, guidance, scheduler, cross_attention_kwargs)
+                latents = scheduler_step(scheduler, noise, t, latents, extra)
+                if trajectory is not None:  # direct inversion: the gap (inverted - denoised) added to the source row
                     latents[:1] = trajectory[i + 1 : i + 2]  # puts it on the inverted latent exactly
                 if plan is not None and plan.blend is not None and i >= plan.blend.start_step:
-                    latents = self._local_blend(latents, controller.maps[plan.blend.resolution], plan, latent_hw)
+                    latents = self._local_blend(latents, controller.maps[plan.blend.resolution], plan, inputs.latent_hw)
                 bar.update()
 
-        # ---- decode
-        attention = None
-        if record_res is not None:
-            maps = controller.maps[record_res] / controller.layer_calls[record_res]
-            attention = AttentionMaps(maps.cpu(), [source, *targets], record_res)
-        flags = None
-        if output_type == "latent":
-            images = latents
-        else:
-            scaled = latents / self.vae.config.scaling_factor
-            if getattr(self.vae.config, "shift_factor", None):
-                scaled = scaled + self.vae.config.shift_factor
-            decoded = self.vae.decode(scaled.to(self.vae.dtype), return_dict=False)[0]
-            decoded, flags = self._run_safety_checker(decoded, device, embeds.dtype)
-            denormalize = [not f for f in flags] if flags is not None else None
-            images = self.image_processor.postprocess(decoded, output_type=output_type, do_denormalize=denormalize)
+        images, flags = self._postprocess(latents, output_type, device, prompt_embeds.dtype)
         self.maybe_free_model_hooks()
-        mode_out = plan.mode if plan is not None else None
-        if not return_dict:
-            return images, attention
-        self_map = None
-        if self_res is not None and controller.self_calls:
-            self_map = (controller.self_map / controller.self_calls).cpu()  # (pixels, pixels)
-        return Prompt2PromptPipelineOutput(
-            images=images, attention=attention, edit_mode=mode_out, nsfw_content_detected=flags,
-            self_attention=self_map, self_attention_res=self_res if self_map is not None else None,
-        )
+        return self._output(images, flags, controller, inputs, plan, return_dict)
+
+    def _inversion_guides(self, inversion: Inversion | None, guidance: bool, device):
+        """What an inversion sets at each step: null-text's unconditional embeddings ``(steps,
+        tokens, dim)`` (with guidance) and direct inversion's trajectory ``(steps + 1, C, h, w)``;
+        None where the method has none."""
+        if inversion is None:
+            return None, None
+        dtype = self.unet.dtype
+        null_embeds = trajectory = None
+        if guidance and inversion.method is InversionMethod.NULL_TEXT:
+            null_embeds = inversion.null_embeddings.to(device=device, dtype=dtype)  # (steps, tokens, dim)
+        if inversion.method is InversionMethod.DIRECT:
+            trajectory = inversion.trajectory.to(device=device, dtype=dtype)  # (steps + 1, C, h, w)
+        return null_embeds, trajectory
+
+    def _predict_noise(self, latents, t, step: int, embeds, guidance_scale: float, guidance: bool, scheduler, cross_attention_kwargs):
+        """The UNet's guided noise prediction ``(prompts, C, h, w)`` at step ``step`` (passed on to the
+        attention processors as ``p2p_step``)."""
+        model_in = torch.cat([latents] * 2) if guidance else latents  # (batch, C, h, w)
+        model_in = scheduler.scale_model_input(model_in, t)
+        noise = self.unet(
+            model_in, t, encoder_hidden_states=embeds,
+            cross_attention_kwargs={**(cross_attention_kwargs or {}), "p2p_step": step}, return_dict=False,
+        )[0]  # (batch, C, h, w)
+        if guidance:
+            uncond, cond = noise.chunk(2)  # (prompts, C, h, w) each
+            noise = uncond + guidance_scale * (cond - uncond)
+        return noise
 
     @staticmethod
     def _local_blend(latents: torch.Tensor, maps: torch.Tensor, plan: EditPlan, latent_hw) -> torch.Tensor:
+        """LocalBlend: the targets' latents outside the words' region back to the source's."""
         blend = plan.blend
         mask = local_blend_mask(maps, blend.words, blend.threshold, latent_hw)  # (prompts, 1, h, w)
         if blend.subtract is not None:
             mask = mask & ~local_blend_mask(maps, blend.subtract, blend.subtract_threshold, latent_hw, pool=False)
         return blend_latents(latents, mask)
+
+    def _postprocess(self, latents: torch.Tensor, output_type: str, device, dtype):
+        """``(images, nsfw flags or None)`` in ``output_type``; latents stay as they are."""
+        if output_type == "latent":
+            return latents, None
+        decoded = self.decode_latents(latents)  # (prompts, 3, height, width)
+        decoded, flags = self.run_safety_checker(decoded, device, dtype)
+        denormalize = [not f for f in flags] if flags is not None else None
+        return self.image_processor.postprocess(decoded, output_type=output_type, do_denormalize=denormalize), flags
+
+    def _output(self, images, flags, controller: P2PController, inputs: CheckedInputs, plan: EditPlan | None, return_dict: bool):
+        """The call's result, with the recorded maps averaged over layers and steps."""
+        attention = None
+        if inputs.record_res is not None:
+            maps = controller.maps[inputs.record_res] / controller.layer_calls[inputs.record_res]  # (prompts, h, w, tokens)
+            attention = AttentionMaps(maps.cpu(), inputs.prompts, inputs.record_res)
+        if not return_dict:
+            return images, attention
+        self_map = None
+        if inputs.self_res is not None and controller.self_calls:
+            self_map = (controller.self_map / controller.self_calls).cpu()  # (pixels, pixels)
+        return Prompt2PromptPipelineOutput(
+            images=images, attention=attention, edit_mode=plan.mode if plan is not None else None, nsfw_content_detected=flags,
+            self_attention=self_map, self_attention_res=inputs.self_res if self_map is not None else None,
+        )
+
+    # ----------------------------------------------------------------- inversion
+
+    def invert(
+        self,
+        image,
+        prompt: str,
+        method: InversionMethod | str = default("method"),
+        num_inference_steps: int = default("num_inference_steps"),
+        guidance_scale: float = default("guidance_scale"),
+        height: int | None = default("height"),
+        width: int | None = default("width"),
+        num_inner_steps: int = default("num_inner_steps"),
+        early_stop_epsilon: float = default("early_stop_epsilon"),
+        negative_prompt: str | None = default("negative_prompt"),
+        cuda_graph: bool = False,
+    ) -> Inversion:
+        r"""Invert a real image, to edit it with ``pipe(prompt, edit_prompts, inversion=inv)``.
+
+        Defaults come from `arguments.ARGUMENTS`.
+
+        Args:
+            image: a path (PNG/JPEG/WebP...), PIL image, array or tensor; centre-cropped and resized
+                to ``height`` x ``width`` (logged, and kept in ``inv.info["preprocessing"]``).
+            prompt: a caption of the image; it becomes the source prompt of the edits.
+            method: ``"null-text"`` (Mokady et al.), ``"negative-prompt"`` (Miyake et al.),
+                ``"direct"`` (Ju et al., PnP Inversion) or ``"ddim"`` (plain DDIM inversion).
+            num_inference_steps: DDIM steps (the edits use the same).
+            guidance_scale: classifier-free guidance the edits will use (null-text optimises for it).
+            height: pixels (default: the model's resolution).
+            width: pixels (default: the model's resolution).
+            num_inner_steps: null-text: at most this many Adam evaluations per step.
+            early_stop_epsilon: null-text: stop a step's optimisation below `inversion.null_text_threshold`.
+            negative_prompt: the text whose embedding starts the null-text optimisation (None: ``""``).
+            cuda_graph: null-text on CUDA, experimental: capture the UNet's forward and backward once as
+                CUDA graphs and replay them in the inner loop, where the GPU otherwise waits for
+                kernel launches (`inversion.graphed_eps`; falls back to the plain loop, with a
+                warning, if the capture fails). Not yet run on a GPU by this project.
+
+        Returns:
+            An `Inversion` (``save(path)`` / ``Inversion.load(path)`` to keep it), its tensors on the CPU.
+
+        Raises:
+            ArgumentError: a bad argument or unreadable image, named by ``.argument``, before any model work.
+        """
+        method, source, height, width = self._check_invert_inputs(
+            method, prompt, num_inference_steps, guidance_scale, height, width, num_inner_steps, early_stop_epsilon, cuda_graph
+        )
+        pixels, note = load_image(image, height, width)
+        negative_ids = self._negative_ids(negative_prompt, 1, False)
+        prediction_type = self.scheduler.config.get("prediction_type", "epsilon")
+        predict_eps(torch.zeros(1), torch.zeros(1), torch.ones(1), prediction_type)  # refuses other prediction types before any work
+        logger.info("inversion: %s", note)
+
+        start = time.perf_counter()
+        device, dtype = self._execution_device, self.unet.dtype
+        scheduler = inversion_scheduler(self.scheduler.config)
+        scheduler.set_timesteps(num_inference_steps, device=device)
+        timesteps = scheduler.timesteps
+        step_ratio = scheduler.config.num_train_timesteps // num_inference_steps  # timesteps between two DDIM steps
+        scheduler.alphas_cumprod = scheduler.alphas_cumprod.to(device=device, dtype=torch.float32)
+
+        def alpha_of(t) -> torch.Tensor:
+            return alpha_at(scheduler, int(t))
+
+        eps = unet_eps(self.unet, alpha_of, prediction_type, dtype)
+        with torch.no_grad():
+            image_latent = self._encode_image(pixels, device)  # (1, C, h, w)
+            cond, uncond = self.encode_prompt([source], device, True, negative_ids)  # (1, tokens, dim) each
+            with self.progress_bar(total=num_inference_steps) as bar:
+                trajectory = ddim_inversion(image_latent, timesteps, step_ratio, alpha_of, eps, cond, bar.update)  # (steps + 1, C, h, w)
+        info: dict = {"preprocessing": note, "model": str(getattr(self, "name_or_path", "") or self.config.get("_name_or_path", "")),
+                      "negative_prompt": negative_prompt or ""}
+        null = None
+        if method is InversionMethod.NULL_TEXT:
+            null = self._null_text(trajectory, timesteps, step_ratio, alpha_of, cond, uncond, guidance_scale, num_inner_steps,
+                                   early_stop_epsilon, eps, cuda_graph, prediction_type, info)
+        info["seconds"] = time.perf_counter() - start
+        return Inversion(
+            method=method, prompt=prompt, num_inference_steps=num_inference_steps, guidance_scale=float(guidance_scale),
+            timesteps=timesteps.cpu(), latent=trajectory[:1].cpu().clone(), image_latent=image_latent.cpu(), image=pixels,
+            null_embeddings=null, trajectory=trajectory.cpu() if method is InversionMethod.DIRECT else None, info=info,
+        )
+
+    def _check_invert_inputs(self, method, prompt, num_inference_steps, guidance_scale, height, width, num_inner_steps,
+                             early_stop_epsilon, cuda_graph):
+        """``(method, source tokens, height, width)`` of an inversion's arguments, all checked."""
+        method = InversionMethod.parse(method)
+        source = self._tokenize(prompt, "prompt", False)
+        checks.positive_int("num_inference_steps", num_inference_steps)
+        checks.finite_number("guidance_scale", guidance_scale)
+        checks.positive_int("num_inner_steps", num_inner_steps)
+        checks.early_stop_epsilon(early_stop_epsilon)
+        if not isinstance(cuda_graph, bool):
+            raise ArgumentError("cuda_graph", f"cuda_graph must be True or False, got {cuda_graph!r}")
+        if cuda_graph and method is not InversionMethod.NULL_TEXT:
+            raise ArgumentError("cuda_graph", f"cuda_graph=True speeds up null-text inversion only; drop it for method={method.value!r}")
+        if cuda_graph and self._execution_device.type != "cuda":
+            raise ArgumentError("cuda_graph", f"cuda_graph=True needs the pipeline on a CUDA device, but it is on {self._execution_device}; "
+                                "move it with pipe.to('cuda') or drop cuda_graph")
+        height = checks.multiple_of("height", self._default_size() if height is None else height, self.vae_scale_factor)
+        width = checks.multiple_of("width", self._default_size() if width is None else width, self.vae_scale_factor)
+        return method, source, height, width
+
+    def _encode_image(self, pixels: np.ndarray, device) -> torch.Tensor:
+        """The VAE's latent ``(1, C, h, w)`` float32 of a ``(height, width, 3)`` uint8 picture (the
+        mean of its latent distribution, shifted and scaled as `decode_latents` undoes)."""
+        x = torch.from_numpy(pixels).to(device).permute(2, 0, 1)[None].float() / 127.5 - 1.0  # (1, 3, H, W): 0..255 -> [-1, 1]
+        latent = self.vae.encode(x.to(self.vae.dtype)).latent_dist.mean.float()  # (1, C, h, w)
+        shift = getattr(self.vae.config, "shift_factor", None) or 0.0
+        return (latent - shift) * self.vae.config.scaling_factor
+
+    def _null_text(self, trajectory, timesteps, step_ratio, alpha_of, cond, uncond, guidance_scale, num_inner_steps,
+                   early_stop_epsilon, eps, cuda_graph: bool, prediction_type: str, info: dict) -> torch.Tensor:
+        """Null-text inversion's embeddings ``(steps, tokens, dim)`` (`inversion.null_text_optimisation`);
+        its measurements go into ``info``."""
+        eps_with_grad, graphed = eps, False
+        if cuda_graph:
+            sample = capture_sample(trajectory, timesteps, uncond, self.unet.dtype)
+            eps_with_grad, graphed = graphed_eps(self.unet, sample, alpha_of, prediction_type, eps)
+        with frozen([self.unet, self.text_encoder]), self.progress_bar(total=len(timesteps)) as bar:
+            null, used, losses = null_text_optimisation(trajectory, timesteps, step_ratio, alpha_of, cond, uncond, guidance_scale,
+                                                        num_inner_steps, early_stop_epsilon, eps, eps_with_grad, bar.update)
+        # UNet passes: one per step for DDIM inversion, one per step for the conditional prediction, one per inner evaluation
+        info.update(num_inner_steps=num_inner_steps, early_stop_epsilon=early_stop_epsilon, inner_steps_used=used,
+                    final_losses=losses, unet_forward_passes=2 * len(timesteps) + sum(used), cuda_graph=graphed)
+        return null
