@@ -1,22 +1,19 @@
-"""Checks of single argument values, shared by the pipeline's call and its ``invert``.
+"""Checks of the pipeline's own argument values, shared by its call and its ``invert``.
 
-Each check raises `ArgumentError` naming the argument by its library name (see `arguments`), and
-returns the value when it is good. Checks that need the model (sizes, latents, map sides) are
-the pipeline's own.
+They are built on the one set of value checks in `arguments` (`arguments.number`,
+`arguments.integer`, ...), with ``text=False``: a library value must already be a number, never
+a string that reads as one. Each raises `ArgumentError` naming the argument by its library name,
+and returns the value when it is good.
 """
 
 from __future__ import annotations
 
-import math
 from collections.abc import Sequence
 from numbers import Real
 
 import torch
 
-from .arguments import ArgumentError
-
-#: The ``output_type`` values the pipeline accepts.
-OUTPUT_TYPES = ("pil", "np", "pt", "latent")
+from .arguments import OUTPUT_TYPES, ArgumentError, integer, number
 
 
 def positive_int(name: str, value) -> int:
@@ -29,9 +26,7 @@ def positive_int(name: str, value) -> int:
     Raises:
         ArgumentError: ``value`` is not a positive integer.
     """
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ArgumentError(name, f"{name} must be a positive integer, got {value!r}")
-    return value
+    return integer(value, name, name, "a positive integer", minimum=1, text=False)
 
 
 def finite_number(name: str, value) -> Real:
@@ -44,8 +39,7 @@ def finite_number(name: str, value) -> Real:
     Raises:
         ArgumentError: ``value`` is not a finite number.
     """
-    if isinstance(value, bool) or not isinstance(value, Real) or not math.isfinite(value):
-        raise ArgumentError(name, f"{name} must be a finite number, got {value!r}")
+    number(value, name, name, text=False)
     return value
 
 
@@ -55,8 +49,9 @@ def eta(value) -> Real:
     Raises:
         ArgumentError: of ``eta``.
     """
-    if isinstance(value, bool) or not isinstance(value, Real) or not math.isfinite(value) or value < 0:
-        raise ArgumentError("eta", f"eta must be a finite number >= 0 (0: deterministic DDIM, 1: DDPM-like noise), got {value!r}")
+    what = "a finite number >= 0 (0: deterministic DDIM, 1: DDPM-like noise)"
+    if number(value, "eta", "eta", what, text=False) < 0:
+        raise ArgumentError("eta", f"eta must be {what}, got {value!r}")
     return value
 
 
@@ -108,8 +103,9 @@ def multiple_of(name: str, value, factor: int) -> int:
     Raises:
         ArgumentError: of ``name``.
     """
-    if isinstance(value, bool) or not isinstance(value, int) or value <= 0 or value % factor:
-        raise ArgumentError(name, f"{name} must be a positive multiple of {factor} (the VAE's factor), got {value!r}")
+    what = f"a positive multiple of {factor} (the VAE's factor)"
+    if integer(value, name, name, what, minimum=1, text=False) % factor:
+        raise ArgumentError(name, f"{name} must be {what}, got {value!r}")
     return value
 
 
@@ -121,9 +117,7 @@ def self_replace_max_res(value, default_side: int) -> int:
     """
     if value is None:
         return default_side
-    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-        raise ArgumentError("self_replace_max_res", f"self_replace_max_res must be a non-negative integer side or None, got {value!r}")
-    return value
+    return integer(value, "self_replace_max_res", "self_replace_max_res", "a non-negative integer side or None", text=False)
 
 
 def map_side(name: str, side: int, sides: Sequence[int]) -> int:

@@ -354,7 +354,7 @@ class Prompt2PromptPipeline(DiffusionPipeline):
             negative_prompt: the unconditional prompt, or one per prompt, or None.
             generator: one `torch.Generator` (or a list of one), or None.
             latents: initial latents ``(1 or prompts, C, h, w)`` in the model's dtype, or None.
-            output_type: one of `checks.OUTPUT_TYPES`.
+            output_type: one of `arguments.OUTPUT_TYPES`.
             return_attention: whether cross-attention maps are recorded.
             return_self_attention: whether the source's self-attention is recorded.
             attention_res: the side of the recorded maps, or None.

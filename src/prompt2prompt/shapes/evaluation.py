@@ -476,7 +476,7 @@ def cross_attention_of(pipe, latents, timestep: int, prompt: str) -> tuple:
     tokens = tokenize_words(prompt, pipe.tokenizer)
     unet = pipe.unet
     param = next(unet.parameters())
-    states = pipe._encode([tokens.ids], param.device, param.dtype)  # (1, tokens, dim)
+    states, _ = pipe.encode_prompt([tokens], param.device, do_classifier_free_guidance=False)  # (1, tokens, dim)
     hw = tuple(latents.shape[-2:])
     ctrl = P2PController(None, 1, False, hw, record_sides=attention_sides(unet, hw))
     with torch.no_grad(), p2p_attention(unet, ctrl):
