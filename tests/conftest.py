@@ -119,3 +119,22 @@ def tiny_sd1(clip_tokenizer):
 @pytest.fixture(scope="session")
 def tiny_sd2(clip_tokenizer):
     return make_tiny_components(clip_tokenizer, "sd2", seed=1)
+
+
+@pytest.fixture(scope="module")
+def pipe(tiny_sd1):
+    """A `Prompt2PromptPipeline` of the tiny SD 1.x model, no progress bar (a module may define its own)."""
+    from prompt2prompt import Prompt2PromptPipeline
+
+    p = Prompt2PromptPipeline(**tiny_sd1)
+    p.set_progress_bar_config(disable=True)
+    return p
+
+
+@pytest.fixture
+def unet_calls(pipe):
+    """A list that grows by one at each UNet call of ``pipe`` (bad input must make none)."""
+    calls = []
+    handle = pipe.unet.register_forward_pre_hook(lambda *a: calls.append(1))
+    yield calls
+    handle.remove()

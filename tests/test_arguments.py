@@ -260,13 +260,6 @@ def test_a_plain_value_error_has_no_flag_and_goes_to_general():
         cli._call(lambda: (_ for _ in ()).throw(error))
 
 
-@pytest.fixture(scope="module")
-def pipe(tiny_sd1):
-    p = Prompt2PromptPipeline(**tiny_sd1)
-    p.set_progress_bar_config(disable=True)
-    return p
-
-
 @pytest.mark.parametrize("kwargs", [c[0] for c in CASES], ids=[c[1][:40] for c in CASES])
 def test_bad_input_errors_carry_an_argument_with_a_flag_and_a_field(pipe, kwargs):
     """Each of `test_bad_input`'s cases, through the command line's library call: the usage error

@@ -5,25 +5,10 @@ import math
 import pytest
 import torch
 
-from prompt2prompt import LocalBlend, Prompt2PromptPipeline
+from prompt2prompt import LocalBlend
 
 SRC = "a cat riding a bicycle"
 TGT = "a cat riding a motorcycle"
-
-
-@pytest.fixture(scope="module")
-def pipe(tiny_sd1):
-    p = Prompt2PromptPipeline(**tiny_sd1)
-    p.set_progress_bar_config(disable=True)
-    return p
-
-
-@pytest.fixture
-def unet_calls(pipe):
-    calls = []
-    handle = pipe.unet.register_forward_pre_hook(lambda *a: calls.append(1))
-    yield calls
-    handle.remove()
 
 
 CASES = [

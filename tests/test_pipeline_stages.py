@@ -19,21 +19,6 @@ TGT = "a cat riding a motorcycle"
 PACKAGE = Path(prompt2prompt.__file__).parent
 
 
-@pytest.fixture(scope="module")
-def pipe(tiny_sd1):
-    p = Prompt2PromptPipeline(**tiny_sd1)
-    p.set_progress_bar_config(disable=True)
-    return p
-
-
-@pytest.fixture
-def unet_calls(pipe):
-    calls = []
-    handle = pipe.unet.register_forward_pre_hook(lambda *a: calls.append(1))
-    yield calls
-    handle.remove()
-
-
 # --------------------------------------------------------------------------- check_inputs
 
 
