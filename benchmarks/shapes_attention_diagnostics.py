@@ -40,7 +40,7 @@ def head_statistics(pipe, caption: str, timesteps=(900, 500, 100), seed: int = 0
     rows = []
     try:
         with torch.no_grad():
-            states = pipe._encode([tokens.ids], "cpu", torch.float32)  # (1, tokens, dim)
+            states, _ = pipe.encode_prompt([tokens], "cpu", do_classifier_free_guidance=False)  # (1, tokens, dim)
             side = unet.config.sample_size
             latents = torch.randn(1, unet.config.in_channels, side, side, generator=torch.Generator().manual_seed(seed))
             for t in timesteps:
@@ -68,7 +68,7 @@ def state_similarity(pipe, a: str, b: str) -> tuple[np.ndarray, np.ndarray, list
     if len(ta.ids) != len(tb.ids):
         raise ValueError("the two captions must have the same number of tokens")
     with torch.no_grad():
-        s = pipe._encode([ta.ids, tb.ids], "cpu", torch.float32)  # (2, length, dim)
+        s, _ = pipe.encode_prompt([ta, tb], "cpu", do_classifier_free_guidance=False)  # (2, length, dim)
     n = torch.nn.functional.normalize(s[:, : len(ta.ids)], dim=-1)  # (2, tokens, dim)
     within = (n[0] @ n[0].T).numpy()  # (tokens, tokens)
     across = (n[0] * n[1]).sum(-1).numpy()  # (tokens,)
