@@ -14,6 +14,8 @@ A run checkpoints at every evaluation (safetensors, no pickle) and the same comm
 long curve can be spread over several chunks of at most 150 minutes.
 
     python benchmarks/shapes_learning_curve.py runs/curves --candidate small_b32 --steps 3000 --eval-every 500
+    python benchmarks/shapes_learning_curve.py runs/curves --stage autoencoder --steps 4000 --eval-every 500
+    python benchmarks/shapes_learning_curve.py runs/curves --candidate lean_f2_b32 --steps 3000
     python benchmarks/shapes_learning_curve.py runs/curves --list
 """
 
@@ -21,7 +23,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
 import sys
 import time
@@ -33,7 +34,7 @@ from safetensors.torch import load_file, save_file
 
 from prompt2prompt.shapes import MODEL_DIR, world
 from prompt2prompt.shapes.checkpoints import load_optimizer, optimizer_tensors
-from prompt2prompt.shapes.objective import SCHEDULE, lr_at, min_snr_weights
+from prompt2prompt.shapes.objective import SCHEDULE, lr_at
 
 RESULTS = Path(__file__).with_name("results_shapes_learning_curves.json")  # every candidate's curve, by name
 CACHE_SCENES = 40_000  # rendered and encoded once; at batch 32 that is 1,250 steps an epoch
@@ -57,8 +58,18 @@ CANDIDATES: dict[str, dict] = {
     "small_b32_smalltext": dict(unet=SMALL_UNET, text=SMALL_TEXT),
     "lean_b32": dict(unet=LEAN_UNET),
     "lean_b32_logitnormal": dict(unet=LEAN_UNET, timesteps=("logit_normal", 0.5, 1.0)),
+    # the same UNet on the latents of a factor-2 autoencoder (32x32x4; `--stage autoencoder` trains it):
+    # maps at 16 and 8, as the pixel-space model of shared/notes/cpu-training.md
+    "lean_f2_b32": dict(unet=LEAN_UNET, autoencoder="f2"),
 }
-BASE = dict(unet={}, text={}, batch=32, lr=5e-4, warmup=100, timesteps=("uniform",), ema=0.999)
+BASE = dict(unet={}, text={}, batch=32, lr=5e-4, warmup=100, timesteps=("uniform",), ema=0.999, autoencoder="shipped")
+
+#: A factor-2 autoencoder (64x64x3 -> 32x32x4): two encoder blocks, one downsampling.
+F2_AUTOENCODER = dict(in_channels=3, out_channels=3, latent_channels=4, sample_size=64, layers_per_block=1,
+                      down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2,
+                      block_out_channels=(32, 64), norm_num_groups=32)
+AE_KL_WEIGHT = 1e-6  # as the shipped autoencoder: the latent stays close to a plain autoencoder's
+AE_TEST_SCENES = 256  # held apart from the training stream: scenes 10,000,000.. of the narrow world
 
 
 def train_pairs() -> list[tuple[str, str]]:
@@ -99,7 +110,7 @@ def build_cache(path: Path, vae, tokenizer, n: int = CACHE_SCENES, batch: int = 
     for start in range(0, n, batch):
         specs = [narrow_spec(k) for k in range(start, min(n, start + batch))]
         images = np.stack([world.render(s).image for s in specs])  # (b, H, W, 3) uint8
-        x = torch.from_numpy(images).permute(0, 3, 1, 2).float() / 127.5 - 1  # (b, 3, H, W) in [-1, 1]
+        x = to_tensor(images)  # (b, 3, H, W) in [-1, 1]
         with torch.no_grad():
             latents.append(vae.encode(x).latent_dist.mean * vae.config.scaling_factor)  # (b, C, h, w)
         ids.append(tokenizer([s.caption for s in specs], padding="max_length", max_length=length,
@@ -112,7 +123,74 @@ def build_cache(path: Path, vae, tokenizer, n: int = CACHE_SCENES, batch: int = 
     return cache
 
 
-def build_models(recipe: dict, tokenizer):
+def to_tensor(images: np.ndarray) -> torch.Tensor:
+    """uint8 ``(b, H, W, 3)`` -> float ``(b, 3, H, W)`` in [-1, 1]."""
+    return torch.from_numpy(images).permute(0, 3, 1, 2).float() / 127.5 - 1  # (b, 3, H, W)
+
+
+def round_trip_psnr(vae, first: int = 10_000_000, n: int = AE_TEST_SCENES) -> float:
+    """Mean PSNR (dB, 8-bit) of narrow-world scenes ``first..first+n-1`` through ``vae``'s latent means
+    and back: what the autoencoder alone keeps of a flat-colour picture."""
+    from prompt2prompt.shapes.metrics import psnr
+
+    images = np.stack([world.render(narrow_spec(k)).image for k in range(first, first + n)])  # (n, H, W, 3)
+    with torch.no_grad():
+        rec = vae.decode(vae.encode(to_tensor(images)).latent_dist.mean).sample  # (n, 3, H, W)
+    rec = ((rec.clamp(-1, 1) + 1) * 127.5).round().permute(0, 2, 3, 1).numpy().astype(np.uint8)  # (n, H, W, 3)
+    everywhere = np.ones(images.shape[1:3], bool)
+    return float(np.mean([psnr(a, b, everywhere) for a, b in zip(images, rec)]))
+
+
+def train_autoencoder(folder: Path, steps: int, batch: int = 32, lr: float = 1e-3, check_every: int = 500) -> None:
+    """Train the factor-2 autoencoder on narrow-world scenes (scene k of the stream from seed k; L1 +
+    MSE reconstruction and a small KL term); a rerun resumes from the last saved weights with a fresh
+    optimizer. At each ``check_every`` steps save it as a
+    diffusers folder (with its scaling factor, 1 / the latents' std) and log its round-trip PSNR."""
+    from diffusers import AutoencoderKL
+
+    folder.mkdir(parents=True, exist_ok=True)
+    log_path = folder / "autoencoder_log.json"
+    log = json.loads(log_path.read_text()) if log_path.exists() else {"config": F2_AUTOENCODER, "points": []}
+    vae = AutoencoderKL.from_pretrained(folder / "vae") if (folder / "vae").exists() else AutoencoderKL(**F2_AUTOENCODER)
+    opt = torch.optim.AdamW(vae.parameters(), lr=lr, weight_decay=0.0)
+    step = log["points"][-1]["step"] if log["points"] else 0
+    while step < steps:
+        images = np.stack([world.render(narrow_spec(k)).image for k in range(step * batch, (step + 1) * batch)])
+        x = to_tensor(images)  # (batch, 3, H, W)
+        posterior = vae.encode(x).latent_dist
+        rec = vae.decode(posterior.sample(generator=torch.Generator().manual_seed(step))).sample  # (batch, 3, H, W)
+        loss = (rec - x).abs().mean() + (rec - x).pow(2).mean() + AE_KL_WEIGHT * posterior.kl().mean()
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        step += 1
+        if step % check_every == 0 or step == steps:
+            vae.eval()
+            with torch.no_grad():
+                z = vae.encode(to_tensor(images)).latent_dist.mean  # (batch, C, h, w)
+            vae.register_to_config(scaling_factor=float(1.0 / z.std()))
+            point = {"step": step, "samples": step * batch, "loss": loss.item(), "round_trip_db": round_trip_psnr(vae)}
+            vae.save_pretrained(folder / "vae")  # safetensors
+            log["points"].append(point)
+            log_path.write_text(json.dumps(log, indent=1))
+            print(json.dumps(point), flush=True)
+            vae.train()
+
+
+def load_autoencoder(recipe: dict, root: Path):
+    """The frozen autoencoder a candidate's latents come from: the shipped one, or the factor-2 one
+    trained under ``root / "autoencoder_f2"`` by ``--stage autoencoder``."""
+    from diffusers import AutoencoderKL
+
+    if recipe["autoencoder"] == "shipped":
+        return AutoencoderKL.from_pretrained(MODEL_DIR / "vae").eval().requires_grad_(False)
+    folder = root / "autoencoder_f2" / "vae"
+    if not folder.exists():
+        raise SystemExit(f"no factor-2 autoencoder at {folder}: train it first with --stage autoencoder")
+    return AutoencoderKL.from_pretrained(folder).eval().requires_grad_(False)
+
+
+def build_models(recipe: dict, tokenizer, latent_side: int):
     from diffusers import UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel
 
@@ -123,6 +201,7 @@ def build_models(recipe: dict, tokenizer):
     text_cfg = {k: v for k, v in text_cfg.items() if not k.startswith("_") and k not in ("architectures", "transformers_version")}
     text_cfg.update(recipe["text"])
     unet_cfg["cross_attention_dim"] = text_cfg["hidden_size"]
+    unet_cfg["sample_size"] = latent_side
     torch.manual_seed(0)
     unet = UNet2DConditionModel(**unet_cfg)
     text_encoder = CLIPTextModel(CLIPTextConfig(**text_cfg))
@@ -157,16 +236,17 @@ def headline(r: dict) -> dict:
             "swap_shape_target": sw["shape_p2p"]["target_rate"], "swap_shape_shift_px": sw["shape_p2p"]["median_centroid_shift_px"]}
 
 
-def save_results(name: str, curve: dict) -> None:
-    data = json.loads(RESULTS.read_text()) if RESULTS.exists() else {}
+def save_results(path: Path, name: str, curve: dict) -> None:
+    """Put ``curve`` under ``name`` in the results JSON at ``path`` (temporary file, then rename)."""
+    data = json.loads(path.read_text()) if path.exists() else {}
     data[name] = curve
-    tmp = RESULTS.with_suffix(".tmp")
+    tmp = path.with_suffix(".tmp")
     tmp.write_text(json.dumps(data, indent=1))
-    os.replace(tmp, RESULTS)
+    os.replace(tmp, path)
 
 
 def run(args) -> None:
-    from diffusers import AutoencoderKL, DDPMScheduler
+    from diffusers import DDPMScheduler
     from transformers import CLIPTokenizer
 
     torch.set_num_threads(args.threads)
@@ -175,9 +255,10 @@ def run(args) -> None:
     folder = root / args.candidate
     folder.mkdir(parents=True, exist_ok=True)
     tokenizer = CLIPTokenizer.from_pretrained(MODEL_DIR / "tokenizer")
-    vae = AutoencoderKL.from_pretrained(MODEL_DIR / "vae").eval().requires_grad_(False)
-    cache = build_cache(root / f"narrow_cache_{args.cache_scenes}.safetensors", vae, tokenizer, args.cache_scenes)
-    unet, text_encoder = build_models(recipe, tokenizer)
+    vae = load_autoencoder(recipe, root)
+    cache_name = f"narrow_cache_{args.cache_scenes}" + ("" if recipe["autoencoder"] == "shipped" else f"_{recipe['autoencoder']}")
+    cache = build_cache(root / f"{cache_name}.safetensors", vae, tokenizer, args.cache_scenes)
+    unet, text_encoder = build_models(recipe, tokenizer, latent_side=int(cache["latents"].shape[-1]))
     models = {"unet": unet, "text": text_encoder}
     params = [p for m in models.values() for p in m.parameters()]
     opt = torch.optim.AdamW(params, lr=recipe["lr"], weight_decay=0.01)
@@ -254,7 +335,7 @@ def run(args) -> None:
             os.replace(folder / "state.tmp", folder / "state.safetensors")
             (folder / "state.json").write_text(json.dumps({"step": step, "optimizer": opt_meta}))
             curve_path.write_text(json.dumps(curve, indent=1))
-            save_results(args.candidate, curve)
+            save_results(Path(args.results), args.candidate, curve)
             cpu0 = time.process_time()
             for m in models.values():
                 m.train()
@@ -264,6 +345,8 @@ def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("run_dir")
     p.add_argument("--candidate", choices=sorted(CANDIDATES))
+    p.add_argument("--stage", choices=("curve", "autoencoder"), default="curve",
+                   help="autoencoder: train the factor-2 autoencoder (RUN_DIR/autoencoder_f2) for --steps steps")
     p.add_argument("--list", action="store_true", help="print the candidates and exit")
     p.add_argument("--steps", type=int, default=3000)
     p.add_argument("--eval-every", type=int, default=500)
@@ -271,8 +354,13 @@ def main(argv=None) -> None:
     p.add_argument("--eval-steps", type=int, default=30)
     p.add_argument("--guidance", type=float, default=7.5, help="the CLI's default")
     p.add_argument("--cache-scenes", type=int, default=CACHE_SCENES, help="narrow-world scenes rendered and encoded once")
+    p.add_argument("--results", default=str(RESULTS), help="the JSON every candidate's curve goes to (default: %(default)s)")
     p.add_argument("--threads", type=int, default=2)
     args = p.parse_args(argv)
+    if args.stage == "autoencoder":
+        torch.set_num_threads(args.threads)
+        train_autoencoder(Path(args.run_dir) / "autoencoder_f2", args.steps, check_every=args.eval_every)
+        return
     if args.list or not args.candidate:
         for name, diff in CANDIDATES.items():
             print(f"{name}: {diff or 'the base recipe'}")

@@ -49,3 +49,32 @@ def test_training_cost_counts_flops_and_kernels(capsys):
     per_step = float(out.split("batch 256: ")[1].split()[0])  # TFLOP
     assert per_sample > 0 and per_step == pytest.approx(per_sample * 256 / 1000, rel=0.02)
     assert int(out.split("kernels (not views): ")[1].split()[0]) > 100
+
+
+def test_learning_curve_world_and_timesteps():
+    curve = _script("shapes_learning_curve")
+    from prompt2prompt.shapes import world
+
+    for k in range(40):
+        spec = curve.narrow_spec(k)
+        (obj,) = spec.objects  # one object
+        assert (obj.colour, obj.shape) not in world.HELDOUT_PAIRS and obj.pattern is None and spec.style is None
+        assert spec.background.kind == "plain" and spec.background.name != obj.colour
+    assert curve.narrow_spec(7) == curve.narrow_spec(7)  # deterministic in k
+    import torch
+
+    uniform = curve.sample_timesteps(("uniform",), 20_000, 1000, torch.Generator().manual_seed(0))
+    shifted = curve.sample_timesteps(("logit_normal", 0.5, 1.0), 20_000, 1000, torch.Generator().manual_seed(0))
+    assert 0 <= int(shifted.min()) and int(shifted.max()) <= 999
+    assert shifted.float().median() > uniform.float().median() + 50  # mean 0.5 puts more steps at high noise
+
+
+def test_learning_curve_trains_evaluates_and_resumes(tmp_path):
+    curve = _script("shapes_learning_curve")
+    results = tmp_path / "curves.json"
+    common = ["--eval-samples", "1", "--eval-steps", "2", "--cache-scenes", "64", "--threads", "1", "--results", str(results)]
+    curve.main([str(tmp_path), "--candidate", "lean_b32", "--steps", "2", "--eval-every", "2", *common])
+    curve.main([str(tmp_path), "--candidate", "lean_b32", "--steps", "3", "--eval-every", "3", *common])  # resumes at 2
+    points = json.loads(results.read_text())["lean_b32"]["points"]
+    assert [p["step"] for p in points] == [2, 3] and all("train_colour" in p for p in points)
+    assert json.loads((tmp_path / "lean_b32" / "state.json").read_text())["step"] == 3
