@@ -154,11 +154,39 @@ def test_edits_run_and_keep_the_source(xl, target, kwargs):
     assert out.attention.maps.shape == (2, 8, 8, 77)
 
 
-def test_sd_pipeline_is_unchanged_by_the_hooks(pipe):
-    """The added-conditions hook leaves the SD pipeline's UNet call as it was (no added conditions)."""
-    assert Prompt2PromptPipeline._denoise is Prompt2PromptXLPipeline._denoise
-    out = pipe("a cat", num_inference_steps=1, latents=torch.zeros(1, 4, 16, 16), output_type="latent")
-    assert out.images.shape == (1, 4, 16, 16)
+def test_xl_shares_the_edit_machinery():
+    """The loop, the plan, the blend and the output are the SD pipeline's, not copies."""
+    for name in ("_denoise", "_predict_noise", "_plan_edit", "_local_blend", "_postprocess", "_output", "prepare_latents"):
+        assert getattr(Prompt2PromptXLPipeline, name) is getattr(Prompt2PromptPipeline, name), name
+
+
+def test_euler_scheduler_equals_diffusers_sdxl(tiny_xl):
+    """SDXL's usual sampler scales the initial noise (init_noise_sigma) and the model input."""
+    from diffusers import EulerDiscreteScheduler
+
+    components = dict(tiny_xl, scheduler=EulerDiscreteScheduler.from_config(tiny_xl["scheduler"].config))
+    pipe = Prompt2PromptXLPipeline(**components)
+    pipe.set_progress_bar_config(disable=True)
+    kw = dict(num_inference_steps=STEPS, guidance_scale=5.0, latents=noise(8), output_type="np")
+    out = pipe(PROMPTS[0], PROMPTS[1], edit="none", **kw)
+    sd = plain_xl(components)
+    for k, p in enumerate(PROMPTS[:2]):
+        np.testing.assert_allclose(out.images[k], sd(p, **kw).images[0], atol=1e-5, rtol=0)
+
+
+def test_float16_vae_decodes_in_float32(tiny_xl):
+    """A float16 VAE with force_upcast decodes in float32 (SDXL's VAE overflows in float16) and is
+    put back to float16."""
+    import copy
+
+    vae = copy.deepcopy(tiny_xl["vae"]).to(torch.float16)
+    vae.register_to_config(force_upcast=True)
+    pipe = Prompt2PromptXLPipeline(**dict(tiny_xl, vae=vae))
+    latents = noise(9)
+    expected = Prompt2PromptXLPipeline(**tiny_xl).decode_latents(latents)
+    decoded = pipe.decode_latents(latents)
+    assert decoded.dtype == torch.float32 and pipe.vae.dtype == torch.float16
+    assert_close_to_scale(decoded, expected, rel=1e-2)  # the weights went through float16
 
 
 # --------------------------------------------------------------------------- 3. loading

@@ -12,6 +12,7 @@ both encoders' states of the same token; `Prompt2PromptXLPipeline.check_inputs` 
 the two tokenize differently.
 """
 
+import json
 import os
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -27,7 +28,6 @@ from .alignment import PromptTokens
 from .arguments import ArgumentError, default
 from .edits import EditMode, LocalBlend
 from .inversion import Inversion
-from .model_folder import _read_json
 from .pipeline import CheckedInputs, Prompt2PromptPipeline
 
 #: The components an SDXL folder has beyond Stable Diffusion's.
@@ -114,7 +114,10 @@ def check_xl_folder(folder: str | os.PathLike) -> None:
     index = Path(folder) / "model_index.json"
     if not index.is_file():
         return  # `check_model_folder` names the missing index
-    spec = _read_json(index, "the model index")
+    try:
+        spec = json.loads(index.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        return  # `check_model_folder` names the damaged index
     missing = [c for c in _XL_COMPONENTS if not (isinstance(spec, dict) and isinstance(spec.get(c), list) and spec[c][0] is not None)]
     if missing:
         raise ArgumentError("model", f"{folder} has no {' or '.join(missing)}, so it is not an SDXL model "
