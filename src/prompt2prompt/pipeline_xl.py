@@ -110,7 +110,15 @@ def check_xl_components(text_encoder, text_encoder_2, tokenizer, tokenizer_2, un
 
 def check_xl_folder(folder: str | os.PathLike) -> None:
     """Refuse a local model folder whose ``model_index.json`` lacks SDXL's second text encoder or
-    tokenizer (a Stable Diffusion folder), naming the missing components."""
+    tokenizer (a Stable Diffusion folder), naming the missing components.
+
+    Args:
+        folder: a folder written by ``save_pretrained``; a missing or unreadable index is left to
+            `model_folder.check_model_folder`, which names it.
+
+    Raises:
+        ArgumentError: (``model``) the folder is not an SDXL model.
+    """
     index = Path(folder) / "model_index.json"
     if not index.is_file():
         return  # `check_model_folder` names the missing index
