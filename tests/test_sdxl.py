@@ -154,6 +154,17 @@ def test_edits_run_and_keep_the_source(xl, target, kwargs):
     assert out.attention.maps.shape == (2, 8, 8, 77)
 
 
+@pytest.mark.parametrize("edit", ["replace", "refine"])
+def test_editing_into_the_same_prompt_changes_nothing(xl, edit):
+    """Injecting the source's attention into an identical prompt is the identity: the mappers address
+    the concatenated states of both encoders at the first tokenizer's positions consistently."""
+    out = xl(PROMPTS[0], PROMPTS[0], edit=edit, self_replace_max_res=8, num_inference_steps=STEPS, latents=noise(5), output_type="latent")
+    assert_close_to_scale(out.images[1], out.images[0])
+    cat = out.attention.word(1, "cat")
+    assert cat.shape == (8, 8) and torch.isfinite(cat).all()
+    assert_close_to_scale(cat, out.attention.word(0, "cat"))
+
+
 def test_xl_shares_the_edit_machinery():
     """The loop, the plan, the blend and the output are the SD pipeline's, not copies."""
     for name in ("_denoise", "_predict_noise", "_plan_edit", "_local_blend", "_postprocess", "_output", "prepare_latents"):

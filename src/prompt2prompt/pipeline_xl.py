@@ -15,7 +15,7 @@ the two tokenize differently.
 import json
 import os
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from pathlib import Path
 
 import torch
@@ -312,8 +312,8 @@ class Prompt2PromptXLPipeline(Prompt2PromptPipeline):
         rescale = checks.finite_number("guidance_rescale", guidance_rescale)
         if rescale < 0:
             raise ArgumentError("guidance_rescale", f"guidance_rescale must be >= 0 (0: no rescale, 0.7 as Lin et al.), got {guidance_rescale!r}")
-        fields = {f: getattr(base, f) for f in CheckedInputs.__dataclass_fields__}
-        return CheckedXLInputs(**fields, ids_2=tuple(tuple(r) for r in ids_2), negative_ids_2=tuple(tuple(r) for r in negative_ids_2),
+        checked = {f.name: getattr(base, f.name) for f in fields(CheckedInputs)}
+        return CheckedXLInputs(**checked, ids_2=tuple(tuple(r) for r in ids_2), negative_ids_2=tuple(tuple(r) for r in negative_ids_2),
                                zero_negative=zero, time_ids=time_ids, guidance_rescale=float(rescale))
 
     def _second_ids(self, prompts: Sequence[PromptTokens], prompt_2, truncate: bool) -> list[tuple[int, ...]]:
