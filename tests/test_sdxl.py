@@ -299,3 +299,19 @@ def test_tokenizers_that_split_a_prompt_differently_are_refused(tiny_xl, tmp_pat
 def test_invert_is_not_available(xl):
     with pytest.raises(NotImplementedError, match="SDXL"):
         xl.invert(None, "a cat")
+
+
+def test_signature_is_the_sd_one_plus_sdxl_arguments_with_the_tables_defaults():
+    import inspect
+
+    from prompt2prompt.arguments import ARGUMENTS, default
+
+    ours = inspect.signature(Prompt2PromptXLPipeline.__call__).parameters
+    theirs = inspect.signature(Prompt2PromptPipeline.__call__).parameters
+    extra = ["prompt_2", "negative_prompt_2", "original_size", "crops_coords_top_left", "target_size", "guidance_rescale"]
+    assert list(ours) == [*theirs, *extra]
+    assert all(ours[n].default == theirs[n].default for n in theirs if n != "self")
+    for name in extra:
+        assert name in ARGUMENTS and ours[name].default == default(name), name
+    checked = inspect.signature(Prompt2PromptXLPipeline.check_inputs).parameters
+    assert all(checked[n].default == ours[n].default for n in checked if n != "self")
