@@ -5,6 +5,7 @@ from .attention import P2PAttnProcessor, P2PController, p2p_attention
 from .edits import EditMode, EditPlan, LocalBlend, build_edit_plan
 from .inversion import Inversion, InversionMethod, load_image
 from .pipeline import AttentionMaps, Prompt2PromptPipeline, Prompt2PromptPipelineOutput
+from .pipeline_xl import Prompt2PromptXLPipeline
 
 __version__ = "0.1.0"
 
@@ -19,6 +20,7 @@ __all__ = [
     "P2PController",
     "Prompt2PromptPipeline",
     "Prompt2PromptPipelineOutput",
+    "Prompt2PromptXLPipeline",
     "PromptTokens",
     "build_edit_plan",
     "load_image",

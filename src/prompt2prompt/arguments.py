@@ -158,6 +158,13 @@ ARGUMENTS: dict[str, Argument] = {a.name: a for a in (
     Argument("num_inner_steps", None, 10, field="image"),
     Argument("early_stop_epsilon", None, 1e-5, field="image"),
     Argument("cuda_graph", None, False),
+    # SDXL (`Prompt2PromptXLPipeline`): the second text encoder's prompts and the added conditions
+    Argument("prompt_2", None, None),
+    Argument("negative_prompt_2", None, None),
+    Argument("original_size", None, None),
+    Argument("crops_coords_top_left", None, (0, 0)),
+    Argument("target_size", None, None),
+    Argument("guidance_rescale", None, 0.0),
     # the model (the command line loads it; the web page is served with one)
     Argument("model", "model", None, flag="--model", library=False),
     Argument("dtype", "dtype", "float32", flag="--dtype", kind="choice", choices=DTYPES, library=False),

@@ -170,6 +170,26 @@ def scheduler_step(scheduler, noise: torch.Tensor, t, latents: torch.Tensor, ext
     return latents
 
 
+def rescale_guidance(guided: torch.Tensor, cond: torch.Tensor, rescale: float) -> torch.Tensor:
+    """Guidance rescale (Lin et al., 2023, "Common Diffusion Noise Schedules and Sample Steps are
+    Flawed", section 3.4): the guided prediction scaled to the conditional prediction's standard
+    deviation per row, mixed with the unscaled one by ``rescale``.
+
+    Args:
+        guided: the guided noise prediction ``(prompts, C, h, w)``.
+        cond: the conditional prediction ``(prompts, C, h, w)``.
+        rescale: the mix, 0 (no rescale) to 1 (fully rescaled).
+
+    Returns:
+        ``(prompts, C, h, w)``.
+    """
+    dims = list(range(1, cond.ndim))
+    std_cond = cond.std(dim=dims, keepdim=True)  # (prompts, 1, 1, 1)
+    std_guided = guided.std(dim=dims, keepdim=True)  # (prompts, 1, 1, 1)
+    rescaled = guided * (std_cond / std_guided)  # (prompts, C, h, w)
+    return rescale * rescaled + (1 - rescale) * guided
+
+
 @dataclass(frozen=True)
 class CheckedInputs:
     """A call's arguments after `Prompt2PromptPipeline.check_inputs`: tokenized, defaults resolved.
@@ -262,7 +282,11 @@ class Prompt2PromptPipeline(DiffusionPipeline):
             safety_checker=safety_checker,
             feature_extractor=feature_extractor,
         )
-        self.vae_scale_factor = 2 ** (len(vae.config.block_out_channels) - 1)  # each VAE block but the last halves the image
+        self._init_state()
+
+    def _init_state(self) -> None:
+        """What every pipeline of the family sets after registering its modules (``self.vae`` among them)."""
+        self.vae_scale_factor = 2 ** (len(self.vae.config.block_out_channels) - 1)  # each VAE block but the last halves the image
         #: Words the model was trained on (the bundled shapes model sets it); others are warned about once.
         self.vocabulary: frozenset[str] | None = None
         self._warned_words: set[str] = set()
@@ -411,32 +435,36 @@ class Prompt2PromptPipeline(DiffusionPipeline):
             raise ArgumentError("local_blend", f"local_blend must be a LocalBlend, got {type(local_blend).__name__}")
         return source, targets
 
-    def _tokenize(self, prompt, name: str, truncate: bool) -> PromptTokens:
-        """``prompt`` tokenized; ``name`` is how messages call it (``prompt``, ``edit_prompts[1]``)."""
+    def _tokenize(self, prompt, name: str, truncate: bool, tokenizer=None) -> PromptTokens:
+        """``prompt`` tokenized by ``tokenizer`` (default ``self.tokenizer``); ``name`` is how messages
+        call it (``prompt``, ``edit_prompts[1]``)."""
         argument = name.split("[", 1)[0]
         if not isinstance(prompt, str) or not prompt.strip():
             raise ArgumentError(argument, f"{name} must be a non-empty string, got {prompt!r}")
         try:
-            return tokenize_words(prompt, self.tokenizer, truncate=truncate)
+            return tokenize_words(prompt, self.tokenizer if tokenizer is None else tokenizer, truncate=truncate)
         except ValueError as err:
             raise ArgumentError(argument, f"{name}: {err}") from None
 
-    def _negative_ids(self, negative_prompt, count: int, truncate: bool) -> list[list[int]]:
-        """Token ids of the unconditional prompt of each of ``count`` rows (``""`` when None)."""
+    def _negative_ids(self, negative_prompt, count: int, truncate: bool, tokenizer=None,
+                      name: str = "negative_prompt") -> list[list[int]]:
+        """Token ids by ``tokenizer`` (default ``self.tokenizer``) of the unconditional prompt of each
+        of ``count`` rows (``""`` when None); ``name`` is the argument messages name."""
+        tokenizer = self.tokenizer if tokenizer is None else tokenizer
         if negative_prompt is None:
             negative_prompt = ""
         listed = isinstance(negative_prompt, Sequence) and not isinstance(negative_prompt, str)
         rows = [negative_prompt] * count if not listed else list(negative_prompt)
         if len(rows) != count or not all(isinstance(r, str) for r in rows):
-            raise ArgumentError("negative_prompt", f"negative_prompt must be a string or a list of {count} strings (one per prompt), got {negative_prompt!r}")
+            raise ArgumentError(name, f"{name} must be a string or a list of {count} strings (one per prompt), got {negative_prompt!r}")
         out = []
-        length = self.tokenizer.model_max_length
+        length = tokenizer.model_max_length
         for row in rows:
-            ids = list(self.tokenizer(row, truncation=False, verbose=False)["input_ids"])
+            ids = list(tokenizer(row, truncation=False, verbose=False)["input_ids"])
             if len(ids) > length:
                 if not truncate:
-                    raise ArgumentError("negative_prompt",
-                                        f"negative_prompt is {len(ids)} tokens long but the text encoder takes at most {length}; "
+                    raise ArgumentError(name,
+                                        f"{name} is {len(ids)} tokens long but the text encoder takes at most {length}; "
                                         "shorten it, or pass truncate_prompts=True")
                 ids = ids[: length - 1] + ids[-1:]  # keep the end-of-text token
             out.append(ids)
@@ -782,19 +810,8 @@ class Prompt2PromptPipeline(DiffusionPipeline):
                                        inputs.generator, inversion.latent if inversion is not None else latents, scheduler)
         extra = self.prepare_extra_step_kwargs(inputs.generator, eta, scheduler)
 
-        controller = P2PController(plan, n, guidance, inputs.latent_hw, inputs.record_sides, inputs.self_res)
-        with p2p_attention(self.unet, controller), self.progress_bar(total=len(timesteps)) as bar:
-            for i, t in enumerate(timesteps):
-                if null_embeds is not None:  # null-text inversion: this step's optimised unconditional embedding
-                    embeds[:n] = null_embeds[i]
-                noise = self._predict_noise(latents, t, i, embeds, inputs.guidance_scale, guidance, scheduler, cross_attention_kwargs)
-                latents = scheduler_step(scheduler, noise, t, latents, extra)
-                if trajectory is not None:  # direct inversion: the gap (inverted - denoised) added to the source row
-                    latents[:1] = trajectory[i + 1 : i + 2]  # puts it on the inverted latent exactly
-                if plan is not None and plan.blend is not None and i >= plan.blend.start_step:
-                    latents = self._local_blend(latents, controller.maps[plan.blend.resolution], plan, inputs.latent_hw)
-                bar.update()
-
+        latents, controller = self._denoise(inputs, plan, scheduler, timesteps, latents, embeds, extra, cross_attention_kwargs,
+                                            null_embeds=null_embeds, trajectory=trajectory)
         images, flags = self._postprocess(latents, output_type, device, prompt_embeds.dtype)
         self.maybe_free_model_hooks()
         return self._output(images, flags, controller, inputs, plan, return_dict)
@@ -813,18 +830,49 @@ class Prompt2PromptPipeline(DiffusionPipeline):
             trajectory = inversion.trajectory.to(device=device, dtype=dtype)  # (steps + 1, C, h, w)
         return null_embeds, trajectory
 
-    def _predict_noise(self, latents, t, step: int, embeds, guidance_scale: float, guidance: bool, scheduler, cross_attention_kwargs):
+    def _denoise(self, inputs: CheckedInputs, plan: EditPlan | None, scheduler, timesteps, latents, embeds, extra: Mapping,
+                 cross_attention_kwargs, added_cond_kwargs: Mapping | None = None, guidance_rescale: float | None = None,
+                 null_embeds=None, trajectory=None) -> tuple[torch.Tensor, P2PController]:
+        """Algorithm 1's loop: every prompt row denoised together under the attention processors.
+
+        ``embeds`` are ``(2 * prompts or prompts, tokens, dim)`` (unconditional half first with
+        guidance); ``added_cond_kwargs`` (SDXL's pooled text states and time ids, one row per
+        ``embeds`` row) go to the UNet as they are; ``null_embeds`` and ``trajectory`` are an
+        inversion's (`_inversion_guides`). Returns the final latents ``(prompts, C, h, w)`` and the
+        controller that recorded the maps."""
+        guidance, n = inputs.do_classifier_free_guidance, len(inputs.prompts)
+        controller = P2PController(plan, n, guidance, inputs.latent_hw, inputs.record_sides, inputs.self_res)
+        with p2p_attention(self.unet, controller), self.progress_bar(total=len(timesteps)) as bar:
+            for i, t in enumerate(timesteps):
+                if null_embeds is not None:  # null-text inversion: this step's optimised unconditional embedding
+                    embeds[:n] = null_embeds[i]
+                noise = self._predict_noise(latents, t, i, embeds, inputs.guidance_scale, guidance, scheduler, cross_attention_kwargs,
+                                            added_cond_kwargs, guidance_rescale)
+                latents = scheduler_step(scheduler, noise, t, latents, extra)
+                if trajectory is not None:  # direct inversion: the gap (inverted - denoised) added to the source row
+                    latents[:1] = trajectory[i + 1 : i + 2]  # puts it on the inverted latent exactly
+                if plan is not None and plan.blend is not None and i >= plan.blend.start_step:
+                    latents = self._local_blend(latents, controller.maps[plan.blend.resolution], plan, inputs.latent_hw)
+                bar.update()
+        return latents, controller
+
+    def _predict_noise(self, latents, t, step: int, embeds, guidance_scale: float, guidance: bool, scheduler, cross_attention_kwargs,
+                       added_cond_kwargs: Mapping | None = None, guidance_rescale: float | None = None):
         """The UNet's guided noise prediction ``(prompts, C, h, w)`` at step ``step`` (passed on to the
-        attention processors as ``p2p_step``)."""
+        attention processors as ``p2p_step``); ``added_cond_kwargs`` go to the UNet (SDXL), and with
+        guidance a ``guidance_rescale`` other than None or 0 rescales the guided prediction (`rescale_guidance`)."""
         model_in = torch.cat([latents] * 2) if guidance else latents  # (batch, C, h, w)
         model_in = scheduler.scale_model_input(model_in, t)
         noise = self.unet(
             model_in, t, encoder_hidden_states=embeds,
-            cross_attention_kwargs={**(cross_attention_kwargs or {}), "p2p_step": step}, return_dict=False,
+            cross_attention_kwargs={**(cross_attention_kwargs or {}), "p2p_step": step},
+            added_cond_kwargs=None if added_cond_kwargs is None else dict(added_cond_kwargs), return_dict=False,
         )[0]  # (batch, C, h, w)
         if guidance:
             uncond, cond = noise.chunk(2)  # (prompts, C, h, w) each
             noise = uncond + guidance_scale * (cond - uncond)
+            if guidance_rescale:  # None or 0: no rescale
+                noise = rescale_guidance(noise, cond, guidance_rescale)
         return noise
 
     @staticmethod
