@@ -138,3 +138,12 @@ def unet_calls(pipe):
     handle = pipe.unet.register_forward_pre_hook(lambda *a: calls.append(1))
     yield calls
     handle.remove()
+
+
+@pytest.fixture(autouse=True)
+def _restore_torch_threads():
+    """Give every test the thread count the session started with: a script's ``--threads 1`` run
+    in-process must not change the float reductions, and so the pixels, of the tests after it."""
+    before = torch.get_num_threads()
+    yield
+    torch.set_num_threads(before)
