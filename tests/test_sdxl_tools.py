@@ -148,6 +148,19 @@ def test_image_with_sdxl_is_one_line_exit_2_before_any_work(capsys, xl_folder, t
     assert not (tmp_path / "out").exists()
 
 
+def test_batch_fails_an_sdxl_photo_line_before_any_work_and_runs_the_others(capsys, xl_folder, tmp_path):
+    photo = tmp_path / "photo.png"
+    PIL.Image.new("RGB", (32, 32)).save(photo)
+    lines = [{"prompt": SRC, "to": [TGT], "image": str(photo)}, {"prompt": SRC, "to": [TGT], "seed": 2}]
+    jsonl = tmp_path / "edits.jsonl"
+    jsonl.write_text("\n".join(json.dumps(line) for line in lines) + "\n")
+    code, out, err = run(capsys, "batch", jsonl, "--model", xl_folder, *STEPS, "-o", tmp_path / "runs")
+    assert code == 1 and "line 1: --image: inversion" in err and "1 done" in out and "1 failed" in out
+    (done,) = (tmp_path / "runs").glob("line-2-*")
+    assert stored(done / "edit-1.png")["model_family"] == "sdxl"
+    assert not list((tmp_path / "runs").glob("line-1-*"))
+
+
 # --------------------------------------------------------------------------- the web page
 
 
