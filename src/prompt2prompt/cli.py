@@ -322,7 +322,8 @@ def run_edit(pipe, options: dict, folder: Path, env: Mapping, console: Console, 
         "command": command,
         "version": __version__,
         "options": options,
-        "device": env["device"], "model_family": env.get("family"),
+        "device": env["device"],
+        "model_family": env.get("family"),
         "edit_mode": mode.value,
         "alignment": [
             {
