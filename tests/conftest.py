@@ -121,6 +121,51 @@ def tiny_sd2(clip_tokenizer):
     return make_tiny_components(clip_tokenizer, "sd2", seed=1)
 
 
+def make_tokenizer_2(folder, max_length: int):
+    """SDXL's second tokenizer: CLIP's BPE, padded with "!" (id 0) rather than end-of-text."""
+    from transformers import CLIPTokenizer
+
+    build_clip_tokenizer_files(folder)
+    return CLIPTokenizer(str(folder / "vocab.json"), str(folder / "merges.txt"), model_max_length=max_length, pad_token="!")
+
+
+def make_tiny_xl(tokenizer, tokenizer_2, seed: int = 0) -> dict:
+    """Latent side 16 (image 32 px, VAE factor 2); cross-attention at side 8 only (SDXL has none at
+    the top level); text states 16 + 32 wide, pooled projection 24, time ids embedded 8 wide."""
+    from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+
+    torch.manual_seed(seed)
+    common = dict(vocab_size=len(tokenizer), intermediate_size=64, num_hidden_layers=3, num_attention_heads=4,
+                  max_position_embeddings=tokenizer.model_max_length, bos_token_id=tokenizer.bos_token_id,
+                  eos_token_id=tokenizer.eos_token_id)
+    text_encoder = CLIPTextModel(CLIPTextConfig(hidden_size=16, pad_token_id=tokenizer.pad_token_id, **common))
+    text_encoder_2 = CLIPTextModelWithProjection(CLIPTextConfig(hidden_size=32, projection_dim=24, pad_token_id=tokenizer_2.pad_token_id, **common))
+    time_dim = 8
+    unet = UNet2DConditionModel(
+        sample_size=16, in_channels=4, out_channels=4, block_out_channels=(32, 64), layers_per_block=1,
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"), up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+        cross_attention_dim=16 + 32, attention_head_dim=(2, 4), use_linear_projection=True, transformer_layers_per_block=(1, 2),
+        addition_embed_type="text_time", addition_time_embed_dim=time_dim,
+        projection_class_embeddings_input_dim=time_dim * 6 + 24, norm_num_groups=16,
+    )
+    vae = AutoencoderKL(in_channels=3, out_channels=3, block_out_channels=(16, 32), latent_channels=4, norm_num_groups=16, sample_size=32,
+                        down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2)
+    scheduler = DDIMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", clip_sample=False,
+                              set_alpha_to_one=False, steps_offset=1)
+    for module in (unet, vae, text_encoder, text_encoder_2):
+        module.eval()
+    return dict(vae=vae, text_encoder=text_encoder, text_encoder_2=text_encoder_2, tokenizer=tokenizer, tokenizer_2=tokenizer_2,
+                unet=unet, scheduler=scheduler)
+
+
+@pytest.fixture(scope="module")
+def tiny_xl(clip_tokenizer, tmp_path_factory):
+    tokenizer_2 = make_tokenizer_2(tmp_path_factory.mktemp("clip_tokenizer_2"), clip_tokenizer.model_max_length)
+    assert tokenizer_2.pad_token_id == 0
+    return make_tiny_xl(clip_tokenizer, tokenizer_2)
+
+
 @pytest.fixture(scope="module")
 def pipe(tiny_sd1):
     """A `Prompt2PromptPipeline` of the tiny SD 1.x model, no progress bar (a module may define its own)."""

@@ -4,6 +4,8 @@ from .alignment import PromptTokens, tokenize_words
 from .attention import P2PAttnProcessor, P2PController, p2p_attention
 from .edits import EditMode, EditPlan, LocalBlend, build_edit_plan
 from .inversion import Inversion, InversionMethod, load_image
+from .loading import load_pipeline, pipeline_class_for
+from .model_folder import model_family
 from .pipeline import AttentionMaps, Prompt2PromptPipeline, Prompt2PromptPipelineOutput
 from .pipeline_xl import Prompt2PromptXLPipeline
 
@@ -24,6 +26,9 @@ __all__ = [
     "PromptTokens",
     "build_edit_plan",
     "load_image",
+    "load_pipeline",
+    "model_family",
     "p2p_attention",
+    "pipeline_class_for",
     "tokenize_words",
 ]

@@ -32,6 +32,8 @@ from .alignment import split_words, tokenize_words
 from .arguments import ARGUMENTS, DTYPES, INVERT_METHODS, MODES, argument_of, option_default
 from .edits import EditMode
 from .imageio import OutputSet, file_sha256, remove_stale_temps
+from .loading import check_supported
+from .model_folder import model_family
 from .options import (
     ATTENTION_KEYS,
     BATCH_LINE_KEYS,
@@ -181,18 +183,19 @@ def check_model(model: str | None, allow_pickle: bool = False) -> None:
 
 
 def load_pipeline(model: str | None, dtype: str, device: str, progress: bool, allow_pickle: bool = False):
-    """Load `Prompt2PromptPipeline` onto ``device`` (pickle weights only with ``allow_pickle``).
+    """Load the pipeline the model's folder needs (`loading.load_pipeline`: SDXL or Stable
+    Diffusion) onto ``device`` (pickle weights only with ``allow_pickle``).
 
     Raises:
         RuntimeFailure: a missing model folder, a folder that is not a diffusers model, any load error.
     """
     import torch
 
-    from .pipeline import Prompt2PromptPipeline
+    from . import loading
 
     check_model(model, allow_pickle)
     try:
-        pipe = Prompt2PromptPipeline.from_pretrained(model, torch_dtype=getattr(torch, dtype), allow_pickle=allow_pickle)
+        pipe = loading.load_pipeline(model, torch_dtype=getattr(torch, dtype), allow_pickle=allow_pickle)
         pipe = pipe.to(device)
     except Exception as err:  # noqa: BLE001 - every load failure is a runtime failure
         reason = one_line(err).replace(" Please check out the root cause in the stacktrace above.", "")
@@ -264,7 +267,7 @@ def run_generate(pipe, options: dict, folder: Path, env: Mapping, console: Conso
     files = OutputSet(folder)
     meta = image_metadata("generate", options, env, "image", 0, 1, "image.png", options["prompt"])
     files.add_png("image.png", out.images[0], meta, parameters_text(meta))
-    result = {"command": "generate", "version": __version__, "options": options, "device": env["device"],
+    result = {"command": "generate", "version": __version__, "options": options, "device": env["device"], "model_family": env.get("family"),
               "images": [{"file": "image.png", "role": "image", "prompt": options["prompt"]}]}
     files.add_json(RESULT, result)
     files.commit()
@@ -320,6 +323,7 @@ def run_edit(pipe, options: dict, folder: Path, env: Mapping, console: Console, 
         "version": __version__,
         "options": options,
         "device": env["device"],
+        "model_family": env.get("family"),
         "edit_mode": mode.value,
         "alignment": [
             {
@@ -358,7 +362,7 @@ def run_attention(pipe, options: dict, folder: Path, env: Mapping, console: Cons
     meta = image_metadata("attention", options, env, "cross-attention", 1, count, "cross-attention.png", options["prompt"],
                           attention_resolution=out.attention.resolution)
     files.add_png("cross-attention.png", cross, meta, parameters_text(meta))
-    result = {"command": "attention", "version": __version__, "options": options, "device": env["device"],
+    result = {"command": "attention", "version": __version__, "options": options, "device": env["device"], "model_family": env.get("family"),
               "words": [w for w, _ in heat], "cross_attention_resolution": out.attention.resolution,
               "images": [{"file": "image.png", "role": "image", "prompt": options["prompt"]},
                          {"file": "cross-attention.png", "role": "cross-attention"}]}
@@ -413,7 +417,7 @@ def run_sweep(pipe, options: dict, folder: Path, env: Mapping, console: Console)
     grid = labelled_grid([source, *images], labels, marks)
     meta = image_metadata("sweep", options, env, "grid", count - 1, count, "grid.png", None)
     files.add_png("grid.png", grid, meta, parameters_text(meta))
-    result = {"command": "sweep", "version": __version__, "options": options, "device": env["device"],
+    result = {"command": "sweep", "version": __version__, "options": options, "device": env["device"], "model_family": env.get("family"),
               "edit_mode": modes[0], "alignment": alignment.describe(), "images": entries, "grid": "grid.png"}
     files.add_json(RESULT, result)
     files.commit()
@@ -488,6 +492,7 @@ def _worker_init(env: dict) -> None:
     try:
         with library_output(False):
             _WORKER["pipe"] = load_pipeline(env["model"], env["dtype"], env["device"], progress=False, allow_pickle=env["allow_pickle"])
+            env["family"] = _WORKER["pipe"].model_family
     except RuntimeFailure as err:  # reported once per line as a failure, not as the pool's traceback
         _WORKER["load_error"] = str(err)
 
@@ -549,6 +554,12 @@ def cmd_batch(args, console: Console) -> int:
     todo = []
     for number, options in jobs:
         options.update(model=model, dtype=dtype)
+        try:
+            _call(check_supported, model, options["image"])  # e.g. no inversion on SDXL: the line fails before any work
+        except UsageError as err:
+            failed.append((number, str(err)))
+            print(f"{PROG} batch: line {number}: {err}", file=sys.stderr)
+            continue
         folder = line_folder(root, number, options)
         finished, same = _finished(folder, options)
         if finished:
@@ -565,6 +576,7 @@ def cmd_batch(args, console: Console) -> int:
             _run_parallel(todo, min(workers, len(todo)), env, console, done, failed)
         else:
             pipe = load_pipeline(model, dtype, device, progress=console.progress, allow_pickle=args.allow_pickle)
+            env["family"] = pipe.model_family
             for number, options, folder in todo:
                 try:
                     run_batch_line(pipe, options, folder, env, console)
@@ -591,8 +603,9 @@ def _raw(args, keys) -> dict:
     return {k: getattr(args, k, None) for k in keys}
 
 
-def _env(device: str) -> dict:
-    return {"device": device}
+def _env(device: str, pipe) -> dict:
+    """What the images' metadata records of the run beyond the options: the device and the model family."""
+    return {"device": device, "family": getattr(pipe, "model_family", None)}
 
 
 def _run_in_folder(args, options: dict, slug: str, runner, console: Console) -> int:
@@ -600,7 +613,7 @@ def _run_in_folder(args, options: dict, slug: str, runner, console: Console) -> 
     folder = output_folder(args.output, slug)
     device = check_device(args.device)
     pipe = load_pipeline(options["model"], options["dtype"], device, console.progress, args.allow_pickle)
-    runner(pipe, options, folder, _env(device), console)
+    runner(pipe, options, folder, _env(device, pipe), console)
     print(folder)
     return 0
 
@@ -612,10 +625,11 @@ def cmd_generate(args, console: Console) -> int:
 
 def cmd_edit(args, console: Console) -> int:
     raw = _raw(args, EDIT_KEYS)
-    photo_sha256 = None
+    photo_sha256 = stored_family = None
     if args.from_image is not None:
         stored = read_stored_options(args.from_image, "--from")
-        photo_sha256 = read_stored_metadata(args.from_image, "--from").get("photo_sha256")
+        stored_meta = read_stored_metadata(args.from_image, "--from")
+        photo_sha256, stored_family = stored_meta.get("photo_sha256"), stored_meta.get("model_family")
         stored = {k: v for k, v in stored.items() if k in EDIT_KEYS and v != DEFAULTS.get(k)}  # defaults stay defaults
         if raw.get("image") is not None:  # a new photo: the stored one's hash says nothing about it
             photo_sha256 = None
@@ -626,6 +640,11 @@ def cmd_edit(args, console: Console) -> int:
         raise UsageError("--to is required: give the target prompt, e.g. --to \"a red square on a blue background\"")
     options = normalise_options(raw, EDIT_KEYS, required=("prompt", "to"))
     check_edit_words(options)
+    _call(check_supported, options["model"], options["image"])  # e.g. no inversion on SDXL, before any work
+    family = model_family(options["model"])
+    if stored_family is not None and stored_family != family:
+        warnings.warn(f"--from {args.from_image}: that image was made with an {stored_family.upper()} model, but "
+                      f"{model_label(options['model'])} is {family.upper()}, so the result will differ from it", UserWarning, stacklevel=1)
     if photo_sha256 and options["image"] and file_sha256(options["image"]) != photo_sha256:
         warnings.warn(f"--from {args.from_image}: the photo {options['image']} has changed since that image was made "
                       "(its SHA-256 differs), so the result will differ from it", UserWarning, stacklevel=1)
@@ -756,7 +775,8 @@ def _add_common(parser, batch: bool = False):
 
 def _add_model_flags(group, quiet_help: str) -> None:
     """The flags that choose and load the model, and --quiet/--debug (every command that loads one)."""
-    group.add_argument("--model", metavar="PATH_OR_ID", help="diffusers Stable Diffusion folder or hub id (default: the bundled shapes model)")
+    group.add_argument("--model", metavar="PATH_OR_ID", help="diffusers Stable Diffusion or SDXL folder (its model_index.json picks the pipeline), "
+                                                             "or a Stable Diffusion hub id (default: the bundled shapes model)")
     group.add_argument("--device", metavar="DEVICE", help="cpu, cuda, cuda:N or mps (default: cuda if available, else mps, else cpu)")
     group.add_argument("--dtype", metavar="DTYPE", help=f"{_one_of(DTYPES)} (default {_default('dtype')})")
     group.add_argument("--allow-pickle", action="store_true", help="load a model whose weights are pickle files (.bin, .ckpt): unpickling can run code, so only for files you trust")

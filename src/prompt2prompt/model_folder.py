@@ -106,3 +106,33 @@ def check_model_folder(folder: str | Path, allow_pickle: bool = False) -> None:
         if name.startswith("_") or not isinstance(entry, list) or len(entry) != 2 or entry[0] is None or entry[1] is None:
             continue  # metadata ("_class_name", ...) and components saved as None (e.g. no safety checker)
         _check_component(folder, name, allow_pickle)
+
+
+#: The model families: Stable Diffusion (1.x, 2.x) and Stable Diffusion XL.
+FAMILIES = ("sd", "sdxl")
+
+
+def model_family(model: str | Path | None) -> str:
+    """The family of the model ``model`` names, read from a local folder's own ``model_index.json``:
+    ``"sdxl"`` when its ``_class_name`` contains ``XL`` or it lists a ``text_encoder_2``, else ``"sd"``.
+
+    Args:
+        model: a local diffusers folder, a hub id, or None (the bundled shapes model). A hub id (no
+            folder of that name here), a folder without a readable index and None are ``"sd"``
+            (a missing or damaged index is `check_model_folder`'s to name).
+
+    Returns:
+        One of `FAMILIES`.
+    """
+    if model is None:
+        return "sd"
+    index = Path(model).expanduser() / "model_index.json"
+    try:
+        spec = json.loads(index.read_text(encoding="utf-8")) if index.is_file() else None
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        spec = None
+    if not isinstance(spec, dict):
+        return "sd"
+    encoder_2 = spec.get("text_encoder_2")
+    has_encoder_2 = isinstance(encoder_2, list) and bool(encoder_2) and encoder_2[0] is not None
+    return "sdxl" if "XL" in str(spec.get("_class_name", "")) or has_encoder_2 else "sd"

@@ -411,13 +411,17 @@ def model_label(model: str | None) -> str:
 
 
 def image_metadata(command: str, options: Mapping, env: Mapping, role: str, index: int, count: int, file: str, prompt: str | None, **extra) -> dict:
-    """The JSON stored in each PNG: everything needed to make it again (with a photo, its SHA-256)."""
+    """The JSON stored in each PNG: everything needed to make it again (with a photo, its SHA-256).
+
+    ``env`` holds what the options do not: ``device`` and ``family`` (the model family, ``"sd"`` or
+    ``"sdxl"``, stored as ``model_family``)."""
     meta = {
         "software": f"prompt2prompt {__version__}",
         "version": __version__,
         "command": command,
         "options": dict(options),
         "model": model_label(options.get("model")),
+        "model_family": env.get("family"),
         "device": env.get("device"),
         "dtype": options.get("dtype"),
         "image": {"role": role, "index": index, "count": count, "file": file, "prompt": prompt},
@@ -461,7 +465,8 @@ def parameters_text(meta: Mapping) -> str:
             continue
         label = {"image": "photo"}.get(key, key.replace("_", " "))
         lines.append(f"{label}: {json.dumps(value) if isinstance(value, (list, dict)) else value}")
-    lines.append(f"model: {meta.get('model')}, {meta.get('dtype')} on {meta.get('device')}")
+    family = f" ({meta['model_family']})" if meta.get("model_family") else ""  # images made before it was recorded have none
+    lines.append(f"model: {meta.get('model')}{family}, {meta.get('dtype')} on {meta.get('device')}")
     lines.append(f"made by: {meta.get('software')}")
     lines.append(f"rerun: {rerun_command(meta)}")
     return "\n".join(lines)

@@ -57,7 +57,7 @@ from .inversion import (
     predict_eps,
     unet_eps,
 )
-from .model_folder import check_model_folder
+from .model_folder import check_model_folder, model_family as folder_family
 
 logger = logging.getLogger(__name__)
 
@@ -261,6 +261,8 @@ class Prompt2PromptPipeline(DiffusionPipeline):
 
     model_cpu_offload_seq = "text_encoder->unet->vae"
     _optional_components = ["safety_checker", "feature_extractor"]
+    #: The model family this pipeline runs (`model_folder.FAMILIES`), recorded with every image.
+    model_family = "sd"
 
     def __init__(
         self,
@@ -313,6 +315,8 @@ class Prompt2PromptPipeline(DiffusionPipeline):
             The loaded `Prompt2PromptPipeline`.
 
         Raises:
+            ArgumentError: (``model``) a local folder of another family (an SDXL folder: use
+                `prompt2prompt.load_pipeline` or `Prompt2PromptXLPipeline`).
             ValueError: the bundled model is missing, ``use_safetensors=False`` without
                 ``allow_pickle``, or a local folder lacks or has a damaged file.
         """
@@ -331,6 +335,11 @@ class Prompt2PromptPipeline(DiffusionPipeline):
         if not allow_pickle:
             kwargs["use_safetensors"] = True
         if isinstance(pretrained_model_name_or_path, (str, os.PathLike)) and Path(pretrained_model_name_or_path).is_dir():
+            family = folder_family(pretrained_model_name_or_path)
+            if family != cls.model_family:
+                raise ArgumentError("model", f"{pretrained_model_name_or_path} is an {family.upper()} model, which {cls.__name__} "
+                                    "does not run; load it with prompt2prompt.load_pipeline, which picks the pipeline from the folder"
+                                    + (" (Prompt2PromptXLPipeline)" if family == "sdxl" else ""))
             check_model_folder(pretrained_model_name_or_path, allow_pickle=allow_pickle)  # names a missing or damaged file
         return super().from_pretrained(pretrained_model_name_or_path, *args, **kwargs)
 

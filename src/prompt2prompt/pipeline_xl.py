@@ -34,6 +34,16 @@ from .pipeline import CheckedInputs, Prompt2PromptPipeline
 _XL_COMPONENTS = ("text_encoder_2", "tokenizer_2")
 
 
+class InversionUnavailable(ArgumentError, NotImplementedError):
+    """Inversion asked of an SDXL model (not available yet, a later step of issue 29): an
+    `ArgumentError` about ``image`` (so the command line and the web page report it as a usage
+    error), and a `NotImplementedError`."""
+
+    def __init__(self):
+        super().__init__("image", "inversion (editing a real photo) is not yet available for SDXL models; "
+                                  "edit a generated image, or invert with a Stable Diffusion model")
+
+
 @dataclass(frozen=True)
 class CheckedXLInputs(CheckedInputs):
     """`CheckedInputs` and what SDXL adds (`Prompt2PromptXLPipeline.check_inputs`).
@@ -155,6 +165,7 @@ class Prompt2PromptXLPipeline(Prompt2PromptPipeline):
 
     model_cpu_offload_seq = "text_encoder->text_encoder_2->unet->vae"
     _optional_components = []
+    model_family = "sdxl"
 
     def __init__(
         self,
@@ -220,8 +231,9 @@ class Prompt2PromptXLPipeline(Prompt2PromptPipeline):
         return super().from_pipe(pipeline, **kwargs)
 
     def invert(self, *args, **kwargs):
-        """Not available on SDXL yet (a later step of issue 29); raises `NotImplementedError`."""
-        raise NotImplementedError("inversion is not available on SDXL yet; invert with a Stable Diffusion Prompt2PromptPipeline")
+        """Not available on SDXL yet (a later step of issue 29): raises `InversionUnavailable`
+        (a `NotImplementedError` and an `ArgumentError` about ``image``) before any work."""
+        raise InversionUnavailable()
 
     # ----------------------------------------------------------------- checks
 

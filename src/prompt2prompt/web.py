@@ -243,7 +243,7 @@ class Editor:
     """Runs requests on one pipeline and writes their PNGs under ``output_dir``.
 
     Args:
-        pipe: a `Prompt2PromptPipeline`.
+        pipe: a `Prompt2PromptPipeline` or `Prompt2PromptXLPipeline` (no photos: SDXL has no inversion yet).
         output_dir: every file of the app goes below this folder.
         model: the ``--model`` the pipeline was loaded from (None: the bundled model), for the metadata.
         dtype: its ``--dtype`` name (None: float32).
@@ -304,7 +304,8 @@ class Editor:
         prompts = [req.prompt, *req.edit_prompts]
 
         def meta(role: str, k: int, name: str, **extra) -> tuple[dict, str]:
-            m = image_metadata("edit", options, {"device": self.device}, role, k, len(prompts), name, prompts[k],
+            env = {"device": self.device, "family": getattr(self.pipe, "model_family", None)}
+            m = image_metadata("edit", options, env, role, k, len(prompts), name, prompts[k],
                                edit_mode=mode, source="p2p serve", **extra)
             return m, parameters_text(m)
 
@@ -456,8 +457,8 @@ _CSS = ".field-error p { color: #b00020; font-weight: 600; margin: 0; }"
 
 def serve(host: str = "127.0.0.1", port: int = 7860, model: str | None = None, device: str | None = None, dtype: str | None = None,
           output_dir: str | os.PathLike = "outputs/web", block: bool = True, allow_pickle: bool = False):
-    """Load the model and serve the page on ``host:port`` (loopback unless told otherwise); pickle
-    weights load only with ``allow_pickle``.
+    """Load the model (with the pipeline its folder needs, `loading.load_pipeline`) and serve the
+    page on ``host:port`` (loopback unless told otherwise); pickle weights load only with ``allow_pickle``.
 
     Gradio's own temporary files (uploads, images sent to the page) also go below ``output_dir``.
     Returns the running `gradio.Blocks` when ``block`` is False.
@@ -468,10 +469,10 @@ def serve(host: str = "127.0.0.1", port: int = 7860, model: str | None = None, d
     os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
     import torch
 
-    from .pipeline import Prompt2PromptPipeline
+    from .loading import load_pipeline
 
     kwargs = {"torch_dtype": getattr(torch, dtype)} if dtype else {}
-    pipe = Prompt2PromptPipeline.from_pretrained(model, allow_pickle=allow_pickle, **kwargs)
+    pipe = load_pipeline(model, allow_pickle=allow_pickle, **kwargs)  # SDXL or Stable Diffusion, as the folder says
     if device:
         pipe.to(device)
     editor = Editor(pipe, out, model, dtype, str(pipe.device))
