@@ -14,7 +14,7 @@ A run checkpoints at every evaluation (safetensors, no pickle) and the same comm
 long curve can be spread over several chunks of at most 150 minutes.
 
     python benchmarks/shapes_learning_curve.py runs/curves --candidate small_b32 --steps 3000 --eval-every 500
-    python benchmarks/shapes_learning_curve.py runs/curves --stage autoencoder --steps 4000 --eval-every 500
+    python benchmarks/shapes_learning_curve.py runs/curves --stage autoencoder --steps 8000 --eval-every 250
     python benchmarks/shapes_learning_curve.py runs/curves --candidate lean_f2_b32 --steps 3000
     python benchmarks/shapes_learning_curve.py runs/curves --list
 """
@@ -67,7 +67,8 @@ BASE = dict(unet={}, text={}, batch=32, lr=5e-4, warmup=100, timesteps=("uniform
 #: A factor-2 autoencoder (64x64x3 -> 32x32x4): two encoder blocks, one downsampling.
 F2_AUTOENCODER = dict(in_channels=3, out_channels=3, latent_channels=4, sample_size=64, layers_per_block=1,
                       down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2,
-                      block_out_channels=(32, 64), norm_num_groups=32)
+                      block_out_channels=(32, 64), norm_num_groups=32,
+                      mid_block_add_attention=False)  # attention over 32x32 = 1,024 positions cost 1.4x a step
 AE_KL_WEIGHT = 1e-6  # as the shipped autoencoder: the latent stays close to a plain autoencoder's
 AE_TEST_SCENES = 256  # held apart from the training stream: scenes 10,000,000.. of the narrow world
 
@@ -141,7 +142,10 @@ def round_trip_psnr(vae, first: int = 10_000_000, n: int = AE_TEST_SCENES) -> fl
     return float(np.mean([psnr(a, b, everywhere) for a, b in zip(images, rec)]))
 
 
-def train_autoencoder(folder: Path, steps: int, batch: int = 32, lr: float = 1e-3, check_every: int = 500) -> None:
+AE_BATCH = 8  # a step at batch 32 took 2.4 s on one thread: small steps, many of them
+
+def train_autoencoder(folder: Path, steps: int, batch: int = AE_BATCH, lr: float = 1e-3, check_every: int = 100,
+                      test_scenes: int = AE_TEST_SCENES) -> None:
     """Train the factor-2 autoencoder on narrow-world scenes (scene k of the stream from seed k; L1 +
     MSE reconstruction and a small KL term); a rerun resumes from the last saved weights with a fresh
     optimizer. At each ``check_every`` steps save it as a
@@ -169,7 +173,8 @@ def train_autoencoder(folder: Path, steps: int, batch: int = 32, lr: float = 1e-
             with torch.no_grad():
                 z = vae.encode(to_tensor(images)).latent_dist.mean  # (batch, C, h, w)
             vae.register_to_config(scaling_factor=float(1.0 / z.std()))
-            point = {"step": step, "samples": step * batch, "loss": loss.item(), "round_trip_db": round_trip_psnr(vae)}
+            point = {"step": step, "samples": step * batch, "loss": loss.item(),
+                     "round_trip_db": round_trip_psnr(vae, n=test_scenes)}
             vae.save_pretrained(folder / "vae")  # safetensors
             log["points"].append(point)
             log_path.write_text(json.dumps(log, indent=1))
@@ -350,7 +355,7 @@ def main(argv=None) -> None:
     p.add_argument("--list", action="store_true", help="print the candidates and exit")
     p.add_argument("--steps", type=int, default=3000)
     p.add_argument("--eval-every", type=int, default=500)
-    p.add_argument("--eval-samples", type=int, default=16)
+    p.add_argument("--eval-samples", type=int, default=16, help="prompts per part (autoencoder stage: 16x this many test scenes)")
     p.add_argument("--eval-steps", type=int, default=30)
     p.add_argument("--guidance", type=float, default=7.5, help="the CLI's default")
     p.add_argument("--cache-scenes", type=int, default=CACHE_SCENES, help="narrow-world scenes rendered and encoded once")
@@ -359,7 +364,8 @@ def main(argv=None) -> None:
     args = p.parse_args(argv)
     if args.stage == "autoencoder":
         torch.set_num_threads(args.threads)
-        train_autoencoder(Path(args.run_dir) / "autoencoder_f2", args.steps, check_every=args.eval_every)
+        train_autoencoder(Path(args.run_dir) / "autoencoder_f2", args.steps, check_every=args.eval_every,
+                          test_scenes=args.eval_samples * 16)
         return
     if args.list or not args.candidate:
         for name, diff in CANDIDATES.items():

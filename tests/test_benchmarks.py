@@ -78,3 +78,15 @@ def test_learning_curve_trains_evaluates_and_resumes(tmp_path):
     points = json.loads(results.read_text())["lean_b32"]["points"]
     assert [p["step"] for p in points] == [2, 3] and all("train_colour" in p for p in points)
     assert json.loads((tmp_path / "lean_b32" / "state.json").read_text())["step"] == 3
+
+
+def test_learning_curve_autoencoder_stage_logs_its_round_trip_and_resumes(tmp_path):
+    curve = _script("shapes_learning_curve")
+    args = [str(tmp_path), "--stage", "autoencoder", "--eval-every", "2", "--eval-samples", "1", "--threads", "1"]
+    curve.main([*args, "--steps", "2"])
+    curve.main([*args, "--steps", "4"])  # resumes from the saved weights at step 2
+    log = json.loads((tmp_path / "autoencoder_f2" / "autoencoder_log.json").read_text())
+    assert [p["step"] for p in log["points"]] == [2, 4]
+    assert all(0 < p["round_trip_db"] < 100 for p in log["points"])
+    config = json.loads((tmp_path / "autoencoder_f2" / "vae" / "config.json").read_text())
+    assert config["scaling_factor"] > 0 and len(config["block_out_channels"]) == 2  # one downsampling: factor 2
