@@ -6,6 +6,7 @@ Nothing here downloads: the CLIP merges come from open_clip's wheel (installed w
 
 from __future__ import annotations
 
+import contextlib
 import gzip
 import importlib.util
 import json
@@ -176,13 +177,22 @@ def pipe(tiny_sd1):
     return p
 
 
-@pytest.fixture
-def unet_calls(pipe):
-    """A list that grows by one at each UNet call of ``pipe`` (bad input must make none)."""
+@contextlib.contextmanager
+def counting_unet_calls(pipe):
+    """A list that grows by one at each UNet call of ``pipe`` while the block runs."""
     calls = []
     handle = pipe.unet.register_forward_pre_hook(lambda *a: calls.append(1))
-    yield calls
-    handle.remove()
+    try:
+        yield calls
+    finally:
+        handle.remove()
+
+
+@pytest.fixture
+def unet_calls(pipe):
+    """`counting_unet_calls` of ``pipe`` for one test (bad input must make none)."""
+    with counting_unet_calls(pipe) as calls:
+        yield calls
 
 
 @pytest.fixture(autouse=True)

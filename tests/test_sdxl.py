@@ -7,7 +7,7 @@ import torch
 from diffusers import StableDiffusionXLPipeline
 
 from _util import assert_close_to_scale
-from conftest import make_tokenizer_2
+from conftest import counting_unet_calls, make_tokenizer_2
 from prompt2prompt import EditMode, LocalBlend, Prompt2PromptPipeline, Prompt2PromptXLPipeline
 from prompt2prompt.arguments import ArgumentError
 
@@ -24,11 +24,9 @@ def xl(tiny_xl):
 
 @pytest.fixture
 def xl_calls(xl):
-    """A list that grows by one at each UNet call of ``xl``."""
-    calls = []
-    handle = xl.unet.register_forward_pre_hook(lambda *a: calls.append(1))
-    yield calls
-    handle.remove()
+    """`counting_unet_calls` of ``xl`` for one test."""
+    with counting_unet_calls(xl) as calls:
+        yield calls
 
 
 def plain_xl(components, **config):
