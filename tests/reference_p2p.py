@@ -43,6 +43,18 @@ Adaptations to the reference (each one is deliberate):
    the CFG batch is stored / edited.
 7. Minor robustness only (no algorithmic change): a dict ``cross_replace_steps`` is copied instead
    of mutated; integer bounds are accepted like floats; word indices are turned into a LongTensor.
+8. Opt-in only (``aligned_tail=True`` of :class:`AttentionReplace`): the project's documented word
+   swap keeps the tokens after a word whose token count changed aligned (source ``i`` -> target
+   ``j``), where the reference writes ``mapper[j, j]``; target positions past the source's end read
+   the source's last position.  Off by default, so the reference quirk is what the oracle checks.
+9. SDXL (:func:`run_reference_xl`): the conditioning of diffusers' ``StableDiffusionXLPipeline``,
+   written out here - both tokenizers pad to their own ``model_max_length`` with their own pad token,
+   each encoder's penultimate hidden state, concatenated on the feature axis; the second encoder's
+   projected pooled output as ``text_embeds``; ``time_ids`` = (H, W, 0, 0, H, W) of the image size;
+   every prompt row (source and targets) gets its own pooled embedding; the unconditional half is
+   zeros (``force_zeros_for_empty_prompt``) or the encoding of "".  The controllers are unchanged:
+   they see ``(batch*heads, pixels, tokens)`` maps whose token axis is shared by both encoders, and
+   compute word indices / mappers with whichever tokenizer they are given.
 """
 
 from __future__ import annotations
@@ -228,7 +240,7 @@ def get_refinement_mapper(prompts, tokenizer, max_len: Optional[int] = None):
     return torch.stack(mappers), torch.stack(alphas)
 
 
-def get_replacement_mapper_(x: str, y: str, tokenizer, max_len: int) -> torch.Tensor:
+def get_replacement_mapper_(x: str, y: str, tokenizer, max_len: int, aligned_tail: bool = False) -> torch.Tensor:
     words_x = x.split(" ")
     words_y = y.split(" ")
     if len(words_x) != len(words_y):
@@ -260,17 +272,21 @@ def get_replacement_mapper_(x: str, y: str, tokenizer, max_len: int) -> torch.Te
             j += 1
         else:
             # reference quirk kept on purpose: after the last changed word it writes [j, j], not [i, j]
-            mapper[j, j] = 1
+            # (adaptation 8: [i, j] when aligned_tail)
+            mapper[i if aligned_tail else j, j] = 1
             i += 1
             j += 1
+    if aligned_tail:
+        for j_rest in range(j, max_len):  # the source ran out first: the rest reads its last position
+            mapper[max_len - 1, j_rest] = 1
     return torch.from_numpy(mapper).float()
 
 
-def get_replacement_mapper(prompts, tokenizer, max_len: Optional[int] = None) -> torch.Tensor:
+def get_replacement_mapper(prompts, tokenizer, max_len: Optional[int] = None, aligned_tail: bool = False) -> torch.Tensor:
     """(n-1, max_len, max_len) float; mapper[s, t] = weight of source token s for target token t."""
     if max_len is None:
         max_len = tokenizer.model_max_length
-    return torch.stack([get_replacement_mapper_(prompts[0], p, tokenizer, max_len) for p in prompts[1:]])
+    return torch.stack([get_replacement_mapper_(prompts[0], p, tokenizer, max_len, aligned_tail) for p in prompts[1:]])
 
 
 # --------------------------------------------------------------------------------------------
@@ -465,10 +481,11 @@ class AttentionControlEdit(AttentionStore, abc.ABC):
 
 class AttentionReplace(AttentionControlEdit):
     def __init__(self, prompts, num_steps: int, cross_replace_steps, self_replace_steps,
-                 local_blend: Optional[LocalBlend] = None, *, tokenizer, device="cpu", self_max_res: int = 16):
+                 local_blend: Optional[LocalBlend] = None, *, tokenizer, device="cpu", self_max_res: int = 16,
+                 aligned_tail: bool = False):
         super().__init__(prompts, num_steps, cross_replace_steps, self_replace_steps, local_blend,
                          tokenizer=tokenizer, device=device, self_max_res=self_max_res)
-        self.mapper = get_replacement_mapper(prompts, tokenizer, self.max_num_words).to(device)
+        self.mapper = get_replacement_mapper(prompts, tokenizer, self.max_num_words, aligned_tail).to(device)
 
     def replace_cross_attention(self, attn_base, att_replace):
         return torch.einsum("hpw,bwn->bhpn", attn_base, self.mapper)
@@ -592,9 +609,9 @@ def register_attention_control(unet, controller) -> dict:
     return original
 
 
-def diffusion_step(unet, scheduler, controller, latents, context, t, guidance_scale):
+def diffusion_step(unet, scheduler, controller, latents, context, t, guidance_scale, added_cond_kwargs=None):
     latent_model_input = scheduler.scale_model_input(torch.cat([latents] * 2), t)
-    noise_pred = unet(latent_model_input, t, encoder_hidden_states=context).sample
+    noise_pred = unet(latent_model_input, t, encoder_hidden_states=context, added_cond_kwargs=added_cond_kwargs).sample
     noise_pred_uncond, noise_pred_text = noise_pred.chunk(2)
     noise_pred = noise_pred_uncond + guidance_scale * (noise_pred_text - noise_pred_uncond)
     latents = scheduler.step(noise_pred, t, latents).prev_sample
@@ -632,6 +649,62 @@ def run_reference(components: dict, prompts: List[str], controller, num_inferenc
         latents = latents * scheduler.init_noise_sigma
         for t in scheduler.timesteps:
             latents = diffusion_step(unet, scheduler, controller, latents, context, t, guidance_scale)
+    finally:
+        unet.set_attn_processor(dict(original))
+    return latents
+
+
+def _encode_xl(components: dict, texts: List[str], device) -> Tuple[torch.Tensor, torch.Tensor]:
+    """SDXL text conditioning of ``texts`` (adaptation 9), as diffusers' SDXL ``encode_prompt``.
+
+    Returns (states (n, tokens, dim_1 + dim_2), pooled (n, projection_dim)).
+    """
+    states = []
+    for tok_key, enc_key in (("tokenizer", "text_encoder"), ("tokenizer_2", "text_encoder_2")):
+        tokenizer, encoder = components[tok_key], components[enc_key]
+        ids = tokenizer(texts, padding="max_length", max_length=tokenizer.model_max_length, truncation=True,
+                        return_tensors="pt").input_ids  # (n, tokens), padded with this tokenizer's pad token
+        out = encoder(ids.to(device), output_hidden_states=True)
+        states.append(out.hidden_states[-2])  # penultimate layer: (n, tokens, dim_k)
+    pooled = out.text_embeds  # the second encoder's projected pooled output: (n, projection_dim)
+    return torch.cat(states, dim=-1), pooled  # states: (n, tokens, dim_1 + dim_2)
+
+
+@torch.no_grad()
+def run_reference_xl(components: dict, prompts: List[str], controller, num_inference_steps: int,
+                     guidance_scale: float, latent: torch.Tensor, zero_uncond: bool = True) -> torch.Tensor:
+    """The reference loop on SDXL's conditioning (adaptation 9); returns final latents (n_prompts, C, h, w).
+
+    ``zero_uncond``: the unconditional states and pooled embedding are zeros (SDXL base's
+    ``force_zeros_for_empty_prompt`` without a negative prompt), else the encoding of "".
+    """
+    unet = components["unet"]
+    scheduler = components["scheduler"]
+    device, dtype = unet.device, unet.dtype
+    if controller is None:
+        controller = EmptyControl()
+    n = len(prompts)
+
+    original = register_attention_control(unet, controller)
+    try:
+        text_emb, text_pooled = _encode_xl(components, list(prompts), device)  # one pooled row per prompt
+        if zero_uncond:
+            uncond_emb, uncond_pooled = torch.zeros_like(text_emb), torch.zeros_like(text_pooled)
+        else:
+            uncond_emb, uncond_pooled = _encode_xl(components, [""] * n, device)
+        context = torch.cat([uncond_emb, text_emb]).to(dtype)  # (2n, tokens, dim_1 + dim_2)
+        pooled = torch.cat([uncond_pooled, text_pooled]).to(dtype)  # (2n, projection_dim)
+
+        vae_factor = 2 ** (len(components["vae"].config.block_out_channels) - 1)
+        height, width = latent.shape[-2] * vae_factor, latent.shape[-1] * vae_factor
+        time_ids = torch.tensor([[height, width, 0, 0, height, width]], dtype=dtype, device=device)  # (1, 6)
+        added = {"text_embeds": pooled, "time_ids": time_ids.repeat(2 * n, 1)}  # time ids: (2n, 6)
+
+        latents = latent.to(device=device, dtype=dtype).expand(n, *latent.shape[1:])
+        scheduler.set_timesteps(num_inference_steps)
+        latents = latents * scheduler.init_noise_sigma
+        for t in scheduler.timesteps:
+            latents = diffusion_step(unet, scheduler, controller, latents, context, t, guidance_scale, added)
     finally:
         unet.set_attn_processor(dict(original))
     return latents
