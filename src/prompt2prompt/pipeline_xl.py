@@ -341,12 +341,25 @@ class Prompt2PromptXLPipeline(Prompt2PromptPipeline):
             second = self._tokenize(text, name, truncate, self.tokenizer_2)
             if len(second.ids) != len(tokens.ids) or second.word_positions != tokens.word_positions:
                 raise ArgumentError(name.split("[", 1)[0],
-                                    f"{name} is {len(tokens.ids)} tokens long with tokenizer but {len(second.ids)} with tokenizer_2 "
-                                    "(or its words fall on other tokens); the edit addresses both encoders' states by the first "
-                                    "tokenizer's positions, so use tokenizers that split words alike (SDXL's two CLIP tokenizers do), "
-                                    "or give prompt_2 explicitly")
+                                    f"{name} is {len(tokens.ids)} tokens long with tokenizer but {len(second.ids)} with tokenizer_2"
+                                    f"{self._first_split_difference(tokens, second)}; the edit addresses both encoders' states by the "
+                                    "first tokenizer's positions, so use tokenizers that split words alike, or give prompt_2 explicitly")
             out.append(second.ids)
         return out
+
+    def _first_split_difference(self, tokens: PromptTokens, second: PromptTokens) -> str:
+        """Words for `_second_ids`'s error: the first word the two tokenizers split into different
+        numbers of tokens, and a hint when it holds tokenizer_2's pad token (SDXL's second tokenizer
+        pads with "!" and reads every "!" of a prompt as that one-character token, so "!!", one token
+        of the first tokenizer, is two of the second)."""
+        for word, a, b in zip(tokens.words, tokens.word_positions, second.word_positions):
+            if len(a) != len(b):
+                pad = self.tokenizer_2.pad_token
+                hint = (f" (tokenizer_2 reads each {pad!r} as its pad token: separate them with spaces, like "
+                        f"{' '.join(word)!r})") if pad and pad in word else ""
+                count = f"{len(a)} token" + ("" if len(a) == 1 else "s")
+                return f": the word {word!r} is {count} with tokenizer but {len(b)} with tokenizer_2{hint}"
+        return " (its words fall on other tokens)"
 
     def _check_time_ids(self, time_ids: Sequence[int]) -> None:
         """Refuse a UNet whose added-condition embedding does not take these time ids and the
