@@ -67,6 +67,17 @@ def oracle(components, noise, prompts, controller, guidance_scale=G, **kw):
 # --------------------------------------------------------------------------- the reference's own SDXL conditioning
 
 
+def test_oracle_is_independent_of_the_library():
+    """reference_p2p imports neither the library nor diffusers' pipelines (only the UNet it is given)."""
+    import ast
+    from pathlib import Path
+
+    tree = ast.parse(Path(ref.__file__).read_text(encoding="utf-8"))
+    modules = {alias.name for node in ast.walk(tree) if isinstance(node, ast.Import) for alias in node.names}
+    modules |= {node.module or "" for node in ast.walk(tree) if isinstance(node, ast.ImportFrom)}
+    assert modules and not any(m.split(".")[0] in ("prompt2prompt", "diffusers") for m in modules), modules
+
+
 def test_oracle_without_edit_equals_diffusers_sdxl(tiny_xl, noise):
     """run_reference_xl's conditioning is diffusers' StableDiffusionXLPipeline's (one prompt, no edit)."""
     from diffusers import StableDiffusionXLPipeline
