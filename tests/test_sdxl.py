@@ -249,9 +249,17 @@ def test_tokenizers_that_split_a_prompt_differently_are_refused(tiny_xl, tmp_pat
         handle.remove()
 
 
-def test_invert_is_not_available(xl):
-    with pytest.raises(NotImplementedError, match="SDXL"):
-        xl.invert(None, "a cat")
+def test_invert_signature_is_the_sd_one_plus_sdxl_conditions():
+    import inspect
+
+    from prompt2prompt.arguments import default
+
+    ours = inspect.signature(Prompt2PromptXLPipeline.invert).parameters
+    theirs = inspect.signature(Prompt2PromptPipeline.invert).parameters
+    extra = ["negative_prompt_2", "original_size", "crops_coords_top_left", "target_size"]
+    assert list(ours) == [*theirs, *extra]
+    assert all(ours[n].default == theirs[n].default for n in theirs if n != "self")
+    assert all(ours[n].default == default(n) for n in extra)
 
 
 def test_signature_is_the_sd_one_plus_sdxl_arguments_with_the_tables_defaults():
