@@ -219,7 +219,7 @@ def test_sd_folder_and_pipe_are_refused(tiny_sd1, tmp_path):
     (dict(guidance_rescale=-0.5), "guidance_rescale", ">= 0"),
     (dict(prompt_2=["one", "two", "three"]), "prompt_2", "list of 2 strings"),
     (dict(negative_prompt="x", negative_prompt_2=["a"]), "negative_prompt_2", "list of 2 strings"),
-    (dict(inversion=object()), "inversion", "not available on SDXL"),
+    (dict(inversion=object()), "inversion", "must be an Inversion"),
     (dict(edit_prompts=[]), "edit_prompts", "empty"),
 ])
 def test_bad_input_is_refused_before_the_unet(xl, xl_calls, kwargs, argument, message):
