@@ -311,3 +311,23 @@ def test_bad_invert_arguments_name_the_argument_before_any_unet_call(xl, kwargs,
     with counting_unet_calls(xl) as calls, pytest.raises(ArgumentError) as err:
         xl.invert(**args)
     assert err.value.argument == argument and calls == []
+
+
+def test_graphed_eps_passes_the_added_conditions_to_the_captured_unet(tiny_xl, monkeypatch):
+    """cuda_graph=True on SDXL: the captured UNet call gets the unconditional added conditions (the
+    capture replaced by the function itself, as tests/test_inversion.py does on SD)."""
+    from prompt2prompt.inversion import frozen, graphed_eps, unet_eps
+
+    unet = tiny_xl["unet"]
+    gen = torch.Generator().manual_seed(0)
+    latent, t = torch.randn(1, 4, 16, 16, generator=gen), torch.tensor(500)  # (1, C, h, w)
+    states = torch.randn(1, 77, 48, generator=gen)  # (1, tokens, dim_1 + dim_2)
+    added = {"text_embeds": torch.randn(1, 24, generator=gen), "time_ids": torch.tensor([[32.0, 32, 0, 0, 32, 32]])}
+    monkeypatch.setattr(torch.cuda, "make_graphed_callables", lambda fn, sample: fn)
+    alpha = lambda step: torch.tensor(0.5)  # noqa: E731
+    eager = unet_eps(unet, alpha, "epsilon", torch.float32)
+    with frozen([unet]), torch.no_grad():
+        eps, graphed = graphed_eps(unet, (latent.clone(), t.clone(), states.clone()), alpha, "epsilon", eager, added)
+        assert graphed and torch.equal(eps(latent, t, states, added), eager(latent, t, states, added))
+        zero = {"text_embeds": torch.zeros(1, 24), "time_ids": added["time_ids"]}
+        assert not torch.equal(eager(latent, t, states, zero), eager(latent, t, states, added))  # the pooled embedding matters

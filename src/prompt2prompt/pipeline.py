@@ -1024,7 +1024,7 @@ class Prompt2PromptPipeline(DiffusionPipeline):
                                             early_stop_epsilon, cuda_graph, negative_prompt)
         return self._invert(image, checked)
 
-    def _invert(self, image, checked: "CheckedInvert") -> Inversion:
+    def _invert(self, image, checked: CheckedInvert) -> Inversion:
         """`invert`'s work once its arguments are checked, in stages a model family overrides: the
         text conditioning (`_inversion_conditioning`), the image's latent (`_encode_image`) and what
         the family adds to the `Inversion` (`_inversion_record`)."""
@@ -1067,7 +1067,7 @@ class Prompt2PromptPipeline(DiffusionPipeline):
         )
 
     def _check_invert_inputs(self, method, prompt, num_inference_steps, guidance_scale, height, width, num_inner_steps,
-                             early_stop_epsilon, cuda_graph, negative_prompt=None) -> "CheckedInvert":
+                             early_stop_epsilon, cuda_graph, negative_prompt=None) -> CheckedInvert:
         """`invert`'s arguments, all checked, as a `CheckedInvert`."""
         method = InversionMethod.parse(method)
         source = self._tokenize(prompt, "prompt", False)
@@ -1088,13 +1088,13 @@ class Prompt2PromptPipeline(DiffusionPipeline):
         return CheckedInvert(method, prompt, source, num_inference_steps, guidance_scale, height, width, num_inner_steps,
                              early_stop_epsilon, cuda_graph, negative_prompt, negative_ids)
 
-    def _inversion_conditioning(self, checked: "CheckedInvert", device) -> InversionConditioning:
+    def _inversion_conditioning(self, checked: CheckedInvert, device) -> InversionConditioning:
         """The source prompt's text states and the unconditional prompt's (``""`` or
         ``negative_prompt``), each ``(1, tokens, dim)``: what the inversion conditions the UNet on."""
         cond, uncond = self.encode_prompt([checked.source], device, True, checked.negative_ids)  # (1, tokens, dim) each
         return InversionConditioning(cond, uncond)
 
-    def _inversion_record(self, checked: "CheckedInvert", conditioning: InversionConditioning) -> dict:
+    def _inversion_record(self, checked: CheckedInvert, conditioning: InversionConditioning) -> dict:
         """What a model family adds to the `Inversion` (keyword arguments); Stable Diffusion adds nothing."""
         return {}
 
@@ -1111,7 +1111,7 @@ class Prompt2PromptPipeline(DiffusionPipeline):
         shift = getattr(self.vae.config, "shift_factor", None) or 0.0
         return (latent - shift) * self.vae.config.scaling_factor
 
-    def _null_text(self, trajectory, timesteps, step_ratio, alpha_of, conditioning: InversionConditioning, checked: "CheckedInvert",
+    def _null_text(self, trajectory, timesteps, step_ratio, alpha_of, conditioning: InversionConditioning, checked: CheckedInvert,
                    eps, prediction_type: str, info: dict) -> torch.Tensor:
         """Null-text inversion's embeddings ``(steps, tokens, dim)`` (`inversion.null_text_optimisation`)
         of ``conditioning``'s unconditional states; its added conditions stay fixed. Its measurements go into ``info``."""

@@ -33,8 +33,8 @@ from .pipeline import CheckedInputs, CheckedInvert, InversionConditioning, Promp
 
 #: The components an SDXL folder has beyond Stable Diffusion's.
 _XL_COMPONENTS = ("text_encoder_2", "tokenizer_2")
-#: The arguments whose pairs make the added time ids, in their order.
-TIME_ID_ARGUMENTS = ("original_size", "crops_coords_top_left", "target_size")
+#: The arguments whose pairs make the added time ids, in their order, each with its least value.
+TIME_ID_ARGUMENTS = {"original_size": 1, "crops_coords_top_left": 0, "target_size": 1}
 
 
 @dataclass(frozen=True)
@@ -91,11 +91,11 @@ def time_ids_against_inversion(inv: Inversion, original_size, crops_coords_top_l
     given = (original_size, crops_coords_top_left, target_size)
     stored = [tuple(inv.time_ids[2 * k: 2 * k + 2]) for k in range(len(TIME_ID_ARGUMENTS))]  # pairs, in TIME_ID_ARGUMENTS' order
     out = []
-    for name, value, pair in zip(TIME_ID_ARGUMENTS, given, stored):
+    for (name, minimum), value, pair in zip(TIME_ID_ARGUMENTS.items(), given, stored):
         if value is None:
             out.append(pair)
             continue
-        if tuple(_pair(name, value, 0)) != pair:
+        if _pair(name, value, minimum) != pair:
             raise ArgumentError(name, f"{name}={tuple(value)!r} but the image was inverted with {name}={pair!r}; the source row "
                                 f"reconstructs the photo only under the same time ids, so leave it out or pass {pair!r}")
         out.append(value)
