@@ -9,7 +9,7 @@ import PIL.Image
 import pytest
 import torch
 
-from prompt2prompt import Prompt2PromptPipeline, Prompt2PromptXLPipeline, cli, load_pipeline, model_family, pipeline_class_for
+from prompt2prompt import Prompt2PromptPipeline, Prompt2PromptXLPipeline, load_pipeline, model_family, pipeline_class_for
 from prompt2prompt.arguments import ArgumentError
 from prompt2prompt.cli import main
 
