@@ -219,7 +219,7 @@ def test_sd_folder_and_pipe_are_refused(tiny_sd1, tmp_path):
     (dict(guidance_rescale=-0.5), "guidance_rescale", ">= 0"),
     (dict(prompt_2=["one", "two", "three"]), "prompt_2", "list of 2 strings"),
     (dict(negative_prompt="x", negative_prompt_2=["a"]), "negative_prompt_2", "list of 2 strings"),
-    (dict(inversion=object()), "inversion", "not available on SDXL"),
+    (dict(inversion=object()), "inversion", "must be an Inversion"),
     (dict(edit_prompts=[]), "edit_prompts", "empty"),
 ])
 def test_bad_input_is_refused_before_the_unet(xl, xl_calls, kwargs, argument, message):
@@ -249,9 +249,17 @@ def test_tokenizers_that_split_a_prompt_differently_are_refused(tiny_xl, tmp_pat
         handle.remove()
 
 
-def test_invert_is_not_available(xl):
-    with pytest.raises(NotImplementedError, match="SDXL"):
-        xl.invert(None, "a cat")
+def test_invert_signature_is_the_sd_one_plus_sdxl_conditions():
+    import inspect
+
+    from prompt2prompt.arguments import default
+
+    ours = inspect.signature(Prompt2PromptXLPipeline.invert).parameters
+    theirs = inspect.signature(Prompt2PromptPipeline.invert).parameters
+    extra = ["negative_prompt_2", "original_size", "crops_coords_top_left", "target_size"]
+    assert list(ours) == [*theirs, *extra]
+    assert all(ours[n].default == theirs[n].default for n in theirs if n != "self")
+    assert all(ours[n].default == default(n) for n in extra)
 
 
 def test_signature_is_the_sd_one_plus_sdxl_arguments_with_the_tables_defaults():

@@ -1,14 +1,15 @@
 """SDXL everywhere else (issue 29): ``p2p`` and the web page pick the XL pipeline from an SDXL
 folder's own ``model_index.json``, every image records the model family, ``--from`` reruns an SDXL
-image with it, and inversion on SDXL is a one-line usage error before any work."""
+image with it, and a photo is inverted and edited on SDXL as on Stable Diffusion."""
 
 import json
 
 import numpy as np
 import PIL.Image
 import pytest
+import torch
 
-from prompt2prompt import Prompt2PromptPipeline, Prompt2PromptXLPipeline, cli, load_pipeline, model_family, pipeline_class_for
+from prompt2prompt import Prompt2PromptPipeline, Prompt2PromptXLPipeline, load_pipeline, model_family, pipeline_class_for
 from prompt2prompt.arguments import ArgumentError
 from prompt2prompt.cli import main
 
@@ -80,15 +81,6 @@ def test_load_pipeline_picks_the_class_and_sd_refuses_an_sdxl_folder(xl_folder, 
     assert info.value.argument == "model"
 
 
-def test_invert_on_sdxl_is_an_argument_error_about_the_image(xl_folder):
-    from prompt2prompt.loading import check_supported
-
-    with pytest.raises(ArgumentError, match="not yet available for SDXL") as info:
-        check_supported(xl_folder, "photo.png")
-    assert info.value.argument == "image" and isinstance(info.value, NotImplementedError)
-    check_supported(xl_folder, None)  # generating and editing are fine
-
-
 # --------------------------------------------------------------------------- p2p
 
 
@@ -135,30 +127,35 @@ def test_from_warns_when_the_stored_family_differs(capsys, xl_folder, sd_folder,
     assert code == 0 and "made with an SDXL model" in err and "is SD" in err, err
 
 
-def test_image_with_sdxl_is_one_line_exit_2_before_any_work(capsys, xl_folder, tmp_path, monkeypatch):
-    def refuse(*args, **kwargs):
-        raise AssertionError("the model was loaded before the usage error was found")
-
-    monkeypatch.setattr(cli, "load_pipeline", refuse)
+def test_edit_of_a_photo_with_an_sdxl_folder_inverts_and_edits(capsys, xl_folder, tmp_path):
     photo = tmp_path / "photo.png"
     PIL.Image.new("RGB", (32, 32), (200, 30, 30)).save(photo)
-    code, out, err = run(capsys, "edit", SRC, "--to", TGT, "--model", xl_folder, "--image", photo, *STEPS, "-o", tmp_path / "out")
-    assert code == 2 and out == ""
-    assert err.count("\n") == 1 and err.startswith("p2p edit: error: --image: ") and "not yet available for SDXL" in err
-    assert not (tmp_path / "out").exists()
+    code, out, err = run(capsys, "edit", SRC, "--to", TGT, "--model", xl_folder, "--image", photo, "--invert", "direct", *STEPS,
+                         "-o", tmp_path / "out")
+    assert code == 0, err
+    meta = stored(tmp_path / "out" / "edit-1.png")
+    assert meta["model_family"] == "sdxl" and meta["options"]["invert"] == "direct"
+    source, edit = pixels(tmp_path / "out" / "source.png"), pixels(tmp_path / "out" / "edit-1.png")
+    assert source.shape == edit.shape == (32, 32, 3) and not np.array_equal(source, edit)
+    # direct inversion: the source row is the photo's own latent, decoded
+    pipe = load_pipeline(xl_folder)
+    latent = pipe._encode_image(np.array(PIL.Image.open(photo).convert("RGB")), "cpu")  # (1, C, h, w)
+    with torch.no_grad():
+        decoded = pipe.image_processor.postprocess(pipe.decode_latents(latent), output_type="np")[0]  # (32, 32, 3) in [0, 1]
+    assert np.abs(source.astype(float) - decoded * 255).max() <= 1.0
 
 
-def test_batch_fails_an_sdxl_photo_line_before_any_work_and_runs_the_others(capsys, xl_folder, tmp_path):
+def test_batch_runs_an_sdxl_photo_line(capsys, xl_folder, tmp_path):
     photo = tmp_path / "photo.png"
     PIL.Image.new("RGB", (32, 32)).save(photo)
-    lines = [{"prompt": SRC, "to": [TGT], "image": str(photo)}, {"prompt": SRC, "to": [TGT], "seed": 2}]
+    lines = [{"prompt": SRC, "to": [TGT], "image": str(photo), "invert": "ddim"}, {"prompt": SRC, "to": [TGT], "seed": 2}]
     jsonl = tmp_path / "edits.jsonl"
     jsonl.write_text("\n".join(json.dumps(line) for line in lines) + "\n")
     code, out, err = run(capsys, "batch", jsonl, "--model", xl_folder, *STEPS, "-o", tmp_path / "runs")
-    assert code == 1 and "line 1: --image: inversion" in err and "1 done" in out and "1 failed" in out
-    (done,) = (tmp_path / "runs").glob("line-2-*")
-    assert stored(done / "edit-1.png")["model_family"] == "sdxl"
-    assert not list((tmp_path / "runs").glob("line-1-*"))
+    assert code == 0 and "2 done" in out, err
+    for number in (1, 2):
+        (done,) = (tmp_path / "runs").glob(f"line-{number}-*")
+        assert stored(done / "edit-1.png")["model_family"] == "sdxl"
 
 
 # --------------------------------------------------------------------------- the web page
@@ -178,10 +175,10 @@ def test_web_editor_edits_with_an_sdxl_folder(xl_folder, tmp_path, monkeypatch):
 
     photo = tmp_path / "photo.png"
     PIL.Image.new("RGB", (32, 32)).save(photo)
-    req = web.parse_request(SRC, TGT, "auto", 0.8, 0.4, "", "", 0.3, [["", ""]], 3, 2, 7.5, str(photo), "null-text")
-    with pytest.raises(ArgumentError, match="not yet available for SDXL") as info:
-        editor.run(req)
-    assert web.field_of(info.value) == "image"
+    req = web.parse_request(SRC, TGT, "auto", 0.8, 0.4, "", "", 0.3, [["", ""]], 3, 2, 7.5, str(photo), "negative-prompt")
+    files, _ = editor.run(req)
+    assert len(files) == 2 and stored(files[0])["model_family"] == "sdxl"
+    assert len(editor._inversions) == 1 and next(iter(editor._inversions.values())).family == "sdxl"
 
 
 def test_serve_loads_an_sdxl_folder_with_the_xl_pipeline(xl_folder, tmp_path, monkeypatch):

@@ -32,7 +32,6 @@ from .alignment import split_words, tokenize_words
 from .arguments import ARGUMENTS, DTYPES, INVERT_METHODS, MODES, argument_of, option_default
 from .edits import EditMode
 from .imageio import OutputSet, file_sha256, remove_stale_temps
-from .loading import check_supported
 from .model_folder import model_family
 from .options import (
     ATTENTION_KEYS,
@@ -554,12 +553,6 @@ def cmd_batch(args, console: Console) -> int:
     todo = []
     for number, options in jobs:
         options.update(model=model, dtype=dtype)
-        try:
-            _call(check_supported, model, options["image"])  # e.g. no inversion on SDXL: the line fails before any work
-        except UsageError as err:
-            failed.append((number, str(err)))
-            print(f"{PROG} batch: line {number}: {err}", file=sys.stderr)
-            continue
         folder = line_folder(root, number, options)
         finished, same = _finished(folder, options)
         if finished:
@@ -640,7 +633,6 @@ def cmd_edit(args, console: Console) -> int:
         raise UsageError("--to is required: give the target prompt, e.g. --to \"a red square on a blue background\"")
     options = normalise_options(raw, EDIT_KEYS, required=("prompt", "to"))
     check_edit_words(options)
-    _call(check_supported, options["model"], options["image"])  # e.g. no inversion on SDXL, before any work
     family = model_family(options["model"])
     if stored_family is not None and stored_family != family:
         warnings.warn(f"--from {args.from_image}: that image was made with an {stored_family.upper()} model, but "

@@ -16,7 +16,9 @@ This module holds the formulas and loops of inversion over plain callables and m
 formulas (`predict_eps`, `ddim_step`, `ddim_inversion_step`), DDIM inversion (`ddim_inversion`),
 null-text optimisation (`null_text_optimisation`, `null_text_lr`, `null_text_threshold`,
 `graphed_eps`), image loading (`load_image`) and the result (`Inversion`, with ``save``/``load``).
-`Prompt2PromptPipeline.invert` runs them with its models; nothing here knows the pipeline.
+`Prompt2PromptPipeline.invert` runs them with its models; nothing here knows the pipeline. The
+UNet's added conditions (SDXL's pooled text embedding and time ids) travel as an ``added`` mapping
+beside the text states, one for the conditional and one for the unconditional prediction.
 """
 
 from __future__ import annotations
@@ -24,7 +26,7 @@ from __future__ import annotations
 import json
 import logging
 import os
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from enum import Enum
@@ -43,8 +45,13 @@ logger = logging.getLogger(__name__)
 
 #: The ``format`` field of a saved inversion's sidecar.
 FORMAT = "prompt2prompt-inversion"
-#: The version of that format that `Inversion.save` writes and `Inversion.load` reads.
-FORMAT_VERSION = 1
+#: The version of that format that `Inversion.save` writes. Version 2 added the model family and
+#: SDXL's added conditions; a version-1 file (no family) was made by a Stable Diffusion model.
+FORMAT_VERSION = 2
+#: The versions `Inversion.load` reads.
+READABLE_VERSIONS = (1, 2)
+#: The model families an inversion can come from (`model_folder.model_family`'s names).
+FAMILIES = ("sd", "sdxl")
 #: Null-text inversion's Adam learning rate at step 0 (Mokady et al., 2022, their code).
 NULL_TEXT_LR = 1e-2
 #: How much null-text inversion's early-stop threshold grows per step (Mokady et al., 2022, their code).
@@ -297,8 +304,15 @@ class Inversion:
         latent: ``x_T`` ``(1, channels, h, w)`` float32, the initial latent of every prompt.
         image_latent: ``x_0`` ``(1, channels, h, w)``: the VAE encoding of the image.
         image: the preprocessed input ``(height, width, 3)`` uint8.
-        null_embeddings: null-text only: ``(steps, tokens, dim)`` unconditional embeddings.
+        null_embeddings: null-text only: ``(steps, tokens, dim)`` unconditional embeddings (on SDXL
+            ``dim`` is both encoders' widths together, as the UNet's text states).
         trajectory: direct only: the inverted latents ``(steps + 1, channels, h, w)`` from ``x_T`` to ``x_0``.
+        family: the model family that made it, ``"sd"`` or ``"sdxl"``; a pipeline of the other refuses it.
+        null_pooled: SDXL null-text only: the pooled unconditional text embedding ``(1, projection_dim)``
+            the optimisation held fixed (zeros, or the negative prompt's); edits use it in every
+            unconditional row.
+        time_ids: SDXL only: the six added time ids (original size, crop top-left, target size) the
+            inversion ran with; edits must run with the same.
         info: parameters and measurements (preprocessing, inner steps used, seconds, model).
     """
 
@@ -312,6 +326,9 @@ class Inversion:
     image: np.ndarray
     null_embeddings: torch.Tensor | None = None
     trajectory: torch.Tensor | None = None
+    family: str = "sd"
+    null_pooled: torch.Tensor | None = None
+    time_ids: tuple[int, ...] | None = None
     info: dict = field(default_factory=dict)
 
     @property
@@ -347,10 +364,13 @@ class Inversion:
             tensors["null_embeddings"] = self.null_embeddings.cpu().float().clone()
         if self.trajectory is not None:
             tensors["trajectory"] = self.trajectory.cpu().float().clone()
+        if self.null_pooled is not None:
+            tensors["null_pooled"] = self.null_pooled.cpu().float().clone()
         meta = {
             "format": FORMAT, "version": FORMAT_VERSION, "method": self.method.value, "prompt": self.prompt,
             "num_inference_steps": self.num_inference_steps, "guidance_scale": self.guidance_scale,
-            "height": self.height, "width": self.width, "info": self.info,
+            "height": self.height, "width": self.width, "family": self.family,
+            "time_ids": None if self.time_ids is None else list(self.time_ids), "info": self.info,
         }
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_name(path.name + ".tmp")
@@ -373,8 +393,11 @@ class Inversion:
         Returns:
             The `Inversion`, with its tensors on the CPU.
 
+        A version-1 file, written before SDXL inversion, records no family: it is ``"sd"``.
+
         Raises:
-            ValueError: the file or its sidecar is missing or unreadable, or is not this format and version.
+            ValueError: the file or its sidecar is missing or unreadable, is not this format in a
+                readable version, or lacks what its method and family need.
         """
         from safetensors.torch import load_file
 
@@ -388,24 +411,44 @@ class Inversion:
             tensors = load_file(str(path))
         except Exception as err:  # noqa: BLE001 - any parse failure is a bad file
             raise ValueError(f"{str(path)!r} is not a readable inversion ({err}); invert the image again") from None
-        if meta.get("format") != FORMAT or meta.get("version") != FORMAT_VERSION:
-            raise ValueError(f"{str(sidecar)!r} is not a version-{FORMAT_VERSION} {FORMAT} file; invert the image again")
+        if meta.get("format") != FORMAT or meta.get("version") not in READABLE_VERSIONS:
+            versions = " or ".join(str(v) for v in READABLE_VERSIONS)
+            raise ValueError(f"{str(sidecar)!r} is not a version-{versions} {FORMAT} file; invert the image again")
         try:
             method = InversionMethod.parse(meta["method"])
         except (KeyError, ValueError):
             raise ValueError(f"{str(sidecar)!r} names no inversion method; invert the image again") from None
-        needed = {"timesteps", "latent", "image_latent", "image"}
-        needed |= {InversionMethod.NULL_TEXT: {"null_embeddings"}, InversionMethod.DIRECT: {"trajectory"}}.get(method, set())
-        missing = sorted(needed - set(tensors)) + sorted({"prompt", "num_inference_steps", "guidance_scale"} - set(meta))
+        family = meta.get("family") or "sd"  # version 1: Stable Diffusion only
+        if family not in FAMILIES:
+            raise ValueError(f"{str(sidecar)!r} names the model family {family!r}, not one of {', '.join(FAMILIES)}; invert the image again")
+        missing = _missing_parts(method, family, set(tensors), meta)
         if missing:
-            raise ValueError(f"{str(path)!r} lacks {', '.join(missing)}, which a {method.value} inversion needs; invert the image again")
+            made_by = " by an SDXL model" if family == "sdxl" else ""
+            raise ValueError(f"{str(path)!r} lacks {', '.join(missing)}, which a {method.value} inversion{made_by} needs; "
+                             "invert the image again")
+        time_ids = meta.get("time_ids")
         return cls(
             method=method, prompt=meta["prompt"],
             num_inference_steps=int(meta["num_inference_steps"]), guidance_scale=float(meta["guidance_scale"]),
             timesteps=tensors["timesteps"], latent=tensors["latent"], image_latent=tensors["image_latent"],
             image=tensors["image"].numpy(), null_embeddings=tensors.get("null_embeddings"),
-            trajectory=tensors.get("trajectory"), info=meta.get("info", {}),
+            trajectory=tensors.get("trajectory"), family=family, null_pooled=tensors.get("null_pooled"),
+            time_ids=None if time_ids is None else tuple(int(v) for v in time_ids), info=meta.get("info", {}),
         )
+
+
+def _missing_parts(method: InversionMethod, family: str, tensors: set[str], meta: Mapping) -> list[str]:
+    """The tensors and sidecar fields a saved inversion of ``method`` by a ``family`` model needs
+    but lacks, sorted (tensors first)."""
+    needed = {"timesteps", "latent", "image_latent", "image"}
+    needed |= {InversionMethod.NULL_TEXT: {"null_embeddings"}, InversionMethod.DIRECT: {"trajectory"}}.get(method, set())
+    fields_needed = {"prompt", "num_inference_steps", "guidance_scale"}
+    if family == "sdxl":
+        fields_needed.add("time_ids")
+        if method is InversionMethod.NULL_TEXT:
+            needed.add("null_pooled")
+    present = {k for k, v in meta.items() if v is not None}
+    return sorted(needed - tensors) + sorted(fields_needed - present)
 
 
 def _tensor_path(path) -> Path:
@@ -450,7 +493,12 @@ def alpha_at(scheduler, t: int) -> torch.Tensor:
 
 
 def unet_eps(unet, alpha_of: Callable[[torch.Tensor], torch.Tensor], prediction_type: str, dtype: torch.dtype):
-    """``eps(latent, t, states)``: the UNet's noise prediction at one latent, in float32.
+    """``eps(latent, t, states, added=None)``: the UNet's noise prediction at one latent, in float32.
+
+    ``added`` is the UNet's ``added_cond_kwargs`` for that one row, or None for a UNet without
+    added conditions (Stable Diffusion). On SDXL it is ``{"text_embeds": (1, projection_dim),
+    "time_ids": (1, 6)}``: the conditional and the unconditional prediction each pass their own
+    pooled text embedding.
 
     Args:
         unet: a diffusers UNet.
@@ -459,18 +507,19 @@ def unet_eps(unet, alpha_of: Callable[[torch.Tensor], torch.Tensor], prediction_
         dtype: the UNet's dtype; the latent is cast to it.
 
     Returns:
-        ``eps(latent (1, C, h, w), t, states (1, tokens, dim)) -> (1, C, h, w)`` float32.
+        ``eps(latent (1, C, h, w), t, states (1, tokens, dim), added) -> (1, C, h, w)`` float32.
     """
 
-    def eps(latent: torch.Tensor, t: torch.Tensor, states: torch.Tensor) -> torch.Tensor:
-        out = unet(latent.to(dtype), t, encoder_hidden_states=states, return_dict=False)[0].float()  # (1, C, h, w)
+    def eps(latent: torch.Tensor, t: torch.Tensor, states: torch.Tensor, added: Mapping | None = None) -> torch.Tensor:
+        kwargs = {} if added is None else {"added_cond_kwargs": dict(added)}
+        out = unet(latent.to(dtype), t, encoder_hidden_states=states, return_dict=False, **kwargs)[0].float()  # (1, C, h, w)
         return predict_eps(out, latent, alpha_of(t), prediction_type)
 
     return eps
 
 
 def ddim_inversion(image_latent: torch.Tensor, timesteps: torch.Tensor, step_ratio: int, alpha_of, eps, cond: torch.Tensor,
-                   on_step: Callable[[], Any] = lambda: None) -> torch.Tensor:
+                   on_step: Callable[[], Any] = lambda: None, cond_added: Mapping | None = None) -> torch.Tensor:
     """DDIM inversion with the conditional prediction (w = 1): ``x_0 -> x_T`` along ``timesteps`` reversed.
 
     Args:
@@ -478,9 +527,10 @@ def ddim_inversion(image_latent: torch.Tensor, timesteps: torch.Tensor, step_rat
         timesteps: the scheduler's timesteps ``(steps,)``, descending.
         step_ratio: timesteps between two DDIM steps (the step before ``t`` is ``t - step_ratio``).
         alpha_of: ``t -> a_t`` (`alpha_at`), also for timesteps below 0.
-        eps: ``eps(latent, t, states)`` (`unet_eps`).
+        eps: ``eps(latent, t, states, added)`` (`unet_eps`).
         cond: the prompt's text states ``(1, tokens, dim)``.
         on_step: called after each step (a progress bar's ``update``).
+        cond_added: the prompt's added conditions for the UNet (SDXL), or None.
 
     Returns:
         The trajectory ``(steps + 1, C, h, w)``: ``x_T`` first, ``x_0`` last.
@@ -489,7 +539,7 @@ def ddim_inversion(image_latent: torch.Tensor, timesteps: torch.Tensor, step_rat
     latent = image_latent
     for t in timesteps.flip(0):
         prev = int(t) - step_ratio
-        latent = ddim_inversion_step(latent, eps(latent, t, cond), alpha_of(prev), alpha_of(int(t)))
+        latent = ddim_inversion_step(latent, eps(latent, t, cond, cond_added), alpha_of(prev), alpha_of(int(t)))
         path.append(latent)
         on_step()
     return torch.cat(path[::-1])  # (steps + 1, C, h, w): x_T ... x_0
@@ -533,8 +583,9 @@ def capture_sample(trajectory: torch.Tensor, timesteps: torch.Tensor, uncond: to
     return trajectory[:1].to(dtype, copy=True), timesteps[0].clone(), uncond.detach().clone().requires_grad_(True)
 
 
-def graphed_eps(unet, sample: tuple[torch.Tensor, torch.Tensor, torch.Tensor], alpha_of, prediction_type: str, eager):
-    """``eps(latent, t, states)`` with the UNet's forward and backward captured once as CUDA graphs
+def graphed_eps(unet, sample: tuple[torch.Tensor, torch.Tensor, torch.Tensor], alpha_of, prediction_type: str, eager,
+                added: Mapping | None = None):
+    """``eps(latent, t, states, added=None)`` with the UNet's forward and backward captured once as CUDA graphs
     and replayed (`torch.cuda.make_graphed_callables`), for null-text inversion's inner loop.
 
     An inner iteration of SD 1.5 launches about 1,465 kernels for a few milliseconds of arithmetic
@@ -554,15 +605,18 @@ def graphed_eps(unet, sample: tuple[torch.Tensor, torch.Tensor, torch.Tensor], a
             UNet's dtype, ``t`` a timestep tensor, ``states`` ``(1, tokens, dim)`` requiring its gradient.
         alpha_of: ``t -> a_t``, the cumulative alpha at a timestep (for `predict_eps`).
         prediction_type: the scheduler config's ``prediction_type`` (for `predict_eps`).
-        eager: the uncaptured ``eps(latent, t, states)`` to fall back on.
+        eager: the uncaptured ``eps(latent, t, states, added)`` to fall back on.
+        added: the UNet's added conditions (SDXL), or None: constants of the capture, the same at
+            every replay; the ``added`` the returned ``eps`` is called with is not read.
 
     Returns:
-        ``(eps, True)`` with ``eps(latent, t, states)`` returning float32 noise ``(1, channels, h, w)``,
-        or ``(eager, False)`` when the capture fails.
+        ``(eps, True)`` with ``eps(latent, t, states, added=None)`` returning float32 noise
+        ``(1, channels, h, w)``, or ``(eager, False)`` when the capture fails.
     """
+    kwargs = {} if added is None else {"added_cond_kwargs": dict(added)}
 
     def unet_call(latent: torch.Tensor, t: torch.Tensor, states: torch.Tensor) -> torch.Tensor:
-        return unet(latent, t, encoder_hidden_states=states, return_dict=False)[0]
+        return unet(latent, t, encoder_hidden_states=states, return_dict=False, **kwargs)[0]
 
     try:
         graphed = torch.cuda.make_graphed_callables(unet_call, sample)
@@ -571,7 +625,7 @@ def graphed_eps(unet, sample: tuple[torch.Tensor, torch.Tensor, torch.Tensor], a
         return eager, False
     dtype = sample[0].dtype
 
-    def eps(latent: torch.Tensor, t: torch.Tensor, states: torch.Tensor) -> torch.Tensor:
+    def eps(latent: torch.Tensor, t: torch.Tensor, states: torch.Tensor, added: Mapping | None = None) -> torch.Tensor:
         out = graphed(latent.to(dtype), t, states.to(dtype)).clone().float()  # (1, C, h, w), out of the reused buffer
         return predict_eps(out, latent, alpha_of(t), prediction_type)
 
@@ -580,7 +634,8 @@ def graphed_eps(unet, sample: tuple[torch.Tensor, torch.Tensor, torch.Tensor], a
 
 def null_text_optimisation(trajectory: torch.Tensor, timesteps: torch.Tensor, step_ratio: int, alpha_of, cond: torch.Tensor,
                            uncond: torch.Tensor, guidance_scale: float, num_inner_steps: int, epsilon: float, eps,
-                           eps_with_grad=None, on_step: Callable[[], Any] = lambda: None) -> tuple[torch.Tensor, list[int], list[float]]:
+                           eps_with_grad=None, on_step: Callable[[], Any] = lambda: None, cond_added: Mapping | None = None,
+                           uncond_added: Mapping | None = None) -> tuple[torch.Tensor, list[int], list[float]]:
     """Null-text optimisation (Mokady et al., 2022, Algorithm 1) along the DDIM-inversion ``trajectory``.
 
     Per step i: Adam on the unconditional embedding, lr `null_text_lr` (the paper's ``1e-2 (1 - i/100)``
@@ -588,7 +643,8 @@ def null_text_optimisation(trajectory: torch.Tensor, timesteps: torch.Tensor, st
     ``z*_{t-1}`` is below `null_text_threshold`. The embedding kept is the last one evaluated (the
     update after the final evaluation is not taken), so its denoised latent is already known and
     continues the trajectory without another forward pass. The models behind ``eps`` should be
-    `frozen`.
+    `frozen`. Only the per-token unconditional states are optimised, as in the paper; added
+    conditions (SDXL's pooled text embedding and time ids) stay as given.
 
     Args:
         trajectory: the DDIM-inversion trajectory ``(steps + 1, C, h, w)``, ``x_T`` first (`ddim_inversion`).
@@ -600,10 +656,12 @@ def null_text_optimisation(trajectory: torch.Tensor, timesteps: torch.Tensor, st
         guidance_scale: the classifier-free guidance scale the embeddings are optimised for.
         num_inner_steps: at most this many evaluations per step.
         epsilon: the early-stop threshold at step 0 (``early_stop_epsilon``).
-        eps: ``eps(latent, t, states)`` without gradients (`unet_eps`), for the conditional prediction.
+        eps: ``eps(latent, t, states, added)`` without gradients (`unet_eps`), for the conditional prediction.
         eps_with_grad: the same with gradients, for the unconditional prediction (`graphed_eps`;
             default ``eps``).
         on_step: called after each step (a progress bar's ``update``).
+        cond_added: the conditional prediction's added conditions for the UNet (SDXL), or None.
+        uncond_added: the unconditional prediction's (SDXL: its own pooled embedding), or None; fixed.
 
     Returns:
         ``(embeddings (steps, tokens, dim) on the CPU, evaluations used per step, final loss per step)``.
@@ -616,13 +674,13 @@ def null_text_optimisation(trajectory: torch.Tensor, timesteps: torch.Tensor, st
         alpha_t, alpha_prev = alpha_of(int(t)), alpha_of(int(t) - step_ratio)
         target = trajectory[i + 1 : i + 2]
         with torch.no_grad():
-            eps_cond = eps(latent, t, cond)
+            eps_cond = eps(latent, t, cond, cond_added)
         uncond = uncond.detach().requires_grad_(True)
         opt = torch.optim.Adam([uncond], lr=null_text_lr(i, len(timesteps)))
         threshold = null_text_threshold(i, epsilon)
         for j in range(num_inner_steps):
             with torch.enable_grad():
-                eps_uncond = eps_with_grad(latent, t, uncond.to(cond.dtype))
+                eps_uncond = eps_with_grad(latent, t, uncond.to(cond.dtype), uncond_added)
                 guided = eps_uncond + guidance_scale * (eps_cond - eps_uncond)
                 denoised = ddim_step(latent, guided, alpha_t, alpha_prev)
                 loss = F.mse_loss(denoised, target)

@@ -37,18 +37,3 @@ def load_pipeline(model: str | os.PathLike | None = None, *args, allow_pickle: b
     """
     return pipeline_class_for(model).from_pretrained(model, *args, allow_pickle=allow_pickle, **kwargs)
 
-
-def check_supported(model: str | os.PathLike | None, image=None) -> None:
-    """Refuse, before any work (no model loads), what the family of ``model`` cannot do yet.
-
-    Args:
-        model: a local diffusers folder, a hub id, or None.
-        image: the photo to invert and edit, or None.
-
-    Raises:
-        InversionUnavailable: (an `ArgumentError` about ``image``) a photo to invert with an SDXL model.
-    """
-    if image is not None and model_family(model) == "sdxl":
-        from .pipeline_xl import InversionUnavailable
-
-        raise InversionUnavailable()

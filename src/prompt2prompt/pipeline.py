@@ -243,6 +243,57 @@ class CheckedInputs:
         return self.guidance_scale > 1.0
 
 
+@dataclass(frozen=True)
+class CheckedInvert:
+    """`Prompt2PromptPipeline.invert`'s arguments after `_check_invert_inputs`.
+
+    Attributes:
+        method: the `InversionMethod`.
+        prompt: the source prompt (the caption).
+        source: its tokens.
+        num_inference_steps: DDIM steps.
+        guidance_scale: the guidance the edits will use (null-text optimises for it).
+        height: image height in pixels.
+        width: image width in pixels.
+        num_inner_steps: null-text: Adam evaluations per step at most.
+        early_stop_epsilon: null-text: the early-stop threshold at step 0.
+        cuda_graph: null-text: replay the UNet as CUDA graphs.
+        negative_prompt: the unconditional prompt, or None.
+        negative_ids: its token ids, one row.
+    """
+
+    method: InversionMethod
+    prompt: str
+    source: PromptTokens
+    num_inference_steps: int
+    guidance_scale: float
+    height: int
+    width: int
+    num_inner_steps: int
+    early_stop_epsilon: float
+    cuda_graph: bool
+    negative_prompt: str | None
+    negative_ids: list[list[int]]
+
+
+@dataclass(frozen=True)
+class InversionConditioning:
+    """What conditions the UNet in an inversion, besides the latent and the timestep.
+
+    Attributes:
+        cond: the source prompt's text states ``(1, tokens, dim)``.
+        uncond: the unconditional text states ``(1, tokens, dim)`` (null-text's starting point).
+        cond_added: the conditional row's added conditions for the UNet (SDXL: its pooled text
+            embedding and the time ids), or None.
+        uncond_added: the unconditional row's, with its own pooled embedding, or None.
+    """
+
+    cond: torch.Tensor
+    uncond: torch.Tensor
+    cond_added: Mapping | None = None
+    uncond_added: Mapping | None = None
+
+
 class Prompt2PromptPipeline(DiffusionPipeline):
     r"""Text-to-image generation with Prompt-to-Prompt editing (Hertz et al., 2022).
 
@@ -533,6 +584,9 @@ class Prompt2PromptPipeline(DiffusionPipeline):
         """Check a call's arguments against its `Inversion`; returns (steps, guidance, height, width)."""
         if not isinstance(inv, Inversion):
             raise ArgumentError("inversion", f"inversion must be an Inversion (from pipe.invert or Inversion.load), got {type(inv).__name__}")
+        if inv.family != self.model_family:
+            raise ArgumentError("inversion", f"the image was inverted with an {inv.family.upper()} model, but this pipeline runs an "
+                                f"{self.model_family.upper()} model; invert the image with this pipeline")
         if prompt != inv.prompt:
             raise ArgumentError("prompt", f"the image was inverted with the prompt {inv.prompt!r}; pass it as prompt (edit through edit_prompts)")
         if latents is not None:
@@ -560,9 +614,13 @@ class Prompt2PromptPipeline(DiffusionPipeline):
         if tuple(inv.latent.shape) != shape:
             raise ArgumentError("inversion", f"the inversion's latent has shape {tuple(inv.latent.shape)}, this model's is {shape}; invert the image with this model")
         if inv.null_embeddings is not None:
-            want = (inv.num_inference_steps, self.tokenizer.model_max_length, self.text_encoder.config.hidden_size)
+            want = (inv.num_inference_steps, self.tokenizer.model_max_length, self._text_state_width())
             if tuple(inv.null_embeddings.shape) != want:
                 raise ArgumentError("inversion", f"the inversion's null-text embeddings are {tuple(inv.null_embeddings.shape)}, this model needs {want}; invert with this model")
+
+    def _text_state_width(self) -> int:
+        """The width of the text states the UNet attends to: the text encoder's hidden size."""
+        return self.text_encoder.config.hidden_size
 
     # ----------------------------------------------------------------- stages
 
@@ -962,11 +1020,16 @@ class Prompt2PromptPipeline(DiffusionPipeline):
         Raises:
             ArgumentError: a bad argument or unreadable image, named by ``.argument``, before any model work.
         """
-        method, source, height, width = self._check_invert_inputs(
-            method, prompt, num_inference_steps, guidance_scale, height, width, num_inner_steps, early_stop_epsilon, cuda_graph
-        )
-        pixels, note = load_image(image, height, width)
-        negative_ids = self._negative_ids(negative_prompt, 1, False)
+        checked = self._check_invert_inputs(method, prompt, num_inference_steps, guidance_scale, height, width, num_inner_steps,
+                                            early_stop_epsilon, cuda_graph, negative_prompt)
+        return self._invert(image, checked)
+
+    def _invert(self, image, checked: CheckedInvert) -> Inversion:
+        """`invert`'s work once its arguments are checked, in stages a model family overrides: the
+        text conditioning (`_inversion_conditioning`), the image's latent (`_encode_image`) and what
+        the family adds to the `Inversion` (`_inversion_record`)."""
+        method = checked.method
+        pixels, note = load_image(image, checked.height, checked.width)
         prediction_type = self.scheduler.config.get("prediction_type", "epsilon")
         predict_eps(torch.zeros(1), torch.zeros(1), torch.ones(1), prediction_type)  # refuses other prediction types before any work
         logger.info("inversion: %s", note)
@@ -974,9 +1037,9 @@ class Prompt2PromptPipeline(DiffusionPipeline):
         start = time.perf_counter()
         device, dtype = self._execution_device, self.unet.dtype
         scheduler = inversion_scheduler(self.scheduler.config)
-        scheduler.set_timesteps(num_inference_steps, device=device)
+        scheduler.set_timesteps(checked.num_inference_steps, device=device)
         timesteps = scheduler.timesteps
-        step_ratio = scheduler.config.num_train_timesteps // num_inference_steps  # timesteps between two DDIM steps
+        step_ratio = scheduler.config.num_train_timesteps // checked.num_inference_steps  # timesteps between two DDIM steps
         scheduler.alphas_cumprod = scheduler.alphas_cumprod.to(device=device, dtype=torch.float32)
 
         def alpha_of(t) -> torch.Tensor:
@@ -985,25 +1048,27 @@ class Prompt2PromptPipeline(DiffusionPipeline):
         eps = unet_eps(self.unet, alpha_of, prediction_type, dtype)
         with torch.no_grad():
             image_latent = self._encode_image(pixels, device)  # (1, C, h, w)
-            cond, uncond = self.encode_prompt([source], device, True, negative_ids)  # (1, tokens, dim) each
-            with self.progress_bar(total=num_inference_steps) as bar:
-                trajectory = ddim_inversion(image_latent, timesteps, step_ratio, alpha_of, eps, cond, bar.update)  # (steps + 1, C, h, w)
+            conditioning = self._inversion_conditioning(checked, device)
+            with self.progress_bar(total=checked.num_inference_steps) as bar:
+                trajectory = ddim_inversion(image_latent, timesteps, step_ratio, alpha_of, eps, conditioning.cond, bar.update,
+                                            conditioning.cond_added)  # (steps + 1, C, h, w)
         info: dict = {"preprocessing": note, "model": str(getattr(self, "name_or_path", "") or self.config.get("_name_or_path", "")),
-                      "negative_prompt": negative_prompt or ""}
+                      "negative_prompt": checked.negative_prompt or ""}
         null = None
         if method is InversionMethod.NULL_TEXT:
-            null = self._null_text(trajectory, timesteps, step_ratio, alpha_of, cond, uncond, guidance_scale, num_inner_steps,
-                                   early_stop_epsilon, eps, cuda_graph, prediction_type, info)
+            null = self._null_text(trajectory, timesteps, step_ratio, alpha_of, conditioning, checked, eps, prediction_type, info)
         info["seconds"] = time.perf_counter() - start
         return Inversion(
-            method=method, prompt=prompt, num_inference_steps=num_inference_steps, guidance_scale=float(guidance_scale),
-            timesteps=timesteps.cpu(), latent=trajectory[:1].cpu().clone(), image_latent=image_latent.cpu(), image=pixels,
-            null_embeddings=null, trajectory=trajectory.cpu() if method is InversionMethod.DIRECT else None, info=info,
+            method=method, prompt=checked.prompt, num_inference_steps=checked.num_inference_steps,
+            guidance_scale=float(checked.guidance_scale), timesteps=timesteps.cpu(), latent=trajectory[:1].cpu().clone(),
+            image_latent=image_latent.cpu(), image=pixels, null_embeddings=null,
+            trajectory=trajectory.cpu() if method is InversionMethod.DIRECT else None, family=self.model_family, info=info,
+            **self._inversion_record(checked, conditioning),
         )
 
     def _check_invert_inputs(self, method, prompt, num_inference_steps, guidance_scale, height, width, num_inner_steps,
-                             early_stop_epsilon, cuda_graph):
-        """``(method, source tokens, height, width)`` of an inversion's arguments, all checked."""
+                             early_stop_epsilon, cuda_graph, negative_prompt=None) -> CheckedInvert:
+        """`invert`'s arguments, all checked, as a `CheckedInvert`."""
         method = InversionMethod.parse(method)
         source = self._tokenize(prompt, "prompt", False)
         checks.positive_int("num_inference_steps", num_inference_steps)
@@ -1019,28 +1084,49 @@ class Prompt2PromptPipeline(DiffusionPipeline):
                                 "move it with pipe.to('cuda') or drop cuda_graph")
         height = checks.multiple_of("height", self._default_size() if height is None else height, self.vae_scale_factor)
         width = checks.multiple_of("width", self._default_size() if width is None else width, self.vae_scale_factor)
-        return method, source, height, width
+        negative_ids = self._negative_ids(negative_prompt, 1, False)
+        return CheckedInvert(method, prompt, source, num_inference_steps, guidance_scale, height, width, num_inner_steps,
+                             early_stop_epsilon, cuda_graph, negative_prompt, negative_ids)
+
+    def _inversion_conditioning(self, checked: CheckedInvert, device) -> InversionConditioning:
+        """The source prompt's text states and the unconditional prompt's (``""`` or
+        ``negative_prompt``), each ``(1, tokens, dim)``: what the inversion conditions the UNet on."""
+        cond, uncond = self.encode_prompt([checked.source], device, True, checked.negative_ids)  # (1, tokens, dim) each
+        return InversionConditioning(cond, uncond)
+
+    def _inversion_record(self, checked: CheckedInvert, conditioning: InversionConditioning) -> dict:
+        """What a model family adds to the `Inversion` (keyword arguments); Stable Diffusion adds nothing."""
+        return {}
 
     def _encode_image(self, pixels: np.ndarray, device) -> torch.Tensor:
         """The VAE's latent ``(1, C, h, w)`` float32 of a ``(height, width, 3)`` uint8 picture (the
         mean of its latent distribution, shifted and scaled as `decode_latents` undoes)."""
         x = torch.from_numpy(pixels).to(device).permute(2, 0, 1)[None].float() / 127.5 - 1.0  # (1, 3, H, W): 0..255 -> [-1, 1]
         latent = self.vae.encode(x.to(self.vae.dtype)).latent_dist.mean.float()  # (1, C, h, w)
+        return self._model_latent(latent)
+
+    def _model_latent(self, latent: torch.Tensor) -> torch.Tensor:
+        """The VAE's raw latent ``(1, C, h, w)`` shifted and scaled into the UNet's space (what
+        `decode_latents` undoes)."""
         shift = getattr(self.vae.config, "shift_factor", None) or 0.0
         return (latent - shift) * self.vae.config.scaling_factor
 
-    def _null_text(self, trajectory, timesteps, step_ratio, alpha_of, cond, uncond, guidance_scale, num_inner_steps,
-                   early_stop_epsilon, eps, cuda_graph: bool, prediction_type: str, info: dict) -> torch.Tensor:
-        """Null-text inversion's embeddings ``(steps, tokens, dim)`` (`inversion.null_text_optimisation`);
-        its measurements go into ``info``."""
+    def _null_text(self, trajectory, timesteps, step_ratio, alpha_of, conditioning: InversionConditioning, checked: CheckedInvert,
+                   eps, prediction_type: str, info: dict) -> torch.Tensor:
+        """Null-text inversion's embeddings ``(steps, tokens, dim)`` (`inversion.null_text_optimisation`)
+        of ``conditioning``'s unconditional states; its added conditions stay fixed. Its measurements go into ``info``."""
         eps_with_grad, graphed = eps, False
-        if cuda_graph:
+        cond, uncond = conditioning.cond, conditioning.uncond
+        if checked.cuda_graph:
             sample = capture_sample(trajectory, timesteps, uncond, self.unet.dtype)
-            eps_with_grad, graphed = graphed_eps(self.unet, sample, alpha_of, prediction_type, eps)
-        with frozen([self.unet, self.text_encoder]), self.progress_bar(total=len(timesteps)) as bar:
-            null, used, losses = null_text_optimisation(trajectory, timesteps, step_ratio, alpha_of, cond, uncond, guidance_scale,
-                                                        num_inner_steps, early_stop_epsilon, eps, eps_with_grad, bar.update)
+            eps_with_grad, graphed = graphed_eps(self.unet, sample, alpha_of, prediction_type, eps, conditioning.uncond_added)
+        modules = [m for m in (self.unet, self.text_encoder, getattr(self, "text_encoder_2", None)) if m is not None]
+        with frozen(modules), self.progress_bar(total=len(timesteps)) as bar:
+            null, used, losses = null_text_optimisation(
+                trajectory, timesteps, step_ratio, alpha_of, cond, uncond, checked.guidance_scale, checked.num_inner_steps,
+                checked.early_stop_epsilon, eps, eps_with_grad, bar.update, conditioning.cond_added, conditioning.uncond_added,
+            )
         # UNet passes: one per step for DDIM inversion, one per step for the conditional prediction, one per inner evaluation
-        info.update(num_inner_steps=num_inner_steps, early_stop_epsilon=early_stop_epsilon, inner_steps_used=used,
+        info.update(num_inner_steps=checked.num_inner_steps, early_stop_epsilon=checked.early_stop_epsilon, inner_steps_used=used,
                     final_losses=losses, unet_forward_passes=2 * len(timesteps) + sum(used), cuda_graph=graphed)
         return null

@@ -14,7 +14,8 @@ the two tokenize differently.
 
 import json
 import os
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, fields
 from pathlib import Path
 
@@ -27,21 +28,13 @@ from . import checks
 from .alignment import PromptTokens
 from .arguments import ArgumentError, default
 from .edits import EditMode, LocalBlend
-from .inversion import Inversion
-from .pipeline import CheckedInputs, Prompt2PromptPipeline
+from .inversion import Inversion, InversionMethod
+from .pipeline import CheckedInputs, CheckedInvert, InversionConditioning, Prompt2PromptPipeline
 
 #: The components an SDXL folder has beyond Stable Diffusion's.
 _XL_COMPONENTS = ("text_encoder_2", "tokenizer_2")
-
-
-class InversionUnavailable(ArgumentError, NotImplementedError):
-    """Inversion asked of an SDXL model (not available yet, a later step of issue 29): an
-    `ArgumentError` about ``image`` (so the command line and the web page report it as a usage
-    error), and a `NotImplementedError`."""
-
-    def __init__(self):
-        super().__init__("image", "inversion (editing a real photo) is not yet available for SDXL models; "
-                                  "edit a generated image, or invert with a Stable Diffusion model")
+#: The arguments whose pairs make the added time ids, in their order, each with its least value.
+TIME_ID_ARGUMENTS = {"original_size": 1, "crops_coords_top_left": 0, "target_size": 1}
 
 
 @dataclass(frozen=True)
@@ -64,6 +57,49 @@ class CheckedXLInputs(CheckedInputs):
     zero_negative: bool = False
     time_ids: tuple[int, ...] = ()
     guidance_rescale: float = 0.0
+
+
+@dataclass(frozen=True)
+class CheckedXLInvert(CheckedInvert):
+    """`CheckedInvert` and what SDXL adds (`Prompt2PromptXLPipeline.invert`).
+
+    Attributes:
+        ids_2: the second tokenizer's ids of the source prompt (one row).
+        negative_ids_2: the second tokenizer's ids of the unconditional prompt (none with ``zero_negative``).
+        zero_negative: the unconditional states and pooled embedding are zeros (no ``negative_prompt``
+            and ``force_zeros_for_empty_prompt``).
+        time_ids: ``original_size + crops_coords_top_left + target_size``.
+    """
+
+    ids_2: tuple[tuple[int, ...], ...] = ()
+    negative_ids_2: tuple[tuple[int, ...], ...] = ()
+    zero_negative: bool = False
+    time_ids: tuple[int, ...] = ()
+
+
+def time_ids_of(size: tuple[int, int], original_size, crops_coords_top_left, target_size) -> tuple[int, ...]:
+    """SDXL's added time ids ``original_size + crops_coords_top_left + target_size`` (six integers),
+    the sizes defaulting to the image's ``size`` ``(height, width)``; each pair checked (`_pair`)."""
+    return (*_pair("original_size", size if original_size is None else original_size, 1),
+            *_pair("crops_coords_top_left", crops_coords_top_left, 0),
+            *_pair("target_size", size if target_size is None else target_size, 1))
+
+
+def time_ids_against_inversion(inv: Inversion, original_size, crops_coords_top_left, target_size) -> tuple:
+    """The edit's time-id arguments with the inversion's where a size is None; an `ArgumentError`
+    naming the first argument given that differs from the inversion's."""
+    given = (original_size, crops_coords_top_left, target_size)
+    stored = [tuple(inv.time_ids[2 * k: 2 * k + 2]) for k in range(len(TIME_ID_ARGUMENTS))]  # pairs, in TIME_ID_ARGUMENTS' order
+    out = []
+    for (name, minimum), value, pair in zip(TIME_ID_ARGUMENTS.items(), given, stored):
+        if value is None:
+            out.append(pair)
+            continue
+        if _pair(name, value, minimum) != pair:
+            raise ArgumentError(name, f"{name}={tuple(value)!r} but the image was inverted with {name}={pair!r}; the source row "
+                                f"reconstructs the photo only under the same time ids, so leave it out or pass {pair!r}")
+        out.append(value)
+    return tuple(out)
 
 
 def _pair(name: str, value, minimum: int) -> tuple[int, int]:
@@ -149,7 +185,7 @@ class Prompt2PromptXLPipeline(Prompt2PromptPipeline):
     The same call as `Prompt2PromptPipeline` (the source and every target denoised together from
     one noise, the source's attention injected into the targets), plus SDXL's ``prompt_2``,
     ``negative_prompt_2``, ``original_size``, ``crops_coords_top_left``, ``target_size`` and
-    ``guidance_rescale``. Inversion is not available on SDXL yet.
+    ``guidance_rescale``. `invert` and ``inversion=`` work as on Stable Diffusion (all four methods).
 
     Args:
         vae: the `AutoencoderKL` that decodes latents.
@@ -230,10 +266,118 @@ class Prompt2PromptXLPipeline(Prompt2PromptPipeline):
                                 "use Prompt2PromptPipeline.from_pipe for Stable Diffusion")
         return super().from_pipe(pipeline, **kwargs)
 
-    def invert(self, *args, **kwargs):
-        """Not available on SDXL yet (a later step of issue 29): raises `InversionUnavailable`
-        (a `NotImplementedError` and an `ArgumentError` about ``image``) before any work."""
-        raise InversionUnavailable()
+    def invert(
+        self,
+        image,
+        prompt: str,
+        method: InversionMethod | str = default("method"),
+        num_inference_steps: int = default("num_inference_steps"),
+        guidance_scale: float = default("guidance_scale"),
+        height: int | None = default("height"),
+        width: int | None = default("width"),
+        num_inner_steps: int = default("num_inner_steps"),
+        early_stop_epsilon: float = default("early_stop_epsilon"),
+        negative_prompt: str | None = default("negative_prompt"),
+        cuda_graph: bool = False,
+        negative_prompt_2: str | None = default("negative_prompt_2"),
+        original_size: tuple[int, int] | None = default("original_size"),
+        crops_coords_top_left: tuple[int, int] = default("crops_coords_top_left"),
+        target_size: tuple[int, int] | None = default("target_size"),
+    ) -> Inversion:
+        r"""Invert a real image on SDXL, to edit it with ``pipe(prompt, edit_prompts, inversion=inv)``.
+
+        `Prompt2PromptPipeline.invert` with SDXL's conditioning: the UNet sees the source's
+        concatenated text states, its pooled embedding and the time ids; the unconditional
+        prediction its own states and pooled embedding (zeros with ``force_zeros_for_empty_prompt``
+        and no ``negative_prompt``, else the negative prompt's). Null-text inversion optimises the
+        per-token unconditional states ``(tokens, dim_1 + dim_2)`` of each step and keeps the pooled
+        unconditional embedding fixed; the `Inversion` records it and the time ids, and edits use
+        the same.
+
+        Args:
+            image: as `Prompt2PromptPipeline.invert`, as are the arguments up to ``cuda_graph``.
+            prompt: a caption of the image; the source prompt of the edits.
+            method: ``"null-text"``, ``"negative-prompt"``, ``"direct"`` or ``"ddim"``.
+            num_inference_steps: DDIM steps (the edits use the same).
+            guidance_scale: the guidance the edits will use (null-text optimises for it).
+            height: pixels (default: the model's resolution).
+            width: pixels (default: the model's resolution).
+            num_inner_steps: null-text: at most this many Adam evaluations per step.
+            early_stop_epsilon: null-text: the early-stop threshold at step 0.
+            negative_prompt: the text whose states and pooled embedding make the unconditional
+                prediction (None: zeros with ``force_zeros_for_empty_prompt``, else ``""``).
+            cuda_graph: null-text on CUDA, experimental (see `Prompt2PromptPipeline.invert`).
+            negative_prompt_2: the second encoder's unconditional text; None: ``negative_prompt``.
+            original_size: SDXL's original-size condition ``(height, width)``; None: the image's.
+            crops_coords_top_left: SDXL's crop condition ``(top, left)``.
+            target_size: SDXL's target-size condition ``(height, width)``; None: the image's.
+
+        Returns:
+            An `Inversion` with ``family="sdxl"`` and its ``time_ids`` (and, for null-text, ``null_pooled``).
+
+        Raises:
+            ArgumentError: a bad argument or unreadable image, named by ``.argument``, before any model work.
+        """
+        checked = self._check_invert_inputs(method, prompt, num_inference_steps, guidance_scale, height, width, num_inner_steps,
+                                            early_stop_epsilon, cuda_graph, negative_prompt, negative_prompt_2, original_size,
+                                            crops_coords_top_left, target_size)
+        return self._invert(image, checked)
+
+    def _check_invert_inputs(self, method, prompt, num_inference_steps, guidance_scale, height, width, num_inner_steps,
+                             early_stop_epsilon, cuda_graph, negative_prompt=None, negative_prompt_2=None, original_size=None,
+                             crops_coords_top_left=(0, 0), target_size=None) -> CheckedXLInvert:
+        """`invert`'s arguments, all checked: Stable Diffusion's, the second tokenizer's ids and the time ids."""
+        base = super()._check_invert_inputs(method, prompt, num_inference_steps, guidance_scale, height, width, num_inner_steps,
+                                            early_stop_epsilon, cuda_graph, negative_prompt)
+        ids_2 = self._second_ids([base.source], None, False)
+        zero = negative_prompt is None and bool(self.config.force_zeros_for_empty_prompt)
+        negative_ids_2 = ()
+        if not zero:
+            name = "negative_prompt_2" if negative_prompt_2 else "negative_prompt"
+            negative_ids_2 = self._negative_ids(negative_prompt_2 or negative_prompt, 1, False, self.tokenizer_2, name)
+        time_ids = time_ids_of((base.height, base.width), original_size, crops_coords_top_left, target_size)
+        self._check_time_ids(time_ids)
+        checked = {f.name: getattr(base, f.name) for f in fields(CheckedInvert)}
+        return CheckedXLInvert(**checked, ids_2=tuple(tuple(r) for r in ids_2), negative_ids_2=tuple(tuple(r) for r in negative_ids_2),
+                               zero_negative=zero, time_ids=time_ids)
+
+    def _inversion_conditioning(self, checked: CheckedXLInvert, device) -> InversionConditioning:
+        """Both encoders' states of the source and of the unconditional prompt ``(1, tokens, dim_1 +
+        dim_2)``, each with its own pooled embedding ``(1, projection_dim)`` and the time ids as the
+        UNet's added conditions."""
+        cond, uncond, pooled, uncond_pooled = self.encode_prompt(
+            [checked.source], device, True, None if checked.zero_negative else checked.negative_ids, checked.ids_2,
+            checked.negative_ids_2,
+        )
+        time_ids = torch.tensor([checked.time_ids], dtype=cond.dtype, device=device)  # (1, time ids)
+        return InversionConditioning(cond, uncond, {"text_embeds": pooled, "time_ids": time_ids},
+                                     {"text_embeds": uncond_pooled, "time_ids": time_ids})
+
+    def _inversion_record(self, checked: CheckedXLInvert, conditioning: InversionConditioning) -> dict:
+        """The time ids, and for null-text the pooled unconditional embedding ``(1, projection_dim)``
+        that the optimisation held fixed: an edit must use the same."""
+        null_pooled = None
+        if checked.method is InversionMethod.NULL_TEXT:
+            null_pooled = conditioning.uncond_added["text_embeds"].detach().float().cpu().clone()  # (1, projection_dim)
+        return {"time_ids": tuple(checked.time_ids), "null_pooled": null_pooled}
+
+    def _text_state_width(self) -> int:
+        """The width of the text states the UNet attends to: both encoders' hidden sizes together."""
+        return self.text_encoder.config.hidden_size + self.text_encoder_2.config.hidden_size
+
+    def _check_inversion_shapes(self, inv: Inversion) -> None:
+        """Stable Diffusion's checks (latent, and null-text states ``dim_1 + dim_2`` wide), the time
+        ids, and null-text's pooled unconditional embedding against ``text_encoder_2``'s projection."""
+        super()._check_inversion_shapes(inv)
+        if inv.time_ids is None or len(inv.time_ids) != 2 * len(TIME_ID_ARGUMENTS):
+            raise ArgumentError("inversion", f"the inversion records the time ids {inv.time_ids!r}, not the {2 * len(TIME_ID_ARGUMENTS)} "
+                                f"integers of {', '.join(TIME_ID_ARGUMENTS)}; invert the image with this pipeline")
+        if inv.method is InversionMethod.NULL_TEXT:
+            want = (1, self.text_encoder_2.config.projection_dim)
+            got = None if inv.null_pooled is None else tuple(inv.null_pooled.shape)
+            if got != want:
+                raise ArgumentError("inversion", f"the inversion's pooled unconditional embedding is {got}, this model needs {want}; "
+                                    "invert the image with this pipeline")
 
     # ----------------------------------------------------------------- checks
 
@@ -289,7 +433,9 @@ class Prompt2PromptXLPipeline(Prompt2PromptPipeline):
             attention_res: the side of the recorded maps, or None.
             truncate_prompts: cut prompts longer than the tokenizers' limit instead of raising.
             eta: DDIM's eta.
-            inversion: must be None (no inversion on SDXL yet).
+            inversion: an `Inversion` made by an SDXL model (`invert`), checked as on Stable Diffusion
+                and against the time-id arguments: a size left None takes the inversion's, one that
+                differs is refused.
             prompt_2: the second text encoder's text: one for every row, or one per prompt (source
                 first); None: each row's own prompt, which must tokenize alike in both tokenizers.
             negative_prompt_2: the second encoder's unconditional text(s); None: ``negative_prompt``.
@@ -305,21 +451,20 @@ class Prompt2PromptXLPipeline(Prompt2PromptPipeline):
         Raises:
             ArgumentError: naming the first bad argument (``.argument``); ValueError from the edit's checks.
         """
-        if inversion is not None:
-            raise ArgumentError("inversion", "inversion is not available on SDXL yet; drop inversion, or edit the photo with a Stable Diffusion model")
         base = super().check_inputs(prompt, edit_prompts, edit, equalizer, local_blend, self_replace_max_res, num_inference_steps,
                                     guidance_scale, height, width, negative_prompt, generator, latents, output_type, return_attention,
-                                    return_self_attention, attention_res, truncate_prompts, eta, None)
+                                    return_self_attention, attention_res, truncate_prompts, eta, inversion)
+        if inversion is not None:
+            self._check_xl_inversion(inversion, prompt_2, negative_prompt_2)
+            original_size, crops_coords_top_left, target_size = time_ids_against_inversion(
+                inversion, original_size, crops_coords_top_left, target_size)
         ids_2 = self._second_ids(base.prompts, prompt_2, truncate_prompts)
         zero = negative_prompt is None and bool(self.config.force_zeros_for_empty_prompt)
         negative_ids_2 = ()
         if not zero:
             name = "negative_prompt_2" if negative_prompt_2 else "negative_prompt"
             negative_ids_2 = self._negative_ids(negative_prompt_2 or negative_prompt, len(base.prompts), truncate_prompts, self.tokenizer_2, name)
-        size = (base.height, base.width)
-        time_ids = (*_pair("original_size", size if original_size is None else original_size, 1),
-                    *_pair("crops_coords_top_left", crops_coords_top_left, 0),
-                    *_pair("target_size", size if target_size is None else target_size, 1))
+        time_ids = time_ids_of((base.height, base.width), original_size, crops_coords_top_left, target_size)
         self._check_time_ids(time_ids)
         rescale = checks.finite_number("guidance_rescale", guidance_rescale)
         if rescale < 0:
@@ -327,6 +472,17 @@ class Prompt2PromptXLPipeline(Prompt2PromptPipeline):
         checked = {f.name: getattr(base, f.name) for f in fields(CheckedInputs)}
         return CheckedXLInputs(**checked, ids_2=tuple(tuple(r) for r in ids_2), negative_ids_2=tuple(tuple(r) for r in negative_ids_2),
                                zero_negative=zero, time_ids=time_ids, guidance_rescale=float(rescale))
+
+    @staticmethod
+    def _check_xl_inversion(inv: Inversion, prompt_2, negative_prompt_2) -> None:
+        """Refuse, with an inversion, a second-encoder text that would change the conditioning the
+        source was inverted under (``prompt_2``), or the unconditional half that null-text and
+        negative-prompt inversion set themselves (``negative_prompt_2``)."""
+        if prompt_2 is not None:
+            raise ArgumentError("prompt_2", "the image was inverted with each prompt's own text in both encoders; drop prompt_2")
+        if negative_prompt_2 is not None and inv.method in (InversionMethod.NULL_TEXT, InversionMethod.NEGATIVE_PROMPT):
+            raise ArgumentError("negative_prompt_2", f"{inv.method.value} inversion sets the unconditional embedding itself; "
+                                "drop negative_prompt_2")
 
     def _second_ids(self, prompts: Sequence[PromptTokens], prompt_2, truncate: bool) -> list[tuple[int, ...]]:
         """The second tokenizer's ids of each row: of ``prompt_2`` when given, else of the row's
@@ -428,6 +584,39 @@ class Prompt2PromptXLPipeline(Prompt2PromptPipeline):
         ids = torch.tensor([list(r) + [pad] * (length - len(r)) for r in id_rows], device=device)  # (rows, tokens)
         return encoder(ids, output_hidden_states=True)
 
+    def _conditioning(self, inputs: CheckedXLInputs, inversion: Inversion | None, device) -> tuple[torch.Tensor, torch.Tensor, dict]:
+        """``(prompt_embeds, embeds, added)``: the prompts' states ``(prompts, tokens, dim)``, every
+        batch row's states ``(2 * prompts or prompts, tokens, dim)`` (unconditional half first with
+        guidance) and the UNet's added conditions, one row each: its pooled text embedding, the same
+        time ids. With an inversion the unconditional rows are what its method sets (`_inverted_negatives`)."""
+        guidance = inputs.do_classifier_free_guidance
+        prompt_embeds, negative_embeds, pooled, negative_pooled = self.encode_prompt(
+            inputs.prompts, device, guidance, None if inputs.zero_negative else inputs.negative_ids, inputs.ids_2,
+            inputs.negative_ids_2,
+        )
+        if guidance and inversion is not None:
+            negative_embeds, negative_pooled = self._inverted_negatives(inversion, prompt_embeds, negative_embeds, pooled, negative_pooled)
+        embeds = torch.cat([negative_embeds, prompt_embeds]) if guidance else prompt_embeds  # (2 * prompts or prompts, tokens, dim)
+        text_embeds = torch.cat([negative_pooled, pooled]) if guidance else pooled  # (2 * prompts or prompts, projection_dim)
+        time_ids = torch.tensor([inputs.time_ids], dtype=prompt_embeds.dtype, device=device)  # (1, time ids)
+        added = {"text_embeds": text_embeds, "time_ids": time_ids.expand(len(embeds), -1)}  # every row: its pooled text, the same time ids
+        return prompt_embeds, embeds, added
+
+    @staticmethod
+    def _inverted_negatives(inv: Inversion, prompt_embeds, negative_embeds, pooled, negative_pooled) -> tuple[torch.Tensor, torch.Tensor]:
+        """The unconditional rows' states ``(prompts, tokens, dim)`` and pooled embeddings ``(prompts,
+        projection_dim)`` under an inversion: negative-prompt inversion (Miyake et al., 2023) gives
+        every row the source's states and pooled embedding; null-text gives every row the pooled
+        embedding its optimisation held fixed (its states are set per step by `_denoise`); the
+        other methods keep the call's own."""
+        n = prompt_embeds.shape[0]
+        if inv.method is InversionMethod.NEGATIVE_PROMPT:
+            return prompt_embeds[:1].expand(n, -1, -1), pooled[:1].expand(n, -1)  # (prompts, tokens, dim), (prompts, projection_dim)
+        if inv.method is InversionMethod.NULL_TEXT:
+            null_pooled = inv.null_pooled.to(device=pooled.device, dtype=pooled.dtype)  # (1, projection_dim)
+            return negative_embeds, null_pooled.expand(n, -1)  # (prompts, projection_dim)
+        return negative_embeds, negative_pooled
+
     def decode_latents(self, latents: torch.Tensor) -> torch.Tensor:
         """The VAE's images of ``latents``, unscaled with the VAE's ``latents_mean`` / ``latents_std``
         where its config has them, decoded in float32 when a float16 VAE asks for it (``force_upcast``).
@@ -439,18 +628,48 @@ class Prompt2PromptXLPipeline(Prompt2PromptPipeline):
             ``(prompts, 3, height, width)`` in about ``[-1, 1]``.
         """
         config = self.vae.config
-        mean, std = getattr(config, "latents_mean", None), getattr(config, "latents_std", None)
-        if mean is not None and std is not None:
-            mean = torch.tensor(mean).view(1, -1, 1, 1).to(latents)  # (1, C, 1, 1)
-            std = torch.tensor(std).view(1, -1, 1, 1).to(latents)  # (1, C, 1, 1)
+        stats = self._latent_stats(latents)
+        if stats is not None:
+            mean, std = stats
             scaled = latents * std / config.scaling_factor + mean
         else:
             scaled = latents / config.scaling_factor
-        upcast = self.vae.dtype == torch.float16 and getattr(config, "force_upcast", False)
+        with self._vae_upcast():
+            return self.vae.decode(scaled.to(self.vae.dtype), return_dict=False)[0]
+
+    def _encode_image(self, pixels, device) -> torch.Tensor:
+        """The VAE's latent ``(1, C, h, w)`` float32 of a ``(height, width, 3)`` uint8 picture, encoded
+        in float32 when a float16 VAE asks for it (``force_upcast``), as `decode_latents` decodes."""
+        with self._vae_upcast():
+            return super()._encode_image(pixels, device)
+
+    def _model_latent(self, latent: torch.Tensor) -> torch.Tensor:
+        """The VAE's raw latent ``(1, C, h, w)`` in the UNet's space: normalised by the VAE's
+        ``latents_mean`` / ``latents_std`` where its config has them, and scaled (what `decode_latents` undoes)."""
+        stats = self._latent_stats(latent)
+        if stats is None:
+            return latent * self.vae.config.scaling_factor
+        mean, std = stats
+        return (latent - mean) * self.vae.config.scaling_factor / std
+
+    def _latent_stats(self, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """The VAE config's ``(latents_mean, latents_std)``, each ``(1, C, 1, 1)`` like ``like``, or None
+        when the config lacks them."""
+        config = self.vae.config
+        mean, std = getattr(config, "latents_mean", None), getattr(config, "latents_std", None)
+        if mean is None or std is None:
+            return None
+        return torch.tensor(mean).view(1, -1, 1, 1).to(like), torch.tensor(std).view(1, -1, 1, 1).to(like)  # (1, C, 1, 1) each
+
+    @contextmanager
+    def _vae_upcast(self) -> Iterator[None]:
+        """Run the VAE in float32 inside the block when it is float16 and its config asks for it
+        (``force_upcast``: SDXL's VAE overflows in float16); back to float16 after."""
+        upcast = self.vae.dtype == torch.float16 and getattr(self.vae.config, "force_upcast", False)
         if upcast:
             self.vae.to(dtype=torch.float32)
         try:
-            return self.vae.decode(scaled.to(self.vae.dtype), return_dict=False)[0]
+            yield
         finally:
             if upcast:
                 self.vae.to(dtype=torch.float16)
@@ -497,8 +716,8 @@ class Prompt2PromptXLPipeline(Prompt2PromptPipeline):
     ):
         r"""Generate the source image and edit it into one image per target prompt, on SDXL.
 
-        The arguments up to ``inversion`` are `Prompt2PromptPipeline.__call__`'s (``inversion``
-        must be None: no inversion on SDXL yet); the rest are diffusers' SDXL arguments. Defaults
+        The arguments up to ``inversion`` are `Prompt2PromptPipeline.__call__`'s; the rest are
+        diffusers' SDXL arguments. Defaults
         come from `arguments.ARGUMENTS`; the image side defaults to the UNet's sample size times
         the VAE's factor, the map sides to the latent's side over `pipeline.MAP_SIDE_DIVISOR`.
 
@@ -527,7 +746,10 @@ class Prompt2PromptXLPipeline(Prompt2PromptPipeline):
             truncate_prompts: cut prompts longer than the tokenizers' limit instead of raising.
             eta: DDIM eta.
             cross_attention_kwargs: passed on to the attention processors.
-            inversion: must be None.
+            inversion: an `Inversion` of a real image made by an SDXL model (`invert`): the source
+                starts from its ``x_T`` and reconstructs the image, the targets edit it; ``prompt``
+                must be the inverted prompt, steps, size, time ids and (for null-text) guidance
+                and the pooled unconditional embedding follow the inversion; DDIM is used.
             prompt_2: the second text encoder's text (one for all rows, or one per prompt, source
                 first); None: each row's prompt. Word positions, mappers and the equalizer address
                 the first tokenizer's tokens; a ``prompt_2`` other than the prompt puts other
@@ -551,25 +773,20 @@ class Prompt2PromptXLPipeline(Prompt2PromptPipeline):
             attention_res, truncate_prompts, eta, inversion, prompt_2, negative_prompt_2, original_size, crops_coords_top_left,
             target_size, guidance_rescale,
         )
-        scheduler, timesteps = self._prepare_scheduler(inputs.num_inference_steps, None, device)
+        scheduler, timesteps = self._prepare_scheduler(inputs.num_inference_steps, inversion, device)
         plan = self._plan_edit(inputs, len(timesteps), cross_replace_steps, self_replace_steps, equalizer, local_blend, device)
 
         # Algorithm 1: every prompt, source first, in one batch from the same initial latent
         guidance, n = inputs.do_classifier_free_guidance, len(inputs.prompts)
-        prompt_embeds, negative_embeds, pooled, negative_pooled = self.encode_prompt(
-            inputs.prompts, device, guidance, None if inputs.zero_negative else inputs.negative_ids, inputs.ids_2,
-            inputs.negative_ids_2,
-        )
-        embeds = torch.cat([negative_embeds, prompt_embeds]) if guidance else prompt_embeds  # (2 * prompts or prompts, tokens, dim)
-        text_embeds = torch.cat([negative_pooled, pooled]) if guidance else pooled  # (2 * prompts or prompts, projection_dim)
-        time_ids = torch.tensor([inputs.time_ids], dtype=prompt_embeds.dtype, device=device)  # (1, time ids)
-        added = {"text_embeds": text_embeds, "time_ids": time_ids.expand(len(embeds), -1)}  # every row: its pooled text, the same time ids
+        prompt_embeds, embeds, added = self._conditioning(inputs, inversion, device)
+        null_embeds, trajectory = self._inversion_guides(inversion, guidance, device)
         latents = self.prepare_latents(n, self.unet.config.in_channels, inputs.height, inputs.width, self.unet.dtype, device,
-                                       inputs.generator, latents, scheduler)
+                                       inputs.generator, inversion.latent if inversion is not None else latents, scheduler)
         extra = self.prepare_extra_step_kwargs(inputs.generator, eta, scheduler)
 
         latents, controller = self._denoise(inputs, plan, scheduler, timesteps, latents, embeds, extra, cross_attention_kwargs,
-                                            added_cond_kwargs=added, guidance_rescale=inputs.guidance_rescale)
+                                            added_cond_kwargs=added, guidance_rescale=inputs.guidance_rescale,
+                                            null_embeds=null_embeds, trajectory=trajectory)
         images, flags = self._postprocess(latents, output_type, device, prompt_embeds.dtype)
         self.maybe_free_model_hooks()
         return self._output(images, flags, controller, inputs, plan, return_dict)

@@ -243,7 +243,7 @@ class Editor:
     """Runs requests on one pipeline and writes their PNGs under ``output_dir``.
 
     Args:
-        pipe: a `Prompt2PromptPipeline` or `Prompt2PromptXLPipeline` (no photos: SDXL has no inversion yet).
+        pipe: a `Prompt2PromptPipeline` or `Prompt2PromptXLPipeline` (both invert photos).
         output_dir: every file of the app goes below this folder.
         model: the ``--model`` the pipeline was loaded from (None: the bundled model), for the metadata.
         dtype: its ``--dtype`` name (None: float32).
