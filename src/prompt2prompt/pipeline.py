@@ -408,7 +408,8 @@ class Prompt2PromptPipeline(DiffusionPipeline):
             edit: the `EditMode` or its name.
             equalizer: ``{word: factor}``; needs ``edit_prompts``.
             local_blend: a `LocalBlend`; needs ``edit_prompts``; its resolution is checked here.
-            self_replace_max_res: largest side whose self-attention is injected, or None.
+            self_replace_max_res: largest side whose self-attention is injected (0 or a side the
+                UNet has at this size), or None.
             num_inference_steps: denoising steps, or None (the inversion's, or the table's).
             guidance_scale: guidance scale, or None (the inversion's, or the table's).
             height: pixels, or None (the model's).
@@ -792,15 +793,17 @@ class Prompt2PromptPipeline(DiffusionPipeline):
                 source's cross-attention is injected.
             self_replace_steps: fraction or ``(start, end)`` during which the source's
                 self-attention is injected.
-            self_replace_max_res: largest attention-map side whose self-attention is injected;
-                None = the latent side // `MAP_SIDE_DIVISOR` (16 for a 64 x 64 latent, as the paper's code).
+            self_replace_max_res: largest attention-map side whose self-attention is injected: 0
+                (none) or a side the UNet has at this size; None = the latent side //
+                `MAP_SIDE_DIVISOR` (16 for a 64 x 64 latent, as the paper's code).
             equalizer: ``{word: factor}`` (or a list of factors, one per target) re-weighting the
                 attention of target words; 0, negative and > 1 are allowed. Applied where
                 cross-attention is injected; with ``edit="none"`` it scales the target's own maps.
             local_blend: a `LocalBlend` restricting the edit to the named words' region.
             num_inference_steps: denoising steps; None = the inversion's, or the table's default.
             guidance_scale: classifier-free guidance scale; <= 1 disables guidance. None = the
-                inversion's, or the table's default.
+                inversion's, or the table's default. An LCM-distilled UNet (``time_cond_proj_dim``
+                set) takes it as ``timestep_cond`` (`guidance_embedding`) and runs no unconditional half.
             height: image height in pixels (default: the UNet's sample size times the VAE factor).
             width: image width in pixels.
             negative_prompt: prompt(s) for the unconditional half of guidance (None: ``""``).

@@ -524,11 +524,14 @@ class Prompt2PromptXLPipeline(Prompt2PromptPipeline):
             edit: ``"auto"``, ``"replace"``, ``"refine"`` or ``"none"``.
             cross_replace_steps: when the source's cross-attention is injected.
             self_replace_steps: when the source's self-attention is injected.
-            self_replace_max_res: largest map side whose self-attention is injected.
+            self_replace_max_res: largest map side whose self-attention is injected (0 or a side
+                the UNet has at this size).
             equalizer: ``{word: factor}`` re-weighting target words.
             local_blend: a `LocalBlend`.
             num_inference_steps: denoising steps.
-            guidance_scale: classifier-free guidance; <= 1 runs no unconditional half.
+            guidance_scale: classifier-free guidance; <= 1 runs no unconditional half (SDXL-Turbo:
+                0); an LCM-distilled UNet (``time_cond_proj_dim``) takes it as ``timestep_cond``
+                instead (`pipeline.guidance_embedding`).
             height: image height in pixels.
             width: image width in pixels.
             negative_prompt: the unconditional prompt(s); None: zeros with
