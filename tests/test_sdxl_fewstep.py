@@ -8,6 +8,7 @@ once for all rows (`pipeline.scheduler_step`); these tests show both sides of th
 """
 
 import copy
+import warnings
 
 import numpy as np
 import pytest
@@ -24,7 +25,7 @@ from diffusers import (
 import prompt2prompt.pipeline as p2p_pipeline
 from _util import assert_close_to_scale
 from conftest import counting_unet_calls
-from prompt2prompt import Prompt2PromptPipeline, Prompt2PromptXLPipeline
+from prompt2prompt import LocalBlend, Prompt2PromptPipeline, Prompt2PromptXLPipeline
 from prompt2prompt.pipeline import guidance_embedding
 
 SRC, TGT, REFINED = "a cat riding a bicycle", "a dog riding a bicycle", "a cat riding a red bicycle"
@@ -89,6 +90,40 @@ def test_two_step_edit_keeps_the_source_equal_to_diffusers(tiny_xl, name, target
     assert_close_to_scale(out.images[0], plain[0])
     assert_close_to_scale(out.images[0], expected[0])
     assert not torch.allclose(out.images[1], plain[1], atol=1e-4)  # the edit changed the target
+
+
+@pytest.mark.parametrize("steps", [1, 4])
+@pytest.mark.parametrize("target, kwargs", [
+    (TGT, dict(edit="replace")),
+    (REFINED, dict(edit="refine")),
+    (SRC, dict(edit="replace", equalizer={"cat": 3.0})),
+    (TGT, dict(edit="replace", local_blend=LocalBlend("cat", "dog"))),
+    (TGT, dict(edit="replace", cross_replace_steps={"default_": 1.0, "dog": 0.5})),
+], ids=["replace", "refine", "reweight", "local-blend", "per-word"])
+def test_every_edit_runs_in_one_and_four_steps(tiny_xl, steps, target, kwargs):
+    """At one step the default windows (fractions 0.8 and 0.4) round down to no step: whole windows edit."""
+    pipe = ours(turbo(tiny_xl, "euler-ancestral"))
+    kw = dict(FEW, num_inference_steps=steps)
+    if steps == 1:
+        kwargs = dict(cross_replace_steps=1.0, self_replace_steps=1.0) | kwargs
+    out = pipe(SRC, target, self_replace_max_res=8, generator=seeded(3), **kwargs, **kw).images
+    alone = pipe(SRC, generator=seeded(3), **kw).images
+    plain = pipe(SRC, target, edit="none", generator=seeded(3), **kw).images
+    assert torch.isfinite(out).all()
+    assert_close_to_scale(out[0], alone[0])
+    assert not torch.allclose(out[1], plain[1], atol=1e-4)
+
+
+def test_windows_that_cover_no_step_are_warned_about(tiny_xl):
+    pipe = ours(turbo(tiny_xl, "euler-ancestral"))
+    with pytest.warns(UserWarning, match=r"cover none of the 1 steps .* pass cross_replace_steps=1.0"):
+        out = pipe(SRC, TGT, generator=seeded(3), **dict(FEW, num_inference_steps=1)).images
+    plain = pipe(SRC, TGT, edit="none", generator=seeded(3), **dict(FEW, num_inference_steps=1)).images
+    torch.testing.assert_close(out, plain, rtol=0, atol=0)  # what the warning says: no edit
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        pipe(SRC, TGT, generator=seeded(3), **FEW)  # two steps: 0.8 covers the first
+    assert not [w for w in caught if "cover none" in str(w.message)]
 
 
 # --------------------------------------------------------------------------- 2. one step noise for every row
