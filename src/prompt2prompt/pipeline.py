@@ -749,7 +749,7 @@ class Prompt2PromptPipeline(DiffusionPipeline):
         if plan.mode is not EditMode.NONE and not any(plan.cross_active) and plan.self_steps[0] >= plan.self_steps[1]:
             warnings.warn(f"cross_replace_steps and self_replace_steps cover none of the {num_steps} steps (a fraction f covers "
                           f"steps int(f0 * steps) to int(f1 * steps), as the paper's code rounds), so the targets are not edited; "
-                          "with this few steps pass cross_replace_steps=1.0 (and self_replace_steps)", stacklevel=3)
+                          "with this few steps pass cross_replace_steps=1.0 (and self_replace_steps)", stacklevel=4)
         return plan
 
     # ----------------------------------------------------------------- call
