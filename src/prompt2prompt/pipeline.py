@@ -746,7 +746,8 @@ class Prompt2PromptPipeline(DiffusionPipeline):
         ).to(device)
         if inputs.mode is EditMode.AUTO:
             logger.info("edit='auto' chose %s", plan.mode.value)
-        if plan.mode is not EditMode.NONE and not any(plan.cross_active) and plan.self_steps[0] >= plan.self_steps[1]:
+        injects = any(plan.cross_active) or plan.self_steps[0] < plan.self_steps[1] or plan.blend is not None
+        if plan.mode is not EditMode.NONE and not injects:
             warnings.warn(f"cross_replace_steps and self_replace_steps cover none of the {num_steps} steps (a fraction f covers "
                           f"steps int(f0 * steps) to int(f1 * steps), as the paper's code rounds), so the targets are not edited; "
                           "with this few steps pass cross_replace_steps=1.0 (and self_replace_steps)", stacklevel=4)
