@@ -34,6 +34,7 @@ CASES = [
     (dict(edit_prompts=[TGT], self_replace_steps=(0.5, 0.1)), r"self_replace_steps has start 0.5 after end 0.1"),
     (dict(edit_prompts=[TGT], self_replace_steps=math.nan), r"self_replace_steps must hold finite numbers"),
     (dict(edit_prompts=[TGT], self_replace_max_res=-1), r"self_replace_max_res must be a non-negative integer"),
+    (dict(edit_prompts=[TGT], self_replace_max_res=12), r"self_replace_max_res 12 is not an attention map side .* use one of \[8, 16\], or 0"),
     (dict(edit_prompts=[]), r"edit_prompts is empty"),
     (dict(equalizer={"cat": 2.0}), r"give edit_prompts as well"),
     (dict(edit_prompts=[TGT], height=31), r"height must be a positive multiple of 2"),

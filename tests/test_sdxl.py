@@ -221,6 +221,12 @@ def test_sd_folder_and_pipe_are_refused(tiny_sd1, tmp_path):
     (dict(negative_prompt="x", negative_prompt_2=["a"]), "negative_prompt_2", "list of 2 strings"),
     (dict(inversion=object()), "inversion", "must be an Inversion"),
     (dict(edit_prompts=[]), "edit_prompts", "empty"),
+    (dict(height=33), "height", "multiple of 2"),  # the tiny VAE's factor
+    (dict(width=15), "width", "multiple of 2"),
+    (dict(local_blend=LocalBlend(["cat"], ["dog"], resolution=16)), "local_blend.resolution", r"LocalBlend resolution 16 .*use one of \[8\]"),
+    (dict(local_blend=LocalBlend(["cat"], ["dog"], resolution=4)), "local_blend.resolution", r"use one of \[8\]"),
+    (dict(self_replace_max_res=16), "self_replace_max_res", r"self_replace_max_res 16 is not an attention map side.*use one of \[8\]"),
+    (dict(self_replace_max_res=8, height=64, width=64, latents=None), "self_replace_max_res", r"use one of \[16\]"),  # this size's sides
 ])
 def test_bad_input_is_refused_before_the_unet(xl, xl_calls, kwargs, argument, message):
     call = dict(edit_prompts=PROMPTS[1], num_inference_steps=STEPS, latents=noise(), output_type="latent")
@@ -228,6 +234,28 @@ def test_bad_input_is_refused_before_the_unet(xl, xl_calls, kwargs, argument, me
     with pytest.raises(ArgumentError, match=message) as info:
         xl(PROMPTS[0], **call)
     assert info.value.argument == argument and xl_calls == []
+    assert "\n" not in str(info.value)  # one line
+
+
+def test_a_refiner_is_refused_with_one_line_naming_the_model(tiny_xl, tmp_path):
+    """An SDXL refiner (image-to-image, no first text encoder or tokenizer) from a folder, a
+    pipeline or components: refused before anything runs, the base model named as the fix."""
+    from diffusers import StableDiffusionXLImg2ImgPipeline
+
+    from prompt2prompt import load_pipeline
+
+    parts = dict(tiny_xl, text_encoder=None, tokenizer=None)
+    refiner = StableDiffusionXLImg2ImgPipeline(**parts, requires_aesthetics_score=True, add_watermarker=False)
+    refiner.save_pretrained(tmp_path / "refiner", safe_serialization=True)
+    for load in (Prompt2PromptXLPipeline.from_pretrained, load_pipeline):
+        with pytest.raises(ArgumentError, match=r"StableDiffusionXLImg2ImgPipeline\) has no text_encoder or tokenizer; an SDXL refiner.*base SDXL") as info:
+            load(tmp_path / "refiner")
+        assert info.value.argument == "model" and "\n" not in str(info.value)
+    with pytest.raises(ArgumentError, match="has no text_encoder or tokenizer; an SDXL refiner") as info:
+        Prompt2PromptXLPipeline.from_pipe(refiner)
+    assert info.value.argument == "model"
+    with pytest.raises(ValueError, match="SDXL needs text_encoder and tokenizer, got NoneType and NoneType; an SDXL refiner"):
+        Prompt2PromptXLPipeline(**parts)
 
 
 def test_tokenizers_that_split_a_prompt_differently_are_refused(tiny_xl, tmp_path):

@@ -109,15 +109,25 @@ def multiple_of(name: str, value, factor: int) -> int:
     return value
 
 
-def self_replace_max_res(value, default_side: int) -> int:
+def self_replace_max_res(value, default_side: int, sides: Sequence[int]) -> int:
     """The largest map side whose self-attention is injected: ``value``, or ``default_side`` for None.
 
+    Args:
+        value: the side asked for: None, 0 (no self-attention injection) or one of ``sides``.
+        default_side: the side None stands for (not checked: the nearest smaller sides are injected).
+        sides: the model's attention map sides at this size (`attention.attention_sides`).
+
     Raises:
-        ArgumentError: of ``self_replace_max_res``, for anything else than None or an integer >= 0.
+        ArgumentError: of ``self_replace_max_res``, for anything else than None, 0 or a side the
+            model has; the message lists the sides it has.
     """
     if value is None:
         return default_side
-    return integer(value, "self_replace_max_res", "self_replace_max_res", "a non-negative integer side or None", text=False)
+    integer(value, "self_replace_max_res", "self_replace_max_res", "a non-negative integer side or None", text=False)
+    if value and value not in sides:
+        raise ArgumentError("self_replace_max_res", f"self_replace_max_res {value} is not an attention map side of this model at "
+                            f"this size; use one of {list(sides)}, or 0 for no self-attention injection")
+    return value
 
 
 def map_side(name: str, side: int, sides: Sequence[int]) -> int:

@@ -170,6 +170,31 @@ def scheduler_step(scheduler, noise: torch.Tensor, t, latents: torch.Tensor, ext
     return latents
 
 
+def guidance_embedding(w: torch.Tensor, dim: int) -> torch.Tensor:
+    """Sinusoidal embedding of guidance scales, the ``timestep_cond`` of a guidance-distilled UNet.
+
+    Latent Consistency Models (Luo et al., 2023, "Latent Consistency Models", section 4.2) distil
+    classifier-free guidance into the UNet: the scale ``w`` is an input, embedded like a timestep
+    and added to the timestep embedding (the UNet's ``time_cond_proj_dim`` is this embedding's
+    width). The embedding is the Fourier one of Variational Diffusion Models (Kingma et al., 2021;
+    google-research/vdm ``model_vdm.py``, ``get_timestep_embedding``) of ``1000 * w``:
+    ``[sin(1000 w f_k), cos(1000 w f_k)]`` with ``f_k = 10000^(-k / (dim/2 - 1))``, ``k < dim/2``,
+    and a zero column when ``dim`` is odd. diffusers' LCM pipelines pass ``w = guidance_scale - 1``.
+
+    Args:
+        w: ``(rows,)`` guidance values.
+        dim: the embedding width (``unet.config.time_cond_proj_dim``).
+
+    Returns:
+        ``(rows, dim)`` float32.
+    """
+    half = dim // 2
+    freqs = torch.exp(-torch.log(torch.tensor(10000.0)) / (half - 1) * torch.arange(half, dtype=torch.float32))  # (half,)
+    angles = 1000.0 * w.float()[:, None] * freqs[None, :]  # (rows, half)
+    emb = torch.cat([torch.sin(angles), torch.cos(angles)], dim=1)  # (rows, 2 * half)
+    return torch.nn.functional.pad(emb, (0, dim % 2))  # (rows, dim)
+
+
 def rescale_guidance(guided: torch.Tensor, cond: torch.Tensor, rescale: float) -> torch.Tensor:
     """Guidance rescale (Lin et al., 2023, "Common Diffusion Noise Schedules and Sample Steps are
     Flawed", section 3.4): the guided prediction scaled to the conditional prediction's standard
@@ -209,6 +234,8 @@ class CheckedInputs:
         blend_res: the map side LocalBlend reads, or None without ``local_blend``.
         record_res: the side of the recorded cross-attention maps, or None when none are returned.
         self_res: the side of the recorded self-attention, or None when it is not returned.
+        guidance_embedding_dim: the UNet's ``time_cond_proj_dim`` when it takes the guidance
+            scale as an input (a guidance-distilled UNet, LCM), else None.
     """
 
     source: PromptTokens
@@ -225,6 +252,7 @@ class CheckedInputs:
     blend_res: int | None = None
     record_res: int | None = None
     self_res: int | None = None
+    guidance_embedding_dim: int | None = None
 
     @property
     def record_sides(self) -> set[int]:
@@ -239,8 +267,9 @@ class CheckedInputs:
     @property
     def do_classifier_free_guidance(self) -> bool:
         """Whether the unconditional half runs: at a scale <= 1 guidance adds nothing to the
-        conditional prediction, or takes from it (diffusers' convention)."""
-        return self.guidance_scale > 1.0
+        conditional prediction, or takes from it (diffusers' convention), and a guidance-distilled
+        UNet takes the scale as an input instead (`guidance_embedding`)."""
+        return self.guidance_scale > 1.0 and self.guidance_embedding_dim is None
 
 
 @dataclass(frozen=True)
@@ -430,7 +459,8 @@ class Prompt2PromptPipeline(DiffusionPipeline):
             edit: the `EditMode` or its name.
             equalizer: ``{word: factor}``; needs ``edit_prompts``.
             local_blend: a `LocalBlend`; needs ``edit_prompts``; its resolution is checked here.
-            self_replace_max_res: largest side whose self-attention is injected, or None.
+            self_replace_max_res: largest side whose self-attention is injected (0 or a side the
+                UNet has at this size), or None.
             num_inference_steps: denoising steps, or None (the inversion's, or the table's).
             guidance_scale: guidance scale, or None (the inversion's, or the table's).
             height: pixels, or None (the model's).
@@ -471,11 +501,11 @@ class Prompt2PromptPipeline(DiffusionPipeline):
         width = checks.multiple_of("width", self._default_size() if width is None else width, self.vae_scale_factor)
         latent_hw = (height // self.vae_scale_factor, width // self.vae_scale_factor)
         self._check_latents(latents, 1 + len(targets), latent_hw)
-        blend_res, record_res, self_res = self._map_sides(latent_hw, local_blend, attention_res, return_attention, return_self_attention)
-        max_res = checks.self_replace_max_res(self_replace_max_res, max(latent_hw) // MAP_SIDE_DIVISOR)
+        blend_res, record_res, self_res, max_res = self._map_sides(latent_hw, local_blend, attention_res, return_attention,
+                                                                   return_self_attention, self_replace_max_res)
         negative_ids = self._negative_ids(negative_prompt, 1 + len(targets), truncate_prompts)
         return CheckedInputs(source, targets, mode, steps, scale, height, width, latent_hw, generator, negative_ids, max_res,
-                             blend_res, record_res, self_res)
+                             blend_res, record_res, self_res, self.unet.config.get("time_cond_proj_dim"))
 
     def _check_prompts(self, prompt, edit_prompts, equalizer, local_blend, truncate: bool) -> tuple[PromptTokens, list[PromptTokens]]:
         """The tokenized source and targets; checks that equalizer and local_blend have targets to edit."""
@@ -562,10 +592,13 @@ class Prompt2PromptPipeline(DiffusionPipeline):
                                 f"latents are {latents.dtype} on {latents.device} but the model is {dtype} on {device}; "
                                 f"pass latents.to(device={str(device)!r}, dtype={dtype})")
 
-    def _map_sides(self, latent_hw, local_blend, attention_res, return_attention: bool, return_self_attention: bool):
-        """``(blend_res, record_res, self_res)``: the map sides LocalBlend reads and the call records
-        (None where unused), each checked against the UNet's cross-attention sides at this size."""
+    def _map_sides(self, latent_hw, local_blend, attention_res, return_attention: bool, return_self_attention: bool,
+                   self_replace_max_res=None):
+        """``(blend_res, record_res, self_res, self_replace_max_res)``: the map sides LocalBlend reads
+        and the call records (None where unused) and the largest side whose self-attention is
+        injected, each given one checked against the UNet's attention sides at this size."""
         sides = attention_sides(self.unet, latent_hw)
+        max_res = checks.self_replace_max_res(self_replace_max_res, max(latent_hw) // MAP_SIDE_DIVISOR, sides)
 
         def fallback() -> int:
             return checks.closest_side(sides, max(latent_hw) // MAP_SIDE_DIVISOR)
@@ -578,7 +611,7 @@ class Prompt2PromptPipeline(DiffusionPipeline):
             checks.map_side("attention_res", attention_res, sides)
         record_res = (attention_res or fallback()) if return_attention else None
         self_res = (attention_res or fallback()) if return_self_attention else None
-        return blend_res, record_res, self_res
+        return blend_res, record_res, self_res, max_res
 
     def _check_inversion(self, inv, prompt, steps, guidance, height, width, latents, negative_prompt, eta):
         """Check a call's arguments against its `Inversion`; returns (steps, guidance, height, width)."""
@@ -771,6 +804,11 @@ class Prompt2PromptPipeline(DiffusionPipeline):
         ).to(device)
         if inputs.mode is EditMode.AUTO:
             logger.info("edit='auto' chose %s", plan.mode.value)
+        injects = any(plan.cross_active) or plan.self_steps[0] < plan.self_steps[1] or plan.blend is not None
+        if plan.mode is not EditMode.NONE and not injects:
+            warnings.warn(f"cross_replace_steps and self_replace_steps cover none of the {num_steps} steps (a fraction f covers "
+                          f"steps int(f0 * steps) to int(f1 * steps), as the paper's code rounds), so the targets are not edited; "
+                          "with this few steps pass cross_replace_steps=1.0 (and self_replace_steps)", stacklevel=4)
         return plan
 
     # ----------------------------------------------------------------- call
@@ -818,15 +856,17 @@ class Prompt2PromptPipeline(DiffusionPipeline):
                 source's cross-attention is injected.
             self_replace_steps: fraction or ``(start, end)`` during which the source's
                 self-attention is injected.
-            self_replace_max_res: largest attention-map side whose self-attention is injected;
-                None = the latent side // `MAP_SIDE_DIVISOR` (16 for a 64 x 64 latent, as the paper's code).
+            self_replace_max_res: largest attention-map side whose self-attention is injected: 0
+                (none) or a side the UNet has at this size; None = the latent side //
+                `MAP_SIDE_DIVISOR` (16 for a 64 x 64 latent, as the paper's code).
             equalizer: ``{word: factor}`` (or a list of factors, one per target) re-weighting the
                 attention of target words; 0, negative and > 1 are allowed. Applied where
                 cross-attention is injected; with ``edit="none"`` it scales the target's own maps.
             local_blend: a `LocalBlend` restricting the edit to the named words' region.
             num_inference_steps: denoising steps; None = the inversion's, or the table's default.
             guidance_scale: classifier-free guidance scale; <= 1 disables guidance. None = the
-                inversion's, or the table's default.
+                inversion's, or the table's default. An LCM-distilled UNet (``time_cond_proj_dim``
+                set) takes it as ``timestep_cond`` (`guidance_embedding`) and runs no unconditional half.
             height: image height in pixels (default: the UNet's sample size times the VAE factor).
             width: image width in pixels.
             negative_prompt: prompt(s) for the unconditional half of guidance (None: ``""``).
@@ -906,15 +946,20 @@ class Prompt2PromptPipeline(DiffusionPipeline):
         guidance); ``added_cond_kwargs`` (SDXL's pooled text states and time ids, one row per
         ``embeds`` row) go to the UNet as they are; ``null_embeds`` and ``trajectory`` are an
         inversion's (`_inversion_guides`). Returns the final latents ``(prompts, C, h, w)`` and the
-        controller that recorded the maps."""
+        controller that recorded the maps. A guidance-distilled UNet (``inputs.guidance_embedding_dim``)
+        gets the scale as ``timestep_cond`` (`guidance_embedding`), one row per ``embeds`` row, as diffusers' pipelines pass it."""
         guidance, n = inputs.do_classifier_free_guidance, len(inputs.prompts)
         controller = P2PController(plan, n, guidance, inputs.latent_hw, inputs.record_sides, inputs.self_res)
+        timestep_cond = None
+        if inputs.guidance_embedding_dim is not None:
+            w = torch.full((len(embeds),), inputs.guidance_scale - 1.0)  # (rows,): diffusers' w = guidance_scale - 1
+            timestep_cond = guidance_embedding(w, inputs.guidance_embedding_dim).to(device=latents.device, dtype=latents.dtype)  # (rows, dim)
         with p2p_attention(self.unet, controller), self.progress_bar(total=len(timesteps)) as bar:
             for i, t in enumerate(timesteps):
                 if null_embeds is not None:  # null-text inversion: this step's optimised unconditional embedding
                     embeds[:n] = null_embeds[i]
                 noise = self._predict_noise(latents, t, i, embeds, inputs.guidance_scale, guidance, scheduler, cross_attention_kwargs,
-                                            added_cond_kwargs, guidance_rescale)
+                                            added_cond_kwargs, guidance_rescale, timestep_cond)
                 latents = scheduler_step(scheduler, noise, t, latents, extra)
                 if trajectory is not None:  # direct inversion: the gap (inverted - denoised) added to the source row
                     latents[:1] = trajectory[i + 1 : i + 2]  # puts it on the inverted latent exactly
@@ -924,14 +969,17 @@ class Prompt2PromptPipeline(DiffusionPipeline):
         return latents, controller
 
     def _predict_noise(self, latents, t, step: int, embeds, guidance_scale: float, guidance: bool, scheduler, cross_attention_kwargs,
-                       added_cond_kwargs: Mapping | None = None, guidance_rescale: float | None = None):
+                       added_cond_kwargs: Mapping | None = None, guidance_rescale: float | None = None,
+                       timestep_cond: torch.Tensor | None = None):
         """The UNet's guided noise prediction ``(prompts, C, h, w)`` at step ``step`` (passed on to the
-        attention processors as ``p2p_step``); ``added_cond_kwargs`` go to the UNet (SDXL), and with
-        guidance a ``guidance_rescale`` other than None or 0 rescales the guided prediction (`rescale_guidance`)."""
+        attention processors as ``p2p_step``); ``added_cond_kwargs`` (SDXL) and ``timestep_cond``
+        (``(batch, time_cond_proj_dim)``, a guidance-distilled UNet's `guidance_embedding`) go to the
+        UNet, and with guidance a ``guidance_rescale`` other than None or 0 rescales the guided
+        prediction (`rescale_guidance`)."""
         model_in = torch.cat([latents] * 2) if guidance else latents  # (batch, C, h, w)
         model_in = scheduler.scale_model_input(model_in, t)
         noise = self.unet(
-            model_in, t, encoder_hidden_states=embeds,
+            model_in, t, encoder_hidden_states=embeds, timestep_cond=timestep_cond,
             cross_attention_kwargs={**(cross_attention_kwargs or {}), "p2p_step": step},
             added_cond_kwargs=None if added_cond_kwargs is None else dict(added_cond_kwargs), return_dict=False,
         )[0]  # (batch, C, h, w)

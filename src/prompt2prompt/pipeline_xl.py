@@ -35,6 +35,31 @@ from .pipeline import CheckedInputs, CheckedInvert, InversionConditioning, Promp
 _XL_COMPONENTS = ("text_encoder_2", "tokenizer_2")
 #: The arguments whose pairs make the added time ids, in their order, each with its least value.
 TIME_ID_ARGUMENTS = {"original_size": 1, "crops_coords_top_left": 0, "target_size": 1}
+#: The text components Prompt-to-Prompt needs that an SDXL refiner (image-to-image only) lacks.
+_BASE_COMPONENTS = ("text_encoder", "tokenizer")
+_REFINER = ("; an SDXL refiner has no first text encoder, so Prompt-to-Prompt cannot condition it on the prompt's words: "
+            "use the base SDXL model (refine its images separately)")
+
+
+def missing_components(has, what: str, sd_fix: str) -> str | None:
+    """Why a model's components are not a base SDXL model's, in one line, or None when they are.
+
+    Args:
+        has: ``has(name)`` tells whether the component ``name`` is present (not None).
+        what: what the message calls the model (``"model"``, ``"pipeline"``).
+        sd_fix: how to load it when it is a Stable Diffusion model (no second text encoder).
+
+    Returns:
+        ``"no <components>, ..."`` naming the missing components and the fix: a Stable Diffusion
+        model lacks the second encoder, a refiner the first; None when all four text components are there.
+    """
+    missing_xl = [c for c in _XL_COMPONENTS if not has(c)]
+    if missing_xl:
+        return f"no {' or '.join(missing_xl)}, so it is not an SDXL {what}; {sd_fix}"
+    missing_base = [c for c in _BASE_COMPONENTS if not has(c)]
+    if missing_base:
+        return f"no {' or '.join(missing_base)}{_REFINER}"
+    return None
 
 
 @dataclass(frozen=True)
@@ -140,6 +165,9 @@ def check_xl_components(text_encoder, text_encoder_2, tokenizer, tokenizer_2, un
     if text_encoder_2 is None or tokenizer_2 is None:
         raise ValueError(f"SDXL needs text_encoder_2 and tokenizer_2, got {type(text_encoder_2).__name__} and "
                          f"{type(tokenizer_2).__name__}{sd}")
+    if text_encoder is None or tokenizer is None:
+        raise ValueError(f"SDXL needs text_encoder and tokenizer, got {type(text_encoder).__name__} and "
+                         f"{type(tokenizer).__name__}{_REFINER}")
     if getattr(text_encoder_2.config, "projection_dim", None) is None or not hasattr(text_encoder_2, "text_projection"):
         raise ValueError(f"text_encoder_2 must be a CLIPTextModelWithProjection (its text_embeds condition the UNet), "
                          f"got {type(text_encoder_2).__name__}")
@@ -156,7 +184,8 @@ def check_xl_components(text_encoder, text_encoder_2, tokenizer, tokenizer_2, un
 
 def check_xl_folder(folder: str | os.PathLike) -> None:
     """Refuse a local model folder whose ``model_index.json`` lacks SDXL's second text encoder or
-    tokenizer (a Stable Diffusion folder), naming the missing components.
+    tokenizer (a Stable Diffusion folder) or its first ones (an SDXL refiner), naming the missing
+    components (`missing_components`).
 
     Args:
         folder: a folder written by ``save_pretrained``; a missing or unreadable index is left to
@@ -172,11 +201,11 @@ def check_xl_folder(folder: str | os.PathLike) -> None:
         spec = json.loads(index.read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, json.JSONDecodeError):
         return  # `check_model_folder` names the damaged index
-    missing = [c for c in _XL_COMPONENTS if not (isinstance(spec, dict) and isinstance(spec.get(c), list) and spec[c][0] is not None)]
-    if missing:
-        raise ArgumentError("model", f"{folder} has no {' or '.join(missing)}, so it is not an SDXL model "
-                            f"({spec.get('_class_name', 'unknown class') if isinstance(spec, dict) else 'no index'}); "
-                            "load it with Prompt2PromptPipeline, or name an SDXL folder")
+    reason = missing_components(lambda c: isinstance(spec, dict) and isinstance(spec.get(c), list) and bool(spec[c])
+                                and spec[c][0] is not None, "model", "load it with Prompt2PromptPipeline, or name an SDXL folder")
+    if reason is not None:
+        kind = spec.get("_class_name", "unknown class") if isinstance(spec, dict) else "no index"
+        raise ArgumentError("model", f"{folder} ({kind}) has {reason}")
 
 
 class Prompt2PromptXLPipeline(Prompt2PromptPipeline):
@@ -260,10 +289,10 @@ class Prompt2PromptXLPipeline(Prompt2PromptPipeline):
         Raises:
             ArgumentError: ``pipeline`` lacks SDXL's second text encoder or tokenizer.
         """
-        missing = [c for c in _XL_COMPONENTS if getattr(pipeline, c, None) is None and c not in kwargs]
-        if missing:
-            raise ArgumentError("model", f"{type(pipeline).__name__} has no {' or '.join(missing)}, so it is not an SDXL pipeline; "
-                                "use Prompt2PromptPipeline.from_pipe for Stable Diffusion")
+        reason = missing_components(lambda c: kwargs[c] is not None if c in kwargs else getattr(pipeline, c, None) is not None,
+                                    "pipeline", "use Prompt2PromptPipeline.from_pipe for Stable Diffusion")
+        if reason is not None:
+            raise ArgumentError("model", f"{type(pipeline).__name__} has {reason}")
         return super().from_pipe(pipeline, **kwargs)
 
     def invert(
@@ -727,11 +756,14 @@ class Prompt2PromptXLPipeline(Prompt2PromptPipeline):
             edit: ``"auto"``, ``"replace"``, ``"refine"`` or ``"none"``.
             cross_replace_steps: when the source's cross-attention is injected.
             self_replace_steps: when the source's self-attention is injected.
-            self_replace_max_res: largest map side whose self-attention is injected.
+            self_replace_max_res: largest map side whose self-attention is injected (0 or a side
+                the UNet has at this size).
             equalizer: ``{word: factor}`` re-weighting target words.
             local_blend: a `LocalBlend`.
             num_inference_steps: denoising steps.
-            guidance_scale: classifier-free guidance; <= 1 runs no unconditional half.
+            guidance_scale: classifier-free guidance; <= 1 runs no unconditional half (SDXL-Turbo:
+                0); an LCM-distilled UNet (``time_cond_proj_dim``) takes it as ``timestep_cond``
+                instead (`pipeline.guidance_embedding`).
             height: image height in pixels.
             width: image width in pixels.
             negative_prompt: the unconditional prompt(s); None: zeros with
