@@ -371,16 +371,19 @@ def sync(device: torch.device):
 
 
 def timed(fn, device, probe):
+    """``(wall seconds, peak, extra, process CPU seconds)`` of one call of ``fn``. The CPU time
+    counts only what this process ran, so with ``--threads 1`` on a shared machine it leaves out
+    the time the process waited for a core (wall time does not)."""
     gc.collect()
     if probe is not None:
         probe.start()
     sync(device)
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), time.process_time()
     fn()
     sync(device)
-    seconds = time.perf_counter() - t0
+    seconds, cpu_seconds = time.perf_counter() - t0, time.process_time() - c0
     peak, extra = probe.stop() if probe is not None else (None, None)
-    return seconds, peak, extra
+    return seconds, peak, extra, cpu_seconds
 
 
 def main(argv=None):
@@ -505,16 +508,20 @@ def main(argv=None):
         row = {"variant": variant}
         for side in ("plain", "edit"):
             runs = results[variant][side]
-            row[f"{side}_s"] = statistics.median(s for s, _, _ in runs)
-            row[f"{side}_runs_s"] = [s for s, _, _ in runs]
+            row[f"{side}_s"] = statistics.median(s for s, _, _, _ in runs)
+            row[f"{side}_runs_s"] = [s for s, _, _, _ in runs]
+            row[f"{side}_cpu_s"] = statistics.median(c for _, _, _, c in runs)
+            row[f"{side}_runs_cpu_s"] = [c for _, _, _, c in runs]
             if probe is not None:
-                row[f"{side}_peak_bytes"] = statistics.median(p for _, p, _ in runs)
-                row[f"{side}_extra_bytes"] = statistics.median(e for _, _, e in runs)
+                row[f"{side}_peak_bytes"] = statistics.median(p for _, p, _, _ in runs)
+                row[f"{side}_extra_bytes"] = statistics.median(e for _, _, e, _ in runs)
         for side in ("plain", "edit"):
             times = sorted(row[f"{side}_runs_s"])
             row[f"{side}_spread_s"] = [times[0], times[-1]]  # min, max of the timed runs
         row["time_ratio"] = row["edit_s"] / row["plain_s"]
         row["pair_ratios"] = [e[0] / p[0] for p, e in zip(results[variant]["plain"], results[variant]["edit"])]
+        row["cpu_ratio"] = row["edit_cpu_s"] / row["plain_cpu_s"]  # process CPU time (see `timed`)
+        row["pair_cpu_ratios"] = [e[3] / p[3] for p, e in zip(results[variant]["plain"], results[variant]["edit"])]
         if probe is not None:
             row["peak_ratio"] = row["edit_peak_bytes"] / row["plain_peak_bytes"]
             row["extra_ratio"] = row["edit_extra_bytes"] / row["plain_extra_bytes"] if row["plain_extra_bytes"] > 0 else None
@@ -559,9 +566,13 @@ def main(argv=None):
     print(f"device  : {device} ({meta['device_name']}), threads {meta['cpu_threads']}, dtype {dtype_name}")
     v = meta["versions"]
     print(f"versions: torch {v['torch']}, diffusers {v['diffusers']}, prompt2prompt {v['prompt2prompt']}, python {v['python']}")
-    print(f"timing  : median of {args.repeats} interleaved pairs after {args.warmup} warm-up pair(s) per variant")
+    print(f"timing  : median of {args.repeats} interleaved pairs after {args.warmup} warm-up pair(s) per variant"
+          + ("; wall seconds and this process's CPU seconds" if device.type == "cpu" else ""))
     print(f"memory  : {memory_what}")
     header = f"{'variant':<20}{'plain s':>10}{'edit s':>10}{'ratio':>8}{'spread plain / edit (min-max s)':>34}"
+    show_cpu = device.type == "cpu"  # process CPU time: what a shared machine's wall time hides (see `timed`)
+    if show_cpu:
+        header += f"{'cpu s plain':>13}{'edit':>8}{'ratio':>8}"
     if probe is not None:
         header += f"{'peak GiB plain':>16}{'edit':>8}{'ratio':>8}{'extra GiB plain':>17}{'edit':>8}{'ratio':>8}"
     print(header)
@@ -570,6 +581,8 @@ def main(argv=None):
         line = f"{row['variant']:<20}{row['plain_s']:>10.3f}{row['edit_s']:>10.3f}{row['time_ratio']:>8.3f}"
         spread = "{:.3f}-{:.3f} / {:.3f}-{:.3f}".format(*row["plain_spread_s"], *row["edit_spread_s"])
         line += f"{spread:>34}"
+        if show_cpu:
+            line += f"{row['plain_cpu_s']:>13.3f}{row['edit_cpu_s']:>8.3f}{row['cpu_ratio']:>8.3f}"
         if probe is not None:
             extra_ratio = f"{row['extra_ratio']:.3f}" if row["extra_ratio"] is not None else "n/a"
             line += (
