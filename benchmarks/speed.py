@@ -209,16 +209,23 @@ def _xl_components(model: str, tmp: str, device: str) -> dict:
         return make_tiny_xl(tokenizer, tokenizer_2)
     torch.manual_seed(0)
     with torch.device(device):
-        # SDXL base 1.0's exact architecture, random weights: CLIP ViT-L text encoder (768 wide, 12
-        # layers) and OpenCLIP ViT-bigG's (1280 wide, 32 layers, projection 1280), SDXL's VAE.
-        unet = _sdxl_unet()
-        vae = _sd_vae((128, 256, 512, 512), sample_size=1024, scaling_factor=0.13025)
-        text_encoder = _clip_text(tokenizer, hidden=768, layers=12, heads=12, intermediate=3072)
-        text_encoder_2 = _clip_text(tokenizer_2, hidden=1280, layers=32, heads=20, intermediate=5120, act="gelu", projection=1280)
-    for module in (unet, vae, text_encoder, text_encoder_2):
+        modules = sdxl_shape_modules(tokenizer, tokenizer_2)
+    for module in modules.values():
         module.eval()
-    return dict(vae=vae, text_encoder=text_encoder, text_encoder_2=text_encoder_2, tokenizer=tokenizer, tokenizer_2=tokenizer_2,
-                unet=unet, scheduler=_ddim())
+    return dict(**modules, tokenizer=tokenizer, tokenizer_2=tokenizer_2, scheduler=_ddim())
+
+
+def sdxl_shape_modules(tokenizer, tokenizer_2) -> dict:
+    """SDXL base 1.0's exact architecture with random weights, on the current default device:
+    ``unet`` (2,567,463,684 parameters), ``vae`` (83,653,863), ``text_encoder`` (CLIP ViT-L: 768
+    wide, 12 layers; 123,060,480) and ``text_encoder_2`` (OpenCLIP ViT-bigG: 1280 wide, 32 layers,
+    GELU, projection 1280; 694,659,840)."""
+    return dict(
+        unet=_sdxl_unet(),
+        vae=_sd_vae((128, 256, 512, 512), sample_size=1024, scaling_factor=0.13025),
+        text_encoder=_clip_text(tokenizer, hidden=768, layers=12, heads=12, intermediate=3072),
+        text_encoder_2=_clip_text(tokenizer_2, hidden=1280, layers=32, heads=20, intermediate=5120, act="gelu", projection=1280),
+    )
 
 
 def build_components(model: str, tmp: str, device: str) -> dict:
