@@ -228,6 +228,25 @@ def sdxl_shape_modules(tokenizer, tokenizer_2) -> dict:
     )
 
 
+def _folder_components(folder: str) -> dict:
+    """The components of a diffusers Stable Diffusion or SDXL folder (safetensors; SDXL when it has a
+    ``text_encoder_2``), with DDIM from its scheduler config."""
+    from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
+    from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
+
+    components = dict(
+        vae=AutoencoderKL.from_pretrained(folder, subfolder="vae", use_safetensors=True),
+        text_encoder=CLIPTextModel.from_pretrained(folder, subfolder="text_encoder", use_safetensors=True),
+        tokenizer=CLIPTokenizer.from_pretrained(folder, subfolder="tokenizer"),
+        unet=UNet2DConditionModel.from_pretrained(folder, subfolder="unet", use_safetensors=True),
+        scheduler=DDIMScheduler.from_pretrained(folder, subfolder="scheduler"),
+    )
+    if (Path(folder) / "text_encoder_2").is_dir():
+        components["text_encoder_2"] = CLIPTextModelWithProjection.from_pretrained(folder, subfolder="text_encoder_2", use_safetensors=True)
+        components["tokenizer_2"] = CLIPTokenizer.from_pretrained(folder, subfolder="tokenizer_2")
+    return components
+
+
 def build_components(model: str, tmp: str, device: str) -> dict:
     """Components (vae, text_encoder, tokenizer, unet, scheduler; SDXL models also text_encoder_2
     and tokenizer_2) in float32 on ``device``."""
@@ -239,18 +258,7 @@ def build_components(model: str, tmp: str, device: str) -> dict:
 
         return make_tiny_components(_clip_tokenizer(tmp), "sd1")
     if model.startswith("path:"):
-        from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
-        from transformers import CLIPTextModel, CLIPTokenizer
-
-        folder = model[len("path:") :]
-        scheduler = DDIMScheduler.from_pretrained(folder, subfolder="scheduler")
-        return dict(
-            vae=AutoencoderKL.from_pretrained(folder, subfolder="vae", use_safetensors=True),
-            text_encoder=CLIPTextModel.from_pretrained(folder, subfolder="text_encoder", use_safetensors=True),
-            tokenizer=CLIPTokenizer.from_pretrained(folder, subfolder="tokenizer"),
-            unet=UNet2DConditionModel.from_pretrained(folder, subfolder="unet", use_safetensors=True),
-            scheduler=scheduler,
-        )
+        return _folder_components(model[len("path:") :])
     tokenizer = _clip_tokenizer(tmp)
     torch.manual_seed(0)
     # Initialise on the target device (much faster for SD 1.5's 860M-parameter UNet on a GPU).
@@ -395,7 +403,7 @@ def timed(fn, device, probe):
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", default="tiny", help="tiny | small | overhead | sd15-shape | sdxl-tiny | sdxl-shape | path:/diffusers/sd/folder (default tiny)")
+    parser.add_argument("--model", default="tiny", help="tiny | small | overhead | sd15-shape | sdxl-tiny | sdxl-shape | path:/diffusers/sd/or/sdxl/folder (default tiny)")
     parser.add_argument("--device", default="cpu", help="cpu | cuda | cuda:N (default cpu)")
     parser.add_argument("--dtype", choices=("float16", "bfloat16", "float32"), default=None, help="default float16 on CUDA, float32 on CPU")
     parser.add_argument("--steps", type=int, default=None, help="DDIM steps (default: tiny and sdxl-tiny 20, small 10, others 50)")

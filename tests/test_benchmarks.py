@@ -36,6 +36,17 @@ def test_speed_runs_the_sdxl_pipelines(tmp_path):
     assert data["meta"]["model"] == "sdxl-tiny" and all(r["time_ratio"] > 0 and r["cpu_ratio"] > 0 for r in data["results"])
 
 
+def test_speed_reads_an_sdxl_folder(tmp_path):
+    from diffusers import StableDiffusionXLPipeline
+
+    speed = _script("speed")
+    StableDiffusionXLPipeline(**speed.build_components("sdxl-tiny", str(tmp_path), "cpu"), add_watermarker=False).save_pretrained(tmp_path / "xl")
+    out = tmp_path / "speed_xl.json"
+    speed.main(["--model", f"path:{tmp_path / 'xl'}", "--steps", "2", "--repeats", "1", "--warmup", "0", "--variants", "none",
+                "--output-type", "latent", "--threads", "1", "--json", str(out)])
+    assert json.loads(out.read_text())["meta"]["unet_params_m"] == 1.34
+
+
 def test_sdxl_shape_has_sdxl_base_parameter_counts(tmp_path):
     import torch
 
