@@ -6,7 +6,9 @@ The project claims that an edit costs at most 1.05x the time and 1.1x the peak m
 on the same components, prompts (source + one target), initial noise, scheduler (DDIM), number of
 steps and guidance scale:
 
-* plain: ``StableDiffusionPipeline(prompt=[source, target], latents=<noise repeated twice>)``;
+* plain: ``StableDiffusionPipeline(prompt=[source, target], latents=<noise repeated twice>)``
+  (``StableDiffusionXLPipeline`` for the SDXL models ``sdxl-tiny`` and ``sdxl-shape``, whose edit
+  side is ``Prompt2PromptXLPipeline``);
 * edit:  ``Prompt2PromptPipeline(prompt=source, edit_prompts=[target], latents=<noise>, ...)`` in
   the variants ``replace`` (cross 0.8, self 0.4), ``replace_localblend`` (the same plus
   ``LocalBlend([source word], [target word])``) and ``none`` (same noise, no injection); all record
@@ -36,6 +38,8 @@ Examples::
     python benchmarks/speed.py --model small --steps 10 --repeats 3
     python benchmarks/speed.py --model sd15-shape --device cuda --json sd15.json
     python benchmarks/speed.py --model path:/models/stable-diffusion-v1-5 --device cuda
+    python benchmarks/speed.py --model sdxl-tiny --steps 20 --repeats 7 --threads 1
+    python benchmarks/speed.py --model sdxl-shape --device cuda --json sdxl.json   # 1024 px, float16
 """
 
 from __future__ import annotations
@@ -60,6 +64,8 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 ALL_VARIANTS = ("replace", "replace_localblend", "none", "replace_noattn", "refine", "reweight", "three_targets", "attention")
 DEFAULT_VARIANTS = ("replace", "replace_localblend", "none")
+XL_MODELS = ("sdxl-tiny", "sdxl-shape")
+MODELS_HELP = "tiny, small, overhead, sd15-shape, sdxl-tiny, sdxl-shape or path:/folder"
 GIB = 1024**3
 
 
@@ -95,24 +101,25 @@ def _clip_tokenizer(tmp: str):
     return CLIPTokenizer(str(folder / "vocab.json"), str(folder / "merges.txt"), model_max_length=77)
 
 
-def _clip_text(tokenizer, hidden: int, layers: int, heads: int, intermediate: int):
-    from transformers import CLIPTextConfig, CLIPTextModel
+def _clip_text(tokenizer, hidden: int, layers: int, heads: int, intermediate: int, act: str = "quick_gelu", projection: int | None = None):
+    """A random CLIP text encoder for ``tokenizer``; with ``projection``, a `CLIPTextModelWithProjection`
+    (SDXL's second encoder, whose projected pooled embedding conditions the UNet)."""
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
-    return CLIPTextModel(
-        CLIPTextConfig(
-            vocab_size=len(tokenizer),
-            hidden_size=hidden,
-            intermediate_size=intermediate,
-            num_hidden_layers=layers,
-            num_attention_heads=heads,
-            max_position_embeddings=77,
-            hidden_act="quick_gelu",
-            projection_dim=hidden,
-            bos_token_id=tokenizer.bos_token_id,
-            eos_token_id=tokenizer.eos_token_id,
-            pad_token_id=tokenizer.pad_token_id,
-        )
+    config = CLIPTextConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=hidden,
+        intermediate_size=intermediate,
+        num_hidden_layers=layers,
+        num_attention_heads=heads,
+        max_position_embeddings=77,
+        hidden_act=act,
+        projection_dim=projection or hidden,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
     )
+    return CLIPTextModelWithProjection(config) if projection else CLIPTextModel(config)
 
 
 def _sd_unet(block_out_channels, cross_attention_dim: int, heads: int, sample_size: int):
@@ -136,7 +143,8 @@ def _sd_unet(block_out_channels, cross_attention_dim: int, heads: int, sample_si
     )
 
 
-def _sd_vae(block_out_channels, sample_size: int):
+def _sd_vae(block_out_channels, sample_size: int, scaling_factor: float = 0.18215):
+    """A KL autoencoder with Stable Diffusion's block layout (SDXL's VAE has the same, scaling 0.13025)."""
     from diffusers import AutoencoderKL
 
     n = len(block_out_channels)
@@ -150,30 +158,107 @@ def _sd_vae(block_out_channels, sample_size: int):
         latent_channels=4,
         norm_num_groups=32,
         sample_size=sample_size,
-        scaling_factor=0.18215,
+        scaling_factor=scaling_factor,
     )
 
 
+def _sdxl_unet():
+    """SDXL base 1.0's UNet config (2.57 B parameters): no attention at the top level, 1/2/10
+    transformer layers per block, 2048-wide text states, "text_time" added conditions (six time ids
+    embedded 256 wide + the 1280-wide pooled text embedding = 2816)."""
+    from diffusers import UNet2DConditionModel
+
+    return UNet2DConditionModel(
+        sample_size=128,
+        in_channels=4,
+        out_channels=4,
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+        block_out_channels=(320, 640, 1280),
+        layers_per_block=2,
+        transformer_layers_per_block=(1, 2, 10),
+        attention_head_dim=(5, 10, 20),  # diffusers' historical name: heads per level (64-wide heads)
+        cross_attention_dim=2048,
+        use_linear_projection=True,
+        addition_embed_type="text_time",
+        addition_time_embed_dim=256,
+        projection_class_embeddings_input_dim=2816,
+        norm_num_groups=32,
+        flip_sin_to_cos=True,
+        freq_shift=0,
+        downsample_padding=1,
+    )
+
+
+def _xl_tokenizers(tmp: str):
+    """SDXL's two tokenizers: CLIP's BPE, the second padded with "!" (the test suite's helpers)."""
+    _tests_on_path()
+    from conftest import make_tokenizer_2
+
+    tokenizer = _clip_tokenizer(tmp)
+    return tokenizer, make_tokenizer_2(Path(tmp) / "clip_tokenizer_2", tokenizer.model_max_length)
+
+
+def _xl_components(model: str, tmp: str, device: str) -> dict:
+    """SDXL components (two encoders and tokenizers) for ``sdxl-tiny`` or ``sdxl-shape``, float32."""
+    tokenizer, tokenizer_2 = _xl_tokenizers(tmp)
+    if model == "sdxl-tiny":
+        _tests_on_path()
+        from conftest import make_tiny_xl
+
+        return make_tiny_xl(tokenizer, tokenizer_2)
+    torch.manual_seed(0)
+    with torch.device(device):
+        modules = sdxl_shape_modules(tokenizer, tokenizer_2)
+    for module in modules.values():
+        module.eval()
+    return dict(**modules, tokenizer=tokenizer, tokenizer_2=tokenizer_2, scheduler=_ddim())
+
+
+def sdxl_shape_modules(tokenizer, tokenizer_2) -> dict:
+    """SDXL base 1.0's exact architecture with random weights, on the current default device:
+    ``unet`` (2,567,463,684 parameters), ``vae`` (83,653,863), ``text_encoder`` (CLIP ViT-L: 768
+    wide, 12 layers; 123,060,480) and ``text_encoder_2`` (OpenCLIP ViT-bigG: 1280 wide, 32 layers,
+    GELU, projection 1280; 694,659,840)."""
+    return dict(
+        unet=_sdxl_unet(),
+        vae=_sd_vae((128, 256, 512, 512), sample_size=1024, scaling_factor=0.13025),
+        text_encoder=_clip_text(tokenizer, hidden=768, layers=12, heads=12, intermediate=3072),
+        text_encoder_2=_clip_text(tokenizer_2, hidden=1280, layers=32, heads=20, intermediate=5120, act="gelu", projection=1280),
+    )
+
+
+def _folder_components(folder: str) -> dict:
+    """The components of a diffusers Stable Diffusion or SDXL folder (safetensors; SDXL when it has a
+    ``text_encoder_2``), with DDIM from its scheduler config."""
+    from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
+    from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
+
+    components = dict(
+        vae=AutoencoderKL.from_pretrained(folder, subfolder="vae", use_safetensors=True),
+        text_encoder=CLIPTextModel.from_pretrained(folder, subfolder="text_encoder", use_safetensors=True),
+        tokenizer=CLIPTokenizer.from_pretrained(folder, subfolder="tokenizer"),
+        unet=UNet2DConditionModel.from_pretrained(folder, subfolder="unet", use_safetensors=True),
+        scheduler=DDIMScheduler.from_pretrained(folder, subfolder="scheduler"),
+    )
+    if (Path(folder) / "text_encoder_2").is_dir():
+        components["text_encoder_2"] = CLIPTextModelWithProjection.from_pretrained(folder, subfolder="text_encoder_2", use_safetensors=True)
+        components["tokenizer_2"] = CLIPTokenizer.from_pretrained(folder, subfolder="tokenizer_2")
+    return components
+
+
 def build_components(model: str, tmp: str, device: str) -> dict:
-    """Components (vae, text_encoder, tokenizer, unet, scheduler) in float32 on ``device``."""
+    """Components (vae, text_encoder, tokenizer, unet, scheduler; SDXL models also text_encoder_2
+    and tokenizer_2) in float32 on ``device``."""
+    if model in XL_MODELS:
+        return _xl_components(model, tmp, device)
     if model == "tiny":
         _tests_on_path()
         from conftest import make_tiny_components
 
         return make_tiny_components(_clip_tokenizer(tmp), "sd1")
     if model.startswith("path:"):
-        from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
-        from transformers import CLIPTextModel, CLIPTokenizer
-
-        folder = model[len("path:") :]
-        scheduler = DDIMScheduler.from_pretrained(folder, subfolder="scheduler")
-        return dict(
-            vae=AutoencoderKL.from_pretrained(folder, subfolder="vae", use_safetensors=True),
-            text_encoder=CLIPTextModel.from_pretrained(folder, subfolder="text_encoder", use_safetensors=True),
-            tokenizer=CLIPTokenizer.from_pretrained(folder, subfolder="tokenizer"),
-            unet=UNet2DConditionModel.from_pretrained(folder, subfolder="unet", use_safetensors=True),
-            scheduler=scheduler,
-        )
+        return _folder_components(model[len("path:") :])
     tokenizer = _clip_tokenizer(tmp)
     torch.manual_seed(0)
     # Initialise on the target device (much faster for SD 1.5's 860M-parameter UNet on a GPU).
@@ -197,25 +282,35 @@ def build_components(model: str, tmp: str, device: str) -> dict:
             vae = _sd_vae((128, 256, 512, 512), sample_size=512)
             text_encoder = _clip_text(tokenizer, hidden=768, layers=12, heads=12, intermediate=3072)
         else:
-            raise SystemExit(f"unknown --model {model!r}: use tiny, small, overhead, sd15-shape or path:/folder")
+            raise SystemExit(f"unknown --model {model!r}: use {MODELS_HELP}")
     for module in (unet, vae, text_encoder):
         module.eval()
     return dict(vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet, scheduler=_ddim())
 
 
+def _pipelines_of(components: dict):
+    """``(plain pipeline, Prompt2Prompt pipeline)`` of ``components``' family: diffusers'
+    `StableDiffusionXLPipeline` (no watermark) and `Prompt2PromptXLPipeline` for SDXL, else
+    `StableDiffusionPipeline` (no safety checker) and `Prompt2PromptPipeline`."""
+    from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
+
+    from prompt2prompt import Prompt2PromptPipeline, Prompt2PromptXLPipeline
+
+    if "text_encoder_2" in components:
+        return StableDiffusionXLPipeline(**components, add_watermarker=False), Prompt2PromptXLPipeline(**components)
+    plain = StableDiffusionPipeline(**components, safety_checker=None, feature_extractor=None, requires_safety_checker=False)
+    return plain, Prompt2PromptPipeline(**components)
+
+
 def build_pipelines(model: str, device, dtype):
-    """``(components, plain StableDiffusionPipeline, Prompt2PromptPipeline)`` on the same weights,
-    moved to ``device``/``dtype``, progress bars off."""
-    from diffusers import StableDiffusionPipeline
-
-    from prompt2prompt import Prompt2PromptPipeline
-
+    """``(components, plain diffusers pipeline, Prompt2Prompt pipeline)`` on the same weights,
+    moved to ``device``/``dtype``, progress bars off (SD or SDXL by the model, `_pipelines_of`)."""
     with tempfile.TemporaryDirectory() as tmp:
         components = build_components(model, tmp, str(device))
-    for name in ("vae", "text_encoder", "unet"):
-        components[name].to(device=device, dtype=dtype)
-    plain = StableDiffusionPipeline(**components, safety_checker=None, feature_extractor=None, requires_safety_checker=False)
-    p2p = Prompt2PromptPipeline(**components)
+    for name in ("vae", "text_encoder", "text_encoder_2", "unet"):
+        if name in components:
+            components[name].to(device=device, dtype=dtype)
+    plain, p2p = _pipelines_of(components)
     for pipe in (plain, p2p):
         pipe.set_progress_bar_config(disable=True)
     return components, plain, p2p
@@ -291,28 +386,31 @@ def sync(device: torch.device):
 
 
 def timed(fn, device, probe):
+    """``(wall seconds, peak, extra, process CPU seconds)`` of one call of ``fn``. The CPU time
+    counts only what this process ran, so with ``--threads 1`` on a shared machine it leaves out
+    the time the process waited for a core (wall time does not)."""
     gc.collect()
     if probe is not None:
         probe.start()
     sync(device)
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), time.process_time()
     fn()
     sync(device)
-    seconds = time.perf_counter() - t0
+    seconds, cpu_seconds = time.perf_counter() - t0, time.process_time() - c0
     peak, extra = probe.stop() if probe is not None else (None, None)
-    return seconds, peak, extra
+    return seconds, peak, extra, cpu_seconds
 
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", default="tiny", help="tiny | small | overhead | sd15-shape | path:/diffusers/sd/folder (default tiny)")
+    parser.add_argument("--model", default="tiny", help="tiny | small | overhead | sd15-shape | sdxl-tiny | sdxl-shape | path:/diffusers/sd/or/sdxl/folder (default tiny)")
     parser.add_argument("--device", default="cpu", help="cpu | cuda | cuda:N (default cpu)")
     parser.add_argument("--dtype", choices=("float16", "bfloat16", "float32"), default=None, help="default float16 on CUDA, float32 on CPU")
-    parser.add_argument("--steps", type=int, default=None, help="DDIM steps (default: tiny 20, small 10, others 50)")
+    parser.add_argument("--steps", type=int, default=None, help="DDIM steps (default: tiny and sdxl-tiny 20, small 10, others 50)")
     parser.add_argument("--repeats", type=int, default=5, help="timed pairs per variant (default 5)")
     parser.add_argument("--warmup", type=int, default=1, help="untimed pairs per variant first (default 1)")
     parser.add_argument("--guidance", type=float, default=7.5)
-    parser.add_argument("--size", type=int, default=None, help="image side in pixels (default: the model's, 512 for sd15-shape)")
+    parser.add_argument("--size", type=int, default=None, help="image side in pixels (default: the model's, 512 for sd15-shape, 1024 for sdxl-shape)")
     parser.add_argument("--output-type", choices=("pil", "np", "latent"), default="pil", help="both sides alike (default pil = full VAE decode)")
     parser.add_argument("--source", default="a cat riding a bicycle")
     parser.add_argument("--target", default="a cat riding a car")
@@ -337,7 +435,7 @@ def main(argv=None):
         parser.error("--device cuda but torch.cuda.is_available() is False")
     dtype_name = args.dtype or ("float16" if device.type == "cuda" else "float32")
     dtype = getattr(torch, dtype_name)
-    steps = args.steps or {"tiny": 20, "small": 10}.get(args.model, 50)
+    steps = args.steps or {"tiny": 20, "sdxl-tiny": 20, "small": 10}.get(args.model, 50)
     if args.threads:
         torch.set_num_threads(args.threads)
     load = os.getloadavg()[0] if hasattr(os, "getloadavg") else None
@@ -425,16 +523,20 @@ def main(argv=None):
         row = {"variant": variant}
         for side in ("plain", "edit"):
             runs = results[variant][side]
-            row[f"{side}_s"] = statistics.median(s for s, _, _ in runs)
-            row[f"{side}_runs_s"] = [s for s, _, _ in runs]
+            row[f"{side}_s"] = statistics.median(s for s, _, _, _ in runs)
+            row[f"{side}_runs_s"] = [s for s, _, _, _ in runs]
+            row[f"{side}_cpu_s"] = statistics.median(c for _, _, _, c in runs)
+            row[f"{side}_runs_cpu_s"] = [c for _, _, _, c in runs]
             if probe is not None:
-                row[f"{side}_peak_bytes"] = statistics.median(p for _, p, _ in runs)
-                row[f"{side}_extra_bytes"] = statistics.median(e for _, _, e in runs)
+                row[f"{side}_peak_bytes"] = statistics.median(p for _, p, _, _ in runs)
+                row[f"{side}_extra_bytes"] = statistics.median(e for _, _, e, _ in runs)
         for side in ("plain", "edit"):
             times = sorted(row[f"{side}_runs_s"])
             row[f"{side}_spread_s"] = [times[0], times[-1]]  # min, max of the timed runs
         row["time_ratio"] = row["edit_s"] / row["plain_s"]
         row["pair_ratios"] = [e[0] / p[0] for p, e in zip(results[variant]["plain"], results[variant]["edit"])]
+        row["cpu_ratio"] = row["edit_cpu_s"] / row["plain_cpu_s"]  # process CPU time (see `timed`)
+        row["pair_cpu_ratios"] = [e[3] / p[3] for p, e in zip(results[variant]["plain"], results[variant]["edit"])]
         if probe is not None:
             row["peak_ratio"] = row["edit_peak_bytes"] / row["plain_peak_bytes"]
             row["extra_ratio"] = row["edit_extra_bytes"] / row["plain_extra_bytes"] if row["plain_extra_bytes"] > 0 else None
@@ -479,9 +581,13 @@ def main(argv=None):
     print(f"device  : {device} ({meta['device_name']}), threads {meta['cpu_threads']}, dtype {dtype_name}")
     v = meta["versions"]
     print(f"versions: torch {v['torch']}, diffusers {v['diffusers']}, prompt2prompt {v['prompt2prompt']}, python {v['python']}")
-    print(f"timing  : median of {args.repeats} interleaved pairs after {args.warmup} warm-up pair(s) per variant")
+    print(f"timing  : median of {args.repeats} interleaved pairs after {args.warmup} warm-up pair(s) per variant"
+          + ("; wall seconds and this process's CPU seconds" if device.type == "cpu" else ""))
     print(f"memory  : {memory_what}")
     header = f"{'variant':<20}{'plain s':>10}{'edit s':>10}{'ratio':>8}{'spread plain / edit (min-max s)':>34}"
+    show_cpu = device.type == "cpu"  # process CPU time: what a shared machine's wall time hides (see `timed`)
+    if show_cpu:
+        header += f"{'cpu s plain':>13}{'edit':>8}{'ratio':>8}"
     if probe is not None:
         header += f"{'peak GiB plain':>16}{'edit':>8}{'ratio':>8}{'extra GiB plain':>17}{'edit':>8}{'ratio':>8}"
     print(header)
@@ -490,6 +596,8 @@ def main(argv=None):
         line = f"{row['variant']:<20}{row['plain_s']:>10.3f}{row['edit_s']:>10.3f}{row['time_ratio']:>8.3f}"
         spread = "{:.3f}-{:.3f} / {:.3f}-{:.3f}".format(*row["plain_spread_s"], *row["edit_spread_s"])
         line += f"{spread:>34}"
+        if show_cpu:
+            line += f"{row['plain_cpu_s']:>13.3f}{row['edit_cpu_s']:>8.3f}{row['cpu_ratio']:>8.3f}"
         if probe is not None:
             extra_ratio = f"{row['extra_ratio']:.3f}" if row["extra_ratio"] is not None else "n/a"
             line += (

@@ -28,6 +28,36 @@ def test_speed_writes_its_table_and_json(tmp_path, capsys):
     assert "replace" in capsys.readouterr().out
 
 
+def test_speed_runs_the_sdxl_pipelines(tmp_path):
+    out = tmp_path / "speed_xl.json"
+    _script("speed").main(["--model", "sdxl-tiny", "--steps", "2", "--repeats", "1", "--warmup", "0", "--variants", "replace,refine",
+                           "--output-type", "latent", "--threads", "1", "--json", str(out)])
+    data = json.loads(out.read_text())
+    assert data["meta"]["model"] == "sdxl-tiny" and all(r["time_ratio"] > 0 and r["cpu_ratio"] > 0 for r in data["results"])
+
+
+def test_speed_reads_an_sdxl_folder(tmp_path):
+    from diffusers import StableDiffusionXLPipeline
+
+    speed = _script("speed")
+    StableDiffusionXLPipeline(**speed.build_components("sdxl-tiny", str(tmp_path), "cpu"), add_watermarker=False).save_pretrained(tmp_path / "xl")
+    out = tmp_path / "speed_xl.json"
+    speed.main(["--model", f"path:{tmp_path / 'xl'}", "--steps", "2", "--repeats", "1", "--warmup", "0", "--variants", "none",
+                "--output-type", "latent", "--threads", "1", "--json", str(out)])
+    assert json.loads(out.read_text())["meta"]["unet_params_m"] == 1.34
+
+
+def test_sdxl_shape_has_sdxl_base_parameter_counts(tmp_path):
+    import torch
+
+    speed = _script("speed")
+    tokenizer, tokenizer_2 = speed._xl_tokenizers(str(tmp_path))
+    with torch.device("meta"):  # shapes only: no 10 GB of weights
+        modules = speed.sdxl_shape_modules(tokenizer, tokenizer_2)
+    counts = {name: sum(p.numel() for p in m.parameters()) for name, m in modules.items()}
+    assert counts == {"unet": 2_567_463_684, "vae": 83_653_863, "text_encoder": 123_060_480, "text_encoder_2": 694_659_840}
+
+
 def test_operator_counts_see_the_edit(capsys):
     _script("profile_edit").main(["--model", "tiny", "--count-ops", "--steps", "1"])
     lines = {line.split()[0]: line.split() for line in capsys.readouterr().out.splitlines() if line.strip()}
