@@ -17,6 +17,7 @@ import argparse
 import contextlib
 import copy
 import datetime
+import functools
 import json
 import logging
 import os
@@ -33,6 +34,7 @@ from .arguments import ARGUMENTS, DTYPES, INVERT_METHODS, MODES, argument_of, op
 from .edits import EditMode
 from .imageio import OutputSet, file_sha256, remove_stale_temps
 from .model_folder import model_family
+from .source_reuse import budget_of, pass_record, record_mismatch
 from .options import (
     ATTENTION_KEYS,
     BATCH_LINE_KEYS,
@@ -78,6 +80,14 @@ SERVE_HOST = "127.0.0.1"
 SERVE_PORT = 7860
 MAX_PORT = 65535
 SERVE_OUTPUT_DIR = "outputs/web"
+#: ``p2p edit`` saves its source pass beside its result when it is at most this many MiB
+#: (``--source-limit``; 0 never saves one). The bundled model's pass at 50 steps is far below it;
+#: SD 1.5's at 512 px is over it (keep it with ``--source-limit 2000``).
+SOURCE_LIMIT_MIB = 256
+MIB = 2**20
+#: The file ``p2p edit`` saves its source pass to, in the run folder (``SourcePass.save`` writes
+#: its ``.json`` sidecar beside it).
+SOURCE_FILE = "source.safetensors"
 
 
 class RuntimeFailure(Exception):
@@ -279,14 +289,58 @@ def _invert(pipe, options: dict):
                  guidance_scale=options["guidance"])
 
 
-def run_edit_images(pipe, options: dict, console: Console, desc: str | None = None):
-    """One pipeline call for canonical edit options -> the output."""
-    _bar(pipe, console.progress, desc)
-    kwargs = edit_kwargs(options)
+def _window_arg(window):
+    return tuple(window) if isinstance(window, list) else window
+
+
+def source_budget(options: Mapping, cross_windows=None) -> dict:
+    """``pipe.source``'s injection budget for canonical edit options: the widest of ``cross_windows``
+    (default: the options' own ``cross_steps``) and the per-word windows, and the self window."""
+    cross = [options["cross_steps"]] if cross_windows is None else list(cross_windows)
+    cross += list((options.get("cross_steps_word") or {}).values())
+    return budget_of([_window_arg(w) for w in cross], [_window_arg(options["self_steps"])])
+
+
+def make_source(pipe, options: Mapping, budget: Mapping):
+    """The source's pass for canonical edit options (from the seed's noise, or the photo's inversion)."""
+    kwargs = dict(num_inference_steps=options["steps"], guidance_scale=options["guidance"], **budget)
     if options.get("image"):
-        inversion = _invert(pipe, options)
-        return _call(pipe, options["prompt"], list(options["to"]), inversion=inversion, return_attention=False, **kwargs)
-    return _call(pipe, options["prompt"], list(options["to"]), generator=_generator(options["seed"]), return_attention=False, **kwargs)
+        return _call(pipe.source, options["prompt"], inversion=_invert(pipe, options), **kwargs)
+    return _call(pipe.source, options["prompt"], generator=_generator(options["seed"]), **kwargs)
+
+
+def edit_from_source(pipe, options: Mapping, source):
+    """The targets of canonical edit options, edited from ``source`` (a `SourcePass`)."""
+    return _call(pipe, options["prompt"], list(options["to"]), source=source, return_attention=False, **edit_kwargs(options))
+
+
+class KeptPass:
+    """A source pass saved beside an earlier result, found by ``p2p edit --from``: ``path`` (its
+    file) and ``source`` (the loaded `SourcePass`)."""
+
+    def __init__(self, path: Path, source):
+        self.path, self.source = path, source
+
+
+def run_edit_images(pipe, options: dict, console: Console, desc: str | None = None, kept: KeptPass | None = None):
+    """One edit for canonical edit options -> ``(output, source pass, path it was reused from or None)``.
+
+    With ``kept``, the targets are edited from that pass when the pipeline takes it; when it does
+    not (another budget, another source-side argument: the pipeline's `ArgumentError`, raised before
+    any work), a one-line note says why and the edit runs in full. In full, the source's pass runs
+    first, then the targets, all in one batch, from it.
+    """
+    _bar(pipe, console.progress, desc)
+    if kept is not None:
+        try:
+            out = pipe(options["prompt"], list(options["to"]), source=kept.source, return_attention=False, **edit_kwargs(options))
+        except ValueError as err:
+            console.info(f"source pass {kept.path} not reused: {one_line(err)}; running the full edit")
+        else:
+            console.info(f"source reused from {kept.path}")
+            return out, kept.source, str(kept.path)
+    source = make_source(pipe, options, source_budget(options))
+    return edit_from_source(pipe, options, source), source, None
 
 
 def word_alignments(pipe, options: Mapping, mode) -> list:
@@ -295,9 +349,42 @@ def word_alignments(pipe, options: Mapping, mode) -> list:
     return [align_words(source, tokenize_words(t, pipe.tokenizer, truncate=True), mode) for t in options["to"]]
 
 
-def run_edit(pipe, options: dict, folder: Path, env: Mapping, console: Console, command: str = "edit") -> dict:
-    """Run one edit and write its images, grid and result.json (last) into ``folder``."""
-    out = run_edit_images(pipe, options, console)
+def _photo_sha256(options: Mapping) -> str | None:
+    return file_sha256(options["image"]) if options.get("image") else None
+
+
+def add_source_pass(files: OutputSet, source, options: Mapping, limit_bytes: int, reused_from: str | None, console: Console) -> dict:
+    """Add ``source`` (``SourcePass.save``'s files) to ``files`` when it is at most ``limit_bytes``;
+    returns what ``result.json`` records of it (its files, size, what made it, where it came from)."""
+    import tempfile
+
+    record = {"bytes": int(source.nbytes), "made_with": pass_record(options, _photo_sha256(options)), "limit_bytes": int(limit_bytes)}
+    if reused_from is not None:
+        record["reused_from"] = reused_from
+    if source.nbytes > limit_bytes:
+        record["saved"] = False
+        if limit_bytes > 0:
+            console.info(f"source pass not saved: {source.nbytes / MIB:.1f} MiB is over --source-limit {limit_bytes / MIB:g} MiB")
+        return record
+    with tempfile.TemporaryDirectory(prefix="p2p-source-") as tmp:
+        source.save(Path(tmp) / SOURCE_FILE)
+        written = sorted(p for p in Path(tmp).iterdir() if p.is_file())
+        names = [p.name for p in written]
+        if SOURCE_FILE not in names:
+            raise RuntimeFailure(f"SourcePass.save wrote {names}, not {SOURCE_FILE}")
+        for path in [Path(tmp) / SOURCE_FILE, *[p for p in written if p.name != SOURCE_FILE]]:
+            files.add(path.name, path.read_bytes())
+    record["saved"] = True
+    record["file"] = SOURCE_FILE
+    record["sidecars"] = [{"file": n} for n in names if n != SOURCE_FILE]
+    return record
+
+
+def run_edit(pipe, options: dict, folder: Path, env: Mapping, console: Console, command: str = "edit",
+             source_limit: int = SOURCE_LIMIT_MIB * MIB, kept: KeptPass | None = None) -> dict:
+    """Run one edit and write its images, grid, source pass (when at most ``source_limit`` bytes) and
+    result.json (last) into ``folder``; ``kept``: a saved pass to edit from (`run_edit_images`)."""
+    out, source, reused_from = run_edit_images(pipe, options, console, kept=kept)
     mode = out.edit_mode
     alignments = word_alignments(pipe, options, mode)
     chosen = " (chosen by auto)" if options["mode"] == "auto" else ""
@@ -317,6 +404,7 @@ def run_edit(pipe, options: dict, folder: Path, env: Mapping, console: Console, 
     grid = labelled_grid(list(out.images), prompts, [source_marks, *[a.changed_target for a in alignments]])
     meta = image_metadata(command, options, env, "grid", len(prompts), count, "grid.png", None, edit_mode=mode.value)
     files.add_png("grid.png", grid, meta, parameters_text(meta))
+    source_pass = add_source_pass(files, source, options, source_limit, reused_from, console)
     result = {
         "command": command,
         "version": __version__,
@@ -336,10 +424,40 @@ def run_edit(pipe, options: dict, folder: Path, env: Mapping, console: Console, 
         ],
         "images": [{"file": n, "role": r, "prompt": p} for n, r, p in zip(names, roles, prompts)],
         "grid": "grid.png",
+        "source_pass": source_pass,
     }
     files.add_json(RESULT, result)
     files.commit()
     return result
+
+
+def find_kept_pass(from_image: str, options: Mapping, console: Console) -> KeptPass | None:
+    """The source pass saved beside ``from_image`` (``p2p edit --from``) when its record matches
+    ``options`` (model, dtype, source prompt, seed or photo, steps, guidance) and it loads; else None,
+    with a one-line note when there is one that does not match or cannot be read."""
+    from .source_pass import SourcePass
+
+    folder = Path(from_image).expanduser().parent
+    try:
+        record = json.loads((folder / RESULT).read_text(encoding="utf-8")).get("source_pass") or {}
+    except (OSError, ValueError, AttributeError):
+        return None
+    if not isinstance(record, dict) or not record.get("saved") or not isinstance(record.get("file"), str):
+        return None
+    path = folder / record["file"]
+    if not path.is_file():
+        console.info(f"source pass {path} not reused: the file is missing; running the full edit")
+        return None
+    mismatch = record_mismatch(record.get("made_with") or {}, pass_record(options, _photo_sha256(options)))
+    if mismatch:
+        console.info(f"source pass {path} not reused: {mismatch}; running the full edit")
+        return None
+    try:
+        source = SourcePass.load(path)
+    except (OSError, ValueError) as err:
+        console.info(f"source pass {path} not reused: it cannot be read ({one_line(err)}); running the full edit")
+        return None
+    return KeptPass(path, source)
 
 
 def run_attention(pipe, options: dict, folder: Path, env: Mapping, console: Console) -> dict:
@@ -392,9 +510,13 @@ def run_sweep(pipe, options: dict, folder: Path, env: Mapping, console: Console)
     unset = ("cross_steps", "cross_steps_word", "reweight", "blend", "blend_threshold", "blend_res")
     baseline = {**base, "mode": "none", **{k: copy.deepcopy(DEFAULTS[k]) for k in unset}}
     runs.append((baseline, "none.png", "no injection (mode none)"))
+    # the source runs once, with a budget that covers every swept window; each value edits from it
+    _bar(pipe, console.progress, "source")
+    source_pass = make_source(pipe, base, source_budget(base, options["sweep"]))
     images, modes, source = [], [], None
     for run_options, _, label in runs:
-        out = run_edit_images(pipe, run_options, console, desc=label)
+        _bar(pipe, console.progress, label)
+        out = edit_from_source(pipe, run_options, source_pass)
         source = source if source is not None else out.images[0]
         images.append(out.images[1])
         modes.append(out.edit_mode.value)
@@ -640,7 +762,18 @@ def cmd_edit(args, console: Console) -> int:
     if photo_sha256 and options["image"] and file_sha256(options["image"]) != photo_sha256:
         warnings.warn(f"--from {args.from_image}: the photo {options['image']} has changed since that image was made "
                       "(its SHA-256 differs), so the result will differ from it", UserWarning, stacklevel=1)
-    return _run_in_folder(args, options, slugify(options["to"][0]), run_edit, console)
+    limit = _source_limit(args)
+    kept = None
+    if args.from_image is not None and not args.no_reuse:
+        kept = find_kept_pass(args.from_image, options, console)
+    runner = functools.partial(run_edit, source_limit=limit, kept=kept)
+    return _run_in_folder(args, options, slugify(options["to"][0]), runner, console)
+
+
+def _source_limit(args) -> int:
+    """``--source-limit MIB`` in bytes (a usage error unless a whole number >= 0)."""
+    value = args.source_limit if args.source_limit is not None else SOURCE_LIMIT_MIB
+    return integer_option(value, "--source-limit", 0, "a whole number of MiB, 0 or more") * MIB
 
 
 def cmd_attention(args, console: Console) -> int:
@@ -866,7 +999,12 @@ def _add_edit(p) -> None:
                        help=f"how to invert --image: {', '.join(INVERT_METHODS)} (default {ARGUMENTS['method'].default})")
     group = p.add_argument_group("rerun")
     group.add_argument("--from", dest="from_image", metavar="IMAGE.png",
-                       help="take the prompts and settings stored in a PNG written by p2p as defaults; flags given override them")
+                       help="take the prompts and settings stored in a PNG written by p2p as defaults; flags given override them. "
+                            "The source pass saved beside it is reused when it matches (only the targets run)")
+    group.add_argument("--no-reuse", action="store_true", help="with --from: run the source again instead of reusing its saved pass")
+    group.add_argument("--source-limit", metavar="MIB",
+                       help=f"save the source pass (source.safetensors, for a later --from) when it is at most MIB MiB "
+                            f"(default {SOURCE_LIMIT_MIB}; 0: never)")
     _add_common(p)
 
 
