@@ -35,6 +35,7 @@ from .edits import EditMode
 from .imageio import OutputSet, file_sha256, remove_stale_temps
 from .model_folder import model_family
 from .source_reuse import budget_of, pass_record, record_mismatch
+from .web import SOURCE_LIMIT_MIB as web_source_limit_mib
 from .options import (
     ATTENTION_KEYS,
     BATCH_LINE_KEYS,
@@ -88,6 +89,8 @@ MIB = 2**20
 #: The file ``p2p edit`` saves its source pass to, in the run folder (``SourcePass.save`` writes
 #: its ``.json`` sidecar beside it).
 SOURCE_FILE = "source.safetensors"
+#: ``p2p serve --source-limit``'s default (the web module imports Gradio only when it serves).
+SERVE_SOURCE_LIMIT_MIB = web_source_limit_mib
 
 
 class RuntimeFailure(Exception):
@@ -770,9 +773,9 @@ def cmd_edit(args, console: Console) -> int:
     return _run_in_folder(args, options, slugify(options["to"][0]), runner, console)
 
 
-def _source_limit(args) -> int:
+def _source_limit(args, default: int = SOURCE_LIMIT_MIB) -> int:
     """``--source-limit MIB`` in bytes (a usage error unless a whole number >= 0)."""
-    value = args.source_limit if args.source_limit is not None else SOURCE_LIMIT_MIB
+    value = args.source_limit if args.source_limit is not None else default
     return integer_option(value, "--source-limit", 0, "a whole number of MiB, 0 or more") * MIB
 
 
@@ -830,6 +833,7 @@ def cmd_serve(args, console: Console) -> int:
     if port > MAX_PORT:
         raise UsageError(f"--port must be a port number from 1 to 65535, got {args.port!r}")
     host = args.host or SERVE_HOST
+    source_limit = _source_limit(args, SERVE_SOURCE_LIMIT_MIB)
     check_listen(host, port)
     model = model_option(args.model, "--model")
     dtype = choice_of(DTYPES)(args.dtype, "--dtype") if args.dtype is not None else None
@@ -841,7 +845,7 @@ def cmd_serve(args, console: Console) -> int:
 
     console.info(f"serving {model_label(model)} on http://{host}:{port} (Ctrl-C stops)")
     web.serve(host=host, port=port, model=model, device=device, dtype=dtype, output_dir=args.output_dir or SERVE_OUTPUT_DIR,
-              allow_pickle=args.allow_pickle)
+              allow_pickle=args.allow_pickle, source_limit_mib=source_limit // MIB)
     return 0
 
 
@@ -1036,6 +1040,9 @@ def _add_serve(p) -> None:
     p.add_argument("--host", help=f"address to bind (default {SERVE_HOST}: this machine only)")
     p.add_argument("--port", help=f"port (default {SERVE_PORT})")
     p.add_argument("--output-dir", metavar="DIR", help=f"where results are written (default {SERVE_OUTPUT_DIR})")
+    p.add_argument("--source-limit", metavar="MIB",
+                   help=f"keep each visitor's last source pass in memory, to re-edit from it, when it is at most MIB MiB "
+                        f"(default {SERVE_SOURCE_LIMIT_MIB}; 0: never)")
     _add_model_flags(p, quiet_help="no messages")
 
 
