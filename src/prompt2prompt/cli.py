@@ -942,10 +942,13 @@ EPILOGS = {
   p2p edit "a red circle on a blue background" --to "a red square on a blue background" --blend circle square --cross-steps 0.2:0.8
   p2p edit "a red circle on a blue background" --to "a red circle on a blue background" --reweight red=3
   p2p edit --from outputs/20261126-101500-a-red-square/edit-1.png --seed 7       # rerun a result, changing the seed
+  p2p edit --from outputs/20261126-101500-a-red-square/edit-1.png --to "a red star on a blue background"   # only the target runs
   p2p edit "a photo of a cat" --to "a photo of a dog" --image cat.jpg --invert null-text --model ./sd15
 
 Writes source.png, edit-1.png (one per --to), grid.png (prompts under the images, changed words
-marked in red and brackets) and result.json, and prints the edit mode and the aligned words.
+marked in red and brackets), source.safetensors (the source's pass, when at most --source-limit MiB)
+and result.json, and prints the edit mode and the aligned words. --from reuses the source pass saved
+beside IMAGE.png when its model, prompt, seed, steps, guidance and windows fit ("source reused from ...").
 """,
     "attention": """examples:
   p2p attention "a red circle next to a blue square on grass" --steps 30
@@ -960,7 +963,8 @@ and result.json.
   p2p sweep "a red circle on a blue background" --to "a red square on a blue background" --cross-steps 0,0.5,1 --self-steps 0.2
 
 Writes source.png, one image per --cross-steps value (cross-<value>.png), none.png (the target
-from the same noise with no attention injected), grid.png and result.json.
+from the same noise with no attention injected), grid.png and result.json. The source runs once;
+each value edits only the target from its pass.
 """,
     "batch": """example edits.jsonl (one edit per line; any p2p edit option by its long name with underscores):
   {"prompt": "a red circle on a blue background", "to": ["a red square on a blue background"], "seed": 1, "steps": 50}
