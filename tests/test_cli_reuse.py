@@ -207,3 +207,20 @@ def test_rerunning_into_the_folder_of_a_saved_pass_replaces_it(capsys, tmp_path)
 def test_help_tells_about_reuse(capsys):
     code, out, _ = run(capsys, "edit", "--help")
     assert code == 0 and "--no-reuse" in out and "--source-limit" in out
+
+
+def test_a_photos_pass_is_reused_without_inverting_again(capsys, tmp_path, rows):
+    photo = tmp_path / "photo.png"
+    PIL.Image.new("RGB", (64, 64), (40, 80, 220)).save(photo)
+    code, out, err = run(capsys, "edit", SRC, "--to", TGT, "--image", photo, "--invert", "ddim", *FAST, "-o", tmp_path / "first")
+    assert code == 0, err
+    inverted = _taken(rows)
+    assert inverted > STEPS * ROWS * 2  # the inversion's own UNet calls, the source's pass, the target
+    code, out, err = run(capsys, "edit", "--from", tmp_path / "first" / "edit-1.png", "--to", NEW, "-o", tmp_path / "reused")
+    assert code == 0, err
+    assert "source reused from" in out and _taken(rows) == STEPS * ROWS  # no inversion, no source
+    # another photo under the same name: not reused, the inversion runs again
+    PIL.Image.new("RGB", (64, 64), (220, 40, 40)).save(photo)
+    code, out, err = run(capsys, "edit", "--from", tmp_path / "first" / "edit-1.png", "--to", NEW, "-o", tmp_path / "changed")
+    assert code == 0, err
+    assert "not reused: this edit's photo is not the pass's" in out and _taken(rows) == inverted
