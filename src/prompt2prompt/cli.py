@@ -304,17 +304,27 @@ def source_budget(options: Mapping, cross_windows=None) -> dict:
     return budget_of([_window_arg(w) for w in cross], [_window_arg(options["self_steps"])])
 
 
-def make_source(pipe, options: Mapping, budget: Mapping):
-    """The source's pass for canonical edit options (from the seed's noise, or the photo's inversion)."""
+def make_source(pipe, options: Mapping, budget: Mapping) -> tuple:
+    """The source's pass for canonical edit options (from the seed's noise, or the photo's
+    inversion) -> ``(pass, the inversion or None)``."""
     kwargs = dict(num_inference_steps=options["steps"], guidance_scale=options["guidance"], **budget)
     if options.get("image"):
-        return _call(pipe.source, options["prompt"], inversion=_invert(pipe, options), **kwargs)
-    return _call(pipe.source, options["prompt"], generator=_generator(options["seed"]), **kwargs)
+        inversion = _invert(pipe, options)
+        return _call(pipe.source, options["prompt"], inversion=inversion, **kwargs), inversion
+    return _call(pipe.source, options["prompt"], generator=_generator(options["seed"]), **kwargs), None
 
 
-def edit_from_source(pipe, options: Mapping, source):
-    """The targets of canonical edit options, edited from ``source`` (a `SourcePass`)."""
-    return _call(pipe, options["prompt"], list(options["to"]), source=source, return_attention=False, **edit_kwargs(options))
+def edit_from_source(pipe, options: Mapping, source, inversion=None):
+    """The targets of canonical edit options, edited from ``source`` (a `SourcePass`; ``inversion``:
+    the one it was made from, if any)."""
+    kwargs = edit_kwargs(options)
+    try:
+        return pipe(options["prompt"], list(options["to"]), source=source, return_attention=False, **kwargs)
+    except ValueError as err:
+        if inversion is None or getattr(err, "argument", None) != "inversion":
+            return _call(pipe, options["prompt"], list(options["to"]), source=source, return_attention=False, **kwargs)
+    # a library that cannot yet edit from a photo's pass without its inversion: the full edit, from the inversion
+    return _call(pipe, options["prompt"], list(options["to"]), inversion=inversion, return_attention=False, **kwargs)
 
 
 class KeptPass:
@@ -342,8 +352,8 @@ def run_edit_images(pipe, options: dict, console: Console, desc: str | None = No
         else:
             console.info(f"source reused from {kept.path}")
             return out, kept.source, str(kept.path)
-    source = make_source(pipe, options, source_budget(options))
-    return edit_from_source(pipe, options, source), source, None
+    source, inversion = make_source(pipe, options, source_budget(options))
+    return edit_from_source(pipe, options, source, inversion), source, None
 
 
 def word_alignments(pipe, options: Mapping, mode) -> list:
@@ -515,7 +525,7 @@ def run_sweep(pipe, options: dict, folder: Path, env: Mapping, console: Console)
     runs.append((baseline, "none.png", "no injection (mode none)"))
     # the source runs once, with a budget that covers every swept window; each value edits from it
     _bar(pipe, console.progress, "source")
-    source_pass = make_source(pipe, base, source_budget(base, options["sweep"]))
+    source_pass, _ = make_source(pipe, base, source_budget(base, options["sweep"]))
     images, modes, source = [], [], None
     for run_options, _, label in runs:
         _bar(pipe, console.progress, label)

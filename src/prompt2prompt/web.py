@@ -357,7 +357,13 @@ class Editor:
                 source = self.pipe.source(req.prompt, inversion=self._inversion(req), **common)
             else:
                 source = self.pipe.source(req.prompt, generator=torch.Generator(device="cpu").manual_seed(req.seed), **common)
-            out = self.pipe(req.prompt, req.edit_prompts, source=source, **kwargs)
+            try:
+                out = self.pipe(req.prompt, req.edit_prompts, source=source, **kwargs)
+            except ValueError as err:
+                if not req.image or getattr(err, "argument", None) != "inversion":
+                    raise
+                # a library that cannot yet edit from a photo's pass without its inversion: the full edit
+                out = self.pipe(req.prompt, req.edit_prompts, inversion=self._inversion(req), **kwargs)
             kept = KeptSource(record, source) if source.nbytes <= self.source_limit_bytes else None
             size = f"{source.nbytes / MIB:.1f} MiB"
             keeping = (f"source pass kept for the next edit ({size})" if kept is not None
