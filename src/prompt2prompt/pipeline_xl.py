@@ -889,8 +889,8 @@ class Prompt2PromptXLPipeline(Prompt2PromptPipeline):
         """
         device = self._execution_device
         if source is not None:
-            num_inference_steps, guidance_scale, height, width, negative_prompt, latents = self._source_defaults(
-                source, edit_prompts, num_inference_steps, guidance_scale, height, width, negative_prompt, generator, latents)
+            num_inference_steps, guidance_scale, height, width, negative_prompt = self._source_defaults(
+                source, edit_prompts, num_inference_steps, guidance_scale, height, width, negative_prompt)
             prompt_2, negative_prompt_2, original_size, target_size = fill_defaults(
                 source, prompt_2=prompt_2, negative_prompt_2=negative_prompt_2, original_size=original_size, target_size=target_size).values()
         inputs = self.check_inputs(
@@ -904,7 +904,7 @@ class Prompt2PromptXLPipeline(Prompt2PromptPipeline):
         if source is not None:
             given = dict(negative_prompt=negative_prompt, prompt_2=prompt_2, negative_prompt_2=negative_prompt_2,
                          original_size=original_size, target_size=target_size)
-            self._check_source(source, inputs, plan, scheduler, eta, inversion, given)
+            latents = self._check_source(source, inputs, plan, scheduler, eta, inversion, given, generator, latents)
 
         # Algorithm 1: every prompt, source first, in one batch from the same initial latent
         guidance, n = inputs.do_classifier_free_guidance, len(inputs.prompts)
