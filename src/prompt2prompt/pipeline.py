@@ -916,8 +916,8 @@ class Prompt2PromptPipeline(DiffusionPipeline):
         """
         device = self._execution_device
         if source is not None:
-            num_inference_steps, guidance_scale, height, width, negative_prompt, latents = self._source_defaults(
-                source, edit_prompts, num_inference_steps, guidance_scale, height, width, negative_prompt, generator, latents)
+            num_inference_steps, guidance_scale, height, width, negative_prompt = self._source_defaults(
+                source, edit_prompts, num_inference_steps, guidance_scale, height, width, negative_prompt)
         inputs = self.check_inputs(
             prompt, edit_prompts, edit, equalizer, local_blend, self_replace_max_res, num_inference_steps, guidance_scale,
             height, width, negative_prompt, generator, latents, output_type, return_attention, return_self_attention,
@@ -926,7 +926,8 @@ class Prompt2PromptPipeline(DiffusionPipeline):
         scheduler, timesteps = self._prepare_scheduler(inputs.num_inference_steps, inversion, device)
         plan = self._plan_edit(inputs, len(timesteps), cross_replace_steps, self_replace_steps, equalizer, local_blend, device)
         if source is not None:
-            self._check_source(source, inputs, plan, scheduler, eta, inversion, dict(negative_prompt=negative_prompt))
+            latents = self._check_source(source, inputs, plan, scheduler, eta, inversion, dict(negative_prompt=negative_prompt),
+                                         generator, latents)
 
         # Algorithm 1: every prompt, source first, in one batch from the same initial latent
         guidance, n = inputs.do_classifier_free_guidance, len(inputs.prompts)
@@ -1080,25 +1081,28 @@ class Prompt2PromptPipeline(DiffusionPipeline):
         }
 
     @staticmethod
-    def _source_defaults(source, edit_prompts, num_inference_steps, guidance_scale, height, width, negative_prompt, generator, latents):
-        """A call's arguments with each None taken from the `SourcePass` (`source_pass.fill_defaults`);
-        the initial latents are the pass's noise when neither ``generator`` nor ``latents`` is given."""
+    def _source_defaults(source, edit_prompts, num_inference_steps, guidance_scale, height, width, negative_prompt):
+        """A call's arguments with each None taken from the `SourcePass` (`source_pass.fill_defaults`)."""
         check_is_pass(source)
         if edit_prompts is None:
             raise ArgumentError("edit_prompts", "with source=, give edit_prompts: the source's own image is the pass's (its latents[-1])")
         filled = fill_defaults(source, num_inference_steps=num_inference_steps, guidance_scale=guidance_scale, height=height,
                                width=width, negative_prompt=negative_prompt)
-        if generator is None and latents is None:
-            latents = source.noise
-        return (*filled.values(), latents)
+        return tuple(filled.values())
 
-    def _check_source(self, source: SourcePass, inputs: CheckedInputs, plan: EditPlan, scheduler, eta, inversion, given: dict) -> None:
+    def _check_source(self, source: SourcePass, inputs: CheckedInputs, plan: EditPlan, scheduler, eta, inversion, given: dict,
+                      generator, latents):
         """Refuse, before any UNet call, a `SourcePass` that is not this call's source pass, or that
-        kept less than the edit injects (`source_pass.check_same_pass`, `source_pass.check_budget`)."""
+        kept less than the edit injects (`source_pass.check_same_pass`, `source_pass.check_budget`).
+        Returns the call's initial latents: ``latents``, or the pass's noise when neither
+        ``generator``, ``latents`` nor an inversion gives them."""
         check_same_pass(source, self._pass_identity(inputs, scheduler, eta, inversion), given)
         takes_source = plan.mode is not EditMode.NONE
         cross_needed = [i for i, active in enumerate(plan.cross_active) if active] if takes_source else []
         check_budget(source, cross_needed, plan.self_steps if takes_source else (0, 0), plan.self_max_res)
+        if generator is None and latents is None and inversion is None:
+            return source.noise.to(device=self._execution_device, dtype=self.unet.dtype)
+        return latents
 
     def _targets_of(self, source: SourcePass, inputs: CheckedInputs, plan: EditPlan, generator, latents, embeds, added, extra,
                     argument: str | None):

@@ -469,3 +469,61 @@ def check_budget(source: SourcePass, cross_needed: list[int], self_steps: tuple[
     if not (kept_s[0] <= self_steps[0] and self_steps[1] <= kept_s[1]):
         raise ArgumentError("self_replace_steps", f"the edit injects self-attention at {_steps_text(*self_steps, total)}, but this "
                             f"SourcePass kept the source's self-attention for {_steps_text(*kept_s, total)} only; {fix}")
+
+
+# ----------------------------------------------------------------- size from shapes
+
+
+def _attention_layers(unet, latent_hw: tuple[int, int]) -> Iterable[tuple[bool, int, int, int]]:
+    """``(is_cross, side, pixels, inner_dim)`` of every attention layer of ``unet`` at latent size
+    ``latent_hw``, from the layer's name (its level, as `attention.attention_sides` reads it) and
+    its query projection's width; no weight is read (a UNet on the ``meta`` device will do)."""
+    from .attention import place_of  # the processors' naming of places; attention does not import this module
+
+    deepest = len(unet.config.down_block_types) - 1
+    for name, module in unet.named_modules():
+        if not (hasattr(module, "to_q") and hasattr(module, "is_cross_attention")):
+            continue
+        parts = name.split(".")
+        level = {"down": lambda: int(parts[1]), "mid": lambda: deepest, "up": lambda: deepest - int(parts[1])}[place_of(name)]()
+        h, w = latent_hw
+        for _ in range(level):
+            h, w = -(-h // 2), -(-w // 2)
+        yield bool(module.is_cross_attention), max(h, w), h * w, module.to_q.out_features
+
+
+def source_pass_bytes(unet, latent_hw: tuple[int, int], num_steps: int, cross_steps: tuple[int, int], self_steps: tuple[int, int],
+                      self_max_res: int, dtype: torch.dtype, tokens: int, text_width: int, generator_bytes: int = 0) -> int:
+    """The `SourcePass.nbytes` of a pass, computed from the UNet's shapes alone (no weights, no run).
+
+    Args:
+        unet: a diffusers `UNet2DConditionModel` (its weights may be on the ``meta`` device).
+        latent_hw: the latent ``(height, width)``.
+        num_steps: denoising steps.
+        cross_steps: ``(first, stop)`` steps whose cross-attention queries are kept.
+        self_steps: ``(first, stop)`` steps whose self-attention queries and keys are kept.
+        self_max_res: the largest side whose self-attention is kept.
+        dtype: the run's dtype (queries, keys, latents, text states); the maps are float32.
+        tokens: the text's token count (77 for CLIP).
+        text_width: the text states' width (``cross_attention_dim``).
+        generator_bytes: the size of a step-noise generator's state (0: a deterministic sampler).
+
+    Returns:
+        The bytes.
+    """
+    item = torch.empty(0, dtype=dtype).element_size()
+    channels = unet.config.in_channels
+    h, w = latent_hw
+    total = (num_steps + 2) * channels * h * w * item + tokens * text_width * item + generator_bytes  # latents, noise, text
+    cross_sides, self_sides = {}, {}
+    for is_cross, side, pixels, inner in _attention_layers(unet, latent_hw):
+        if is_cross:
+            total += (cross_steps[1] - cross_steps[0]) * pixels * inner * item  # queries
+            cross_sides[side] = pixels
+        else:
+            if side <= self_max_res:
+                total += (self_steps[1] - self_steps[0]) * 2 * pixels * inner * item  # queries and keys
+            self_sides[side] = pixels
+    total += sum(num_steps * pixels * tokens * 4 for pixels in cross_sides.values())  # summed maps per step
+    total += sum(pixels * pixels * 4 for pixels in self_sides.values())  # self-attention sums
+    return total
