@@ -209,8 +209,6 @@ def test_help_tells_about_reuse(capsys):
     assert code == 0 and "--no-reuse" in out and "--source-limit" in out
 
 
-@pytest.mark.xfail(reason="the core (i30-core 73b1265) cannot edit from a photo's pass yet: with source= and no inversion= it "
-                          "refuses inversion=None, and with inversion= it finds two initial latents", strict=False)
 def test_a_photos_pass_is_reused_without_inverting_again(capsys, tmp_path, rows):
     photo = tmp_path / "photo.png"
     PIL.Image.new("RGB", (64, 64), (40, 80, 220)).save(photo)
@@ -221,6 +219,12 @@ def test_a_photos_pass_is_reused_without_inverting_again(capsys, tmp_path, rows)
     code, out, err = run(capsys, "edit", "--from", tmp_path / "first" / "edit-1.png", "--to", NEW, "-o", tmp_path / "reused")
     assert code == 0, err
     assert "source reused from" in out and _taken(rows) == STEPS * ROWS  # no inversion, no source
+    assert (tmp_path / "first" / "inversion.safetensors").is_file()
+    code, _, err = run(capsys, "edit", "--from", tmp_path / "first" / "edit-1.png", "--to", NEW, "--no-reuse", "-o", tmp_path / "full")
+    assert code == 0, err
+    for name in ("source.png", "edit-1.png"):  # the full edit's images
+        assert_same_image(tmp_path / "reused" / name, tmp_path / "full" / name)
+    _taken(rows)
     # another photo under the same name: not reused, the inversion runs again
     PIL.Image.new("RGB", (64, 64), (220, 40, 40)).save(photo)
     code, out, err = run(capsys, "edit", "--from", tmp_path / "first" / "edit-1.png", "--to", NEW, "-o", tmp_path / "changed")

@@ -136,3 +136,17 @@ def test_the_bundled_models_pass_fits_the_default_limit(tmp_path, pipe):
 
     source = pipe.source("a big red circle on a blue background", num_inference_steps=50, cross_replace_steps=0.8, self_replace_steps=0.4)
     assert 0 < source.nbytes <= SOURCE_LIMIT_MIB * MIB
+
+
+def test_page_re_edits_a_photo_from_its_kept_pass(tmp_path, pipe):
+    from prompt2prompt.web import Editor
+
+    photo = tmp_path / "photo.png"
+    PIL.Image.new("RGB", (64, 64), (40, 80, 220)).save(photo)
+    visitor = Visitor(page(Editor(pipe, tmp_path / "out")))
+    with counting_rows(pipe) as rows:
+        _, status, errors = visitor.click(image=str(photo), inversion_method="ddim")
+        assert errors == {} and status.startswith("full edit") and visitor.kept.inversion is not None
+        rows.clear()
+        _, status, errors = visitor.click(image=str(photo), inversion_method="ddim", targets="a big red star on a blue background")
+        assert errors == {} and status.startswith("source reused") and sum(rows) == STEPS * ROWS  # no inversion, no source

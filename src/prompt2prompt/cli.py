@@ -89,6 +89,8 @@ MIB = 2**20
 #: The file ``p2p edit`` saves its source pass to, in the run folder (``SourcePass.save`` writes
 #: its ``.json`` sidecar beside it).
 SOURCE_FILE = "source.safetensors"
+#: For a photo, the inversion the pass was made from (``Inversion.save``), which an edit from the pass takes too.
+INVERSION_FILE = "inversion.safetensors"
 #: ``p2p serve --source-limit``'s default (the web module imports Gradio only when it serves).
 SERVE_SOURCE_LIMIT_MIB = web_source_limit_mib
 
@@ -316,44 +318,40 @@ def make_source(pipe, options: Mapping, budget: Mapping) -> tuple:
 
 def edit_from_source(pipe, options: Mapping, source, inversion=None):
     """The targets of canonical edit options, edited from ``source`` (a `SourcePass`; ``inversion``:
-    the one it was made from, if any)."""
-    kwargs = edit_kwargs(options)
-    try:
-        return pipe(options["prompt"], list(options["to"]), source=source, return_attention=False, **kwargs)
-    except ValueError as err:
-        if inversion is None or getattr(err, "argument", None) != "inversion":
-            return _call(pipe, options["prompt"], list(options["to"]), source=source, return_attention=False, **kwargs)
-    # a library that cannot yet edit from a photo's pass without its inversion: the full edit, from the inversion
-    return _call(pipe, options["prompt"], list(options["to"]), inversion=inversion, return_attention=False, **kwargs)
+    the photo's inversion it was made from, which the pipeline takes beside it)."""
+    extra = {"inversion": inversion} if inversion is not None else {}
+    return _call(pipe, options["prompt"], list(options["to"]), source=source, return_attention=False, **extra, **edit_kwargs(options))
 
 
 class KeptPass:
     """A source pass saved beside an earlier result, found by ``p2p edit --from``: ``path`` (its
-    file) and ``source`` (the loaded `SourcePass`)."""
+    file), ``source`` (the loaded `SourcePass`) and, for a photo, the `Inversion` it was made from."""
 
-    def __init__(self, path: Path, source):
-        self.path, self.source = path, source
+    def __init__(self, path: Path, source, inversion=None):
+        self.path, self.source, self.inversion = path, source, inversion
 
 
 def run_edit_images(pipe, options: dict, console: Console, desc: str | None = None, kept: KeptPass | None = None):
-    """One edit for canonical edit options -> ``(output, source pass, path it was reused from or None)``.
+    """One edit for canonical edit options -> ``(output, source pass, inversion or None, path the
+    pass was reused from or None)``.
 
     With ``kept``, the targets are edited from that pass when the pipeline takes it; when it does
     not (another budget, another source-side argument: the pipeline's `ArgumentError`, raised before
     any work), a one-line note says why and the edit runs in full. In full, the source's pass runs
-    first, then the targets, all in one batch, from it.
+    first (after the photo's inversion, if any), then all the targets, in one batch, from it.
     """
     _bar(pipe, console.progress, desc)
     if kept is not None:
+        extra = {"inversion": kept.inversion} if kept.inversion is not None else {}
         try:
-            out = pipe(options["prompt"], list(options["to"]), source=kept.source, return_attention=False, **edit_kwargs(options))
+            out = pipe(options["prompt"], list(options["to"]), source=kept.source, return_attention=False, **extra, **edit_kwargs(options))
         except ValueError as err:
             console.info(f"source pass {kept.path} not reused: {one_line(err)}; running the full edit")
         else:
             console.info(f"source reused from {kept.path}")
-            return out, kept.source, str(kept.path)
+            return out, kept.source, kept.inversion, str(kept.path)
     source, inversion = make_source(pipe, options, source_budget(options))
-    return edit_from_source(pipe, options, source, inversion), source, None
+    return edit_from_source(pipe, options, source, inversion), source, inversion, None
 
 
 def word_alignments(pipe, options: Mapping, mode) -> list:
@@ -366,30 +364,44 @@ def _photo_sha256(options: Mapping) -> str | None:
     return file_sha256(options["image"]) if options.get("image") else None
 
 
-def add_source_pass(files: OutputSet, source, options: Mapping, limit_bytes: int, reused_from: str | None, console: Console) -> dict:
-    """Add ``source`` (``SourcePass.save``'s files) to ``files`` when it is at most ``limit_bytes``;
-    returns what ``result.json`` records of it (its files, size, what made it, where it came from)."""
+def _saved_files(save, name: str) -> list[tuple[str, bytes]]:
+    """``save(path)`` into a temporary folder -> ``[(file name, bytes)]``, ``name`` first (then its sidecars)."""
     import tempfile
 
+    with tempfile.TemporaryDirectory(prefix="p2p-source-") as tmp:
+        save(Path(tmp) / name)
+        written = sorted(p for p in Path(tmp).iterdir() if p.is_file())
+        if name not in [p.name for p in written]:
+            raise RuntimeFailure(f"saving {name} wrote {[p.name for p in written]}")
+        return [(p.name, p.read_bytes()) for p in sorted(written, key=lambda p: p.name != name)]
+
+
+def add_source_pass(files: OutputSet, source, inversion, options: Mapping, limit_bytes: int, reused_from: str | None,
+                    console: Console) -> dict:
+    """Add ``source`` (``SourcePass.save``'s files, and for a photo ``Inversion.save``'s) to
+    ``files`` when they are at most ``limit_bytes`` together; returns what ``result.json`` records
+    of them (their files, size, what made the pass, where it came from)."""
     record = {"bytes": int(source.nbytes), "made_with": pass_record(options, _photo_sha256(options)), "limit_bytes": int(limit_bytes)}
     if reused_from is not None:
         record["reused_from"] = reused_from
-    if source.nbytes > limit_bytes:
+    saved = []
+    if limit_bytes > 0 and source.nbytes <= limit_bytes:
+        saved = _saved_files(source.save, SOURCE_FILE)
+        if inversion is not None:
+            saved += _saved_files(inversion.save, INVERSION_FILE)
+    total = sum(len(data) for _, data in saved) if saved else int(source.nbytes)
+    record["bytes"] = total
+    if not saved or total > limit_bytes:
         record["saved"] = False
         if limit_bytes > 0:
-            console.info(f"source pass not saved: {source.nbytes / MIB:.1f} MiB is over --source-limit {limit_bytes / MIB:g} MiB")
+            console.info(f"source pass not saved: {total / MIB:.1f} MiB is over --source-limit {limit_bytes / MIB:g} MiB")
         return record
-    with tempfile.TemporaryDirectory(prefix="p2p-source-") as tmp:
-        source.save(Path(tmp) / SOURCE_FILE)
-        written = sorted(p for p in Path(tmp).iterdir() if p.is_file())
-        names = [p.name for p in written]
-        if SOURCE_FILE not in names:
-            raise RuntimeFailure(f"SourcePass.save wrote {names}, not {SOURCE_FILE}")
-        for path in [Path(tmp) / SOURCE_FILE, *[p for p in written if p.name != SOURCE_FILE]]:
-            files.add(path.name, path.read_bytes())
-    record["saved"] = True
-    record["file"] = SOURCE_FILE
-    record["sidecars"] = [{"file": n} for n in names if n != SOURCE_FILE]
+    for name, data in saved:
+        files.add(name, data)
+    names = [n for n, _ in saved]
+    record.update(saved=True, file=SOURCE_FILE, sidecars=[{"file": n} for n in names if n not in (SOURCE_FILE, INVERSION_FILE)])
+    if inversion is not None:
+        record["inversion"] = {"file": INVERSION_FILE}
     return record
 
 
@@ -397,7 +409,7 @@ def run_edit(pipe, options: dict, folder: Path, env: Mapping, console: Console, 
              source_limit: int = SOURCE_LIMIT_MIB * MIB, kept: KeptPass | None = None) -> dict:
     """Run one edit and write its images, grid, source pass (when at most ``source_limit`` bytes) and
     result.json (last) into ``folder``; ``kept``: a saved pass to edit from (`run_edit_images`)."""
-    out, source, reused_from = run_edit_images(pipe, options, console, kept=kept)
+    out, source, inversion, reused_from = run_edit_images(pipe, options, console, kept=kept)
     mode = out.edit_mode
     alignments = word_alignments(pipe, options, mode)
     chosen = " (chosen by auto)" if options["mode"] == "auto" else ""
@@ -417,7 +429,7 @@ def run_edit(pipe, options: dict, folder: Path, env: Mapping, console: Console, 
     grid = labelled_grid(list(out.images), prompts, [source_marks, *[a.changed_target for a in alignments]])
     meta = image_metadata(command, options, env, "grid", len(prompts), count, "grid.png", None, edit_mode=mode.value)
     files.add_png("grid.png", grid, meta, parameters_text(meta))
-    source_pass = add_source_pass(files, source, options, source_limit, reused_from, console)
+    source_pass = add_source_pass(files, source, inversion, options, source_limit, reused_from, console)
     result = {
         "command": command,
         "version": __version__,
@@ -465,12 +477,20 @@ def find_kept_pass(from_image: str, options: Mapping, console: Console) -> KeptP
     if mismatch:
         console.info(f"source pass {path} not reused: {mismatch}; running the full edit")
         return None
+    inversion_file = (record.get("inversion") or {}).get("file") if isinstance(record.get("inversion"), dict) else None
     try:
         source = SourcePass.load(path)
+        inversion = None
+        if options.get("image"):
+            from .inversion import Inversion
+
+            if not isinstance(inversion_file, str):
+                raise ValueError("the photo's inversion was not saved beside it")
+            inversion = Inversion.load(folder / inversion_file)
     except (OSError, ValueError) as err:
         console.info(f"source pass {path} not reused: it cannot be read ({one_line(err)}); running the full edit")
         return None
-    return KeptPass(path, source)
+    return KeptPass(path, source, inversion)
 
 
 def run_attention(pipe, options: dict, folder: Path, env: Mapping, console: Console) -> dict:

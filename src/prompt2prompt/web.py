@@ -141,6 +141,7 @@ class KeptSource:
 
     record: dict
     source: Any
+    inversion: Any = None  # a photo's `Inversion`, which edits from the pass take beside it
 
     @property
     def nbytes(self) -> int:
@@ -346,7 +347,8 @@ class Editor:
         out, reused, note = None, False, ""
         if kept is not None and kept.record == record:
             try:
-                out = self.pipe(req.prompt, req.edit_prompts, source=kept.source, **kwargs)
+                extra = {"inversion": kept.inversion} if kept.inversion is not None else {}
+                out = self.pipe(req.prompt, req.edit_prompts, source=kept.source, **extra, **kwargs)
                 reused = True
             except ValueError as err:  # beyond the pass's budget: the full edit below (which reports a real error)
                 note = f" (the kept source pass did not fit: {err})"
@@ -357,14 +359,9 @@ class Editor:
                 source = self.pipe.source(req.prompt, inversion=self._inversion(req), **common)
             else:
                 source = self.pipe.source(req.prompt, generator=torch.Generator(device="cpu").manual_seed(req.seed), **common)
-            try:
-                out = self.pipe(req.prompt, req.edit_prompts, source=source, **kwargs)
-            except ValueError as err:
-                if not req.image or getattr(err, "argument", None) != "inversion":
-                    raise
-                # a library that cannot yet edit from a photo's pass without its inversion: the full edit
-                out = self.pipe(req.prompt, req.edit_prompts, inversion=self._inversion(req), **kwargs)
-            kept = KeptSource(record, source) if source.nbytes <= self.source_limit_bytes else None
+            inversion = self._inversion(req) if req.image else None  # the pipeline takes a photo's inversion beside its pass
+            out = self.pipe(req.prompt, req.edit_prompts, source=source, **({"inversion": inversion} if inversion else {}), **kwargs)
+            kept = KeptSource(record, source, inversion) if source.nbytes <= self.source_limit_bytes else None
             size = f"{source.nbytes / MIB:.1f} MiB"
             keeping = (f"source pass kept for the next edit ({size})" if kept is not None
                        else f"source pass not kept: {size} is over the {self.source_limit_bytes / MIB:g} MiB limit")
