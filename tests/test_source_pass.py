@@ -171,6 +171,14 @@ def test_sdxl_edits_from_a_kept_pass_equal_the_full_edit(xl, kind):
     assert_same(ref, xl(PROMPT, source=src, **common, **kwargs))
 
 
+@pytest.mark.parametrize("method", ["null-text", "direct"])
+def test_sdxl_inversion_edits_from_a_kept_pass_match(xl, method):
+    inv = xl.invert(picture(), PROMPT, method=method, num_inference_steps=STEPS, num_inner_steps=2)
+    src = xl.source(PROMPT, inversion=inv, **dict(BUDGET, self_replace_max_res=8))
+    kw = dict(inversion=inv, output_type="pt", self_replace_max_res=8, local_blend=LocalBlend("square", "circle", start=0.25))
+    assert_same(xl(PROMPT, "a red circle and a blue circle", **kw), xl(PROMPT, "a red circle and a blue circle", source=src, **kw))
+
+
 def test_sdxl_refuses_other_conditions(xl):
     src = xl.source(PROMPT, num_inference_steps=STEPS, generator=seed(), negative_prompt="blurry", **dict(BUDGET, self_replace_max_res=8))
     for name, value in [("original_size", (64, 64)), ("crops_coords_top_left", (2, 2)), ("target_size", (16, 16)),
