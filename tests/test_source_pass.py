@@ -171,6 +171,14 @@ def test_sdxl_edits_from_a_kept_pass_equal_the_full_edit(xl, kind):
     assert_same(ref, xl(PROMPT, source=src, **common, **kwargs))
 
 
+@pytest.mark.parametrize("method", ["null-text", "direct"])
+def test_sdxl_inversion_edits_from_a_kept_pass_match(xl, method):
+    inv = xl.invert(picture(), PROMPT, method=method, num_inference_steps=STEPS, num_inner_steps=2)
+    src = xl.source(PROMPT, inversion=inv, **dict(BUDGET, self_replace_max_res=8))
+    kw = dict(inversion=inv, output_type="pt", self_replace_max_res=8, local_blend=LocalBlend("square", "circle", start=0.25))
+    assert_same(xl(PROMPT, "a red circle and a blue circle", **kw), xl(PROMPT, "a red circle and a blue circle", source=src, **kw))
+
+
 def test_sdxl_refuses_other_conditions(xl):
     src = xl.source(PROMPT, num_inference_steps=STEPS, generator=seed(), negative_prompt="blurry", **dict(BUDGET, self_replace_max_res=8))
     for name, value in [("original_size", (64, 64)), ("crops_coords_top_left", (2, 2)), ("target_size", (16, 16)),
@@ -280,6 +288,21 @@ def test_nbytes_is_the_sum_of_the_tensors_and_the_shapes_predict_it(sd1, passes)
 def test_device_cpu_keeps_the_tensors_on_the_cpu(sd1):
     src = sd1.source(PROMPT, num_inference_steps=2, generator=seed(), device="cpu")
     assert {t.device.type for t in src.tensors().values()} == {"cpu"}
+    moved = src.to("cpu")
+    assert moved is not src and moved.nbytes == src.nbytes and moved.identity == src.identity
+    assert "SourcePass(prompt='a red circle and a blue square', steps=2" in repr(src) and "tensor" not in repr(src)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
+def test_a_pass_kept_on_the_cpu_edits_on_the_gpu(tiny_sd1):
+    import copy
+
+    pipe = make(copy.deepcopy(tiny_sd1)).to("cuda")  # a copy: the session's models stay on the CPU
+    src = pipe.source(PROMPT, num_inference_steps=STEPS, generator=torch.Generator("cuda").manual_seed(3), device="cpu", **BUDGET)
+    assert {t.device.type for t in src.tensors().values()} == {"cpu"}
+    kw = dict(output_type="pt", local_blend=LocalBlend("square", "circle"))
+    ref = pipe(PROMPT, "a red circle and a blue circle", num_inference_steps=STEPS, generator=torch.Generator("cuda").manual_seed(3), **kw)
+    assert_same(ref, pipe(PROMPT, "a red circle and a blue circle", source=src, **kw), atol=1e-3)
 
 
 def test_save_and_load_round_trip(sd1, passes, tmp_path):

@@ -34,6 +34,7 @@ pass is about 1.1 GB (`source_pass_bytes` computes it from the shapes: see docs/
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import os
@@ -139,6 +140,31 @@ class SourcePass:
     def nbytes(self) -> int:
         """The bytes of all the pass's tensors (`tensors`)."""
         return sum(t.numel() * t.element_size() for t in self.tensors().values())
+
+    def __repr__(self) -> str:
+        model = self.identity.get("model", {})
+        return (f"SourcePass(prompt={self.prompt!r}, steps={self.num_inference_steps}, model={model.get('name_or_path')!r} "
+                f"({model.get('family')}, {model.get('dtype')}), cross_steps={self.cross_steps}, self_steps={self.self_steps}, "
+                f"self_max_res={self.self_max_res}, nbytes={self.nbytes:,}, device={self.latents.device})")
+
+    def to(self, device) -> "SourcePass":
+        """A copy of the pass with its tensors on ``device`` (the generator's state stays on the CPU).
+
+        Args:
+            device: where the copy's tensors go (``"cpu"``, ``"cuda"``).
+
+        Returns:
+            A new `SourcePass`; this one is unchanged.
+        """
+        def move(table: dict) -> dict:
+            return {k: v.to(device) for k, v in table.items()}
+
+        return dataclasses.replace(
+            self, identity=dict(self.identity), given=dict(self.given), noise=self.noise.to(device), latents=self.latents.to(device),
+            text_states=self.text_states.to(device), self_queries=move(self.self_queries), self_keys=move(self.self_keys),
+            cross_queries=move(self.cross_queries), cross_maps=move(self.cross_maps), self_maps=move(self.self_maps),
+            self_calls=dict(self.self_calls),
+        )
 
     def row(self, what: str, layer: str | None, step: int, device) -> torch.Tensor | None:
         """One kept source row ``(1, ...)`` on ``device``, or None where it was not kept.
