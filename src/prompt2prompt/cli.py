@@ -83,7 +83,7 @@ MAX_PORT = 65535
 SERVE_OUTPUT_DIR = "outputs/web"
 #: ``p2p edit`` saves its source pass beside its result when it is at most this many MiB
 #: (``--source-limit``; 0 never saves one). The bundled model's pass at 50 steps is far below it;
-#: SD 1.5's at 512 px is over it (keep it with ``--source-limit 2000``).
+#: SD 1.5's at 512 px is over it (1.22 GB in fp16: keep it with ``--source-limit 1300``).
 SOURCE_LIMIT_MIB = 256
 MIB = 2**20
 #: The file ``p2p edit`` saves its source pass to, in the run folder (``SourcePass.save`` writes

@@ -35,7 +35,7 @@ QUEUE_SIZE = 32
 #: The page keeps each visitor's last source pass (in a ``gr.State``) when it is at most this many
 #: MiB, and edits from it while only the target-side settings change (targets, windows within the
 #: pass's budget, re-weighting, local blend). The bundled model's pass at the page's settings fits
-#: with room to spare; SD 1.5's at 512 px does not (``p2p serve --source-limit 1600`` keeps it).
+#: with room to spare; SD 1.5's at 512 px does not (``p2p serve --source-limit 1300`` keeps it).
 SOURCE_LIMIT_MIB = 256
 MIB = 2**20
 #: Seconds a visitor's kept pass lives after their last edit (the memory is freed after it).
