@@ -316,9 +316,14 @@ class P2PController:
     # ------------------------------------------------------------- a kept source pass
 
     def _keep(self, x: torch.Tensor) -> torch.Tensor:
-        """A contiguous copy of ``x`` on the capture's device (one copy, holding nothing of the batch)."""
-        out = torch.empty(x.shape, dtype=x.dtype, device=self.keep_device or x.device)
-        return out.copy_(x)
+        """A contiguous copy of ``x`` on the capture's device (one copy, holding nothing of the batch).
+        From a GPU to the CPU the copy goes into pinned memory without waiting for it (the capture
+        synchronises once at its end), so the loop never stalls on a copy, and a later edit's copy
+        back to the GPU does not either."""
+        device = torch.device(self.keep_device or x.device)
+        pinned = x.is_cuda and device.type == "cpu"
+        out = torch.empty(x.shape, dtype=x.dtype, device=device, pin_memory=pinned)
+        return out.copy_(x, non_blocking=pinned)
 
     def keep_self(self, layer: str, step: int, side: int, query: torch.Tensor, key: torch.Tensor) -> None:
         """In a capture, keep the source's self-attention queries and keys of a layer where the
