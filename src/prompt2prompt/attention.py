@@ -149,7 +149,7 @@ class P2PController:
             return x[self.cond.start : self.cond.start + 1]  # (1, ...)
         return self.source.row(what, layer, step, x.device)
 
-    def with_source_rows(self, x: torch.Tensor, source_row: torch.Tensor, append_targets: bool = False) -> torch.Tensor:
+    def with_source_rows(self, x: torch.Tensor, append_targets: bool = False, source_row: torch.Tensor | None = None) -> torch.Tensor:
         """``x`` (batch, ...) with each target row of the conditional half replaced by the source's
         row: one concatenation (rows before the targets, the source's row repeated, the rest), and
         with ``append_targets`` the targets' own rows after them (batch + targets, ...).
@@ -157,13 +157,15 @@ class P2PController:
         Args:
             x: ``(batch, ...)`` rows in the batch layout (e.g. queries ``(batch, heads, pixels, dim)``
                 or text states ``(batch, tokens, channels)``).
-            source_row: ``(1, ...)`` the source's row (`source_row`).
             append_targets: also append the conditional targets' own rows of ``x`` at the end.
+            source_row: ``(1, ...)`` the source's row (`source_row`); None: the batch's (not in cached mode).
 
         Returns:
             ``(batch, ...)``, or ``(batch + targets, ...)`` with ``append_targets``; a new tensor.
         """
         t = self.targets
+        if source_row is None:
+            source_row = x[self.cond.start : self.cond.start + 1]  # (1, ...)
         parts = [x[: t.start], source_row.expand(t.stop - t.start, *x.shape[1:]), x[t.stop :]]
         if append_targets:
             parts.append(x[t])
@@ -208,7 +210,7 @@ class P2PController:
             ``(batch, tokens, channels)``, or ``(batch + targets, tokens, channels)`` with ``append_targets``.
         """
         return self._per_step(step, f"keys{int(append_targets)}", states,
-                              lambda: self.with_source_rows(states, self.source_row(states, "text"), append_targets))
+                              lambda: self.with_source_rows(states, append_targets, self.source_row(states, "text")))
 
     def injected_states(self, inj: ValueInjection, step: int, states: torch.Tensor) -> torch.Tensor:
         """Text states whose value projections are the edit's values (`edit_ops.value_weights`).
@@ -316,9 +318,14 @@ class P2PController:
     # ------------------------------------------------------------- a kept source pass
 
     def _keep(self, x: torch.Tensor) -> torch.Tensor:
-        """A contiguous copy of ``x`` on the capture's device (one copy, holding nothing of the batch)."""
-        out = torch.empty(x.shape, dtype=x.dtype, device=self.keep_device or x.device)
-        return out.copy_(x)
+        """A contiguous copy of ``x`` on the capture's device (one copy, holding nothing of the batch).
+        From a GPU to the CPU the copy goes into pinned memory without waiting for it (the capture
+        synchronises once at its end), so the loop never stalls on a copy, and a later edit's copy
+        back to the GPU does not either."""
+        device = torch.device(self.keep_device or x.device)
+        pinned = x.is_cuda and device.type == "cpu"
+        out = torch.empty(x.shape, dtype=x.dtype, device=device, pin_memory=pinned)
+        return out.copy_(x, non_blocking=pinned)
 
     def keep_self(self, layer: str, step: int, side: int, query: torch.Tensor, key: torch.Tensor) -> None:
         """In a capture, keep the source's self-attention queries and keys of a layer where the
@@ -485,8 +492,8 @@ class P2PAttnProcessor:
         if step is not None:
             ctrl.keep_self(self.key, step, side, query, key)
         if step is not None and ctrl.plan is not None and ctrl.plan.self_active(step, side):
-            query = ctrl.with_source_rows(query, ctrl.source_row(query, "self_q", self.key, step))  # (batch, heads, pixels, dim)
-            key = ctrl.with_source_rows(key, ctrl.source_row(key, "self_k", self.key, step))  # (batch, heads, pixels, dim)
+            query = ctrl.with_source_rows(query, source_row=ctrl.source_row(query, "self_q", self.key, step))  # (batch, heads, pixels, dim)
+            key = ctrl.with_source_rows(key, source_row=ctrl.source_row(key, "self_k", self.key, step))  # (batch, heads, pixels, dim)
         if step is not None and side in ctrl.self_record_sides:
             ctrl.record_self(side, query[ctrl.cond.start], key[ctrl.cond.start], attn.scale)
         return F.scaled_dot_product_attention(query, key, value, attn_mask=attention_mask, dropout_p=0.0, is_causal=False, scale=attn.scale)
@@ -521,7 +528,7 @@ class P2PAttnProcessor:
             ctrl.record(max(hw), hw, _probabilities(attn, query[ctrl.cond], own_key[ctrl.cond], None))
         if source_keys:
             source_query = ctrl.source_row(query, "cross_q", self.key, step)  # (1, heads, pixels, dim)
-            query = ctrl.with_source_rows(query, source_query, append_targets=injection.both_terms)  # (batch [+ targets], heads, pixels, dim)
+            query = ctrl.with_source_rows(query, injection.both_terms, source_query)  # (batch [+ targets], heads, pixels, dim)
         out = F.scaled_dot_product_attention(query, key, value, dropout_p=0.0, is_causal=False, scale=attn.scale)  # (batch [+ targets], heads, pixels, dim)
         if not injection.both_terms:
             return out

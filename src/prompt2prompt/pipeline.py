@@ -1051,6 +1051,8 @@ class Prompt2PromptPipeline(DiffusionPipeline):
                       null_embeds, trajectory, controller)
         src.self_maps = {side: m.to(keep) for side, m in controller.self_maps.items()}
         src.self_calls = dict(controller.self_calls)
+        if run_device.type == "cuda":  # the kept copies into pinned CPU memory were not waited for
+            torch.cuda.synchronize(run_device)
         self.maybe_free_model_hooks()
         return src
 

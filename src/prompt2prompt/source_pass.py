@@ -54,6 +54,9 @@ FORMAT_VERSION = 1
 IDENTITY_ORDER = ("prompt", "num_inference_steps", "guidance_scale", "height", "width", "negative_prompt", "scheduler", "eta",
                   "inversion", "prompt_2", "negative_prompt_2", "original_size", "crops_coords_top_left", "target_size",
                   "guidance_rescale")
+#: The call's arguments whose None takes the pass's value (`fill_defaults`).
+FILLED = frozenset({"num_inference_steps", "guidance_scale", "height", "width", "negative_prompt", "prompt_2", "negative_prompt_2",
+                    "original_size", "target_size"})
 #: Identity fields that are no argument of the call: their mismatch is reported as ``source``.
 _NOT_ARGUMENTS = {"scheduler"}
 
@@ -412,8 +415,20 @@ def check_same_pass(source: SourcePass, identity: Mapping, given: Mapping | None
                                 "new pass with pipe.source(...)")
         if given and name in given and name in source.given:
             yours, mine = given[name], source.given[name]
-        raise ArgumentError(name, f"{name}={_shown(yours)} but this SourcePass was made with {name}={_shown(mine)}; leave it out "
-                            f"(None takes the pass's) or make a new pass with pipe.source(..., {name}=...)")
+        if name == "prompt":
+            raise ArgumentError(name, f"prompt={_shown(yours)} but this SourcePass is of the prompt {_shown(mine)}; pass that prompt "
+                                "(edit through edit_prompts), or make a pass of this one with pipe.source(prompt, ...)")
+        if name == "inversion":
+            if mine is None:
+                what = "this SourcePass was made without an inversion; drop inversion="
+            elif yours is None:
+                what = "this SourcePass was made from an inversion; pass that inversion (inversion=inv) to the call too"
+            else:
+                what = "the call's inversion is not the one this SourcePass was made from; pass that one"
+            raise ArgumentError(name, f"{what}, or make a new pass with pipe.source(prompt, inversion=...)")
+        fix = "leave it out (None takes the pass's)" if name in FILLED else f"pass {name}={_shown(mine)}"
+        raise ArgumentError(name, f"{name}={_shown(yours)} but this SourcePass was made with {name}={_shown(mine)}; {fix} "
+                            f"or make a new pass with pipe.source(..., {name}=...)")
 
 
 def _shown(value) -> str:
