@@ -133,6 +133,20 @@ def test_a_stochastic_sampler_draws_the_sources_step_noise(tiny_sd1, scheduler, 
     assert err.value.argument == "generator"
 
 
+def test_a_guidance_distilled_unet_with_an_lcm_sampler(tiny_sd1):
+    """An LCM UNet takes the guidance as ``timestep_cond``, one row per batch row: the targets' rows only."""
+    from diffusers import LCMScheduler, UNet2DConditionModel
+
+    torch.manual_seed(5)
+    config = {k: v for k, v in tiny_sd1["unet"].config.items() if k != "_use_default_values"}
+    unet = UNet2DConditionModel.from_config({**config, "time_cond_proj_dim": 8}).eval()
+    pipe = make(dict(tiny_sd1, unet=unet, scheduler=LCMScheduler.from_config(tiny_sd1["scheduler"].config)))
+    kw = dict(num_inference_steps=STEPS, guidance_scale=4.0, output_type="pt")
+    src = pipe.source(PROMPT, generator=seed(), num_inference_steps=STEPS, guidance_scale=4.0, **BUDGET)
+    ref = pipe(PROMPT, "a red circle and a blue circle", generator=seed(), **kw)
+    assert_same(ref, pipe(PROMPT, "a red circle and a blue circle", source=src, **kw))
+
+
 def picture(size=(32, 32)):
     rng = np.random.default_rng(0)
     return np.asarray(PIL.Image.fromarray(rng.integers(0, 256, (4, 4, 3), dtype=np.uint8)).resize(size, PIL.Image.BICUBIC))
