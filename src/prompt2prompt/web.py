@@ -354,7 +354,8 @@ class Editor:
                 note = f" (the kept source pass did not fit: {err})"
         if out is None:
             budget = {"cross_replace_steps": kwargs["cross_replace_steps"], "self_replace_steps": kwargs["self_replace_steps"]}
-            common = {"num_inference_steps": req.num_inference_steps, "guidance_scale": req.guidance_scale, **budget}
+            # kept in the machine's memory, not the GPU's: one pass per visitor must not crowd out the model
+            common = {"num_inference_steps": req.num_inference_steps, "guidance_scale": req.guidance_scale, "device": "cpu", **budget}
             if req.image:
                 source = self.pipe.source(req.prompt, inversion=self._inversion(req), **common)
             else:
