@@ -18,6 +18,20 @@ steps and guidance scale:
   with three targets; its plain side generates four prompts) and ``attention`` (the source alone
   with its cross-attention maps recorded, as ``p2p attention``; plain generates one prompt) can be added with ``--variants``.
 
+Two opt-in variants time re-editing from a kept source pass (issue 30) instead of plain generation:
+
+* ``reedit``: the ``replace`` edit from a ``SourcePass`` made once beforehand (``pipe.source``, its
+  budget the edit's windows) against the same full edit; only the target rows run.
+* ``sweep6``: ``p2p sweep``'s six cross-attention windows (0, 0.2, ..., 1.0): one ``pipe.source``
+  (budget: the widest window) and six edits from it, against six full edits.
+
+* ``first_edit``: what ``p2p edit`` and the web page do to keep a pass: ``pipe.source`` and then
+  the targets from it (two calls), against the one full call.
+
+Their rows compare "full" (the ``plain`` columns) with "from pass" (the ``edit`` columns); the
+passes' sizes (``SourcePass.nbytes``) and the largest pixel difference between an image made from
+the pass and the full edit's are printed and written to the JSON.
+
 Each variant gets a warm-up pair, then ``--repeats`` pairs; within a repeat every variant runs a
 plain call and an edit call back to back, alternating which goes first, so that drift (thermal,
 clocks, caches) hits both sides equally. Reported: the median seconds of each side and their ratio.
@@ -62,7 +76,12 @@ from pathlib import Path
 import torch
 
 REPO = Path(__file__).resolve().parents[1]
-ALL_VARIANTS = ("replace", "replace_localblend", "none", "replace_noattn", "refine", "reweight", "three_targets", "attention")
+ALL_VARIANTS = ("replace", "replace_localblend", "none", "replace_noattn", "refine", "reweight", "three_targets", "attention",
+                "reedit", "sweep6", "first_edit")
+#: Variants that time editing from a `SourcePass` against full edits (not against plain generation).
+REEDIT_VARIANTS = ("reedit", "sweep6", "first_edit")
+#: The cross-attention windows of ``sweep6`` (``p2p sweep``'s default values).
+SWEEP_VALUES = (0.0, 0.2, 0.4, 0.6, 0.8, 1.0)
 DEFAULT_VARIANTS = ("replace", "replace_localblend", "none")
 XL_MODELS = ("sdxl-tiny", "sdxl-shape")
 MODELS_HELP = "tiny, small, overhead, sd15-shape, sdxl-tiny, sdxl-shape or path:/folder"
@@ -476,10 +495,51 @@ def main(argv=None):
         return [args.source, args.target]
 
     def plain_fn(variant):
+        if variant in REEDIT_VARIANTS:
+            return reedit_fns(variant)[0]
         prompts = prompts_of(variant)
         return lambda: plain(prompt=prompts, latents=noise.expand(len(prompts), -1, -1, -1).clone(), **common)
 
+    sizing = dict(num_inference_steps=steps, guidance_scale=args.guidance, height=size, width=size)
+    replace = dict(edit="replace", cross_replace_steps=0.8, self_replace_steps=0.4)
+    passes = {}
+
+    def source_pass(name, cross_budget):
+        """The `SourcePass` of the source prompt from the benchmark's noise (made once, untimed for ``reedit``)."""
+        return p2p.source(args.source, latents=noise.clone(), cross_replace_steps=cross_budget, self_replace_steps=0.4, **sizing)
+
+    def full_edit(cross, output_type=args.output_type):
+        return p2p(prompt=args.source, edit_prompts=[args.target], latents=noise.clone(),
+                   **{**replace, "cross_replace_steps": cross}, **{**common, "output_type": output_type})
+
+    def from_pass(src, cross, output_type=args.output_type):
+        return p2p(prompt=args.source, edit_prompts=[args.target], source=src,
+                   **{**replace, "cross_replace_steps": cross}, **{**common, "output_type": output_type})
+
+    def reedit_fns(variant):
+        """(full side, from-pass side) of a re-edit variant."""
+        if variant == "first_edit":
+            return (lambda: full_edit(0.8)), (lambda: from_pass(source_pass("first_edit", 0.8), 0.8))
+        if variant == "reedit":
+            if "reedit" not in passes:
+                passes["reedit"] = source_pass("reedit", 0.8)
+            return (lambda: full_edit(0.8)), (lambda: from_pass(passes["reedit"], 0.8))
+
+        def sweep_full():
+            for value in SWEEP_VALUES:
+                full_edit(value)
+
+        def sweep_from_pass():
+            src = source_pass("sweep6", max(SWEEP_VALUES))
+            passes["sweep6"] = src
+            for value in SWEEP_VALUES:
+                from_pass(src, value)
+
+        return sweep_full, sweep_from_pass
+
     def edit_fn(variant):
+        if variant in REEDIT_VARIANTS:
+            return reedit_fns(variant)[1]
         kwargs = dict(edit="replace", cross_replace_steps=0.8, self_replace_steps=0.4)
         if variant == "replace_localblend":
             kwargs["local_blend"] = LocalBlend([args.blend_words[0]], [args.blend_words[1]])
@@ -505,7 +565,18 @@ def main(argv=None):
     memory_what = probe.name if probe is not None else "not measured (CUDA, or Linux /proc for CPU RSS)"
 
     results = {}
+    reedit = {}
     with torch.inference_mode():
+        if any(v in REEDIT_VARIANTS for v in variants):  # the images from a pass equal the full edit's
+            check = source_pass("check", max(SWEEP_VALUES))
+            diffs = []
+            for value in (0.8, 0.4):
+                full = full_edit(value, "np").images
+                kept = from_pass(check, value, "np").images
+                diffs.append(float(abs(full - kept).max()))
+            reedit["max_pixel_diff_vs_full"] = max(diffs)
+            reedit["checked_cross_windows"] = [0.8, 0.4]
+            del check
         for variant in variants:
             fn, run_plain = edit_fn(variant), plain_fn(variant)
             for _ in range(args.warmup):
@@ -542,6 +613,8 @@ def main(argv=None):
             row["extra_ratio"] = row["edit_extra_bytes"] / row["plain_extra_bytes"] if row["plain_extra_bytes"] > 0 else None
         rows.append(row)
 
+    for name, src in passes.items():
+        reedit[f"{name}_source_pass_bytes"] = int(src.nbytes)
     command = " ".join(shlex.quote(a) for a in ["python", *([sys.argv[0]] if argv is None else ["speed.py"]), *(sys.argv[1:] if argv is None else argv)])
     unet = components["unet"]
     meta = {
@@ -564,6 +637,8 @@ def main(argv=None):
         "target": args.target,
         "unet_params_m": round(sum(p.numel() for p in unet.parameters()) / 1e6, 2),
         "memory": memory_what,
+        "reedit": reedit or None,
+        "sweep_values": list(SWEEP_VALUES) if "sweep6" in variants else None,
         "versions": {
             "python": platform.python_version(),
             "torch": torch.__version__,
@@ -593,6 +668,11 @@ def main(argv=None):
     print(header)
     print("-" * len(header))
     for row in rows:
+        if row["variant"] in REEDIT_VARIANTS:
+            row["baseline"] = "six full edits" if row["variant"] == "sweep6" else "the full edit (one call)"
+            row["sides"] = {"plain": "full", "edit": "from the source pass"}
+    print(f"{'':<20}(reedit, sweep6, first_edit: 'plain' = the full edit(s), 'edit' = through a SourcePass)" if reedit else "", end="\n" if reedit else "")
+    for row in rows:
         line = f"{row['variant']:<20}{row['plain_s']:>10.3f}{row['edit_s']:>10.3f}{row['time_ratio']:>8.3f}"
         spread = "{:.3f}-{:.3f} / {:.3f}-{:.3f}".format(*row["plain_spread_s"], *row["edit_spread_s"])
         line += f"{spread:>34}"
@@ -606,6 +686,11 @@ def main(argv=None):
             )
         print(line)
 
+    for name in ("reedit", "sweep6"):
+        if f"{name}_source_pass_bytes" in reedit:
+            print(f"SourcePass ({name}): {reedit[f'{name}_source_pass_bytes'] / 2**20:.2f} MiB")
+    if "max_pixel_diff_vs_full" in reedit:
+        print(f"from the pass vs full edit: largest pixel difference {reedit['max_pixel_diff_vs_full']:.3g} (images in [0, 1])")
     if args.json:
         out = Path(args.json)
         out.parent.mkdir(parents=True, exist_ok=True)

@@ -37,6 +37,7 @@ NO_FLAG = {
     "return_dict", "return_attention", "cross_attention_kwargs", "return_self_attention", "truncate_prompts",
     "num_inner_steps", "early_stop_epsilon", "cuda_graph",
     "prompt_2", "negative_prompt_2", "original_size", "crops_coords_top_left", "target_size", "guidance_rescale",
+    "source",
 }
 #: Arguments the web page does not set: their errors go to its ``general`` slot.
 NO_FIELD = {
@@ -44,6 +45,7 @@ NO_FIELD = {
     "cross_attention_kwargs", "return_self_attention", "truncate_prompts", "attention_res", "top_k", "cuda_graph",
     "sweep", "model", "dtype",
     "prompt_2", "negative_prompt_2", "original_size", "crops_coords_top_left", "target_size", "guidance_rescale",
+    "source",
 }
 
 
@@ -308,10 +310,12 @@ def test_web_page_shows_a_library_error_beside_its_argument(tmp_path):
             # quotes the user's prompt, which names other fields' words: only the argument counts
             raise ArgumentError("prompt", "prompt: the prompt 'a seed of a blend' is 82 tokens long but the text encoder takes at most 77")
 
+        source = __call__  # the page runs the source's pass first (to keep it), which checks the prompt the same way
+
     demo = web.build_app(web.Editor(Refuses(), tmp_path / "out"))
     (handler,) = [f.fn for f in demo.fns.values() if getattr(f.fn, "__name__", "") == "on_run"]
     outputs = handler("a seed of a blend", "a seed of a circle", "auto", 0.8, 0.4, "", "", 0.3, [["", ""]], 0, 2, 7.5, None,
-                      "null-text", 0, [])
+                      "null-text", 0, [], None)  # the history, and no kept source pass
     slots = dict(zip(web.FIELDS, outputs[-len(web.FIELDS):]))
     shown = {name: u["value"] for name, u in slots.items() if isinstance(u, dict) and u.get("visible")}
     assert list(shown) == ["prompt"] and "82 tokens long" in shown["prompt"]

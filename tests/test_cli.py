@@ -239,7 +239,8 @@ def test_edit_info_and_from_round_trip(capsys, tmp_path):
     assert "edit mode: replace (chosen by auto)" in out
     assert f"aligned words ({TGT}): circle -> square" in out
     assert out.strip().splitlines()[-1] == str(first)
-    assert sorted(p.name for p in first.iterdir()) == ["edit-1.png", "grid.png", "result.json", "source.png"]
+    assert sorted(p.name for p in first.iterdir() if not p.name.startswith("source.") or p.suffix == ".png") == [
+        "edit-1.png", "grid.png", "result.json", "source.png"]  # and the source pass (tests/test_cli_reuse.py)
     result = json.loads((first / "result.json").read_text())
     assert result["edit_mode"] == "replace"
     assert result["alignment"][0]["changed_target_words"] == ["square"]
@@ -290,7 +291,8 @@ def test_edit_refine_with_two_targets(capsys, tmp_path):
     assert code == 0, err
     assert "edit mode: refine\n" in out
     assert f"aligned words ({styled}): +in, +pixel, +art, +style" in out
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["edit-1.png", "edit-2.png", "grid.png", "result.json", "source.png"]
+    assert sorted(p.name for p in tmp_path.iterdir() if not p.name.startswith("source.") or p.suffix == ".png") == [
+        "edit-1.png", "edit-2.png", "grid.png", "result.json", "source.png"]
     assert imageio.read_png_metadata(tmp_path / "edit-2.png")["image"] == {
         "role": "target", "index": 2, "count": 4, "file": "edit-2.png", "prompt": f"{SRC} in pencil sketch style"}
 
@@ -347,9 +349,11 @@ def test_serve_starts_the_web_page_with_the_options_given(capsys, monkeypatch):
     code, out, err = run(capsys, "serve", "--port", "7861", "--device", "cpu", "--dtype", "float32", "--output-dir", "web-out")
     assert code == 0, err
     assert calls == [{"host": "127.0.0.1", "port": 7861, "model": None, "device": "cpu", "dtype": "float32", "output_dir": "web-out",
-                      "allow_pickle": False}]
+                      "allow_pickle": False, "source_limit_mib": 256}]
     assert "http://127.0.0.1:7861" in out
     assert run(capsys, "serve", "--allow-pickle")[0] == 0 and calls[-1]["allow_pickle"] is True
+    assert run(capsys, "serve", "--source-limit", "64")[0] == 0 and calls[-1]["source_limit_mib"] == 64
+    assert run(capsys, "serve", "--source-limit", "-1")[0] == 2 and len(calls) == 3
 
 
 # ============================================================================ batch
@@ -360,7 +364,9 @@ def _line(prompt=SRC, to=TGT, **options) -> str:
 
 
 def _check_line_folder(folder: Path) -> dict:
-    assert sorted(p.name for p in folder.iterdir()) == ["edit-1.png", "grid.png", "result.json", "source.png"], folder
+    names = sorted(p.name for p in folder.iterdir() if not p.name.startswith("source.") or p.suffix == ".png")  # less the source pass
+    assert names == ["edit-1.png", "grid.png", "result.json", "source.png"], folder
+    assert (folder / "source.safetensors").is_file()
     for png in folder.glob("*.png"):
         with PIL.Image.open(png) as image:
             image.load()  # a complete, readable PNG

@@ -182,7 +182,7 @@ def click(handler, history=(), **over):
                   cross=0.8, self_steps=0.4, blend_source="", blend_target="", blend_threshold=0.3, reweight_rows=[["", ""]],
                   seed=0, steps=2, guidance=7.5, image=None, inversion_method="null-text", blend_res=0)
     values.update(over)
-    return handler(*values.values(), list(history))
+    return handler(*values.values(), list(history), None)  # no kept source pass (tests/test_web_reuse.py keeps one)
 
 
 def shown(outputs) -> dict:

@@ -8,6 +8,7 @@ from .loading import load_pipeline, pipeline_class_for
 from .model_folder import model_family
 from .pipeline import AttentionMaps, Prompt2PromptPipeline, Prompt2PromptPipelineOutput
 from .pipeline_xl import Prompt2PromptXLPipeline
+from .source_pass import SourcePass
 
 __version__ = "0.1.0"
 
@@ -24,6 +25,7 @@ __all__ = [
     "Prompt2PromptPipelineOutput",
     "Prompt2PromptXLPipeline",
     "PromptTokens",
+    "SourcePass",
     "build_edit_plan",
     "load_image",
     "load_pipeline",

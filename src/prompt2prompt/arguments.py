@@ -151,6 +151,7 @@ ARGUMENTS: dict[str, Argument] = {a.name: a for a in (
     Argument("top_k", "top_k", 6, flag="--top-k", kind="integer", what="a positive integer", minimum=1),
     # a real photo: the pipeline's `inversion`, and `Prompt2PromptPipeline.invert`'s own arguments
     Argument("inversion", None, None, flag="--image", field="image"),
+    Argument("source", None, None),
     Argument("image", "image", None, flag="--image", field="image", label="Photo"),
     # the option is None without a photo; with one, the method is the library's default
     Argument("method", "invert", "null-text", option_default=None, flag="--invert", field="image", label="Inversion",

@@ -71,21 +71,34 @@ def map_size(pixels: int, latent_hw: tuple[int, int]) -> tuple[int, int]:
 
 
 class P2PController:
-    """Per-call state shared by the processors: the plan, the batch layout, the recorded maps.
+    """Per-call state shared by the processors: the plan, the batch layout, the recorded maps, and
+    where the source's rows come from.
+
+    The source's rows come from one of three places (``source`` and ``capture``):
+
+    - the batch (``source=None``, the default): the source is the first prompt of each half;
+    - a kept `source_pass.SourcePass` (cached mode): the batch holds the target prompts only, and
+      the source's queries, keys, text states, maps and latents are read from the pass;
+    - the batch, kept into a `SourcePass` as it runs (``capture=True``, `Prompt2PromptPipeline.source`):
+      the batch is the source alone.
 
     Args:
         plan: the compiled edit, or None to only record maps.
-        num_prompts: prompts in the batch (source first).
+        num_prompts: prompts in the batch (the source first, unless the source is a kept pass).
         guidance: whether the batch is ``[unconditional, conditional]`` (classifier-free guidance).
         latent_hw: the latent ``(height, width)``.
         record_sides: map sides whose conditional cross-attention is accumulated (head-averaged,
             float32, summed over layers and steps), for LocalBlend and visualisation.
         self_record_side: map side whose self-attention of the source prompt (conditional row) is
-            accumulated the same way, or None.
+            accumulated the same way, or None; a set of sides is accepted too.
+        source: a `source_pass.SourcePass` to read the source's rows from, or to keep them into
+            with ``capture``.
+        capture: keep the source's rows into ``source`` as the batch (the source alone) runs.
+        keep_device: where a capture keeps its tensors (None: where they are made).
     """
 
     def __init__(self, plan: EditPlan | None, num_prompts: int, guidance: bool, latent_hw: tuple[int, int], record_sides=(),
-                 self_record_side: int | None = None):
+                 self_record_side=None, source=None, capture: bool = False, keep_device=None):
         self.plan = plan
         self.num_prompts = num_prompts
         self.guidance = guidance
@@ -93,9 +106,17 @@ class P2PController:
         self.record_sides = set(record_sides)
         self.maps: dict[int, torch.Tensor] = {}  # side -> (prompts, h, w, tokens) float32 sums
         self.layer_calls: dict[int, int] = {}  # side -> number of (layer, step) maps summed
-        self.self_record_side = self_record_side
-        self.self_map: torch.Tensor | None = None  # (pixels, pixels) float32 sum for the source
-        self.self_calls = 0
+        sides = self_record_side if isinstance(self_record_side, (set, frozenset)) else {self_record_side} - {None}
+        self.self_record_sides = set(sides)
+        self.self_maps: dict[int, torch.Tensor] = {}  # side -> (pixels, pixels) float32 sum for the source
+        self.self_calls: dict[int, int] = {}
+        self.source = source
+        self.capture = capture
+        self.cached = source is not None and not capture
+        self.keep_device = keep_device
+        if self.cached:  # the source's self-attention sums are the pass's; no row of the batch is the source's
+            self.self_maps, self.self_calls = dict(source.self_maps), dict(source.self_calls)
+            self.self_record_sides = set()
         self._sizes: dict[int, tuple[int, int]] = {}
         self._head_means: dict[tuple, torch.Tensor] = {}  # (prompts, heads, device) -> (prompts, 1, heads) of 1/heads
         self._states_cache: dict[tuple, tuple] = {}  # this step's text states for the values and keys
@@ -107,7 +128,28 @@ class P2PController:
         n = self.num_prompts
         return slice(n, 2 * n) if self.guidance else slice(0, n)
 
-    def with_source_rows(self, x: torch.Tensor, append_targets: bool = False) -> torch.Tensor:
+    @property
+    def targets(self) -> slice:
+        """Rows of the conditional target prompts (contiguous; after the source's row when it is in the batch)."""
+        return slice(self.cond.start + (0 if self.cached else 1), self.cond.stop)
+
+    def source_row(self, x: torch.Tensor, what: str, layer: str | None = None, step: int | None = None) -> torch.Tensor | None:
+        """The source's conditional row of ``x``: from the batch, or from the kept pass in cached mode.
+
+        Args:
+            x: ``(batch, ...)`` rows in the batch layout (its device is the row's).
+            what: what ``x`` is, for the pass: ``"self_q"``, ``"self_k"``, ``"cross_q"`` or ``"text"``.
+            layer: the processor key (for the pass).
+            step: the denoising step (for the pass).
+
+        Returns:
+            ``(1, ...)``; None in cached mode where the pass did not keep it.
+        """
+        if not self.cached:
+            return x[self.cond.start : self.cond.start + 1]  # (1, ...)
+        return self.source.row(what, layer, step, x.device)
+
+    def with_source_rows(self, x: torch.Tensor, append_targets: bool = False, source_row: torch.Tensor | None = None) -> torch.Tensor:
         """``x`` (batch, ...) with each target row of the conditional half replaced by the source's
         row: one concatenation (rows before the targets, the source's row repeated, the rest), and
         with ``append_targets`` the targets' own rows after them (batch + targets, ...).
@@ -116,20 +158,18 @@ class P2PController:
             x: ``(batch, ...)`` rows in the batch layout (e.g. queries ``(batch, heads, pixels, dim)``
                 or text states ``(batch, tokens, channels)``).
             append_targets: also append the conditional targets' own rows of ``x`` at the end.
+            source_row: ``(1, ...)`` the source's row (`source_row`); None: the batch's (not in cached mode).
 
         Returns:
             ``(batch, ...)``, or ``(batch + targets, ...)`` with ``append_targets``; a new tensor.
         """
-        src, stop = self.cond.start, self.cond.stop
-        parts = [x[: src + 1], x[src : src + 1].expand(stop - src - 1, *x.shape[1:]), x[stop:]]
+        t = self.targets
+        if source_row is None:
+            source_row = x[self.cond.start : self.cond.start + 1]  # (1, ...)
+        parts = [x[: t.start], source_row.expand(t.stop - t.start, *x.shape[1:]), x[t.stop :]]
         if append_targets:
-            parts.append(x[src + 1 : stop])
+            parts.append(x[t])
         return torch.cat(parts)  # (batch [+ targets], ...)
-
-    @property
-    def targets(self) -> slice:
-        """Rows of the conditional target prompts (contiguous, after the source's row)."""
-        return slice(self.cond.start + 1, self.cond.stop)
 
     def with_target_rows(self, x: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
         """``x`` (batch, ...) with its conditional target rows replaced by ``rows`` (targets, ...).
@@ -169,7 +209,8 @@ class P2PController:
         Returns:
             ``(batch, tokens, channels)``, or ``(batch + targets, tokens, channels)`` with ``append_targets``.
         """
-        return self._per_step(step, f"keys{int(append_targets)}", states, lambda: self.with_source_rows(states, append_targets))
+        return self._per_step(step, f"keys{int(append_targets)}", states,
+                              lambda: self.with_source_rows(states, append_targets, self.source_row(states, "text")))
 
     def injected_states(self, inj: ValueInjection, step: int, states: torch.Tensor) -> torch.Tensor:
         """Text states whose value projections are the edit's values (`edit_ops.value_weights`).
@@ -241,35 +282,104 @@ class P2PController:
                 in ``self.layer_calls[side]``.
             hw: the map's ``(height, width)``; ``pixels`` is ``height * width``, row-major.
             probs: ``(prompts, heads, pixels, tokens)`` float32 attention probabilities of the
-                conditional rows, one per prompt (source first).
+                conditional rows, one per prompt of the batch (source first; in cached mode the
+                targets only, whose sums follow the source's row that `end_step` sets from the pass).
         """
         prompts, heads, pixels, tokens = probs.shape
         key = (prompts, heads, probs.device)
         if key not in self._head_means:
             self._head_means[key] = torch.full((prompts, 1, heads), 1.0 / heads, dtype=torch.float32, device=probs.device)
         mean = self._head_means[key]  # (prompts, 1, heads)
+        offset = 1 if self.cached else 0  # cached mode: row 0 is the source's, from the pass
         if side not in self.maps:
-            self.maps[side] = torch.zeros(prompts, *hw, tokens, dtype=torch.float32, device=probs.device)
-        acc = self.maps[side].view(prompts, 1, pixels * tokens)  # (prompts, 1, pixels * tokens), a view of the sum
+            self.maps[side] = torch.zeros(offset + prompts, *hw, tokens, dtype=torch.float32, device=probs.device)
+        acc = self.maps[side][offset:].view(prompts, 1, pixels * tokens)  # (prompts, 1, pixels * tokens), a view of the sum
         acc.baddbmm_(mean, probs.reshape(prompts, heads, pixels * tokens))  # (prompts, 1, heads) @ (prompts, heads, pixels * tokens)
         self.layer_calls[side] = self.layer_calls.get(side, 0) + 1
 
-    def record_self(self, query: torch.Tensor, key: torch.Tensor, scale: float) -> None:
+    def record_self(self, side: int, query: torch.Tensor, key: torch.Tensor, scale: float) -> None:
         """Add the source's head-averaged self-attention ``softmax(q k^T * scale)`` from its
-        ``(heads, pixels, dim)`` query and key to the running sum.
+        ``(heads, pixels, dim)`` query and key to the running sum at ``side``.
 
-        The ``(pixels, pixels)`` float32 map is added to ``self.self_map`` and ``self.self_calls``
-        is incremented.
+        The ``(pixels, pixels)`` float32 map is added to ``self.self_maps[side]`` and
+        ``self.self_calls[side]`` is incremented.
 
         Args:
+            side: the map's side.
             query: ``(heads, pixels, dim)`` the source's conditional-row queries.
             key: ``(heads, pixels, dim)`` the source's conditional-row keys.
             scale: the factor on ``q k^T`` (the layer's ``attn.scale``, usually ``dim ** -0.5``).
         """
         probs = (torch.einsum("hpd,hqd->hpq", query.float(), key.float()) * scale).softmax(-1)  # (heads, pixels, pixels)
         probs = probs.mean(0)  # (pixels, pixels)
-        self.self_map = probs if self.self_map is None else self.self_map + probs
-        self.self_calls += 1
+        self.self_maps[side] = probs if side not in self.self_maps else self.self_maps[side] + probs
+        self.self_calls[side] = self.self_calls.get(side, 0) + 1
+
+    # ------------------------------------------------------------- a kept source pass
+
+    def _keep(self, x: torch.Tensor) -> torch.Tensor:
+        """A contiguous copy of ``x`` on the capture's device (one copy, holding nothing of the batch).
+        From a GPU to the CPU the copy goes into pinned memory without waiting for it (the capture
+        synchronises once at its end), so the loop never stalls on a copy, and a later edit's copy
+        back to the GPU does not either."""
+        device = torch.device(self.keep_device or x.device)
+        pinned = x.is_cuda and device.type == "cpu"
+        out = torch.empty(x.shape, dtype=x.dtype, device=device, pin_memory=pinned)
+        return out.copy_(x, non_blocking=pinned)
+
+    def keep_self(self, layer: str, step: int, side: int, query: torch.Tensor, key: torch.Tensor) -> None:
+        """In a capture, keep the source's self-attention queries and keys of a layer where the
+        pass's budget covers ``step`` and ``side``; otherwise nothing.
+
+        Args:
+            layer: the processor key.
+            step: the denoising step.
+            side: the map's side.
+            query: ``(batch, heads, pixels, dim)`` the layer's queries (the source's row is kept).
+            key: ``(batch, heads, pixels, dim)`` its keys.
+        """
+        if self.capture and self.source.keeps_self(step, side):
+            row = self.cond.start
+            self.source.self_queries[f"{step}/{layer}"] = self._keep(query[row])  # (heads, pixels, dim)
+            self.source.self_keys[f"{step}/{layer}"] = self._keep(key[row])  # (heads, pixels, dim)
+
+    def keep_cross(self, layer: str, step: int, query: torch.Tensor) -> None:
+        """In a capture, keep the source's cross-attention queries ``(heads, pixels, dim)`` of a
+        layer (from ``query`` (batch, heads, pixels, dim)) where the budget covers ``step``."""
+        if self.capture and self.source.keeps_cross(step):
+            self.source.cross_queries[f"{step}/{layer}"] = self._keep(query[self.cond.start])  # (heads, pixels, dim)
+
+    def end_step(self, step: int, latents: torch.Tensor) -> None:
+        """What the loop does after each step: a capture keeps the source's latents ``(1, C, h, w)``
+        and its summed cross-attention maps; in cached mode the source's sums of the maps so far
+        become row 0 of the recorded maps (before LocalBlend reads them).
+
+        Args:
+            step: the step just made.
+            latents: ``(prompts, C, h, w)`` the batch's latents after it.
+        """
+        if self.capture:
+            self.source.latents[step + 1].copy_(latents[0])
+            for side, maps in self.maps.items():
+                if side not in self.source.cross_maps:
+                    self.source.cross_maps[side] = torch.zeros(self.source.latents.shape[0] - 1, *maps.shape[1:],
+                                                               dtype=torch.float32, device=self.source.latents.device)
+                self.source.cross_maps[side][step].copy_(maps[0])  # (h, w, tokens)
+        elif self.cached:
+            for side, maps in self.maps.items():
+                maps[0].copy_(self.source.cross_maps[side][step])  # (h, w, tokens)
+
+    def with_source_latents(self, latents: torch.Tensor, index: int) -> torch.Tensor:
+        """``latents`` with the source's row first: as they are, or in cached mode the pass's
+        ``latents[index]`` (``(1, C, h, w)``) before the targets' ``(targets, C, h, w)``."""
+        if not self.cached:
+            return latents
+        source = self.source.latents[index : index + 1 if index != -1 else None].to(latents.device, latents.dtype)  # (1, C, h, w)
+        return torch.cat([source, latents])  # (1 + targets, C, h, w)
+
+    def without_source_latents(self, latents: torch.Tensor) -> torch.Tensor:
+        """The inverse of `with_source_latents`: the rows the batch denoises."""
+        return latents[1:] if self.cached else latents
 
 
 def _split_heads(x: torch.Tensor, heads: int) -> torch.Tensor:
@@ -379,11 +489,13 @@ class P2PAttnProcessor:
         ctrl = self.controller
         query, key, value = _project(attn, hidden_states, hidden_states, hidden_states)  # (batch, heads, pixels, dim) each
         side = max(ctrl.size(hidden_states.shape[1])) if step is not None else 0
+        if step is not None:
+            ctrl.keep_self(self.key, step, side, query, key)
         if step is not None and ctrl.plan is not None and ctrl.plan.self_active(step, side):
-            query = ctrl.with_source_rows(query)  # (batch, heads, pixels, dim)
-            key = ctrl.with_source_rows(key)  # (batch, heads, pixels, dim)
-        if step is not None and side == ctrl.self_record_side:
-            ctrl.record_self(query[ctrl.cond.start], key[ctrl.cond.start], attn.scale)
+            query = ctrl.with_source_rows(query, source_row=ctrl.source_row(query, "self_q", self.key, step))  # (batch, heads, pixels, dim)
+            key = ctrl.with_source_rows(key, source_row=ctrl.source_row(key, "self_k", self.key, step))  # (batch, heads, pixels, dim)
+        if step is not None and side in ctrl.self_record_sides:
+            ctrl.record_self(side, query[ctrl.cond.start], key[ctrl.cond.start], attn.scale)
         return F.scaled_dot_product_attention(query, key, value, attn_mask=attention_mask, dropout_p=0.0, is_causal=False, scale=attn.scale)
 
     def cross_attention_values(self, attn, hidden_states: torch.Tensor, text: torch.Tensor, step: int, injection: ValueInjection) -> torch.Tensor:
@@ -415,7 +527,8 @@ class P2PAttnProcessor:
                 own_key = attn.norm_k(own_key)
             ctrl.record(max(hw), hw, _probabilities(attn, query[ctrl.cond], own_key[ctrl.cond], None))
         if source_keys:
-            query = ctrl.with_source_rows(query, append_targets=injection.both_terms)  # (batch [+ targets], heads, pixels, dim)
+            source_query = ctrl.source_row(query, "cross_q", self.key, step)  # (1, heads, pixels, dim)
+            query = ctrl.with_source_rows(query, injection.both_terms, source_query)  # (batch [+ targets], heads, pixels, dim)
         out = F.scaled_dot_product_attention(query, key, value, dropout_p=0.0, is_causal=False, scale=attn.scale)  # (batch [+ targets], heads, pixels, dim)
         if not injection.both_terms:
             return out
@@ -425,6 +538,15 @@ class P2PAttnProcessor:
             out = out.clone()
         out[ctrl.targets].add_(own)
         return out
+
+    def _source_and_targets(self, attn, probs: torch.Tensor, attention_mask, step: int):
+        """``(source (heads, pixels, tokens), targets (targets, heads, pixels, tokens))`` of the
+        conditional rows' probabilities ``probs``: the source's is the first row, or in cached mode
+        made from the pass (`_source_probabilities_from_pass`), when ``probs`` holds the targets only."""
+        ctrl = self.controller
+        if not ctrl.cached:
+            return probs[0], probs[1:]
+        return _source_probabilities_from_pass(attn, ctrl, self.key, step, probs, attention_mask), probs
 
     def cross_attention_explicit(self, attn, hidden_states: torch.Tensor, text: torch.Tensor, attention_mask: torch.Tensor | None,
                                  step: int | None) -> torch.Tensor:
@@ -448,6 +570,7 @@ class P2PAttnProcessor:
         out = F.scaled_dot_product_attention(query, key, value, attn_mask=attention_mask, dropout_p=0.0, is_causal=False, scale=attn.scale)  # (batch, heads, pixels, dim)
         if step is None:
             return out
+        ctrl.keep_cross(self.key, step, query)
         hw = ctrl.size(hidden_states.shape[1])
         record = max(hw) in ctrl.record_sides
         edit = plan is not None and plan.cross_active[step]
@@ -458,13 +581,41 @@ class P2PAttnProcessor:
         if record:  # each prompt's own maps, before the edit, as in the paper's code
             ctrl.record(max(hw), hw, probs)
         if edit:
+            source_probs, target_probs = self._source_and_targets(attn, probs, attention_mask, step)
             edited = edit_cross_attention(
-                probs[0], probs[1:], plan.fast_mapper, plan.fast_alphas, plan.step_weights(step), plan.equalizer
+                source_probs, target_probs, plan.fast_mapper, plan.fast_alphas, plan.step_weights(step), plan.equalizer
             )  # (targets, heads, pixels, tokens)
             if torch.is_grad_enabled():  # SDPA's output is saved for its backward: keep it intact
                 out = out.clone()
             out[ctrl.targets] = torch.matmul(edited.to(value.dtype), value[ctrl.targets])  # (targets, heads, pixels, dim)
         return out
+
+
+def _source_probabilities_from_pass(attn, ctrl: P2PController, layer: str, step: int, like: torch.Tensor,
+                                    mask: torch.Tensor | None) -> torch.Tensor:
+    """In cached mode, the source's cross-attention probabilities ``(heads, pixels, tokens)`` float32
+    of one layer: its kept queries against ``to_k`` of its kept text states; zeros where the pass
+    kept no queries for this step (only an edit that takes nothing from the source gets there,
+    `source_pass.check_budget` refuses the others).
+
+    Args:
+        attn: the diffusers ``Attention`` module.
+        ctrl: the controller (cached mode).
+        layer: the processor key.
+        step: the denoising step.
+        like: ``(prompts, heads, pixels, tokens)`` the targets' probabilities (shape and device).
+        mask: ``(batch, heads, pixels, tokens)`` the layer's additive mask, or None.
+    """
+    query = ctrl.source_row(like, "cross_q", layer, step)  # (1, heads, pixels, dim)
+    if query is None:
+        return torch.zeros_like(like[0])  # (heads, pixels, tokens)
+    text = ctrl.source_row(like, "text")  # (1, tokens, channels)
+    if attn.norm_cross:
+        text = attn.norm_encoder_hidden_states(text)
+    key = _split_heads(attn.to_k(text), attn.heads)  # (1, heads, tokens, dim)
+    if attn.norm_k is not None:
+        key = attn.norm_k(key)
+    return _probabilities(attn, query, key, None if mask is None else mask[ctrl.cond][:1])[0]  # (heads, pixels, tokens)
 
 
 def _project(attn, hidden_states: torch.Tensor, key_states: torch.Tensor, value_states: torch.Tensor):

@@ -17,6 +17,7 @@ import argparse
 import contextlib
 import copy
 import datetime
+import functools
 import json
 import logging
 import os
@@ -33,6 +34,8 @@ from .arguments import ARGUMENTS, DTYPES, INVERT_METHODS, MODES, argument_of, op
 from .edits import EditMode
 from .imageio import OutputSet, file_sha256, remove_stale_temps
 from .model_folder import model_family
+from .source_reuse import budget_of, pass_record, record_mismatch
+from .web import SOURCE_LIMIT_MIB as web_source_limit_mib
 from .options import (
     ATTENTION_KEYS,
     BATCH_LINE_KEYS,
@@ -78,6 +81,18 @@ SERVE_HOST = "127.0.0.1"
 SERVE_PORT = 7860
 MAX_PORT = 65535
 SERVE_OUTPUT_DIR = "outputs/web"
+#: ``p2p edit`` saves its source pass beside its result when it is at most this many MiB
+#: (``--source-limit``; 0 never saves one). The bundled model's pass at 50 steps is far below it;
+#: SD 1.5's at 512 px is over it (1.22 GB in fp16: keep it with ``--source-limit 1300``).
+SOURCE_LIMIT_MIB = 256
+MIB = 2**20
+#: The file ``p2p edit`` saves its source pass to, in the run folder (``SourcePass.save`` writes
+#: its ``.json`` sidecar beside it).
+SOURCE_FILE = "source.safetensors"
+#: For a photo, the inversion the pass was made from (``Inversion.save``), which an edit from the pass takes too.
+INVERSION_FILE = "inversion.safetensors"
+#: ``p2p serve --source-limit``'s default (the web module imports Gradio only when it serves).
+SERVE_SOURCE_LIMIT_MIB = web_source_limit_mib
 
 
 class RuntimeFailure(Exception):
@@ -279,14 +294,64 @@ def _invert(pipe, options: dict):
                  guidance_scale=options["guidance"])
 
 
-def run_edit_images(pipe, options: dict, console: Console, desc: str | None = None):
-    """One pipeline call for canonical edit options -> the output."""
-    _bar(pipe, console.progress, desc)
-    kwargs = edit_kwargs(options)
+def _window_arg(window):
+    return tuple(window) if isinstance(window, list) else window
+
+
+def source_budget(options: Mapping, cross_windows=None) -> dict:
+    """``pipe.source``'s injection budget for canonical edit options: the widest of ``cross_windows``
+    (default: the options' own ``cross_steps``) and the per-word windows, and the self window."""
+    cross = [options["cross_steps"]] if cross_windows is None else list(cross_windows)
+    cross += list((options.get("cross_steps_word") or {}).values())
+    return budget_of([_window_arg(w) for w in cross], [_window_arg(options["self_steps"])])
+
+
+def make_source(pipe, options: Mapping, budget: Mapping) -> tuple:
+    """The source's pass for canonical edit options (from the seed's noise, or the photo's
+    inversion) -> ``(pass, the inversion or None)``."""
+    kwargs = dict(num_inference_steps=options["steps"], guidance_scale=options["guidance"], **budget)
     if options.get("image"):
         inversion = _invert(pipe, options)
-        return _call(pipe, options["prompt"], list(options["to"]), inversion=inversion, return_attention=False, **kwargs)
-    return _call(pipe, options["prompt"], list(options["to"]), generator=_generator(options["seed"]), return_attention=False, **kwargs)
+        return _call(pipe.source, options["prompt"], inversion=inversion, **kwargs), inversion
+    return _call(pipe.source, options["prompt"], generator=_generator(options["seed"]), **kwargs), None
+
+
+def edit_from_source(pipe, options: Mapping, source, inversion=None):
+    """The targets of canonical edit options, edited from ``source`` (a `SourcePass`; ``inversion``:
+    the photo's inversion it was made from, which the pipeline takes beside it)."""
+    extra = {"inversion": inversion} if inversion is not None else {}
+    return _call(pipe, options["prompt"], list(options["to"]), source=source, return_attention=False, **extra, **edit_kwargs(options))
+
+
+class KeptPass:
+    """A source pass saved beside an earlier result, found by ``p2p edit --from``: ``path`` (its
+    file), ``source`` (the loaded `SourcePass`) and, for a photo, the `Inversion` it was made from."""
+
+    def __init__(self, path: Path, source, inversion=None):
+        self.path, self.source, self.inversion = path, source, inversion
+
+
+def run_edit_images(pipe, options: dict, console: Console, desc: str | None = None, kept: KeptPass | None = None):
+    """One edit for canonical edit options -> ``(output, source pass, inversion or None, path the
+    pass was reused from or None)``.
+
+    With ``kept``, the targets are edited from that pass when the pipeline takes it; when it does
+    not (another budget, another source-side argument: the pipeline's `ArgumentError`, raised before
+    any work), a one-line note says why and the edit runs in full. In full, the source's pass runs
+    first (after the photo's inversion, if any), then all the targets, in one batch, from it.
+    """
+    _bar(pipe, console.progress, desc)
+    if kept is not None:
+        extra = {"inversion": kept.inversion} if kept.inversion is not None else {}
+        try:
+            out = pipe(options["prompt"], list(options["to"]), source=kept.source, return_attention=False, **extra, **edit_kwargs(options))
+        except ValueError as err:
+            console.info(f"source pass {kept.path} not reused: {one_line(err)}; running the full edit")
+        else:
+            console.info(f"source reused from {kept.path}")
+            return out, kept.source, kept.inversion, str(kept.path)
+    source, inversion = make_source(pipe, options, source_budget(options))
+    return edit_from_source(pipe, options, source, inversion), source, inversion, None
 
 
 def word_alignments(pipe, options: Mapping, mode) -> list:
@@ -295,9 +360,56 @@ def word_alignments(pipe, options: Mapping, mode) -> list:
     return [align_words(source, tokenize_words(t, pipe.tokenizer, truncate=True), mode) for t in options["to"]]
 
 
-def run_edit(pipe, options: dict, folder: Path, env: Mapping, console: Console, command: str = "edit") -> dict:
-    """Run one edit and write its images, grid and result.json (last) into ``folder``."""
-    out = run_edit_images(pipe, options, console)
+def _photo_sha256(options: Mapping) -> str | None:
+    return file_sha256(options["image"]) if options.get("image") else None
+
+
+def _saved_files(save, name: str) -> list[tuple[str, bytes]]:
+    """``save(path)`` into a temporary folder -> ``[(file name, bytes)]``, ``name`` first (then its sidecars)."""
+    import tempfile
+
+    with tempfile.TemporaryDirectory(prefix="p2p-source-") as tmp:
+        save(Path(tmp) / name)
+        written = sorted(p for p in Path(tmp).iterdir() if p.is_file())
+        if name not in [p.name for p in written]:
+            raise RuntimeFailure(f"saving {name} wrote {[p.name for p in written]}")
+        return [(p.name, p.read_bytes()) for p in sorted(written, key=lambda p: p.name != name)]
+
+
+def add_source_pass(files: OutputSet, source, inversion, options: Mapping, limit_bytes: int, reused_from: str | None,
+                    console: Console) -> dict:
+    """Add ``source`` (``SourcePass.save``'s files, and for a photo ``Inversion.save``'s) to
+    ``files`` when they are at most ``limit_bytes`` together; returns what ``result.json`` records
+    of them (their files, size, what made the pass, where it came from)."""
+    record = {"bytes": int(source.nbytes), "made_with": pass_record(options, _photo_sha256(options)), "limit_bytes": int(limit_bytes)}
+    if reused_from is not None:
+        record["reused_from"] = reused_from
+    saved = []
+    if limit_bytes > 0 and source.nbytes <= limit_bytes:
+        saved = _saved_files(source.save, SOURCE_FILE)
+        if inversion is not None:
+            saved += _saved_files(inversion.save, INVERSION_FILE)
+    total = sum(len(data) for _, data in saved) if saved else int(source.nbytes)
+    record["bytes"] = total
+    if not saved or total > limit_bytes:
+        record["saved"] = False
+        if limit_bytes > 0:
+            console.info(f"source pass not saved: {total / MIB:.1f} MiB is over --source-limit {limit_bytes / MIB:g} MiB")
+        return record
+    for name, data in saved:
+        files.add(name, data)
+    names = [n for n, _ in saved]
+    record.update(saved=True, file=SOURCE_FILE, sidecars=[{"file": n} for n in names if n not in (SOURCE_FILE, INVERSION_FILE)])
+    if inversion is not None:
+        record["inversion"] = {"file": INVERSION_FILE}
+    return record
+
+
+def run_edit(pipe, options: dict, folder: Path, env: Mapping, console: Console, command: str = "edit",
+             source_limit: int = SOURCE_LIMIT_MIB * MIB, kept: KeptPass | None = None) -> dict:
+    """Run one edit and write its images, grid, source pass (when at most ``source_limit`` bytes) and
+    result.json (last) into ``folder``; ``kept``: a saved pass to edit from (`run_edit_images`)."""
+    out, source, inversion, reused_from = run_edit_images(pipe, options, console, kept=kept)
     mode = out.edit_mode
     alignments = word_alignments(pipe, options, mode)
     chosen = " (chosen by auto)" if options["mode"] == "auto" else ""
@@ -317,6 +429,7 @@ def run_edit(pipe, options: dict, folder: Path, env: Mapping, console: Console, 
     grid = labelled_grid(list(out.images), prompts, [source_marks, *[a.changed_target for a in alignments]])
     meta = image_metadata(command, options, env, "grid", len(prompts), count, "grid.png", None, edit_mode=mode.value)
     files.add_png("grid.png", grid, meta, parameters_text(meta))
+    source_pass = add_source_pass(files, source, inversion, options, source_limit, reused_from, console)
     result = {
         "command": command,
         "version": __version__,
@@ -336,10 +449,48 @@ def run_edit(pipe, options: dict, folder: Path, env: Mapping, console: Console, 
         ],
         "images": [{"file": n, "role": r, "prompt": p} for n, r, p in zip(names, roles, prompts)],
         "grid": "grid.png",
+        "source_pass": source_pass,
     }
     files.add_json(RESULT, result)
     files.commit()
     return result
+
+
+def find_kept_pass(from_image: str, options: Mapping, console: Console) -> KeptPass | None:
+    """The source pass saved beside ``from_image`` (``p2p edit --from``) when its record matches
+    ``options`` (model, dtype, source prompt, seed or photo, steps, guidance) and it loads; else None,
+    with a one-line note when there is one that does not match or cannot be read."""
+    from .source_pass import SourcePass
+
+    folder = Path(from_image).expanduser().parent
+    try:
+        record = json.loads((folder / RESULT).read_text(encoding="utf-8")).get("source_pass") or {}
+    except (OSError, ValueError, AttributeError):
+        return None
+    if not isinstance(record, dict) or not record.get("saved") or not isinstance(record.get("file"), str):
+        return None
+    path = folder / record["file"]
+    if not path.is_file():
+        console.info(f"source pass {path} not reused: the file is missing; running the full edit")
+        return None
+    mismatch = record_mismatch(record.get("made_with") or {}, pass_record(options, _photo_sha256(options)))
+    if mismatch:
+        console.info(f"source pass {path} not reused: {mismatch}; running the full edit")
+        return None
+    inversion_file = (record.get("inversion") or {}).get("file") if isinstance(record.get("inversion"), dict) else None
+    try:
+        source = SourcePass.load(path)
+        inversion = None
+        if options.get("image"):
+            from .inversion import Inversion
+
+            if not isinstance(inversion_file, str):
+                raise ValueError("the photo's inversion was not saved beside it")
+            inversion = Inversion.load(folder / inversion_file)
+    except (OSError, ValueError) as err:
+        console.info(f"source pass {path} not reused: it cannot be read ({one_line(err)}); running the full edit")
+        return None
+    return KeptPass(path, source, inversion)
 
 
 def run_attention(pipe, options: dict, folder: Path, env: Mapping, console: Console) -> dict:
@@ -392,9 +543,13 @@ def run_sweep(pipe, options: dict, folder: Path, env: Mapping, console: Console)
     unset = ("cross_steps", "cross_steps_word", "reweight", "blend", "blend_threshold", "blend_res")
     baseline = {**base, "mode": "none", **{k: copy.deepcopy(DEFAULTS[k]) for k in unset}}
     runs.append((baseline, "none.png", "no injection (mode none)"))
+    # the source runs once, with a budget that covers every swept window; each value edits from it
+    _bar(pipe, console.progress, "source")
+    source_pass, _ = make_source(pipe, base, source_budget(base, options["sweep"]))
     images, modes, source = [], [], None
     for run_options, _, label in runs:
-        out = run_edit_images(pipe, run_options, console, desc=label)
+        _bar(pipe, console.progress, label)
+        out = edit_from_source(pipe, run_options, source_pass)
         source = source if source is not None else out.images[0]
         images.append(out.images[1])
         modes.append(out.edit_mode.value)
@@ -640,7 +795,18 @@ def cmd_edit(args, console: Console) -> int:
     if photo_sha256 and options["image"] and file_sha256(options["image"]) != photo_sha256:
         warnings.warn(f"--from {args.from_image}: the photo {options['image']} has changed since that image was made "
                       "(its SHA-256 differs), so the result will differ from it", UserWarning, stacklevel=1)
-    return _run_in_folder(args, options, slugify(options["to"][0]), run_edit, console)
+    limit = _source_limit(args)
+    kept = None
+    if args.from_image is not None and not args.no_reuse:
+        kept = find_kept_pass(args.from_image, options, console)
+    runner = functools.partial(run_edit, source_limit=limit, kept=kept)
+    return _run_in_folder(args, options, slugify(options["to"][0]), runner, console)
+
+
+def _source_limit(args, default: int = SOURCE_LIMIT_MIB) -> int:
+    """``--source-limit MIB`` in bytes (a usage error unless a whole number >= 0)."""
+    value = args.source_limit if args.source_limit is not None else default
+    return integer_option(value, "--source-limit", 0, "a whole number of MiB, 0 or more") * MIB
 
 
 def cmd_attention(args, console: Console) -> int:
@@ -697,6 +863,7 @@ def cmd_serve(args, console: Console) -> int:
     if port > MAX_PORT:
         raise UsageError(f"--port must be a port number from 1 to 65535, got {args.port!r}")
     host = args.host or SERVE_HOST
+    source_limit = _source_limit(args, SERVE_SOURCE_LIMIT_MIB)
     check_listen(host, port)
     model = model_option(args.model, "--model")
     dtype = choice_of(DTYPES)(args.dtype, "--dtype") if args.dtype is not None else None
@@ -708,7 +875,7 @@ def cmd_serve(args, console: Console) -> int:
 
     console.info(f"serving {model_label(model)} on http://{host}:{port} (Ctrl-C stops)")
     web.serve(host=host, port=port, model=model, device=device, dtype=dtype, output_dir=args.output_dir or SERVE_OUTPUT_DIR,
-              allow_pickle=args.allow_pickle)
+              allow_pickle=args.allow_pickle, source_limit_mib=source_limit // MIB)
     return 0
 
 
@@ -805,10 +972,13 @@ EPILOGS = {
   p2p edit "a red circle on a blue background" --to "a red square on a blue background" --blend circle square --cross-steps 0.2:0.8
   p2p edit "a red circle on a blue background" --to "a red circle on a blue background" --reweight red=3
   p2p edit --from outputs/20261126-101500-a-red-square/edit-1.png --seed 7       # rerun a result, changing the seed
+  p2p edit --from outputs/20261126-101500-a-red-square/edit-1.png --to "a red star on a blue background"   # only the target runs
   p2p edit "a photo of a cat" --to "a photo of a dog" --image cat.jpg --invert null-text --model ./sd15
 
 Writes source.png, edit-1.png (one per --to), grid.png (prompts under the images, changed words
-marked in red and brackets) and result.json, and prints the edit mode and the aligned words.
+marked in red and brackets), source.safetensors (the source's pass, when at most --source-limit MiB)
+and result.json, and prints the edit mode and the aligned words. --from reuses the source pass saved
+beside IMAGE.png when its model, prompt, seed, steps, guidance and windows fit ("source reused from ...").
 """,
     "attention": """examples:
   p2p attention "a red circle next to a blue square on grass" --steps 30
@@ -823,7 +993,8 @@ and result.json.
   p2p sweep "a red circle on a blue background" --to "a red square on a blue background" --cross-steps 0,0.5,1 --self-steps 0.2
 
 Writes source.png, one image per --cross-steps value (cross-<value>.png), none.png (the target
-from the same noise with no attention injected), grid.png and result.json.
+from the same noise with no attention injected), grid.png and result.json. The source runs once;
+each value edits only the target from its pass.
 """,
     "batch": """example edits.jsonl (one edit per line; any p2p edit option by its long name with underscores):
   {"prompt": "a red circle on a blue background", "to": ["a red square on a blue background"], "seed": 1, "steps": 50}
@@ -866,7 +1037,12 @@ def _add_edit(p) -> None:
                        help=f"how to invert --image: {', '.join(INVERT_METHODS)} (default {ARGUMENTS['method'].default})")
     group = p.add_argument_group("rerun")
     group.add_argument("--from", dest="from_image", metavar="IMAGE.png",
-                       help="take the prompts and settings stored in a PNG written by p2p as defaults; flags given override them")
+                       help="take the prompts and settings stored in a PNG written by p2p as defaults; flags given override them. "
+                            "The source pass saved beside it is reused when it matches (only the targets run)")
+    group.add_argument("--no-reuse", action="store_true", help="with --from: run the source again instead of reusing its saved pass")
+    group.add_argument("--source-limit", metavar="MIB",
+                       help=f"save the source pass (source.safetensors, for a later --from) when it is at most MIB MiB "
+                            f"(default {SOURCE_LIMIT_MIB}; 0: never)")
     _add_common(p)
 
 
@@ -898,6 +1074,9 @@ def _add_serve(p) -> None:
     p.add_argument("--host", help=f"address to bind (default {SERVE_HOST}: this machine only)")
     p.add_argument("--port", help=f"port (default {SERVE_PORT})")
     p.add_argument("--output-dir", metavar="DIR", help=f"where results are written (default {SERVE_OUTPUT_DIR})")
+    p.add_argument("--source-limit", metavar="MIB",
+                   help=f"keep each visitor's last source pass in memory, to re-edit from it, when it is at most MIB MiB "
+                        f"(default {SERVE_SOURCE_LIMIT_MIB}; 0: never)")
     _add_model_flags(p, quiet_help="no messages")
 
 

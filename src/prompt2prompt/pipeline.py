@@ -58,6 +58,18 @@ from .inversion import (
     unet_eps,
 )
 from .model_folder import check_model_folder, model_family as folder_family
+from .schedules import parse_window, step_window
+from .source_pass import (
+    SourcePass,
+    check_budget,
+    check_initial_latents,
+    check_is_pass,
+    check_same_pass,
+    fill_defaults,
+    model_identity,
+    scheduler_identity,
+    tensor_digest,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -840,6 +852,7 @@ class Prompt2PromptPipeline(DiffusionPipeline):
         eta: float = default("eta"),
         cross_attention_kwargs: dict | None = None,
         inversion: Inversion | None = default("inversion"),
+        source: SourcePass | None = default("source"),
     ):
         r"""Generate the source image and edit it into one image per target prompt.
 
@@ -888,6 +901,11 @@ class Prompt2PromptPipeline(DiffusionPipeline):
                 ``x_T`` and reconstructs the image, the targets edit it. ``prompt`` must be the
                 inverted prompt; steps, size and (for null-text) guidance follow the inversion;
                 DDIM is used whatever the pipeline's scheduler.
+            source: a `SourcePass` of this prompt (`source`): only the target rows are denoised,
+                the source's are read from it, with the same images, maps and ``out`` fields as the
+                call without it. Steps, guidance, size, negative prompt, generator and latents left
+                None take the pass's; any that would change the source's pass is refused, as is an
+                edit that injects more than the pass kept.
 
         Returns:
             `Prompt2PromptPipelineOutput` (or ``(images, attention)`` when ``return_dict=False``).
@@ -897,6 +915,9 @@ class Prompt2PromptPipeline(DiffusionPipeline):
                 (the edit's own checks raise ValueError; `check_inputs`, `edits.build_edit_plan`).
         """
         device = self._execution_device
+        if source is not None:
+            num_inference_steps, guidance_scale, height, width, negative_prompt = self._source_defaults(
+                source, edit_prompts, num_inference_steps, guidance_scale, height, width, negative_prompt)
         inputs = self.check_inputs(
             prompt, edit_prompts, edit, equalizer, local_blend, self_replace_max_res, num_inference_steps, guidance_scale,
             height, width, negative_prompt, generator, latents, output_type, return_attention, return_self_attention,
@@ -904,6 +925,9 @@ class Prompt2PromptPipeline(DiffusionPipeline):
         )
         scheduler, timesteps = self._prepare_scheduler(inputs.num_inference_steps, inversion, device)
         plan = self._plan_edit(inputs, len(timesteps), cross_replace_steps, self_replace_steps, equalizer, local_blend, device)
+        if source is not None:
+            latents = self._check_source(source, inputs, plan, scheduler, eta, inversion, dict(negative_prompt=negative_prompt),
+                                         generator, latents)
 
         # Algorithm 1: every prompt, source first, in one batch from the same initial latent
         guidance, n = inputs.do_classifier_free_guidance, len(inputs.prompts)
@@ -916,12 +940,209 @@ class Prompt2PromptPipeline(DiffusionPipeline):
         latents = self.prepare_latents(n, self.unet.config.in_channels, inputs.height, inputs.width, self.unet.dtype, device,
                                        inputs.generator, inversion.latent if inversion is not None else latents, scheduler)
         extra = self.prepare_extra_step_kwargs(inputs.generator, eta, scheduler)
+        controller = None
+        if source is not None:  # the targets only: their rows of the batch, the source's read from the pass
+            latents, embeds, _, extra, controller = self._targets_of(source, inputs, plan, generator, latents, embeds, None, extra,
+                                                                     "inversion" if inversion is not None else None)
+            trajectory = None  # direct inversion sets the source's row only
 
         latents, controller = self._denoise(inputs, plan, scheduler, timesteps, latents, embeds, extra, cross_attention_kwargs,
-                                            null_embeds=null_embeds, trajectory=trajectory)
+                                            null_embeds=null_embeds, trajectory=trajectory, controller=controller)
+        latents = controller.with_source_latents(latents, -1)  # (prompts, C, h, w): a kept source's final latents first
         images, flags = self._postprocess(latents, output_type, device, prompt_embeds.dtype)
         self.maybe_free_model_hooks()
         return self._output(images, flags, controller, inputs, plan, return_dict)
+
+    # ----------------------------------------------------------------- a kept source pass
+
+    @torch.no_grad()
+    def source(
+        self,
+        prompt: str,
+        num_inference_steps: int | None = None,
+        guidance_scale: float | None = None,
+        height: int | None = default("height"),
+        width: int | None = default("width"),
+        negative_prompt: str | None = default("negative_prompt"),
+        generator: torch.Generator | None = default("generator"),
+        latents: torch.Tensor | None = default("latents"),
+        inversion: Inversion | None = default("inversion"),
+        eta: float = default("eta"),
+        cross_replace_steps: float | tuple[float, float] = default("cross_replace_steps"),
+        self_replace_steps: float | tuple[float, float] = default("self_replace_steps"),
+        self_replace_max_res: int | None = default("self_replace_max_res"),
+        device=None,
+    ) -> SourcePass:
+        r"""Run the source prompt alone once and keep what later edits read from it (`SourcePass`):
+        ``pipe(prompt, edit_prompts, source=src)`` then denoises only the target rows.
+
+        The arguments up to ``eta`` are `__call__`'s and make the same source image; the last three
+        are the budget: the injection windows and sides that edits from this pass may use.
+
+        Args:
+            prompt: the source prompt.
+            num_inference_steps: denoising steps; None = the inversion's, or the table's default.
+            guidance_scale: classifier-free guidance; None = the inversion's, or the table's default.
+            height: image height in pixels (default: the model's).
+            width: image width in pixels.
+            negative_prompt: the unconditional prompt (None: ``""``).
+            generator: draws the initial noise (and a stochastic sampler's step noise).
+            latents: initial noise ``(1, C, h, w)``, instead of ``generator``.
+            inversion: an `Inversion` of a real image; ``prompt`` must be its prompt.
+            eta: DDIM's eta.
+            cross_replace_steps: the steps (fraction or ``(start, end)``) whose cross-attention is kept;
+                edits whose windows (every word's) lie inside it can use the pass.
+            self_replace_steps: the steps whose self-attention is kept.
+            self_replace_max_res: the largest map side whose self-attention is kept (None: the
+                call's default, the latent side // `MAP_SIDE_DIVISOR`; 0: none).
+            device: where the pass's tensors are kept (``"cpu"`` keeps them off the GPU); None: the
+                pipeline's device.
+
+        Returns:
+            The `SourcePass` (``src.nbytes`` its size; ``src.save(path)`` to keep it).
+
+        Raises:
+            ArgumentError: a bad argument, named by ``.argument``, before any UNet call.
+        """
+        inputs = self.check_inputs(prompt, None, "none", None, None, self_replace_max_res, num_inference_steps, guidance_scale,
+                                   height, width, negative_prompt, generator, latents, "latent", False, False, None, False, eta,
+                                   inversion)
+        if isinstance(negative_prompt, Sequence) and not isinstance(negative_prompt, str):
+            negative_prompt = negative_prompt[0]  # one row: the source's
+        given = dict(negative_prompt=negative_prompt)
+        return self._capture(inputs, inversion, eta, latents, cross_replace_steps, self_replace_steps, device, given)
+
+    def _capture(self, inputs: CheckedInputs, inversion, eta: float, latents, cross_replace_steps, self_replace_steps, device,
+                 given: dict) -> SourcePass:
+        """`source`'s work once its arguments are checked: the source row denoised alone under a
+        capturing `P2PController`, which fills the `SourcePass`."""
+        run_device, dtype = self._execution_device, self.unet.dtype
+        scheduler, timesteps = self._prepare_scheduler(inputs.num_inference_steps, inversion, run_device)
+        steps = len(timesteps)
+        windows = [step_window(_budget_window(w, name), steps)
+                   for w, name in ((cross_replace_steps, "cross_replace_steps"), (self_replace_steps, "self_replace_steps"))]
+        guidance = inputs.do_classifier_free_guidance
+        embeds, added = self._pass_conditioning(inputs, inversion, run_device)
+        null_embeds, trajectory = self._inversion_guides(inversion, guidance, run_device)
+        shape = (1, self.unet.config.in_channels, *inputs.latent_hw)
+        noise = inversion.latent if inversion is not None else latents
+        if noise is None:
+            noise = randn_tensor(shape, generator=inputs.generator, device=run_device, dtype=dtype)  # (1, C, h, w), as prepare_latents draws
+        noise = noise.to(device=run_device, dtype=dtype)
+        latents = self.prepare_latents(1, shape[1], inputs.height, inputs.width, dtype, run_device, None, noise, scheduler)
+        extra = self.prepare_extra_step_kwargs(inputs.generator, eta, scheduler)
+        keep = torch.device(device) if device is not None else run_device
+        step_generator = extra.get("generator")
+        kept = torch.empty(steps + 1, *shape[1:], dtype=dtype, device=keep)  # (steps + 1, C, h, w)
+        kept[0].copy_(latents[0])
+        given = {**given, "num_inference_steps": inputs.num_inference_steps, "guidance_scale": inputs.guidance_scale,
+                 "height": inputs.height, "width": inputs.width}
+        src = SourcePass(
+            identity=self._pass_identity(inputs, scheduler, eta, inversion), given=given, cross_steps=windows[0], self_steps=windows[1],
+            self_max_res=inputs.self_replace_max_res, noise=noise.to(keep, copy=True), latents=kept,
+            text_states=embeds[len(embeds) - 1 :].to(keep, copy=True),  # (1, tokens, channels): the conditional row
+            step_generator=None if step_generator is None else step_generator.get_state(),
+            generator_device=None if step_generator is None else step_generator.device.type,
+        )
+        sides = attention_sides(self.unet, inputs.latent_hw)
+        controller = P2PController(None, 1, guidance, inputs.latent_hw, sides, set(_all_sides(self.unet, inputs.latent_hw)),
+                                   source=src, capture=True, keep_device=keep)
+        self._denoise(inputs, None, scheduler, timesteps, latents, embeds, extra, None, added, getattr(inputs, "guidance_rescale", None),
+                      null_embeds, trajectory, controller)
+        src.self_maps = {side: m.to(keep) for side, m in controller.self_maps.items()}
+        src.self_calls = dict(controller.self_calls)
+        if run_device.type == "cuda":  # the kept copies into pinned CPU memory were not waited for
+            torch.cuda.synchronize(run_device)
+        self.maybe_free_model_hooks()
+        return src
+
+    def _pass_conditioning(self, inputs: CheckedInputs, inversion: Inversion | None, device) -> tuple[torch.Tensor, Mapping | None]:
+        """The batch rows' text states ``(2 * prompts or prompts, tokens, dim)`` and added conditions
+        (None on Stable Diffusion) as `__call__` makes them."""
+        guidance = inputs.do_classifier_free_guidance
+        method = inversion.method if inversion is not None else None
+        prompt_embeds, negative_embeds = self.encode_prompt(
+            inputs.prompts, device, guidance, inputs.negative_ids, source_as_negative=method is InversionMethod.NEGATIVE_PROMPT
+        )
+        return (torch.cat([negative_embeds, prompt_embeds]) if guidance else prompt_embeds), None  # (2 * prompts or prompts, tokens, dim)
+
+    def _pass_identity(self, inputs: CheckedInputs, scheduler, eta: float, inversion: Inversion | None) -> dict:
+        """What identifies the source's pass of a call (`source_pass.SourcePass.identity`): the model,
+        the source prompt and its unconditional ids, steps, guidance, size, scheduler, eta, inversion."""
+        name = str(getattr(self, "name_or_path", "") or self.config.get("_name_or_path", "") or "")
+        modules = [self.unet, self.text_encoder, getattr(self, "text_encoder_2", None), self.vae]
+        inv = None
+        if inversion is not None:
+            inv = f"{inversion.method.value}:" + tensor_digest(
+                [inversion.latent, inversion.null_embeddings, inversion.trajectory, getattr(inversion, "null_pooled", None)])
+        return {
+            "model": model_identity(self.model_family, name, modules, self.unet.dtype), "prompt": inputs.source.prompt,
+            "num_inference_steps": inputs.num_inference_steps, "guidance_scale": float(inputs.guidance_scale),
+            "height": inputs.height, "width": inputs.width, "negative_prompt": list(inputs.negative_ids[0]),
+            "scheduler": scheduler_identity(scheduler), "eta": float(eta), "inversion": inv,
+        }
+
+    @staticmethod
+    def _source_defaults(source, edit_prompts, num_inference_steps, guidance_scale, height, width, negative_prompt):
+        """A call's arguments with each None taken from the `SourcePass` (`source_pass.fill_defaults`)."""
+        check_is_pass(source)
+        if edit_prompts is None:
+            raise ArgumentError("edit_prompts", "with source=, give edit_prompts: the source's own image is the pass's (its latents[-1])")
+        filled = fill_defaults(source, num_inference_steps=num_inference_steps, guidance_scale=guidance_scale, height=height,
+                               width=width, negative_prompt=negative_prompt)
+        return tuple(filled.values())
+
+    def _check_source(self, source: SourcePass, inputs: CheckedInputs, plan: EditPlan, scheduler, eta, inversion, given: dict,
+                      generator, latents):
+        """Refuse, before any UNet call, a `SourcePass` that is not this call's source pass, or that
+        kept less than the edit injects (`source_pass.check_same_pass`, `source_pass.check_budget`).
+        Returns the call's initial latents: ``latents``, or the pass's noise when neither
+        ``generator``, ``latents`` nor an inversion gives them."""
+        check_same_pass(source, self._pass_identity(inputs, scheduler, eta, inversion), given)
+        takes_source = plan.mode is not EditMode.NONE
+        cross_needed = [i for i, active in enumerate(plan.cross_active) if active] if takes_source else []
+        check_budget(source, cross_needed, plan.self_steps if takes_source else (0, 0), plan.self_max_res)
+        if generator is None and latents is None and inversion is None:
+            return source.noise.to(device=self._execution_device, dtype=self.unet.dtype)
+        return latents
+
+    def _targets_of(self, source: SourcePass, inputs: CheckedInputs, plan: EditPlan, generator, latents, embeds, added, extra,
+                    argument: str | None):
+        """The target rows of a call whose source is a kept pass: its initial latents checked against
+        the pass's, the rows of ``latents`` ``(prompts, C, h, w)``, ``embeds`` ``(2 * prompts or
+        prompts, tokens, dim)`` and ``added`` (SDXL, one row per ``embeds`` row) less the source's, the
+        step noise's generator in the pass's state, and the cached-mode `P2PController`.
+
+        Returns:
+            ``(latents, embeds, added, extra, controller)``.
+        """
+        check_initial_latents(source, latents, argument or ("generator" if generator is not None else "latents"))
+        n = len(inputs.prompts)
+        rows = torch.tensor([i for i in range(len(embeds)) if i % n], device=embeds.device)  # every row but the source's (0 and n)
+        embeds = embeds.index_select(0, rows)  # (2 * targets or targets, tokens, dim)
+        if added is not None:
+            added = {k: v.index_select(0, rows) for k, v in added.items()}  # one row per embeds row
+        extra = dict(extra)
+        if "generator" in extra and source.step_generator is not None:
+            extra["generator"] = self._step_generator(source, generator, extra["generator"])
+        controller = P2PController(plan, n - 1, inputs.do_classifier_free_guidance, inputs.latent_hw, inputs.record_sides,
+                                   inputs.self_res, source=source)
+        return latents[1:], embeds, added, extra, controller
+
+    def _step_generator(self, source: SourcePass, given, made) -> torch.Generator:
+        """The generator of a stochastic sampler's step noise in a call from a kept pass: the call's
+        own when its state is the pass's, else (none given) ``made`` set to the pass's state."""
+        state = source.step_generator
+        if given is not None:
+            if not torch.equal(given.get_state(), state):
+                raise ArgumentError("generator", "the generator is not in the state the SourcePass's step noise was drawn from; "
+                                    "pass a generator seeded as for pipe.source(...), or leave it out (the pass's state is used)")
+            return given
+        if made.device.type != source.generator_device:
+            raise ArgumentError("source", f"this SourcePass drew its step noise on {source.generator_device}, but the pipeline runs on "
+                                f"{made.device.type}; make the pass on this device")
+        made.set_state(state)
+        return made
 
     def _inversion_guides(self, inversion: Inversion | None, guidance: bool, device):
         """What an inversion sets at each step: null-text's unconditional embeddings ``(steps,
@@ -939,17 +1160,21 @@ class Prompt2PromptPipeline(DiffusionPipeline):
 
     def _denoise(self, inputs: CheckedInputs, plan: EditPlan | None, scheduler, timesteps, latents, embeds, extra: Mapping,
                  cross_attention_kwargs, added_cond_kwargs: Mapping | None = None, guidance_rescale: float | None = None,
-                 null_embeds=None, trajectory=None) -> tuple[torch.Tensor, P2PController]:
+                 null_embeds=None, trajectory=None, controller: P2PController | None = None) -> tuple[torch.Tensor, P2PController]:
         """Algorithm 1's loop: every prompt row denoised together under the attention processors.
 
-        ``embeds`` are ``(2 * prompts or prompts, tokens, dim)`` (unconditional half first with
+        ``embeds`` are ``(2 * rows or rows, tokens, dim)`` (unconditional half first with
         guidance); ``added_cond_kwargs`` (SDXL's pooled text states and time ids, one row per
         ``embeds`` row) go to the UNet as they are; ``null_embeds`` and ``trajectory`` are an
-        inversion's (`_inversion_guides`). Returns the final latents ``(prompts, C, h, w)`` and the
+        inversion's (`_inversion_guides`). Returns the final latents ``(rows, C, h, w)`` and the
         controller that recorded the maps. A guidance-distilled UNet (``inputs.guidance_embedding_dim``)
-        gets the scale as ``timestep_cond`` (`guidance_embedding`), one row per ``embeds`` row, as diffusers' pipelines pass it."""
-        guidance, n = inputs.do_classifier_free_guidance, len(inputs.prompts)
-        controller = P2PController(plan, n, guidance, inputs.latent_hw, inputs.record_sides, inputs.self_res)
+        gets the scale as ``timestep_cond`` (`guidance_embedding`), one row per ``embeds`` row, as diffusers' pipelines pass it.
+        ``controller``: one made by the caller (a capture into a `SourcePass`, or the targets of one;
+        its ``num_prompts`` are the rows); None: every prompt of ``inputs``, source first."""
+        guidance = inputs.do_classifier_free_guidance
+        if controller is None:
+            controller = P2PController(plan, len(inputs.prompts), guidance, inputs.latent_hw, inputs.record_sides, inputs.self_res)
+        n = controller.num_prompts
         timestep_cond = None
         if inputs.guidance_embedding_dim is not None:
             w = torch.full((len(embeds),), inputs.guidance_scale - 1.0)  # (rows,): diffusers' w = guidance_scale - 1
@@ -963,8 +1188,11 @@ class Prompt2PromptPipeline(DiffusionPipeline):
                 latents = scheduler_step(scheduler, noise, t, latents, extra)
                 if trajectory is not None:  # direct inversion: the gap (inverted - denoised) added to the source row
                     latents[:1] = trajectory[i + 1 : i + 2]  # puts it on the inverted latent exactly
+                controller.end_step(i, latents)
                 if plan is not None and plan.blend is not None and i >= plan.blend.start_step:
-                    latents = self._local_blend(latents, controller.maps[plan.blend.resolution], plan, inputs.latent_hw)
+                    rows = controller.with_source_latents(latents, i + 1)  # (prompts, C, h, w), the source first
+                    rows = self._local_blend(rows, controller.maps[plan.blend.resolution], plan, inputs.latent_hw)
+                    latents = controller.without_source_latents(rows)
                 bar.update()
         return latents, controller
 
@@ -1017,8 +1245,8 @@ class Prompt2PromptPipeline(DiffusionPipeline):
         if not return_dict:
             return images, attention
         self_map = None
-        if inputs.self_res is not None and controller.self_calls:
-            self_map = (controller.self_map / controller.self_calls).cpu()  # (pixels, pixels)
+        if inputs.self_res is not None and controller.self_calls.get(inputs.self_res):
+            self_map = (controller.self_maps[inputs.self_res] / controller.self_calls[inputs.self_res]).cpu()  # (pixels, pixels)
         return Prompt2PromptPipelineOutput(
             images=images, attention=attention, edit_mode=plan.mode if plan is not None else None, nsfw_content_detected=flags,
             self_attention=self_map, self_attention_res=inputs.self_res if self_map is not None else None,
@@ -1178,3 +1406,21 @@ class Prompt2PromptPipeline(DiffusionPipeline):
         info.update(num_inner_steps=checked.num_inner_steps, early_stop_epsilon=checked.early_stop_epsilon, inner_steps_used=used,
                     final_losses=losses, unet_forward_passes=2 * len(timesteps) + sum(used), cuda_graph=graphed)
         return null
+
+
+def _budget_window(window, name: str) -> tuple[float, float]:
+    """A `SourcePass` budget window: a fraction or ``(start, end)``, never a dict of words."""
+    if isinstance(window, Mapping):
+        raise ArgumentError(name, f"{name} of a source pass is one window (a fraction or (start, end)) that covers every word's; "
+                            f"got {window!r}")
+    return parse_window(window, name)
+
+
+def _all_sides(unet, latent_hw: tuple[int, int]) -> list[int]:
+    """The map side ``max(h, w)`` of every level of ``unet`` at latent size ``latent_hw``."""
+    h, w = latent_hw
+    sides = []
+    for _ in range(len(unet.config.down_block_types)):
+        sides.append(max(h, w))
+        h, w = -(-h // 2), -(-w // 2)
+    return sides

@@ -30,6 +30,7 @@ from .arguments import ArgumentError, default
 from .edits import EditMode, LocalBlend
 from .inversion import Inversion, InversionMethod
 from .pipeline import CheckedInputs, CheckedInvert, InversionConditioning, Prompt2PromptPipeline
+from .source_pass import SourcePass, fill_defaults
 
 #: The components an SDXL folder has beyond Stable Diffusion's.
 _XL_COMPONENTS = ("text_encoder_2", "tokenizer_2")
@@ -707,6 +708,91 @@ class Prompt2PromptXLPipeline(Prompt2PromptPipeline):
         """SDXL pipelines have no safety checker: ``(image, None)``."""
         return image, None
 
+    # ----------------------------------------------------------------- a kept source pass
+
+    @torch.no_grad()
+    def source(
+        self,
+        prompt: str,
+        num_inference_steps: int | None = None,
+        guidance_scale: float | None = None,
+        height: int | None = default("height"),
+        width: int | None = default("width"),
+        negative_prompt: str | None = default("negative_prompt"),
+        generator: torch.Generator | None = default("generator"),
+        latents: torch.Tensor | None = default("latents"),
+        inversion: Inversion | None = default("inversion"),
+        eta: float = default("eta"),
+        cross_replace_steps: float | tuple[float, float] = default("cross_replace_steps"),
+        self_replace_steps: float | tuple[float, float] = default("self_replace_steps"),
+        self_replace_max_res: int | None = default("self_replace_max_res"),
+        device=None,
+        prompt_2: str | None = default("prompt_2"),
+        negative_prompt_2: str | None = default("negative_prompt_2"),
+        original_size: tuple[int, int] | None = default("original_size"),
+        crops_coords_top_left: tuple[int, int] = default("crops_coords_top_left"),
+        target_size: tuple[int, int] | None = default("target_size"),
+        guidance_rescale: float = default("guidance_rescale"),
+    ) -> SourcePass:
+        r"""Run the source prompt alone once and keep what later edits read from it, on SDXL (see
+        `Prompt2PromptPipeline.source`; the SDXL conditions are `__call__`'s).
+
+        Args:
+            prompt: the source prompt.
+            num_inference_steps: denoising steps.
+            guidance_scale: classifier-free guidance.
+            height: image height in pixels.
+            width: image width in pixels.
+            negative_prompt: the unconditional prompt (None: zeros with ``force_zeros_for_empty_prompt``).
+            generator: draws the initial noise.
+            latents: initial noise ``(1, C, h, w)``.
+            inversion: an `Inversion` made by an SDXL model.
+            eta: DDIM's eta.
+            cross_replace_steps: the steps whose cross-attention is kept.
+            self_replace_steps: the steps whose self-attention is kept.
+            self_replace_max_res: the largest map side whose self-attention is kept.
+            device: where the pass's tensors are kept (None: the pipeline's device).
+            prompt_2: the second text encoder's text (None: the prompt).
+            negative_prompt_2: the second encoder's unconditional text.
+            original_size: SDXL's original-size condition.
+            crops_coords_top_left: SDXL's crop condition.
+            target_size: SDXL's target-size condition.
+            guidance_rescale: rescale of the guided prediction.
+
+        Returns:
+            The `SourcePass`.
+
+        Raises:
+            ArgumentError: a bad argument, named by ``.argument``, before any UNet call.
+        """
+        inputs = self.check_inputs(prompt, None, "none", None, None, self_replace_max_res, num_inference_steps, guidance_scale,
+                                   height, width, negative_prompt, generator, latents, "latent", False, False, None, False, eta,
+                                   inversion, prompt_2, negative_prompt_2, original_size, crops_coords_top_left, target_size,
+                                   guidance_rescale)
+        given = dict(negative_prompt=negative_prompt, prompt_2=prompt_2, negative_prompt_2=negative_prompt_2,
+                     original_size=original_size, target_size=target_size)
+        given = {k: (v[0] if isinstance(v, (list, tuple)) and v and isinstance(v[0], str) else v) for k, v in given.items()}
+        return self._capture(inputs, inversion, eta, latents, cross_replace_steps, self_replace_steps, device, given)
+
+    def _pass_conditioning(self, inputs: CheckedXLInputs, inversion: Inversion | None, device):
+        """The batch rows' text states ``(2 * prompts or prompts, tokens, dim)`` and added conditions
+        (pooled embeddings and time ids, one row each) as `__call__` makes them (`_conditioning`)."""
+        _, embeds, added = self._conditioning(inputs, inversion, device)
+        return embeds, added
+
+    def _pass_identity(self, inputs: CheckedXLInputs, scheduler, eta: float, inversion: Inversion | None) -> dict:
+        """Stable Diffusion's identity of the source's pass (`Prompt2PromptPipeline._pass_identity`)
+        and the SDXL conditions of the source row: its second tokenizer's ids, the unconditional
+        ones (None: zeros), the time ids and the guidance rescale."""
+        identity = super()._pass_identity(inputs, scheduler, eta, inversion)
+        time_ids = list(inputs.time_ids)
+        identity.update(
+            negative_prompt=None if inputs.zero_negative else identity["negative_prompt"], prompt_2=list(inputs.ids_2[0]),
+            negative_prompt_2=None if inputs.zero_negative else list(inputs.negative_ids_2[0]), original_size=time_ids[0:2],
+            crops_coords_top_left=time_ids[2:4], target_size=time_ids[4:6], guidance_rescale=float(inputs.guidance_rescale),
+        )
+        return identity
+
     # ----------------------------------------------------------------- call
 
     @torch.no_grad()
@@ -736,6 +822,7 @@ class Prompt2PromptXLPipeline(Prompt2PromptPipeline):
         eta: float = default("eta"),
         cross_attention_kwargs: dict | None = None,
         inversion: Inversion | None = default("inversion"),
+        source: SourcePass | None = default("source"),
         prompt_2: str | Sequence[str] | None = default("prompt_2"),
         negative_prompt_2: str | Sequence[str] | None = default("negative_prompt_2"),
         original_size: tuple[int, int] | None = default("original_size"),
@@ -782,6 +869,8 @@ class Prompt2PromptXLPipeline(Prompt2PromptPipeline):
                 starts from its ``x_T`` and reconstructs the image, the targets edit it; ``prompt``
                 must be the inverted prompt, steps, size, time ids and (for null-text) guidance
                 and the pooled unconditional embedding follow the inversion; DDIM is used.
+            source: a `SourcePass` of this prompt (`source`): only the target rows are denoised (see
+                `Prompt2PromptPipeline.__call__`); the SDXL conditions left None take the pass's.
             prompt_2: the second text encoder's text (one for all rows, or one per prompt, source
                 first); None: each row's prompt. Word positions, mappers and the equalizer address
                 the first tokenizer's tokens; a ``prompt_2`` other than the prompt puts other
@@ -799,6 +888,11 @@ class Prompt2PromptXLPipeline(Prompt2PromptPipeline):
             ArgumentError: a bad argument, named by ``.argument``, before any denoising starts.
         """
         device = self._execution_device
+        if source is not None:
+            num_inference_steps, guidance_scale, height, width, negative_prompt = self._source_defaults(
+                source, edit_prompts, num_inference_steps, guidance_scale, height, width, negative_prompt)
+            prompt_2, negative_prompt_2, original_size, target_size = fill_defaults(
+                source, prompt_2=prompt_2, negative_prompt_2=negative_prompt_2, original_size=original_size, target_size=target_size).values()
         inputs = self.check_inputs(
             prompt, edit_prompts, edit, equalizer, local_blend, self_replace_max_res, num_inference_steps, guidance_scale,
             height, width, negative_prompt, generator, latents, output_type, return_attention, return_self_attention,
@@ -807,6 +901,10 @@ class Prompt2PromptXLPipeline(Prompt2PromptPipeline):
         )
         scheduler, timesteps = self._prepare_scheduler(inputs.num_inference_steps, inversion, device)
         plan = self._plan_edit(inputs, len(timesteps), cross_replace_steps, self_replace_steps, equalizer, local_blend, device)
+        if source is not None:
+            given = dict(negative_prompt=negative_prompt, prompt_2=prompt_2, negative_prompt_2=negative_prompt_2,
+                         original_size=original_size, target_size=target_size)
+            latents = self._check_source(source, inputs, plan, scheduler, eta, inversion, given, generator, latents)
 
         # Algorithm 1: every prompt, source first, in one batch from the same initial latent
         guidance, n = inputs.do_classifier_free_guidance, len(inputs.prompts)
@@ -815,10 +913,16 @@ class Prompt2PromptXLPipeline(Prompt2PromptPipeline):
         latents = self.prepare_latents(n, self.unet.config.in_channels, inputs.height, inputs.width, self.unet.dtype, device,
                                        inputs.generator, inversion.latent if inversion is not None else latents, scheduler)
         extra = self.prepare_extra_step_kwargs(inputs.generator, eta, scheduler)
+        controller = None
+        if source is not None:  # the targets only (see Prompt2PromptPipeline.__call__)
+            latents, embeds, added, extra, controller = self._targets_of(source, inputs, plan, generator, latents, embeds, added, extra,
+                                                                         "inversion" if inversion is not None else None)
+            trajectory = None
 
         latents, controller = self._denoise(inputs, plan, scheduler, timesteps, latents, embeds, extra, cross_attention_kwargs,
                                             added_cond_kwargs=added, guidance_rescale=inputs.guidance_rescale,
-                                            null_embeds=null_embeds, trajectory=trajectory)
+                                            null_embeds=null_embeds, trajectory=trajectory, controller=controller)
+        latents = controller.with_source_latents(latents, -1)  # (prompts, C, h, w): a kept source's final latents first
         images, flags = self._postprocess(latents, output_type, device, prompt_embeds.dtype)
         self.maybe_free_model_hooks()
         return self._output(images, flags, controller, inputs, plan, return_dict)

@@ -32,6 +32,14 @@ KEPT_INVERSIONS = 4
 HISTORY_LENGTH = 24
 #: Visitors waiting in Gradio's queue before the page turns more away.
 QUEUE_SIZE = 32
+#: The page keeps each visitor's last source pass (in a ``gr.State``) when it is at most this many
+#: MiB, and edits from it while only the target-side settings change (targets, windows within the
+#: pass's budget, re-weighting, local blend). The bundled model's pass at the page's settings fits
+#: with room to spare; SD 1.5's at 512 px does not (``p2p serve --source-limit 1300`` keeps it).
+SOURCE_LIMIT_MIB = 256
+MIB = 2**20
+#: Seconds a visitor's kept pass lives after their last edit (the memory is freed after it).
+SOURCE_TTL_S = 1800
 
 
 def field_of(error: BaseException) -> str:
@@ -124,6 +132,33 @@ class EditRequest:
         except OptionError as err:
             raise FieldError(err.argument, str(err)) from None
         return options
+
+
+@dataclass
+class KeptSource:
+    """A visitor's last source pass (`SourcePass`) and the record of the request that made it
+    (`source_reuse.pass_record`): a later request with the same record edits from it."""
+
+    record: dict
+    source: Any
+    inversion: Any = None  # a photo's `Inversion`, which edits from the pass take beside it
+
+    @property
+    def nbytes(self) -> int:
+        return int(self.source.nbytes)
+
+
+@dataclass
+class EditResult:
+    """What `Editor.edit` gives the page: the PNGs written, the heat maps, the pass to keep for the
+    visitor's next edit (None: none), and the status line (reused or not, and the time)."""
+
+    files: list[str]
+    heat: list[tuple[str, str]]
+    kept: KeptSource | None
+    status: str
+    reused: bool
+    seconds: float
 
 
 def _words(text) -> list[str]:
@@ -250,10 +285,12 @@ class Editor:
         device: the device it runs on.
     """
 
-    def __init__(self, pipe, output_dir: str | os.PathLike, model: str | None = None, dtype: str | None = None, device: str = "cpu"):
+    def __init__(self, pipe, output_dir: str | os.PathLike, model: str | None = None, dtype: str | None = None, device: str = "cpu",
+                 source_limit_bytes: int = SOURCE_LIMIT_MIB * MIB):
         self.pipe = pipe
         self.output_dir = Path(output_dir).resolve()
         self.model, self.dtype, self.device = model, dtype, device
+        self.source_limit_bytes = source_limit_bytes
         self._inversions: OrderedDict[tuple, Any] = OrderedDict()
 
     def _inversion(self, req: EditRequest):
@@ -279,26 +316,61 @@ class Editor:
         return folder
 
     def run(self, req: EditRequest):
+        """Run the edit in full (no kept pass) and write its PNGs; returns ``(files, heat)`` (see `edit`)."""
+        result = self.edit(req)
+        return result.files, result.heat
+
+    def edit(self, req: EditRequest, kept: KeptSource | None = None) -> EditResult:
         """Run the edit and write its PNGs, each carrying the parameters.
 
-        Returns ``(files, heat)``: the paths of ``source.png`` and ``edit-K.png``, and ``(path, caption)``
-        of each word's cross-attention heat map PNG. The options are checked before any work (a bad one
-        raises `FieldError`, and nothing is written); library ValueErrors pass through. The files appear
-        together or not at all (`imageio.OutputSet`).
+        With ``kept`` (the visitor's last pass) made by the same source-side settings (model, prompt,
+        seed or photo, steps, guidance), only the targets run, from it; when the pipeline refuses it
+        (a window beyond its budget), or the settings differ, the source's pass runs again and is
+        kept when it is at most ``source_limit_bytes``.
+
+        The result's ``files`` are the paths of ``source.png`` and ``edit-K.png``, ``heat`` the
+        ``(path, caption)`` of each word's cross-attention heat map PNG. The options are checked before
+        any work (a bad one raises `FieldError`, and nothing is written); library ValueErrors pass
+        through. The files appear together or not at all (`imageio.OutputSet`).
         """
         import torch
 
+        from .imageio import OutputSet, file_sha256
         from .options import image_metadata, parameters_text, slugify
-        from .imageio import OutputSet
+        from .source_reuse import pass_record
         from .visualisation import token_heatmaps
 
         options = req.options(self.model, self.dtype)  # the command line's checks, before the model runs
         kwargs = req.pipeline_kwargs()
-        if req.image:
-            kwargs["inversion"] = self._inversion(req)
+        record = pass_record(options, file_sha256(req.image) if req.image else None)
+        start = time.perf_counter()
+        out, reused, note = None, False, ""
+        if kept is not None and kept.record == record:
+            try:
+                extra = {"inversion": kept.inversion} if kept.inversion is not None else {}
+                out = self.pipe(req.prompt, req.edit_prompts, source=kept.source, **extra, **kwargs)
+                reused = True
+            except ValueError as err:  # beyond the pass's budget: the full edit below (which reports a real error)
+                note = f" (the kept source pass did not fit: {err})"
+        if out is None:
+            budget = {"cross_replace_steps": kwargs["cross_replace_steps"], "self_replace_steps": kwargs["self_replace_steps"]}
+            # kept in the machine's memory, not the GPU's: one pass per visitor must not crowd out the model
+            common = {"num_inference_steps": req.num_inference_steps, "guidance_scale": req.guidance_scale, "device": "cpu", **budget}
+            if req.image:
+                source = self.pipe.source(req.prompt, inversion=self._inversion(req), **common)
+            else:
+                source = self.pipe.source(req.prompt, generator=torch.Generator(device="cpu").manual_seed(req.seed), **common)
+            inversion = self._inversion(req) if req.image else None  # the pipeline takes a photo's inversion beside its pass
+            out = self.pipe(req.prompt, req.edit_prompts, source=source, **({"inversion": inversion} if inversion else {}), **kwargs)
+            kept = KeptSource(record, source, inversion) if source.nbytes <= self.source_limit_bytes else None
+            size = f"{source.nbytes / MIB:.1f} MiB"
+            keeping = (f"source pass kept for the next edit ({size})" if kept is not None
+                       else f"source pass not kept: {size} is over the {self.source_limit_bytes / MIB:g} MiB limit")
+        seconds = time.perf_counter() - start
+        if reused:
+            status = f"source reused: only the targets ran, in {seconds:.2f} s"
         else:
-            kwargs["generator"] = torch.Generator(device="cpu").manual_seed(req.seed)
-        out = self.pipe(req.prompt, req.edit_prompts, **kwargs)
+            status = f"full edit in {seconds:.2f} s; {keeping}{note}"
         folder = self._new_folder(req)
         mode = out.edit_mode.value if out.edit_mode is not None else None
         prompts = [req.prompt, *req.edit_prompts]
@@ -320,7 +392,7 @@ class Editor:
                 output.add_png(name, im, *meta("cross-attention", k, name, word=word, attention_resolution=out.attention.resolution))
                 heat.append((str(folder / name), f"{'source' if k == 0 else f'target {k}'}: {word}"))
         output.commit()
-        return files, heat
+        return EditResult(files, heat, kept, status, reused, seconds)
 
 
 def _tolerant(photo):
@@ -410,21 +482,23 @@ def _results(gr) -> tuple:
 
 
 def _handler(gr, editor: Editor):
-    """The Edit button's handler: parse, run, and show each error beside the field of its argument."""
+    """The Edit button's handler: parse, run (from the visitor's kept source pass when it fits), and
+    show each error beside the field of its argument, and the status line (reused or not, the time)."""
 
     def on_run(*values, progress=gr.Progress(track_tqdm=True)):
-        *raw, hist = values
+        *raw, hist, kept = values
         hidden = [gr.update(visible=False, value="") for _ in FIELDS]
         try:
             req = parse_request(*raw)
-            paths, heat = editor.run(req)
+            result = editor.edit(req, kept if isinstance(kept, KeptSource) else None)
         except ValueError as err:  # the page's and the command line's checks, or the library's
             hidden[FIELDS.index(field_of(err))] = gr.update(visible=True, value=f"⚠ {err}")
-            return (gr.skip(), gr.skip(), gr.skip(), gr.skip(), hist, *hidden)
+            return (gr.skip(), gr.skip(), gr.skip(), gr.skip(), hist, gr.skip(), kept, *hidden)
+        paths, heat = result.files, result.heat
         # the galleries show the saved PNGs themselves, so their download buttons give the parameters too
         labelled = [(p, "source" if k == 0 else req.edit_prompts[k - 1]) for k, p in enumerate(paths)]
         hist = (hist + [(p, f"{req.prompt} → {req.edit_prompts[k - 1]}") for k, p in enumerate(paths) if k > 0])[-HISTORY_LENGTH:]
-        return (labelled, heat, paths, hist, hist, *hidden)
+        return (labelled, heat, paths, hist, hist, result.status, result.kept, *hidden)
 
     return on_run
 
@@ -439,15 +513,18 @@ def build_app(editor: Editor, default_prompt: str = "a big red circle on a blue 
                     "Write a source prompt and one or more targets; the source's attention is injected "
                     "into each target so that the layout survives while the words change.")
         history = gr.State([])
+        # the visitor's last source pass: freed SOURCE_TTL_S after their last edit, or when they leave
+        kept = gr.State(None, time_to_live=SOURCE_TTL_S)
         with gr.Row():
             with gr.Column(scale=1):
                 inputs, errors = _form(gr, default_prompt, default_target)
                 run = gr.Button("Edit", variant="primary", elem_id="run")
                 errors["general"] = _slot(gr)
+                status = gr.Markdown("", elem_id="status")
             with gr.Column(scale=2):
                 results, attention, files, past = _results(gr)
         slots = [errors[name] for name in FIELDS]
-        run.click(_handler(gr, editor), inputs=[*inputs, history], outputs=[results, attention, files, past, history, *slots],
+        run.click(_handler(gr, editor), inputs=[*inputs, history, kept], outputs=[results, attention, files, past, history, status, kept, *slots],
                   concurrency_limit=1, concurrency_id="device")
     return demo
 
@@ -456,9 +533,11 @@ _CSS = ".field-error p { color: #b00020; font-weight: 600; margin: 0; }"
 
 
 def serve(host: str = "127.0.0.1", port: int = 7860, model: str | None = None, device: str | None = None, dtype: str | None = None,
-          output_dir: str | os.PathLike = "outputs/web", block: bool = True, allow_pickle: bool = False):
+          output_dir: str | os.PathLike = "outputs/web", block: bool = True, allow_pickle: bool = False,
+          source_limit_mib: int = SOURCE_LIMIT_MIB):
     """Load the model (with the pipeline its folder needs, `loading.load_pipeline`) and serve the
     page on ``host:port`` (loopback unless told otherwise); pickle weights load only with ``allow_pickle``.
+    Each visitor's last source pass is kept when it is at most ``source_limit_mib`` MiB (0: never).
 
     Gradio's own temporary files (uploads, images sent to the page) also go below ``output_dir``.
     Returns the running `gradio.Blocks` when ``block`` is False.
@@ -475,7 +554,7 @@ def serve(host: str = "127.0.0.1", port: int = 7860, model: str | None = None, d
     pipe = load_pipeline(model, allow_pickle=allow_pickle, **kwargs)  # SDXL or Stable Diffusion, as the folder says
     if device:
         pipe.to(device)
-    editor = Editor(pipe, out, model, dtype, str(pipe.device))
+    editor = Editor(pipe, out, model, dtype, str(pipe.device), source_limit_bytes=source_limit_mib * MIB)
     demo = build_app(editor)
     demo.queue(default_concurrency_limit=1, max_size=QUEUE_SIZE)
     demo.launch(server_name=host, server_port=port, max_file_size=f"{MAX_UPLOAD_MB}mb", css=_CSS,
