@@ -37,7 +37,7 @@ NO_FLAG = {
     "return_dict", "return_attention", "cross_attention_kwargs", "return_self_attention", "truncate_prompts",
     "num_inner_steps", "early_stop_epsilon", "cuda_graph",
     "prompt_2", "negative_prompt_2", "original_size", "crops_coords_top_left", "target_size", "guidance_rescale",
-    "source",
+    "source", "keep_source", "source_device",
 }
 #: Arguments the web page does not set: their errors go to its ``general`` slot.
 NO_FIELD = {
@@ -45,7 +45,7 @@ NO_FIELD = {
     "cross_attention_kwargs", "return_self_attention", "truncate_prompts", "attention_res", "top_k", "cuda_graph",
     "sweep", "model", "dtype",
     "prompt_2", "negative_prompt_2", "original_size", "crops_coords_top_left", "target_size", "guidance_rescale",
-    "source",
+    "source", "keep_source", "source_device",
 }
 
 

@@ -14,7 +14,7 @@ import pytest
 
 from prompt2prompt import cli
 from prompt2prompt.cli import main
-from prompt2prompt.source_reuse import budget_of, covering_window, pass_record, record_mismatch
+from prompt2prompt.source_pass import budget_of, covering_window, pass_record, record_mismatch
 
 SRC = "a red circle on a blue background"
 TGT = "a red square on a blue background"

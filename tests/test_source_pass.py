@@ -360,3 +360,113 @@ def test_a_corrupted_truncated_or_foreign_file_is_refused(sd1, sd2, passes, tmp_
     with pytest.raises(ArgumentError) as err:  # a pass of another model: refused when used
         sd1(PROMPT, "a red circle and a blue circle", source=SourcePass.load(foreign))
     assert err.value.argument == "source"
+
+
+# --------------------------------------------------------------------------- a full call that keeps its pass (keep_source)
+
+
+def assert_same_pass(ref: SourcePass, kept: SourcePass, atol=1e-4, same_generator=True):
+    """Two passes agree: what identifies them exactly, every tensor to float tolerance (a batch of
+    one and a batch of several rows round differently); ``same_generator=False``: but the state of
+    the step-noise generator, which each call without a generator seeds afresh."""
+    assert kept.identity == ref.identity and kept.given == ref.given
+    assert (kept.cross_steps, kept.self_steps, kept.self_max_res) == (ref.cross_steps, ref.self_steps, ref.self_max_res)
+    assert kept.self_calls == ref.self_calls and kept.generator_device == ref.generator_device
+    mine, theirs = ref.tensors(), kept.tensors()
+    assert mine.keys() == theirs.keys()
+    if not same_generator:
+        mine.pop("step_generator", None), theirs.pop("step_generator", None)
+    for name in mine:
+        assert theirs[name].dtype == mine[name].dtype and theirs[name].device == mine[name].device, name
+        torch.testing.assert_close(theirs[name], mine[name], atol=atol, rtol=1e-4, msg=name)
+    torch.testing.assert_close(kept.noise, ref.noise, atol=0, rtol=0)
+    torch.testing.assert_close(kept.latents[0], ref.latents[0], atol=0, rtol=0)
+
+
+#: Full calls that keep their pass: the call's keyword arguments (besides prompt, steps, seed) and the
+#: `pipe.source` budget its windows make.
+KEEPS = {
+    "replace": (dict(edit_prompts="a red circle and a blue circle"),
+                dict(cross_replace_steps=0.8, self_replace_steps=0.4)),
+    "per-word windows, self windows, blend": (
+        dict(edit_prompts=["a red circle and a green square", "a red circle and a blue circle"],
+             cross_replace_steps={"default_": 0.5, "green": (0.25, 1.0)}, self_replace_steps=(0.25, 0.75), self_replace_max_res=16,
+             local_blend=LocalBlend("square", "circle", start=0.25), equalizer={"red": 2.0}),
+        dict(cross_replace_steps=1.0, self_replace_steps=(0.25, 0.75), self_replace_max_res=16)),
+    "no guidance": (dict(edit_prompts="a red circle and a blue circle", guidance_scale=1.0),
+                    dict(cross_replace_steps=0.8, self_replace_steps=0.4, guidance_scale=1.0)),
+    "no targets": (dict(), dict(cross_replace_steps=0.8, self_replace_steps=0.4)),
+}
+
+
+@pytest.mark.parametrize("model", ["sd1", "sd2"])
+@pytest.mark.parametrize("kind", list(KEEPS))
+def test_a_full_call_keeps_the_pass_source_makes_in_one_batch(request, model, kind):
+    pipe = request.getfixturevalue(model)
+    call, budget = KEEPS[kind]
+    call = dict(call)
+    scale = call.pop("guidance_scale", 7.5)
+    common = dict(num_inference_steps=STEPS, guidance_scale=scale, output_type="pt", return_self_attention=True, **call)
+    ref = pipe(PROMPT, generator=seed(), **common)
+    assert ref.source_pass is None
+    with counting_unet_calls(pipe) as calls:
+        out = pipe(PROMPT, generator=seed(), keep_source=True, **common)
+    assert len(calls) == STEPS  # one batch: the source and the targets together
+    assert torch.equal(out.images, ref.images) and out.edit_mode == ref.edit_mode  # bit-identical
+    assert torch.equal(out.attention.maps, ref.attention.maps) and torch.equal(out.self_attention, ref.self_attention)
+    budget = dict(budget)
+    made = pipe.source(PROMPT, num_inference_steps=STEPS, guidance_scale=budget.pop("guidance_scale", 7.5), generator=seed(), **budget)
+    assert_same_pass(made, out.source_pass)
+    if call.get("edit_prompts"):  # an edit from the kept pass is the full edit
+        assert_same(ref, pipe(PROMPT, source=out.source_pass, **common))
+
+
+@pytest.mark.parametrize("scheduler, eta", [("EulerAncestralDiscreteScheduler", 0.0), ("DDIMScheduler", 0.7)])
+def test_a_kept_pass_of_a_stochastic_sampler_keeps_its_step_noise(tiny_sd1, scheduler, eta):
+    import diffusers
+
+    pipe = make(dict(tiny_sd1, scheduler=getattr(diffusers, scheduler).from_config(tiny_sd1["scheduler"].config)))
+    kw = dict(num_inference_steps=STEPS, eta=eta, output_type="pt")
+    ref = pipe(PROMPT, "a red circle and a blue circle", generator=seed(), **kw)
+    out = pipe(PROMPT, "a red circle and a blue circle", generator=seed(), keep_source=True, **kw)
+    assert torch.equal(out.images, ref.images)
+    # the sampler's latents are large (init_noise_sigma): a batch's rounding differs by ~1e-5 of them
+    assert_same_pass(pipe.source(PROMPT, generator=seed(), num_inference_steps=STEPS, eta=eta), out.source_pass, atol=1e-3)
+    assert_same(ref, pipe(PROMPT, "a red circle and a blue circle", source=out.source_pass, **kw))
+
+
+@pytest.mark.parametrize("method", ["null-text", "direct"])
+def test_a_full_call_from_an_inversion_keeps_its_pass(sd1, method):
+    inv = sd1.invert(picture(), PROMPT, method=method, num_inference_steps=STEPS, num_inner_steps=2)
+    kw = dict(inversion=inv, output_type="pt", local_blend=LocalBlend("square", "circle", start=0.25))
+    ref = sd1(PROMPT, "a red circle and a blue circle", **kw)
+    out = sd1(PROMPT, "a red circle and a blue circle", keep_source=True, **kw)
+    assert torch.equal(out.images, ref.images)
+    assert_same_pass(sd1.source(PROMPT, inversion=inv), out.source_pass, same_generator=False)  # DDIM, eta 0: unused
+    assert_same(ref, sd1(PROMPT, "a red circle and a blue circle", source=out.source_pass, **kw))
+
+
+def test_keep_source_on_the_cpu_and_its_refusals(sd1):
+    out = sd1(PROMPT, "a red circle and a blue circle", num_inference_steps=2, generator=seed(), keep_source=True, source_device="cpu",
+              output_type="latent")
+    assert {t.device.type for t in out.source_pass.tensors().values()} == {"cpu"}
+    for kwargs in (dict(keep_source="yes"), dict(keep_source=True, return_dict=False),
+                   dict(keep_source=True, source=out.source_pass)):
+        with counting_unet_calls(sd1) as calls, pytest.raises(ArgumentError) as err:
+            sd1(PROMPT, "a red circle and a blue circle", num_inference_steps=2, **kwargs)
+        assert err.value.argument == "keep_source" and calls == [], kwargs
+
+
+@pytest.mark.parametrize("kind", ["replace", "several targets", "no guidance"])
+def test_sdxl_a_full_call_keeps_the_pass_source_makes(xl, kind):
+    kwargs = dict(KINDS[kind])
+    scale = kwargs.pop("guidance_scale", 7.5)
+    common = dict(num_inference_steps=STEPS, guidance_scale=scale, original_size=(48, 48), guidance_rescale=0.3,
+                  cross_replace_steps=1.0, self_replace_steps=0.5, self_replace_max_res=8)
+    ref = xl(PROMPT, generator=seed(), output_type="pt", return_self_attention=True, **common, **kwargs)
+    with counting_unet_calls(xl) as calls:
+        out = xl(PROMPT, generator=seed(), output_type="pt", return_self_attention=True, keep_source=True, **common, **kwargs)
+    assert len(calls) == STEPS
+    assert torch.equal(out.images, ref.images) and torch.equal(out.attention.maps, ref.attention.maps)
+    assert_same_pass(xl.source(PROMPT, generator=seed(), **common), out.source_pass)
+    assert_same(ref, xl(PROMPT, source=out.source_pass, output_type="pt", return_self_attention=True, **common, **kwargs))

@@ -152,6 +152,8 @@ ARGUMENTS: dict[str, Argument] = {a.name: a for a in (
     # a real photo: the pipeline's `inversion`, and `Prompt2PromptPipeline.invert`'s own arguments
     Argument("inversion", None, None, flag="--image", field="image"),
     Argument("source", None, None),
+    Argument("keep_source", None, False),
+    Argument("source_device", None, None),
     Argument("image", "image", None, flag="--image", field="image", label="Photo"),
     # the option is None without a photo; with one, the method is the library's default
     Argument("method", "invert", "null-text", option_default=None, flag="--invert", field="image", label="Inversion",

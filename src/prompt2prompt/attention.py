@@ -79,8 +79,9 @@ class P2PController:
     - the batch (``source=None``, the default): the source is the first prompt of each half;
     - a kept `source_pass.SourcePass` (cached mode): the batch holds the target prompts only, and
       the source's queries, keys, text states, maps and latents are read from the pass;
-    - the batch, kept into a `SourcePass` as it runs (``capture=True``, `Prompt2PromptPipeline.source`):
-      the batch is the source alone.
+    - the batch, its source's rows kept into a `SourcePass` as it runs (``capture=True``): the batch is
+      the source alone (`Prompt2PromptPipeline.source`), or every prompt, source first, with the
+      edit applied as without a capture (a call with ``keep_source=True``).
 
     Args:
         plan: the compiled edit, or None to only record maps.
@@ -93,7 +94,7 @@ class P2PController:
             accumulated the same way, or None; a set of sides is accepted too.
         source: a `source_pass.SourcePass` to read the source's rows from, or to keep them into
             with ``capture``.
-        capture: keep the source's rows into ``source`` as the batch (the source alone) runs.
+        capture: keep the source's rows into ``source`` as the batch (the source first) runs.
         keep_device: where a capture keeps its tensors (None: where they are made).
     """
 
@@ -520,6 +521,7 @@ class P2PAttnProcessor:
         key_states = ctrl.source_key_states(step, text, injection.both_terms) if source_keys else text
         value_states = ctrl.injected_states(injection, step, text)
         query, key, value = _project(attn, hidden_states, key_states, value_states)  # (batch [+ targets], heads, pixels or tokens, dim)
+        ctrl.keep_cross(self.key, step, query)  # the batch's own queries (the source's row is kept)
         hw = ctrl.size(hidden_states.shape[1])
         if max(hw) in ctrl.record_sides:  # each prompt's own maps: its own keys where the targets took the source's
             own_key = _split_heads(attn.to_k(text), attn.heads) if source_keys else key  # (batch, heads, tokens, dim)

@@ -34,7 +34,7 @@ from .arguments import ARGUMENTS, DTYPES, INVERT_METHODS, MODES, argument_of, op
 from .edits import EditMode
 from .imageio import OutputSet, file_sha256, remove_stale_temps
 from .model_folder import model_family
-from .source_reuse import budget_of, pass_record, record_mismatch
+from .source_pass import budget_of, pass_record, record_mismatch
 from .web import SOURCE_LIMIT_MIB as web_source_limit_mib
 from .options import (
     ATTENTION_KEYS,

@@ -65,10 +65,12 @@ from .source_pass import (
     check_initial_latents,
     check_is_pass,
     check_same_pass,
+    covering_window,
     fill_defaults,
     model_identity,
     scheduler_identity,
     tensor_digest,
+    source_row_values,
 )
 
 logger = logging.getLogger(__name__)
@@ -127,6 +129,8 @@ class Prompt2PromptPipelineOutput(BaseOutput):
         self_attention_res: the side of ``self_attention``.
         edit_mode: the edit that ran (``auto`` resolved to ``replace`` or ``refine``); None without targets.
         nsfw_content_detected: the safety checker's verdicts when the pipeline has one.
+        source_pass: with ``keep_source=True``, the source row's `SourcePass` kept while the batch
+            ran (the one ``pipe.source`` makes with the call's windows); else None.
     """
 
     images: list[PIL.Image.Image] | np.ndarray | torch.Tensor
@@ -135,6 +139,7 @@ class Prompt2PromptPipelineOutput(BaseOutput):
     nsfw_content_detected: list[bool] | None = None
     self_attention: torch.Tensor | None = None
     self_attention_res: int | None = None
+    source_pass: SourcePass | None = None
 
 
 def same_noise_generators(generator: torch.Generator, n: int) -> list[torch.Generator]:
@@ -853,6 +858,8 @@ class Prompt2PromptPipeline(DiffusionPipeline):
         cross_attention_kwargs: dict | None = None,
         inversion: Inversion | None = default("inversion"),
         source: SourcePass | None = default("source"),
+        keep_source: bool = default("keep_source"),
+        source_device=default("source_device"),
     ):
         r"""Generate the source image and edit it into one image per target prompt.
 
@@ -906,6 +913,12 @@ class Prompt2PromptPipeline(DiffusionPipeline):
                 call without it. Steps, guidance, size, negative prompt, generator and latents left
                 None take the pass's; any that would change the source's pass is refused, as is an
                 edit that injects more than the pass kept.
+            keep_source: also keep the source row's pass while the whole batch runs, as
+                ``out.source_pass``: the `SourcePass` that ``pipe.source`` makes with this call's
+                windows as its budget (``cross_replace_steps``, every word's, and ``self_replace_steps``,
+                ``self_replace_max_res``), in the same one batch; the images are the call's without it.
+            source_device: where a kept pass's tensors go (``"cpu"`` keeps them off the GPU; None:
+                the pipeline's device), as ``pipe.source``'s ``device``.
 
         Returns:
             `Prompt2PromptPipelineOutput` (or ``(images, attention)`` when ``return_dict=False``).
@@ -925,6 +938,7 @@ class Prompt2PromptPipeline(DiffusionPipeline):
         )
         scheduler, timesteps = self._prepare_scheduler(inputs.num_inference_steps, inversion, device)
         plan = self._plan_edit(inputs, len(timesteps), cross_replace_steps, self_replace_steps, equalizer, local_blend, device)
+        budget = self._keep_budget(keep_source, source, return_dict, cross_replace_steps, self_replace_steps, len(timesteps))
         if source is not None:
             latents = self._check_source(source, inputs, plan, scheduler, eta, inversion, dict(negative_prompt=negative_prompt),
                                          generator, latents)
@@ -937,21 +951,27 @@ class Prompt2PromptPipeline(DiffusionPipeline):
         )
         embeds = torch.cat([negative_embeds, prompt_embeds]) if guidance else prompt_embeds  # (2 * prompts or prompts, tokens, dim)
         null_embeds, trajectory = self._inversion_guides(inversion, guidance, device)
+        noise = self._initial_noise(inputs, inversion, latents, device, draw=budget is not None)
         latents = self.prepare_latents(n, self.unet.config.in_channels, inputs.height, inputs.width, self.unet.dtype, device,
-                                       inputs.generator, inversion.latent if inversion is not None else latents, scheduler)
+                                       inputs.generator, noise, scheduler)
         extra = self.prepare_extra_step_kwargs(inputs.generator, eta, scheduler)
-        controller = None
+        controller = kept = None
         if source is not None:  # the targets only: their rows of the batch, the source's read from the pass
             latents, embeds, _, extra, controller = self._targets_of(source, inputs, plan, generator, latents, embeds, None, extra,
                                                                      "inversion" if inversion is not None else None)
             trajectory = None  # direct inversion sets the source's row only
+        elif budget is not None:  # the whole batch, the source's row kept as it runs
+            kept, controller = self._start_pass(inputs, plan, scheduler, len(timesteps), eta, inversion, budget, noise, latents, embeds, extra,
+                                                source_device, source_row_values(negative_prompt=negative_prompt))
 
         latents, controller = self._denoise(inputs, plan, scheduler, timesteps, latents, embeds, extra, cross_attention_kwargs,
                                             null_embeds=null_embeds, trajectory=trajectory, controller=controller)
+        if kept is not None:
+            self._finish_pass(kept, controller)
         latents = controller.with_source_latents(latents, -1)  # (prompts, C, h, w): a kept source's final latents first
         images, flags = self._postprocess(latents, output_type, device, prompt_embeds.dtype)
         self.maybe_free_model_hooks()
-        return self._output(images, flags, controller, inputs, plan, return_dict)
+        return self._output(images, flags, controller, inputs, plan, return_dict, kept)
 
     # ----------------------------------------------------------------- a kept source pass
 
@@ -1007,54 +1027,112 @@ class Prompt2PromptPipeline(DiffusionPipeline):
         inputs = self.check_inputs(prompt, None, "none", None, None, self_replace_max_res, num_inference_steps, guidance_scale,
                                    height, width, negative_prompt, generator, latents, "latent", False, False, None, False, eta,
                                    inversion)
-        if isinstance(negative_prompt, Sequence) and not isinstance(negative_prompt, str):
-            negative_prompt = negative_prompt[0]  # one row: the source's
-        given = dict(negative_prompt=negative_prompt)
+        given = source_row_values(negative_prompt=negative_prompt)  # one row: the source's
         return self._capture(inputs, inversion, eta, latents, cross_replace_steps, self_replace_steps, device, given)
 
     def _capture(self, inputs: CheckedInputs, inversion, eta: float, latents, cross_replace_steps, self_replace_steps, device,
                  given: dict) -> SourcePass:
         """`source`'s work once its arguments are checked: the source row denoised alone under a
         capturing `P2PController`, which fills the `SourcePass`."""
-        run_device, dtype = self._execution_device, self.unet.dtype
+        run_device = self._execution_device
         scheduler, timesteps = self._prepare_scheduler(inputs.num_inference_steps, inversion, run_device)
-        steps = len(timesteps)
-        windows = [step_window(_budget_window(w, name), steps)
-                   for w, name in ((cross_replace_steps, "cross_replace_steps"), (self_replace_steps, "self_replace_steps"))]
-        guidance = inputs.do_classifier_free_guidance
+        budget = [step_window(_budget_window(w, name), len(timesteps))
+                  for w, name in ((cross_replace_steps, "cross_replace_steps"), (self_replace_steps, "self_replace_steps"))]
         embeds, added = self._pass_conditioning(inputs, inversion, run_device)
-        null_embeds, trajectory = self._inversion_guides(inversion, guidance, run_device)
-        shape = (1, self.unet.config.in_channels, *inputs.latent_hw)
-        noise = inversion.latent if inversion is not None else latents
-        if noise is None:
-            noise = randn_tensor(shape, generator=inputs.generator, device=run_device, dtype=dtype)  # (1, C, h, w), as prepare_latents draws
-        noise = noise.to(device=run_device, dtype=dtype)
-        latents = self.prepare_latents(1, shape[1], inputs.height, inputs.width, dtype, run_device, None, noise, scheduler)
+        null_embeds, trajectory = self._inversion_guides(inversion, inputs.do_classifier_free_guidance, run_device)
+        noise = self._initial_noise(inputs, inversion, latents, run_device, draw=True)  # (1, C, h, w), as prepare_latents draws
+        latents = self.prepare_latents(1, noise.shape[1], inputs.height, inputs.width, self.unet.dtype, run_device, None, noise,
+                                       scheduler)
         extra = self.prepare_extra_step_kwargs(inputs.generator, eta, scheduler)
+        src, controller = self._start_pass(inputs, None, scheduler, len(timesteps), eta, inversion, budget, noise, latents, embeds, extra, device, given)
+        self._denoise(inputs, None, scheduler, timesteps, latents, embeds, extra, None, added, getattr(inputs, "guidance_rescale", None),
+                      null_embeds, trajectory, controller)
+        self._finish_pass(src, controller)
+        self.maybe_free_model_hooks()
+        return src
+
+    def _keep_budget(self, keep_source, source, return_dict: bool, cross_replace_steps, self_replace_steps,
+                     steps: int) -> list[tuple[int, int]] | None:
+        """The ``[(first, stop) cross, (first, stop) self]`` step windows of the pass a call keeps
+        (``keep_source``): its own windows, every word's cross window covered by one; None when it
+        keeps none. Refuses ``keep_source`` that is no bool, beside ``source=``, or without ``return_dict``."""
+        if not isinstance(keep_source, bool):
+            raise ArgumentError("keep_source", f"keep_source must be True or False, got {keep_source!r}")
+        if not keep_source:
+            return None
+        if source is not None:
+            raise ArgumentError("keep_source", "keep_source=True keeps the source's pass of a full call; a call with source= "
+                                "already has its pass (the one given): drop keep_source")
+        if not return_dict:
+            raise ArgumentError("keep_source", "keep_source=True returns the pass as out.source_pass: pass return_dict=True")
+        cross = covering_window([cross_replace_steps]) if isinstance(cross_replace_steps, Mapping) else cross_replace_steps
+        return [step_window(_budget_window(w, name), steps) for w, name in ((cross, "cross_replace_steps"),
+                                                                             (self_replace_steps, "self_replace_steps"))]
+
+    def _initial_noise(self, inputs: CheckedInputs, inversion: Inversion | None, latents, device, draw: bool):
+        """The initial noise before the scheduler's ``init_noise_sigma``: the inversion's ``x_T``, or
+        ``latents``, or with ``draw`` one ``(1, C, h, w)`` drawn from the call's generator as
+        `prepare_latents` draws it (None without ``draw``: `prepare_latents` draws it)."""
+        noise = inversion.latent if inversion is not None else latents
+        if noise is None and draw:
+            shape = (1, self.unet.config.in_channels, *inputs.latent_hw)
+            noise = randn_tensor(shape, generator=inputs.generator, device=device, dtype=self.unet.dtype)  # (1, C, h, w)
+        return noise
+
+    def _start_pass(self, inputs: CheckedInputs, plan: EditPlan | None, scheduler, steps: int, eta: float,
+                    inversion: Inversion | None, budget: list[tuple[int, int]], noise: torch.Tensor, latents: torch.Tensor, embeds: torch.Tensor, extra: Mapping,
+                    device, given: dict) -> tuple[SourcePass, P2PController]:
+        """An empty `SourcePass` of the batch's source row and the capturing `P2PController` that fills
+        it as the batch runs (`source`: the source alone; a ``keep_source`` call: every prompt).
+
+        Args:
+            inputs: the checked call (its prompts are the batch's, the source first).
+            plan: the call's edit, or None (`source`).
+            scheduler: the call's scheduler (the pass's identity).
+            steps: the denoising steps the loop runs.
+            eta: DDIM's eta.
+            inversion: the call's inversion, or None.
+            budget: ``[(first, stop) cross, (first, stop) self]`` the steps whose queries are kept.
+            noise: ``(1 or prompts, C, h, w)`` the initial noise (its first row is the source's).
+            latents: ``(prompts, C, h, w)`` the initial latents.
+            embeds: ``(2 * prompts or prompts, tokens, dim)`` the batch's text states.
+            extra: the scheduler step's keywords (a stochastic sampler's generator, whose state is kept).
+            device: where the pass's tensors go (None: the pipeline's device).
+            given: the source row's arguments as given (`source_pass.source_row_values`).
+
+        Returns:
+            ``(pass, controller)``; `_finish_pass` completes the pass after the loop.
+        """
+        run_device, dtype, n = self._execution_device, self.unet.dtype, len(inputs.prompts)
         keep = torch.device(device) if device is not None else run_device
         step_generator = extra.get("generator")
-        kept = torch.empty(steps + 1, *shape[1:], dtype=dtype, device=keep)  # (steps + 1, C, h, w)
+        kept = torch.empty(steps + 1, *latents.shape[1:], dtype=dtype, device=keep)  # (steps + 1, C, h, w)
         kept[0].copy_(latents[0])
         given = {**given, "num_inference_steps": inputs.num_inference_steps, "guidance_scale": inputs.guidance_scale,
                  "height": inputs.height, "width": inputs.width}
         src = SourcePass(
-            identity=self._pass_identity(inputs, scheduler, eta, inversion), given=given, cross_steps=windows[0], self_steps=windows[1],
-            self_max_res=inputs.self_replace_max_res, noise=noise.to(keep, copy=True), latents=kept,
-            text_states=embeds[len(embeds) - 1 :].to(keep, copy=True),  # (1, tokens, channels): the conditional row
+            identity=self._pass_identity(inputs, scheduler, eta, inversion), given=given, cross_steps=budget[0], self_steps=budget[1],
+            self_max_res=inputs.self_replace_max_res, noise=noise[:1].to(keep, dtype, copy=True), latents=kept,
+            text_states=embeds[len(embeds) - n : len(embeds) - n + 1].to(keep, copy=True),  # (1, tokens, channels): the conditional source row
             step_generator=None if step_generator is None else step_generator.get_state(),
             generator_device=None if step_generator is None else step_generator.device.type,
         )
-        sides = attention_sides(self.unet, inputs.latent_hw)
-        controller = P2PController(None, 1, guidance, inputs.latent_hw, sides, set(_all_sides(self.unet, inputs.latent_hw)),
-                                   source=src, capture=True, keep_device=keep)
-        self._denoise(inputs, None, scheduler, timesteps, latents, embeds, extra, None, added, getattr(inputs, "guidance_rescale", None),
-                      null_embeds, trajectory, controller)
+        # the pass sums the source's maps at every side: recorded beside the call's own (which its output reads)
+        record = set(attention_sides(self.unet, inputs.latent_hw)) | set(inputs.record_sides)
+        self_record = set(_all_sides(self.unet, inputs.latent_hw)) | ({inputs.self_res} - {None})
+        controller = P2PController(plan, n, inputs.do_classifier_free_guidance, inputs.latent_hw, record, self_record, source=src,
+                                   capture=True, keep_device=keep)
+        return src, controller
+
+    def _finish_pass(self, src: SourcePass, controller: P2PController) -> None:
+        """The end of a capture (`_start_pass`): the source's self-attention sums into the pass, and
+        on a GPU a wait for the copies into pinned CPU memory that the loop did not wait for."""
+        keep = src.latents.device
         src.self_maps = {side: m.to(keep) for side, m in controller.self_maps.items()}
         src.self_calls = dict(controller.self_calls)
-        if run_device.type == "cuda":  # the kept copies into pinned CPU memory were not waited for
+        run_device = self._execution_device
+        if run_device.type == "cuda":
             torch.cuda.synchronize(run_device)
-        self.maybe_free_model_hooks()
-        return src
 
     def _pass_conditioning(self, inputs: CheckedInputs, inversion: Inversion | None, device) -> tuple[torch.Tensor, Mapping | None]:
         """The batch rows' text states ``(2 * prompts or prompts, tokens, dim)`` and added conditions
@@ -1236,8 +1314,9 @@ class Prompt2PromptPipeline(DiffusionPipeline):
         denormalize = [not f for f in flags] if flags is not None else None
         return self.image_processor.postprocess(decoded, output_type=output_type, do_denormalize=denormalize), flags
 
-    def _output(self, images, flags, controller: P2PController, inputs: CheckedInputs, plan: EditPlan | None, return_dict: bool):
-        """The call's result, with the recorded maps averaged over layers and steps."""
+    def _output(self, images, flags, controller: P2PController, inputs: CheckedInputs, plan: EditPlan | None, return_dict: bool,
+                source_pass: SourcePass | None = None):
+        """The call's result, with the recorded maps averaged over layers and steps (and a kept pass)."""
         attention = None
         if inputs.record_res is not None:
             maps = controller.maps[inputs.record_res] / controller.layer_calls[inputs.record_res]  # (prompts, h, w, tokens)
@@ -1249,7 +1328,7 @@ class Prompt2PromptPipeline(DiffusionPipeline):
             self_map = (controller.self_maps[inputs.self_res] / controller.self_calls[inputs.self_res]).cpu()  # (pixels, pixels)
         return Prompt2PromptPipelineOutput(
             images=images, attention=attention, edit_mode=plan.mode if plan is not None else None, nsfw_content_detected=flags,
-            self_attention=self_map, self_attention_res=inputs.self_res if self_map is not None else None,
+            self_attention=self_map, self_attention_res=inputs.self_res if self_map is not None else None, source_pass=source_pass,
         )
 
     # ----------------------------------------------------------------- inversion

@@ -30,7 +30,7 @@ from .arguments import ArgumentError, default
 from .edits import EditMode, LocalBlend
 from .inversion import Inversion, InversionMethod
 from .pipeline import CheckedInputs, CheckedInvert, InversionConditioning, Prompt2PromptPipeline
-from .source_pass import SourcePass, fill_defaults
+from .source_pass import SourcePass, fill_defaults, source_row_values
 
 #: The components an SDXL folder has beyond Stable Diffusion's.
 _XL_COMPONENTS = ("text_encoder_2", "tokenizer_2")
@@ -769,9 +769,8 @@ class Prompt2PromptXLPipeline(Prompt2PromptPipeline):
                                    height, width, negative_prompt, generator, latents, "latent", False, False, None, False, eta,
                                    inversion, prompt_2, negative_prompt_2, original_size, crops_coords_top_left, target_size,
                                    guidance_rescale)
-        given = dict(negative_prompt=negative_prompt, prompt_2=prompt_2, negative_prompt_2=negative_prompt_2,
-                     original_size=original_size, target_size=target_size)
-        given = {k: (v[0] if isinstance(v, (list, tuple)) and v and isinstance(v[0], str) else v) for k, v in given.items()}
+        given = source_row_values(negative_prompt=negative_prompt, prompt_2=prompt_2, negative_prompt_2=negative_prompt_2,
+                                  original_size=original_size, target_size=target_size)
         return self._capture(inputs, inversion, eta, latents, cross_replace_steps, self_replace_steps, device, given)
 
     def _pass_conditioning(self, inputs: CheckedXLInputs, inversion: Inversion | None, device):
@@ -829,6 +828,8 @@ class Prompt2PromptXLPipeline(Prompt2PromptPipeline):
         crops_coords_top_left: tuple[int, int] = default("crops_coords_top_left"),
         target_size: tuple[int, int] | None = default("target_size"),
         guidance_rescale: float = default("guidance_rescale"),
+        keep_source: bool = default("keep_source"),
+        source_device=default("source_device"),
     ):
         r"""Generate the source image and edit it into one image per target prompt, on SDXL.
 
@@ -880,6 +881,9 @@ class Prompt2PromptXLPipeline(Prompt2PromptPipeline):
             crops_coords_top_left: SDXL's crop condition ``(top, left)``.
             target_size: SDXL's target-size condition ``(height, width)``; None: the image's.
             guidance_rescale: rescale of the guided prediction (Lin et al., 2023); 0: none.
+            keep_source: also keep the source row's pass while the batch runs, as ``out.source_pass``
+                (see `Prompt2PromptPipeline.__call__`): ``pipe.source``'s with this call's windows.
+            source_device: where a kept pass's tensors go (None: the pipeline's device).
 
         Returns:
             `Prompt2PromptPipelineOutput` (or ``(images, attention)`` when ``return_dict=False``).
@@ -901,28 +905,35 @@ class Prompt2PromptXLPipeline(Prompt2PromptPipeline):
         )
         scheduler, timesteps = self._prepare_scheduler(inputs.num_inference_steps, inversion, device)
         plan = self._plan_edit(inputs, len(timesteps), cross_replace_steps, self_replace_steps, equalizer, local_blend, device)
+        budget = self._keep_budget(keep_source, source, return_dict, cross_replace_steps, self_replace_steps, len(timesteps))
+        given = source_row_values(negative_prompt=negative_prompt, prompt_2=prompt_2, negative_prompt_2=negative_prompt_2,
+                                  original_size=original_size, target_size=target_size)
         if source is not None:
-            given = dict(negative_prompt=negative_prompt, prompt_2=prompt_2, negative_prompt_2=negative_prompt_2,
-                         original_size=original_size, target_size=target_size)
             latents = self._check_source(source, inputs, plan, scheduler, eta, inversion, given, generator, latents)
 
         # Algorithm 1: every prompt, source first, in one batch from the same initial latent
         guidance, n = inputs.do_classifier_free_guidance, len(inputs.prompts)
         prompt_embeds, embeds, added = self._conditioning(inputs, inversion, device)
         null_embeds, trajectory = self._inversion_guides(inversion, guidance, device)
+        noise = self._initial_noise(inputs, inversion, latents, device, draw=budget is not None)
         latents = self.prepare_latents(n, self.unet.config.in_channels, inputs.height, inputs.width, self.unet.dtype, device,
-                                       inputs.generator, inversion.latent if inversion is not None else latents, scheduler)
+                                       inputs.generator, noise, scheduler)
         extra = self.prepare_extra_step_kwargs(inputs.generator, eta, scheduler)
-        controller = None
+        controller = kept = None
         if source is not None:  # the targets only (see Prompt2PromptPipeline.__call__)
             latents, embeds, added, extra, controller = self._targets_of(source, inputs, plan, generator, latents, embeds, added, extra,
                                                                          "inversion" if inversion is not None else None)
             trajectory = None
+        elif budget is not None:  # the whole batch, the source's row kept as it runs
+            kept, controller = self._start_pass(inputs, plan, scheduler, len(timesteps), eta, inversion, budget, noise, latents, embeds,
+                                                extra, source_device, given)
 
         latents, controller = self._denoise(inputs, plan, scheduler, timesteps, latents, embeds, extra, cross_attention_kwargs,
                                             added_cond_kwargs=added, guidance_rescale=inputs.guidance_rescale,
                                             null_embeds=null_embeds, trajectory=trajectory, controller=controller)
+        if kept is not None:
+            self._finish_pass(kept, controller)
         latents = controller.with_source_latents(latents, -1)  # (prompts, C, h, w): a kept source's final latents first
         images, flags = self._postprocess(latents, output_type, device, prompt_embeds.dtype)
         self.maybe_free_model_hooks()
-        return self._output(images, flags, controller, inputs, plan, return_dict)
+        return self._output(images, flags, controller, inputs, plan, return_dict, kept)

@@ -137,7 +137,7 @@ class EditRequest:
 @dataclass
 class KeptSource:
     """A visitor's last source pass (`SourcePass`) and the record of the request that made it
-    (`source_reuse.pass_record`): a later request with the same record edits from it."""
+    (`source_pass.pass_record`): a later request with the same record edits from it."""
 
     record: dict
     source: Any
@@ -337,7 +337,7 @@ class Editor:
 
         from .imageio import OutputSet, file_sha256
         from .options import image_metadata, parameters_text, slugify
-        from .source_reuse import pass_record
+        from .source_pass import pass_record
         from .visualisation import token_heatmaps
 
         options = req.options(self.model, self.dtype)  # the command line's checks, before the model runs
