@@ -310,7 +310,7 @@ def test_web_page_shows_a_library_error_beside_its_argument(tmp_path):
             # quotes the user's prompt, which names other fields' words: only the argument counts
             raise ArgumentError("prompt", "prompt: the prompt 'a seed of a blend' is 82 tokens long but the text encoder takes at most 77")
 
-        source = __call__  # the page runs the source's pass first (to keep it), which checks the prompt the same way
+        source = __call__  # were the page to run the source's pass alone, it would check the prompt the same way
 
     demo = web.build_app(web.Editor(Refuses(), tmp_path / "out"))
     (handler,) = [f.fn for f in demo.fns.values() if getattr(f.fn, "__name__", "") == "on_run"]

@@ -124,8 +124,8 @@ def _edit(capsys, folder, *extra):
 def test_edit_saves_its_source_pass_and_from_reuses_it(capsys, tmp_path, rows):
     first = tmp_path / "first"
     _edit(capsys, first)
-    full_rows = _taken(rows)
-    assert full_rows == STEPS * ROWS * 2  # the source's pass, then the target from it
+    calls, full_rows = len(rows), _taken(rows)
+    assert calls == STEPS and full_rows == STEPS * ROWS * 2  # one batch: the source and the target, its pass kept as it runs
     files = sorted(p.name for p in first.iterdir())
     assert "source.safetensors" in files and {"edit-1.png", "grid.png", "result.json", "source.png"} <= set(files)
     record = json.loads((first / "result.json").read_text())["source_pass"]
@@ -138,12 +138,12 @@ def test_edit_saves_its_source_pass_and_from_reuses_it(capsys, tmp_path, rows):
     code, out, err = run(capsys, "edit", "--from", first / "edit-1.png", "--to", NEW, "-o", tmp_path / "reused")
     assert code == 0, err
     assert f"source reused from {first / 'source.safetensors'}" in out
-    assert _taken(rows) * 2 == full_rows
+    assert len(rows) == STEPS and _taken(rows) * 2 == full_rows
     assert json.loads((tmp_path / "reused" / "result.json").read_text())["source_pass"]["reused_from"] == str(first / "source.safetensors")
     # the same images as the full edit
     code, out, err = run(capsys, "edit", "--from", first / "edit-1.png", "--to", NEW, "--no-reuse", "-o", tmp_path / "full")
     assert code == 0, err
-    assert "reused" not in out and _taken(rows) == full_rows
+    assert "reused" not in out and len(rows) == STEPS and _taken(rows) == full_rows
     for name in ("source.png", "edit-1.png"):
         assert_same_image(tmp_path / "reused" / name, tmp_path / "full" / name)
     assert_same_image(tmp_path / "reused" / "source.png", first / "source.png")
@@ -164,7 +164,7 @@ def test_a_pass_that_does_not_match_is_noted_and_the_edit_runs_in_full(capsys, t
     assert line.startswith(f"source pass {first / 'source.safetensors'} not reused: ") and note in line
     assert line.endswith("running the full edit") and "source reused" not in out
     steps = 4 if "--steps" in change else STEPS
-    assert _taken(rows) == steps * ROWS * 2
+    assert len(rows) == steps and _taken(rows) == steps * ROWS * 2  # the full edit: one batch
     assert (tmp_path / "again" / "edit-1.png").is_file()
 
 

@@ -81,7 +81,7 @@ def test_page_re_edits_from_the_kept_source_pass(tmp_path, pipe):
         assert errors == {} and status.startswith("full edit in ") and "source pass kept" in status
         assert isinstance(visitor.kept, KeptSource) and visitor.kept.nbytes > 0
         full = sum(rows)
-        assert full == STEPS * ROWS * 2
+        assert full == STEPS * ROWS * 2 and len(rows) == STEPS  # one batch: the source and the target, its pass kept
         rows.clear()
         # only target-side settings change: a new target, a narrower window, re-weighting, a blend
         for over in (dict(targets="a big red star on a blue background"), dict(cross=0.4, self_steps=0.2),
@@ -110,7 +110,7 @@ def test_page_runs_in_full_when_the_source_side_changes_or_the_budget_is_short(t
         files, status, errors = visitor.click(**over)
     assert errors == {} and status.startswith("full edit"), status
     steps = over.get("steps", STEPS)
-    assert sum(rows) == steps * ROWS * 2
+    assert sum(rows) == steps * ROWS * 2 and len(rows) == steps  # one batch
     assert visitor.kept is not first  # the new pass is kept
     with counting_rows(pipe) as rows:  # and the next edit reuses it
         _, status, _ = visitor.click(**{**over, "targets": "a big red star on a blue background"})

@@ -337,8 +337,9 @@ def run_edit_images(pipe, options: dict, console: Console, desc: str | None = No
 
     With ``kept``, the targets are edited from that pass when the pipeline takes it; when it does
     not (another budget, another source-side argument: the pipeline's `ArgumentError`, raised before
-    any work), a one-line note says why and the edit runs in full. In full, the source's pass runs
-    first (after the photo's inversion, if any), then all the targets, in one batch, from it.
+    any work), a one-line note says why and the edit runs in full. In full, the source and all the
+    targets run in one batch (after the photo's inversion, if any), which keeps the source's pass
+    as it runs (`full_edit_keeping_source`).
     """
     _bar(pipe, console.progress, desc)
     if kept is not None:
@@ -350,8 +351,18 @@ def run_edit_images(pipe, options: dict, console: Console, desc: str | None = No
         else:
             console.info(f"source reused from {kept.path}")
             return out, kept.source, kept.inversion, str(kept.path)
-    source, inversion = make_source(pipe, options, source_budget(options))
-    return edit_from_source(pipe, options, source, inversion), source, inversion, None
+    out, inversion = full_edit_keeping_source(pipe, options)
+    return out, out.source_pass, inversion, None
+
+
+def full_edit_keeping_source(pipe, options: Mapping) -> tuple:
+    """The full edit of canonical edit options (from the seed's noise, or the photo's inversion),
+    its source's pass kept in the same batch (``keep_source``: its budget is the edit's own windows)
+    -> ``(output with .source_pass, the inversion or None)``."""
+    inversion = _invert(pipe, options) if options.get("image") else None
+    start = {"inversion": inversion} if inversion is not None else {"generator": _generator(options["seed"])}
+    out = _call(pipe, options["prompt"], list(options["to"]), keep_source=True, return_attention=False, **start, **edit_kwargs(options))
+    return out, inversion
 
 
 def word_alignments(pipe, options: Mapping, mode) -> list:

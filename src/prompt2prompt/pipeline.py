@@ -966,8 +966,7 @@ class Prompt2PromptPipeline(DiffusionPipeline):
 
         latents, controller = self._denoise(inputs, plan, scheduler, timesteps, latents, embeds, extra, cross_attention_kwargs,
                                             null_embeds=null_embeds, trajectory=trajectory, controller=controller)
-        if kept is not None:
-            self._finish_pass(kept, controller)
+        self._finish_pass(kept, controller)
         latents = controller.with_source_latents(latents, -1)  # (prompts, C, h, w): a kept source's final latents first
         images, flags = self._postprocess(latents, output_type, device, prompt_embeds.dtype)
         self.maybe_free_model_hooks()
@@ -1124,9 +1123,12 @@ class Prompt2PromptPipeline(DiffusionPipeline):
                                    capture=True, keep_device=keep)
         return src, controller
 
-    def _finish_pass(self, src: SourcePass, controller: P2PController) -> None:
+    def _finish_pass(self, src: SourcePass | None, controller: P2PController) -> None:
         """The end of a capture (`_start_pass`): the source's self-attention sums into the pass, and
-        on a GPU a wait for the copies into pinned CPU memory that the loop did not wait for."""
+        on a GPU a wait for the copies into pinned CPU memory that the loop did not wait for (no
+        capture, ``src`` None: nothing)."""
+        if src is None:
+            return
         keep = src.latents.device
         src.self_maps = {side: m.to(keep) for side, m in controller.self_maps.items()}
         src.self_calls = dict(controller.self_calls)

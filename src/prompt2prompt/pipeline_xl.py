@@ -881,8 +881,7 @@ class Prompt2PromptXLPipeline(Prompt2PromptPipeline):
             crops_coords_top_left: SDXL's crop condition ``(top, left)``.
             target_size: SDXL's target-size condition ``(height, width)``; None: the image's.
             guidance_rescale: rescale of the guided prediction (Lin et al., 2023); 0: none.
-            keep_source: also keep the source row's pass while the batch runs, as ``out.source_pass``
-                (see `Prompt2PromptPipeline.__call__`): ``pipe.source``'s with this call's windows.
+            keep_source: keep the source row's pass as ``out.source_pass`` (`Prompt2PromptPipeline.__call__`).
             source_device: where a kept pass's tensors go (None: the pipeline's device).
 
         Returns:
@@ -927,12 +926,10 @@ class Prompt2PromptXLPipeline(Prompt2PromptPipeline):
         elif budget is not None:  # the whole batch, the source's row kept as it runs
             kept, controller = self._start_pass(inputs, plan, scheduler, len(timesteps), eta, inversion, budget, noise, latents, embeds,
                                                 extra, source_device, given)
-
         latents, controller = self._denoise(inputs, plan, scheduler, timesteps, latents, embeds, extra, cross_attention_kwargs,
                                             added_cond_kwargs=added, guidance_rescale=inputs.guidance_rescale,
                                             null_embeds=null_embeds, trajectory=trajectory, controller=controller)
-        if kept is not None:
-            self._finish_pass(kept, controller)
+        self._finish_pass(kept, controller)
         latents = controller.with_source_latents(latents, -1)  # (prompts, C, h, w): a kept source's final latents first
         images, flags = self._postprocess(latents, output_type, device, prompt_embeds.dtype)
         self.maybe_free_model_hooks()

@@ -325,8 +325,9 @@ class Editor:
 
         With ``kept`` (the visitor's last pass) made by the same source-side settings (model, prompt,
         seed or photo, steps, guidance), only the targets run, from it; when the pipeline refuses it
-        (a window beyond its budget), or the settings differ, the source's pass runs again and is
-        kept when it is at most ``source_limit_bytes``.
+        (a window beyond its budget), or the settings differ, the full edit runs (the source and the
+        targets in one batch) and keeps its source's pass (``keep_source``) when it is at most
+        ``source_limit_bytes``.
 
         The result's ``files`` are the paths of ``source.png`` and ``edit-K.png``, ``heat`` the
         ``(path, caption)`` of each word's cross-attention heat map PNG. The options are checked before
@@ -352,16 +353,12 @@ class Editor:
                 reused = True
             except ValueError as err:  # beyond the pass's budget: the full edit below (which reports a real error)
                 note = f" (the kept source pass did not fit: {err})"
-        if out is None:
-            budget = {"cross_replace_steps": kwargs["cross_replace_steps"], "self_replace_steps": kwargs["self_replace_steps"]}
+        if out is None:  # the source and the targets in one batch, which keeps the source's pass as it runs
+            inversion = self._inversion(req) if req.image else None  # an edit from the pass takes the photo's inversion beside it
+            noise = {"inversion": inversion} if inversion else {"generator": torch.Generator(device="cpu").manual_seed(req.seed)}
             # kept in the machine's memory, not the GPU's: one pass per visitor must not crowd out the model
-            common = {"num_inference_steps": req.num_inference_steps, "guidance_scale": req.guidance_scale, "device": "cpu", **budget}
-            if req.image:
-                source = self.pipe.source(req.prompt, inversion=self._inversion(req), **common)
-            else:
-                source = self.pipe.source(req.prompt, generator=torch.Generator(device="cpu").manual_seed(req.seed), **common)
-            inversion = self._inversion(req) if req.image else None  # the pipeline takes a photo's inversion beside its pass
-            out = self.pipe(req.prompt, req.edit_prompts, source=source, **({"inversion": inversion} if inversion else {}), **kwargs)
+            out = self.pipe(req.prompt, req.edit_prompts, keep_source=True, source_device="cpu", **noise, **kwargs)
+            source = out.source_pass
             kept = KeptSource(record, source, inversion) if source.nbytes <= self.source_limit_bytes else None
             size = f"{source.nbytes / MIB:.1f} MiB"
             keeping = (f"source pass kept for the next edit ({size})" if kept is not None
