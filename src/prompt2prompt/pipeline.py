@@ -69,8 +69,8 @@ from .source_pass import (
     fill_defaults,
     model_identity,
     scheduler_identity,
-    tensor_digest,
     source_row_values,
+    tensor_digest,
 )
 
 logger = logging.getLogger(__name__)
@@ -961,8 +961,8 @@ class Prompt2PromptPipeline(DiffusionPipeline):
                                                                      "inversion" if inversion is not None else None)
             trajectory = None  # direct inversion sets the source's row only
         elif budget is not None:  # the whole batch, the source's row kept as it runs
-            kept, controller = self._start_pass(inputs, plan, scheduler, len(timesteps), eta, inversion, budget, noise, latents, embeds, extra,
-                                                source_device, source_row_values(negative_prompt=negative_prompt))
+            kept, controller = self._start_pass(inputs, plan, scheduler, len(timesteps), eta, inversion, budget, noise, latents, embeds,
+                                                extra, source_device, source_row_values(negative_prompt=negative_prompt))
 
         latents, controller = self._denoise(inputs, plan, scheduler, timesteps, latents, embeds, extra, cross_attention_kwargs,
                                             null_embeds=null_embeds, trajectory=trajectory, controller=controller)
@@ -1043,7 +1043,8 @@ class Prompt2PromptPipeline(DiffusionPipeline):
         latents = self.prepare_latents(1, noise.shape[1], inputs.height, inputs.width, self.unet.dtype, run_device, None, noise,
                                        scheduler)
         extra = self.prepare_extra_step_kwargs(inputs.generator, eta, scheduler)
-        src, controller = self._start_pass(inputs, None, scheduler, len(timesteps), eta, inversion, budget, noise, latents, embeds, extra, device, given)
+        src, controller = self._start_pass(inputs, None, scheduler, len(timesteps), eta, inversion, budget, noise, latents, embeds,
+                                           extra, device, given)
         self._denoise(inputs, None, scheduler, timesteps, latents, embeds, extra, None, added, getattr(inputs, "guidance_rescale", None),
                       null_embeds, trajectory, controller)
         self._finish_pass(src, controller)
@@ -1079,8 +1080,8 @@ class Prompt2PromptPipeline(DiffusionPipeline):
         return noise
 
     def _start_pass(self, inputs: CheckedInputs, plan: EditPlan | None, scheduler, steps: int, eta: float,
-                    inversion: Inversion | None, budget: list[tuple[int, int]], noise: torch.Tensor, latents: torch.Tensor, embeds: torch.Tensor, extra: Mapping,
-                    device, given: dict) -> tuple[SourcePass, P2PController]:
+                    inversion: Inversion | None, budget: list[tuple[int, int]], noise: torch.Tensor, latents: torch.Tensor,
+                    embeds: torch.Tensor, extra: Mapping, device, given: dict) -> tuple[SourcePass, P2PController]:
         """An empty `SourcePass` of the batch's source row and the capturing `P2PController` that fills
         it as the batch runs (`source`: the source alone; a ``keep_source`` call: every prompt).
 
@@ -1112,7 +1113,7 @@ class Prompt2PromptPipeline(DiffusionPipeline):
         src = SourcePass(
             identity=self._pass_identity(inputs, scheduler, eta, inversion), given=given, cross_steps=budget[0], self_steps=budget[1],
             self_max_res=inputs.self_replace_max_res, noise=noise[:1].to(keep, dtype, copy=True), latents=kept,
-            text_states=embeds[len(embeds) - n : len(embeds) - n + 1].to(keep, copy=True),  # (1, tokens, channels): the conditional source row
+            text_states=embeds[len(embeds) - n : len(embeds) - n + 1].to(keep, copy=True),  # (1, tokens, channels): conditional source row
             step_generator=None if step_generator is None else step_generator.get_state(),
             generator_device=None if step_generator is None else step_generator.device.type,
         )
