@@ -92,6 +92,9 @@ class P2PController:
             float32, summed over layers and steps), for LocalBlend and visualisation.
         self_record_side: map side whose self-attention of the source prompt (conditional row) is
             accumulated the same way, or None; a set of sides is accepted too.
+        source_sides: map sides, beyond ``record_sides``, whose conditional cross-attention is
+            accumulated for the source's row alone (what a capture keeps of the sides the call's
+            output does not read).
         source: a `source_pass.SourcePass` to read the source's rows from, or to keep them into
             with ``capture``.
         capture: keep the source's rows into ``source`` as the batch (the source first) runs.
@@ -99,12 +102,13 @@ class P2PController:
     """
 
     def __init__(self, plan: EditPlan | None, num_prompts: int, guidance: bool, latent_hw: tuple[int, int], record_sides=(),
-                 self_record_side=None, source=None, capture: bool = False, keep_device=None):
+                 self_record_side=None, source=None, capture: bool = False, keep_device=None, source_sides=()):
         self.plan = plan
         self.num_prompts = num_prompts
         self.guidance = guidance
         self.latent_hw = latent_hw
         self.record_sides = set(record_sides)
+        self.source_sides = set(source_sides) - self.record_sides
         self.maps: dict[int, torch.Tensor] = {}  # side -> (prompts, h, w, tokens) float32 sums
         self.layer_calls: dict[int, int] = {}  # side -> number of (layer, step) maps summed
         sides = self_record_side if isinstance(self_record_side, (set, frozenset)) else {self_record_side} - {None}
@@ -183,6 +187,15 @@ class P2PController:
             ``(batch, ...)``, a new tensor (``x`` is not modified).
         """
         return torch.cat([x[: self.targets.start], rows, x[self.targets.stop :]])  # (batch, ...)
+
+    def recorded_rows(self, side: int) -> slice | None:
+        """The rows whose cross-attention maps at ``side`` are recorded: the conditional half (a side
+        of ``record_sides``), its source row alone (``source_sides``), or None."""
+        if side in self.record_sides:
+            return self.cond
+        if side in self.source_sides:
+            return slice(self.cond.start, self.cond.start + 1)
+        return None
 
     def _per_step(self, step: int, what: str, states: torch.Tensor, make) -> torch.Tensor:
         """``make()``, made once per step for the text ``states``: they are the same tensor in every
@@ -523,11 +536,13 @@ class P2PAttnProcessor:
         query, key, value = _project(attn, hidden_states, key_states, value_states)  # (batch [+ targets], heads, pixels or tokens, dim)
         ctrl.keep_cross(self.key, step, query)  # the batch's own queries (the source's row is kept)
         hw = ctrl.size(hidden_states.shape[1])
-        if max(hw) in ctrl.record_sides:  # each prompt's own maps: its own keys where the targets took the source's
-            own_key = _split_heads(attn.to_k(text), attn.heads) if source_keys else key  # (batch, heads, tokens, dim)
-            if source_keys and attn.norm_k is not None:
+        rows = ctrl.recorded_rows(max(hw))
+        if rows is not None:  # each prompt's own maps: its own keys where the targets took the source's
+            targets = source_keys and rows == ctrl.cond  # the targets' rows (a source row alone: ``key``'s is its own)
+            own_key = _split_heads(attn.to_k(text), attn.heads) if targets else key  # (batch, heads, tokens, dim)
+            if targets and attn.norm_k is not None:
                 own_key = attn.norm_k(own_key)
-            ctrl.record(max(hw), hw, _probabilities(attn, query[ctrl.cond], own_key[ctrl.cond], None))
+            ctrl.record(max(hw), hw, _probabilities(attn, query[rows], own_key[rows], None))
         if source_keys:
             source_query = ctrl.source_row(query, "cross_q", self.key, step)  # (1, heads, pixels, dim)
             query = ctrl.with_source_rows(query, injection.both_terms, source_query)  # (batch [+ targets], heads, pixels, dim)
@@ -574,14 +589,14 @@ class P2PAttnProcessor:
             return out
         ctrl.keep_cross(self.key, step, query)
         hw = ctrl.size(hidden_states.shape[1])
-        record = max(hw) in ctrl.record_sides
+        rows = ctrl.recorded_rows(max(hw))
         edit = plan is not None and plan.cross_active[step]
-        if not (record or edit):
+        if not (rows is not None or edit):
             return out
-        cond = ctrl.cond
+        cond = ctrl.cond if edit else rows
         probs = _probabilities(attn, query[cond], key[cond], attention_mask[cond] if attention_mask is not None else None)  # (prompts, heads, pixels, tokens)
-        if record:  # each prompt's own maps, before the edit, as in the paper's code
-            ctrl.record(max(hw), hw, probs)
+        if rows is not None:  # each prompt's own maps, before the edit, as in the paper's code
+            ctrl.record(max(hw), hw, probs[rows.start - cond.start : rows.stop - cond.start])
         if edit:
             source_probs, target_probs = self._source_and_targets(attn, probs, attention_mask, step)
             edited = edit_cross_attention(

@@ -1117,11 +1117,10 @@ class Prompt2PromptPipeline(DiffusionPipeline):
             step_generator=None if step_generator is None else step_generator.get_state(),
             generator_device=None if step_generator is None else step_generator.device.type,
         )
-        # the pass sums the source's maps at every side: recorded beside the call's own (which its output reads)
-        record = set(attention_sides(self.unet, inputs.latent_hw)) | set(inputs.record_sides)
+        # the pass sums the source's maps at every side: the source's row alone beside the call's own sides (which its output reads)
         self_record = set(_all_sides(self.unet, inputs.latent_hw)) | ({inputs.self_res} - {None})
-        controller = P2PController(plan, n, inputs.do_classifier_free_guidance, inputs.latent_hw, record, self_record, source=src,
-                                   capture=True, keep_device=keep)
+        controller = P2PController(plan, n, inputs.do_classifier_free_guidance, inputs.latent_hw, inputs.record_sides, self_record,
+                                   source=src, capture=True, keep_device=keep, source_sides=attention_sides(self.unet, inputs.latent_hw))
         return src, controller
 
     def _finish_pass(self, src: SourcePass | None, controller: P2PController) -> None:
