@@ -98,6 +98,9 @@ def test_a_bad_window_in_the_list_names_its_target(sd1):
     with pytest.raises(ArgumentError) as err:
         _call(sd1, [TARGET, TARGET], [0.2, {"default_": 0.4, "horse": 1.0}], 0.4)
     assert err.value.argument == "cross_replace_steps" and "horse" in str(err.value)
+    with pytest.raises(ArgumentError) as err:
+        _call(sd1, [TARGET, TARGET], 0.8, [0.2, [0.1, 0.2, 0.3]])
+    assert err.value.argument == "self_replace_steps" and "self_replace_steps[1]" in str(err.value)
 
 
 def test_a_pair_of_numbers_is_still_one_window_unless_there_are_two_targets():

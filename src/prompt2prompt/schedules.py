@@ -132,9 +132,6 @@ def cross_step_weights(
 
 def _cross_weights(targets: Sequence[PromptTokens], cross_replace_steps, num_steps: int, label: str) -> torch.Tensor:
     """`cross_step_weights` of one setting for all of ``targets``; ``label`` names it in messages."""
-    if isinstance(cross_replace_steps, list) and not (len(cross_replace_steps) == 2 and per_target(cross_replace_steps, 1, label) is None):
-        raise ArgumentError("cross_replace_steps", f"{label} must be a fraction, a (start, end) pair or a dict of word -> window, "
-                                                   f"got {cross_replace_steps!r}")
     length = targets[0].max_length
     if isinstance(cross_replace_steps, Mapping):
         windows = dict(cross_replace_steps)
