@@ -23,7 +23,8 @@ Two opt-in variants time re-editing from a kept source pass (issue 30) instead o
 * ``reedit``: the ``replace`` edit from a ``SourcePass`` made once beforehand (``pipe.source``, its
   budget the edit's windows) against the same full edit; only the target rows run.
 * ``sweep6``: ``p2p sweep``'s six cross-attention windows (0, 0.2, ..., 1.0): one ``pipe.source``
-  (budget: the widest window) and six edits from it, against six full edits.
+  (budget: the widest window) and one call from it whose six targets each take one window
+  (``cross_replace_steps`` as a list), against six full edits.
 
 * ``first_edit``: what ``p2p edit`` and the web page do to keep a pass: the full call with
   ``keep_source=True`` (the source's pass kept while the one batch runs), against the same full
@@ -517,6 +518,12 @@ def main(argv=None):
         return p2p(prompt=args.source, edit_prompts=[args.target], source=src,
                    **{**replace, "cross_replace_steps": cross}, **{**common, "output_type": output_type})
 
+    def sweep_batch(src, output_type=args.output_type):
+        """``p2p sweep``'s edit: every value of `SWEEP_VALUES` a target of one call from ``src``, each
+        with its own cross-attention window (``cross_replace_steps`` as a list, one per target)."""
+        return p2p(prompt=args.source, edit_prompts=[args.target] * len(SWEEP_VALUES), source=src,
+                   **{**replace, "cross_replace_steps": list(SWEEP_VALUES)}, **{**common, "output_type": output_type})
+
     def reedit_fns(variant):
         """(full side, from-pass side) of a re-edit variant."""
         if variant == "first_edit":
@@ -533,8 +540,7 @@ def main(argv=None):
         def sweep_from_pass():
             src = source_pass("sweep6", max(SWEEP_VALUES))
             passes["sweep6"] = src
-            for value in SWEEP_VALUES:
-                from_pass(src, value)
+            sweep_batch(src)
 
         return sweep_full, sweep_from_pass
 
@@ -577,6 +583,10 @@ def main(argv=None):
                 diffs.append(float(abs(full - kept).max()))
             reedit["max_pixel_diff_vs_full"] = max(diffs)
             reedit["checked_cross_windows"] = [0.8, 0.4]
+            if "sweep6" in variants:  # each target of the sweep's batch against its own full edit
+                batch = sweep_batch(check, "np").images
+                reedit["sweep6_max_pixel_diff_vs_full"] = max(
+                    float(abs(full_edit(value, "np").images[1] - batch[1 + k]).max()) for k, value in enumerate(SWEEP_VALUES))
             del check
         if "first_edit" in variants:  # keeping the pass leaves the full call's images as they are
             kept = full_edit(0.8, "np", keep_source=True)
@@ -700,6 +710,8 @@ def main(argv=None):
         print(f"from the pass vs full edit: largest pixel difference {reedit['max_pixel_diff_vs_full']:.3g} (images in [0, 1])")
     if "first_edit_max_pixel_diff_vs_full" in reedit:
         print(f"full edit keeping its pass vs without: largest pixel difference {reedit['first_edit_max_pixel_diff_vs_full']:.3g}")
+    if "sweep6_max_pixel_diff_vs_full" in reedit:
+        print(f"sweep6's batch vs six full edits: largest pixel difference {reedit['sweep6_max_pixel_diff_vs_full']:.3g} (images in [0, 1])")
     if args.json:
         out = Path(args.json)
         out.parent.mkdir(parents=True, exist_ok=True)

@@ -25,5 +25,6 @@ def test_speed_reedit_and_sweep6(tmp_path, capsys):
     reedit = data["meta"]["reedit"]
     assert reedit["reedit_source_pass_bytes"] > 0 and reedit["sweep6_source_pass_bytes"] >= reedit["reedit_source_pass_bytes"]
     assert reedit["max_pixel_diff_vs_full"] < 1e-3  # the pass gives the full edit's images
+    assert reedit["sweep6_max_pixel_diff_vs_full"] < 1e-3  # and the sweep's one batch each value's full edit
     printed = capsys.readouterr().out
-    assert "SourcePass (reedit)" in printed and "largest pixel difference" in printed
+    assert "SourcePass (reedit)" in printed and "largest pixel difference" in printed and "sweep6's batch" in printed

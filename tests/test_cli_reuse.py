@@ -99,8 +99,9 @@ def test_sweep_runs_the_source_once(capsys, tmp_path, rows):
     values = ["0", "0.4", "0.2:1"]
     code, out, err = run(capsys, "sweep", SRC, "--to", TGT, *FAST, "--cross-steps", ",".join(values), "-o", tmp_path / "sweep")
     assert code == 0, err
-    # the source once, then each value and the no-injection image, targets only
-    assert _taken(rows) == STEPS * ROWS * (1 + len(values) + 1)
+    # the source once, then one denoising loop whose batch is every value and the no-injection image
+    assert rows == [ROWS] * STEPS + [ROWS * (len(values) + 1)] * STEPS
+    rows.clear()
     names = sorted(p.name for p in (tmp_path / "sweep").iterdir())
     assert names == ["cross-0.2-1.png", "cross-0.4.png", "cross-0.png", "grid.png", "none.png", "result.json", "source.png"]
     # each image is what an edit with its own window gives, and the source is the edit's source
@@ -110,6 +111,28 @@ def test_sweep_runs_the_source_once(capsys, tmp_path, rows):
     assert_same_image(tmp_path / "sweep" / "source.png", tmp_path / "one" / "source.png")
     result = json.loads((tmp_path / "sweep" / "result.json").read_text())
     assert [i["file"] for i in result["images"]] == ["source.png", "cross-0.png", "cross-0.4.png", "cross-0.2-1.png", "none.png"]
+    assert [i["edit_mode"] for i in result["images"][1:]] == ["replace"] * 3 + ["none"]
+    # the no-injection target of the batch is the image of mode none
+    code, _, err = run(capsys, "edit", SRC, "--to", TGT, *FAST, "--mode", "none", "-o", tmp_path / "none", "--quiet")
+    assert code == 0, err
+    assert_same_image(tmp_path / "sweep" / "none.png", tmp_path / "none" / "edit-1.png")
+    code, _, err = run(capsys, "edit", SRC, "--to", TGT, *FAST, "--cross-steps", "0.2:1", "-o", tmp_path / "late", "--quiet")
+    assert code == 0, err
+    assert_same_image(tmp_path / "sweep" / "cross-0.2-1.png", tmp_path / "late" / "edit-1.png")
+
+
+def test_a_sweep_with_local_blend_makes_the_no_injection_image_in_a_second_loop(capsys, tmp_path, rows):
+    """LocalBlend acts on every target of a call, and the no-injection image has none: it is its own loop."""
+    values = ["0.2", "1"]
+    code, out, err = run(capsys, "sweep", SRC, "--to", TGT, *FAST, "--cross-steps", ",".join(values), "--blend", "circle", "square",
+                         "-o", tmp_path / "sweep")
+    assert code == 0, err
+    assert rows == [ROWS] * STEPS + [ROWS * len(values)] * STEPS + [ROWS] * STEPS
+    rows.clear()
+    code, _, err = run(capsys, "edit", SRC, "--to", TGT, *FAST, "--cross-steps", "1", "--blend", "circle", "square",
+                       "-o", tmp_path / "one", "--quiet")
+    assert code == 0, err
+    assert_same_image(tmp_path / "sweep" / "cross-1.png", tmp_path / "one" / "edit-1.png")
 
 
 # ============================================================================ edit: save and reuse

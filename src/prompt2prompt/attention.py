@@ -154,7 +154,8 @@ class P2PController:
             return x[self.cond.start : self.cond.start + 1]  # (1, ...)
         return self.source.row(what, layer, step, x.device)
 
-    def with_source_rows(self, x: torch.Tensor, append_targets: bool = False, source_row: torch.Tensor | None = None) -> torch.Tensor:
+    def with_source_rows(self, x: torch.Tensor, append_targets: bool = False, source_row: torch.Tensor | None = None,
+                         mask: torch.Tensor | None = None) -> torch.Tensor:
         """``x`` (batch, ...) with each target row of the conditional half replaced by the source's
         row: one concatenation (rows before the targets, the source's row repeated, the rest), and
         with ``append_targets`` the targets' own rows after them (batch + targets, ...).
@@ -164,6 +165,8 @@ class P2PController:
                 or text states ``(batch, tokens, channels)``).
             append_targets: also append the conditional targets' own rows of ``x`` at the end.
             source_row: ``(1, ...)`` the source's row (`source_row`); None: the batch's (not in cached mode).
+            mask: ``(targets,)`` bool, the targets that take the source's row (the others keep
+                their own); None: all of them (`edits.EditPlan.self_targets`).
 
         Returns:
             ``(batch, ...)``, or ``(batch + targets, ...)`` with ``append_targets``; a new tensor.
@@ -171,7 +174,10 @@ class P2PController:
         t = self.targets
         if source_row is None:
             source_row = x[self.cond.start : self.cond.start + 1]  # (1, ...)
-        parts = [x[: t.start], source_row.expand(t.stop - t.start, *x.shape[1:]), x[t.stop :]]
+        rows = source_row.expand(t.stop - t.start, *x.shape[1:])  # (targets, ...)
+        if mask is not None:
+            rows = torch.where(mask.view(-1, *[1] * (x.ndim - 1)), rows, x[t])  # (targets, ...)
+        parts = [x[: t.start], rows, x[t.stop :]]
         if append_targets:
             parts.append(x[t])
         return torch.cat(parts)  # (batch [+ targets], ...)
@@ -506,8 +512,9 @@ class P2PAttnProcessor:
         if step is not None:
             ctrl.keep_self(self.key, step, side, query, key)
         if step is not None and ctrl.plan is not None and ctrl.plan.self_active(step, side):
-            query = ctrl.with_source_rows(query, source_row=ctrl.source_row(query, "self_q", self.key, step))  # (batch, heads, pixels, dim)
-            key = ctrl.with_source_rows(key, source_row=ctrl.source_row(key, "self_k", self.key, step))  # (batch, heads, pixels, dim)
+            mask = ctrl.plan.self_targets(step)  # None: every target takes the source's queries and keys
+            query = ctrl.with_source_rows(query, source_row=ctrl.source_row(query, "self_q", self.key, step), mask=mask)  # (batch, heads, pixels, dim)
+            key = ctrl.with_source_rows(key, source_row=ctrl.source_row(key, "self_k", self.key, step), mask=mask)  # (batch, heads, pixels, dim)
         if step is not None and side in ctrl.self_record_sides:
             ctrl.record_self(side, query[ctrl.cond.start], key[ctrl.cond.start], attn.scale)
         return F.scaled_dot_product_attention(query, key, value, attn_mask=attention_mask, dropout_p=0.0, is_causal=False, scale=attn.scale)

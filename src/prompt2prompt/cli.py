@@ -316,6 +316,27 @@ def make_source(pipe, options: Mapping, budget: Mapping) -> tuple:
     return _call(pipe.source, options["prompt"], generator=_generator(options["seed"]), **kwargs), None
 
 
+def sweep_from_source(pipe, options: Mapping, windows, source) -> tuple:
+    """A sweep's images in one call from ``source`` (a `SourcePass`): the target once per value of
+    ``windows`` (cross-attention windows), each with its own window (`cross_replace_steps` as a
+    list, one per target), then, without LocalBlend, the no-injection image as one more target
+    with empty windows (the same image as ``mode none``: no step takes the source's attention).
+
+    Returns:
+        ``(output, 1 when the no-injection image is the batch's last target else 0)``.
+    """
+    kwargs = edit_kwargs({**options, "cross_steps": windows[0]})
+    cross = [edit_kwargs({**options, "cross_steps": w})["cross_replace_steps"] for w in windows]
+    self_steps = [kwargs["self_replace_steps"]] * len(windows)
+    with_none = not options.get("blend") and EditMode.parse(options["mode"]) is not EditMode.NONE
+    if with_none:
+        cross.append(0.0)
+        self_steps.append(0.0)
+    kwargs.update(cross_replace_steps=cross, self_replace_steps=self_steps)
+    targets = [options["to"][0]] * len(cross)
+    return _call(pipe, options["prompt"], targets, source=source, return_attention=False, **kwargs), int(with_none)
+
+
 def edit_from_source(pipe, options: Mapping, source, inversion=None):
     """The targets of canonical edit options, edited from ``source`` (a `SourcePass`; ``inversion``:
     the photo's inversion it was made from, which the pipeline takes beside it)."""
@@ -554,16 +575,20 @@ def run_sweep(pipe, options: dict, folder: Path, env: Mapping, console: Console)
     unset = ("cross_steps", "cross_steps_word", "reweight", "blend", "blend_threshold", "blend_res")
     baseline = {**base, "mode": "none", **{k: copy.deepcopy(DEFAULTS[k]) for k in unset}}
     runs.append((baseline, "none.png", "no injection (mode none)"))
-    # the source runs once, with a budget that covers every swept window; each value edits from it
+    # the source runs once, with a budget that covers every swept window; then every value is a
+    # target of one batch edited from it, with its own window (and the no-injection image too)
     _bar(pipe, console.progress, "source")
     source_pass, _ = make_source(pipe, base, source_budget(base, options["sweep"]))
-    images, modes, source = [], [], None
-    for run_options, _, label in runs:
-        _bar(pipe, console.progress, label)
-        out = edit_from_source(pipe, run_options, source_pass)
-        source = source if source is not None else out.images[0]
-        images.append(out.images[1])
-        modes.append(out.edit_mode.value)
+    _bar(pipe, console.progress, f"{len(runs)} targets")
+    out, batched = sweep_from_source(pipe, base, options["sweep"], source_pass)
+    source = out.images[0]
+    images = list(out.images[1:])
+    modes = [out.edit_mode.value] * len(options["sweep"]) + ["none"] * batched
+    if not batched:  # LocalBlend applies to every target of a call: the no-injection image is its own call
+        _bar(pipe, console.progress, runs[-1][2])
+        none = edit_from_source(pipe, baseline, source_pass)
+        images.append(none.images[1])
+        modes.append(none.edit_mode.value)
     alignment = word_alignments(pipe, base, modes[0])[0]
     target = options["to"][0]
     files = OutputSet(folder)
@@ -1005,7 +1030,8 @@ and result.json.
 
 Writes source.png, one image per --cross-steps value (cross-<value>.png), none.png (the target
 from the same noise with no attention injected), grid.png and result.json. The source runs once;
-each value edits only the target from its pass.
+then every value is a target of one batch edited from its pass, each with its own window (with
+--blend, none.png is one more call).
 """,
     "batch": """example edits.jsonl (one edit per line; any p2p edit option by its long name with underscores):
   {"prompt": "a red circle on a blue background", "to": ["a red square on a blue background"], "seed": 1, "steps": 50}

@@ -13,7 +13,7 @@ import torch
 from .alignment import PromptTokens, positions_in_each, refinement_mapper, replacement_mapper
 from .arguments import ARGUMENTS, ArgumentError, default, fraction, integer, number
 from .edit_ops import value_weights
-from .schedules import Window, cross_step_weights, parse_window, step_window
+from .schedules import Window, cross_step_weights, self_step_windows
 
 
 class EditMode(str, enum.Enum):
@@ -179,17 +179,25 @@ class EditPlan:
     alphas: torch.Tensor  # (targets, tokens) 1 = take the (mapped) source's map
     cross_weights: torch.Tensor  # (steps, targets, tokens)
     equalizer: torch.Tensor | None  # (targets, tokens)
-    self_steps: tuple[int, int]
+    self_steps: tuple[int, int]  # the steps of any target's self-injection: the widest of ``self_windows``
     self_max_res: int
     blend: BlendPlan | None
     source: PromptTokens
     targets: list[PromptTokens]
     cross_active: list[bool] = field(default_factory=list)
+    self_windows: list[tuple[int, int]] | None = None  # per target ``(first, stop)``; None: ``self_steps`` for all
 
     cross_full: list[bool] = field(default_factory=list)
     injections: list[ValueInjection | None] = field(default_factory=list)  # per step; None where inactive
 
     def __post_init__(self):
+        # Self-injection per target: None at steps where every target (or none) takes the source's
+        # queries and keys, else a (targets,) bool tensor of the targets that do.
+        windows = self.self_windows or [self.self_steps] * len(self.targets)
+        self.self_masks: list[torch.Tensor | None] = []
+        for i in range(self.num_steps):
+            active = [a <= i < b for a, b in windows]
+            self.self_masks.append(None if all(active) or not any(active) else torch.tensor(active))
         weights = self.cross_weights.tolist()  # (steps, targets, tokens) as lists: no tensor work per step
         self.cross_active = [any(any(row) for row in step) for step in weights]
         if self.mode is EditMode.NONE and self.equalizer is None:
@@ -242,10 +250,23 @@ class EditPlan:
             side: the attention map's side (``max(height, width)``).
 
         Returns:
-            True when the mode is not ``none``, ``step`` lies in ``self_steps`` (end excluded) and
-            ``side <= self_max_res``.
+            True when the mode is not ``none``, ``step`` lies in ``self_steps`` (end excluded; with
+            windows per target, in any target's window, see `self_targets`) and ``side <= self_max_res``.
         """
-        return self.mode is not EditMode.NONE and self.self_steps[0] <= step < self.self_steps[1] and side <= self.self_max_res
+        if self.self_windows is not None:  # windows per target: any of them
+            on = any(a <= step < b for a, b in self.self_windows)
+        else:
+            on = self.self_steps[0] <= step < self.self_steps[1]
+        return self.mode is not EditMode.NONE and on and side <= self.self_max_res
+
+    def self_targets(self, step: int) -> torch.Tensor | None:
+        """The targets whose self-attention takes the source's at ``step`` (where `self_active`):
+        None for all of them, else a ``(targets,)`` bool tensor (windows given per target).
+
+        Args:
+            step: the denoising step index.
+        """
+        return self.self_masks[step]
 
     def to(self, device: torch.device) -> "EditPlan":
         """A copy of the plan with its tensors on ``device`` (the plan itself is left as it is).
@@ -269,6 +290,11 @@ class EditPlan:
             if inj is not None and id(inj) not in moved:
                 moved[id(inj)] = inj.to(device)
         plan.injections = [None if inj is None else moved[id(inj)] for inj in self.injections]
+        masks: dict[int, torch.Tensor] = {}
+        for mask in self.self_masks:
+            if mask is not None and id(mask) not in masks:
+                masks[id(mask)] = mask.to(device)
+        plan.self_masks = [None if m is None else masks[id(m)] for m in self.self_masks]
         if self.blend is not None:
             subtract = None if self.blend.subtract is None else self.blend.subtract.to(device)
             plan.blend = dataclasses.replace(self.blend, words=self.blend.words.to(device), subtract=subtract)
@@ -341,8 +367,8 @@ def build_edit_plan(
     targets: Sequence[PromptTokens],
     mode: EditMode | str,
     num_steps: int,
-    cross_replace_steps: Window | Mapping[str, Window] = default("cross_replace_steps"),
-    self_replace_steps: Window = default("self_replace_steps"),
+    cross_replace_steps: Window | Mapping[str, Window] | list = default("cross_replace_steps"),
+    self_replace_steps: Window | list = default("self_replace_steps"),
     self_max_res: int = 0,
     equalizer: Mapping | None = None,
     local_blend: LocalBlend | None = None,
@@ -355,8 +381,9 @@ def build_edit_plan(
         targets: the tokenized target prompts.
         mode: an `EditMode` or its name; ``auto`` is resolved here.
         num_steps: number of denoising steps T.
-        cross_replace_steps: cross-attention injection window(s), see `cross_step_weights`.
-        self_replace_steps: self-attention injection window.
+        cross_replace_steps: cross-attention injection window(s), see `cross_step_weights`; a list
+            gives one per target prompt.
+        self_replace_steps: self-attention injection window; a list gives one per target prompt.
         self_max_res: largest attention-map side whose self-attention is injected (0: none; the
             pipeline passes the latent side // 4, 16 for SD at 512 px).
         equalizer: word -> factor (or one factor per target) re-weighting the target's attention.
@@ -386,9 +413,15 @@ def build_edit_plan(
         mapper = torch.eye(length).expand(n, length, length).clone()
         alphas = torch.zeros(n, length)
     weights = cross_step_weights(targets, cross_replace_steps, num_steps)
-    self_steps = step_window(parse_window(self_replace_steps, "self_replace_steps"), num_steps)
+    self_windows = self_step_windows(self_replace_steps, n, num_steps)
+    if isinstance(self_replace_steps, list) and len(set(self_windows)) > 1:
+        used = [w for w in self_windows if w[0] < w[1]] or [(0, 0)]
+        self_steps = (min(a for a, _ in used), max(b for _, b in used))  # the widest: what a SourcePass must keep
+    else:
+        self_steps, self_windows = self_windows[0], None  # one window for all: the plan as before
     eq = _equalizer(targets, equalizer) if equalizer is not None else None
     if local_blend is not None and blend_resolution is None:
         raise ValueError("build_edit_plan needs blend_resolution with local_blend: the map side of the UNet at this size")
     blend = _blend_plan(local_blend, source, targets, num_steps, blend_resolution) if local_blend is not None else None
-    return EditPlan(mode, num_steps, mapper, alphas, weights, eq, self_steps, self_max_res, blend, source, list(targets))
+    return EditPlan(mode, num_steps, mapper, alphas, weights, eq, self_steps, self_max_res, blend, source, list(targets),
+                    self_windows=self_windows)

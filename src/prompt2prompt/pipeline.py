@@ -873,9 +873,9 @@ class Prompt2PromptPipeline(DiffusionPipeline):
                 ``"refine"`` or ``"none"`` (same noise only, no injection).
             cross_replace_steps: fraction of the steps, ``(start, end)`` fractions, or a dict of
                 such per target word with ``"default_"`` for the other tokens, during which the
-                source's cross-attention is injected.
+                source's cross-attention is injected; a list gives one of these per target prompt.
             self_replace_steps: fraction or ``(start, end)`` during which the source's
-                self-attention is injected.
+                self-attention is injected; a list gives one per target prompt.
             self_replace_max_res: largest attention-map side whose self-attention is injected: 0
                 (none) or a side the UNet has at this size; None = the latent side //
                 `MAP_SIDE_DIVISOR` (16 for a 64 x 64 latent, as the paper's code).

@@ -495,7 +495,8 @@ def check_budget(source: SourcePass, cross_needed: list[int], self_steps: tuple[
     Args:
         source: the pass.
         cross_needed: the step indices at which the edit takes the source's cross-attention.
-        self_steps: ``(first, stop)`` the steps at which it injects self-attention.
+        self_steps: ``(first, stop)`` the steps at which it injects self-attention (with windows
+            per target, the widest of them: `edits.EditPlan.self_steps`).
         self_max_res: the largest side it injects self-attention at (0: none).
 
     Raises:
