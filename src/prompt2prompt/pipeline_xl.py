@@ -822,14 +822,14 @@ class Prompt2PromptXLPipeline(Prompt2PromptPipeline):
         cross_attention_kwargs: dict | None = None,
         inversion: Inversion | None = default("inversion"),
         source: SourcePass | None = default("source"),
+        keep_source: bool = default("keep_source"),
+        source_device=default("source_device"),
         prompt_2: str | Sequence[str] | None = default("prompt_2"),
         negative_prompt_2: str | Sequence[str] | None = default("negative_prompt_2"),
         original_size: tuple[int, int] | None = default("original_size"),
         crops_coords_top_left: tuple[int, int] = default("crops_coords_top_left"),
         target_size: tuple[int, int] | None = default("target_size"),
         guidance_rescale: float = default("guidance_rescale"),
-        keep_source: bool = default("keep_source"),
-        source_device=default("source_device"),
     ):
         r"""Generate the source image and edit it into one image per target prompt, on SDXL.
 
@@ -872,6 +872,8 @@ class Prompt2PromptXLPipeline(Prompt2PromptPipeline):
                 and the pooled unconditional embedding follow the inversion; DDIM is used.
             source: a `SourcePass` of this prompt (`source`): only the target rows are denoised (see
                 `Prompt2PromptPipeline.__call__`); the SDXL conditions left None take the pass's.
+            keep_source: keep the source row's pass as ``out.source_pass`` (`Prompt2PromptPipeline.__call__`).
+            source_device: where a kept pass's tensors go (None: the pipeline's device).
             prompt_2: the second text encoder's text (one for all rows, or one per prompt, source
                 first); None: each row's prompt. Word positions, mappers and the equalizer address
                 the first tokenizer's tokens; a ``prompt_2`` other than the prompt puts other
@@ -881,8 +883,6 @@ class Prompt2PromptXLPipeline(Prompt2PromptPipeline):
             crops_coords_top_left: SDXL's crop condition ``(top, left)``.
             target_size: SDXL's target-size condition ``(height, width)``; None: the image's.
             guidance_rescale: rescale of the guided prediction (Lin et al., 2023); 0: none.
-            keep_source: keep the source row's pass as ``out.source_pass`` (`Prompt2PromptPipeline.__call__`).
-            source_device: where a kept pass's tensors go (None: the pipeline's device).
 
         Returns:
             `Prompt2PromptPipelineOutput` (or ``(images, attention)`` when ``return_dict=False``).
