@@ -137,6 +137,50 @@ def atomic_write_json(path: str | os.PathLike, value) -> Path:
     return atomic_write_bytes(path, json_bytes(value))
 
 
+def tensor_file_paths(path: str | os.PathLike) -> tuple[Path, Path]:
+    """``(tensors, sidecar)``: ``path`` with ``.safetensors`` appended if missing, and the JSON
+    sidecar beside it (the same name with ``.json``), as `save_tensor_file` writes them."""
+    path = Path(path)
+    tensors = path if path.suffix == ".safetensors" else path.with_name(path.name + ".safetensors")
+    return tensors, tensors.with_suffix(".json")
+
+
+def save_tensor_file(path: str | os.PathLike, tensors: Mapping, meta: dict, file_format: str, checksum: str | None = None) -> Path:
+    """Write ``tensors`` (safetensors, nothing pickled) and ``meta`` (its JSON sidecar), each through
+    a temporary name and a rename; the tensor file first, so a sidecar never names a missing file.
+
+    Args:
+        path: the tensor file (see `tensor_file_paths`); missing parent folders are created.
+        tensors: name -> CPU tensor, none sharing memory.
+        meta: the sidecar's content (a JSON-able dict; not modified).
+        file_format: stored in the safetensors header's metadata as ``format``.
+        checksum: when given, the sidecar also gets the tensor file's SHA-256 under this key.
+
+    Returns:
+        The path of the ``.safetensors`` file written.
+    """
+    from safetensors.torch import save_file
+
+    path, sidecar = tensor_file_paths(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f"{TEMP_PREFIX}{path.name}.", dir=path.parent)
+    os.close(fd)
+    tmp, tmp_json = Path(tmp), None
+    try:
+        save_file(dict(tensors), str(tmp), metadata={"format": file_format})
+        if checksum is not None:
+            meta = {**meta, checksum: file_sha256(tmp)}
+        tmp_json = write_temp(sidecar, json.dumps(meta, indent=1).encode("utf-8"))
+        os.replace(tmp, path)
+        os.replace(tmp_json, sidecar)
+    except BaseException:
+        for leftover in (tmp, tmp_json):
+            if leftover is not None:
+                leftover.unlink(missing_ok=True)
+        raise
+    return path
+
+
 def save_png(path: str | os.PathLike, image: PIL.Image.Image, metadata: Mapping | None = None, parameters: str | None = None) -> Path:
     """Save ``image`` as a PNG carrying ``metadata`` and ``parameters``, atomically."""
     return atomic_write_bytes(path, png_bytes(image, metadata, parameters))

@@ -40,6 +40,7 @@ import torch
 import torch.nn.functional as F
 
 from .arguments import ArgumentError, default
+from .imageio import save_tensor_file, tensor_file_paths
 
 logger = logging.getLogger(__name__)
 
@@ -351,9 +352,6 @@ class Inversion:
         Returns:
             The path of the ``.safetensors`` file written.
         """
-        from safetensors.torch import save_file
-
-        path = _tensor_path(path)
         tensors = {  # cloned: safetensors refuses tensors that share memory
             "timesteps": self.timesteps.cpu().long().clone(),
             "latent": self.latent.cpu().float().clone(),
@@ -372,15 +370,7 @@ class Inversion:
             "height": self.height, "width": self.width, "family": self.family,
             "time_ids": None if self.time_ids is None else list(self.time_ids), "info": self.info,
         }
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(path.name + ".tmp")
-        save_file(tensors, str(tmp), metadata={"format": FORMAT})
-        sidecar = _sidecar(path)
-        tmp_json = sidecar.with_name(sidecar.name + ".tmp")
-        tmp_json.write_text(json.dumps(meta, indent=1))
-        os.replace(tmp, path)
-        os.replace(tmp_json, sidecar)
-        return path
+        return save_tensor_file(path, tensors, meta, FORMAT)
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> "Inversion":
@@ -401,8 +391,7 @@ class Inversion:
         """
         from safetensors.torch import load_file
 
-        path = _tensor_path(path)
-        sidecar = _sidecar(path)
+        path, sidecar = tensor_file_paths(path)
         for p in (path, sidecar):
             if not p.is_file():
                 raise ValueError(f"{str(p)!r} does not exist; an inversion is a .safetensors file with a .json beside it (Inversion.save)")
@@ -449,18 +438,6 @@ def _missing_parts(method: InversionMethod, family: str, tensors: set[str], meta
             needed.add("null_pooled")
     present = {k for k, v in meta.items() if v is not None}
     return sorted(needed - tensors) + sorted(fields_needed - present)
-
-
-def _tensor_path(path) -> Path:
-    path = Path(path)
-    return path if path.suffix == ".safetensors" else path.with_name(path.name + ".safetensors")
-
-
-def _sidecar(path: Path) -> Path:
-    return path.with_suffix(".json")
-
-
-# ----------------------------------------------------------------------------- running it
 
 
 def inversion_scheduler(config):

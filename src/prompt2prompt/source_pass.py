@@ -46,6 +46,7 @@ from typing import Any
 import torch
 
 from .arguments import ArgumentError
+from .imageio import file_sha256, save_tensor_file, tensor_file_paths
 
 #: The ``format`` field of a saved pass's sidecar.
 FORMAT = "prompt2prompt-source-pass"
@@ -209,23 +210,11 @@ class SourcePass:
         Returns:
             The path of the ``.safetensors`` file written.
         """
-        from safetensors.torch import save_file
-
-        path = _tensor_path(path)
         tensors = {k: v.detach().to("cpu").contiguous().clone() for k, v in self.tensors().items()}  # clone: no shared memory
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(path.name + ".tmp")
-        save_file(tensors, str(tmp), metadata={"format": FORMAT})
         meta = {"format": FORMAT, "version": FORMAT_VERSION, "identity": self.identity, "given": self.given,
                 "cross_steps": list(self.cross_steps), "self_steps": list(self.self_steps), "self_max_res": self.self_max_res,
-                "self_calls": {str(k): v for k, v in self.self_calls.items()}, "generator_device": self.generator_device,
-                "sha256": _sha256(tmp)}
-        sidecar = _sidecar(path)
-        tmp_json = sidecar.with_name(sidecar.name + ".tmp")
-        tmp_json.write_text(json.dumps(meta, indent=1))
-        os.replace(tmp, path)
-        os.replace(tmp_json, sidecar)
-        return path
+                "self_calls": {str(k): v for k, v in self.self_calls.items()}, "generator_device": self.generator_device}
+        return save_tensor_file(path, tensors, meta, FORMAT, checksum="sha256")
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> "SourcePass":
@@ -246,8 +235,7 @@ class SourcePass:
         """
         from safetensors.torch import load_file
 
-        path = _tensor_path(path)
-        sidecar = _sidecar(path)
+        path, sidecar = tensor_file_paths(path)
         again = "make the pass again with pipe.source(...) and save it"
         for p in (path, sidecar):
             if not p.is_file():
@@ -258,7 +246,7 @@ class SourcePass:
             raise ValueError(f"{str(sidecar)!r} is not a readable source-pass sidecar ({err}); {again}") from None
         if not isinstance(meta, dict) or meta.get("format") != FORMAT or meta.get("version") != FORMAT_VERSION:
             raise ValueError(f"{str(sidecar)!r} is not a version-{FORMAT_VERSION} {FORMAT} file; {again}")
-        if meta.get("sha256") != _sha256(path):
+        if meta.get("sha256") != file_sha256(path):
             raise ValueError(f"{str(path)!r} is truncated or altered (its SHA-256 is not the one saved beside it); {again}")
         try:
             tensors = load_file(str(path))
@@ -281,24 +269,6 @@ class SourcePass:
             self_calls={int(k): int(v) for k, v in meta["self_calls"].items()},
             step_generator=tensors.get("step_generator"), generator_device=meta.get("generator_device"),
         )
-
-
-def _tensor_path(path) -> Path:
-    path = Path(path)
-    return path if path.suffix == ".safetensors" else path.with_name(path.name + ".safetensors")
-
-
-def _sidecar(path: Path) -> Path:
-    return path.with_suffix(".json")
-
-
-def _sha256(path: Path) -> str:
-    """The SHA-256 of a file's bytes, read in 16 MiB blocks."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 24), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 # ----------------------------------------------------------------- identities
