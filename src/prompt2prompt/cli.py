@@ -780,6 +780,100 @@ def cmd_batch(args, console: Console) -> int:
     return 1 if failed else 0
 
 
+# ============================================================================ dataset
+
+
+#: ``p2p dataset``'s flags for each `dataset.DatasetSettings` field (in the command line the card records).
+DATASET_FLAGS = {"samples_per_pair": "--samples-per-pair", "keep": "--keep", "seed": "--seed", "steps": "--steps",
+                 "self_steps": "--self-steps", "cross_steps": "--cross-steps", "guidance": "--guidance",
+                 "min_score": "--min-score"}
+
+
+def dataset_settings(args):
+    """``p2p dataset``'s flags -> `dataset.DatasetSettings` (usage errors name the flag)."""
+    from . import dataset
+
+    given = {key: getattr(args, key) for key in DATASET_FLAGS if getattr(args, key) is not None}
+    values = {}
+    for key, text in given.items():
+        flag = DATASET_FLAGS[key]
+        if key in ("samples_per_pair", "keep", "seed", "steps"):
+            values[key] = integer_option(text, flag, 0 if key == "seed" else 1, "a non-negative integer" if key == "seed" else "a positive integer")
+        elif key == "min_score":
+            try:
+                values[key] = float(text)
+            except ValueError:
+                raise UsageError(f"{flag} must be a number in [0, 1], got {text!r}") from None
+        else:
+            try:
+                values[key] = dataset.Range.parse(text, flag)
+            except dataset.DatasetError as err:
+                raise UsageError(str(err)) from None
+    values["model"] = model_option(args.model, "--model") if args.model is not None else None
+    values["dtype"] = choice_of(DTYPES)(args.dtype, "--dtype") if args.dtype is not None else DEFAULTS["dtype"]
+    try:
+        return dataset.DatasetSettings(**values)
+    except dataset.DatasetError as err:
+        message = str(err)
+        for key, flag in DATASET_FLAGS.items():
+            message = re.sub(rf"\b{key}\b", flag, message)
+        raise UsageError(message) from None
+
+
+def dataset_command(path: Path, root: Path, settings) -> str:
+    """The command line that makes this data (every setting spelled out), for the card."""
+    import shlex
+
+    record = settings.record()
+    words = [PROG, "dataset", str(path), "-o", str(root)]
+    for key, flag in DATASET_FLAGS.items():
+        words += [flag, _default_number(record[key])]
+    if settings.model is not None:
+        words += ["--model", settings.model]
+    return shlex.join(words + ["--dtype", settings.dtype])
+
+
+def cmd_dataset(args, console: Console) -> int:
+    from . import dataset
+
+    path = Path(args.jsonl).expanduser()
+    if not path.is_file():
+        raise UsageError(f"dataset: {args.jsonl}: no such file; give the path of a .jsonl file with one pair per line")
+    workers = integer_option(args.workers if args.workers is not None else BATCH_WORKERS, "--workers", 1, "a positive integer")
+    settings = dataset_settings(args)
+    root = output_folder(args.output, "dataset")
+    try:
+        pairs, bad = dataset.read_pairs(path)
+    except dataset.DatasetError as err:
+        raise UsageError(f"dataset: {err}") from None
+    writer = dataset.DatasetWriter(root, dataset.run_record(settings, file_sha256(path)))
+    try:
+        writer.open(args.overwrite)
+    except dataset.DatasetError as err:
+        raise UsageError(str(err)) from None
+    for number, reason in bad:
+        print(f"{PROG} dataset: line {number}: {reason}", file=sys.stderr)
+    todo = dataset.unfinished(pairs, writer)
+    pipe, device = None, "cpu"
+    if todo:
+        device = check_device(args.device)
+        check_model(settings.model, args.allow_pickle)
+        if workers == 1:
+            pipe = load_pipeline(settings.model, settings.dtype, device, progress=False, allow_pickle=args.allow_pickle)
+    from tqdm.auto import tqdm
+
+    with tqdm(total=len(todo), unit="pair", desc="pairs", disable=not console.progress) as bar:
+        summary = dataset.make_dataset(pairs, settings, writer, device, workers, pipe, bar.update, args.allow_pickle)
+    failed = list(bad) + summary.failed
+    counts = writer.write_card(dataset_command(path, root, settings), len(failed))
+    print(f"dataset: {summary.done} pairs done ({summary.skipped} finished earlier), {summary.kept} rows kept, "
+          f"{summary.filtered_out} candidates filtered out, {len(failed)} failed; "
+          f"{counts['rows']} rows in {root}")
+    for number, reason in sorted(failed):
+        print(f"  line {number} failed: {reason}")
+    return 1 if failed else 0
+
+
 # ============================================================================ command entry points
 
 
@@ -923,6 +1017,7 @@ COMMANDS = {
     "batch": cmd_batch,
     "info": cmd_info,
     "serve": cmd_serve,
+    "dataset": cmd_dataset,
 }
 
 
@@ -1046,6 +1141,17 @@ Each line writes DIR/line-<n>-<slug>/ (its images, grid.png and, last, result.js
 result.json exists is finished and skipped, so running the same command again resumes a stopped
 batch. Bad lines are reported and the others run; exit status 1 if any line failed.
 """,
+    "dataset": """example pairs.jsonl:
+  {"input": "a red circle on a blue background", "output": "a red square on a blue background", "edit": "make it a square"}
+
+examples:
+  p2p dataset pairs.jsonl -o data/ --samples-per-pair 8 --keep 2
+  p2p dataset pairs.jsonl -o data/ --workers 2 --self-steps 0.2:0.6
+
+Each pair gets N candidates; the shapes detector scores each edited image against the output
+caption; the best K that pass are written to DIR/data/pair-<line>.parquet. Running the same command
+again finishes the rest; a folder holding another run's data is refused unless --overwrite.
+""",
     "serve": """examples:
   p2p serve                                   # http://127.0.0.1:7860, the bundled model
   p2p serve --model ./stable-diffusion-v1-5 --device cuda --dtype float16 --port 7861
@@ -1107,6 +1213,26 @@ def _add_batch(p) -> None:
             action.help = "output folder; each line writes DIR/line-<n>-<slug>/"
 
 
+def _add_dataset(p) -> None:
+    p.add_argument("jsonl", metavar="PAIRS.jsonl", help='caption pairs, one JSON object a line: {"input": ..., "output": ..., "edit": ... (optional)}')
+    p.add_argument("-o", "--output", metavar="DIR", required=True, help="output folder (Parquet shards in DIR/data/, manifest.jsonl, README.md)")
+    group = p.add_argument_group("candidates (F or a range LOW:HIGH, drawn per candidate)")
+    group.add_argument("--samples-per-pair", metavar="N", help="candidates per pair, each with its own seed and settings (default 8)")
+    group.add_argument("--keep", metavar="K", help="keep the best K candidates that pass the filter (default 2; at most N)")
+    group.add_argument("--seed", help="the run's seed; each candidate's seed is a hash of it, the line's content and the candidate (default 0)")
+    group.add_argument("--steps", help="denoising steps (default 50)")
+    group.add_argument("--self-steps", metavar="F|LOW:HIGH", help="self-attention injection fraction (default 0.1:0.9)")
+    group.add_argument("--cross-steps", metavar="F|LOW:HIGH", help="cross-attention injection fraction (default 0.8)")
+    group.add_argument("--guidance", metavar="F|LOW:HIGH", help="classifier-free guidance scale (default 7.5)")
+    group = p.add_argument_group("filter")
+    group.add_argument("--min-score", metavar="F", help="a candidate passes when the shapes detector finds at least this share of "
+                                                        "the output caption's colours, shapes and background, in [0, 1] (default 0.5)")
+    group = p.add_argument_group("run")
+    group.add_argument("--workers", metavar="N", help=f"processes, each holding one pipeline (default {BATCH_WORKERS}); the data does not depend on it")
+    group.add_argument("--overwrite", action="store_true", help="delete the folder's earlier dataset and start over")
+    _add_model_flags(group, quiet_help="no progress bar")
+
+
 def _add_serve(p) -> None:
     p.add_argument("--host", help=f"address to bind (default {SERVE_HOST}: this machine only)")
     p.add_argument("--port", help=f"port (default {SERVE_PORT})")
@@ -1129,6 +1255,7 @@ SUBCOMMANDS = (
     ("attention", "show a prompt's cross-attention per word and its self-attention components", _add_attention),
     ("sweep", "edit with a range of cross-attention injection windows, side by side", _add_sweep),
     ("batch", "run many edits from a .jsonl file, resumably", _add_batch),
+    ("dataset", "make a paired edit dataset (Parquet) from caption pairs, resumably", _add_dataset),
     ("serve", "serve the web page (Gradio) for editing in a browser", _add_serve),
     ("info", "print the parameters stored in a PNG written by p2p", _add_info),
 )

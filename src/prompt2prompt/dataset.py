@@ -441,23 +441,23 @@ def run_record(settings: DatasetSettings, pairs_sha256: str) -> dict:
 _WORKER: dict = {}
 
 
-def load_worker_pipeline(model: str | None, dtype: str, device: str):
+def load_worker_pipeline(model: str | None, dtype: str, device: str, allow_pickle: bool = False):
     """The pipeline a worker holds (no progress bar of its own)."""
     import torch
 
     from . import loading
 
-    pipe = loading.load_pipeline(model, torch_dtype=getattr(torch, dtype)).to(device)
+    pipe = loading.load_pipeline(model, torch_dtype=getattr(torch, dtype), allow_pickle=allow_pickle).to(device)
     pipe.set_progress_bar_config(disable=True)
     return pipe
 
 
-def _worker_init(settings: DatasetSettings, device: str) -> None:
+def _worker_init(settings: DatasetSettings, device: str, allow_pickle: bool) -> None:
     import warnings
 
     warnings.simplefilter("ignore")
     _WORKER["settings"] = settings
-    _WORKER["pipe"] = load_worker_pipeline(settings.model, settings.dtype, device)
+    _WORKER["pipe"] = load_worker_pipeline(settings.model, settings.dtype, device, allow_pickle)
 
 
 def _worker_pair(pair: Pair) -> dict:
@@ -473,11 +473,11 @@ def safe_run_pair(pipe, settings: DatasetSettings, pair: Pair) -> dict:
         return {"line": pair.line, "error": f"{type(err).__name__}: {reason}"}
 
 
-def pair_results(pairs: list[Pair], settings: DatasetSettings, device: str, workers: int, pipe=None):
+def pair_results(pairs: list[Pair], settings: DatasetSettings, device: str, workers: int, pipe=None, allow_pickle: bool = False):
     """Yield each pair's result (`safe_run_pair`) as it finishes: in this process with ``pipe``
     (loaded here if None) for one worker, else from a spawned process pool, one pipeline per worker."""
     if workers <= 1 or len(pairs) <= 1:
-        pipe = pipe if pipe is not None else load_worker_pipeline(settings.model, settings.dtype, device)
+        pipe = pipe if pipe is not None else load_worker_pipeline(settings.model, settings.dtype, device, allow_pickle)
         for pair in pairs:
             yield safe_run_pair(pipe, settings, pair)
         return
@@ -485,7 +485,7 @@ def pair_results(pairs: list[Pair], settings: DatasetSettings, device: str, work
     import multiprocessing
 
     pool = futures.ProcessPoolExecutor(max_workers=min(workers, len(pairs)), mp_context=multiprocessing.get_context("spawn"),
-                                       initializer=_worker_init, initargs=(settings, device))
+                                       initializer=_worker_init, initargs=(settings, device, allow_pickle))
     try:
         jobs = {pool.submit(_worker_pair, pair): pair for pair in pairs}
         for job in futures.as_completed(jobs):
@@ -497,6 +497,11 @@ def pair_results(pairs: list[Pair], settings: DatasetSettings, device: str, work
         pool.shutdown(wait=False, cancel_futures=True)
         raise
     pool.shutdown(wait=True)
+
+
+def unfinished(pairs: list[Pair], writer: DatasetWriter) -> list[Pair]:
+    """The pairs the output folder does not hold yet."""
+    return [p for p in pairs if not writer.finished(p)]
 
 
 @dataclass
@@ -511,12 +516,12 @@ class Summary:
 
 
 def make_dataset(pairs: list[Pair], settings: DatasetSettings, writer: DatasetWriter, device: str = "cpu",
-                 workers: int = 1, pipe=None, progress=None) -> Summary:
+                 workers: int = 1, pipe=None, progress=None, allow_pickle: bool = False) -> Summary:
     """Run every unfinished pair and write its shard and manifest line; ``progress(n)`` after each pair."""
     summary = Summary()
-    todo = [p for p in pairs if not writer.finished(p)]
+    todo = unfinished(pairs, writer)
     summary.skipped = len(pairs) - len(todo)
-    for result in pair_results(todo, settings, device, workers, pipe):
+    for result in pair_results(todo, settings, device, workers, pipe, allow_pickle):
         if "error" in result:
             summary.failed.append((result["line"], result["error"]))
         else:
