@@ -131,24 +131,36 @@ def dataset_sha(path: Path) -> str:
     return file_sha256(path)
 
 
-def _killed_run(pairs: Path, out: Path, delay: float) -> None:
+def _manifest_lines(out: Path) -> int:
+    path = out / dataset.MANIFEST
+    return len(path.read_bytes().splitlines()) if path.is_file() else 0
+
+
+def _killed_run(pairs: Path, out: Path, delay: float) -> int:
+    """Start the command in a subprocess; SIGKILL it ``delay`` s after it finishes one more pair
+    (or when it ends first). Returns the manifest's lines after the kill."""
     env = {**os.environ, "PYTHONPATH": str(REPO / "src"), "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}
+    before = _manifest_lines(out)
     process = subprocess.Popen([sys.executable, "-m", "prompt2prompt.cli", "dataset", str(pairs), "-o", str(out), *FLAGS],
                                env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 120
+    while process.poll() is None and _manifest_lines(out) == before and time.monotonic() < deadline:
+        time.sleep(0.01)
     time.sleep(delay)
     process.send_signal(signal.SIGKILL)
     process.wait()
+    return _manifest_lines(out)
 
 
 def test_sigkill_at_random_points_then_rerun(reference, tmp_path, capsys):
     pairs, out = reference
     target = tmp_path / "killed"
     rng = random.Random(31)
-    for _ in range(2):
-        _killed_run(pairs, target, rng.uniform(4.0, 9.0))
+    done = [_killed_run(pairs, target, rng.uniform(0.0, 0.4)) for _ in range(2)]
+    assert done[0] >= 1  # killed after its first pair at the earliest
     for shard in (target / dataset.DATA_DIR).glob("*.parquet"):  # every shard in place is whole
         pq.read_table(shard)
-    code, _, _ = run_cli(capsys, "dataset", pairs, "-o", target, *FLAGS)
+    code, stdout, _ = run_cli(capsys, "dataset", pairs, "-o", target, *FLAGS)
     assert code == 0
     got = rows(target)
     assert len({(r["line"], r["candidate"]) for r in got}) == len(got) == 3
@@ -246,3 +258,18 @@ def test_detector_score_of_a_rendered_scene():
     assert dataset.detector_score(scene.image, "a big red square on a blue background")["score"] == 1.0
     assert dataset.detector_score(scene.image, "a big red circle on a blue background")["score"] == 0.5
     assert dataset.detector_score(scene.image, "a big green circle on a yellow background")["score"] == 0.0
+
+
+def test_shard_without_its_manifest_line_is_redone_once(reference, tmp_path, capsys):
+    """A kill between a shard's rename and its manifest line: the pair runs again, its shard replaced."""
+    import shutil
+
+    pairs, out = reference
+    target = tmp_path / "torn"
+    shutil.copytree(out, target)
+    lines = (target / dataset.MANIFEST).read_bytes().splitlines(keepends=True)
+    (target / dataset.MANIFEST).write_bytes(b"".join(lines[:-1]) + lines[-1][:10])  # the last line torn
+    code, stdout, _ = run_cli(capsys, "dataset", pairs, "-o", target, *FLAGS)
+    assert code == 0 and "1 pairs done (2 finished earlier)" in stdout
+    assert rows(target) == rows(out)
+    assert len(dataset.DatasetWriter(target, {}).read_manifest()) == 3

@@ -53,6 +53,8 @@ from .options import (
     edit_kwargs,
     image_metadata,
     integer_option,
+    json_lines,
+    json_object,
     model_label,
     model_option,
     normalise_options,
@@ -622,20 +624,9 @@ def run_sweep(pipe, options: dict, folder: Path, env: Mapping, console: Console)
 def parse_batch_file(path: Path, defaults: Mapping) -> tuple[list[tuple[int, dict]], list[tuple[int, str]]]:
     """Parse and check every line of a ``.jsonl`` file: ``([(line, options)], [(line, reason)])``."""
     jobs, bad = [], []
-    try:
-        lines = path.read_text(encoding="utf-8").splitlines()
-    except (OSError, UnicodeDecodeError) as err:
-        raise UsageError(f"batch: cannot read {path}: {one_line(err)}") from None
-    for number, line in enumerate(lines, start=1):
-        if not line.strip() or line.lstrip().startswith("#"):
-            continue
+    for number, line in json_lines(path, "batch"):
         try:
-            try:
-                raw = json.loads(line)
-            except json.JSONDecodeError as err:
-                raise UsageError(f"not valid JSON ({err.msg} at column {err.colno})") from None
-            if not isinstance(raw, dict):
-                raise UsageError("must be a JSON object like {\"prompt\": \"...\", \"to\": [\"...\"]}")
+            raw = json_object(line, '{"prompt": "...", "to": ["..."]}')
             unknown = sorted(set(raw) - set(BATCH_LINE_KEYS))
             if unknown:
                 hint = " (set model, dtype and device for the whole batch with --model, --dtype, --device)" if set(unknown) & {"model", "dtype", "device"} else ""
@@ -805,10 +796,7 @@ def dataset_settings(args):
             except ValueError:
                 raise UsageError(f"{flag} must be a number in [0, 1], got {text!r}") from None
         else:
-            try:
-                values[key] = dataset.Range.parse(text, flag)
-            except dataset.DatasetError as err:
-                raise UsageError(str(err)) from None
+            values[key] = dataset.Range.parse(text, flag)
     values["model"] = model_option(args.model, "--model") if args.model is not None else None
     values["dtype"] = choice_of(DTYPES)(args.dtype, "--dtype") if args.dtype is not None else DEFAULTS["dtype"]
     try:
@@ -842,15 +830,9 @@ def cmd_dataset(args, console: Console) -> int:
     workers = integer_option(args.workers if args.workers is not None else BATCH_WORKERS, "--workers", 1, "a positive integer")
     settings = dataset_settings(args)
     root = output_folder(args.output, "dataset")
-    try:
-        pairs, bad = dataset.read_pairs(path)
-    except dataset.DatasetError as err:
-        raise UsageError(f"dataset: {err}") from None
+    pairs, bad = dataset.read_pairs(path)
     writer = dataset.DatasetWriter(root, dataset.run_record(settings, file_sha256(path)))
-    try:
-        writer.open(args.overwrite)
-    except dataset.DatasetError as err:
-        raise UsageError(str(err)) from None
+    writer.open(args.overwrite)
     for number, reason in bad:
         print(f"{PROG} dataset: line {number}: {reason}", file=sys.stderr)
     todo = dataset.unfinished(pairs, writer)
@@ -1214,19 +1196,22 @@ def _add_batch(p) -> None:
 
 
 def _add_dataset(p) -> None:
+    from .dataset import DatasetSettings
+
+    _DATASET = DatasetSettings()  # noqa: N806 - the defaults the help shows
     p.add_argument("jsonl", metavar="PAIRS.jsonl", help='caption pairs, one JSON object a line: {"input": ..., "output": ..., "edit": ... (optional)}')
     p.add_argument("-o", "--output", metavar="DIR", required=True, help="output folder (Parquet shards in DIR/data/, manifest.jsonl, README.md)")
     group = p.add_argument_group("candidates (F or a range LOW:HIGH, drawn per candidate)")
-    group.add_argument("--samples-per-pair", metavar="N", help="candidates per pair, each with its own seed and settings (default 8)")
-    group.add_argument("--keep", metavar="K", help="keep the best K candidates that pass the filter (default 2; at most N)")
-    group.add_argument("--seed", help="the run's seed; each candidate's seed is a hash of it, the line's content and the candidate (default 0)")
-    group.add_argument("--steps", help="denoising steps (default 50)")
-    group.add_argument("--self-steps", metavar="F|LOW:HIGH", help="self-attention injection fraction (default 0.1:0.9)")
-    group.add_argument("--cross-steps", metavar="F|LOW:HIGH", help="cross-attention injection fraction (default 0.8)")
-    group.add_argument("--guidance", metavar="F|LOW:HIGH", help="classifier-free guidance scale (default 7.5)")
+    group.add_argument("--samples-per-pair", metavar="N", help=f"candidates per pair, each with its own seed and settings (default {_DATASET.samples_per_pair})")
+    group.add_argument("--keep", metavar="K", help=f"keep the best K candidates that pass the filter (default {_DATASET.keep}; at most N)")
+    group.add_argument("--seed", help=f"the run's seed; each candidate's seed is a hash of it, the line's content and the candidate (default {_DATASET.seed})")
+    group.add_argument("--steps", help=f"denoising steps (dataset default {_DATASET.steps})")
+    group.add_argument("--self-steps", metavar="F|LOW:HIGH", help=f"self-attention injection fraction (dataset default {_DATASET.self_steps}, as InstructPix2Pix)")
+    group.add_argument("--cross-steps", metavar="F|LOW:HIGH", help=f"cross-attention injection fraction (dataset default {_DATASET.cross_steps})")
+    group.add_argument("--guidance", metavar="F|LOW:HIGH", help=f"classifier-free guidance scale (dataset default {_DATASET.guidance})")
     group = p.add_argument_group("filter")
-    group.add_argument("--min-score", metavar="F", help="a candidate passes when the shapes detector finds at least this share of "
-                                                        "the output caption's colours, shapes and background, in [0, 1] (default 0.5)")
+    group.add_argument("--min-score", metavar="F", help=f"a candidate passes when the shapes detector finds at least this share of "
+                                                        f"the output caption's colours, shapes and background, in [0, 1] (default {_DATASET.min_score:g})")
     group = p.add_argument_group("run")
     group.add_argument("--workers", metavar="N", help=f"processes, each holding one pipeline (default {BATCH_WORKERS}); the data does not depend on it")
     group.add_argument("--overwrite", action="store_true", help="delete the folder's earlier dataset and start over")

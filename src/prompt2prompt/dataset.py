@@ -30,6 +30,7 @@ from pathlib import Path
 import numpy as np
 
 from .imageio import atomic_write_bytes, atomic_write_json, json_bytes, png_bytes, remove_stale_temps
+from .options import OptionError, json_lines, json_object
 
 #: The files of an output folder.
 DATA_DIR = "data"
@@ -43,8 +44,8 @@ SEED_MASK = 2**63 - 1
 LINE_KEYS = ("input", "output", "edit")
 
 
-class DatasetError(ValueError):
-    """Bad settings or a bad output folder (a usage error for the CLI)."""
+class DatasetError(OptionError):
+    """Bad settings, a bad line or a bad output folder (a usage error for the CLI: exit status 2)."""
 
 
 # ============================================================================ settings
@@ -148,12 +149,7 @@ class Pair:
 
 def parse_line(number: int, text: str) -> Pair:
     """One line -> a `Pair`; `DatasetError` with the reason if it is not a valid pair."""
-    try:
-        raw = json.loads(text)
-    except json.JSONDecodeError as err:
-        raise DatasetError(f"not valid JSON ({err.msg} at column {err.colno})") from None
-    if not isinstance(raw, dict):
-        raise DatasetError('must be a JSON object like {"input": "...", "output": "..."}')
+    raw = json_object(text, '{"input": "...", "output": "..."}')
     unknown = sorted(set(raw) - set(LINE_KEYS))
     if unknown:
         raise DatasetError(f"unknown key {', '.join(map(repr, unknown))}; a line has input, output and optionally edit")
@@ -170,17 +166,11 @@ def parse_line(number: int, text: str) -> Pair:
 
 def read_pairs(path: str | os.PathLike) -> tuple[list[Pair], list[tuple[int, str]]]:
     """Read a pairs file: ``([Pair], [(line number, reason)])``; blank and ``#`` lines are skipped."""
-    try:
-        lines = Path(path).read_text(encoding="utf-8").splitlines()
-    except (OSError, UnicodeDecodeError) as err:
-        raise DatasetError(f"cannot read {path}: {err}") from None
     pairs, bad = [], []
-    for number, text in enumerate(lines, start=1):
-        if not text.strip() or text.lstrip().startswith("#"):
-            continue
+    for number, text in json_lines(path, "dataset"):
         try:
             pairs.append(parse_line(number, text))
-        except DatasetError as err:
+        except OptionError as err:
             bad.append((number, str(err)))
     return pairs, bad
 
@@ -373,6 +363,8 @@ class DatasetWriter:
         remove_stale_temps(self.root)
         atomic_write_json(run_file, self.run)
         self.done = self.read_manifest()
+        # rewritten whole: a torn last line (a kill mid-append) must not swallow the next entry
+        atomic_write_bytes(self.root / MANIFEST, b"".join(manifest_line(e) for e in self.done.values()))
 
     def clear(self) -> None:
         """Remove this command's files from the folder (nothing else)."""
@@ -406,7 +398,7 @@ class DatasetWriter:
         atomic_write_bytes(self.root / DATA_DIR / shard_name(result["line"]), parquet_bytes(result["rows"]))
         entry = {k: v for k, v in result.items() if k != "rows"}
         with open(self.root / MANIFEST, "ab") as handle:
-            handle.write(json.dumps(entry, ensure_ascii=False).encode("utf-8") + b"\n")
+            handle.write(manifest_line(entry))
             handle.flush()
             os.fsync(handle.fileno())
         self.done[result["line"]] = entry
@@ -428,6 +420,11 @@ class DatasetWriter:
         atomic_write_bytes(self.root / CARD, text.encode("utf-8"))
         atomic_write_bytes(self.root / COUNTS, json_bytes(counts))
         return counts
+
+
+def manifest_line(entry: dict) -> bytes:
+    """A manifest entry as one JSON line."""
+    return json.dumps(entry, ensure_ascii=False).encode("utf-8") + b"\n"
 
 
 def run_record(settings: DatasetSettings, pairs_sha256: str) -> dict:
