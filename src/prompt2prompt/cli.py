@@ -23,6 +23,7 @@ import logging
 import os
 import re
 import sys
+import time
 import traceback
 import warnings
 from collections.abc import Mapping
@@ -844,13 +845,15 @@ def cmd_dataset(args, console: Console) -> int:
             pipe = load_pipeline(settings.model, settings.dtype, device, progress=False, allow_pickle=args.allow_pickle)
     from tqdm.auto import tqdm
 
+    started = time.monotonic()
     with tqdm(total=len(todo), unit="pair", desc="pairs", disable=not console.progress) as bar:
         summary = dataset.make_dataset(pairs, settings, writer, device, workers, pipe, bar.update, args.allow_pickle)
+    seconds = time.monotonic() - started
     failed = list(bad) + summary.failed
     counts = writer.write_card(dataset_command(path, root, settings), len(failed))
     print(f"dataset: {summary.done} pairs done ({summary.skipped} finished earlier), {summary.kept} rows kept, "
-          f"{summary.filtered_out} candidates filtered out, {len(failed)} failed; "
-          f"{counts['rows']} rows in {root}")
+          f"{summary.filtered_out} candidates filtered out, {len(failed)} failed in {seconds:.1f} s "
+          f"({summary.done / max(seconds, 1e-9):.2f} pairs/s); {counts['rows']} rows in {root}")
     for number, reason in sorted(failed):
         print(f"  line {number} failed: {reason}")
     return 1 if failed else 0
