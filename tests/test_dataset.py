@@ -77,7 +77,7 @@ def test_end_to_end_rows_images_and_card(reference):
         assert row["seed"] == candidate.seed and row["self_steps"] == candidate.self_steps
         assert 0.1 <= row["self_steps"] <= 0.9 and row["cross_steps"] == 0.8 and row["guidance"] == 7.5 and row["steps"] == 2
         for key in ("input_image", "edited_image"):
-            with PIL.Image.open(io.BytesIO(row[key])) as image:
+            with PIL.Image.open(io.BytesIO(row[key]["bytes"])) as image:
                 assert image.format == "PNG" and image.size == (64, 64)
         assert 0.0 <= row["score"] <= 1.0 and row["score_checks"] == 2  # background and one coloured shape
     # the kept candidate is the better-scored one
@@ -99,6 +99,8 @@ def test_loads_with_datasets(reference):
                                    cache_dir=str(out.parent / "hf-cache"))
     assert loaded.num_rows == 3 and sorted(loaded["line"]) == [3, 4, 5]
     assert set(loaded.column_names) >= {"input_image", "edited_image", "input_caption", "output_caption", "edit", "seed", "score"}
+    assert isinstance(loaded[0]["edited_image"], PIL.Image.Image) and loaded[0]["edited_image"].size == (64, 64)
+    assert loaded.features["seed"].dtype == "int64"
 
 
 def test_two_workers_give_identical_rows(reference, tmp_path):

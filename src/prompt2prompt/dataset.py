@@ -289,7 +289,8 @@ def run_pair(pipe, settings: DatasetSettings, pair: Pair) -> dict:
         c = candidates[k]
         rows.append({"line": pair.line, "candidate": c.index, "rank": rank, "seed": c.seed,
                      "input_caption": pair.input, "output_caption": pair.output, "edit": pair.edit,
-                     "input_image": png_bytes(source), "edited_image": png_bytes(edited),
+                     "input_image": {"bytes": png_bytes(source), "path": None},
+                     "edited_image": {"bytes": png_bytes(edited), "path": None},
                      "self_steps": c.self_steps, "cross_steps": c.cross_steps, "guidance": c.guidance,
                      "steps": settings.steps, "model": settings.model or "bundled", "score": result["score"],
                      "score_checks": result["checks"]})
@@ -316,17 +317,26 @@ def parquet_bytes(rows: list[dict]) -> bytes:
     return buffer.getvalue()
 
 
+#: The image columns: ``{"bytes": PNG, "path": None}``, as `datasets`' ``Image`` feature stores them.
+IMAGE_COLUMNS = ("input_image", "edited_image")
+
+
 def row_schema():
-    """The rows' Parquet schema."""
+    """The rows' Parquet schema; its ``huggingface`` metadata makes `datasets` decode the images."""
     import pyarrow as pa
 
-    return pa.schema([
+    image = pa.struct([("bytes", pa.binary()), ("path", pa.string())])
+    fields = [
         ("line", pa.int64()), ("candidate", pa.int32()), ("rank", pa.int32()), ("seed", pa.int64()),
         ("input_caption", pa.string()), ("output_caption", pa.string()), ("edit", pa.string()),
-        ("input_image", pa.binary()), ("edited_image", pa.binary()),
+        ("input_image", image), ("edited_image", image),
         ("self_steps", pa.float64()), ("cross_steps", pa.float64()), ("guidance", pa.float64()),
         ("steps", pa.int32()), ("model", pa.string()), ("score", pa.float64()), ("score_checks", pa.int32()),
-    ])
+    ]
+    dtypes = {"double": "float64"}  # datasets' name where pyarrow's differs
+    features = {name: {"_type": "Image"} if name in IMAGE_COLUMNS else {"dtype": dtypes.get(str(kind), str(kind)), "_type": "Value"}
+                for name, kind in fields}
+    return pa.schema(fields, metadata={"huggingface": json.dumps({"info": {"features": features}})})
 
 
 @dataclass
@@ -416,7 +426,7 @@ class DatasetWriter:
                 f"- rows kept: {counts['rows']}\n- filtered out: {counts['filtered_out']}\n"
                 f"- failed pairs (run again to retry): {failed}\n\n## Settings\n\n{settings}\n\n"
                 "Columns: line, candidate, rank, seed, input_caption, output_caption, edit, input_image and "
-                "edited_image (PNG bytes), self_steps, cross_steps, guidance, steps, model, score, score_checks.\n")
+                "edited_image (images: PNG bytes in `bytes`), self_steps, cross_steps, guidance, steps, model, score, score_checks.\n")
         atomic_write_bytes(self.root / CARD, text.encode("utf-8"))
         atomic_write_bytes(self.root / COUNTS, json_bytes(counts))
         return counts
