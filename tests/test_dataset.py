@@ -95,7 +95,7 @@ def test_end_to_end_rows_images_and_card(reference):
 def test_loads_with_datasets(reference):
     datasets = pytest.importorskip("datasets")
     _, out = reference
-    loaded = datasets.load_dataset("parquet", data_dir=str(out / dataset.DATA_DIR), split="train",
+    loaded = datasets.load_dataset("parquet", data_dir=str(out), split="train",
                                    cache_dir=str(out.parent / "hf-cache"))
     assert loaded.num_rows == 3 and sorted(loaded["line"]) == [3, 4, 5]
     assert set(loaded.column_names) >= {"input_image", "edited_image", "input_caption", "output_caption", "edit", "seed", "score"}

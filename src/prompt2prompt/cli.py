@@ -1203,7 +1203,7 @@ def _add_dataset(p) -> None:
 
     _DATASET = DatasetSettings()  # noqa: N806 - the defaults the help shows
     p.add_argument("jsonl", metavar="PAIRS.jsonl", help='caption pairs, one JSON object a line: {"input": ..., "output": ..., "edit": ... (optional)}')
-    p.add_argument("-o", "--output", metavar="DIR", required=True, help="output folder (Parquet shards in DIR/data/, manifest.jsonl, README.md)")
+    p.add_argument("-o", "--output", metavar="DIR", required=True, help="output folder (Parquet shards in DIR/data/, the card DIR/README.md, the manifest in DIR/.p2p/)")
     group = p.add_argument_group("candidates (F or a range LOW:HIGH, drawn per candidate)")
     group.add_argument("--samples-per-pair", metavar="N", help=f"candidates per pair, each with its own seed and settings (default {_DATASET.samples_per_pair})")
     group.add_argument("--keep", metavar="K", help=f"keep the best K candidates that pass the filter (default {_DATASET.keep}; at most N)")

@@ -12,8 +12,9 @@ The bundled shapes model's detector scores each edited image against the output 
 (`detector_score`); the best ``keep`` candidates whose score reaches ``min_score`` are kept.
 
 Output folder layout (`DatasetWriter`): ``data/pair-<line>.parquet`` (one shard per pair, written
-atomically), ``manifest.jsonl`` (one JSON line per finished pair: its candidates, their scores,
-the kept ones), ``run.json`` (the settings, which a resumed run must match) and ``README.md``.
+atomically), ``README.md`` (the card), and in the hidden ``.p2p/``: ``manifest.jsonl`` (one JSON
+line per finished pair: its candidates, their scores, the kept ones), ``run.json`` (the settings,
+which a resumed run must match) and ``counts.json``.
 """
 
 from __future__ import annotations
@@ -34,10 +35,13 @@ from .options import OptionError, json_lines, json_object
 
 #: The files of an output folder.
 DATA_DIR = "data"
-MANIFEST = "manifest.jsonl"
-RUN_FILE = "run.json"
+#: The run's bookkeeping, in a hidden folder: `datasets.load_dataset("parquet", data_dir=OUT)` reads
+#: every file it sees as Parquet but skips hidden folders.
+STATE_DIR = ".p2p"
+MANIFEST = f"{STATE_DIR}/manifest.jsonl"
+RUN_FILE = f"{STATE_DIR}/run.json"
+COUNTS = f"{STATE_DIR}/counts.json"
 CARD = "README.md"
-COUNTS = "counts.json"
 #: A seed is 63 bits of the candidate's hash (a non-negative int64, as Parquet stores it).
 SEED_MASK = 2**63 - 1
 #: The keys a line may have.
@@ -368,8 +372,9 @@ class DatasetWriter:
                                    "use --overwrite to start over, or another -o folder")
         elif self.root.is_dir() and any(self.root.iterdir()):
             raise DatasetError(f"{self.root} is not empty and holds no p2p dataset; use --overwrite or another -o folder")
-        (self.root / DATA_DIR).mkdir(parents=True, exist_ok=True)
-        remove_stale_temps(self.root / DATA_DIR)
+        for folder in (DATA_DIR, STATE_DIR):
+            (self.root / folder).mkdir(parents=True, exist_ok=True)
+            remove_stale_temps(self.root / folder)
         remove_stale_temps(self.root)
         atomic_write_json(run_file, self.run)
         self.done = self.read_manifest()
@@ -378,9 +383,9 @@ class DatasetWriter:
 
     def clear(self) -> None:
         """Remove this command's files from the folder (nothing else)."""
-        shutil.rmtree(self.root / DATA_DIR, ignore_errors=True)
-        for name in (MANIFEST, RUN_FILE, CARD, COUNTS):
-            (self.root / name).unlink(missing_ok=True)
+        for folder in (DATA_DIR, STATE_DIR):
+            shutil.rmtree(self.root / folder, ignore_errors=True)
+        (self.root / CARD).unlink(missing_ok=True)
 
     def read_manifest(self) -> dict:
         """``{line: entry}`` of the finished pairs whose shard is in place."""
