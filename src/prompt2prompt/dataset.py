@@ -263,6 +263,7 @@ def choose_kept(scores: list[float], keep: int, min_score: float) -> list[int]:
 
 
 def _uint8(image) -> np.ndarray:
+    """A PIL image as ``(H, W, 3)`` uint8, what the detector reads."""
     return np.asarray(image.convert("RGB"), dtype=np.uint8)
 
 
@@ -465,6 +466,7 @@ def load_worker_pipeline(model: str | None, dtype: str, device: str, allow_pickl
 
 
 def _worker_init(settings: DatasetSettings, device: str, allow_pickle: bool) -> None:
+    """A pool worker's start: load its pipeline once."""
     import warnings
 
     warnings.simplefilter("ignore")
@@ -473,6 +475,7 @@ def _worker_init(settings: DatasetSettings, device: str, allow_pickle: bool) -> 
 
 
 def _worker_pair(pair: Pair) -> dict:
+    """A pool worker's job: one pair with the worker's pipeline."""
     return safe_run_pair(_WORKER["pipe"], _WORKER["settings"], pair)
 
 
