@@ -23,6 +23,7 @@ import logging
 import os
 import re
 import sys
+import time
 import traceback
 import warnings
 from collections.abc import Mapping
@@ -53,6 +54,8 @@ from .options import (
     edit_kwargs,
     image_metadata,
     integer_option,
+    json_lines,
+    json_object,
     model_label,
     model_option,
     normalise_options,
@@ -622,20 +625,9 @@ def run_sweep(pipe, options: dict, folder: Path, env: Mapping, console: Console)
 def parse_batch_file(path: Path, defaults: Mapping) -> tuple[list[tuple[int, dict]], list[tuple[int, str]]]:
     """Parse and check every line of a ``.jsonl`` file: ``([(line, options)], [(line, reason)])``."""
     jobs, bad = [], []
-    try:
-        lines = path.read_text(encoding="utf-8").splitlines()
-    except (OSError, UnicodeDecodeError) as err:
-        raise UsageError(f"batch: cannot read {path}: {one_line(err)}") from None
-    for number, line in enumerate(lines, start=1):
-        if not line.strip() or line.lstrip().startswith("#"):
-            continue
+    for number, line in json_lines(path, "batch"):
         try:
-            try:
-                raw = json.loads(line)
-            except json.JSONDecodeError as err:
-                raise UsageError(f"not valid JSON ({err.msg} at column {err.colno})") from None
-            if not isinstance(raw, dict):
-                raise UsageError("must be a JSON object like {\"prompt\": \"...\", \"to\": [\"...\"]}")
+            raw = json_object(line, '{"prompt": "...", "to": ["..."]}')
             unknown = sorted(set(raw) - set(BATCH_LINE_KEYS))
             if unknown:
                 hint = " (set model, dtype and device for the whole batch with --model, --dtype, --device)" if set(unknown) & {"model", "dtype", "device"} else ""
@@ -775,6 +767,93 @@ def cmd_batch(args, console: Console) -> int:
                 done.append(number)
                 console.info(f"line {number}: done -> {folder}")
     print(f"batch: {len(done)} done, {len(skipped)} skipped (finished earlier), {len(failed)} failed; outputs in {root}")
+    for number, reason in sorted(failed):
+        print(f"  line {number} failed: {reason}")
+    return 1 if failed else 0
+
+
+# ============================================================================ dataset
+
+
+#: ``p2p dataset``'s flags for each `dataset.DatasetSettings` field (in the command line the card records).
+DATASET_FLAGS = {"samples_per_pair": "--samples-per-pair", "keep": "--keep", "seed": "--seed", "steps": "--steps",
+                 "self_steps": "--self-steps", "cross_steps": "--cross-steps", "guidance": "--guidance",
+                 "min_score": "--min-score"}
+
+
+def dataset_settings(args):
+    """``p2p dataset``'s flags -> `dataset.DatasetSettings` (usage errors name the flag)."""
+    from . import dataset
+
+    given = {key: getattr(args, key) for key in DATASET_FLAGS if getattr(args, key) is not None}
+    values = {}
+    for key, text in given.items():
+        flag = DATASET_FLAGS[key]
+        if key in ("samples_per_pair", "keep", "seed", "steps"):
+            values[key] = integer_option(text, flag, 0 if key == "seed" else 1, "a non-negative integer" if key == "seed" else "a positive integer")
+        elif key == "min_score":
+            try:
+                values[key] = float(text)
+            except ValueError:
+                raise UsageError(f"{flag} must be a number in [0, 1], got {text!r}") from None
+        else:
+            values[key] = dataset.Range.parse(text, flag)
+    values["model"] = model_option(args.model, "--model") if args.model is not None else None
+    values["dtype"] = choice_of(DTYPES)(args.dtype, "--dtype") if args.dtype is not None else DEFAULTS["dtype"]
+    try:
+        return dataset.DatasetSettings(**values)
+    except dataset.DatasetError as err:
+        message = str(err)
+        for key, flag in DATASET_FLAGS.items():
+            message = re.sub(rf"\b{key}\b", flag, message)
+        raise UsageError(message) from None
+
+
+def dataset_command(path: Path, root: Path, settings) -> str:
+    """The command line that makes this data (every setting spelled out), for the card."""
+    import shlex
+
+    record = settings.record()
+    words = [PROG, "dataset", str(path), "-o", str(root)]
+    for key, flag in DATASET_FLAGS.items():
+        words += [flag, _default_number(record[key])]
+    if settings.model is not None:
+        words += ["--model", settings.model]
+    return shlex.join(words + ["--dtype", settings.dtype])
+
+
+def cmd_dataset(args, console: Console) -> int:
+    from . import dataset
+
+    path = Path(args.jsonl).expanduser()
+    if not path.is_file():
+        raise UsageError(f"dataset: {args.jsonl}: no such file; give the path of a .jsonl file with one pair per line")
+    workers = integer_option(args.workers if args.workers is not None else BATCH_WORKERS, "--workers", 1, "a positive integer")
+    settings = dataset_settings(args)
+    root = output_folder(args.output, "dataset")
+    pairs, bad = dataset.read_pairs(path)
+    writer = dataset.DatasetWriter(root, dataset.run_record(settings, file_sha256(path)))
+    writer.open(args.overwrite)
+    for number, reason in bad:
+        print(f"{PROG} dataset: line {number}: {reason}", file=sys.stderr)
+    todo = dataset.unfinished(pairs, writer)
+    pipe, device = None, "cpu"
+    if todo:
+        device = check_device(args.device)
+        check_model(settings.model, args.allow_pickle)
+        if workers == 1:
+            pipe = load_pipeline(settings.model, settings.dtype, device, progress=False, allow_pickle=args.allow_pickle)
+    from tqdm.auto import tqdm
+
+    started = time.monotonic()
+    with tqdm(total=len(todo), unit="pair", desc="pairs", disable=not console.progress) as bar:
+        summary = dataset.make_dataset(pairs, settings, writer, device, workers, pipe, bar.update, args.allow_pickle)
+    seconds = time.monotonic() - started
+    failed = list(bad) + summary.failed
+    counts = writer.write_card(dataset_command(path, root, settings), len(failed))
+    print(f"dataset: {summary.done} pairs done ({summary.skipped} finished earlier), {summary.kept} rows kept, "
+          f"{summary.filtered_out} candidates filtered out, {len(failed)} failed in {seconds:.1f} s "
+          f"({summary.done / max(seconds, 1e-9):.2f} pairs/s); {counts['rows']} rows in {root}")
     for number, reason in sorted(failed):
         print(f"  line {number} failed: {reason}")
     return 1 if failed else 0
@@ -923,6 +1002,7 @@ COMMANDS = {
     "batch": cmd_batch,
     "info": cmd_info,
     "serve": cmd_serve,
+    "dataset": cmd_dataset,
 }
 
 
@@ -1046,6 +1126,17 @@ Each line writes DIR/line-<n>-<slug>/ (its images, grid.png and, last, result.js
 result.json exists is finished and skipped, so running the same command again resumes a stopped
 batch. Bad lines are reported and the others run; exit status 1 if any line failed.
 """,
+    "dataset": """example pairs.jsonl:
+  {"input": "a red circle on a blue background", "output": "a red square on a blue background", "edit": "make it a square"}
+
+examples:
+  p2p dataset pairs.jsonl -o data/ --samples-per-pair 8 --keep 2
+  p2p dataset pairs.jsonl -o data/ --workers 2 --self-steps 0.2:0.6
+
+Each pair gets N candidates; the shapes detector scores each edited image against the output
+caption; the best K that pass are written to DIR/data/pair-<line>.parquet. Running the same command
+again finishes the rest; a folder holding another run's data is refused unless --overwrite.
+""",
     "serve": """examples:
   p2p serve                                   # http://127.0.0.1:7860, the bundled model
   p2p serve --model ./stable-diffusion-v1-5 --device cuda --dtype float16 --port 7861
@@ -1107,6 +1198,29 @@ def _add_batch(p) -> None:
             action.help = "output folder; each line writes DIR/line-<n>-<slug>/"
 
 
+def _add_dataset(p) -> None:
+    from .dataset import DatasetSettings
+
+    _DATASET = DatasetSettings()  # noqa: N806 - the defaults the help shows
+    p.add_argument("jsonl", metavar="PAIRS.jsonl", help='caption pairs, one JSON object a line: {"input": ..., "output": ..., "edit": ... (optional)}')
+    p.add_argument("-o", "--output", metavar="DIR", required=True, help="output folder (Parquet shards in DIR/data/, the card DIR/README.md, the manifest in DIR/.p2p/)")
+    group = p.add_argument_group("candidates (F or a range LOW:HIGH, drawn per candidate)")
+    group.add_argument("--samples-per-pair", metavar="N", help=f"candidates per pair, each with its own seed and settings (default {_DATASET.samples_per_pair})")
+    group.add_argument("--keep", metavar="K", help=f"keep the best K candidates that pass the filter (default {_DATASET.keep}; at most N)")
+    group.add_argument("--seed", help=f"the run's seed; each candidate's seed is a hash of it, the line's content and the candidate (default {_DATASET.seed})")
+    group.add_argument("--steps", help=f"denoising steps (dataset default {_DATASET.steps})")
+    group.add_argument("--self-steps", metavar="F|LOW:HIGH", help=f"self-attention injection fraction (dataset default {_DATASET.self_steps}, as InstructPix2Pix)")
+    group.add_argument("--cross-steps", metavar="F|LOW:HIGH", help=f"cross-attention injection fraction (dataset default {_DATASET.cross_steps})")
+    group.add_argument("--guidance", metavar="F|LOW:HIGH", help=f"classifier-free guidance scale (dataset default {_DATASET.guidance})")
+    group = p.add_argument_group("filter")
+    group.add_argument("--min-score", metavar="F", help=f"a candidate passes when the shapes detector finds at least this share of "
+                                                        f"the output caption's colours, shapes and background, in [0, 1] (default {_DATASET.min_score:g})")
+    group = p.add_argument_group("run")
+    group.add_argument("--workers", metavar="N", help=f"processes, each holding one pipeline (default {BATCH_WORKERS}); the data does not depend on it")
+    group.add_argument("--overwrite", action="store_true", help="delete the folder's earlier dataset and start over")
+    _add_model_flags(group, quiet_help="no progress bar")
+
+
 def _add_serve(p) -> None:
     p.add_argument("--host", help=f"address to bind (default {SERVE_HOST}: this machine only)")
     p.add_argument("--port", help=f"port (default {SERVE_PORT})")
@@ -1129,6 +1243,7 @@ SUBCOMMANDS = (
     ("attention", "show a prompt's cross-attention per word and its self-attention components", _add_attention),
     ("sweep", "edit with a range of cross-attention injection windows, side by side", _add_sweep),
     ("batch", "run many edits from a .jsonl file, resumably", _add_batch),
+    ("dataset", "make a paired edit dataset (Parquet) from caption pairs, resumably", _add_dataset),
     ("serve", "serve the web page (Gradio) for editing in a browser", _add_serve),
     ("info", "print the parameters stored in a PNG written by p2p", _add_info),
 )

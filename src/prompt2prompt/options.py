@@ -63,6 +63,30 @@ class OptionError(ArgumentError):
         super().__init__(argument, message)
 
 
+def json_lines(path: str | Path, command: str) -> list[tuple[int, str]]:
+    """A ``.jsonl`` file's lines that hold data, ``(number from 1, text)``: blank and ``#`` lines skipped.
+
+    Raises:
+        OptionError: the file cannot be read as UTF-8 text (``"<command>: cannot read ..."``).
+    """
+    try:
+        lines = Path(path).read_text(encoding="utf-8").splitlines()
+    except (OSError, UnicodeDecodeError) as err:
+        raise OptionError(f"{command}: cannot read {path}: {one_line(err)}") from None
+    return [(n, line) for n, line in enumerate(lines, start=1) if line.strip() and not line.lstrip().startswith("#")]
+
+
+def json_object(text: str, example: str) -> dict:
+    """One ``.jsonl`` line as a JSON object; `OptionError` saying why not (``example`` shows one)."""
+    try:
+        raw = json.loads(text)
+    except json.JSONDecodeError as err:
+        raise OptionError(f"not valid JSON ({err.msg} at column {err.colno})") from None
+    if not isinstance(raw, dict):
+        raise OptionError(f"must be a JSON object like {example}")
+    return raw
+
+
 def one_line(message) -> str:
     return re.sub(r"\s*\n\s*", " ", str(message)).strip()
 
