@@ -19,6 +19,7 @@ from pathlib import Path
 import numpy as np
 import PIL.Image
 import pytest
+import torch
 
 pa = pytest.importorskip("pyarrow")
 import pyarrow.parquet as pq  # noqa: E402
@@ -141,7 +142,8 @@ def _manifest_lines(out: Path) -> int:
 def _killed_run(pairs: Path, out: Path, delay: float) -> int:
     """Start the command in a subprocess; SIGKILL it ``delay`` s after it finishes one more pair
     (or when it ends first). Returns the manifest's lines after the kill."""
-    env = {**os.environ, "PYTHONPATH": str(REPO / "src"), "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}
+    # the reference rows were made in this process: the same thread count, or float sums may round apart
+    env = {**os.environ, "PYTHONPATH": str(REPO / "src"), "OMP_NUM_THREADS": str(torch.get_num_threads())}
     before = _manifest_lines(out)
     process = subprocess.Popen([sys.executable, "-m", "prompt2prompt.cli", "dataset", str(pairs), "-o", str(out), *FLAGS],
                                env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
