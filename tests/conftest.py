@@ -168,6 +168,16 @@ def tiny_xl(clip_tokenizer, tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
+def xl(tiny_xl):
+    """A `Prompt2PromptXLPipeline` of the tiny SDXL components, progress bar off."""
+    from prompt2prompt import Prompt2PromptXLPipeline
+
+    pipe = Prompt2PromptXLPipeline(**tiny_xl)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+@pytest.fixture(scope="module")
 def pipe(tiny_sd1):
     """A `Prompt2PromptPipeline` of the tiny SD 1.x model, no progress bar (a module may define its own)."""
     from prompt2prompt import Prompt2PromptPipeline

@@ -13,8 +13,8 @@ import PIL.Image
 import pytest
 
 from prompt2prompt import cli
-from prompt2prompt.cli import main
 from prompt2prompt.source_pass import budget_of, covering_window, pass_record, record_mismatch
+from test_cli import run
 
 SRC = "a red circle on a blue background"
 TGT = "a red square on a blue background"
@@ -23,12 +23,6 @@ STEPS = 3
 FAST = ["--steps", str(STEPS)]
 #: Rows of one prompt per step: its conditional and unconditional halves (guidance 7.5).
 ROWS = 2
-
-
-def run(capsys, *argv) -> tuple[int, str, str]:
-    code = main([str(a) for a in argv])
-    out, err = capsys.readouterr()
-    return code, out, err
 
 
 def pixels(path) -> np.ndarray:

@@ -15,13 +15,6 @@ STEPS = 3
 PROMPTS = ["a cat riding a bicycle", "a dog riding a bicycle", "a cat riding a red bicycle"]
 
 
-@pytest.fixture(scope="module")
-def xl(tiny_xl):
-    pipe = Prompt2PromptXLPipeline(**tiny_xl)
-    pipe.set_progress_bar_config(disable=True)
-    return pipe
-
-
 @pytest.fixture
 def xl_calls(xl):
     """`counting_unet_calls` of ``xl`` for one test."""

@@ -12,16 +12,9 @@ import torch
 
 import reference_p2p as ref
 from conftest import counting_unet_calls
-from prompt2prompt import LocalBlend, Prompt2PromptPipeline, Prompt2PromptXLPipeline
+from prompt2prompt import LocalBlend, Prompt2PromptPipeline
 from prompt2prompt.alignment import refinement_mapper, replacement_mapper, tokenize_words
 from prompt2prompt.arguments import ArgumentError
-
-
-@pytest.fixture(scope="module")
-def xl(tiny_xl):
-    p = Prompt2PromptXLPipeline(**tiny_xl)
-    p.set_progress_bar_config(disable=True)
-    return p
 
 
 @pytest.fixture(scope="module")

@@ -35,13 +35,6 @@ def attention_sides(unet) -> list[int]:
 
 
 @pytest.fixture(scope="module")
-def xl(tiny_xl):
-    p = Prompt2PromptXLPipeline(**tiny_xl)
-    p.set_progress_bar_config(disable=True)
-    return p
-
-
-@pytest.fixture(scope="module")
 def side(tiny_xl):
     sides = attention_sides(tiny_xl["unet"])
     assert len(sides) == 1 and sides[0] < tiny_xl["unet"].config.sample_size  # no attention at the latent's own side
