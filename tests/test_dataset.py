@@ -104,10 +104,14 @@ def test_loads_with_datasets(reference):
     assert loaded.features["seed"].dtype == "int64"
 
 
-def test_two_workers_give_identical_rows(reference, tmp_path):
+def test_two_workers_give_identical_rows(reference, tmp_path, monkeypatch):
     pairs, out = reference
+    # the workers' thread count is the reference's (unset, each would take cores / 2; CPU sums may round apart)
+    monkeypatch.setenv("OMP_NUM_THREADS", str(torch.get_num_threads()))
     assert main(["dataset", str(pairs), "-o", str(tmp_path / "two"), *FLAGS, "--workers", "2"]) == 0
     assert rows(tmp_path / "two") == rows(out)
+    record = json.loads((tmp_path / "two" / dataset.THROUGHPUT).read_text())
+    assert sorted(record["workers"]) == ["0", "1"] and sum(w["pairs"] for w in record["workers"].values()) == 3
 
 
 def test_resume_after_interruption(reference, tmp_path, capsys):

@@ -137,6 +137,13 @@ def output_folder(given: str | None, slug: str) -> Path:
 # ============================================================================ the model
 
 
+def device_name(value: str) -> str:
+    """``--device``'s form (cpu, cuda, cuda:N or mps), not whether this machine has it; `UsageError` if malformed."""
+    if not re.fullmatch(r"cpu|mps|cuda(:\d+)?", value):
+        raise UsageError(f"--device must be cpu, cuda, cuda:N or mps, got {value!r}")
+    return value
+
+
 def check_device(value: str | None) -> str:
     """``--device`` -> a torch device string (None/auto: cuda, else mps, else cpu).
 
@@ -150,8 +157,7 @@ def check_device(value: str | None) -> str:
             return "cuda"
         mps = getattr(torch.backends, "mps", None)
         return "mps" if mps is not None and mps.is_available() else "cpu"
-    if not re.fullmatch(r"cpu|mps|cuda(:\d+)?", value):
-        raise UsageError(f"--device must be cpu, cuda, cuda:N or mps, got {value!r}")
+    device_name(value)
     if value.startswith("cuda") and not torch.cuda.is_available():
         raise RuntimeFailure(f"--device {value}: CUDA is not available on this machine; use --device cpu")
     if value == "mps" and not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
@@ -822,13 +828,30 @@ def dataset_command(path: Path, root: Path, settings) -> str:
     return shlex.join(words + ["--dtype", settings.dtype])
 
 
+def dataset_executor(args):
+    """``--ray``/``--workers``/``--device`` -> ``(workers or None for the default, RayCluster or None, device)``.
+
+    On Ray the device is the cluster's (None: its GPUs if any), checked by `dataset_ray.actor_plan`;
+    Ray must be importable before any work starts."""
+    workers = integer_option(args.workers, "--workers", 1, "a positive integer") if args.workers is not None else None
+    if args.ray is None:
+        return workers, None, None
+    from .dataset import RayCluster
+    from .dataset_ray import import_ray
+
+    cluster = RayCluster(None if args.ray is True else args.ray)
+    device = None if args.device in (None, "auto") else device_name(args.device)
+    import_ray()
+    return workers, cluster, device
+
+
 def cmd_dataset(args, console: Console) -> int:
     from . import dataset
 
     path = Path(args.jsonl).expanduser()
     if not path.is_file():
         raise UsageError(f"dataset: {args.jsonl}: no such file; give the path of a .jsonl file with one pair per line")
-    workers = integer_option(args.workers if args.workers is not None else BATCH_WORKERS, "--workers", 1, "a positive integer")
+    workers, cluster, device = dataset_executor(args)
     settings = dataset_settings(args)
     root = output_folder(args.output, "dataset")
     pairs, bad = dataset.read_pairs(path)
@@ -837,23 +860,30 @@ def cmd_dataset(args, console: Console) -> int:
     for number, reason in bad:
         print(f"{PROG} dataset: line {number}: {reason}", file=sys.stderr)
     todo = dataset.unfinished(pairs, writer)
-    pipe, device = None, "cpu"
+    pipe = None
     if todo:
-        device = check_device(args.device)
         check_model(settings.model, args.allow_pickle)
-        if workers == 1:
-            pipe = load_pipeline(settings.model, settings.dtype, device, progress=False, allow_pickle=args.allow_pickle)
+        if cluster is None:
+            device = check_device(args.device)
+            if workers is None:
+                import torch
+
+                workers = dataset.default_workers(device, torch.cuda.device_count() if device == "cuda" else 0)
+            if workers == 1:
+                pipe = load_pipeline(settings.model, settings.dtype, device, progress=False, allow_pickle=args.allow_pickle)
     from tqdm.auto import tqdm
 
     started = time.monotonic()
     with tqdm(total=len(todo), unit="pair", desc="pairs", disable=not console.progress) as bar:
-        summary = dataset.make_dataset(pairs, settings, writer, device, workers, pipe, bar.update, args.allow_pickle)
+        summary = dataset.make_dataset(pairs, settings, writer, device, workers, pipe, bar.update, args.allow_pickle, cluster)
     seconds = time.monotonic() - started
     failed = list(bad) + summary.failed
     counts = writer.write_card(dataset_command(path, root, settings), len(failed))
     print(f"dataset: {summary.done} pairs done ({summary.skipped} finished earlier), {summary.kept} rows kept, "
           f"{summary.filtered_out} candidates filtered out, {len(failed)} failed in {seconds:.1f} s "
           f"({summary.done / max(seconds, 1e-9):.2f} pairs/s); {counts['rows']} rows in {root}")
+    if summary.done:
+        print(f"throughput: {summary.throughput.line()} (in {root / dataset.THROUGHPUT})")
     for number, reason in sorted(failed):
         print(f"  line {number} failed: {reason}")
     return 1 if failed else 0
@@ -1216,7 +1246,11 @@ def _add_dataset(p) -> None:
     group.add_argument("--min-score", metavar="F", help=f"a candidate passes when the shapes detector finds at least this share of "
                                                         f"the output caption's colours, shapes and background, in [0, 1] (default {_DATASET.min_score:g})")
     group = p.add_argument_group("run")
-    group.add_argument("--workers", metavar="N", help=f"processes, each holding one pipeline (default {BATCH_WORKERS}); the data does not depend on it")
+    group.add_argument("--workers", metavar="N", help="workers, each holding one pipeline (default: one per GPU with --device cuda, else 1; "
+                                                      "on Ray one per GPU of the cluster, else one per CPU up to 8); the data does not depend on it")
+    group.add_argument("--ray", metavar="ADDRESS", nargs="?", const=True,
+                       help="run the pairs on Ray actors: alone, start or join a local Ray; with ADDRESS (auto, HOST:6379, ray://HOST:10001) "
+                            "join that cluster (needs the ray extra: pip install -e '.[ray]')")
     group.add_argument("--overwrite", action="store_true", help="delete the folder's earlier dataset and start over")
     _add_model_flags(group, quiet_help="no progress bar")
 

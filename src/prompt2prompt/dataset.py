@@ -25,6 +25,7 @@ import json
 import os
 import re
 import shutil
+import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -451,7 +452,20 @@ def run_record(settings: DatasetSettings, pairs_sha256: str) -> dict:
 # ============================================================================ running
 
 
-_WORKER: dict = {}
+#: ``.p2p/throughput.json``: the last run's rates, per worker and in total.
+THROUGHPUT = f"{STATE_DIR}/throughput.json"
+
+
+@dataclass(frozen=True)
+class RayCluster:
+    """Run on Ray (`prompt2prompt.dataset_ray`): ``address`` None starts or joins a local Ray
+    (``ray.init()``), else ``ray.init(address=...)`` (``auto``, ``HOST:6379``, ``ray://HOST:10001``)."""
+
+    address: str | None = None
+
+    def __post_init__(self):
+        if self.address is not None and (not isinstance(self.address, str) or not self.address.strip() or self.address != self.address.strip()):
+            raise DatasetError(f"--ray's address must be auto, HOST:PORT or ray://HOST:PORT, got {self.address!r}")
 
 
 def load_worker_pipeline(model: str | None, dtype: str, device: str, allow_pickle: bool = False):
@@ -465,18 +479,85 @@ def load_worker_pipeline(model: str | None, dtype: str, device: str, allow_pickl
     return pipe
 
 
-def _worker_init(settings: DatasetSettings, device: str, allow_pickle: bool) -> None:
-    """A pool worker's start: load its pipeline once."""
-    import warnings
+def default_workers(device: str, cuda_count: int) -> int:
+    """``--workers``' default on one machine: one per CUDA GPU for ``--device cuda``, else 1."""
+    return max(1, cuda_count) if device == "cuda" else 1
 
-    warnings.simplefilter("ignore")
-    _WORKER["settings"] = settings
-    _WORKER["pipe"] = load_worker_pipeline(settings.model, settings.dtype, device, allow_pickle)
+
+def worker_device(device: str, index: int, cuda_count: int) -> str:
+    """Worker ``index``'s device: ``cuda`` spreads the workers over the GPUs (``cuda:index mod count``);
+    any other device (``cpu``, ``cuda:N``, ``mps``) is every worker's."""
+    return f"cuda:{index % cuda_count}" if device == "cuda" and cuda_count > 0 else device
+
+
+def worker_threads(workers: int, cores: int, requested: int | None) -> int:
+    """Torch threads per pool worker: ``OMP_NUM_THREADS`` when set (``requested``), else the cores shared out.
+
+    CPU results can round differently with another thread count, so rows made with different
+    worker counts match bit for bit only at one thread count: set ``OMP_NUM_THREADS`` for that.
+    """
+    return requested if requested is not None else max(1, cores // max(1, workers))
+
+
+def requested_threads() -> int | None:
+    """``OMP_NUM_THREADS`` as a positive int, or None when unset or not one."""
+    text = os.environ.get("OMP_NUM_THREADS", "").strip()
+    return int(text) if text.isdigit() and int(text) > 0 else None
+
+
+def cpu_cores() -> int:
+    """The cores this process may run on."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+
+
+class PairWorker:
+    """One worker: its pipeline, loaded once, then pairs one at a time (`run`).
+
+    The same class serves the in-process run, each process-pool worker and each Ray actor. A
+    result carries the worker's ``index`` as ``worker`` and the pair's ``seconds``. ``hook(pair,
+    index)`` runs before each pair (instrumentation; the tests kill a worker from it).
+    """
+
+    def __init__(self, settings: DatasetSettings, device: str, index: int = 0, threads: int | None = None,
+                 allow_pickle: bool = False, pipe=None, hook=None):
+        import warnings
+
+        import torch
+
+        if threads is not None:
+            torch.set_num_threads(threads)
+        warnings.simplefilter("ignore")
+        self.settings, self.index, self.hook = settings, index, hook
+        self.pipe = pipe if pipe is not None else load_worker_pipeline(settings.model, settings.dtype, device, allow_pickle)
+
+    def run(self, pair: Pair) -> dict:
+        """`safe_run_pair` with this worker's pipeline, tagged with ``worker`` and ``seconds``."""
+        if self.hook is not None:
+            self.hook(pair, self.index)
+        started = time.perf_counter()
+        result = safe_run_pair(self.pipe, self.settings, pair)
+        return result | {"worker": self.index, "seconds": time.perf_counter() - started}
+
+    def pid(self) -> int:
+        """The worker's process id."""
+        return os.getpid()
+
+
+_WORKER: dict = {}
+
+
+def _worker_init(settings: DatasetSettings, device: str, allow_pickle: bool, indices, threads: int) -> None:
+    """A pool worker's start: take the next worker index, pick its device, load its pipeline once."""
+    import torch
+
+    index = indices.get()
+    cuda_count = torch.cuda.device_count() if device == "cuda" else 0
+    _WORKER["worker"] = PairWorker(settings, worker_device(device, index, cuda_count), index, threads, allow_pickle)
 
 
 def _worker_pair(pair: Pair) -> dict:
     """A pool worker's job: one pair with the worker's pipeline."""
-    return safe_run_pair(_WORKER["pipe"], _WORKER["settings"], pair)
+    return _WORKER["worker"].run(pair)
 
 
 def safe_run_pair(pipe, settings: DatasetSettings, pair: Pair) -> dict:
@@ -488,19 +569,39 @@ def safe_run_pair(pipe, settings: DatasetSettings, pair: Pair) -> dict:
         return {"line": pair.line, "error": f"{type(err).__name__}: {reason}"}
 
 
-def pair_results(pairs: list[Pair], settings: DatasetSettings, device: str, workers: int, pipe=None, allow_pickle: bool = False):
-    """Yield each pair's result (`safe_run_pair`) as it finishes: in this process with ``pipe``
-    (loaded here if None) for one worker, else from a spawned process pool, one pipeline per worker."""
+def pair_results(pairs: list[Pair], settings: DatasetSettings, device: str, workers: int | None = None, pipe=None,
+                 allow_pickle: bool = False, ray: RayCluster | None = None, hook=None):
+    """Yield each pair's result (`PairWorker.run`) as it finishes: on Ray when ``ray`` is given
+    (`dataset_ray.ray_pair_results`), else in this process with ``pipe`` (loaded here if None) for
+    one worker, else from a spawned process pool, one pipeline per worker (``workers`` None: one
+    per CUDA GPU for ``cuda``, else 1). No pairs: nothing is loaded."""
+    if not pairs:
+        return
+    if ray is not None:
+        from .dataset_ray import ray_pair_results
+
+        yield from ray_pair_results(pairs, settings, None if device in (None, "auto") else device, workers, allow_pickle, ray, hook)
+        return
+    import torch
+
+    if workers is None:
+        workers = default_workers(device, torch.cuda.device_count() if device == "cuda" else 0)
     if workers <= 1 or len(pairs) <= 1:
-        pipe = pipe if pipe is not None else load_worker_pipeline(settings.model, settings.dtype, device, allow_pickle)
+        worker = PairWorker(settings, device, allow_pickle=allow_pickle, pipe=pipe, hook=hook)
         for pair in pairs:
-            yield safe_run_pair(pipe, settings, pair)
+            yield worker.run(pair)
         return
     import concurrent.futures as futures
     import multiprocessing
 
-    pool = futures.ProcessPoolExecutor(max_workers=min(workers, len(pairs)), mp_context=multiprocessing.get_context("spawn"),
-                                       initializer=_worker_init, initargs=(settings, device, allow_pickle))
+    context = multiprocessing.get_context("spawn")
+    workers = min(workers, len(pairs))
+    indices = context.Queue()  # each worker takes one index (its GPU, its place in the throughput record)
+    for index in range(workers):
+        indices.put(index)
+    threads = worker_threads(workers, cpu_cores(), requested_threads())
+    pool = futures.ProcessPoolExecutor(max_workers=workers, mp_context=context, initializer=_worker_init,
+                                       initargs=(settings, device, allow_pickle, indices, threads))
     try:
         jobs = {pool.submit(_worker_pair, pair): pair for pair in pairs}
         for job in futures.as_completed(jobs):
@@ -519,31 +620,88 @@ def unfinished(pairs: list[Pair], writer: DatasetWriter) -> list[Pair]:
     return [p for p in pairs if not writer.finished(p)]
 
 
+def _rate(count: float, seconds: float) -> float:
+    """``count / seconds`` (0 for no time)."""
+    return count / seconds if seconds > 0 else 0.0
+
+
+@dataclass
+class Throughput:
+    """A run's rates. A worker's rate is its pairs (candidates) over the seconds it spent running
+    them; the total is the sum of the workers' rates, what they sustain together. ``wall`` is pairs
+    over the run's wall-clock time (in a pool or on Ray, the workers' model loading included).
+    ``writes`` are the driver's seconds writing each pair's shard and manifest line: the driver
+    writes one pair at a time, so the total cannot pass ``1 / median(writes)``."""
+
+    wall_seconds: float = 0.0
+    writes: list = field(default_factory=list)
+    workers: dict = field(default_factory=dict)  # worker index -> {"pairs", "candidates", "seconds"}
+
+    def add(self, worker: int, seconds: float, candidates: int, write_seconds: float) -> None:
+        """Count one pair done by ``worker`` in ``seconds``, written by the driver in ``write_seconds``."""
+        entry = self.workers.setdefault(int(worker), {"pairs": 0, "candidates": 0, "seconds": 0.0})
+        entry["pairs"] += 1
+        entry["candidates"] += candidates
+        entry["seconds"] += seconds
+        self.writes.append(write_seconds)
+
+    def record(self) -> dict:
+        """The rates as JSON values (``.p2p/throughput.json``)."""
+        workers = {str(k): v | {"pairs_per_s": _rate(v["pairs"], v["seconds"]), "candidates_per_s": _rate(v["candidates"], v["seconds"])}
+                   for k, v in sorted(self.workers.items())}
+        pairs = sum(v["pairs"] for v in self.workers.values())
+        return {"workers": workers, "pairs": pairs,
+                "pairs_per_s": sum(v["pairs_per_s"] for v in workers.values()),
+                "candidates_per_s": sum(v["candidates_per_s"] for v in workers.values()),
+                "wall_seconds": self.wall_seconds, "wall_pairs_per_s": _rate(pairs, self.wall_seconds),
+                "write_seconds_median": float(np.median(self.writes)) if self.writes else 0.0}
+
+    def line(self) -> str:
+        """One line for the summary, e.g. ``2 workers: 0.21 pairs/s in total (0.84 candidates/s); worker 0: 0.11, worker 1: 0.10``."""
+        record = self.record()
+        each = ", ".join(f"worker {k}: {v['pairs_per_s']:.2f}" for k, v in record["workers"].items())
+        count = len(record["workers"])
+        return (f"{count} worker{'s' if count != 1 else ''}: {record['pairs_per_s']:.2f} pairs/s in total "
+                f"({record['candidates_per_s']:.2f} candidates/s); {each or 'no pairs run'}; "
+                f"{record['wall_pairs_per_s']:.2f} pairs/s wall-clock; "
+                f"the driver writes a pair in {record['write_seconds_median'] * 1000:.0f} ms (median)")
+
+
 @dataclass
 class Summary:
-    """What a run did: pairs done now and earlier, rows kept, candidates filtered out, failures."""
+    """What a run did: pairs done now and earlier, rows kept, candidates filtered out, failures, rates."""
 
     done: int = 0
     skipped: int = 0
     kept: int = 0
     filtered_out: int = 0
     failed: list = field(default_factory=list)
+    throughput: Throughput = field(default_factory=Throughput)
 
 
 def make_dataset(pairs: list[Pair], settings: DatasetSettings, writer: DatasetWriter, device: str = "cpu",
-                 workers: int = 1, pipe=None, progress=None, allow_pickle: bool = False) -> Summary:
-    """Run every unfinished pair and write its shard and manifest line; ``progress(n)`` after each pair."""
+                 workers: int | None = None, pipe=None, progress=None, allow_pickle: bool = False,
+                 ray: RayCluster | None = None, hook=None) -> Summary:
+    """Run every unfinished pair (`pair_results`) and write its shard and manifest line here, in
+    this process, whichever runs the pairs; ``progress(n)`` after each pair. The rates go to
+    ``.p2p/throughput.json``."""
     summary = Summary()
     todo = unfinished(pairs, writer)
     summary.skipped = len(pairs) - len(todo)
-    for result in pair_results(todo, settings, device, workers, pipe, allow_pickle):
+    started = time.perf_counter()
+    for result in pair_results(todo, settings, device, workers, pipe, allow_pickle, ray, hook):
+        worker, seconds = result.pop("worker", 0), result.pop("seconds", 0.0)
         if "error" in result:
             summary.failed.append((result["line"], result["error"]))
         else:
+            writing = time.perf_counter()
             writer.add(result)
+            summary.throughput.add(worker, seconds, len(result["candidates"]), time.perf_counter() - writing)
             summary.done += 1
             summary.kept += len(result["kept"])
             summary.filtered_out += len(result["candidates"]) - len(result["kept"])
         if progress is not None:
             progress(1)
+    summary.throughput.wall_seconds = time.perf_counter() - started
+    atomic_write_json(writer.root / THROUGHPUT, summary.throughput.record())
     return summary
