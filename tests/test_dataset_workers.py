@@ -125,7 +125,7 @@ def test_bad_ray_address_and_device(tmp_path, capsys):
     pairs = tmp_path / "pairs.jsonl"
     pairs.write_text('{"input": "a red circle", "output": "a red square"}\n', encoding="utf-8")
     with pytest.raises(dataset.DatasetError, match="--ray's address"):
-        dataset.RayCluster(" auto")
+        dataset_ray.RayCluster(" auto")
     code = main(["dataset", str(pairs), "-o", str(tmp_path / "out"), "--ray", "auto", "--device", "gpu"])
     _, err = capsys.readouterr()
     assert code == 2 and "--device must be cpu, cuda, cuda:N or mps, got 'gpu'" in err

@@ -456,23 +456,18 @@ def run_record(settings: DatasetSettings, pairs_sha256: str) -> dict:
 THROUGHPUT = f"{STATE_DIR}/throughput.json"
 
 
-@dataclass(frozen=True)
-class RayCluster:
-    """Run on Ray (`prompt2prompt.dataset_ray`): ``address`` None starts or joins a local Ray
-    (``ray.init()``), else ``ray.init(address=...)`` (``auto``, ``HOST:6379``, ``ray://HOST:10001``)."""
-
-    address: str | None = None
-
-    def __post_init__(self):
-        if self.address is not None and (not isinstance(self.address, str) or not self.address.strip() or self.address != self.address.strip()):
-            raise DatasetError(f"--ray's address must be auto, HOST:PORT or ray://HOST:PORT, got {self.address!r}")
-
-
 def load_worker_pipeline(model: str | None, dtype: str, device: str, allow_pickle: bool = False):
-    """The pipeline a worker holds (no progress bar of its own)."""
+    """The pipeline a worker holds (no progress bar of its own; the libraries' loading bars and
+    info logs silenced, as the CLI does in its own process)."""
+    import diffusers.utils.logging as dlog
     import torch
+    import transformers.utils.logging as tlog
 
     from . import loading
+
+    for module in (dlog, tlog):
+        module.set_verbosity_error()
+        module.disable_progress_bar()
 
     pipe = loading.load_pipeline(model, torch_dtype=getattr(torch, dtype), allow_pickle=allow_pickle).to(device)
     pipe.set_progress_bar_config(disable=True)
@@ -569,18 +564,16 @@ def safe_run_pair(pipe, settings: DatasetSettings, pair: Pair) -> dict:
         return {"line": pair.line, "error": f"{type(err).__name__}: {reason}"}
 
 
-def pair_results(pairs: list[Pair], settings: DatasetSettings, device: str, workers: int | None = None, pipe=None,
-                 allow_pickle: bool = False, ray: RayCluster | None = None, hook=None):
-    """Yield each pair's result (`PairWorker.run`) as it finishes: on Ray when ``ray`` is given
-    (`dataset_ray.ray_pair_results`), else in this process with ``pipe`` (loaded here if None) for
-    one worker, else from a spawned process pool, one pipeline per worker (``workers`` None: one
-    per CUDA GPU for ``cuda``, else 1). No pairs: nothing is loaded."""
+def pair_results(pairs: list[Pair], settings: DatasetSettings, device: str | None, workers: int | None = None, pipe=None,
+                 allow_pickle: bool = False, ray=None, hook=None):
+    """Yield each pair's result (`PairWorker.run`) as it finishes: on Ray when ``ray`` (a
+    `dataset_ray.RayCluster`) is given, else in this process with ``pipe`` (loaded here if None)
+    for one worker, else from a spawned process pool, one pipeline per worker (``workers`` None:
+    one per CUDA GPU for ``cuda``, else 1). No pairs: nothing is loaded."""
     if not pairs:
         return
     if ray is not None:
-        from .dataset_ray import ray_pair_results
-
-        yield from ray_pair_results(pairs, settings, None if device in (None, "auto") else device, workers, allow_pickle, ray, hook)
+        yield from ray.pair_results(pairs, settings, device, workers, allow_pickle, hook)
         return
     import torch
 
@@ -681,7 +674,7 @@ class Summary:
 
 def make_dataset(pairs: list[Pair], settings: DatasetSettings, writer: DatasetWriter, device: str = "cpu",
                  workers: int | None = None, pipe=None, progress=None, allow_pickle: bool = False,
-                 ray: RayCluster | None = None, hook=None) -> Summary:
+                 ray=None, hook=None) -> Summary:
     """Run every unfinished pair (`pair_results`) and write its shard and manifest line here, in
     this process, whichever runs the pairs; ``progress(n)`` after each pair. The rates go to
     ``.p2p/throughput.json``."""

@@ -17,8 +17,9 @@ from __future__ import annotations
 
 import collections
 import logging
+from dataclasses import dataclass
 
-from .dataset import DatasetError, DatasetSettings, Pair, PairWorker, RayCluster, requested_threads
+from .dataset import DatasetError, DatasetSettings, Pair, PairWorker, requested_threads
 
 #: What to install when Ray is missing.
 RAY_EXTRA = "install the ray extra: pip install -e '.[ray]'"
@@ -29,6 +30,24 @@ RAY_PAIR_ATTEMPTS = 3
 #: ``--workers``' default on a cluster without GPUs: one single-threaded actor per CPU, at most this
 #: many (each holds a copy of the model; ``--workers`` goes past it).
 RAY_CPU_WORKERS = 8
+
+
+@dataclass(frozen=True)
+class RayCluster:
+    """Where ``--ray`` runs the pairs: ``address`` None starts or joins a local Ray (``ray.init()``),
+    else ``ray.init(address=...)`` (``auto``, ``HOST:6379``, ``ray://HOST:10001``). Pass it as
+    `dataset.make_dataset`'s ``ray``."""
+
+    address: str | None = None
+
+    def __post_init__(self):
+        if self.address is not None and (not isinstance(self.address, str) or not self.address.strip() or self.address != self.address.strip()):
+            raise DatasetError(f"--ray's address must be auto, HOST:PORT or ray://HOST:PORT, got {self.address!r}")
+
+    def pair_results(self, pairs: list[Pair], settings: DatasetSettings, device: str | None, workers: int | None,
+                     allow_pickle: bool, hook=None):
+        """`ray_pair_results` on this cluster (``device`` None or ``auto``: the cluster's GPUs if any, else cpu)."""
+        return ray_pair_results(pairs, settings, None if device in (None, "auto") else device, workers, allow_pickle, self, hook)
 
 
 def import_ray():
@@ -47,7 +66,7 @@ def connect(ray, cluster: RayCluster) -> bool:
         return False
     try:
         ray.init(address=cluster.address, logging_level=logging.WARNING, log_to_driver=False)
-    except (ConnectionError, RuntimeError, ValueError) as err:
+    except (ConnectionError, RuntimeError, ValueError, ImportError) as err:  # ImportError: ray:// without ray[client]
         where = "a local Ray" if cluster.address is None else f"Ray at {cluster.address}"
         raise DatasetError(f"could not start or reach {where}: {' '.join(str(err).split())}; "
                            "start one with `ray start --head` and pass --ray auto, or check the address") from None
