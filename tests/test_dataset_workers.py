@@ -129,3 +129,20 @@ def test_bad_ray_address_and_device(tmp_path, capsys):
     code = main(["dataset", str(pairs), "-o", str(tmp_path / "out"), "--ray", "auto", "--device", "gpu"])
     _, err = capsys.readouterr()
     assert code == 2 and "--device must be cpu, cuda, cuda:N or mps, got 'gpu'" in err
+
+
+def test_unreachable_ray_address_refused_before_any_work(tmp_path, capsys):
+    pytest.importorskip("ray", reason="the ray extra is not installed: pip install -e '.[ray]'")
+    import socket
+
+    with socket.socket() as probe:  # a port nothing listens on once closed
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    pairs = tmp_path / "pairs.jsonl"
+    pairs.write_text('{"input": "a red circle", "output": "a red square"}\n', encoding="utf-8")
+    code = main(["dataset", str(pairs), "-o", str(tmp_path / "out"), "--ray", f"127.0.0.1:{port}"])
+    _, err = capsys.readouterr()
+    assert code == 2 and f"nothing answers at 127.0.0.1:{port}" in err and len(err.strip().splitlines()) == 1
+    assert not (tmp_path / "out").exists()
+    dataset_ray.check_reachable("auto")  # not an address to probe
+    dataset_ray.check_reachable(None)

@@ -836,11 +836,12 @@ def dataset_executor(args):
     workers = integer_option(args.workers, "--workers", 1, "a positive integer") if args.workers is not None else None
     if args.ray is None:
         return workers, None, None
-    from .dataset_ray import RayCluster, import_ray
+    from .dataset_ray import RayCluster, check_reachable, import_ray
 
     cluster = RayCluster(None if args.ray is True else args.ray)
     device = None if args.device in (None, "auto") else device_name(args.device)
     import_ray()
+    check_reachable(cluster.address)
     return workers, cluster, device
 
 

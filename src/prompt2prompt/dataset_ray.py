@@ -17,12 +17,16 @@ from __future__ import annotations
 
 import collections
 import logging
+import re
+import socket
 from dataclasses import dataclass
 
 from .dataset import DatasetError, DatasetSettings, Pair, PairWorker, requested_threads
 
 #: What to install when Ray is missing.
 RAY_EXTRA = "install the ray extra: pip install -e '.[ray]'"
+#: Seconds to wait for a TCP answer from ``--ray HOST:PORT`` (Ray itself retries for minutes).
+CONNECT_TIMEOUT_S = 5
 #: Restarts of a dead actor, and retries of its in-flight call on the restarted actor.
 RAY_RESTARTS = 3
 #: Runs of a pair on other actors after its actor is gone for good.
@@ -57,6 +61,19 @@ def import_ray():
     except ImportError:
         raise DatasetError(RAY_EXTRA) from None
     return ray
+
+
+def check_reachable(address: str | None, timeout: float = CONNECT_TIMEOUT_S) -> None:
+    """`DatasetError` unless something answers at ``[ray://]HOST:PORT`` (None, ``auto``, ``local``: not checked)."""
+    match = re.fullmatch(r"(?:ray://)?\[?([^\[\]]+?)\]?:(\d+)", address or "")
+    if match is None:
+        return
+    host, port = match.group(1), int(match.group(2))
+    try:
+        socket.create_connection((host, port), timeout=timeout).close()
+    except OSError as err:
+        raise DatasetError(f"nothing answers at {address} ({err.strerror or type(err).__name__}); start the cluster's head "
+                           "with `ray start --head` and give its address, or --ray auto on a machine of the cluster") from None
 
 
 def connect(ray, cluster: RayCluster) -> bool:
