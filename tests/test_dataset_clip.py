@@ -262,3 +262,22 @@ def test_clip_thresholds_without_clip_are_usage_errors(tmp_path, capsys):
     pairs = write_pairs(tmp_path / "pairs.jsonl")
     code, _, err = run_cli(capsys, "dataset", pairs, "-o", tmp_path / "out", *FLAGS, "--min-directional", "0.3")
     assert code == 2 and "--clip" in err and len(err.strip().splitlines()) == 1
+
+
+def test_a_pool_worker_loads_its_clip_scorer_once_and_gives_the_same_rows(clip_run, clip_folder):
+    """A worker's start (`_worker_init`, as the process pool runs it) loads the pipeline and the CLIP
+    scorer; its rows are the in-process run's."""
+    settings = dataset.DatasetSettings(samples_per_pair=2, keep=1, steps=2, seed=3, clip=str(clip_folder),
+                                       min_directional=-1.0, min_image_similarity=-1.0, min_caption_similarity=-1.0)
+    saved = dict(dataset._WORKER)
+    try:
+        dataset._worker_init(settings, "cpu", False)
+        scorer = dataset._WORKER["scorer"]
+        assert isinstance(scorer, clip_filter.ClipScorer)
+        result = dataset._worker_pair(dataset.Pair(1, *PAIRS[0].values()))
+    finally:
+        dataset._WORKER.clear()
+        dataset._WORKER.update(saved)
+    stored = [r for r in pq.read_table(clip_run["out"] / dataset.DATA_DIR).to_pylist() if r["line"] == 1]
+    assert [{k: r[k] for k in ("candidate", "seed", *dataset.SCORE_COLUMNS)} for r in result["rows"]] == \
+        [{k: r[k] for k in ("candidate", "seed", *dataset.SCORE_COLUMNS)} for r in stored]

@@ -9,12 +9,13 @@ For a candidate (input image, edited image) of a caption pair (input caption, ou
 - image-image similarity: ``cos(E_img(input), E_img(edited))``, whether the edit kept the image;
 - image-caption similarity: ``cos(E_img(edited), E_txt(output))``, whether the edit shows its caption.
 
-Brooks et al. 2023, "InstructPix2Pix", section 3.1.2 (CLIP-based filtering) keeps, of 100 candidates
-a pair, those that pass all three thresholds, the best by directional similarity; its thresholds,
-image-image >= 0.75, directional >= 0.2, image-caption >= 0.2, are the defaults here. (The
-authors' released script, ``dataset_creation/generate_img_dataset.py``, defaults its image-image
-threshold to 0.7 and also asks the input image to match the input caption; pass
-``--min-image-similarity 0.7`` for the former.)
+Brooks et al. 2023, "InstructPix2Pix", section 3.1.2 (CLIP-based filtering) generates 100
+candidates a pair and keeps those that pass all three thresholds, the best by directional
+similarity; the thresholds reported with it, image-image >= 0.75, directional >= 0.2,
+image-caption >= 0.2, are the defaults here. The authors' released script
+(``dataset_creation/generate_img_dataset.py``, with ``metrics/clip_similarity.py``: the same three
+cosines of normalised CLIP ViT-L/14 embeddings) defaults its image-image threshold to 0.7 and also
+asks the input image to match the input caption (``--min-image-similarity 0.7`` gives the former).
 
 The arithmetic (`clip_scores`, `clip_passes`) is pure numpy on embeddings; `ClipScorer` embeds
 PIL images and captions with a local ``transformers`` CLIP folder (`load_clip`), safetensors
