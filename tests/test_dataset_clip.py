@@ -9,6 +9,7 @@ from __future__ import annotations
 import io
 import json
 import shutil
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -269,15 +270,36 @@ def test_a_pool_worker_loads_its_clip_scorer_once_and_gives_the_same_rows(clip_r
     scorer; its rows are the in-process run's."""
     settings = dataset.DatasetSettings(samples_per_pair=2, keep=1, steps=2, seed=3, clip=str(clip_folder),
                                        min_directional=-1.0, min_image_similarity=-1.0, min_caption_similarity=-1.0)
+    import diffusers.utils.logging as dlog
+    import transformers.utils.logging as tlog
+
     saved = dict(dataset._WORKER)
+    logging = [(m, m.get_verbosity(), m.is_progress_bar_enabled()) for m in (dlog, tlog)]  # the worker silences them
     try:
-        dataset._worker_init(settings, "cpu", False)
-        scorer = dataset._WORKER["scorer"]
-        assert isinstance(scorer, clip_filter.ClipScorer)
-        result = dataset._worker_pair(dataset.Pair(1, *PAIRS[0].values()))
+        with warnings.catch_warnings():  # the worker ignores warnings
+            dataset._worker_init(settings, "cpu", False)
+            assert isinstance(dataset._WORKER["scorer"], clip_filter.ClipScorer)
+            result = dataset._worker_pair(dataset.Pair(1, *PAIRS[0].values()))
     finally:
         dataset._WORKER.clear()
         dataset._WORKER.update(saved)
+        for module, level, bars in logging:
+            module.set_verbosity(level)
+            (module.enable_progress_bar if bars else module.disable_progress_bar)()
     stored = [r for r in pq.read_table(clip_run["out"] / dataset.DATA_DIR).to_pylist() if r["line"] == 1]
     assert [{k: r[k] for k in ("candidate", "seed", *dataset.SCORE_COLUMNS)} for r in result["rows"]] == \
         [{k: r[k] for k in ("candidate", "seed", *dataset.SCORE_COLUMNS)} for r in stored]
+
+
+def test_a_pair_that_keeps_nothing_leaves_a_shard_every_reader_loads(clip_run, tmp_path):
+    """A filter that keeps none of a pair's candidates (common with CLIP thresholds) writes a shard
+    of no rows; `datasets`, pyarrow and pandas read the folder with it."""
+    datasets = pytest.importorskip("datasets")
+    pandas = pytest.importorskip("pandas")
+    data = tmp_path / "out" / dataset.DATA_DIR
+    shutil.copytree(clip_run["out"] / dataset.DATA_DIR, data)
+    (data / dataset.shard_name(9)).write_bytes(dataset.parquet_bytes([]))
+    assert pq.read_table(data / dataset.shard_name(9)).schema.equals(dataset.row_schema(), check_metadata=False)
+    loaded = datasets.load_dataset("parquet", data_dir=str(tmp_path / "out"), split="train")
+    assert sorted(loaded["line"]) == [1, 2] and loaded[0]["clip_image"] is not None
+    assert pq.read_table(data).num_rows == 2 and len(pandas.read_parquet(data)) == 2

@@ -393,13 +393,17 @@ def shard_name(line: int) -> str:
 
 
 def parquet_bytes(rows: list[dict]) -> bytes:
-    """Rows as one Parquet file's bytes (an empty table with the schema when there are none)."""
+    """Rows as one Parquet file's bytes (the schema and no row group when there are none: `datasets`
+    fails on a row group of 0 rows, "BatchSize must be greater than 0")."""
     import pyarrow as pa
     import pyarrow.parquet as pq
 
     table = pa.Table.from_pylist(rows, schema=row_schema())
     buffer = io.BytesIO()
-    pq.write_table(table, buffer)
+    if rows:
+        pq.write_table(table, buffer)
+    else:
+        pq.ParquetWriter(buffer, table.schema).close()
     return buffer.getvalue()
 
 
@@ -549,10 +553,16 @@ def load_worker_pipeline(model: str | None, dtype: str, device: str, allow_pickl
 
 
 def _worker_init(settings: DatasetSettings, device: str, allow_pickle: bool) -> None:
-    """A pool worker's start: load its pipeline once."""
+    """A pool worker's start: load its pipeline and its scorer once (no loading bars: the parent shows the pairs' bar)."""
     import warnings
 
+    import diffusers.utils.logging as diffusers_logging
+    import transformers.utils.logging as transformers_logging
+
     warnings.simplefilter("ignore")
+    for library in (diffusers_logging, transformers_logging):
+        library.set_verbosity_error()
+        library.disable_progress_bar()
     _WORKER["settings"] = settings
     _WORKER["pipe"] = load_worker_pipeline(settings.model, settings.dtype, device, allow_pickle)
     _WORKER["scorer"] = load_scorer(settings, device, allow_pickle)
