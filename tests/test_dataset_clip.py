@@ -166,7 +166,7 @@ def clip_run(clip_folder, tmp_path_factory):
     base = tmp_path_factory.mktemp("dataset_clip")
     pairs = write_pairs(base / "pairs.jsonl")
     out = base / "out"
-    assert main(["dataset", str(pairs), "-o", str(out), *FLAGS, "--min-score", "0"]) == 0
+    assert main(["dataset", str(pairs), "-o", str(out), *FLAGS, "--min-score", "0", "--steps", "1"]) == 0
     refused = main(["dataset", str(pairs), "-o", str(out), *FLAGS, "--clip", str(clip_folder), *OPEN])
     detector_rows = pq.read_table(out / dataset.DATA_DIR).num_rows
     code = main(["dataset", str(pairs), "-o", str(out), *FLAGS, "--clip", str(clip_folder), *OPEN, "--overwrite"])

@@ -632,7 +632,7 @@ def make_dataset(pairs: list[Pair], settings: DatasetSettings, writer: DatasetWr
     summary = Summary()
     todo = unfinished(pairs, writer)
     summary.skipped = len(pairs) - len(todo)
-    for result in pair_results(todo, settings, device, workers, pipe, allow_pickle):
+    for result in pair_results(todo, settings, device, workers, pipe, allow_pickle) if todo else ():  # nothing to load for none
         if "error" in result:
             summary.failed.append((result["line"], result["error"]))
         else:
