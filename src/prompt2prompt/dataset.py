@@ -16,8 +16,9 @@ ranked by its directional similarity). The best ``keep`` candidates that pass ar
 
 Output folder layout (`DatasetWriter`): ``data/pair-<line>.parquet`` (one shard per pair, written
 atomically), ``README.md`` (the card), and in the hidden ``.p2p/``: ``manifest.jsonl`` (one JSON
-line per finished pair: its candidates, their scores, the kept ones), ``run.json`` (the settings,
-which a resumed run must match) and ``counts.json``.
+line per finished pair: its candidates, their ranking scores and all their score columns, the kept
+ones), ``run.json`` (the settings, the filter's included, which a resumed run must match) and
+``counts.json``.
 """
 
 from __future__ import annotations
