@@ -778,7 +778,7 @@ def cmd_batch(args, console: Console) -> int:
 #: ``p2p dataset``'s flags for each `dataset.DatasetSettings` field (in the command line the card records).
 DATASET_FLAGS = {"samples_per_pair": "--samples-per-pair", "keep": "--keep", "seed": "--seed", "steps": "--steps",
                  "self_steps": "--self-steps", "cross_steps": "--cross-steps", "guidance": "--guidance",
-                 "min_score": "--min-score"}
+                 "min_score": "--min-score", "candidates_per_seed": "--candidates-per-seed"}
 
 
 def dataset_settings(args):
@@ -789,7 +789,7 @@ def dataset_settings(args):
     values = {}
     for key, text in given.items():
         flag = DATASET_FLAGS[key]
-        if key in ("samples_per_pair", "keep", "seed", "steps"):
+        if key in ("samples_per_pair", "keep", "seed", "steps", "candidates_per_seed"):
             values[key] = integer_option(text, flag, 0 if key == "seed" else 1, "a non-negative integer" if key == "seed" else "a positive integer")
         elif key == "min_score":
             try:
@@ -800,6 +800,8 @@ def dataset_settings(args):
             values[key] = dataset.Range.parse(text, flag)
     values["model"] = model_option(args.model, "--model") if args.model is not None else None
     values["dtype"] = choice_of(DTYPES)(args.dtype, "--dtype") if args.dtype is not None else DEFAULTS["dtype"]
+    if args.batch_rows is not None:
+        values["batch_rows"] = integer_option(args.batch_rows, "--batch-rows", 1, "a positive integer")
     try:
         return dataset.DatasetSettings(**values)
     except dataset.DatasetError as err:
@@ -820,6 +822,19 @@ def dataset_command(path: Path, root: Path, settings) -> str:
     if settings.model is not None:
         words += ["--model", settings.model]
     return shlex.join(words + ["--dtype", settings.dtype])
+
+
+#: The dataset bar: pairs done/total, the rate always as pairs/s (tqdm turns a slow rate into s/pair) and the ETA.
+DATASET_BAR = "{desc}: {percentage:3.0f}%|{bar}| {n_fmt}/{total_fmt} pairs [{elapsed}, {rate_noinv_fmt}, ETA {remaining}]"
+
+
+def dataset_bar(total: int, done: int, show: bool):
+    """``p2p dataset``'s progress bar on stderr: ``done`` of ``total`` pairs finished earlier (not in
+    the rate); nothing at all unless ``show`` (a terminal, not ``--quiet``: `Console.progress`)."""
+    from tqdm import tqdm
+
+    return tqdm(total=total, initial=done, unit="pairs", desc="pairs", bar_format=DATASET_BAR, disable=not show,
+                file=sys.stderr, dynamic_ncols=True)
 
 
 def cmd_dataset(args, console: Console) -> int:
@@ -843,10 +858,8 @@ def cmd_dataset(args, console: Console) -> int:
         check_model(settings.model, args.allow_pickle)
         if workers == 1:
             pipe = load_pipeline(settings.model, settings.dtype, device, progress=False, allow_pickle=args.allow_pickle)
-    from tqdm.auto import tqdm
-
     started = time.monotonic()
-    with tqdm(total=len(todo), unit="pair", desc="pairs", disable=not console.progress) as bar:
+    with dataset_bar(len(pairs), len(pairs) - len(todo), console.progress) as bar:
         summary = dataset.make_dataset(pairs, settings, writer, device, workers, pipe, bar.update, args.allow_pickle)
     seconds = time.monotonic() - started
     failed = list(bad) + summary.failed
@@ -1212,11 +1225,18 @@ def _add_dataset(p) -> None:
     group.add_argument("--self-steps", metavar="F|LOW:HIGH", help=f"self-attention injection fraction (dataset default {_DATASET.self_steps}, as InstructPix2Pix)")
     group.add_argument("--cross-steps", metavar="F|LOW:HIGH", help=f"cross-attention injection fraction (dataset default {_DATASET.cross_steps})")
     group.add_argument("--guidance", metavar="F|LOW:HIGH", help=f"classifier-free guidance scale (dataset default {_DATASET.guidance})")
+    group.add_argument("--candidates-per-seed", metavar="M",
+                       help=f"draw candidates in groups of M sharing one seed (so one input image), each with its own injection "
+                            f"fractions, the group's guidance one draw; a group is one batched pipeline call (default "
+                            f"{_DATASET.candidates_per_seed}: a seed per candidate, as InstructPix2Pix)")
     group = p.add_argument_group("filter")
     group.add_argument("--min-score", metavar="F", help=f"a candidate passes when the shapes detector finds at least this share of "
                                                         f"the output caption's colours, shapes and background, in [0, 1] (default {_DATASET.min_score:g})")
     group = p.add_argument_group("run")
     group.add_argument("--workers", metavar="N", help=f"processes, each holding one pipeline (default {BATCH_WORKERS}); the data does not depend on it")
+    group.add_argument("--batch-rows", metavar="R", help="at most R candidates (target rows) in one pipeline call; a larger group is "
+                                                         "split into calls, with equal results (default: the whole group; "
+                                                         "a call that runs out of GPU memory is halved)")
     group.add_argument("--overwrite", action="store_true", help="delete the folder's earlier dataset and start over")
     _add_model_flags(group, quiet_help="no progress bar")
 
