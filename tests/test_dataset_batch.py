@@ -133,7 +133,7 @@ def test_a_call_that_runs_out_of_memory_is_halved():
         def __call__(self, prompt, targets, self_replace_steps, **kw):
             self.rows.append(len(targets))
             if len(targets) > 2:
-                raise torch.OutOfMemoryError("out of memory")
+                raise torch.cuda.OutOfMemoryError("out of memory")
             fractions = self_replace_steps if isinstance(self_replace_steps, list) else [self_replace_steps]
             return type("Out", (), {"images": ["source", *fractions]})
 
@@ -143,9 +143,9 @@ def test_a_call_that_runs_out_of_memory_is_halved():
     assert device.rows == [5, 2, 3, 1, 2]
     assert made == [("source", k / 10) for k in range(5)]
     def no_memory(*args, **kw):
-        raise torch.OutOfMemoryError("out of memory")
+        raise torch.cuda.OutOfMemoryError("out of memory")
 
-    with pytest.raises(torch.OutOfMemoryError):  # a single row that does not fit is the pair's failure
+    with pytest.raises(torch.cuda.OutOfMemoryError):  # a single row that does not fit is the pair's failure
         dataset.generate(no_memory, settings(), PAIR, group[:1])
 
 

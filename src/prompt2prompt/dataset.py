@@ -103,7 +103,9 @@ class Range:
 class DatasetSettings:
     """Everything that decides a run's data (recorded in ``run.json``; a resumed run must match).
 
-    Defaults as InstructPix2Pix: self-injection fraction uniform in [0.1, 0.9], cross 0.8, guidance 7.5.
+    Defaults as InstructPix2Pix: self-injection fraction uniform in [0.1, 0.9], cross 0.8, guidance 7.5,
+    a seed per candidate (``candidates_per_seed`` 1; M > 1: groups of M candidates share a seed and
+    a guidance, `candidate_plan`). ``batch_rows`` alone is not recorded (see below).
     """
 
     samples_per_pair: int = 8
@@ -341,7 +343,7 @@ def _run_rows(pipe, settings: DatasetSettings, pair: Pair, candidates: list[Cand
 
     try:
         return run_group(pipe, settings, pair, candidates, output_type)
-    except torch.OutOfMemoryError:
+    except torch.cuda.OutOfMemoryError:
         if len(candidates) == 1:
             raise
         if torch.cuda.is_available():
