@@ -778,7 +778,9 @@ def cmd_batch(args, console: Console) -> int:
 #: ``p2p dataset``'s flags for each `dataset.DatasetSettings` field (in the command line the card records).
 DATASET_FLAGS = {"samples_per_pair": "--samples-per-pair", "keep": "--keep", "seed": "--seed", "steps": "--steps",
                  "self_steps": "--self-steps", "cross_steps": "--cross-steps", "guidance": "--guidance",
-                 "min_score": "--min-score", "candidates_per_seed": "--candidates-per-seed"}
+                 "min_score": "--min-score", "min_directional": "--min-directional",
+                 "min_image_similarity": "--min-image-similarity", "min_caption_similarity": "--min-caption-similarity",
+                 "candidates_per_seed": "--candidates-per-seed"}
 
 
 def dataset_settings(args):
@@ -791,13 +793,16 @@ def dataset_settings(args):
         flag = DATASET_FLAGS[key]
         if key in ("samples_per_pair", "keep", "seed", "steps", "candidates_per_seed"):
             values[key] = integer_option(text, flag, 0 if key == "seed" else 1, "a non-negative integer" if key == "seed" else "a positive integer")
-        elif key == "min_score":
+        elif key.startswith("min_"):
+            span = "[0, 1]" if key == "min_score" else "[-1, 1]"
             try:
                 values[key] = float(text)
             except ValueError:
-                raise UsageError(f"{flag} must be a number in [0, 1], got {text!r}") from None
+                raise UsageError(f"{flag} must be a number in {span}, got {text!r}") from None
         else:
             values[key] = dataset.Range.parse(text, flag)
+    check_filter_flags(args.clip, given)
+    values["clip"] = args.clip
     values["model"] = model_option(args.model, "--model") if args.model is not None else None
     values["dtype"] = choice_of(DTYPES)(args.dtype, "--dtype") if args.dtype is not None else DEFAULTS["dtype"]
     if args.batch_rows is not None:
@@ -811,14 +816,45 @@ def dataset_settings(args):
         raise UsageError(message) from None
 
 
+def check_filter_flags(clip: str | None, given: dict) -> None:
+    """`UsageError` for a threshold of the filter not in use: ``--min-score`` is the detector's, the
+    ``--min-*-similarity`` and ``--min-directional`` flags are the CLIP filter's (``--clip``)."""
+    from . import dataset
+
+    if clip is not None and "min_score" in given:
+        raise UsageError("--min-score is the shapes detector's threshold, unused with --clip; "
+                         "set the CLIP thresholds (--min-directional, --min-image-similarity, --min-caption-similarity)")
+    if clip is None:
+        for key in dataset.CLIP_THRESHOLDS:
+            if key in given:
+                raise UsageError(f"{DATASET_FLAGS[key]} is a CLIP filter threshold; give --clip PATH (a CLIP model folder), or drop it")
+    if clip is not None and not clip.strip():
+        raise UsageError("--clip: empty path; name a local CLIP model folder")
+
+
+def check_clip(clip: str | None, allow_pickle: bool) -> None:
+    """`UsageError` naming the ``--clip`` folder if it is missing or not a loadable CLIP folder (`clip_filter.check_clip_folder`)."""
+    if clip is None:
+        return
+    from .clip_filter import ClipError, check_clip_folder
+
+    try:
+        check_clip_folder(clip, allow_pickle)
+    except ClipError as err:
+        raise UsageError(f"--clip {clip}: {one_line(err)}") from None
+
+
 def dataset_command(path: Path, root: Path, settings) -> str:
     """The command line that makes this data (every setting spelled out), for the card."""
     import shlex
 
     record = settings.record()
     words = [PROG, "dataset", str(path), "-o", str(root)]
+    if settings.clip is not None:
+        words += ["--clip", settings.clip]
     for key, flag in DATASET_FLAGS.items():
-        words += [flag, _default_number(record[key])]
+        if key in record:  # the filter's own thresholds only
+            words += [flag, _default_number(record[key])]
     if settings.model is not None:
         words += ["--model", settings.model]
     return shlex.join(words + ["--dtype", settings.dtype])
@@ -845,6 +881,7 @@ def cmd_dataset(args, console: Console) -> int:
         raise UsageError(f"dataset: {args.jsonl}: no such file; give the path of a .jsonl file with one pair per line")
     workers = integer_option(args.workers if args.workers is not None else BATCH_WORKERS, "--workers", 1, "a positive integer")
     settings = dataset_settings(args)
+    check_clip(settings.clip, args.allow_pickle)  # before any model loads: a bad folder is one line, exit 2
     root = output_folder(args.output, "dataset")
     pairs, bad = dataset.read_pairs(path)
     writer = dataset.DatasetWriter(root, dataset.run_record(settings, file_sha256(path)))
@@ -1145,9 +1182,10 @@ batch. Bad lines are reported and the others run; exit status 1 if any line fail
 examples:
   p2p dataset pairs.jsonl -o data/ --samples-per-pair 8 --keep 2
   p2p dataset pairs.jsonl -o data/ --workers 2 --self-steps 0.2:0.6
+  p2p dataset pairs.jsonl -o data/ --model ./sd15 --clip ./clip-vit-large-patch14 --min-image-similarity 0.7
 
-Each pair gets N candidates; the shapes detector scores each edited image against the output
-caption; the best K that pass are written to DIR/data/pair-<line>.parquet. Running the same command
+Each pair gets N candidates; the shapes detector (or, with --clip, InstructPix2Pix's CLIP filter)
+scores each edited image; the best K that pass are written to DIR/data/pair-<line>.parquet. Running the same command
 again finishes the rest; a folder holding another run's data is refused unless --overwrite.
 """,
     "serve": """examples:
@@ -1229,9 +1267,18 @@ def _add_dataset(p) -> None:
                        help=f"draw candidates in groups of M sharing one seed (so one input image), each with its own injection "
                             f"fractions, the group's guidance one draw; a group is one batched pipeline call (default "
                             f"{_DATASET.candidates_per_seed}: a seed per candidate, as InstructPix2Pix)")
-    group = p.add_argument_group("filter")
+    group = p.add_argument_group("filter (the shapes detector, or InstructPix2Pix's CLIP filter with --clip)")
     group.add_argument("--min-score", metavar="F", help=f"a candidate passes when the shapes detector finds at least this share of "
                                                         f"the output caption's colours, shapes and background, in [0, 1] (default {_DATASET.min_score:g})")
+    group.add_argument("--clip", metavar="PATH", help="score with a local transformers CLIP model folder (model, tokenizer and image processor; "
+                                                      "safetensors unless --allow-pickle): a candidate passes when its three CLIP similarities "
+                                                      "reach their thresholds; the kept are the best by directional similarity")
+    group.add_argument("--min-directional", metavar="F", help="with --clip: least cos(image change, caption change) in CLIP space, in [-1, 1] "
+                                                              f"(default {_DATASET.min_directional:g}, as InstructPix2Pix)")
+    group.add_argument("--min-image-similarity", metavar="F", help="with --clip: least cos(input image, edited image), in [-1, 1] "
+                                                                   f"(default {_DATASET.min_image_similarity:g}, as InstructPix2Pix)")
+    group.add_argument("--min-caption-similarity", metavar="F", help="with --clip: least cos(edited image, output caption), in [-1, 1] "
+                                                                     f"(default {_DATASET.min_caption_similarity:g}, as InstructPix2Pix)")
     group = p.add_argument_group("run")
     group.add_argument("--workers", metavar="N", help=f"processes, each holding one pipeline (default {BATCH_WORKERS}); the data does not depend on it")
     group.add_argument("--batch-rows", metavar="R", help="at most R candidates (target rows) in one pipeline call; a larger group is "

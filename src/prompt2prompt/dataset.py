@@ -10,13 +10,17 @@ per candidate, as InstructPix2Pix) candidates are drawn in groups of M sharing a
 group runs as one call, the source once and the output caption once per candidate, each with its
 own injection windows (`generate`); ``batch_rows`` caps the targets of a call.
 
-The bundled shapes model's detector scores each edited image against the output caption's words
-(`detector_score`); the best ``keep`` candidates whose score reaches ``min_score`` are kept.
+Each candidate is scored by the run's filter through `score_candidate`: the bundled shapes model's
+detector scores the edited image against the output caption's words (`detector_score`; a candidate
+passes when its score reaches ``min_score``), or, with ``clip`` (a local CLIP folder), InstructPix2Pix's
+three CLIP similarities (`clip_filter`; a candidate passes when each reaches its threshold, and is
+ranked by its directional similarity). The best ``keep`` candidates that pass are kept.
 
 Output folder layout (`DatasetWriter`): ``data/pair-<line>.parquet`` (one shard per pair, written
 atomically), ``README.md`` (the card), and in the hidden ``.p2p/``: ``manifest.jsonl`` (one JSON
-line per finished pair: its candidates, their scores, the kept ones), ``run.json`` (the settings,
-which a resumed run must match) and ``counts.json``.
+line per finished pair: its candidates, their ranking scores and all their score columns, the kept
+ones), ``run.json`` (the settings, the filter's included, which a resumed run must match) and
+``counts.json``.
 """
 
 from __future__ import annotations
@@ -32,6 +36,8 @@ from pathlib import Path
 
 import numpy as np
 
+from .clip_filter import (MIN_CAPTION_SIMILARITY, MIN_DIRECTIONAL, MIN_IMAGE_SIMILARITY, SCORE_KEYS, ClipError,
+                          ClipThresholds, load_clip)
 from .imageio import atomic_write_bytes, atomic_write_json, json_bytes, png_bytes, remove_stale_temps
 from .options import OptionError, json_lines, json_object
 
@@ -48,6 +54,15 @@ CARD = "README.md"
 SEED_MASK = 2**63 - 1
 #: The keys a line may have.
 LINE_KEYS = ("input", "output", "edit")
+#: The filters: the shapes detector (offline, the bundled model) or a CLIP model folder.
+FILTERS = ("detector", "clip")
+#: The CLIP filter's settings (recorded only for a CLIP run) and its thresholds, in `clip_filter.SCORE_KEYS` order.
+CLIP_THRESHOLDS = ("min_directional", "min_image_similarity", "min_caption_similarity")
+CLIP_SETTINGS = ("clip", *CLIP_THRESHOLDS)
+#: A row's score columns: the ranking score, the detector's check count, the three CLIP similarities
+#: (in `clip_filter.SCORE_KEYS` order); the other filter's columns are null.
+CLIP_COLUMNS = ("clip_directional", "clip_image", "clip_caption")
+SCORE_COLUMNS = ("score", "score_checks", *CLIP_COLUMNS)
 
 
 class DatasetError(OptionError):
@@ -106,6 +121,9 @@ class DatasetSettings:
     Defaults as InstructPix2Pix: self-injection fraction uniform in [0.1, 0.9], cross 0.8, guidance 7.5,
     a seed per candidate (``candidates_per_seed`` 1; M > 1: groups of M candidates share a seed and
     a guidance, `candidate_plan`). ``batch_rows`` alone is not recorded (see below).
+    The filter: the shapes detector with ``min_score``, or, when ``clip`` names a CLIP model folder,
+    InstructPix2Pix's CLIP thresholds ``min_directional``, ``min_image_similarity`` and
+    ``min_caption_similarity`` (`clip_filter`; each in [-1, 1]).
     """
 
     samples_per_pair: int = 8
@@ -118,6 +136,10 @@ class DatasetSettings:
     min_score: float = 0.5
     model: str | None = None
     dtype: str = "float32"
+    clip: str | None = None
+    min_directional: float = MIN_DIRECTIONAL
+    min_image_similarity: float = MIN_IMAGE_SIMILARITY
+    min_caption_similarity: float = MIN_CAPTION_SIMILARITY
     candidates_per_seed: int = 1
     #: The most target rows one pipeline call denoises (None: a whole group). How, not what: the
     #: rows equal to float tolerance whatever it is, so it is not recorded and a resumed run may change it.
@@ -140,11 +162,34 @@ class DatasetSettings:
         self.guidance.within(0.0, 100.0, "guidance")
         if not isinstance(self.min_score, (int, float)) or not 0.0 <= self.min_score <= 1.0:
             raise DatasetError(f"min_score must be in [0, 1], got {self.min_score!r}")
+        if self.clip is not None and (not isinstance(self.clip, str) or not self.clip):
+            raise DatasetError(f"clip must be a CLIP model folder's path or None, got {self.clip!r}")
+        self.clip_thresholds  # noqa: B018 - validates the three thresholds
+
+    @property
+    def filter(self) -> str:
+        """Which filter scores the candidates: one of `FILTERS`."""
+        return "detector" if self.clip is None else "clip"
+
+    @property
+    def clip_thresholds(self) -> ClipThresholds:
+        """The CLIP filter's thresholds (`DatasetError` naming the setting if one is out of [-1, 1])."""
+        values = [getattr(self, name) for name in CLIP_THRESHOLDS]
+        try:
+            return ClipThresholds(*values)
+        except ClipError:
+            name, value = next((n, v) for n, v in zip(CLIP_THRESHOLDS, values)
+                               if isinstance(v, bool) or not isinstance(v, (int, float)) or not -1.0 <= v <= 1.0)
+            raise DatasetError(f"{name} must be a number in [-1, 1] (a cosine similarity), got {value!r}") from None
 
     def record(self) -> dict:
-        """The settings that decide the data as JSON values (ranges as their text; not ``batch_rows``)."""
-        return {k: (str(v) if isinstance(v, Range) else v) for k, v in asdict(self).items() if k != "batch_rows"} | {
-            "self_steps": str(self.self_steps), "cross_steps": str(self.cross_steps), "guidance": str(self.guidance)}
+        """The settings that decide the data as JSON values (ranges as their text), with the filter; only
+        the filter's own settings (``min_score`` for the detector, the CLIP folder and thresholds for
+        CLIP), and not ``batch_rows``."""
+        unused = (CLIP_SETTINGS if self.clip is None else ("min_score",)) + ("batch_rows",)
+        return {k: (str(v) if isinstance(v, Range) else v) for k, v in asdict(self).items() if k not in unused} | {
+            "self_steps": str(self.self_steps), "cross_steps": str(self.cross_steps), "guidance": str(self.guidance),
+            "filter": self.filter}
 
 
 # ============================================================================ input
@@ -297,8 +342,40 @@ def detector_score(image: np.ndarray, caption: str) -> dict:
 
 def choose_kept(scores: list[float], keep: int, min_score: float) -> list[int]:
     """The indices of the best ``keep`` candidates whose score reaches ``min_score`` (ties: lower index first)."""
-    passing = [k for k, s in enumerate(scores) if s >= min_score]
+    return choose_passing(scores, [s >= min_score for s in scores], keep)
+
+
+def choose_passing(scores: list[float], passed: list[bool], keep: int) -> list[int]:
+    """The indices of the best ``keep`` candidates by score among those that passed (ties: lower index first)."""
+    passing = [k for k, ok in enumerate(passed) if ok]
     return sorted(sorted(passing, key=lambda k: (-scores[k], k))[:keep])
+
+
+class DetectorScorer:
+    """The shapes detector as a scorer: `detector_score` of the edited image against the output caption."""
+
+    def score(self, input_image, edited_image, pair: Pair) -> dict:
+        """``{"score", "checks", "objects_found"}`` of the edited image (the input image is not looked at)."""
+        return detector_score(_uint8(edited_image), pair.output)
+
+
+def load_scorer(settings: DatasetSettings, device: str = "cpu", allow_pickle: bool = False):
+    """The scorer of the run's filter: a `DetectorScorer`, or the CLIP folder loaded (`clip_filter.load_clip`)."""
+    if settings.clip is None:
+        return DetectorScorer()
+    return load_clip(settings.clip, device, allow_pickle)
+
+
+def score_candidate(scorer, settings: DatasetSettings, input_image, edited_image, pair: Pair) -> dict:
+    """A candidate scored by the run's filter: ``score`` (what the kept are ranked by: the detector's
+    share of checks, or the CLIP directional similarity), ``passed`` (the thresholds hold) and the
+    row's other score columns (`SCORE_COLUMNS`; the other filter's are None)."""
+    raw = scorer.score(input_image, edited_image, pair)
+    if settings.clip is None:
+        return {"score": raw["score"], "passed": raw["score"] >= settings.min_score, "score_checks": raw["checks"],
+                **dict.fromkeys(CLIP_COLUMNS)}
+    return {"score": raw["directional"], "passed": settings.clip_thresholds.passes(raw), "score_checks": None,
+            **{column: raw[key] for column, key in zip(CLIP_COLUMNS, SCORE_KEYS)}}
 
 
 # ============================================================================ running a pair
@@ -363,15 +440,20 @@ def generate(pipe, settings: DatasetSettings, pair: Pair, candidates: list[Candi
     return made
 
 
-def run_pair(pipe, settings: DatasetSettings, pair: Pair) -> dict:
-    """Every candidate of a pair, scored; the kept ones' rows. Returns the manifest entry with ``rows``."""
+def run_pair(pipe, settings: DatasetSettings, pair: Pair, scorer=None) -> dict:
+    """Every candidate of a pair, scored by ``scorer`` (`load_scorer`; None: the detector, for a
+    detector run); the kept ones' rows. Returns the manifest entry with ``rows``."""
+    if scorer is None:
+        if settings.clip is not None:
+            raise DatasetError("a CLIP-filtered run needs its scorer: pass load_scorer(settings, device)")
+        scorer = DetectorScorer()
     candidates = candidate_plan(settings, pair)
     made, scores = [], []
     for source, edited in generate(pipe, settings, pair, candidates):
-        result = detector_score(_uint8(edited), pair.output)
+        result = score_candidate(scorer, settings, source, edited, pair)
         made.append((source, edited, result))
         scores.append(result["score"])
-    kept = choose_kept(scores, settings.keep, settings.min_score)
+    kept = choose_passing(scores, [result["passed"] for _, _, result in made], settings.keep)
     rows = []
     for rank, k in enumerate(sorted(kept, key=lambda k: (-scores[k], k))):
         source, edited, result = made[k]
@@ -381,10 +463,11 @@ def run_pair(pipe, settings: DatasetSettings, pair: Pair) -> dict:
                      "input_image": {"bytes": png_bytes(source), "path": None},
                      "edited_image": {"bytes": png_bytes(edited), "path": None},
                      "self_steps": c.self_steps, "cross_steps": c.cross_steps, "guidance": c.guidance,
-                     "steps": settings.steps, "model": settings.model or "bundled", "score": result["score"],
-                     "score_checks": result["checks"]})
+                     "steps": settings.steps, "model": settings.model or "bundled",
+                     **{column: result[column] for column in SCORE_COLUMNS}})
     return {"line": pair.line, "content": pair.content(), "candidates": [c.index for c in candidates],
-            "seeds": [c.seed for c in candidates], "scores": scores, "kept": kept, "rows": rows}
+            "seeds": [c.seed for c in candidates], "scores": scores, "kept": kept,
+            "candidate_scores": [result for _, _, result in made], "rows": rows}
 
 
 # ============================================================================ output
@@ -396,13 +479,17 @@ def shard_name(line: int) -> str:
 
 
 def parquet_bytes(rows: list[dict]) -> bytes:
-    """Rows as one Parquet file's bytes (an empty table with the schema when there are none)."""
+    """Rows as one Parquet file's bytes (the schema and no row group when there are none: `datasets`
+    fails on a row group of 0 rows, "BatchSize must be greater than 0")."""
     import pyarrow as pa
     import pyarrow.parquet as pq
 
     table = pa.Table.from_pylist(rows, schema=row_schema())
     buffer = io.BytesIO()
-    pq.write_table(table, buffer)
+    if rows:
+        pq.write_table(table, buffer)
+    else:
+        pq.ParquetWriter(buffer, table.schema).close()
     return buffer.getvalue()
 
 
@@ -421,6 +508,7 @@ def row_schema():
         ("input_image", image), ("edited_image", image),
         ("self_steps", pa.float64()), ("cross_steps", pa.float64()), ("guidance", pa.float64()),
         ("steps", pa.int32()), ("model", pa.string()), ("score", pa.float64()), ("score_checks", pa.int32()),
+        *((column, pa.float64()) for column in CLIP_COLUMNS),
     ]
     dtypes = {"double": "float64"}  # datasets' name where pyarrow's differs
     features = {name: {"_type": "Image"} if name in IMAGE_COLUMNS else {"dtype": dtypes.get(str(kind), str(kind)), "_type": "Value"}
@@ -516,7 +604,8 @@ class DatasetWriter:
                 f"- rows kept: {counts['rows']}\n- filtered out: {counts['filtered_out']}\n"
                 f"- failed pairs (run again to retry): {failed}\n\n## Settings\n\n{settings}\n\n"
                 "Columns: line, candidate, rank, seed, input_caption, output_caption, edit, input_image and "
-                "edited_image (images: PNG bytes in `bytes`), self_steps, cross_steps, guidance, steps, model, score, score_checks.\n")
+                "edited_image (images: PNG bytes in `bytes`), self_steps, cross_steps, guidance, steps, model, "
+                f"{', '.join(SCORE_COLUMNS)} (score: what the kept were ranked by; {self.run['settings'].get('filter', 'detector')} filter).\n")
         atomic_write_bytes(self.root / CARD, text.encode("utf-8"))
         atomic_write_bytes(self.root / COUNTS, json_bytes(counts))
         return counts
@@ -550,23 +639,30 @@ def load_worker_pipeline(model: str | None, dtype: str, device: str, allow_pickl
 
 
 def _worker_init(settings: DatasetSettings, device: str, allow_pickle: bool) -> None:
-    """A pool worker's start: load its pipeline once."""
+    """A pool worker's start: load its pipeline and its scorer once (no loading bars: the parent shows the pairs' bar)."""
     import warnings
 
+    import diffusers.utils.logging as diffusers_logging
+    import transformers.utils.logging as transformers_logging
+
     warnings.simplefilter("ignore")
+    for library in (diffusers_logging, transformers_logging):
+        library.set_verbosity_error()
+        library.disable_progress_bar()
     _WORKER["settings"] = settings
     _WORKER["pipe"] = load_worker_pipeline(settings.model, settings.dtype, device, allow_pickle)
+    _WORKER["scorer"] = load_scorer(settings, device, allow_pickle)
 
 
 def _worker_pair(pair: Pair) -> dict:
-    """A pool worker's job: one pair with the worker's pipeline."""
-    return safe_run_pair(_WORKER["pipe"], _WORKER["settings"], pair)
+    """A pool worker's job: one pair with the worker's pipeline and scorer."""
+    return safe_run_pair(_WORKER["pipe"], _WORKER["settings"], pair, _WORKER["scorer"])
 
 
-def safe_run_pair(pipe, settings: DatasetSettings, pair: Pair) -> dict:
+def safe_run_pair(pipe, settings: DatasetSettings, pair: Pair, scorer=None) -> dict:
     """`run_pair`, or ``{"line": ..., "error": reason}`` when the pair fails (the others go on)."""
     try:
-        return run_pair(pipe, settings, pair)
+        return run_pair(pipe, settings, pair, scorer)
     except Exception as err:  # noqa: BLE001 - one pair's failure is reported, not fatal
         reason = " ".join(str(err).split()) or type(err).__name__
         return {"line": pair.line, "error": f"{type(err).__name__}: {reason}"}
@@ -574,11 +670,13 @@ def safe_run_pair(pipe, settings: DatasetSettings, pair: Pair) -> dict:
 
 def pair_results(pairs: list[Pair], settings: DatasetSettings, device: str, workers: int, pipe=None, allow_pickle: bool = False):
     """Yield each pair's result (`safe_run_pair`) as it finishes: in this process with ``pipe``
-    (loaded here if None) for one worker, else from a spawned process pool, one pipeline per worker."""
+    (loaded here if None) for one worker, else from a spawned process pool, one pipeline and one
+    scorer (`load_scorer`) per worker."""
     if workers <= 1 or len(pairs) <= 1:
         pipe = pipe if pipe is not None else load_worker_pipeline(settings.model, settings.dtype, device, allow_pickle)
+        scorer = load_scorer(settings, device, allow_pickle)
         for pair in pairs:
-            yield safe_run_pair(pipe, settings, pair)
+            yield safe_run_pair(pipe, settings, pair, scorer)
         return
     import concurrent.futures as futures
     import multiprocessing
@@ -620,7 +718,7 @@ def make_dataset(pairs: list[Pair], settings: DatasetSettings, writer: DatasetWr
     summary = Summary()
     todo = unfinished(pairs, writer)
     summary.skipped = len(pairs) - len(todo)
-    for result in pair_results(todo, settings, device, workers, pipe, allow_pickle):
+    for result in pair_results(todo, settings, device, workers, pipe, allow_pickle) if todo else ():  # nothing to load for none
         if "error" in result:
             summary.failed.append((result["line"], result["error"]))
         else:
