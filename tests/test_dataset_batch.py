@@ -8,6 +8,7 @@ split into calls of ``R`` rows.
 
 from __future__ import annotations
 
+import dataclasses
 import io
 import json
 import re
@@ -79,7 +80,7 @@ def test_groups_share_seed_and_guidance_and_draw_their_own_windows():
     # independent of the line number (so of workers and restarts), and the same when planned again
     assert plan == dataset.candidate_plan(s, dataset.Pair(77, PAIR.input, PAIR.output))
     # a group's first member draws what the candidate of the group's index draws with M=1
-    one = dataset.candidate_plan(dataset.DatasetSettings(**{**s.__dict__, "candidates_per_seed": 1}), PAIR)
+    one = dataset.candidate_plan(dataclasses.replace(s, candidates_per_seed=1), PAIR)
     for g, members in enumerate(groups):
         first = members[0]
         assert (first.seed, first.self_steps, first.cross_steps, first.guidance) == (
