@@ -785,7 +785,8 @@ def cmd_batch(args, console: Console) -> int:
 DATASET_FLAGS = {"samples_per_pair": "--samples-per-pair", "keep": "--keep", "seed": "--seed", "steps": "--steps",
                  "self_steps": "--self-steps", "cross_steps": "--cross-steps", "guidance": "--guidance",
                  "min_score": "--min-score", "min_directional": "--min-directional",
-                 "min_image_similarity": "--min-image-similarity", "min_caption_similarity": "--min-caption-similarity"}
+                 "min_image_similarity": "--min-image-similarity", "min_caption_similarity": "--min-caption-similarity",
+                 "candidates_per_seed": "--candidates-per-seed"}
 
 
 def dataset_settings(args):
@@ -796,7 +797,7 @@ def dataset_settings(args):
     values = {}
     for key, text in given.items():
         flag = DATASET_FLAGS[key]
-        if key in ("samples_per_pair", "keep", "seed", "steps"):
+        if key in ("samples_per_pair", "keep", "seed", "steps", "candidates_per_seed"):
             values[key] = integer_option(text, flag, 0 if key == "seed" else 1, "a non-negative integer" if key == "seed" else "a positive integer")
         elif key.startswith("min_"):
             span = "[0, 1]" if key == "min_score" else "[-1, 1]"
@@ -810,6 +811,8 @@ def dataset_settings(args):
     values["clip"] = args.clip
     values["model"] = model_option(args.model, "--model") if args.model is not None else None
     values["dtype"] = choice_of(DTYPES)(args.dtype, "--dtype") if args.dtype is not None else DEFAULTS["dtype"]
+    if args.batch_rows is not None:
+        values["batch_rows"] = integer_option(args.batch_rows, "--batch-rows", 1, "a positive integer")
     try:
         return dataset.DatasetSettings(**values)
     except dataset.DatasetError as err:
@@ -880,6 +883,19 @@ def dataset_executor(args):
     return workers, cluster, device
 
 
+#: The dataset bar: pairs done/total, the rate always as pairs/s (tqdm turns a slow rate into s/pair) and the ETA.
+DATASET_BAR = "{desc}: {percentage:3.0f}%|{bar}| {n_fmt}/{total_fmt} pairs [{elapsed}, {rate_noinv_fmt}, ETA {remaining}]"
+
+
+def dataset_bar(total: int, done: int, show: bool):
+    """``p2p dataset``'s progress bar on stderr: ``done`` of ``total`` pairs finished earlier (not in
+    the rate); nothing at all unless ``show`` (a terminal, not ``--quiet``: `Console.progress`)."""
+    from tqdm import tqdm
+
+    return tqdm(total=total, initial=done, unit="pairs", desc="pairs", bar_format=DATASET_BAR, disable=not show,
+                file=sys.stderr, dynamic_ncols=True)
+
+
 def cmd_dataset(args, console: Console) -> int:
     from . import dataset
 
@@ -907,10 +923,8 @@ def cmd_dataset(args, console: Console) -> int:
                 workers = dataset.default_workers(device, torch.cuda.device_count() if device == "cuda" else 0)
             if workers == 1:
                 pipe = load_pipeline(settings.model, settings.dtype, device, progress=False, allow_pickle=args.allow_pickle)
-    from tqdm.auto import tqdm
-
     started = time.monotonic()
-    with tqdm(total=len(todo), unit="pair", desc="pairs", disable=not console.progress) as bar:
+    with dataset_bar(len(pairs), len(pairs) - len(todo), console.progress) as bar:
         summary = dataset.make_dataset(pairs, settings, writer, device, workers, pipe, bar.update, args.allow_pickle, cluster)
     seconds = time.monotonic() - started
     failed = list(bad) + summary.failed
@@ -1279,6 +1293,10 @@ def _add_dataset(p) -> None:
     group.add_argument("--self-steps", metavar="F|LOW:HIGH", help=f"self-attention injection fraction (dataset default {_DATASET.self_steps}, as InstructPix2Pix)")
     group.add_argument("--cross-steps", metavar="F|LOW:HIGH", help=f"cross-attention injection fraction (dataset default {_DATASET.cross_steps})")
     group.add_argument("--guidance", metavar="F|LOW:HIGH", help=f"classifier-free guidance scale (dataset default {_DATASET.guidance})")
+    group.add_argument("--candidates-per-seed", metavar="M",
+                       help=f"draw candidates in groups of M sharing one seed (so one input image), each with its own injection "
+                            f"fractions, the group's guidance one draw; a group is one batched pipeline call (default "
+                            f"{_DATASET.candidates_per_seed}: a seed per candidate, as InstructPix2Pix)")
     group = p.add_argument_group("filter (the shapes detector, or InstructPix2Pix's CLIP filter with --clip)")
     group.add_argument("--min-score", metavar="F", help=f"a candidate passes when the shapes detector finds at least this share of "
                                                         f"the output caption's colours, shapes and background, in [0, 1] (default {_DATASET.min_score:g})")
@@ -1297,6 +1315,9 @@ def _add_dataset(p) -> None:
     group.add_argument("--ray", metavar="ADDRESS", nargs="?", const=True,
                        help="run the pairs on Ray actors: alone, start or join a local Ray; with ADDRESS (auto, HOST:6379, ray://HOST:10001) "
                             "join that cluster (needs the ray extra: pip install -e '.[ray]')")
+    group.add_argument("--batch-rows", metavar="R", help="at most R candidates (target rows) in one pipeline call; a larger group is "
+                                                         "split into calls, with equal results (default: the whole group; "
+                                                         "a call that runs out of GPU memory is halved)")
     group.add_argument("--overwrite", action="store_true", help="delete the folder's earlier dataset and start over")
     _add_model_flags(group, quiet_help="no progress bar")
 

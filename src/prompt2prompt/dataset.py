@@ -4,9 +4,11 @@ A ``PAIRS.jsonl`` line is ``{"input": CAPTION, "output": CAPTION, "edit": TEXT (
 pair gets ``samples_per_pair`` candidates; a candidate's seed and sampled settings (self-attention
 injection fraction, cross-attention fraction, guidance) come from a hash of the run seed, the
 line's content and the candidate's index, never from the worker count or from restarts
-(`candidate_plan`). Each candidate is one pipeline call: candidates have different seeds, so
-different source images, and the pipeline denoises one noise per call (its rows share the
-source's noise), so rows of different seeds cannot share a batch.
+(`candidate_plan`). The pipeline denoises one noise per call (its rows share the source's), so
+rows of different seeds cannot share a call: with ``candidates_per_seed`` M (default 1, one seed
+per candidate, as InstructPix2Pix) candidates are drawn in groups of M sharing a seed, and a
+group runs as one call, the source once and the output caption once per candidate, each with its
+own injection windows (`generate`); ``batch_rows`` caps the targets of a call.
 
 Each candidate is scored by the run's filter through `score_candidate`: the bundled shapes model's
 detector scores the edited image against the output caption's words (`detector_score`; a candidate
@@ -117,7 +119,9 @@ class Range:
 class DatasetSettings:
     """Everything that decides a run's data (recorded in ``run.json``; a resumed run must match).
 
-    Defaults as InstructPix2Pix: self-injection fraction uniform in [0.1, 0.9], cross 0.8, guidance 7.5.
+    Defaults as InstructPix2Pix: self-injection fraction uniform in [0.1, 0.9], cross 0.8, guidance 7.5,
+    a seed per candidate (``candidates_per_seed`` 1; M > 1: groups of M candidates share a seed and
+    a guidance, `candidate_plan`). ``batch_rows`` alone is not recorded (see below).
     The filter: the shapes detector with ``min_score``, or, when ``clip`` names a CLIP model folder,
     InstructPix2Pix's CLIP thresholds ``min_directional``, ``min_image_similarity`` and
     ``min_caption_similarity`` (`clip_filter`; each in [-1, 1]).
@@ -137,14 +141,23 @@ class DatasetSettings:
     min_directional: float = MIN_DIRECTIONAL
     min_image_similarity: float = MIN_IMAGE_SIMILARITY
     min_caption_similarity: float = MIN_CAPTION_SIMILARITY
+    candidates_per_seed: int = 1
+    #: The most target rows one pipeline call denoises (None: a whole group). How, not what: the
+    #: rows equal to float tolerance whatever it is, so it is not recorded and a resumed run may change it.
+    batch_rows: int | None = None
 
     def __post_init__(self):
         for name, value, low in (("samples_per_pair", self.samples_per_pair, 1), ("keep", self.keep, 1),
-                                 ("seed", self.seed, 0), ("steps", self.steps, 1)):
+                                 ("seed", self.seed, 0), ("steps", self.steps, 1),
+                                 ("candidates_per_seed", self.candidates_per_seed, 1),
+                                 ("batch_rows", 1 if self.batch_rows is None else self.batch_rows, 1)):
             if isinstance(value, bool) or not isinstance(value, int) or value < low:
                 raise DatasetError(f"{name} must be an integer >= {low}, got {value!r}")
         if self.keep > self.samples_per_pair:
             raise DatasetError(f"keep ({self.keep}) must be at most samples_per_pair ({self.samples_per_pair})")
+        if self.candidates_per_seed > self.samples_per_pair:
+            raise DatasetError(f"candidates_per_seed ({self.candidates_per_seed}) must be at most "
+                               f"samples_per_pair ({self.samples_per_pair})")
         self.self_steps.within(0.0, 1.0, "self_steps")
         self.cross_steps.within(0.0, 1.0, "cross_steps")
         self.guidance.within(0.0, 100.0, "guidance")
@@ -171,9 +184,10 @@ class DatasetSettings:
             raise DatasetError(f"{name} must be a number in [-1, 1] (a cosine similarity), got {value!r}") from None
 
     def record(self) -> dict:
-        """The settings as JSON values (ranges as their text), with the filter; only the filter's own
-        settings (``min_score`` for the detector, the CLIP folder and thresholds for CLIP)."""
-        unused = CLIP_SETTINGS if self.clip is None else ("min_score",)
+        """The settings that decide the data as JSON values (ranges as their text), with the filter; only
+        the filter's own settings (``min_score`` for the detector, the CLIP folder and thresholds for
+        CLIP), and not ``batch_rows``."""
+        unused = (CLIP_SETTINGS if self.clip is None else ("min_score",)) + ("batch_rows",)
         return {k: (str(v) if isinstance(v, Range) else v) for k, v in asdict(self).items() if k not in unused} | {
             "self_steps": str(self.self_steps), "cross_steps": str(self.cross_steps), "guidance": str(self.guidance),
             "filter": self.filter}
@@ -229,30 +243,59 @@ def read_pairs(path: str | os.PathLike) -> tuple[list[Pair], list[tuple[int, str
 
 @dataclass(frozen=True)
 class Candidate:
-    """One candidate's seed and settings."""
+    """One candidate's seed and settings; ``group``: the index of the seed group it belongs to."""
 
     index: int
     seed: int
     self_steps: float
     cross_steps: float
     guidance: float
+    group: int = 0
 
 
 def candidate_seed(run_seed: int, pair: Pair, index: int) -> int:
-    """The candidate's seed: 63 bits of SHA-256 of the run seed, the line's content and the index."""
+    """A seed group's seed (with one candidate a seed, the candidate's): 63 bits of SHA-256 of the
+    run seed, the line's content and the group's index."""
     digest = hashlib.sha256(f"{run_seed}\0{pair.content()}\0{index}".encode("utf-8")).digest()
     return int.from_bytes(digest[:8], "big") & SEED_MASK
 
 
 def candidate_plan(settings: DatasetSettings, pair: Pair) -> list[Candidate]:
-    """The pair's candidates, each with its own seed and settings drawn from a generator seeded by it."""
-    plan = []
-    for index in range(settings.samples_per_pair):
-        seed = candidate_seed(settings.seed, pair, index)
+    """The pair's candidates, in groups of ``candidates_per_seed`` (the last one may be smaller).
+
+    A group's seed is `candidate_seed` of its index; a generator seeded by it draws each member's
+    self- and cross-injection fractions in turn, and the group's guidance (one per pipeline call)
+    right after its first member's two. With one candidate a group these are the candidate's
+    seed, self, cross and guidance, in that order.
+    """
+    plan, size, count = [], settings.candidates_per_seed, settings.samples_per_pair
+    for group, first in enumerate(range(0, count, size)):
+        seed = candidate_seed(settings.seed, pair, group)
         rng = np.random.default_rng(seed)
-        plan.append(Candidate(index, seed, settings.self_steps.sample(rng), settings.cross_steps.sample(rng),
-                              settings.guidance.sample(rng)))
+        guidance = None
+        for index in range(first, min(first + size, count)):
+            self_steps, cross_steps = settings.self_steps.sample(rng), settings.cross_steps.sample(rng)
+            if guidance is None:
+                guidance = settings.guidance.sample(rng)
+            plan.append(Candidate(index, seed, self_steps, cross_steps, guidance, group))
     return plan
+
+
+def seed_groups(candidates: list[Candidate]) -> list[list[Candidate]]:
+    """Candidates split into their seed groups, in order (consecutive candidates of one ``group``)."""
+    groups: list[list[Candidate]] = []
+    for candidate in candidates:
+        if groups and groups[-1][0].group == candidate.group:
+            groups[-1].append(candidate)
+        else:
+            groups.append([candidate])
+    return groups
+
+
+def row_chunks(group: list[Candidate], batch_rows: int | None) -> list[list[Candidate]]:
+    """A group split into runs of at most ``batch_rows`` candidates (None: the whole group)."""
+    size = batch_rows or len(group)
+    return [group[k:k + size] for k in range(0, len(group), size)]
 
 
 # ============================================================================ filter
@@ -344,15 +387,58 @@ def _uint8(image) -> np.ndarray:
     return np.asarray(image.convert("RGB"), dtype=np.uint8)
 
 
-def run_candidate(pipe, settings: DatasetSettings, pair: Pair, candidate: Candidate):
-    """One pipeline call: ``(input image, edited image)`` as PIL images."""
+def _windows(values: list[float]):
+    """The pipeline's window argument for these targets: one fraction for one target, else a
+    ``list``, one fraction per target (`schedules.per_target`: a list, never a tuple, which is a
+    ``(start, end)`` window)."""
+    return values[0] if len(values) == 1 else list(values)
+
+
+def run_group(pipe, settings: DatasetSettings, pair: Pair, candidates: list[Candidate], output_type: str = "pil") -> list[tuple]:
+    """One pipeline call for candidates of one seed group: the input caption once, the output caption
+    once per candidate with its own windows. ``[(input image, edited image)]``, PIL images (or the
+    pipeline's ``output_type``)."""
     import torch
 
-    out = pipe(pair.input, [pair.output], cross_replace_steps=candidate.cross_steps,
-               self_replace_steps=candidate.self_steps, num_inference_steps=settings.steps,
-               guidance_scale=candidate.guidance, generator=torch.Generator().manual_seed(candidate.seed),
-               output_type="pil", return_attention=False)
-    return out.images[0], out.images[1]
+    first = candidates[0]
+    if any((c.seed, c.guidance) != (first.seed, first.guidance) for c in candidates):
+        raise ValueError("run_group takes candidates of one seed group (one seed and guidance); split them with seed_groups")
+    out = pipe(pair.input, [pair.output] * len(candidates), cross_replace_steps=_windows([c.cross_steps for c in candidates]),
+               self_replace_steps=_windows([c.self_steps for c in candidates]), num_inference_steps=settings.steps,
+               guidance_scale=first.guidance, generator=torch.Generator().manual_seed(first.seed),
+               output_type=output_type, return_attention=False)
+    return [(out.images[0], edited) for edited in out.images[1:]]
+
+
+def run_candidate(pipe, settings: DatasetSettings, pair: Pair, candidate: Candidate, output_type: str = "pil"):
+    """One candidate alone, one pipeline call: ``(input image, edited image)`` as PIL images."""
+    return run_group(pipe, settings, pair, [candidate], output_type)[0]
+
+
+def _run_rows(pipe, settings: DatasetSettings, pair: Pair, candidates: list[Candidate], output_type: str) -> list[tuple]:
+    """`run_group`, halving the call (recursively) when the device runs out of memory."""
+    import torch
+
+    try:
+        return run_group(pipe, settings, pair, candidates, output_type)
+    except torch.cuda.OutOfMemoryError:
+        if len(candidates) == 1:
+            raise
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+        half = len(candidates) // 2
+        return (_run_rows(pipe, settings, pair, candidates[:half], output_type)
+                + _run_rows(pipe, settings, pair, candidates[half:], output_type))
+
+
+def generate(pipe, settings: DatasetSettings, pair: Pair, candidates: list[Candidate], output_type: str = "pil") -> list[tuple]:
+    """``[(input image, edited image)]``, one per candidate, in order: each seed group as pipeline
+    calls of at most ``settings.batch_rows`` targets (a call that runs out of memory is halved)."""
+    made = []
+    for group in seed_groups(candidates):
+        for chunk in row_chunks(group, settings.batch_rows):
+            made += _run_rows(pipe, settings, pair, chunk, output_type)
+    return made
 
 
 def run_pair(pipe, settings: DatasetSettings, pair: Pair, scorer=None) -> dict:
@@ -364,8 +450,7 @@ def run_pair(pipe, settings: DatasetSettings, pair: Pair, scorer=None) -> dict:
         scorer = DetectorScorer()
     candidates = candidate_plan(settings, pair)
     made, scores = [], []
-    for candidate in candidates:
-        source, edited = run_candidate(pipe, settings, pair, candidate)
+    for source, edited in generate(pipe, settings, pair, candidates):
         result = score_candidate(scorer, settings, source, edited, pair)
         made.append((source, edited, result))
         scores.append(result["score"])
