@@ -299,6 +299,28 @@ def test_batch_stops_at_a_write_fault_and_keeps_what_it_wrote(fault, loaded, cap
     assert len(check_files(root)) == 9
 
 
+def test_batch_with_workers_stops_when_its_folder_is_removed(capsys, tmp_path, monkeypatch, slow_mode):
+    """``--workers 2`` (each worker loads the model: --slow only): the folder removed after the
+    first line is done; the lines not started are cancelled, and the error is the same one line."""
+    if not slow_mode:
+        pytest.skip("two worker processes each load the model; runs with --slow")
+    root = tmp_path / "out"
+    jsonl = write_batch(tmp_path / "edits.jsonl", TARGETS + ["a red heart on a blue background", "a red ring on a blue background"])
+    real = cli.Console.info
+
+    def info(console, text):
+        real(console, text)
+        if "done ->" in text and root.exists():
+            shutil.rmtree(root)
+
+    monkeypatch.setattr(cli.Console, "info", info)
+    code, out, err = run(capsys, "batch", jsonl, "-o", root, *STEPS, "--workers", "2")
+    line = one_error_line(err, "p2p batch: error: stopped: ")
+    assert code == 1 and line.endswith(f"the folder vanished (removed or unmounted while running) writing into {root}: "
+                                       "restore it or choose another -o folder")
+    assert "0 failed" in out and "not finished" in out and not root.exists()
+
+
 # ============================================================================ p2p edit and p2p dataset
 
 
@@ -426,7 +448,7 @@ def test_batch_killed_at_random_points_does_every_line_once(tmp_path, capsys, lo
     command = [sys.executable, "-m", "prompt2prompt.cli", "batch", str(jsonl), "-o", str(root), *STEPS]
     rng = random.Random(32)
     finished: dict[str, int] = {}
-    for _ in range(kills):
+    for kill in range(1, kills + 1):
         with open(log, "w") as handle:
             running = run_killed(command, env, lambda: log.read_text().count("edit mode:"), rng.uniform(0.0, 1.5), stdout=handle)
         assert running, "the batch ended before the kill"
@@ -434,6 +456,8 @@ def test_batch_killed_at_random_points_does_every_line_once(tmp_path, capsys, lo
         assert {k: now[k] for k in finished} == finished  # nothing finished was redone (or lost)
         finished = now
         check_files(root, temporaries=True)  # whatever is under a final name is whole
+        print(f"batch kill {kill}: {len(finished)} of {count} lines finished, "
+              f"{len(list(root.rglob(imageio.TEMP_PREFIX + '*')))} temporary files left by the kill")
     assert len(finished) < count
     code, out, err = run(capsys, "batch", jsonl, "-o", root, *STEPS, "--quiet")
     assert code == 0 and f"{count - len(finished)} done, {len(finished)} skipped (finished earlier), 0 failed" in out, err

@@ -715,12 +715,13 @@ def _run_parallel(todo: list[tuple[int, dict, Path]], workers: int, env: dict, c
     import multiprocessing
 
     stop = None
-
     pool = futures.ProcessPoolExecutor(max_workers=workers, mp_context=multiprocessing.get_context("spawn"),
                                        initializer=_worker_init, initargs=(env,))
     try:
         pending = {pool.submit(_worker_line, options, str(folder)): (number, folder) for number, options, folder in todo}
         for future in futures.as_completed(pending):
+            if future.cancelled():  # not started: a write error stopped the batch
+                continue
             number, folder = pending[future]
             try:
                 status, message = future.result()

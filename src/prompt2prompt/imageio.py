@@ -63,17 +63,20 @@ class WriteError(ValueError):
 
 
 def write_error(err: OSError, folder: str | os.PathLike) -> WriteError:
-    """The `WriteError` of an ``OSError`` met writing into ``folder``."""
-    problem, remedy = WRITE_PROBLEMS.get(err.errno, (os.strerror(err.errno) if err.errno else str(err), "check it"))
+    """The `WriteError` of an ``OSError`` (with an ``errno``) met writing into ``folder``."""
+    problem, remedy = WRITE_PROBLEMS.get(err.errno, (os.strerror(err.errno), "check it"))
     return WriteError(folder, problem.lower(), remedy, err.errno)
 
 
 @contextlib.contextmanager
 def writing_into(folder: str | os.PathLike):
-    """Turn an ``OSError`` raised in the block (writing into ``folder``) into `WriteError`."""
+    """Turn an ``OSError`` that the system raised in the block (writing into ``folder``; one with an
+    ``errno``) into `WriteError`; others pass through."""
     try:
         yield
     except OSError as err:
+        if err.errno is None:
+            raise
         raise write_error(err, folder) from err
 
 
