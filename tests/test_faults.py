@@ -421,6 +421,20 @@ def test_web_editor_reports_a_write_fault_and_keeps_the_earlier_result(fault, sh
     assert len(check_files(out)) == len(before)
 
 
+def test_page_shows_a_full_disk_under_the_form(shapes_pipe, tmp_path, monkeypatch):
+    """The Edit button's handler (what a click runs): the error in the general slot, no gallery."""
+    from test_web import click, page, shown
+
+    from prompt2prompt.web import Editor
+
+    _, handler = page(Editor(shapes_pipe, tmp_path / "web"))
+    with failing_writes(monkeypatch, errno.ENOSPC):
+        outputs = click(handler)
+    assert shown(outputs) == {"general": f"⚠ no space left on device writing into {tmp_path / 'web'}: "
+                                         "free space or choose another --output-dir"}
+    assert list((tmp_path / "web").iterdir()) == []
+
+
 # ============================================================================ kill at random points
 
 
