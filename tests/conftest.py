@@ -212,3 +212,18 @@ def _restore_torch_threads():
     before = torch.get_num_threads()
     yield
     torch.set_num_threads(before)
+
+
+def pytest_addoption(parser):
+    parser.addoption("--slow", action="store_true", default=False,
+                     help="run the heavy forms of the reliability tests (e.g. 20 kills instead of 3)")
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "slow: a heavy test, or the heavy form of one, that runs only with --slow")
+
+
+@pytest.fixture(scope="session")
+def slow_mode(request) -> bool:
+    """Whether the run asked for the heavy forms (``pytest --slow``); the reduced forms run otherwise."""
+    return bool(request.config.getoption("--slow"))

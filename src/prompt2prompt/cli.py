@@ -33,7 +33,8 @@ from . import __version__
 from .alignment import split_words, tokenize_words
 from .arguments import ARGUMENTS, DTYPES, INVERT_METHODS, MODES, argument_of, option_default
 from .edits import EditMode
-from .imageio import OutputSet, file_sha256, remove_stale_temps
+from .finite import NonFiniteError
+from .imageio import OutputSet, WriteError, file_sha256, remove_stale_temps, writing_into
 from .model_folder import model_family
 from .source_pass import budget_of, pass_record, record_mismatch
 from .web import SOURCE_LIMIT_MIB as web_source_limit_mib
@@ -100,6 +101,15 @@ SERVE_SOURCE_LIMIT_MIB = web_source_limit_mib
 
 class RuntimeFailure(Exception):
     """The command could not be carried out: exit status 1, one line."""
+
+
+#: What a `WriteError` tells the command line's user to choose instead of a full, read-only or removed folder.
+OTHER_OUTPUT = "another -o folder"
+
+
+def write_failure(err: WriteError) -> RuntimeFailure:
+    """A `WriteError` as the command line reports it (exit status 1): the folder, and ``-o`` as the other way out."""
+    return RuntimeFailure(str(err.choose(OTHER_OUTPUT)))
 
 
 # ============================================================================ output folders
@@ -250,9 +260,12 @@ def library_flag(error: BaseException) -> str | None:
 
 def _call(function, *args, **kwargs):
     """Run a library call; its argument errors (ValueError, raised before any work) are usage errors,
-    prefixed with the flag of the argument they carry (``--res: attention_res 7 ...``)."""
+    prefixed with the flag of the argument they carry (``--res: attention_res 7 ...``). NaN or
+    infinity met while running (`finite.NonFiniteError`) is a failure of the run (exit status 1)."""
     try:
         return function(*args, **kwargs)
+    except NonFiniteError as err:
+        raise RuntimeFailure(one_line(err)) from err
     except ValueError as err:
         message = one_line(err)
         flag = library_flag(err)
@@ -447,9 +460,10 @@ def add_source_pass(files: OutputSet, source, inversion, options: Mapping, limit
 
 
 def run_edit(pipe, options: dict, folder: Path, env: Mapping, console: Console, command: str = "edit",
-             source_limit: int = SOURCE_LIMIT_MIB * MIB, kept: KeptPass | None = None) -> dict:
+             source_limit: int = SOURCE_LIMIT_MIB * MIB, kept: KeptPass | None = None, root: Path | None = None) -> dict:
     """Run one edit and write its images, grid, source pass (when at most ``source_limit`` bytes) and
-    result.json (last) into ``folder``; ``kept``: a saved pass to edit from (`run_edit_images`)."""
+    result.json (last) into ``folder``; ``kept``: a saved pass to edit from (`run_edit_images`);
+    ``root``: the run's output folder above ``folder``, which must still be there (`imageio.OutputSet`)."""
     out, source, inversion, reused_from = run_edit_images(pipe, options, console, kept=kept)
     mode = out.edit_mode
     alignments = word_alignments(pipe, options, mode)
@@ -461,7 +475,7 @@ def run_edit(pipe, options: dict, folder: Path, env: Mapping, console: Console, 
     prompts = [options["prompt"], *options["to"]]
     names = ["source.png"] + [f"edit-{k}.png" for k in range(1, len(prompts))]
     roles = ["source"] + ["target"] * (len(prompts) - 1)
-    files = OutputSet(folder)
+    files = OutputSet(folder, root)
     count = len(prompts) + 1
     for index, (name, role, prompt, image) in enumerate(zip(names, roles, prompts, out.images)):
         meta = image_metadata(command, options, env, role, index, count, name, prompt, edit_mode=mode.value)
@@ -665,8 +679,9 @@ def _finished(folder: Path, options: Mapping) -> tuple[bool, bool]:
 
 
 def run_batch_line(pipe, options: dict, folder: Path, env: Mapping, console: Console) -> None:
+    """One line of ``p2p batch`` into ``folder``, inside the batch's output folder (which must still be there)."""
     remove_stale_temps(folder)
-    run_edit(pipe, options, folder, env, console)
+    run_edit(pipe, options, folder, env, console, root=folder.parent)
 
 
 _WORKER: dict = {}
@@ -691,21 +706,28 @@ def _worker_line(options: dict, folder: str) -> tuple[str, str]:
     try:
         run_batch_line(_WORKER["pipe"], options, Path(folder), _WORKER["env"], Console(quiet=True))
         return "done", folder
+    except WriteError as err:  # the output folder is full, read-only or gone: the batch stops
+        return "stop", str(write_failure(err))
     except (UsageError, RuntimeFailure) as err:
         return "failed", str(err)
     except Exception as err:  # noqa: BLE001 - reported per line
         return "failed", f"{type(err).__name__}: {one_line(err)}"
 
 
-def _run_parallel(todo: list[tuple[int, dict, Path]], workers: int, env: dict, console: Console, done: list, failed: list) -> None:
+def _run_parallel(todo: list[tuple[int, dict, Path]], workers: int, env: dict, console: Console, done: list, failed: list) -> str | None:
+    """Run ``todo`` in ``workers`` processes, filling ``done`` and ``failed``; returns the message of a
+    write error that stopped the batch (the lines not started are cancelled), or None."""
     import concurrent.futures as futures
     import multiprocessing
 
+    stop = None
     pool = futures.ProcessPoolExecutor(max_workers=workers, mp_context=multiprocessing.get_context("spawn"),
                                        initializer=_worker_init, initargs=(env,))
     try:
         pending = {pool.submit(_worker_line, options, str(folder)): (number, folder) for number, options, folder in todo}
         for future in futures.as_completed(pending):
+            if future.cancelled():  # not started: a write error stopped the batch
+                continue
             number, folder = pending[future]
             try:
                 status, message = future.result()
@@ -714,6 +736,10 @@ def _run_parallel(todo: list[tuple[int, dict, Path]], workers: int, env: dict, c
             if status == "done":
                 done.append(number)
                 console.info(f"line {number}: done -> {folder}")
+            elif status == "stop":
+                stop = stop or message
+                for other in pending:
+                    other.cancel()
             else:
                 failed.append((number, message))
                 console.info(f"line {number}: failed: {message}")
@@ -721,6 +747,7 @@ def _run_parallel(todo: list[tuple[int, dict, Path]], workers: int, env: dict, c
         pool.shutdown(wait=False, cancel_futures=True)
         raise
     pool.shutdown(wait=True)
+    return stop
 
 
 def cmd_batch(args, console: Console) -> int:
@@ -750,18 +777,24 @@ def cmd_batch(args, console: Console) -> int:
             console.info(f"line {number}: already finished{note}, skipped")
         else:
             todo.append((number, options, folder))
+    stop = None
     if todo:
         device = check_device(args.device)
         env = {"device": device, "model": model, "dtype": dtype, "allow_pickle": args.allow_pickle}
         check_model(model, args.allow_pickle)  # here, once: a bad folder is one line, not one traceback per worker
+        with writing_into(root):  # made here: a folder removed mid-run stops the batch (`imageio.OutputSet`)
+            root.mkdir(parents=True, exist_ok=True)
         if workers > 1 and len(todo) > 1:
-            _run_parallel(todo, min(workers, len(todo)), env, console, done, failed)
+            stop = _run_parallel(todo, min(workers, len(todo)), env, console, done, failed)
         else:
             pipe = load_pipeline(model, dtype, device, progress=console.progress, allow_pickle=args.allow_pickle)
             env["family"] = pipe.model_family
             for number, options, folder in todo:
                 try:
                     run_batch_line(pipe, options, folder, env, console)
+                except WriteError as err:  # full, read-only or gone: every later line would fail alike
+                    stop = str(write_failure(err))
+                    break
                 except (UsageError, RuntimeFailure) as err:
                     failed.append((number, str(err)))
                     console.info(f"line {number}: failed: {err}")
@@ -772,9 +805,12 @@ def cmd_batch(args, console: Console) -> int:
                     continue
                 done.append(number)
                 console.info(f"line {number}: done -> {folder}")
-    print(f"batch: {len(done)} done, {len(skipped)} skipped (finished earlier), {len(failed)} failed; outputs in {root}")
+    stopped = f", {len(todo) - len(done) - len(failed) + len(bad)} not finished" if stop else ""
+    print(f"batch: {len(done)} done, {len(skipped)} skipped (finished earlier), {len(failed)} failed{stopped}; outputs in {root}")
     for number, reason in sorted(failed):
         print(f"  line {number} failed: {reason}")
+    if stop:
+        raise RuntimeFailure(f"stopped: {stop}")
     return 1 if failed else 0
 
 
@@ -1406,9 +1442,11 @@ def main(argv: list[str] | None = None) -> int:
             traceback.print_exc()
         print(f"{prefix}: error: {one_line(err)}", file=sys.stderr)
         return 2
-    except RuntimeFailure as err:
+    except (RuntimeFailure, WriteError) as err:
         if debug:
             traceback.print_exc()
+        if isinstance(err, WriteError):
+            err = write_failure(err)
         print(f"{prefix}: error: {one_line(err)}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:

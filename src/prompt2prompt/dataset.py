@@ -39,7 +39,7 @@ import numpy as np
 
 from .clip_filter import (MIN_CAPTION_SIMILARITY, MIN_DIRECTIONAL, MIN_IMAGE_SIMILARITY, SCORE_KEYS, ClipError,
                           ClipThresholds, load_clip)
-from .imageio import atomic_write_bytes, atomic_write_json, json_bytes, png_bytes, remove_stale_temps
+from .imageio import append_bytes, atomic_write_bytes, atomic_write_json, json_bytes, png_bytes, remove_stale_temps, writing_into
 from .options import OptionError, json_lines, json_object
 
 #: The files of an output folder.
@@ -547,7 +547,8 @@ class DatasetWriter:
         elif self.root.is_dir() and any(self.root.iterdir()):
             raise DatasetError(f"{self.root} is not empty and holds no p2p dataset; use --overwrite or another -o folder")
         for folder in (DATA_DIR, STATE_DIR):
-            (self.root / folder).mkdir(parents=True, exist_ok=True)
+            with writing_into(self.root):
+                (self.root / folder).mkdir(parents=True, exist_ok=True)
             remove_stale_temps(self.root / folder)
         remove_stale_temps(self.root)
         atomic_write_json(run_file, self.run)
@@ -583,13 +584,15 @@ class DatasetWriter:
         return entry is not None and entry.get("content") == pair.content()
 
     def add(self, result: dict) -> None:
-        """Write a pair's shard atomically, then its manifest line (flushed to disk)."""
+        """Write a pair's shard atomically, then its manifest line (flushed to disk).
+
+        Raises:
+            imageio.WriteError: the folder is full, read-only or gone; a manifest line is written whole
+                or not at all (`imageio.append_bytes`), and a shard without one is redone by the next run.
+        """
         atomic_write_bytes(self.root / DATA_DIR / shard_name(result["line"]), parquet_bytes(result["rows"]))
         entry = {k: v for k, v in result.items() if k != "rows"}
-        with open(self.root / MANIFEST, "ab") as handle:
-            handle.write(manifest_line(entry))
-            handle.flush()
-            os.fsync(handle.fileno())
+        append_bytes(self.root / MANIFEST, manifest_line(entry))
         self.done[result["line"]] = entry
 
     def write_card(self, command: str, failed: int) -> dict:

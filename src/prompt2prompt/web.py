@@ -40,6 +40,8 @@ SOURCE_LIMIT_MIB = 256
 MIB = 2**20
 #: Seconds a visitor's kept pass lives after their last edit (the memory is freed after it).
 SOURCE_TTL_S = 1800
+#: What a `imageio.WriteError` shown on the page tells the server's owner to choose instead.
+OTHER_OUTPUT_DIR = "another --output-dir"
 
 
 def field_of(error: BaseException) -> str:
@@ -289,6 +291,7 @@ class Editor:
                  source_limit_bytes: int = SOURCE_LIMIT_MIB * MIB):
         self.pipe = pipe
         self.output_dir = Path(output_dir).resolve()
+        self.output_dir.mkdir(parents=True, exist_ok=True)  # made now: removed later, edits stop with a `WriteError`
         self.model, self.dtype, self.device = model, dtype, device
         self.source_limit_bytes = source_limit_bytes
         self._inversions: OrderedDict[tuple, Any] = OrderedDict()
@@ -332,11 +335,13 @@ class Editor:
         The result's ``files`` are the paths of ``source.png`` and ``edit-K.png``, ``heat`` the
         ``(path, caption)`` of each word's cross-attention heat map PNG. The options are checked before
         any work (a bad one raises `FieldError`, and nothing is written); library ValueErrors pass
-        through. The files appear together or not at all (`imageio.OutputSet`).
+        through. The files appear together or not at all (`imageio.OutputSet`): when the output folder
+        is full, read-only or gone, `imageio.WriteError` names it and ``--output-dir``, and the page
+        shows it under the form.
         """
         import torch
 
-        from .imageio import OutputSet, file_sha256
+        from .imageio import OutputSet, WriteError, file_sha256
         from .options import image_metadata, parameters_text, slugify
         from .source_pass import pass_record
         from .visualisation import token_heatmaps
@@ -378,7 +383,7 @@ class Editor:
                                edit_mode=mode, source="p2p serve", **extra)
             return m, parameters_text(m)
 
-        output = OutputSet(folder)
+        output = OutputSet(folder, self.output_dir)
         files, heat = [], []
         for k, image in enumerate(out.images):
             stem = "source" if k == 0 else f"edit-{k}"
@@ -388,7 +393,10 @@ class Editor:
                 name = f"attention-{stem}-{i:02d}-{slugify(word, 20)}.png"
                 output.add_png(name, im, *meta("cross-attention", k, name, word=word, attention_resolution=out.attention.resolution))
                 heat.append((str(folder / name), f"{'source' if k == 0 else f'target {k}'}: {word}"))
-        output.commit()
+        try:
+            output.commit()
+        except WriteError as err:
+            raise err.choose(OTHER_OUTPUT_DIR) from err.__cause__
         return EditResult(files, heat, kept, status, reused, seconds)
 
 
