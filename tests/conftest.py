@@ -212,3 +212,13 @@ def _restore_torch_threads():
     before = torch.get_num_threads()
     yield
     torch.set_num_threads(before)
+
+
+def pytest_addoption(parser):
+    parser.addoption("--slow", action="store_true", default=False, help="run the heavy reliability tests in full")
+
+
+@pytest.fixture(scope="session")
+def slow_mode(request) -> bool:
+    """Whether ``--slow`` was given: the heavy reliability tests run in full, not in CI's reduced form."""
+    return bool(request.config.getoption("--slow"))

@@ -30,8 +30,11 @@ DEFAULT_SIDE = 0
 KEPT_INVERSIONS = 4
 #: Past edits the history gallery shows.
 HISTORY_LENGTH = 24
-#: Visitors waiting in Gradio's queue before the page turns more away.
+#: Visitors waiting in Gradio's queue before the page turns more away (``p2p serve --queue-size``).
 QUEUE_SIZE = 32
+#: What a visitor turned away by a full queue is told (the browser shows Gradio's own "This
+#: application is currently busy. Please try again."; an HTTP API caller gets this).
+BUSY_MESSAGE = "The page is busy: {waiting} edits are waiting, the most it queues. Try again in a minute."
 #: The page keeps each visitor's last source pass (in a ``gr.State``) when it is at most this many
 #: MiB, and edits from it while only the target-side settings change (targets, windows within the
 #: pass's budget, re-weighting, local blend). The bundled model's pass at the page's settings fits
@@ -191,9 +194,13 @@ def _whole(value, argument: str) -> int:
 
 
 def _photo_path(image) -> str | None:
-    """The photo's path, checked to exist (the library checks that it is a picture)."""
+    """The photo's path, checked to exist (the library checks that it is a picture). A path that
+    climbs out of its folder (a ``..`` part, e.g. an upload named ``../../evil.png`` sent through the
+    API) is refused: Gradio gives the page the paths of its own stored uploads, which have none."""
     if image is None or isinstance(image, str) and not image.strip():
         return None
+    if isinstance(image, (str, os.PathLike)) and ".." in Path(image).parts:
+        raise FieldError("image", f"The photo {str(image)!r} names a parent folder ('..'); upload the picture itself.")
     try:
         found = isinstance(image, (str, os.PathLike)) and Path(image).is_file()
     except (OSError, ValueError):  # e.g. a NUL byte in the name
@@ -395,11 +402,13 @@ class Editor:
 def _tolerant(photo):
     """Make a `gradio.Image` upload (``type="filepath"``) hand on a file PIL cannot open instead of
     failing in Gradio's own decoding, so that the image check (`EditRequest.options`) reports it beside
-    the photo field. Returns ``photo``. (Wrapped on the instance: a `gradio.Image` subclass would make
+    the photo field; a decompression bomb (`_undecodable`) is handed on undecoded. Returns ``photo``. (Wrapped on the instance: a `gradio.Image` subclass would make
     Gradio write a ``.pyi`` file beside this module.)"""
     decode = photo.preprocess
 
     def preprocess(payload):
+        if _undecodable(getattr(payload, "path", None)):  # a decompression bomb: the image check refuses it, undecoded
+            return str(payload.path)
         try:
             return decode(payload)
         except Exception:  # noqa: BLE001 - any decoder error: the image check names it
@@ -409,6 +418,29 @@ def _tolerant(photo):
 
     photo.preprocess = preprocess
     return photo
+
+
+def _undecodable(path) -> bool:
+    """Whether the upload at ``path`` declares more pixels than PIL's decompression bomb limit
+    (`options.over_pixel_limit`), or more than twice it (PIL refuses to open it): Gradio must not
+    decode it (its RGB conversion would allocate the whole picture)."""
+    import warnings
+
+    import PIL.Image
+
+    from .options import over_pixel_limit
+
+    if not path:
+        return False
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", PIL.Image.DecompressionBombWarning)
+            with PIL.Image.open(path) as image:
+                return over_pixel_limit(image)
+    except PIL.Image.DecompressionBombError:
+        return True
+    except Exception:  # noqa: BLE001 - not a picture: Gradio's decoder fails and `_tolerant` hands the path on
+        return False
 
 
 def _slider(gr, name: str, label_suffix: str = "", **kwargs):
@@ -529,16 +561,35 @@ def build_app(editor: Editor, default_prompt: str = "a big red circle on a blue 
 _CSS = ".field-error p { color: #b00020; font-weight: 600; margin: 0; }"
 
 
+def _busy_message(queue):
+    """Make Gradio's ``queue`` turn a visitor away, when full, with `BUSY_MESSAGE` instead of its
+    "Queue is full. Max size is N and size is N." (the status, HTTP 503, is unchanged). Returns ``queue``.
+    (Wrapped on the instance, as `_tolerant` does.)"""
+    push = queue.push
+
+    async def busy_push(*args, **kwargs):
+        success, detail, state = await push(*args, **kwargs)
+        if state == "queue_full":
+            detail = BUSY_MESSAGE.format(waiting=queue.max_size)
+        return success, detail, state
+
+    queue.push = busy_push
+    return queue
+
+
 def serve(host: str = "127.0.0.1", port: int = 7860, model: str | None = None, device: str | None = None, dtype: str | None = None,
           output_dir: str | os.PathLike = "outputs/web", block: bool = True, allow_pickle: bool = False,
-          source_limit_mib: int = SOURCE_LIMIT_MIB):
+          source_limit_mib: int = SOURCE_LIMIT_MIB, queue_size: int = QUEUE_SIZE):
     """Load the model (with the pipeline its folder needs, `loading.load_pipeline`) and serve the
     page on ``host:port`` (loopback unless told otherwise); pickle weights load only with ``allow_pickle``.
     Each visitor's last source pass is kept when it is at most ``source_limit_mib`` MiB (0: never).
+    At most ``queue_size`` requests wait (one runs at a time); a further visitor is told the page is
+    busy (`BUSY_MESSAGE`) at once.
 
     Gradio's own temporary files (uploads, images sent to the page) also go below ``output_dir``.
     Returns the running `gradio.Blocks` when ``block`` is False.
     """
+    queue_size = integer(queue_size, None, "queue_size", "a whole number of waiting requests, 1 or more", 1)
     out = Path(output_dir).resolve()
     out.mkdir(parents=True, exist_ok=True)
     os.environ.setdefault("GRADIO_TEMP_DIR", str(out / ".gradio"))
@@ -553,7 +604,8 @@ def serve(host: str = "127.0.0.1", port: int = 7860, model: str | None = None, d
         pipe.to(device)
     editor = Editor(pipe, out, model, dtype, str(pipe.device), source_limit_bytes=source_limit_mib * MIB)
     demo = build_app(editor)
-    demo.queue(default_concurrency_limit=1, max_size=QUEUE_SIZE)
+    demo.queue(default_concurrency_limit=1, max_size=queue_size)
+    _busy_message(demo._queue)
     demo.launch(server_name=host, server_port=port, max_file_size=f"{MAX_UPLOAD_MB}mb", css=_CSS,
                 allowed_paths=[str(out)], prevent_thread_lock=not block, show_error=False, quiet=not block)
     return demo
