@@ -33,7 +33,7 @@ from test_web import _free_port, start_server, stop_server
 httpx = pytest.importorskip("httpx")
 pytest.importorskip("gradio")
 
-from prompt2prompt.imageio import TEMP_PREFIX, read_png_metadata  # noqa: E402
+from prompt2prompt.imageio import TEMP_PREFIX, file_sha256, read_png_metadata  # noqa: E402
 from prompt2prompt.web import BUSY_MESSAGE, FIELDS  # noqa: E402
 
 #: Requests that may wait in the test server's queue (``p2p serve --queue-size``): the 8 visitors,
@@ -71,10 +71,10 @@ class Server:
 def server(tmp_path_factory):
     """``p2p serve`` with a small queue, on a free loopback port; the output folder sits alone in its own
     parent folder, so that a test can see that nothing is written beside it."""
-    root = tmp_path_factory.mktemp("load")
-    out, port = root / "out", _free_port()
+    out, port = tmp_path_factory.mktemp("load") / "out", _free_port()
+    log = tmp_path_factory.mktemp("load-log") / "server.log"  # not beside the output folder, which must stay as it is
     proc = start_server(["-m", "prompt2prompt.cli", "serve", "--port", str(port), "--output-dir", str(out),
-                         "--queue-size", str(QUEUE)], port, log=root / "server.log")
+                         "--queue-size", str(QUEUE)], port, log=log)
     url = f"http://127.0.0.1:{port}"
     config = httpx.get(f"{url}/config", timeout=30).json()
     (fn,) = [d["id"] for d in config["dependencies"] if d.get("api_name") == "on_run"]
@@ -169,6 +169,11 @@ def result_folders(out: Path) -> list[Path]:
 def stray_files(out: Path) -> list[Path]:
     """Files or folders with `imageio.TEMP_PREFIX` (an atomic write's, or `OutputSet`'s, temporary name)."""
     return [p for p in out.rglob(f"{TEMP_PREFIX}*")]
+
+
+def cache_files(out: Path) -> list[Path]:
+    """The files in Gradio's cache (``GRADIO_TEMP_DIR``, which `web.serve` puts in the output folder)."""
+    return [p for p in (out / ".gradio").rglob("*") if p.is_file()]
 
 
 def complete(folder: Path) -> bool:
@@ -269,7 +274,7 @@ def test_a_visitor_who_leaves_mid_edit_does_not_block_the_next(server):
     which runs on to its end, wrote all its files or none)."""
     a_session, b_session, c_session = uuid.uuid4().hex, uuid.uuid4().hex, uuid.uuid4().hex
     with httpx.Client() as a_client:
-        answer = join(server, a_session, values("a white star on a blue background", "a white heart on a blue background", 5, steps=12), a_client)
+        answer = join(server, a_session, values("a white star on a black background", "a white heart on a black background", 5, steps=12), a_client)
         assert answer.status_code == 200
         for message in events(server, a_session, a_client):
             if message.get("msg") in ("process_starts", "progress"):
@@ -282,7 +287,7 @@ def test_a_visitor_who_leaves_mid_edit_does_not_block_the_next(server):
     with httpx.Client() as b_client:
         submit(server, b_session, b, b_client)
         check_result(server, b, b_client)
-    left = [f.name for f in result_folders(server.out) if "white-star" in f.name]
+    left = [f.name for f in result_folders(server.out) if "white-star-on-a-black" in f.name]
     print(f"\nafter a visitor left mid-edit the next one's edit came back {b.done - b.sent:.1f} s after it was sent; "
           f"the leaver's result folders: {left}")
     assert not [f for f in result_folders(server.out) if "purple-heart-on-a-white" in f.name]  # the cancelled request never ran
@@ -352,7 +357,7 @@ def test_hostile_uploads_through_http(server):
     error beside the photo field; the upload is stored inside the output folder (a ``../`` name
     included) and nothing beside the output folder changes."""
     parent = server.out.parent
-    before = snapshot(parent)
+    before, above = snapshot(parent), sorted(p.name for p in parent.parent.iterdir())
     session = uuid.uuid4().hex
     with httpx.Client() as client:
         for name, content in HOSTILE:
@@ -367,7 +372,7 @@ def test_hostile_uploads_through_http(server):
             shown = {f: s["value"] for f, s in zip(FIELDS, slots) if isinstance(s, dict) and s.get("visible")}
             assert list(shown) == ["image"], (name, shown)
             print(f"\n{name}: {shown['image']}")
-    assert snapshot(parent) == before
+    assert snapshot(parent) == before and sorted(p.name for p in parent.parent.iterdir()) == above
     assert not [p for p in parent.rglob("evil.png") if not p.resolve().is_relative_to(server.out)]
 
 
@@ -399,6 +404,7 @@ def test_soak_memory_stays_flat_and_the_folder_holds_the_results(server, slow_mo
     nothing else (no temporary files)."""
     edits = 200 if slow_mode else 30
     before = set(result_folders(server.out))
+    cached = set(cache_files(server.out))
     session = uuid.uuid4().hex
     rss = []
     with httpx.Client() as client:
@@ -413,6 +419,9 @@ def test_soak_memory_stays_flat_and_the_folder_holds_the_results(server, slow_mo
     new = set(result_folders(server.out)) - before
     assert len(new) == edits and all(complete(f) for f in new)
     assert not stray_files(server.out)
+    results = {file_sha256(p) for f in new for p in f.iterdir()}
+    copies = set(cache_files(server.out)) - cached
+    assert copies and {file_sha256(p) for p in copies} <= results  # Gradio's cache holds copies of the results it served, nothing else
     growth = rss[-1] / rss[0] - 1
     print(f"\nsoak: {edits} edits; server RSS after 20: {rss[0] / 1024:.0f} MiB, at the end: {rss[-1] / 1024:.0f} MiB ({growth:+.1%})")
     assert growth <= 0.10, rss

@@ -43,6 +43,10 @@ SOURCE_LIMIT_MIB = 256
 MIB = 2**20
 #: Seconds a visitor's kept pass lives after their last edit (the memory is freed after it).
 SOURCE_TTL_S = 1800
+#: Gradio keeps a copy of every file it serves (each result PNG) and every upload in its cache
+#: (``--output-dir``/.gradio); copies older than this many seconds are deleted, checked as often,
+#: so that a long-running server's cache does not grow without end.
+CACHE_AGE_S = 86400
 
 
 def field_of(error: BaseException) -> str:
@@ -402,8 +406,9 @@ class Editor:
 def _tolerant(photo):
     """Make a `gradio.Image` upload (``type="filepath"``) hand on a file PIL cannot open instead of
     failing in Gradio's own decoding, so that the image check (`EditRequest.options`) reports it beside
-    the photo field; a decompression bomb (`_undecodable`) is handed on undecoded. Returns ``photo``. (Wrapped on the instance: a `gradio.Image` subclass would make
-    Gradio write a ``.pyi`` file beside this module.)"""
+    the photo field; a decompression bomb (`_undecodable`) is handed on undecoded. Returns ``photo``.
+    (Wrapped on the instance: a `gradio.Image` subclass would make Gradio write a ``.pyi`` file beside
+    this module.)"""
     decode = photo.preprocess
 
     def preprocess(payload):
@@ -510,16 +515,37 @@ def _results(gr) -> tuple:
     return results, attention, files, past
 
 
+def _device_thread():
+    """A function that runs ``fn(*args)`` in one thread kept for the purpose, with the caller's
+    context (Gradio's progress tracking), and returns its result.
+
+    Gradio runs each request in whichever thread of its pool is free, and glibc's allocator gives
+    each thread its own memory arena: the model's buffers, allocated in one thread after another,
+    spread over the arenas and the server's resident memory grew by 10% in 300 edits (the bundled
+    model; `tests/test_web_load.py`'s soak). Edits run one at a time anyway, so one thread runs them all."""
+    import contextvars
+    from concurrent.futures import ThreadPoolExecutor
+
+    pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="p2p-device")
+
+    def run(fn, *args):
+        return pool.submit(contextvars.copy_context().run, fn, *args).result()
+
+    return run
+
+
 def _handler(gr, editor: Editor):
-    """The Edit button's handler: parse, run (from the visitor's kept source pass when it fits), and
-    show each error beside the field of its argument, and the status line (reused or not, the time)."""
+    """The Edit button's handler: parse, run (from the visitor's kept source pass when it fits, in
+    the app's device thread, `_device_thread`), and show each error beside the field of its
+    argument, and the status line (reused or not, the time)."""
+    on_device = _device_thread()
 
     def on_run(*values, progress=gr.Progress(track_tqdm=True)):
         *raw, hist, kept = values
         hidden = [gr.update(visible=False, value="") for _ in FIELDS]
         try:
             req = parse_request(*raw)
-            result = editor.edit(req, kept if isinstance(kept, KeptSource) else None)
+            result = on_device(editor.edit, req, kept if isinstance(kept, KeptSource) else None)
         except ValueError as err:  # the page's and the command line's checks, or the library's
             hidden[FIELDS.index(field_of(err))] = gr.update(visible=True, value=f"⚠ {err}")
             return (gr.skip(), gr.skip(), gr.skip(), gr.skip(), hist, gr.skip(), kept, *hidden)
@@ -537,7 +563,7 @@ def build_app(editor: Editor, default_prompt: str = "a big red circle on a blue 
     """The page (a `gradio.Blocks`) for ``editor``."""
     import gradio as gr
 
-    with gr.Blocks(title="prompt2prompt") as demo:
+    with gr.Blocks(title="prompt2prompt", delete_cache=(CACHE_AGE_S, CACHE_AGE_S)) as demo:
         gr.Markdown("## prompt2prompt — edit an image by editing its prompt\n"
                     "Write a source prompt and one or more targets; the source's attention is injected "
                     "into each target so that the layout survives while the words change.")
