@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import os
 import time
+import weakref
 from collections import OrderedDict
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -43,6 +44,11 @@ SOURCE_LIMIT_MIB = 256
 MIB = 2**20
 #: Seconds a visitor's kept pass lives after their last edit (the memory is freed after it).
 SOURCE_TTL_S = 1800
+#: All visitors' kept passes together take at most this many MiB (`Editor(kept_total_bytes=...)`);
+#: the least recently used are let go first (that visitor's next edit runs in full). Without it every
+#: API caller, each a session of its own, left a pass behind for `SOURCE_TTL_S`: the server grew by
+#: 1.2 MiB an edit at 2 steps on the bundled model (benchmarks/web_soak.py --new-sessions).
+KEPT_TOTAL_MIB = 1024
 #: Gradio keeps a copy of every file it serves (each result PNG) and every upload in its cache
 #: (``--output-dir``/.gradio); copies older than this many seconds are deleted, checked as often,
 #: so that a long-running server's cache does not grow without end.
@@ -147,12 +153,16 @@ class KeptSource:
     (`source_pass.pass_record`): a later request with the same record edits from it."""
 
     record: dict
-    source: Any
+    source: Any  # None once let go (`Editor.kept_total_bytes`)
     inversion: Any = None  # a photo's `Inversion`, which edits from the pass take beside it
 
     @property
     def nbytes(self) -> int:
-        return int(self.source.nbytes)
+        return int(self.source.nbytes) if self.source is not None else 0
+
+    def release(self) -> None:
+        """Let the pass go (its visitor's next edit runs in full)."""
+        self.source = self.inversion = None
 
 
 @dataclass
@@ -294,15 +304,32 @@ class Editor:
         model: the ``--model`` the pipeline was loaded from (None: the bundled model), for the metadata.
         dtype: its ``--dtype`` name (None: float32).
         device: the device it runs on.
+        source_limit_bytes: a visitor's pass is kept when it is at most this size.
+        kept_total_bytes: all visitors' kept passes together are at most this size (`KEPT_TOTAL_MIB`).
     """
 
     def __init__(self, pipe, output_dir: str | os.PathLike, model: str | None = None, dtype: str | None = None, device: str = "cpu",
-                 source_limit_bytes: int = SOURCE_LIMIT_MIB * MIB):
+                 source_limit_bytes: int = SOURCE_LIMIT_MIB * MIB, kept_total_bytes: int = KEPT_TOTAL_MIB * MIB):
         self.pipe = pipe
         self.output_dir = Path(output_dir).resolve()
         self.model, self.dtype, self.device = model, dtype, device
-        self.source_limit_bytes = source_limit_bytes
+        self.source_limit_bytes, self.kept_total_bytes = source_limit_bytes, kept_total_bytes
         self._inversions: OrderedDict[tuple, Any] = OrderedDict()
+        self._kept: OrderedDict[int, weakref.ref] = OrderedDict()  # id -> the visitors' passes, least recently used first
+
+    def _remember(self, kept: KeptSource) -> None:
+        """Count ``kept`` as the most recently used pass, and let the least recently used go while all
+        together are over `kept_total_bytes` (a pass its visitor's session dropped is already gone)."""
+        self._kept.pop(id(kept), None)
+        self._kept[id(kept)] = weakref.ref(kept)
+        alive = [(key, k) for key, ref in self._kept.items() if (k := ref()) is not None and k.source is not None]
+        total = sum(k.nbytes for _, k in alive)
+        for _, k in alive:  # least recently used first
+            if total <= self.kept_total_bytes or k is kept:
+                break
+            total -= k.nbytes
+            k.release()
+        self._kept = OrderedDict((key, weakref.ref(k)) for key, k in alive if k.source is not None)
 
     def _inversion(self, req: EditRequest):
         from .imageio import file_sha256
@@ -357,7 +384,7 @@ class Editor:
         record = pass_record(options, file_sha256(req.image) if req.image else None)
         start = time.perf_counter()
         out, reused, note = None, False, ""
-        if kept is not None and kept.record == record:
+        if kept is not None and kept.source is not None and kept.record == record:
             try:
                 extra = {"inversion": kept.inversion} if kept.inversion is not None else {}
                 out = self.pipe(req.prompt, req.edit_prompts, source=kept.source, **extra, **kwargs)
@@ -374,6 +401,8 @@ class Editor:
             size = f"{source.nbytes / MIB:.1f} MiB"
             keeping = (f"source pass kept for the next edit ({size})" if kept is not None
                        else f"source pass not kept: {size} is over the {self.source_limit_bytes / MIB:g} MiB limit")
+        if kept is not None:
+            self._remember(kept)
         seconds = time.perf_counter() - start
         if reused:
             status = f"source reused: only the targets ran, in {seconds:.2f} s"
