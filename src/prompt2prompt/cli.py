@@ -37,6 +37,7 @@ from .finite import NonFiniteError
 from .imageio import OutputSet, WriteError, file_sha256, remove_stale_temps, writing_into
 from .model_folder import model_family
 from .source_pass import budget_of, pass_record, record_mismatch
+from .web import QUEUE_SIZE as web_queue_size
 from .web import SOURCE_LIMIT_MIB as web_source_limit_mib
 from .options import (
     ATTENTION_KEYS,
@@ -97,6 +98,8 @@ SOURCE_FILE = "source.safetensors"
 INVERSION_FILE = "inversion.safetensors"
 #: ``p2p serve --source-limit``'s default (the web module imports Gradio only when it serves).
 SERVE_SOURCE_LIMIT_MIB = web_source_limit_mib
+#: ``p2p serve --queue-size``'s default: requests waiting before a visitor is told the page is busy.
+SERVE_QUEUE_SIZE = web_queue_size
 
 
 class RuntimeFailure(Exception):
@@ -1095,6 +1098,8 @@ def cmd_serve(args, console: Console) -> int:
         raise UsageError(f"--port must be a port number from 1 to 65535, got {args.port!r}")
     host = args.host or SERVE_HOST
     source_limit = _source_limit(args, SERVE_SOURCE_LIMIT_MIB)
+    queue_size = integer_option(args.queue_size if args.queue_size is not None else SERVE_QUEUE_SIZE, "--queue-size", 1,
+                                "a whole number of waiting requests, 1 or more")
     check_listen(host, port)
     model = model_option(args.model, "--model")
     dtype = choice_of(DTYPES)(args.dtype, "--dtype") if args.dtype is not None else None
@@ -1106,7 +1111,7 @@ def cmd_serve(args, console: Console) -> int:
 
     console.info(f"serving {model_label(model)} on http://{host}:{port} (Ctrl-C stops)")
     web.serve(host=host, port=port, model=model, device=device, dtype=dtype, output_dir=args.output_dir or SERVE_OUTPUT_DIR,
-              allow_pickle=args.allow_pickle, source_limit_mib=source_limit // MIB)
+              allow_pickle=args.allow_pickle, source_limit_mib=source_limit // MIB, queue_size=queue_size)
     return 0
 
 
@@ -1365,6 +1370,8 @@ def _add_serve(p) -> None:
     p.add_argument("--source-limit", metavar="MIB",
                    help=f"keep each visitor's last source pass in memory, to re-edit from it, when it is at most MIB MiB "
                         f"(default {SERVE_SOURCE_LIMIT_MIB}; 0: never)")
+    p.add_argument("--queue-size", metavar="N",
+                   help=f"requests that may wait while one runs; a further visitor is told the page is busy (default {SERVE_QUEUE_SIZE})")
     _add_model_flags(p, quiet_help="no messages")
 
 
