@@ -668,7 +668,9 @@ def serve(host: str = "127.0.0.1", port: int = 7860, model: str | None = None, d
     editor = Editor(pipe, out, model, dtype, str(pipe.device), source_limit_bytes=source_limit_mib * MIB)
     demo = build_app(editor)
     demo.queue(default_concurrency_limit=1, max_size=queue_size)
-    _busy_message(demo._queue)
+    queue = getattr(demo, "_queue", None)  # Gradio's queue object (private: if a Gradio renames it, its own message stays)
+    if queue is not None:
+        _busy_message(queue)
     demo.launch(server_name=host, server_port=port, max_file_size=f"{MAX_UPLOAD_MB}mb", css=_CSS,
                 allowed_paths=[str(out)], prevent_thread_lock=not block, show_error=False, quiet=not block)
     return demo
