@@ -82,6 +82,8 @@ def json_object(text: str, example: str) -> dict:
         raw = json.loads(text)
     except json.JSONDecodeError as err:
         raise OptionError(f"not valid JSON ({err.msg} at column {err.colno})") from None
+    except RecursionError:
+        raise OptionError(f"nested too deeply to read (arrays or objects inside each other); write it flat, like {example}") from None
     if not isinstance(raw, dict):
         raise OptionError(f"must be a JSON object like {example}")
     return raw
