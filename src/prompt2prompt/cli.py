@@ -64,6 +64,7 @@ from .options import (
     read_stored_metadata,
     read_stored_options,
     slugify,
+    stored_parameters_text,
 )
 from .visualisation import (
     align_words,
@@ -729,7 +730,7 @@ def cmd_batch(args, console: Console) -> int:
             NORMALISERS[key](value, FLAGS[key])
     model = model_option(args.model, "--model") if args.model is not None else None
     dtype = choice_of(DTYPES)(args.dtype, "--dtype") if args.dtype is not None else DEFAULTS["dtype"]
-    jobs, bad = parse_batch_file(path, defaults)
+    jobs, bad = parse_batch_file(path, {**defaults, "model": model})  # the model's token limit bounds the prompts
     for number, reason in bad:
         print(f"{PROG} batch: line {number}: {reason}", file=sys.stderr)
     done, skipped, failed = [], [], list(bad)
@@ -942,8 +943,9 @@ def cmd_info(args, console: Console) -> int:
     if args.json:
         print(json.dumps(meta, indent=2, ensure_ascii=False))
     elif isinstance(meta.get("options"), dict):
+        text = stored_parameters_text(meta, args.image, "info")
         print(f"file: {args.image}")
-        print(parameters_text(meta))
+        print(text)
     else:  # JSON without command-line options (another writer): its fields as they are
         print(f"file: {args.image}")
         for key, value in meta.items():

@@ -25,6 +25,7 @@ from .alignment import PromptTokens, normalize_word, positions_in_each, split_wo
 from .arguments import MAX_INT64, OPTIONS, ArgumentError, choice, fraction, integer, number, option_default, window
 from .edits import LocalBlend, build_edit_plan
 from .imageio import file_sha256, read_png_metadata
+from .model_folder import prompt_token_limit
 
 PROG = "p2p"
 RESULT = "result.json"
@@ -323,6 +324,32 @@ def _word_level_tokens(prompts: list[str]) -> list[PromptTokens]:
     return out
 
 
+#: The word-level check builds its edit plan with at most this many steps: the plan's size grows
+#: with the steps (and the scheduler, once the model loads, refuses more steps than it was trained with).
+PLAN_CHECK_STEPS = 1000
+#: Without a readable token limit (a hub id), prompts of more words than this are refused: the
+#: word-level plan grows with the square of the words, and no Stable Diffusion text encoder takes that many.
+UNKNOWN_LIMIT_WORDS = 1000
+
+
+def _check_prompt_lengths(options: Mapping, names: Names) -> None:
+    """Refuse a prompt with more words than the model's text encoder takes tokens (each word is at
+    least one token), so that the word-level check never builds a plan of a hostile size.
+
+    Raises:
+        OptionError: naming the prompt's option, its word count, the limit and the fix.
+    """
+    limit = prompt_token_limit(options.get("model"))
+    for key, prompt in [("prompt", options["prompt"]), *(("to", t) for t in options["to"])]:
+        count = len(split_words(prompt))
+        if count > (limit if limit is not None else UNKNOWN_LIMIT_WORDS):
+            shown = prompt if len(prompt) <= 60 else prompt[:57] + "..."
+            if limit is None:
+                raise OptionError(f"{names(key)} {shown!r} has {count} words; no text encoder takes that many, so shorten it", OPTIONS[key].name)
+            raise OptionError(f"{names(key)} {shown!r} has {count} words, but the text encoder of {model_label(options.get('model'))} takes "
+                              f"at most {limit} tokens (each word is at least one); shorten it", OPTIONS[key].name)
+
+
 def check_edit_words(options: Mapping, names: Names = cli_names) -> None:
     """Check every word and the mode against the prompts, before any model work.
 
@@ -330,6 +357,7 @@ def check_edit_words(options: Mapping, names: Names = cli_names) -> None:
         OptionError: naming the option, with the library's message (its words, the fix), and
             carrying the argument the option sets.
     """
+    _check_prompt_lengths(options, names)
     source, *targets = _word_level_tokens([options["prompt"], *options["to"]])
     if options["mode"] == "replace":
         for target in targets:
@@ -351,7 +379,7 @@ def check_edit_words(options: Mapping, names: Names = cli_names) -> None:
     try:  # everything else the library checks (same code as the real run, on word-level tokens)
         kwargs = edit_kwargs(options)
         build_edit_plan(  # no map sides here (no model): 0 stands in for them, the settings are what is checked
-            source, targets, kwargs["edit"], options["steps"], kwargs["cross_replace_steps"], kwargs["self_replace_steps"],
+            source, targets, kwargs["edit"], min(options["steps"], PLAN_CHECK_STEPS), kwargs["cross_replace_steps"], kwargs["self_replace_steps"],
             self_max_res=0, equalizer=kwargs["equalizer"], local_blend=kwargs["local_blend"], blend_resolution=0,
         )
     except ValueError as err:
@@ -496,6 +524,20 @@ def parameters_text(meta: Mapping) -> str:
     lines.append(f"made by: {meta.get('software')}")
     lines.append(f"rerun: {rerun_command(meta)}")
     return "\n".join(lines)
+
+
+def stored_parameters_text(meta: Mapping, path: str, name: str) -> str:
+    """`parameters_text` of metadata read from a file, which may hold anything: values of the wrong
+    type (a hostile or damaged file) give an `OptionError` naming the file, not a crash.
+
+    Raises:
+        OptionError: the stored parameters cannot be shown as text.
+    """
+    try:
+        return parameters_text(meta)
+    except (TypeError, ValueError, AttributeError, KeyError, IndexError) as err:
+        raise OptionError(f"{name} {path}: its stored parameters are damaged or were not written by {PROG} ({one_line(err)}); "
+                          f"{PROG} info --json {shlex.quote(str(path))} prints them as they are stored") from None
 
 
 def read_stored_options(path: str, name: str) -> dict:
