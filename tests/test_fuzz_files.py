@@ -366,6 +366,19 @@ def test_damaged_saved_files(pipe, saved, tmp_path_factory, name, mutation, reha
     assert peak < MEMORY_LIMIT, f"{kind}: {peak / 2**20:.1f} MiB"
 
 
+@pytest.mark.parametrize("name,change", [
+    ("inversion", lambda meta: []),  # was AttributeError ('list' object has no attribute 'get')
+    ("inversion", lambda meta: {**meta, "num_inference_steps": "two"}),
+    ("source", lambda meta: {**meta, "cross_steps": "ab"}),  # was TypeError in check_budget, at edit time
+    ("source", lambda meta: {**meta, "self_calls": {"8": "x"}}),
+])
+def test_found_sidecar_regressions(pipe, saved, tmp_path, name, change):
+    """Sidecars that the fuzzing above found crashing (their SHA-256 still matches: only the JSON changed)."""
+    path = load_mutated(saved, name, tmp_path, lambda data, meta: (data, change(meta)), rehash=False)
+    with pytest.raises(ValueError, match="again"):
+        _load_and_use(pipe, name, path)
+
+
 # ------------------------------------------------------------------------------ model folders
 
 

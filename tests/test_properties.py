@@ -311,6 +311,9 @@ def run_cli(argv: list[str]) -> tuple[int, str, str]:
 @given(argv=argvs())
 @example(argv=["edit", "a cat", "--to", "a dog", "--from", "PNG"])
 @example(argv=["info", "PNG"])
+@example(argv=["edit", "--from", "a" * 300])  # was OSError (file name too long), exit 1 with "--debug shows the traceback"
+@example(argv=["info", "a\x00b"])  # was ValueError (embedded null byte)
+@example(argv=["batch", "~nosuchuser/lines.jsonl"])  # was RuntimeError (no home folder for ~nosuchuser)
 def test_cli_random_argv(cli_sandbox, argv):
     code, out, err = run_cli(argv)
     stopped = "StopBeforeModel" in err

@@ -65,6 +65,7 @@ from .options import (
     read_stored_options,
     slugify,
     stored_parameters_text,
+    user_path,
 )
 from .visualisation import (
     align_words,
@@ -121,7 +122,7 @@ def _check_writable(folder: Path, label: str) -> None:
 def output_folder(given: str | None, slug: str) -> Path:
     """``-o DIR``, or a new ``outputs/<YYYYmmdd-HHMMSS>-<slug>``; checked to be writable."""
     if given is not None:
-        folder = Path(given).expanduser()
+        folder = user_path(given, "-o")
         if folder.exists() and not folder.is_dir():
             raise UsageError(f"-o {given}: exists and is not a folder; name a folder")
         _check_writable(folder, f"-o {given}")
@@ -719,7 +720,7 @@ def _run_parallel(todo: list[tuple[int, dict, Path]], workers: int, env: dict, c
 
 
 def cmd_batch(args, console: Console) -> int:
-    path = Path(args.jsonl).expanduser()
+    path = user_path(args.jsonl, "batch")
     if not path.is_file():
         raise UsageError(f"batch: {args.jsonl}: no such file; give the path of a .jsonl file with one edit per line")
     workers = integer_option(args.workers if args.workers is not None else BATCH_WORKERS, "--workers", 1, "a positive integer")
@@ -826,7 +827,7 @@ def dataset_command(path: Path, root: Path, settings) -> str:
 def cmd_dataset(args, console: Console) -> int:
     from . import dataset
 
-    path = Path(args.jsonl).expanduser()
+    path = user_path(args.jsonl, "dataset")
     if not path.is_file():
         raise UsageError(f"dataset: {args.jsonl}: no such file; give the path of a .jsonl file with one pair per line")
     workers = integer_option(args.workers if args.workers is not None else BATCH_WORKERS, "--workers", 1, "a positive integer")

@@ -203,10 +203,30 @@ def _sweep(value, name: str) -> list:
     return [_window(i.strip() if isinstance(i, str) else i, name) for i in items]
 
 
+def user_path(value: str, name: str) -> Path:
+    """A path as the user gave it, ``~`` expanded, checked to be a name this system can look up.
+
+    Raises:
+        OptionError: ``~user`` of no such user, a NUL character, or a name the system refuses
+            (e.g. longer than it allows); the message names the option.
+    """
+    shown = value if len(value) <= 60 else value[:57] + "..."
+    try:
+        path = Path(value).expanduser()
+        path.exists()
+    except RuntimeError as err:  # ~user of a user this system does not have
+        raise OptionError(f"{name} {shown!r}: {err}; give a path without ~user, or of a user that exists") from None
+    except ValueError as err:  # an embedded NUL
+        raise OptionError(f"{name} {shown!r}: not a usable path ({err}); remove the NUL character") from None
+    except OSError as err:  # e.g. ENAMETOOLONG
+        raise OptionError(f"{name} {shown!r}: not a usable path ({err.strerror or err}); give a shorter or valid path") from None
+    return path
+
+
 def _image_path(value, name: str) -> str:
     if not isinstance(value, str) or not value.strip():
         raise OptionError(f"{name} must be the path of an image file, got {value!r}")
-    path = Path(value).expanduser()
+    path = user_path(value, name)
     if not path.is_file():
         raise OptionError(f"{name} {value}: no such file; give the path of an image file")
     import PIL.Image
@@ -224,7 +244,7 @@ def model_option(value, name: str) -> str | None:
         return None
     if not isinstance(value, str) or not value.strip():
         raise OptionError(f"{name} must be a model folder or hub id, got {value!r}", "model")
-    path = Path(value).expanduser()
+    path = user_path(value, name)
     return str(path.resolve()) if path.exists() else value
 
 
@@ -550,7 +570,7 @@ def read_stored_options(path: str, name: str) -> dict:
 
 
 def read_stored_metadata(path: str, name: str) -> dict:
-    file = Path(path).expanduser()
+    file = user_path(path, name)
     if not file.is_file():
         raise OptionError(f"{name} {path}: no such file; give a PNG written by {PROG}")
     try:
