@@ -21,7 +21,7 @@ from collections.abc import Callable, Mapping
 from pathlib import Path
 
 from . import __version__
-from .alignment import PromptTokens, normalize_word, positions_in_each, split_words
+from .alignment import PromptTokens, count_words, normalize_word, positions_in_each, split_words
 from .arguments import MAX_INT64, OPTIONS, ArgumentError, choice, fraction, integer, number, option_default, window
 from .edits import LocalBlend, build_edit_plan
 from .imageio import file_sha256, read_png_metadata
@@ -361,7 +361,7 @@ def _check_prompt_lengths(options: Mapping, names: Names) -> None:
     """
     limit = prompt_token_limit(options.get("model"))
     for key, prompt in [("prompt", options["prompt"]), *(("to", t) for t in options["to"])]:
-        count = len(split_words(prompt))
+        count = count_words(prompt)
         if count > (limit if limit is not None else UNKNOWN_LIMIT_WORDS):
             shown = prompt if len(prompt) <= 60 else prompt[:57] + "..."
             if limit is None:
