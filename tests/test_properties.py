@@ -12,7 +12,6 @@ from __future__ import annotations
 import io
 import json
 import math
-import shlex
 from contextlib import redirect_stderr, redirect_stdout
 
 import numpy as np

@@ -125,6 +125,21 @@ def read_png_text(path: str | os.PathLike, key: str) -> str | None:
             handle.seek(start + length + 4)
 
 
+def json_value(text: str):
+    """``json.loads(text)``, with every way it can fail on untrusted text as a `ValueError`.
+
+    Raises:
+        ValueError: ``"not valid JSON (<reason> at column <n>)"`` or ``"nested too deeply to read
+            (...)"`` (Python's parser recurses, so deep nesting would be a `RecursionError`).
+    """
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as err:
+        raise ValueError(f"not valid JSON ({err.msg} at column {err.colno})") from None
+    except RecursionError:
+        raise ValueError("nested too deeply to read (arrays or objects inside each other)") from None
+
+
 def read_png_metadata(path: str | os.PathLike) -> dict | None:
     """The JSON parameters stored in a PNG by `png_bytes`, or None when it has none.
 
@@ -138,11 +153,9 @@ def read_png_metadata(path: str | os.PathLike) -> dict | None:
     if raw is None:
         return None
     try:
-        value = json.loads(raw)
-    except json.JSONDecodeError as err:
-        raise ValueError(f"the {METADATA_KEY!r} chunk of {path} is not JSON ({err.msg} at column {err.colno})") from None
-    except RecursionError:
-        raise ValueError(f"the {METADATA_KEY!r} chunk of {path} is JSON nested too deeply to read") from None
+        value = json_value(raw)
+    except ValueError as err:
+        raise ValueError(f"the {METADATA_KEY!r} chunk of {path} is {err}") from None
     if not isinstance(value, dict):
         raise ValueError(f"the {METADATA_KEY!r} chunk of {path} is not a JSON object")
     return value

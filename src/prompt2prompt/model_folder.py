@@ -10,17 +10,18 @@ and text files. Every check here reads file headers only, never the tensors.
 
 from __future__ import annotations
 
-import json
 import struct
 from pathlib import Path
+
+from .imageio import json_value
 
 _WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt")
 
 
 def _read_json(path: Path, what: str):
     try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+        return json_value(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as err:  # UnicodeDecodeError is a ValueError
         raise ValueError(f"{path}: {what} is not readable JSON ({err}); restore the file, or save the model again") from None
 
 
@@ -45,8 +46,8 @@ def check_safetensors(path: Path, fix: str = "download or copy it again, or save
         if n > size - 8:
             raise ValueError(f"{path}: damaged safetensors file (its header claims {n} bytes, the file has {size}); {fix}")
         try:
-            header = json.loads(f.read(n))
-        except (UnicodeDecodeError, json.JSONDecodeError, RecursionError):
+            header = json_value(f.read(n))
+        except ValueError:
             raise ValueError(f"{path}: damaged safetensors file (its header is not JSON); {fix}") from None
     if not isinstance(header, dict):
         raise ValueError(f"{path}: damaged safetensors file (its header is not a JSON object); {fix}")
@@ -134,8 +135,8 @@ def prompt_token_limit(model: str | Path | None) -> int | None:
         model = MODEL_DIR
     config = Path(model).expanduser() / "tokenizer" / "tokenizer_config.json"
     try:
-        value = json.loads(config.read_text(encoding="utf-8")).get("model_max_length") if config.is_file() else None
-    except (OSError, UnicodeDecodeError, ValueError, AttributeError, RecursionError):
+        value = json_value(config.read_text(encoding="utf-8")).get("model_max_length") if config.is_file() else None
+    except (OSError, ValueError, AttributeError):
         return None
     # transformers writes a huge sentinel (1e30) when a tokenizer has no limit of its own
     return value if isinstance(value, int) and not isinstance(value, bool) and 0 < value < 2**31 else None
@@ -161,8 +162,8 @@ def model_family(model: str | Path | None) -> str:
         return "sd"
     index = Path(model).expanduser() / "model_index.json"
     try:
-        spec = json.loads(index.read_text(encoding="utf-8")) if index.is_file() else None
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        spec = json_value(index.read_text(encoding="utf-8")) if index.is_file() else None
+    except (OSError, ValueError):
         spec = None
     if not isinstance(spec, dict):
         return "sd"

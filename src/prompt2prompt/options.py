@@ -24,7 +24,7 @@ from . import __version__
 from .alignment import PromptTokens, count_words, normalize_word, positions_in_each, split_words
 from .arguments import MAX_INT64, OPTIONS, ArgumentError, choice, fraction, integer, number, option_default, window
 from .edits import LocalBlend, build_edit_plan
-from .imageio import file_sha256, read_png_metadata
+from .imageio import file_sha256, json_value, read_png_metadata
 from .model_folder import prompt_token_limit
 
 PROG = "p2p"
@@ -80,11 +80,9 @@ def json_lines(path: str | Path, command: str) -> list[tuple[int, str]]:
 def json_object(text: str, example: str) -> dict:
     """One ``.jsonl`` line as a JSON object; `OptionError` saying why not (``example`` shows one)."""
     try:
-        raw = json.loads(text)
-    except json.JSONDecodeError as err:
-        raise OptionError(f"not valid JSON ({err.msg} at column {err.colno})") from None
-    except RecursionError:
-        raise OptionError(f"nested too deeply to read (arrays or objects inside each other); write it flat, like {example}") from None
+        raw = json_value(text)
+    except ValueError as err:
+        raise OptionError(f"{err}; write a JSON object like {example}") from None
     if not isinstance(raw, dict):
         raise OptionError(f"must be a JSON object like {example}")
     return raw

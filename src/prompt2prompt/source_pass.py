@@ -46,7 +46,7 @@ from typing import Any
 import torch
 
 from .arguments import ArgumentError
-from .imageio import file_sha256, save_tensor_file, tensor_file_paths
+from .imageio import file_sha256, json_value, save_tensor_file, tensor_file_paths
 from .model_folder import check_safetensors
 
 #: The ``format`` field of a saved pass's sidecar.
@@ -242,8 +242,8 @@ class SourcePass:
             if not p.is_file():
                 raise ValueError(f"{str(p)!r} does not exist; a source pass is a .safetensors file with a .json beside it (SourcePass.save)")
         try:
-            meta = json.loads(sidecar.read_text())
-        except (OSError, UnicodeDecodeError, json.JSONDecodeError, RecursionError) as err:
+            meta = json_value(sidecar.read_text())
+        except (OSError, ValueError) as err:  # UnicodeDecodeError is a ValueError
             raise ValueError(f"{str(sidecar)!r} is not a readable source-pass sidecar ({err}); {again}") from None
         if not isinstance(meta, dict) or meta.get("format") != FORMAT or meta.get("version") != FORMAT_VERSION:
             raise ValueError(f"{str(sidecar)!r} is not a version-{FORMAT_VERSION} {FORMAT} file; {again}")
