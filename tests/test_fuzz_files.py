@@ -142,7 +142,8 @@ def hostile_metadata(draw):
 
 @settings(suppress_health_check=FIXTURES)
 @given(meta=hostile_metadata(), command=st.sampled_from(["info", "info --json", "from"]))
-@example(meta={**GOOD_META, "image": {"index": "0"}}, command="info")
+@example(meta={**GOOD_META, "image": {"index": "0"}}, command="info")  # was TypeError in p2p info
+@example(meta={**GOOD_META, "model_family": []}, command="from")  # was AttributeError ('list' object has no attribute 'upper'), full run
 @example(meta={**GOOD_META, "options": {"prompt": SRC, "to": [TGT], "cross_steps": "x"}}, command="info")
 def test_stored_parameters_of_wrong_types(sandbox, meta, command):
     path = stored_png(sandbox, meta)

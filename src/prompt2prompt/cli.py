@@ -34,7 +34,7 @@ from .alignment import split_words, tokenize_words
 from .arguments import ARGUMENTS, DTYPES, INVERT_METHODS, MODES, argument_of, option_default
 from .edits import EditMode
 from .imageio import OutputSet, file_sha256, remove_stale_temps
-from .model_folder import model_family
+from .model_folder import FAMILIES, model_family
 from .source_pass import budget_of, pass_record, record_mismatch
 from .web import SOURCE_LIMIT_MIB as web_source_limit_mib
 from .options import (
@@ -895,6 +895,8 @@ def cmd_edit(args, console: Console) -> int:
         stored = read_stored_options(args.from_image, "--from")
         stored_meta = read_stored_metadata(args.from_image, "--from")
         photo_sha256, stored_family = stored_meta.get("photo_sha256"), stored_meta.get("model_family")
+        photo_sha256 = photo_sha256 if isinstance(photo_sha256, str) else None  # a damaged or hostile file may hold anything
+        stored_family = stored_family if stored_family in FAMILIES else None
         stored = {k: v for k, v in stored.items() if k in EDIT_KEYS and v != DEFAULTS.get(k)}  # defaults stay defaults
         if raw.get("image") is not None:  # a new photo: the stored one's hash says nothing about it
             photo_sha256 = None
