@@ -34,7 +34,7 @@ from .alignment import split_words, tokenize_words
 from .arguments import ARGUMENTS, DTYPES, INVERT_METHODS, MODES, argument_of, option_default
 from .edits import EditMode
 from .imageio import OutputSet, file_sha256, remove_stale_temps
-from .model_folder import FAMILIES, model_family
+from .model_folder import FAMILIES, model_family, prompt_token_limit
 from .source_pass import budget_of, pass_record, record_mismatch
 from .web import SOURCE_LIMIT_MIB as web_source_limit_mib
 from .options import (
@@ -636,7 +636,7 @@ def parse_batch_file(path: Path, defaults: Mapping) -> tuple[list[tuple[int, dic
                 raise UsageError(f"unknown key {', '.join(map(repr, unknown))}; use the long names of p2p edit's options with underscores: {', '.join(BATCH_LINE_KEYS)}{hint}")
             merged = {**{k: v for k, v in defaults.items() if v is not None}, **raw}
             options = normalise_options(merged, EDIT_KEYS, names=lambda k: k, required=("prompt", "to"))
-            check_edit_words(options, names=lambda k: k)
+            check_edit_words(options, names=lambda k: k, token_limit=prompt_token_limit(options["model"]))
         except UsageError as err:
             bad.append((number, str(err)))
             continue
@@ -906,7 +906,7 @@ def cmd_edit(args, console: Console) -> int:
     if raw.get("to") is None:
         raise UsageError("--to is required: give the target prompt, e.g. --to \"a red square on a blue background\"")
     options = normalise_options(raw, EDIT_KEYS, required=("prompt", "to"))
-    check_edit_words(options)
+    check_edit_words(options, token_limit=prompt_token_limit(options["model"]))
     family = model_family(options["model"])
     if stored_family is not None and stored_family != family:
         warnings.warn(f"--from {args.from_image}: that image was made with an {stored_family.upper()} model, but "
@@ -937,7 +937,7 @@ def cmd_sweep(args, console: Console) -> int:
     raw = _raw(args, SWEEP_KEYS)
     raw["sweep"] = args.cross_steps
     options = normalise_options(raw, SWEEP_KEYS, required=("prompt", "to"))
-    check_edit_words({**options, "cross_steps": DEFAULTS["cross_steps"]})
+    check_edit_words({**options, "cross_steps": DEFAULTS["cross_steps"]}, token_limit=prompt_token_limit(options["model"]))
     return _run_in_folder(args, options, slugify(options["to"][0]), run_sweep, console)
 
 

@@ -25,7 +25,6 @@ from .alignment import PromptTokens, count_words, normalize_word, positions_in_e
 from .arguments import MAX_INT64, OPTIONS, ArgumentError, choice, fraction, integer, number, option_default, window
 from .edits import LocalBlend, build_edit_plan
 from .imageio import file_sha256, json_value, read_png_metadata
-from .model_folder import prompt_token_limit
 
 PROG = "p2p"
 RESULT = "result.json"
@@ -350,32 +349,38 @@ PLAN_CHECK_STEPS = 1000
 UNKNOWN_LIMIT_WORDS = 1000
 
 
-def _check_prompt_lengths(options: Mapping, names: Names) -> None:
-    """Refuse a prompt with more words than the model's text encoder takes tokens (each word is at
-    least one token), so that the word-level check never builds a plan of a hostile size.
+def _check_prompt_lengths(options: Mapping, names: Names, token_limit: int | None) -> None:
+    """Refuse a prompt with more words than ``token_limit`` (each word is at least one token), or
+    than `UNKNOWN_LIMIT_WORDS` without one, so that the word-level check never builds a plan of a
+    hostile size.
 
     Raises:
         OptionError: naming the prompt's option, its word count, the limit and the fix.
     """
-    limit = prompt_token_limit(options.get("model"))
     for key, prompt in [("prompt", options["prompt"]), *(("to", t) for t in options["to"])]:
         count = count_words(prompt)
-        if count > (limit if limit is not None else UNKNOWN_LIMIT_WORDS):
+        if count > (token_limit if token_limit is not None else UNKNOWN_LIMIT_WORDS):
             shown = prompt if len(prompt) <= 60 else prompt[:57] + "..."
-            if limit is None:
+            if token_limit is None:
                 raise OptionError(f"{names(key)} {shown!r} has {count} words; no text encoder takes that many, so shorten it", OPTIONS[key].name)
             raise OptionError(f"{names(key)} {shown!r} has {count} words, but the text encoder of {model_label(options.get('model'))} takes "
-                              f"at most {limit} tokens (each word is at least one); shorten it", OPTIONS[key].name)
+                              f"at most {token_limit} tokens (each word is at least one); shorten it", OPTIONS[key].name)
 
 
-def check_edit_words(options: Mapping, names: Names = cli_names) -> None:
+def check_edit_words(options: Mapping, names: Names = cli_names, token_limit: int | None = None) -> None:
     """Check every word and the mode against the prompts, before any model work.
+
+    Args:
+        options: the normalised options.
+        names: how the messages name an option.
+        token_limit: the model's limit of tokens per prompt when known before it loads
+            (`model_folder.prompt_token_limit`); a prompt of more words is refused here.
 
     Raises:
         OptionError: naming the option, with the library's message (its words, the fix), and
             carrying the argument the option sets.
     """
-    _check_prompt_lengths(options, names)
+    _check_prompt_lengths(options, names, token_limit)
     source, *targets = _word_level_tokens([options["prompt"], *options["to"]])
     if options["mode"] == "replace":
         for target in targets:
