@@ -17,17 +17,13 @@ import pytest
 import torch
 
 
-def pytest_addoption(parser):
-    parser.addoption("--slow", action="store_true", default=False, help="run the heavy reliability tests in full")
-
-
 #: Hypothesis profiles: "ci" (the default: few examples, derandomized so that CI is reproducible)
 #: and "full" (``--slow`` or ``P2P_HYPOTHESIS_PROFILE=full``). Examples per test, in each profile.
 HYPOTHESIS_EXAMPLES = {"ci": 30, "full": 1000}
 
 
-def pytest_configure(config):
-    config.addinivalue_line("markers", "slow: a heavy reliability test; reduced unless pytest runs with --slow")
+def register_hypothesis_profiles(config) -> None:
+    """Register and load the hypothesis profile of this run (tests/test_properties.py, tests/test_fuzz_files.py)."""
     try:
         from hypothesis import HealthCheck, settings
     except ImportError:  # only the property tests need hypothesis (the test extra installs it)
@@ -39,12 +35,6 @@ def pytest_configure(config):
                               suppress_health_check=quiet, print_blob=True)
     full = config.getoption("--slow") or os.environ.get("P2P_HYPOTHESIS_PROFILE") == "full"
     settings.load_profile("full" if full else "ci")
-
-
-@pytest.fixture(scope="session")
-def slow_mode(request) -> bool:
-    """True when pytest runs with ``--slow``: heavy reliability tests run in full, else reduced."""
-    return bool(request.config.getoption("--slow"))
 
 
 def _bytes_to_unicode() -> dict[int, str]:
@@ -243,3 +233,19 @@ def _restore_torch_threads():
     before = torch.get_num_threads()
     yield
     torch.set_num_threads(before)
+
+
+def pytest_addoption(parser):
+    parser.addoption("--slow", action="store_true", default=False,
+                     help="run the heavy forms of the reliability tests (e.g. 20 kills instead of 3)")
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "slow: a heavy test, or the heavy form of one, that runs only with --slow")
+    register_hypothesis_profiles(config)
+
+
+@pytest.fixture(scope="session")
+def slow_mode(request) -> bool:
+    """Whether the run asked for the heavy forms (``pytest --slow``); the reduced forms run otherwise."""
+    return bool(request.config.getoption("--slow"))

@@ -137,6 +137,8 @@ USAGE_ERRORS = [
     (["serve", "--port", "0"], "--port"),
     (["serve", "--port", "70000"], "--port"),
     (["serve", "--dtype", "float8"], "--dtype"),
+    (["serve", "--queue-size", "0"], "--queue-size"),
+    (["serve", "--queue-size", "many"], "--queue-size"),
     (["frobnicate"], "frobnicate"),
     ([], "COMMAND"),
 ]
@@ -350,11 +352,12 @@ def test_serve_starts_the_web_page_with_the_options_given(capsys, monkeypatch):
     code, out, err = run(capsys, "serve", "--port", "7861", "--device", "cpu", "--dtype", "float32", "--output-dir", "web-out")
     assert code == 0, err
     assert calls == [{"host": "127.0.0.1", "port": 7861, "model": None, "device": "cpu", "dtype": "float32", "output_dir": "web-out",
-                      "allow_pickle": False, "source_limit_mib": 256}]
+                      "allow_pickle": False, "source_limit_mib": 256, "queue_size": 32}]
     assert "http://127.0.0.1:7861" in out
     assert run(capsys, "serve", "--allow-pickle")[0] == 0 and calls[-1]["allow_pickle"] is True
     assert run(capsys, "serve", "--source-limit", "64")[0] == 0 and calls[-1]["source_limit_mib"] == 64
     assert run(capsys, "serve", "--source-limit", "-1")[0] == 2 and len(calls) == 3
+    assert run(capsys, "serve", "--queue-size", "3")[0] == 0 and calls[-1]["queue_size"] == 3
 
 
 # ============================================================================ batch

@@ -10,10 +10,7 @@ import io
 import json
 import os
 import random
-import signal
-import subprocess
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -26,6 +23,8 @@ import pyarrow.parquet as pq  # noqa: E402
 
 from prompt2prompt import dataset  # noqa: E402
 from prompt2prompt.cli import main  # noqa: E402
+
+from _util import run_killed  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 PAIRS = [
@@ -104,10 +103,15 @@ def test_loads_with_datasets(reference):
     assert loaded.features["seed"].dtype == "int64"
 
 
-def test_two_workers_give_identical_rows(reference, tmp_path):
+def test_two_workers_give_identical_rows(reference, tmp_path, monkeypatch):
     pairs, out = reference
+    # the workers' thread count is the reference's (unset, each would take cores / 2; CPU sums may round apart)
+    monkeypatch.setenv("OMP_NUM_THREADS", str(torch.get_num_threads()))
     assert main(["dataset", str(pairs), "-o", str(tmp_path / "two"), *FLAGS, "--workers", "2"]) == 0
     assert rows(tmp_path / "two") == rows(out)
+    record = json.loads((tmp_path / "two" / dataset.THROUGHPUT).read_text())
+    # worker indices 0 and 1 (the faster to load may run every pair)
+    assert set(record["workers"]) <= {"0", "1"} and sum(w["pairs"] for w in record["workers"].values()) == 3
 
 
 def test_resume_after_interruption(reference, tmp_path, capsys):
@@ -144,30 +148,51 @@ def _killed_run(pairs: Path, out: Path, delay: float) -> int:
     (or when it ends first). Returns the manifest's lines after the kill."""
     # the reference rows were made in this process: the same thread count, or float sums may round apart
     env = {**os.environ, "PYTHONPATH": str(REPO / "src"), "OMP_NUM_THREADS": str(torch.get_num_threads())}
-    before = _manifest_lines(out)
-    process = subprocess.Popen([sys.executable, "-m", "prompt2prompt.cli", "dataset", str(pairs), "-o", str(out), *FLAGS],
-                               env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.monotonic() + 120
-    while process.poll() is None and _manifest_lines(out) == before and time.monotonic() < deadline:
-        time.sleep(0.01)
-    time.sleep(delay)
-    process.send_signal(signal.SIGKILL)
-    process.wait()
+    command = [sys.executable, "-m", "prompt2prompt.cli", "dataset", str(pairs), "-o", str(out), *FLAGS]
+    run_killed(command, env, lambda: _manifest_lines(out), delay)
     return _manifest_lines(out)
 
 
-def test_sigkill_at_random_points_then_rerun(reference, tmp_path, capsys):
+#: Kills of `test_sigkill_at_random_points_then_rerun`: (kills, pairs) in the reduced form and with ``--slow``
+#: (each killed run finishes one pair or more, so the slow form has a pair more than kills).
+KILLS = {False: (2, len(PAIRS)), True: (20, 21)}
+
+
+def many_pairs(count: int) -> list[dict]:
+    """``count`` distinct caption pairs (``PAIRS`` first), for the long kill test."""
+    shapes, colours = ["circle", "square", "triangle", "star"], ["red", "green", "blue", "yellow"]
+    made = list(PAIRS)
+    for shape in shapes:
+        for colour in colours:
+            for other in shapes:
+                if len(made) < count and other != shape:
+                    made.append({"input": f"a {colour} {shape} on a white background", "output": f"a {colour} {other} on a white background"})
+    assert len(made) >= count
+    return made[:count]
+
+
+def test_sigkill_at_random_points_then_rerun(reference, tmp_path, capsys, slow_mode):
+    """Killed at random moments (a random delay after a pair is done) and rerun each time; the
+    reduced form kills twice, ``--slow`` 20 times over 21 pairs."""
+    kills, count = KILLS[slow_mode]
     pairs, out = reference
+    if count > len(PAIRS):  # the long form's own reference, made in this process
+        pairs = tmp_path / "pairs.jsonl"
+        pairs.write_text("".join(json.dumps(p) + "\n" for p in many_pairs(count)), encoding="utf-8")
+        out = tmp_path / "reference"
+        assert main(["dataset", str(pairs), "-o", str(out), *FLAGS]) == 0
     target = tmp_path / "killed"
     rng = random.Random(31)
-    done = [_killed_run(pairs, target, rng.uniform(0.0, 0.4)) for _ in range(2)]
+    done = []
+    for _ in range(kills):
+        done.append(_killed_run(pairs, target, rng.uniform(0.0, 0.4)))
+        for shard in (target / dataset.DATA_DIR).glob("*.parquet"):  # every shard in place is whole
+            pq.read_table(shard)
     assert done[0] >= 1  # killed after its first pair at the earliest
-    for shard in (target / dataset.DATA_DIR).glob("*.parquet"):  # every shard in place is whole
-        pq.read_table(shard)
     code, stdout, _ = run_cli(capsys, "dataset", pairs, "-o", target, *FLAGS)
     assert code == 0
     got = rows(target)
-    assert len({(r["line"], r["candidate"]) for r in got}) == len(got) == 3
+    assert len({(r["line"], r["candidate"]) for r in got}) == len(got) == count
     assert got == rows(out)
     assert not [p for p in target.rglob(".p2p-tmp-*")]
 

@@ -347,32 +347,42 @@ def browser():
     b.quit()
 
 
-@pytest.fixture(scope="module")
-def server(tmp_path_factory):
-    pytest.importorskip("gradio")
-    out = tmp_path_factory.mktemp("web-out")
-    port = _free_port()
-    code = f"from prompt2prompt.web import serve; serve(port={port}, output_dir={str(out)!r})"
+def start_server(args: list[str], port: int, wait_s: float = 120, log: Path | None = None) -> subprocess.Popen:
+    """Run ``python ARGS`` (a server that listens on ``port``) and return its process once the port
+    answers; the test fails if it exits or does not listen within ``wait_s``. Its output goes to
+    ``log`` (a file: a long run fills no pipe) or a pipe. Stop it with `stop_server`."""
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    proc = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
-    deadline = time.time() + 120
+    sink = open(log, "w") if log is not None else subprocess.PIPE  # noqa: SIM115 - the server's, closed when it exits
+    proc = subprocess.Popen([sys.executable, *args], stdout=sink, stderr=subprocess.STDOUT, text=True, env=env)
+    deadline = time.time() + wait_s
     while time.time() < deadline:
         try:
             with socket.create_connection(("127.0.0.1", port), timeout=1):
-                break
+                return proc
         except OSError:
             if proc.poll() is not None:
-                pytest.fail(f"server exited: {proc.stdout.read()}")
+                pytest.fail(f"server exited: {log.read_text() if log is not None else proc.stdout.read()}")
             time.sleep(0.5)
-    else:
-        proc.kill()
-        pytest.fail("server did not start within 120 s")
-    yield f"http://127.0.0.1:{port}", out, port
+    proc.kill()
+    pytest.fail(f"server did not start within {wait_s:g} s")
+
+
+def stop_server(proc: subprocess.Popen) -> None:
     proc.terminate()
     try:
         proc.wait(10)
     except subprocess.TimeoutExpired:
         proc.kill()
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    pytest.importorskip("gradio")
+    out = tmp_path_factory.mktemp("web-out")
+    port = _free_port()
+    proc = start_server(["-c", f"from prompt2prompt.web import serve; serve(port={port}, output_dir={str(out)!r})"], port)
+    yield f"http://127.0.0.1:{port}", out, port
+    stop_server(proc)
 
 
 def _set(browser, elem_id, text):

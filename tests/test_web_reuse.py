@@ -150,3 +150,24 @@ def test_page_re_edits_a_photo_from_its_kept_pass(tmp_path, pipe):
         rows.clear()
         _, status, errors = visitor.click(image=str(photo), inversion_method="ddim", targets="a big red star on a blue background")
         assert errors == {} and status.startswith("source reused") and sum(rows) == STEPS * ROWS  # no inversion, no source
+
+
+def test_all_visitors_kept_passes_together_are_bounded(pipe, tmp_path):
+    """Every API caller is a session of its own, each keeping a pass: the `Editor` lets the least
+    recently used go once all together are over ``kept_total_bytes``, and that visitor's next edit
+    runs in full while the others' still reuse theirs."""
+    from prompt2prompt.web import Editor, parse_request
+
+    def request(seed, target="a big red square on a blue background"):
+        return parse_request("a big red circle on a blue background", target, "auto", 0.8, 0.4, "", "", 0.3, [], seed, 2, 7.5,
+                             None, "null-text")
+
+    editor = Editor(pipe, tmp_path / "out")
+    a = editor.edit(request(1)).kept
+    editor.kept_total_bytes = int(2.5 * a.nbytes)  # room for two passes
+    b = editor.edit(request(2)).kept
+    c = editor.edit(request(3)).kept
+    assert a.source is None and b.source is not None and c.source is not None  # A's, the oldest, was let go
+    again = editor.edit(request(1, "a big red circle on a green background"), a)
+    assert not again.reused and again.kept.source is not None and b.source is None  # A runs in full; now B's goes
+    assert editor.edit(request(3, "a big red circle on a green background"), c).reused  # C still reuses its own

@@ -3,6 +3,7 @@
 from .alignment import PromptTokens, tokenize_words
 from .attention import P2PAttnProcessor, P2PController, p2p_attention
 from .edits import EditMode, EditPlan, LocalBlend, build_edit_plan
+from .finite import NonFiniteError
 from .inversion import Inversion, InversionMethod, load_image
 from .loading import load_pipeline, pipeline_class_for
 from .model_folder import model_family
@@ -19,6 +20,7 @@ __all__ = [
     "Inversion",
     "InversionMethod",
     "LocalBlend",
+    "NonFiniteError",
     "P2PAttnProcessor",
     "P2PController",
     "Prompt2PromptPipeline",

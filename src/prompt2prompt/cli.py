@@ -33,9 +33,11 @@ from . import __version__
 from .alignment import split_words, tokenize_words
 from .arguments import ARGUMENTS, DTYPES, INVERT_METHODS, MODES, argument_of, option_default
 from .edits import EditMode
-from .imageio import OutputSet, file_sha256, remove_stale_temps
+from .finite import NonFiniteError
+from .imageio import OutputSet, WriteError, file_sha256, remove_stale_temps, writing_into
 from .model_folder import FAMILIES, model_family, prompt_token_limit
 from .source_pass import budget_of, pass_record, record_mismatch
+from .web import QUEUE_SIZE as web_queue_size
 from .web import SOURCE_LIMIT_MIB as web_source_limit_mib
 from .options import (
     ATTENTION_KEYS,
@@ -98,10 +100,21 @@ SOURCE_FILE = "source.safetensors"
 INVERSION_FILE = "inversion.safetensors"
 #: ``p2p serve --source-limit``'s default (the web module imports Gradio only when it serves).
 SERVE_SOURCE_LIMIT_MIB = web_source_limit_mib
+#: ``p2p serve --queue-size``'s default: requests waiting before a visitor is told the page is busy.
+SERVE_QUEUE_SIZE = web_queue_size
 
 
 class RuntimeFailure(Exception):
     """The command could not be carried out: exit status 1, one line."""
+
+
+#: What a `WriteError` tells the command line's user to choose instead of a full, read-only or removed folder.
+OTHER_OUTPUT = "another -o folder"
+
+
+def write_failure(err: WriteError) -> RuntimeFailure:
+    """A `WriteError` as the command line reports it (exit status 1): the folder, and ``-o`` as the other way out."""
+    return RuntimeFailure(str(err.choose(OTHER_OUTPUT)))
 
 
 # ============================================================================ output folders
@@ -139,6 +152,13 @@ def output_folder(given: str | None, slug: str) -> Path:
 # ============================================================================ the model
 
 
+def device_name(value: str) -> str:
+    """``--device``'s form (cpu, cuda, cuda:N or mps), not whether this machine has it; `UsageError` if malformed."""
+    if not re.fullmatch(r"cpu|mps|cuda(:\d+)?", value):
+        raise UsageError(f"--device must be cpu, cuda, cuda:N or mps, got {value!r}")
+    return value
+
+
 def check_device(value: str | None) -> str:
     """``--device`` -> a torch device string (None/auto: cuda, else mps, else cpu).
 
@@ -152,8 +172,7 @@ def check_device(value: str | None) -> str:
             return "cuda"
         mps = getattr(torch.backends, "mps", None)
         return "mps" if mps is not None and mps.is_available() else "cpu"
-    if not re.fullmatch(r"cpu|mps|cuda(:\d+)?", value):
-        raise UsageError(f"--device must be cpu, cuda, cuda:N or mps, got {value!r}")
+    device_name(value)
     if value.startswith("cuda") and not torch.cuda.is_available():
         raise RuntimeFailure(f"--device {value}: CUDA is not available on this machine; use --device cpu")
     if value == "mps" and not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
@@ -246,9 +265,12 @@ def library_flag(error: BaseException) -> str | None:
 
 def _call(function, *args, **kwargs):
     """Run a library call; its argument errors (ValueError, raised before any work) are usage errors,
-    prefixed with the flag of the argument they carry (``--res: attention_res 7 ...``)."""
+    prefixed with the flag of the argument they carry (``--res: attention_res 7 ...``). NaN or
+    infinity met while running (`finite.NonFiniteError`) is a failure of the run (exit status 1)."""
     try:
         return function(*args, **kwargs)
+    except NonFiniteError as err:
+        raise RuntimeFailure(one_line(err)) from err
     except ValueError as err:
         message = one_line(err)
         flag = library_flag(err)
@@ -443,9 +465,10 @@ def add_source_pass(files: OutputSet, source, inversion, options: Mapping, limit
 
 
 def run_edit(pipe, options: dict, folder: Path, env: Mapping, console: Console, command: str = "edit",
-             source_limit: int = SOURCE_LIMIT_MIB * MIB, kept: KeptPass | None = None) -> dict:
+             source_limit: int = SOURCE_LIMIT_MIB * MIB, kept: KeptPass | None = None, root: Path | None = None) -> dict:
     """Run one edit and write its images, grid, source pass (when at most ``source_limit`` bytes) and
-    result.json (last) into ``folder``; ``kept``: a saved pass to edit from (`run_edit_images`)."""
+    result.json (last) into ``folder``; ``kept``: a saved pass to edit from (`run_edit_images`);
+    ``root``: the run's output folder above ``folder``, which must still be there (`imageio.OutputSet`)."""
     out, source, inversion, reused_from = run_edit_images(pipe, options, console, kept=kept)
     mode = out.edit_mode
     alignments = word_alignments(pipe, options, mode)
@@ -457,7 +480,7 @@ def run_edit(pipe, options: dict, folder: Path, env: Mapping, console: Console, 
     prompts = [options["prompt"], *options["to"]]
     names = ["source.png"] + [f"edit-{k}.png" for k in range(1, len(prompts))]
     roles = ["source"] + ["target"] * (len(prompts) - 1)
-    files = OutputSet(folder)
+    files = OutputSet(folder, root)
     count = len(prompts) + 1
     for index, (name, role, prompt, image) in enumerate(zip(names, roles, prompts, out.images)):
         meta = image_metadata(command, options, env, role, index, count, name, prompt, edit_mode=mode.value)
@@ -661,8 +684,9 @@ def _finished(folder: Path, options: Mapping) -> tuple[bool, bool]:
 
 
 def run_batch_line(pipe, options: dict, folder: Path, env: Mapping, console: Console) -> None:
+    """One line of ``p2p batch`` into ``folder``, inside the batch's output folder (which must still be there)."""
     remove_stale_temps(folder)
-    run_edit(pipe, options, folder, env, console)
+    run_edit(pipe, options, folder, env, console, root=folder.parent)
 
 
 _WORKER: dict = {}
@@ -687,21 +711,28 @@ def _worker_line(options: dict, folder: str) -> tuple[str, str]:
     try:
         run_batch_line(_WORKER["pipe"], options, Path(folder), _WORKER["env"], Console(quiet=True))
         return "done", folder
+    except WriteError as err:  # the output folder is full, read-only or gone: the batch stops
+        return "stop", str(write_failure(err))
     except (UsageError, RuntimeFailure) as err:
         return "failed", str(err)
     except Exception as err:  # noqa: BLE001 - reported per line
         return "failed", f"{type(err).__name__}: {one_line(err)}"
 
 
-def _run_parallel(todo: list[tuple[int, dict, Path]], workers: int, env: dict, console: Console, done: list, failed: list) -> None:
+def _run_parallel(todo: list[tuple[int, dict, Path]], workers: int, env: dict, console: Console, done: list, failed: list) -> str | None:
+    """Run ``todo`` in ``workers`` processes, filling ``done`` and ``failed``; returns the message of a
+    write error that stopped the batch (the lines not started are cancelled), or None."""
     import concurrent.futures as futures
     import multiprocessing
 
+    stop = None
     pool = futures.ProcessPoolExecutor(max_workers=workers, mp_context=multiprocessing.get_context("spawn"),
                                        initializer=_worker_init, initargs=(env,))
     try:
         pending = {pool.submit(_worker_line, options, str(folder)): (number, folder) for number, options, folder in todo}
         for future in futures.as_completed(pending):
+            if future.cancelled():  # not started: a write error stopped the batch
+                continue
             number, folder = pending[future]
             try:
                 status, message = future.result()
@@ -710,6 +741,10 @@ def _run_parallel(todo: list[tuple[int, dict, Path]], workers: int, env: dict, c
             if status == "done":
                 done.append(number)
                 console.info(f"line {number}: done -> {folder}")
+            elif status == "stop":
+                stop = stop or message
+                for other in pending:
+                    other.cancel()
             else:
                 failed.append((number, message))
                 console.info(f"line {number}: failed: {message}")
@@ -717,6 +752,7 @@ def _run_parallel(todo: list[tuple[int, dict, Path]], workers: int, env: dict, c
         pool.shutdown(wait=False, cancel_futures=True)
         raise
     pool.shutdown(wait=True)
+    return stop
 
 
 def cmd_batch(args, console: Console) -> int:
@@ -746,18 +782,24 @@ def cmd_batch(args, console: Console) -> int:
             console.info(f"line {number}: already finished{note}, skipped")
         else:
             todo.append((number, options, folder))
+    stop = None
     if todo:
         device = check_device(args.device)
         env = {"device": device, "model": model, "dtype": dtype, "allow_pickle": args.allow_pickle}
         check_model(model, args.allow_pickle)  # here, once: a bad folder is one line, not one traceback per worker
+        with writing_into(root):  # made here: a folder removed mid-run stops the batch (`imageio.OutputSet`)
+            root.mkdir(parents=True, exist_ok=True)
         if workers > 1 and len(todo) > 1:
-            _run_parallel(todo, min(workers, len(todo)), env, console, done, failed)
+            stop = _run_parallel(todo, min(workers, len(todo)), env, console, done, failed)
         else:
             pipe = load_pipeline(model, dtype, device, progress=console.progress, allow_pickle=args.allow_pickle)
             env["family"] = pipe.model_family
             for number, options, folder in todo:
                 try:
                     run_batch_line(pipe, options, folder, env, console)
+                except WriteError as err:  # full, read-only or gone: every later line would fail alike
+                    stop = str(write_failure(err))
+                    break
                 except (UsageError, RuntimeFailure) as err:
                     failed.append((number, str(err)))
                     console.info(f"line {number}: failed: {err}")
@@ -768,9 +810,12 @@ def cmd_batch(args, console: Console) -> int:
                     continue
                 done.append(number)
                 console.info(f"line {number}: done -> {folder}")
-    print(f"batch: {len(done)} done, {len(skipped)} skipped (finished earlier), {len(failed)} failed; outputs in {root}")
+    stopped = f", {len(todo) - len(done) - len(failed) + len(bad)} not finished" if stop else ""
+    print(f"batch: {len(done)} done, {len(skipped)} skipped (finished earlier), {len(failed)} failed{stopped}; outputs in {root}")
     for number, reason in sorted(failed):
         print(f"  line {number} failed: {reason}")
+    if stop:
+        raise RuntimeFailure(f"stopped: {stop}")
     return 1 if failed else 0
 
 
@@ -780,7 +825,9 @@ def cmd_batch(args, console: Console) -> int:
 #: ``p2p dataset``'s flags for each `dataset.DatasetSettings` field (in the command line the card records).
 DATASET_FLAGS = {"samples_per_pair": "--samples-per-pair", "keep": "--keep", "seed": "--seed", "steps": "--steps",
                  "self_steps": "--self-steps", "cross_steps": "--cross-steps", "guidance": "--guidance",
-                 "min_score": "--min-score"}
+                 "min_score": "--min-score", "min_directional": "--min-directional",
+                 "min_image_similarity": "--min-image-similarity", "min_caption_similarity": "--min-caption-similarity",
+                 "candidates_per_seed": "--candidates-per-seed"}
 
 
 def dataset_settings(args):
@@ -791,17 +838,22 @@ def dataset_settings(args):
     values = {}
     for key, text in given.items():
         flag = DATASET_FLAGS[key]
-        if key in ("samples_per_pair", "keep", "seed", "steps"):
+        if key in ("samples_per_pair", "keep", "seed", "steps", "candidates_per_seed"):
             values[key] = integer_option(text, flag, 0 if key == "seed" else 1, "a non-negative integer" if key == "seed" else "a positive integer")
-        elif key == "min_score":
+        elif key.startswith("min_"):
+            span = "[0, 1]" if key == "min_score" else "[-1, 1]"
             try:
                 values[key] = float(text)
             except ValueError:
-                raise UsageError(f"{flag} must be a number in [0, 1], got {text!r}") from None
+                raise UsageError(f"{flag} must be a number in {span}, got {text!r}") from None
         else:
             values[key] = dataset.Range.parse(text, flag)
+    check_filter_flags(args.clip, given)
+    values["clip"] = args.clip
     values["model"] = model_option(args.model, "--model") if args.model is not None else None
     values["dtype"] = choice_of(DTYPES)(args.dtype, "--dtype") if args.dtype is not None else DEFAULTS["dtype"]
+    if args.batch_rows is not None:
+        values["batch_rows"] = integer_option(args.batch_rows, "--batch-rows", 1, "a positive integer")
     try:
         return dataset.DatasetSettings(**values)
     except dataset.DatasetError as err:
@@ -811,17 +863,78 @@ def dataset_settings(args):
         raise UsageError(message) from None
 
 
+def check_filter_flags(clip: str | None, given: dict) -> None:
+    """`UsageError` for a threshold of the filter not in use: ``--min-score`` is the detector's, the
+    ``--min-*-similarity`` and ``--min-directional`` flags are the CLIP filter's (``--clip``)."""
+    from . import dataset
+
+    if clip is not None and "min_score" in given:
+        raise UsageError("--min-score is the shapes detector's threshold, unused with --clip; "
+                         "set the CLIP thresholds (--min-directional, --min-image-similarity, --min-caption-similarity)")
+    if clip is None:
+        for key in dataset.CLIP_THRESHOLDS:
+            if key in given:
+                raise UsageError(f"{DATASET_FLAGS[key]} is a CLIP filter threshold; give --clip PATH (a CLIP model folder), or drop it")
+    if clip is not None and not clip.strip():
+        raise UsageError("--clip: empty path; name a local CLIP model folder")
+
+
+def check_clip(clip: str | None, allow_pickle: bool) -> None:
+    """`UsageError` naming the ``--clip`` folder if it is missing or not a loadable CLIP folder (`clip_filter.check_clip_folder`)."""
+    if clip is None:
+        return
+    from .clip_filter import ClipError, check_clip_folder
+
+    try:
+        check_clip_folder(clip, allow_pickle)
+    except ClipError as err:
+        raise UsageError(f"--clip {clip}: {one_line(err)}") from None
+
+
 def dataset_command(path: Path, root: Path, settings) -> str:
     """The command line that makes this data (every setting spelled out), for the card."""
     import shlex
 
     record = settings.record()
     words = [PROG, "dataset", str(path), "-o", str(root)]
+    if settings.clip is not None:
+        words += ["--clip", settings.clip]
     for key, flag in DATASET_FLAGS.items():
-        words += [flag, _default_number(record[key])]
+        if key in record:  # the filter's own thresholds only
+            words += [flag, _default_number(record[key])]
     if settings.model is not None:
         words += ["--model", settings.model]
     return shlex.join(words + ["--dtype", settings.dtype])
+
+
+def dataset_executor(args):
+    """``--ray``/``--workers``/``--device`` -> ``(workers or None for the default, RayCluster or None, device)``.
+
+    On Ray the device is the cluster's (None: its GPUs if any), checked by `dataset_ray.actor_plan`;
+    Ray must be importable before any work starts."""
+    workers = integer_option(args.workers, "--workers", 1, "a positive integer") if args.workers is not None else None
+    if args.ray is None:
+        return workers, None, None
+    from .dataset_ray import RayCluster, check_reachable, import_ray
+
+    cluster = RayCluster(None if args.ray is True else args.ray)
+    device = None if args.device in (None, "auto") else device_name(args.device)
+    import_ray()
+    check_reachable(cluster.address)
+    return workers, cluster, device
+
+
+#: The dataset bar: pairs done/total, the rate always as pairs/s (tqdm turns a slow rate into s/pair) and the ETA.
+DATASET_BAR = "{desc}: {percentage:3.0f}%|{bar}| {n_fmt}/{total_fmt} pairs [{elapsed}, {rate_noinv_fmt}, ETA {remaining}]"
+
+
+def dataset_bar(total: int, done: int, show: bool):
+    """``p2p dataset``'s progress bar on stderr: ``done`` of ``total`` pairs finished earlier (not in
+    the rate); nothing at all unless ``show`` (a terminal, not ``--quiet``: `Console.progress`)."""
+    from tqdm import tqdm
+
+    return tqdm(total=total, initial=done, unit="pairs", desc="pairs", bar_format=DATASET_BAR, disable=not show,
+                file=sys.stderr, dynamic_ncols=True)
 
 
 def cmd_dataset(args, console: Console) -> int:
@@ -830,8 +943,9 @@ def cmd_dataset(args, console: Console) -> int:
     path = user_path(args.jsonl, "dataset")
     if not path.is_file():
         raise UsageError(f"dataset: {args.jsonl}: no such file; give the path of a .jsonl file with one pair per line")
-    workers = integer_option(args.workers if args.workers is not None else BATCH_WORKERS, "--workers", 1, "a positive integer")
+    workers, cluster, device = dataset_executor(args)
     settings = dataset_settings(args)
+    check_clip(settings.clip, args.allow_pickle)  # before any model loads: a bad folder is one line, exit 2
     root = output_folder(args.output, "dataset")
     pairs, bad = dataset.read_pairs(path)
     writer = dataset.DatasetWriter(root, dataset.run_record(settings, file_sha256(path)))
@@ -839,23 +953,28 @@ def cmd_dataset(args, console: Console) -> int:
     for number, reason in bad:
         print(f"{PROG} dataset: line {number}: {reason}", file=sys.stderr)
     todo = dataset.unfinished(pairs, writer)
-    pipe, device = None, "cpu"
+    pipe = None
     if todo:
-        device = check_device(args.device)
         check_model(settings.model, args.allow_pickle)
-        if workers == 1:
-            pipe = load_pipeline(settings.model, settings.dtype, device, progress=False, allow_pickle=args.allow_pickle)
-    from tqdm.auto import tqdm
+        if cluster is None:
+            device = check_device(args.device)
+            if workers is None:
+                import torch
 
+                workers = dataset.default_workers(device, torch.cuda.device_count() if device == "cuda" else 0)
+            if workers == 1:
+                pipe = load_pipeline(settings.model, settings.dtype, device, progress=False, allow_pickle=args.allow_pickle)
     started = time.monotonic()
-    with tqdm(total=len(todo), unit="pair", desc="pairs", disable=not console.progress) as bar:
-        summary = dataset.make_dataset(pairs, settings, writer, device, workers, pipe, bar.update, args.allow_pickle)
+    with dataset_bar(len(pairs), len(pairs) - len(todo), console.progress) as bar:
+        summary = dataset.make_dataset(pairs, settings, writer, device, workers, pipe, bar.update, args.allow_pickle, cluster)
     seconds = time.monotonic() - started
     failed = list(bad) + summary.failed
     counts = writer.write_card(dataset_command(path, root, settings), len(failed))
     print(f"dataset: {summary.done} pairs done ({summary.skipped} finished earlier), {summary.kept} rows kept, "
           f"{summary.filtered_out} candidates filtered out, {len(failed)} failed in {seconds:.1f} s "
           f"({summary.done / max(seconds, 1e-9):.2f} pairs/s); {counts['rows']} rows in {root}")
+    if summary.done:
+        print(f"throughput: {summary.throughput.line()} (in {root / dataset.THROUGHPUT})")
     for number, reason in sorted(failed):
         print(f"  line {number} failed: {reason}")
     return 1 if failed else 0
@@ -984,6 +1103,8 @@ def cmd_serve(args, console: Console) -> int:
         raise UsageError(f"--port must be a port number from 1 to 65535, got {args.port!r}")
     host = args.host or SERVE_HOST
     source_limit = _source_limit(args, SERVE_SOURCE_LIMIT_MIB)
+    queue_size = integer_option(args.queue_size if args.queue_size is not None else SERVE_QUEUE_SIZE, "--queue-size", 1,
+                                "a whole number of waiting requests, 1 or more")
     check_listen(host, port)
     model = model_option(args.model, "--model")
     dtype = choice_of(DTYPES)(args.dtype, "--dtype") if args.dtype is not None else None
@@ -995,7 +1116,7 @@ def cmd_serve(args, console: Console) -> int:
 
     console.info(f"serving {model_label(model)} on http://{host}:{port} (Ctrl-C stops)")
     web.serve(host=host, port=port, model=model, device=device, dtype=dtype, output_dir=args.output_dir or SERVE_OUTPUT_DIR,
-              allow_pickle=args.allow_pickle, source_limit_mib=source_limit // MIB)
+              allow_pickle=args.allow_pickle, source_limit_mib=source_limit // MIB, queue_size=queue_size)
     return 0
 
 
@@ -1137,9 +1258,10 @@ batch. Bad lines are reported and the others run; exit status 1 if any line fail
 examples:
   p2p dataset pairs.jsonl -o data/ --samples-per-pair 8 --keep 2
   p2p dataset pairs.jsonl -o data/ --workers 2 --self-steps 0.2:0.6
+  p2p dataset pairs.jsonl -o data/ --model ./sd15 --clip ./clip-vit-large-patch14 --min-image-similarity 0.7
 
-Each pair gets N candidates; the shapes detector scores each edited image against the output
-caption; the best K that pass are written to DIR/data/pair-<line>.parquet. Running the same command
+Each pair gets N candidates; the shapes detector (or, with --clip, InstructPix2Pix's CLIP filter)
+scores each edited image; the best K that pass are written to DIR/data/pair-<line>.parquet. Running the same command
 again finishes the rest; a folder holding another run's data is refused unless --overwrite.
 """,
     "serve": """examples:
@@ -1217,11 +1339,31 @@ def _add_dataset(p) -> None:
     group.add_argument("--self-steps", metavar="F|LOW:HIGH", help=f"self-attention injection fraction (dataset default {_DATASET.self_steps}, as InstructPix2Pix)")
     group.add_argument("--cross-steps", metavar="F|LOW:HIGH", help=f"cross-attention injection fraction (dataset default {_DATASET.cross_steps})")
     group.add_argument("--guidance", metavar="F|LOW:HIGH", help=f"classifier-free guidance scale (dataset default {_DATASET.guidance})")
-    group = p.add_argument_group("filter")
+    group.add_argument("--candidates-per-seed", metavar="M",
+                       help=f"draw candidates in groups of M sharing one seed (so one input image), each with its own injection "
+                            f"fractions, the group's guidance one draw; a group is one batched pipeline call (default "
+                            f"{_DATASET.candidates_per_seed}: a seed per candidate, as InstructPix2Pix)")
+    group = p.add_argument_group("filter (the shapes detector, or InstructPix2Pix's CLIP filter with --clip)")
     group.add_argument("--min-score", metavar="F", help=f"a candidate passes when the shapes detector finds at least this share of "
                                                         f"the output caption's colours, shapes and background, in [0, 1] (default {_DATASET.min_score:g})")
+    group.add_argument("--clip", metavar="PATH", help="score with a local transformers CLIP model folder (model, tokenizer and image processor; "
+                                                      "safetensors unless --allow-pickle): a candidate passes when its three CLIP similarities "
+                                                      "reach their thresholds; the kept are the best by directional similarity")
+    group.add_argument("--min-directional", metavar="F", help="with --clip: least cos(image change, caption change) in CLIP space, in [-1, 1] "
+                                                              f"(default {_DATASET.min_directional:g}, as InstructPix2Pix)")
+    group.add_argument("--min-image-similarity", metavar="F", help="with --clip: least cos(input image, edited image), in [-1, 1] "
+                                                                   f"(default {_DATASET.min_image_similarity:g}, as InstructPix2Pix)")
+    group.add_argument("--min-caption-similarity", metavar="F", help="with --clip: least cos(edited image, output caption), in [-1, 1] "
+                                                                     f"(default {_DATASET.min_caption_similarity:g}, as InstructPix2Pix)")
     group = p.add_argument_group("run")
-    group.add_argument("--workers", metavar="N", help=f"processes, each holding one pipeline (default {BATCH_WORKERS}); the data does not depend on it")
+    group.add_argument("--workers", metavar="N", help="workers, each holding one pipeline (default: one per GPU with --device cuda, else 1; "
+                                                      "on Ray one per GPU of the cluster, else one per CPU up to 8); the data does not depend on it")
+    group.add_argument("--ray", metavar="ADDRESS", nargs="?", const=True,
+                       help="run the pairs on Ray actors: alone, start or join a local Ray; with ADDRESS (auto, HOST:6379, ray://HOST:10001) "
+                            "join that cluster (needs the ray extra: pip install -e '.[ray]')")
+    group.add_argument("--batch-rows", metavar="R", help="at most R candidates (target rows) in one pipeline call; a larger group is "
+                                                         "split into calls, with equal results (default: the whole group; "
+                                                         "a call that runs out of GPU memory is halved)")
     group.add_argument("--overwrite", action="store_true", help="delete the folder's earlier dataset and start over")
     _add_model_flags(group, quiet_help="no progress bar")
 
@@ -1233,6 +1375,8 @@ def _add_serve(p) -> None:
     p.add_argument("--source-limit", metavar="MIB",
                    help=f"keep each visitor's last source pass in memory, to re-edit from it, when it is at most MIB MiB "
                         f"(default {SERVE_SOURCE_LIMIT_MIB}; 0: never)")
+    p.add_argument("--queue-size", metavar="N",
+                   help=f"requests that may wait while one runs; a further visitor is told the page is busy (default {SERVE_QUEUE_SIZE})")
     _add_model_flags(p, quiet_help="no messages")
 
 
@@ -1310,9 +1454,11 @@ def main(argv: list[str] | None = None) -> int:
             traceback.print_exc()
         print(f"{prefix}: error: {one_line(err)}", file=sys.stderr)
         return 2
-    except RuntimeFailure as err:
+    except (RuntimeFailure, WriteError) as err:
         if debug:
             traceback.print_exc()
+        if isinstance(err, WriteError):
+            err = write_failure(err)
         print(f"{prefix}: error: {one_line(err)}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:

@@ -4,17 +4,23 @@ A ``PAIRS.jsonl`` line is ``{"input": CAPTION, "output": CAPTION, "edit": TEXT (
 pair gets ``samples_per_pair`` candidates; a candidate's seed and sampled settings (self-attention
 injection fraction, cross-attention fraction, guidance) come from a hash of the run seed, the
 line's content and the candidate's index, never from the worker count or from restarts
-(`candidate_plan`). Each candidate is one pipeline call: candidates have different seeds, so
-different source images, and the pipeline denoises one noise per call (its rows share the
-source's noise), so rows of different seeds cannot share a batch.
+(`candidate_plan`). The pipeline denoises one noise per call (its rows share the source's), so
+rows of different seeds cannot share a call: with ``candidates_per_seed`` M (default 1, one seed
+per candidate, as InstructPix2Pix) candidates are drawn in groups of M sharing a seed, and a
+group runs as one call, the source once and the output caption once per candidate, each with its
+own injection windows (`generate`); ``batch_rows`` caps the targets of a call.
 
-The bundled shapes model's detector scores each edited image against the output caption's words
-(`detector_score`); the best ``keep`` candidates whose score reaches ``min_score`` are kept.
+Each candidate is scored by the run's filter through `score_candidate`: the bundled shapes model's
+detector scores the edited image against the output caption's words (`detector_score`; a candidate
+passes when its score reaches ``min_score``), or, with ``clip`` (a local CLIP folder), InstructPix2Pix's
+three CLIP similarities (`clip_filter`; a candidate passes when each reaches its threshold, and is
+ranked by its directional similarity). The best ``keep`` candidates that pass are kept.
 
 Output folder layout (`DatasetWriter`): ``data/pair-<line>.parquet`` (one shard per pair, written
 atomically), ``README.md`` (the card), and in the hidden ``.p2p/``: ``manifest.jsonl`` (one JSON
-line per finished pair: its candidates, their scores, the kept ones), ``run.json`` (the settings,
-which a resumed run must match) and ``counts.json``.
+line per finished pair: its candidates, their ranking scores and all their score columns, the kept
+ones), ``run.json`` (the settings, the filter's included, which a resumed run must match) and
+``counts.json``.
 """
 
 from __future__ import annotations
@@ -25,12 +31,15 @@ import json
 import os
 import re
 import shutil
+import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
 
-from .imageio import atomic_write_bytes, atomic_write_json, json_bytes, png_bytes, remove_stale_temps
+from .clip_filter import (MIN_CAPTION_SIMILARITY, MIN_DIRECTIONAL, MIN_IMAGE_SIMILARITY, SCORE_KEYS, ClipError,
+                          ClipThresholds, load_clip)
+from .imageio import append_bytes, atomic_write_bytes, atomic_write_json, json_bytes, png_bytes, remove_stale_temps, writing_into
 from .options import OptionError, json_lines, json_object
 
 #: The files of an output folder.
@@ -46,6 +55,15 @@ CARD = "README.md"
 SEED_MASK = 2**63 - 1
 #: The keys a line may have.
 LINE_KEYS = ("input", "output", "edit")
+#: The filters: the shapes detector (offline, the bundled model) or a CLIP model folder.
+FILTERS = ("detector", "clip")
+#: The CLIP filter's settings (recorded only for a CLIP run) and its thresholds, in `clip_filter.SCORE_KEYS` order.
+CLIP_THRESHOLDS = ("min_directional", "min_image_similarity", "min_caption_similarity")
+CLIP_SETTINGS = ("clip", *CLIP_THRESHOLDS)
+#: A row's score columns: the ranking score, the detector's check count, the three CLIP similarities
+#: (in `clip_filter.SCORE_KEYS` order); the other filter's columns are null.
+CLIP_COLUMNS = ("clip_directional", "clip_image", "clip_caption")
+SCORE_COLUMNS = ("score", "score_checks", *CLIP_COLUMNS)
 
 
 class DatasetError(OptionError):
@@ -101,7 +119,12 @@ class Range:
 class DatasetSettings:
     """Everything that decides a run's data (recorded in ``run.json``; a resumed run must match).
 
-    Defaults as InstructPix2Pix: self-injection fraction uniform in [0.1, 0.9], cross 0.8, guidance 7.5.
+    Defaults as InstructPix2Pix: self-injection fraction uniform in [0.1, 0.9], cross 0.8, guidance 7.5,
+    a seed per candidate (``candidates_per_seed`` 1; M > 1: groups of M candidates share a seed and
+    a guidance, `candidate_plan`). ``batch_rows`` alone is not recorded (see below).
+    The filter: the shapes detector with ``min_score``, or, when ``clip`` names a CLIP model folder,
+    InstructPix2Pix's CLIP thresholds ``min_directional``, ``min_image_similarity`` and
+    ``min_caption_similarity`` (`clip_filter`; each in [-1, 1]).
     """
 
     samples_per_pair: int = 8
@@ -114,24 +137,60 @@ class DatasetSettings:
     min_score: float = 0.5
     model: str | None = None
     dtype: str = "float32"
+    clip: str | None = None
+    min_directional: float = MIN_DIRECTIONAL
+    min_image_similarity: float = MIN_IMAGE_SIMILARITY
+    min_caption_similarity: float = MIN_CAPTION_SIMILARITY
+    candidates_per_seed: int = 1
+    #: The most target rows one pipeline call denoises (None: a whole group). How, not what: the
+    #: rows equal to float tolerance whatever it is, so it is not recorded and a resumed run may change it.
+    batch_rows: int | None = None
 
     def __post_init__(self):
         for name, value, low in (("samples_per_pair", self.samples_per_pair, 1), ("keep", self.keep, 1),
-                                 ("seed", self.seed, 0), ("steps", self.steps, 1)):
+                                 ("seed", self.seed, 0), ("steps", self.steps, 1),
+                                 ("candidates_per_seed", self.candidates_per_seed, 1),
+                                 ("batch_rows", 1 if self.batch_rows is None else self.batch_rows, 1)):
             if isinstance(value, bool) or not isinstance(value, int) or value < low:
                 raise DatasetError(f"{name} must be an integer >= {low}, got {value!r}")
         if self.keep > self.samples_per_pair:
             raise DatasetError(f"keep ({self.keep}) must be at most samples_per_pair ({self.samples_per_pair})")
+        if self.candidates_per_seed > self.samples_per_pair:
+            raise DatasetError(f"candidates_per_seed ({self.candidates_per_seed}) must be at most "
+                               f"samples_per_pair ({self.samples_per_pair})")
         self.self_steps.within(0.0, 1.0, "self_steps")
         self.cross_steps.within(0.0, 1.0, "cross_steps")
         self.guidance.within(0.0, 100.0, "guidance")
         if not isinstance(self.min_score, (int, float)) or not 0.0 <= self.min_score <= 1.0:
             raise DatasetError(f"min_score must be in [0, 1], got {self.min_score!r}")
+        if self.clip is not None and (not isinstance(self.clip, str) or not self.clip):
+            raise DatasetError(f"clip must be a CLIP model folder's path or None, got {self.clip!r}")
+        self.clip_thresholds  # noqa: B018 - validates the three thresholds
+
+    @property
+    def filter(self) -> str:
+        """Which filter scores the candidates: one of `FILTERS`."""
+        return "detector" if self.clip is None else "clip"
+
+    @property
+    def clip_thresholds(self) -> ClipThresholds:
+        """The CLIP filter's thresholds (`DatasetError` naming the setting if one is out of [-1, 1])."""
+        values = [getattr(self, name) for name in CLIP_THRESHOLDS]
+        try:
+            return ClipThresholds(*values)
+        except ClipError:
+            name, value = next((n, v) for n, v in zip(CLIP_THRESHOLDS, values)
+                               if isinstance(v, bool) or not isinstance(v, (int, float)) or not -1.0 <= v <= 1.0)
+            raise DatasetError(f"{name} must be a number in [-1, 1] (a cosine similarity), got {value!r}") from None
 
     def record(self) -> dict:
-        """The settings as JSON values (ranges as their text)."""
-        return {k: (str(v) if isinstance(v, Range) else v) for k, v in asdict(self).items()} | {
-            "self_steps": str(self.self_steps), "cross_steps": str(self.cross_steps), "guidance": str(self.guidance)}
+        """The settings that decide the data as JSON values (ranges as their text), with the filter; only
+        the filter's own settings (``min_score`` for the detector, the CLIP folder and thresholds for
+        CLIP), and not ``batch_rows``."""
+        unused = (CLIP_SETTINGS if self.clip is None else ("min_score",)) + ("batch_rows",)
+        return {k: (str(v) if isinstance(v, Range) else v) for k, v in asdict(self).items() if k not in unused} | {
+            "self_steps": str(self.self_steps), "cross_steps": str(self.cross_steps), "guidance": str(self.guidance),
+            "filter": self.filter}
 
 
 # ============================================================================ input
@@ -184,30 +243,59 @@ def read_pairs(path: str | os.PathLike) -> tuple[list[Pair], list[tuple[int, str
 
 @dataclass(frozen=True)
 class Candidate:
-    """One candidate's seed and settings."""
+    """One candidate's seed and settings; ``group``: the index of the seed group it belongs to."""
 
     index: int
     seed: int
     self_steps: float
     cross_steps: float
     guidance: float
+    group: int = 0
 
 
 def candidate_seed(run_seed: int, pair: Pair, index: int) -> int:
-    """The candidate's seed: 63 bits of SHA-256 of the run seed, the line's content and the index."""
+    """A seed group's seed (with one candidate a seed, the candidate's): 63 bits of SHA-256 of the
+    run seed, the line's content and the group's index."""
     digest = hashlib.sha256(f"{run_seed}\0{pair.content()}\0{index}".encode("utf-8")).digest()
     return int.from_bytes(digest[:8], "big") & SEED_MASK
 
 
 def candidate_plan(settings: DatasetSettings, pair: Pair) -> list[Candidate]:
-    """The pair's candidates, each with its own seed and settings drawn from a generator seeded by it."""
-    plan = []
-    for index in range(settings.samples_per_pair):
-        seed = candidate_seed(settings.seed, pair, index)
+    """The pair's candidates, in groups of ``candidates_per_seed`` (the last one may be smaller).
+
+    A group's seed is `candidate_seed` of its index; a generator seeded by it draws each member's
+    self- and cross-injection fractions in turn, and the group's guidance (one per pipeline call)
+    right after its first member's two. With one candidate a group these are the candidate's
+    seed, self, cross and guidance, in that order.
+    """
+    plan, size, count = [], settings.candidates_per_seed, settings.samples_per_pair
+    for group, first in enumerate(range(0, count, size)):
+        seed = candidate_seed(settings.seed, pair, group)
         rng = np.random.default_rng(seed)
-        plan.append(Candidate(index, seed, settings.self_steps.sample(rng), settings.cross_steps.sample(rng),
-                              settings.guidance.sample(rng)))
+        guidance = None
+        for index in range(first, min(first + size, count)):
+            self_steps, cross_steps = settings.self_steps.sample(rng), settings.cross_steps.sample(rng)
+            if guidance is None:
+                guidance = settings.guidance.sample(rng)
+            plan.append(Candidate(index, seed, self_steps, cross_steps, guidance, group))
     return plan
+
+
+def seed_groups(candidates: list[Candidate]) -> list[list[Candidate]]:
+    """Candidates split into their seed groups, in order (consecutive candidates of one ``group``)."""
+    groups: list[list[Candidate]] = []
+    for candidate in candidates:
+        if groups and groups[-1][0].group == candidate.group:
+            groups[-1].append(candidate)
+        else:
+            groups.append([candidate])
+    return groups
+
+
+def row_chunks(group: list[Candidate], batch_rows: int | None) -> list[list[Candidate]]:
+    """A group split into runs of at most ``batch_rows`` candidates (None: the whole group)."""
+    size = batch_rows or len(group)
+    return [group[k:k + size] for k in range(0, len(group), size)]
 
 
 # ============================================================================ filter
@@ -255,8 +343,40 @@ def detector_score(image: np.ndarray, caption: str) -> dict:
 
 def choose_kept(scores: list[float], keep: int, min_score: float) -> list[int]:
     """The indices of the best ``keep`` candidates whose score reaches ``min_score`` (ties: lower index first)."""
-    passing = [k for k, s in enumerate(scores) if s >= min_score]
+    return choose_passing(scores, [s >= min_score for s in scores], keep)
+
+
+def choose_passing(scores: list[float], passed: list[bool], keep: int) -> list[int]:
+    """The indices of the best ``keep`` candidates by score among those that passed (ties: lower index first)."""
+    passing = [k for k, ok in enumerate(passed) if ok]
     return sorted(sorted(passing, key=lambda k: (-scores[k], k))[:keep])
+
+
+class DetectorScorer:
+    """The shapes detector as a scorer: `detector_score` of the edited image against the output caption."""
+
+    def score(self, input_image, edited_image, pair: Pair) -> dict:
+        """``{"score", "checks", "objects_found"}`` of the edited image (the input image is not looked at)."""
+        return detector_score(_uint8(edited_image), pair.output)
+
+
+def load_scorer(settings: DatasetSettings, device: str = "cpu", allow_pickle: bool = False):
+    """The scorer of the run's filter: a `DetectorScorer`, or the CLIP folder loaded (`clip_filter.load_clip`)."""
+    if settings.clip is None:
+        return DetectorScorer()
+    return load_clip(settings.clip, device, allow_pickle)
+
+
+def score_candidate(scorer, settings: DatasetSettings, input_image, edited_image, pair: Pair) -> dict:
+    """A candidate scored by the run's filter: ``score`` (what the kept are ranked by: the detector's
+    share of checks, or the CLIP directional similarity), ``passed`` (the thresholds hold) and the
+    row's other score columns (`SCORE_COLUMNS`; the other filter's are None)."""
+    raw = scorer.score(input_image, edited_image, pair)
+    if settings.clip is None:
+        return {"score": raw["score"], "passed": raw["score"] >= settings.min_score, "score_checks": raw["checks"],
+                **dict.fromkeys(CLIP_COLUMNS)}
+    return {"score": raw["directional"], "passed": settings.clip_thresholds.passes(raw), "score_checks": None,
+            **{column: raw[key] for column, key in zip(CLIP_COLUMNS, SCORE_KEYS)}}
 
 
 # ============================================================================ running a pair
@@ -267,27 +387,74 @@ def _uint8(image) -> np.ndarray:
     return np.asarray(image.convert("RGB"), dtype=np.uint8)
 
 
-def run_candidate(pipe, settings: DatasetSettings, pair: Pair, candidate: Candidate):
-    """One pipeline call: ``(input image, edited image)`` as PIL images."""
+def _windows(values: list[float]):
+    """The pipeline's window argument for these targets: one fraction for one target, else a
+    ``list``, one fraction per target (`schedules.per_target`: a list, never a tuple, which is a
+    ``(start, end)`` window)."""
+    return values[0] if len(values) == 1 else list(values)
+
+
+def run_group(pipe, settings: DatasetSettings, pair: Pair, candidates: list[Candidate], output_type: str = "pil") -> list[tuple]:
+    """One pipeline call for candidates of one seed group: the input caption once, the output caption
+    once per candidate with its own windows. ``[(input image, edited image)]``, PIL images (or the
+    pipeline's ``output_type``)."""
     import torch
 
-    out = pipe(pair.input, [pair.output], cross_replace_steps=candidate.cross_steps,
-               self_replace_steps=candidate.self_steps, num_inference_steps=settings.steps,
-               guidance_scale=candidate.guidance, generator=torch.Generator().manual_seed(candidate.seed),
-               output_type="pil", return_attention=False)
-    return out.images[0], out.images[1]
+    first = candidates[0]
+    if any((c.seed, c.guidance) != (first.seed, first.guidance) for c in candidates):
+        raise ValueError("run_group takes candidates of one seed group (one seed and guidance); split them with seed_groups")
+    out = pipe(pair.input, [pair.output] * len(candidates), cross_replace_steps=_windows([c.cross_steps for c in candidates]),
+               self_replace_steps=_windows([c.self_steps for c in candidates]), num_inference_steps=settings.steps,
+               guidance_scale=first.guidance, generator=torch.Generator().manual_seed(first.seed),
+               output_type=output_type, return_attention=False)
+    return [(out.images[0], edited) for edited in out.images[1:]]
 
 
-def run_pair(pipe, settings: DatasetSettings, pair: Pair) -> dict:
-    """Every candidate of a pair, scored; the kept ones' rows. Returns the manifest entry with ``rows``."""
+def run_candidate(pipe, settings: DatasetSettings, pair: Pair, candidate: Candidate, output_type: str = "pil"):
+    """One candidate alone, one pipeline call: ``(input image, edited image)`` as PIL images."""
+    return run_group(pipe, settings, pair, [candidate], output_type)[0]
+
+
+def _run_rows(pipe, settings: DatasetSettings, pair: Pair, candidates: list[Candidate], output_type: str) -> list[tuple]:
+    """`run_group`, halving the call (recursively) when the device runs out of memory."""
+    import torch
+
+    try:
+        return run_group(pipe, settings, pair, candidates, output_type)
+    except torch.cuda.OutOfMemoryError:
+        if len(candidates) == 1:
+            raise
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+        half = len(candidates) // 2
+        return (_run_rows(pipe, settings, pair, candidates[:half], output_type)
+                + _run_rows(pipe, settings, pair, candidates[half:], output_type))
+
+
+def generate(pipe, settings: DatasetSettings, pair: Pair, candidates: list[Candidate], output_type: str = "pil") -> list[tuple]:
+    """``[(input image, edited image)]``, one per candidate, in order: each seed group as pipeline
+    calls of at most ``settings.batch_rows`` targets (a call that runs out of memory is halved)."""
+    made = []
+    for group in seed_groups(candidates):
+        for chunk in row_chunks(group, settings.batch_rows):
+            made += _run_rows(pipe, settings, pair, chunk, output_type)
+    return made
+
+
+def run_pair(pipe, settings: DatasetSettings, pair: Pair, scorer=None) -> dict:
+    """Every candidate of a pair, scored by ``scorer`` (`load_scorer`; None: the detector, for a
+    detector run); the kept ones' rows. Returns the manifest entry with ``rows``."""
+    if scorer is None:
+        if settings.clip is not None:
+            raise DatasetError("a CLIP-filtered run needs its scorer: pass load_scorer(settings, device)")
+        scorer = DetectorScorer()
     candidates = candidate_plan(settings, pair)
     made, scores = [], []
-    for candidate in candidates:
-        source, edited = run_candidate(pipe, settings, pair, candidate)
-        result = detector_score(_uint8(edited), pair.output)
+    for source, edited in generate(pipe, settings, pair, candidates):
+        result = score_candidate(scorer, settings, source, edited, pair)
         made.append((source, edited, result))
         scores.append(result["score"])
-    kept = choose_kept(scores, settings.keep, settings.min_score)
+    kept = choose_passing(scores, [result["passed"] for _, _, result in made], settings.keep)
     rows = []
     for rank, k in enumerate(sorted(kept, key=lambda k: (-scores[k], k))):
         source, edited, result = made[k]
@@ -297,10 +464,11 @@ def run_pair(pipe, settings: DatasetSettings, pair: Pair) -> dict:
                      "input_image": {"bytes": png_bytes(source), "path": None},
                      "edited_image": {"bytes": png_bytes(edited), "path": None},
                      "self_steps": c.self_steps, "cross_steps": c.cross_steps, "guidance": c.guidance,
-                     "steps": settings.steps, "model": settings.model or "bundled", "score": result["score"],
-                     "score_checks": result["checks"]})
+                     "steps": settings.steps, "model": settings.model or "bundled",
+                     **{column: result[column] for column in SCORE_COLUMNS}})
     return {"line": pair.line, "content": pair.content(), "candidates": [c.index for c in candidates],
-            "seeds": [c.seed for c in candidates], "scores": scores, "kept": kept, "rows": rows}
+            "seeds": [c.seed for c in candidates], "scores": scores, "kept": kept,
+            "candidate_scores": [result for _, _, result in made], "rows": rows}
 
 
 # ============================================================================ output
@@ -312,13 +480,17 @@ def shard_name(line: int) -> str:
 
 
 def parquet_bytes(rows: list[dict]) -> bytes:
-    """Rows as one Parquet file's bytes (an empty table with the schema when there are none)."""
+    """Rows as one Parquet file's bytes (the schema and no row group when there are none: `datasets`
+    fails on a row group of 0 rows, "BatchSize must be greater than 0")."""
     import pyarrow as pa
     import pyarrow.parquet as pq
 
     table = pa.Table.from_pylist(rows, schema=row_schema())
     buffer = io.BytesIO()
-    pq.write_table(table, buffer)
+    if rows:
+        pq.write_table(table, buffer)
+    else:
+        pq.ParquetWriter(buffer, table.schema).close()
     return buffer.getvalue()
 
 
@@ -337,6 +509,7 @@ def row_schema():
         ("input_image", image), ("edited_image", image),
         ("self_steps", pa.float64()), ("cross_steps", pa.float64()), ("guidance", pa.float64()),
         ("steps", pa.int32()), ("model", pa.string()), ("score", pa.float64()), ("score_checks", pa.int32()),
+        *((column, pa.float64()) for column in CLIP_COLUMNS),
     ]
     dtypes = {"double": "float64"}  # datasets' name where pyarrow's differs
     features = {name: {"_type": "Image"} if name in IMAGE_COLUMNS else {"dtype": dtypes.get(str(kind), str(kind)), "_type": "Value"}
@@ -374,7 +547,8 @@ class DatasetWriter:
         elif self.root.is_dir() and any(self.root.iterdir()):
             raise DatasetError(f"{self.root} is not empty and holds no p2p dataset; use --overwrite or another -o folder")
         for folder in (DATA_DIR, STATE_DIR):
-            (self.root / folder).mkdir(parents=True, exist_ok=True)
+            with writing_into(self.root):
+                (self.root / folder).mkdir(parents=True, exist_ok=True)
             remove_stale_temps(self.root / folder)
         remove_stale_temps(self.root)
         atomic_write_json(run_file, self.run)
@@ -410,13 +584,15 @@ class DatasetWriter:
         return entry is not None and entry.get("content") == pair.content()
 
     def add(self, result: dict) -> None:
-        """Write a pair's shard atomically, then its manifest line (flushed to disk)."""
+        """Write a pair's shard atomically, then its manifest line (flushed to disk).
+
+        Raises:
+            imageio.WriteError: the folder is full, read-only or gone; a manifest line is written whole
+                or not at all (`imageio.append_bytes`), and a shard without one is redone by the next run.
+        """
         atomic_write_bytes(self.root / DATA_DIR / shard_name(result["line"]), parquet_bytes(result["rows"]))
         entry = {k: v for k, v in result.items() if k != "rows"}
-        with open(self.root / MANIFEST, "ab") as handle:
-            handle.write(manifest_line(entry))
-            handle.flush()
-            os.fsync(handle.fileno())
+        append_bytes(self.root / MANIFEST, manifest_line(entry))
         self.done[result["line"]] = entry
 
     def write_card(self, command: str, failed: int) -> dict:
@@ -432,7 +608,8 @@ class DatasetWriter:
                 f"- rows kept: {counts['rows']}\n- filtered out: {counts['filtered_out']}\n"
                 f"- failed pairs (run again to retry): {failed}\n\n## Settings\n\n{settings}\n\n"
                 "Columns: line, candidate, rank, seed, input_caption, output_caption, edit, input_image and "
-                "edited_image (images: PNG bytes in `bytes`), self_steps, cross_steps, guidance, steps, model, score, score_checks.\n")
+                "edited_image (images: PNG bytes in `bytes`), self_steps, cross_steps, guidance, steps, model, "
+                f"{', '.join(SCORE_COLUMNS)} (score: what the kept were ranked by; {self.run['settings'].get('filter', 'detector')} filter).\n")
         atomic_write_bytes(self.root / CARD, text.encode("utf-8"))
         atomic_write_bytes(self.root / COUNTS, json_bytes(counts))
         return counts
@@ -451,56 +628,151 @@ def run_record(settings: DatasetSettings, pairs_sha256: str) -> dict:
 # ============================================================================ running
 
 
-_WORKER: dict = {}
+#: ``.p2p/throughput.json``: the last run's rates, per worker and in total.
+THROUGHPUT = f"{STATE_DIR}/throughput.json"
 
 
 def load_worker_pipeline(model: str | None, dtype: str, device: str, allow_pickle: bool = False):
-    """The pipeline a worker holds (no progress bar of its own)."""
+    """The pipeline a worker holds (no progress bar of its own; the libraries' loading bars and
+    info logs silenced, as the CLI does in its own process)."""
+    import diffusers.utils.logging as dlog
     import torch
+    import transformers.utils.logging as tlog
 
     from . import loading
+
+    for module in (dlog, tlog):
+        module.set_verbosity_error()
+        module.disable_progress_bar()
 
     pipe = loading.load_pipeline(model, torch_dtype=getattr(torch, dtype), allow_pickle=allow_pickle).to(device)
     pipe.set_progress_bar_config(disable=True)
     return pipe
 
 
-def _worker_init(settings: DatasetSettings, device: str, allow_pickle: bool) -> None:
-    """A pool worker's start: load its pipeline once."""
-    import warnings
+def default_workers(device: str, cuda_count: int) -> int:
+    """``--workers``' default on one machine: one per CUDA GPU for ``--device cuda``, else 1."""
+    return max(1, cuda_count) if device == "cuda" else 1
 
-    warnings.simplefilter("ignore")
-    _WORKER["settings"] = settings
-    _WORKER["pipe"] = load_worker_pipeline(settings.model, settings.dtype, device, allow_pickle)
+
+def worker_device(device: str, index: int, cuda_count: int) -> str:
+    """Worker ``index``'s device: ``cuda`` spreads the workers over the GPUs (``cuda:index mod count``);
+    any other device (``cpu``, ``cuda:N``, ``mps``) is every worker's."""
+    return f"cuda:{index % cuda_count}" if device == "cuda" and cuda_count > 0 else device
+
+
+def worker_threads(workers: int, cores: int, requested: int | None) -> int:
+    """Torch threads per pool worker: ``OMP_NUM_THREADS`` when set (``requested``), else the cores shared out.
+
+    CPU results can round differently with another thread count, so rows made with different
+    worker counts match bit for bit only at one thread count: set ``OMP_NUM_THREADS`` for that.
+    """
+    return requested if requested is not None else max(1, cores // max(1, workers))
+
+
+def requested_threads() -> int | None:
+    """``OMP_NUM_THREADS`` as a positive int, or None when unset or not one."""
+    text = os.environ.get("OMP_NUM_THREADS", "").strip()
+    return int(text) if text.isdigit() and int(text) > 0 else None
+
+
+def cpu_cores() -> int:
+    """The cores this process may run on."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+
+
+class PairWorker:
+    """One worker: its pipeline and scorer (`load_scorer`), loaded once, then pairs one at a time (`run`).
+
+    The same class serves the in-process run, each process-pool worker and each Ray actor. A
+    result carries the worker's ``index`` as ``worker`` and the pair's ``seconds``. ``hook(pair,
+    index)`` runs before each pair (instrumentation; the tests kill a worker from it).
+    """
+
+    def __init__(self, settings: DatasetSettings, device: str, index: int = 0, threads: int | None = None,
+                 allow_pickle: bool = False, pipe=None, hook=None):
+        import warnings
+
+        import torch
+
+        if threads is not None:
+            torch.set_num_threads(threads)
+        warnings.simplefilter("ignore")
+        self.settings, self.index, self.hook = settings, index, hook
+        self.pipe = pipe if pipe is not None else load_worker_pipeline(settings.model, settings.dtype, device, allow_pickle)
+        self.scorer = load_scorer(settings, device, allow_pickle)
+
+    def run(self, pair: Pair) -> dict:
+        """`safe_run_pair` with this worker's pipeline, tagged with ``worker`` and ``seconds``."""
+        if self.hook is not None:
+            self.hook(pair, self.index)
+        started = time.perf_counter()
+        result = safe_run_pair(self.pipe, self.settings, pair, self.scorer)
+        return result | {"worker": self.index, "seconds": time.perf_counter() - started}
+
+    def pid(self) -> int:
+        """The worker's process id."""
+        return os.getpid()
+
+
+_WORKER: dict = {}
+
+
+def _worker_init(settings: DatasetSettings, device: str, allow_pickle: bool, indices=None, threads: int | None = None) -> None:
+    """A pool worker's start: take the next worker index from ``indices`` (a queue; None: 0), pick its
+    device, load its pipeline and scorer once (`PairWorker`)."""
+    import torch
+
+    index = indices.get() if indices is not None else 0
+    cuda_count = torch.cuda.device_count() if device == "cuda" else 0
+    _WORKER["worker"] = PairWorker(settings, worker_device(device, index, cuda_count), index, threads, allow_pickle)
 
 
 def _worker_pair(pair: Pair) -> dict:
     """A pool worker's job: one pair with the worker's pipeline."""
-    return safe_run_pair(_WORKER["pipe"], _WORKER["settings"], pair)
+    return _WORKER["worker"].run(pair)
 
 
-def safe_run_pair(pipe, settings: DatasetSettings, pair: Pair) -> dict:
+def safe_run_pair(pipe, settings: DatasetSettings, pair: Pair, scorer=None) -> dict:
     """`run_pair`, or ``{"line": ..., "error": reason}`` when the pair fails (the others go on)."""
     try:
-        return run_pair(pipe, settings, pair)
+        return run_pair(pipe, settings, pair, scorer)
     except Exception as err:  # noqa: BLE001 - one pair's failure is reported, not fatal
         reason = " ".join(str(err).split()) or type(err).__name__
         return {"line": pair.line, "error": f"{type(err).__name__}: {reason}"}
 
 
-def pair_results(pairs: list[Pair], settings: DatasetSettings, device: str, workers: int, pipe=None, allow_pickle: bool = False):
-    """Yield each pair's result (`safe_run_pair`) as it finishes: in this process with ``pipe``
-    (loaded here if None) for one worker, else from a spawned process pool, one pipeline per worker."""
+def pair_results(pairs: list[Pair], settings: DatasetSettings, device: str | None, workers: int | None = None, pipe=None,
+                 allow_pickle: bool = False, ray=None, hook=None):
+    """Yield each pair's result (`PairWorker.run`) as it finishes: on Ray when ``ray`` (a
+    `dataset_ray.RayCluster`) is given, else in this process with ``pipe`` (loaded here if None)
+    for one worker, else from a spawned process pool, one pipeline per worker (``workers`` None:
+    one per CUDA GPU for ``cuda``, else 1). No pairs: nothing is loaded."""
+    if not pairs:
+        return
+    if ray is not None:
+        yield from ray.pair_results(pairs, settings, device, workers, allow_pickle, hook)
+        return
+    import torch
+
+    if workers is None:
+        workers = default_workers(device, torch.cuda.device_count() if device == "cuda" else 0)
     if workers <= 1 or len(pairs) <= 1:
-        pipe = pipe if pipe is not None else load_worker_pipeline(settings.model, settings.dtype, device, allow_pickle)
+        worker = PairWorker(settings, device, allow_pickle=allow_pickle, pipe=pipe, hook=hook)
         for pair in pairs:
-            yield safe_run_pair(pipe, settings, pair)
+            yield worker.run(pair)
         return
     import concurrent.futures as futures
     import multiprocessing
 
-    pool = futures.ProcessPoolExecutor(max_workers=min(workers, len(pairs)), mp_context=multiprocessing.get_context("spawn"),
-                                       initializer=_worker_init, initargs=(settings, device, allow_pickle))
+    context = multiprocessing.get_context("spawn")
+    workers = min(workers, len(pairs))
+    indices = context.Queue()  # each worker takes one index (its GPU, its place in the throughput record)
+    for index in range(workers):
+        indices.put(index)
+    threads = worker_threads(workers, cpu_cores(), requested_threads())
+    pool = futures.ProcessPoolExecutor(max_workers=workers, mp_context=context, initializer=_worker_init,
+                                       initargs=(settings, device, allow_pickle, indices, threads))
     try:
         jobs = {pool.submit(_worker_pair, pair): pair for pair in pairs}
         for job in futures.as_completed(jobs):
@@ -519,31 +791,88 @@ def unfinished(pairs: list[Pair], writer: DatasetWriter) -> list[Pair]:
     return [p for p in pairs if not writer.finished(p)]
 
 
+def _rate(count: float, seconds: float) -> float:
+    """``count / seconds`` (0 for no time)."""
+    return count / seconds if seconds > 0 else 0.0
+
+
+@dataclass
+class Throughput:
+    """A run's rates. A worker's rate is its pairs (candidates) over the seconds it spent running
+    them; the total is the sum of the workers' rates, what they sustain together. ``wall`` is pairs
+    over the run's wall-clock time (in a pool or on Ray, the workers' model loading included).
+    ``writes`` are the driver's seconds writing each pair's shard and manifest line: the driver
+    writes one pair at a time, so the total cannot pass ``1 / median(writes)``."""
+
+    wall_seconds: float = 0.0
+    writes: list = field(default_factory=list)
+    workers: dict = field(default_factory=dict)  # worker index -> {"pairs", "candidates", "seconds"}
+
+    def add(self, worker: int, seconds: float, candidates: int, write_seconds: float) -> None:
+        """Count one pair done by ``worker`` in ``seconds``, written by the driver in ``write_seconds``."""
+        entry = self.workers.setdefault(int(worker), {"pairs": 0, "candidates": 0, "seconds": 0.0})
+        entry["pairs"] += 1
+        entry["candidates"] += candidates
+        entry["seconds"] += seconds
+        self.writes.append(write_seconds)
+
+    def record(self) -> dict:
+        """The rates as JSON values (``.p2p/throughput.json``)."""
+        workers = {str(k): v | {"pairs_per_s": _rate(v["pairs"], v["seconds"]), "candidates_per_s": _rate(v["candidates"], v["seconds"])}
+                   for k, v in sorted(self.workers.items())}
+        pairs = sum(v["pairs"] for v in self.workers.values())
+        return {"workers": workers, "pairs": pairs,
+                "pairs_per_s": sum(v["pairs_per_s"] for v in workers.values()),
+                "candidates_per_s": sum(v["candidates_per_s"] for v in workers.values()),
+                "wall_seconds": self.wall_seconds, "wall_pairs_per_s": _rate(pairs, self.wall_seconds),
+                "write_seconds_median": float(np.median(self.writes)) if self.writes else 0.0}
+
+    def line(self) -> str:
+        """One line for the summary, e.g. ``2 workers: 0.21 pairs/s in total (0.84 candidates/s); worker 0: 0.11, worker 1: 0.10``."""
+        record = self.record()
+        each = ", ".join(f"worker {k}: {v['pairs_per_s']:.2f}" for k, v in record["workers"].items())
+        count = len(record["workers"])
+        return (f"{count} worker{'s' if count != 1 else ''}: {record['pairs_per_s']:.2f} pairs/s in total "
+                f"({record['candidates_per_s']:.2f} candidates/s); {each or 'no pairs run'}; "
+                f"{record['wall_pairs_per_s']:.2f} pairs/s wall-clock; "
+                f"the driver writes a pair in {record['write_seconds_median'] * 1000:.0f} ms (median)")
+
+
 @dataclass
 class Summary:
-    """What a run did: pairs done now and earlier, rows kept, candidates filtered out, failures."""
+    """What a run did: pairs done now and earlier, rows kept, candidates filtered out, failures, rates."""
 
     done: int = 0
     skipped: int = 0
     kept: int = 0
     filtered_out: int = 0
     failed: list = field(default_factory=list)
+    throughput: Throughput = field(default_factory=Throughput)
 
 
 def make_dataset(pairs: list[Pair], settings: DatasetSettings, writer: DatasetWriter, device: str = "cpu",
-                 workers: int = 1, pipe=None, progress=None, allow_pickle: bool = False) -> Summary:
-    """Run every unfinished pair and write its shard and manifest line; ``progress(n)`` after each pair."""
+                 workers: int | None = None, pipe=None, progress=None, allow_pickle: bool = False,
+                 ray=None, hook=None) -> Summary:
+    """Run every unfinished pair (`pair_results`) and write its shard and manifest line here, in
+    this process, whichever runs the pairs; ``progress(n)`` after each pair. The rates go to
+    ``.p2p/throughput.json``."""
     summary = Summary()
     todo = unfinished(pairs, writer)
     summary.skipped = len(pairs) - len(todo)
-    for result in pair_results(todo, settings, device, workers, pipe, allow_pickle):
+    started = time.perf_counter()
+    for result in pair_results(todo, settings, device, workers, pipe, allow_pickle, ray, hook):
+        worker, seconds = result.pop("worker", 0), result.pop("seconds", 0.0)
         if "error" in result:
             summary.failed.append((result["line"], result["error"]))
         else:
+            writing = time.perf_counter()
             writer.add(result)
+            summary.throughput.add(worker, seconds, len(result["candidates"]), time.perf_counter() - writing)
             summary.done += 1
             summary.kept += len(result["kept"])
             summary.filtered_out += len(result["candidates"]) - len(result["kept"])
         if progress is not None:
             progress(1)
+    summary.throughput.wall_seconds = time.perf_counter() - started
+    atomic_write_json(writer.root / THROUGHPUT, summary.throughput.record())
     return summary

@@ -4,14 +4,20 @@ Every PNG holds its parameters twice: as JSON in the iTXt chunk ``prompt2prompt`
 `read_png_metadata` and ``p2p info`` read back) and as text in the ``parameters`` chunk (for
 people and other tools). Every file is written to a temporary file in its own folder and then
 renamed over the final name (`os.replace`), so a reader or an interrupted run never sees half a file.
+
+A write that fails because of its folder (disk full, read-only, removed) raises `WriteError`,
+one line naming the folder and the fix; the temporary files are removed first.
 """
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import hashlib
 import io
 import json
 import os
+import re
 import struct
 import tempfile
 import zlib
@@ -27,6 +33,74 @@ METADATA_KEY = "prompt2prompt"
 PARAMETERS_KEY = "parameters"
 #: Temporary files start with this (and are hidden); `remove_stale_temps` deletes leftovers.
 TEMP_PREFIX = ".p2p-tmp-"
+#: ``errno`` -> (what went wrong, what to do first), for `WriteError`; other errors read ``os.strerror``.
+WRITE_PROBLEMS = {
+    errno.ENOSPC: ("no space left on device", "free space"),
+    errno.EDQUOT: ("disk quota exceeded", "free space"),
+    errno.EROFS: ("read-only file system", "make it writable"),
+    errno.EACCES: ("permission denied", "make it writable"),
+    errno.EPERM: ("permission denied", "make it writable"),
+    errno.ENOENT: ("the folder vanished (removed or unmounted while running)", "restore it"),
+}
+#: What `WriteError` tells a library caller to choose instead (the command line and the web page name their flag).
+OTHER_FOLDER = "another output folder"
+
+
+class WriteError(ValueError):
+    """Files could not be written into ``folder`` because of the folder itself (disk full,
+    read-only, removed): ``"no space left on device writing into DIR: free space or choose another
+    output folder"``. The ``OSError`` is the ``__cause__``; ``errno`` is its number.
+
+    Nothing is left under a final name by the failed write (its temporary files are removed).
+    """
+
+    def __init__(self, folder: str | os.PathLike, problem: str, remedy: str, errno_: int | None = None,
+                 other: str = OTHER_FOLDER):
+        self.folder, self.problem, self.remedy, self.errno = Path(folder), problem, remedy, errno_
+        super().__init__(f"{problem} writing into {self.folder}: {remedy} or choose {other}")
+
+    def choose(self, other: str) -> WriteError:
+        """The same error, advising to choose ``other`` (e.g. ``"another -o folder"``) instead."""
+        return WriteError(self.folder, self.problem, self.remedy, self.errno, other)
+
+
+def write_error(err: OSError, folder: str | os.PathLike) -> WriteError:
+    """The `WriteError` of an ``OSError`` (with an ``errno``) met writing into ``folder``."""
+    problem, remedy = WRITE_PROBLEMS.get(err.errno, (os.strerror(err.errno), "check it"))
+    return WriteError(folder, problem.lower(), remedy, err.errno)
+
+
+@contextlib.contextmanager
+def writing_into(folder: str | os.PathLike):
+    """Turn an ``OSError`` that the system raised in the block (writing into ``folder``; one with an
+    ``errno``) into `WriteError`; others pass through."""
+    try:
+        yield
+    except OSError as err:
+        if err.errno is None:
+            raise
+        raise write_error(err, folder) from err
+
+
+def as_os_error(err: Exception) -> Exception:
+    """``err`` as an ``OSError`` when its message carries an OS error number (Rust's ``"(os error
+    28)"``, as safetensors reports a full disk), else ``err`` itself."""
+    found = re.search(r"\(os error (\d+)\)", str(err))
+    if found is None or isinstance(err, OSError):
+        return err
+    number = int(found.group(1))
+    return OSError(number, os.strerror(number))
+
+
+def discard(path: str | os.PathLike | None) -> None:
+    """Remove a temporary file if it is there; a failure (a read-only folder) is ignored, since the
+    error being reported is the one that matters."""
+    if path is None:
+        return
+    try:
+        Path(path).unlink(missing_ok=True)
+    except OSError:
+        pass
 
 
 def png_bytes(image: PIL.Image.Image, metadata: Mapping | None = None, parameters: str | None = None) -> bytes:
@@ -202,22 +276,54 @@ def write_temp(path: str | os.PathLike, data: bytes) -> Path:
             handle.flush()
             os.fsync(handle.fileno())
     except BaseException:
-        Path(temp).unlink(missing_ok=True)
+        discard(temp)
         raise
     return Path(temp)
 
 
 def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> Path:
-    """Write ``data`` to ``path`` atomically: a temporary file in the same folder, then `os.replace`."""
+    """Write ``data`` to ``path`` atomically: a temporary file in the same folder, then `os.replace`.
+
+    Raises:
+        WriteError: the folder is full, read-only or gone (nothing written under ``path``).
+    """
     path = Path(path)
-    temp = write_temp(path, data)
-    try:
-        os.replace(temp, path)
-    except BaseException:
-        temp.unlink(missing_ok=True)
-        raise
+    with writing_into(path.parent):
+        temp = write_temp(path, data)
+        try:
+            os.replace(temp, path)
+        except BaseException:
+            discard(temp)
+            raise
     _fsync_dir(path.parent)
     return path
+
+
+def append_bytes(path: str | os.PathLike, data: bytes) -> None:
+    """Append ``data`` to ``path`` (made if missing) whole or not at all, flushed to disk: a write
+    that fails part way (disk full) is cut off again, so the file ends where it ended before.
+
+    Raises:
+        WriteError: the folder is full, read-only or gone.
+    """
+    path = Path(path)
+    with writing_into(path.parent):
+        fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, _file_mode())
+        try:
+            size = os.fstat(fd).st_size
+            try:
+                view = memoryview(data)
+                while view:  # os.write may write part of it and return the count
+                    view = view[os.write(fd, view):]
+                os.fsync(fd)
+            except OSError:
+                try:
+                    os.ftruncate(fd, size)  # frees what the torn part took; needs no space
+                except OSError:
+                    pass
+                raise
+        finally:
+            os.close(fd)
 
 
 def json_bytes(value) -> bytes:
@@ -255,22 +361,28 @@ def save_tensor_file(path: str | os.PathLike, tensors: Mapping, meta: dict, file
     from safetensors.torch import save_file
 
     path, sidecar = tensor_file_paths(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f"{TEMP_PREFIX}{path.name}.", dir=path.parent)
-    os.close(fd)
-    tmp, tmp_json = Path(tmp), None
-    try:
-        save_file(dict(tensors), str(tmp), metadata={"format": file_format})
-        if checksum is not None:
-            meta = {**meta, checksum: file_sha256(tmp)}
-        tmp_json = write_temp(sidecar, json.dumps(meta, indent=1).encode("utf-8"))
-        os.replace(tmp, path)
-        os.replace(tmp_json, sidecar)
-    except BaseException:
-        for leftover in (tmp, tmp_json):
-            if leftover is not None:
-                leftover.unlink(missing_ok=True)
-        raise
+    with writing_into(path.parent):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f"{TEMP_PREFIX}{path.name}.", dir=path.parent)
+        os.close(fd)
+        tmp, tmp_json = Path(tmp), None
+        try:
+            try:
+                save_file(dict(tensors), str(tmp), metadata={"format": file_format})
+            except Exception as err:  # safetensors reports an I/O error as its own SafetensorError
+                converted = as_os_error(err)
+                if converted is err:
+                    raise
+                raise converted from err
+            if checksum is not None:
+                meta = {**meta, checksum: file_sha256(tmp)}
+            tmp_json = write_temp(sidecar, json.dumps(meta, indent=1).encode("utf-8"))
+            os.replace(tmp, path)
+            os.replace(tmp_json, sidecar)
+        except BaseException:
+            discard(tmp)
+            discard(tmp_json)
+            raise
     return path
 
 
@@ -335,10 +447,15 @@ class OutputSet:
     finished-looking mix), and afterwards the files the earlier marker named that this set does
     not rewrite are deleted, so ``edit-2.png`` of a two-target run does not survive a one-target
     run. Other files in the folder are left alone.
+
+    ``root``: the run's output folder (``folder`` or a folder above it), made before the run; when
+    it is gone at commit (removed or unmounted), the commit stops with `WriteError` rather than make
+    it again, and errors name it rather than ``folder``.
     """
 
-    def __init__(self, folder: str | os.PathLike):
+    def __init__(self, folder: str | os.PathLike, root: str | os.PathLike | None = None):
         self.folder = Path(folder)
+        self.root = Path(root) if root is not None else None
         self._files: list[tuple[str, bytes]] = []
 
     def add(self, name: str, data: bytes) -> None:
@@ -357,7 +474,17 @@ class OutputSet:
         return [n for n, _ in self._files]
 
     def commit(self) -> list[Path]:
-        """Write the files into the folder (see the class); returns their paths in order."""
+        """Write the files into the folder (see the class); returns their paths in order.
+
+        Raises:
+            WriteError: the folder is full, read-only or gone; nothing of this set is left.
+        """
+        if self.root is not None and not self.root.is_dir():
+            raise write_error(OSError(errno.ENOENT, os.strerror(errno.ENOENT)), self.root)
+        with writing_into(self.root or self.folder):
+            return self._commit()
+
+    def _commit(self) -> list[Path]:
         created = not self.folder.exists()
         self.folder.mkdir(parents=True, exist_ok=True)
         marker = self.folder / self._files[-1][0] if self._files else None
@@ -375,9 +502,9 @@ class OutputSet:
             _fsync_dir(self.folder)
         except BaseException:
             for temp, _ in temps:
-                temp.unlink(missing_ok=True)
+                discard(temp)
             for final in done:
-                final.unlink(missing_ok=True)
+                discard(final)
             if created:
                 try:
                     self.folder.rmdir()

@@ -68,9 +68,21 @@ def _check_component(folder: Path, name: str, allow_pickle: bool) -> None:
     sub = folder / name
     if not sub.is_dir():
         raise ValueError(f"{sub}: missing folder of the component {name!r} that model_index.json lists; restore it, or save the model again")
+    check_weights_folder(sub, f"the component {name!r}", allow_pickle)
+
+
+def check_weights_folder(sub: Path, what: str, allow_pickle: bool) -> None:
+    """Raise `ValueError` naming the first bad file of a ``save_pretrained`` model folder ``sub``.
+
+    Every JSON file must parse; a folder with weights needs ``config.json``; a folder with
+    ``config.json`` needs weights; every shard a ``*.safetensors.index.json`` lists must be there;
+    each safetensors file must be complete; pickle-only weights are refused without
+    ``allow_pickle``. A folder of JSON and text files only (a tokenizer, a scheduler) passes.
+    ``what`` names the folder in the messages (e.g. ``"the component 'unet'"``).
+    """
     files = [p for p in sub.iterdir() if p.is_file()]
     if not files:
-        raise ValueError(f"{sub}: the component {name!r} is an empty folder; restore its files, or save the model again")
+        raise ValueError(f"{sub}: {what} is an empty folder; restore its files, or save the model again")
     for p in files:
         if p.suffix == ".json":
             _read_json(p, "a configuration file")
@@ -78,10 +90,10 @@ def _check_component(folder: Path, name: str, allow_pickle: bool) -> None:
     indexes = [p for p in files if p.name.endswith(".safetensors.index.json")]
     if not weights and not indexes:
         if (sub / "config.json").is_file():
-            raise ValueError(f"{sub}: no weights file for the component {name!r} (expected *.safetensors); restore it, or save the model again")
+            raise ValueError(f"{sub}: no weights file for {what} (expected *.safetensors); restore it, or save the model again")
         return  # a tokenizer, scheduler or feature extractor: JSON and text files only
     if not (sub / "config.json").is_file():
-        raise ValueError(f"{sub / 'config.json'}: missing; the component {name!r} has weights but no configuration; restore it, or save the model again")
+        raise ValueError(f"{sub / 'config.json'}: missing; {what} has weights but no configuration; restore it, or save the model again")
     for index in indexes:
         shards = sorted(set(_read_json(index, "a weights index").get("weight_map", {}).values()))
         for shard in shards:
@@ -89,7 +101,7 @@ def _check_component(folder: Path, name: str, allow_pickle: bool) -> None:
                 raise ValueError(f"{sub / shard}: missing shard listed in {index.name}; restore it, or save the model again")
     safetensors = [p for p in weights if p.suffix == ".safetensors"]
     if not safetensors and not allow_pickle:
-        raise ValueError(f"{sub}: the component {name!r} has only pickle weights ({', '.join(sorted(p.name for p in weights))}), "
+        raise ValueError(f"{sub}: {what} has only pickle weights ({', '.join(sorted(p.name for p in weights))}), "
                          "which can run code when loaded; convert them to safetensors, or allow pickle files you trust explicitly "
                          "(allow_pickle=True, p2p --allow-pickle)")
     for p in safetensors:

@@ -226,14 +226,36 @@ def _image_path(value, name: str) -> str:
     path = user_path(value, name)
     if not path.is_file():
         raise OptionError(f"{name} {value}: no such file; give the path of an image file")
+    import warnings
+
     import PIL.Image
 
     try:
-        with PIL.Image.open(path) as image:
-            image.verify()
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", PIL.Image.DecompressionBombWarning)  # refused below, by its size
+            with PIL.Image.open(path) as image:
+                if over_pixel_limit(image):
+                    raise OptionError(f"{name} {value}: {image.width}x{image.height} pixels is over the limit of "
+                                      f"{PIL.Image.MAX_IMAGE_PIXELS} pixels (a guard against decompression bombs); give a smaller picture")
+                image.verify()  # the file's structure (a PNG's checksums)
+            with PIL.Image.open(path) as image:
+                image.load()  # decoded in full: a truncated file is refused here, before any model work
+    except OptionError:
+        raise
+    except PIL.Image.DecompressionBombError as err:
+        raise OptionError(f"{name} {value}: too large to decode ({one_line(err)}); give a smaller picture") from None
     except Exception as err:  # noqa: BLE001 - any decoder error means "not an image"
         raise OptionError(f"{name} {value}: not an image PIL can read ({one_line(err)})") from None
     return str(path.resolve())
+
+
+def over_pixel_limit(image) -> bool:
+    """Whether an opened (not yet decoded) PIL image declares more pixels than PIL's decompression
+    bomb limit, `PIL.Image.MAX_IMAGE_PIXELS` (PIL itself refuses only twice that, and warns between)."""
+    import PIL.Image
+
+    limit = PIL.Image.MAX_IMAGE_PIXELS
+    return limit is not None and image.width * image.height > limit
 
 
 def model_option(value, name: str) -> str | None:

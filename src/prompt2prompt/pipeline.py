@@ -43,6 +43,7 @@ from .arguments import ArgumentError, default
 from .attention import P2PController, attention_sides, p2p_attention
 from .edit_ops import blend_latents, local_blend_mask
 from .edits import EditMode, EditPlan, LocalBlend, build_edit_plan
+from .finite import FiniteWatch, check_pixels
 from .inversion import (
     Inversion,
     InversionMethod,
@@ -926,6 +927,8 @@ class Prompt2PromptPipeline(DiffusionPipeline):
         Raises:
             ArgumentError: a bad argument, named by ``.argument``, before any denoising starts
                 (the edit's own checks raise ValueError; `check_inputs`, `edits.build_edit_plan`).
+            NonFiniteError: NaN or infinity in the latents (naming the first such step) or in the
+                decoded images (a float16 overflow, most often; `finite`), rather than a black image.
         """
         device = self._execution_device
         if source is not None:
@@ -1259,6 +1262,7 @@ class Prompt2PromptPipeline(DiffusionPipeline):
         if inputs.guidance_embedding_dim is not None:
             w = torch.full((len(embeds),), inputs.guidance_scale - 1.0)  # (rows,): diffusers' w = guidance_scale - 1
             timestep_cond = guidance_embedding(w, inputs.guidance_embedding_dim).to(device=latents.device, dtype=latents.dtype)  # (rows, dim)
+        watch = FiniteWatch(len(timesteps), latents.device)
         with p2p_attention(self.unet, controller), self.progress_bar(total=len(timesteps)) as bar:
             for i, t in enumerate(timesteps):
                 if null_embeds is not None:  # null-text inversion: this step's optimised unconditional embedding
@@ -1273,7 +1277,9 @@ class Prompt2PromptPipeline(DiffusionPipeline):
                     rows = controller.with_source_latents(latents, i + 1)  # (prompts, C, h, w), the source first
                     rows = self._local_blend(rows, controller.maps[plan.blend.resolution], plan, inputs.latent_hw)
                     latents = controller.without_source_latents(rows)
+                watch.step(i, latents)
                 bar.update()
+        watch.finish()
         return latents, controller
 
     def _predict_noise(self, latents, t, step: int, embeds, guidance_scale: float, guidance: bool, scheduler, cross_attention_kwargs,
@@ -1311,7 +1317,7 @@ class Prompt2PromptPipeline(DiffusionPipeline):
         """``(images, nsfw flags or None)`` in ``output_type``; latents stay as they are."""
         if output_type == "latent":
             return latents, None
-        decoded = self.decode_latents(latents)  # (prompts, 3, height, width)
+        decoded = check_pixels(self.decode_latents(latents))  # (prompts, 3, height, width)
         decoded, flags = self.run_safety_checker(decoded, device, dtype)
         denormalize = [not f for f in flags] if flags is not None else None
         return self.image_processor.postprocess(decoded, output_type=output_type, do_denormalize=denormalize), flags

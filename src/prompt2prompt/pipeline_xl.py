@@ -889,6 +889,7 @@ class Prompt2PromptXLPipeline(Prompt2PromptPipeline):
 
         Raises:
             ArgumentError: a bad argument, named by ``.argument``, before any denoising starts.
+            NonFiniteError: NaN or infinity in the latents (naming the step) or the decoded images (`finite`).
         """
         device = self._execution_device
         if source is not None:

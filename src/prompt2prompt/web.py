@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import os
 import time
+import weakref
 from collections import OrderedDict
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -30,8 +31,11 @@ DEFAULT_SIDE = 0
 KEPT_INVERSIONS = 4
 #: Past edits the history gallery shows.
 HISTORY_LENGTH = 24
-#: Visitors waiting in Gradio's queue before the page turns more away.
+#: Visitors waiting in Gradio's queue before the page turns more away (``p2p serve --queue-size``).
 QUEUE_SIZE = 32
+#: What a visitor turned away by a full queue is told (the browser shows Gradio's own "This
+#: application is currently busy. Please try again."; an HTTP API caller gets this).
+BUSY_MESSAGE = "The page is busy: {waiting} edits are waiting, the most it queues. Try again in a minute."
 #: The page keeps each visitor's last source pass (in a ``gr.State``) when it is at most this many
 #: MiB, and edits from it while only the target-side settings change (targets, windows within the
 #: pass's budget, re-weighting, local blend). The bundled model's pass at the page's settings fits
@@ -40,6 +44,17 @@ SOURCE_LIMIT_MIB = 256
 MIB = 2**20
 #: Seconds a visitor's kept pass lives after their last edit (the memory is freed after it).
 SOURCE_TTL_S = 1800
+#: What a `imageio.WriteError` shown on the page tells the server's owner to choose instead.
+OTHER_OUTPUT_DIR = "another --output-dir"
+#: All visitors' kept passes together take at most this many MiB (`Editor(kept_total_bytes=...)`);
+#: the least recently used are let go first (that visitor's next edit runs in full). Without it every
+#: API caller, each a session of its own, left a pass behind for `SOURCE_TTL_S`: the server grew by
+#: 1.2 MiB an edit at 2 steps on the bundled model (benchmarks/web_soak.py --new-sessions).
+KEPT_TOTAL_MIB = 1024
+#: Gradio keeps a copy of every file it serves (each result PNG) and every upload in its cache
+#: (``--output-dir``/.gradio); copies older than this many seconds are deleted, checked as often,
+#: so that a long-running server's cache does not grow without end.
+CACHE_AGE_S = 86400
 
 
 def field_of(error: BaseException) -> str:
@@ -140,12 +155,16 @@ class KeptSource:
     (`source_pass.pass_record`): a later request with the same record edits from it."""
 
     record: dict
-    source: Any
+    source: Any  # None once let go (`Editor.kept_total_bytes`)
     inversion: Any = None  # a photo's `Inversion`, which edits from the pass take beside it
 
     @property
     def nbytes(self) -> int:
-        return int(self.source.nbytes)
+        return int(self.source.nbytes) if self.source is not None else 0
+
+    def release(self) -> None:
+        """Let the pass go (its visitor's next edit runs in full)."""
+        self.source = self.inversion = None
 
 
 @dataclass
@@ -191,9 +210,13 @@ def _whole(value, argument: str) -> int:
 
 
 def _photo_path(image) -> str | None:
-    """The photo's path, checked to exist (the library checks that it is a picture)."""
+    """The photo's path, checked to exist (the library checks that it is a picture). A path that
+    climbs out of its folder (a ``..`` part, e.g. an upload named ``../../evil.png`` sent through the
+    API) is refused: Gradio gives the page the paths of its own stored uploads, which have none."""
     if image is None or isinstance(image, str) and not image.strip():
         return None
+    if isinstance(image, (str, os.PathLike)) and ".." in Path(image).parts:
+        raise FieldError("image", f"The photo {str(image)!r} names a parent folder ('..'); upload the picture itself.")
     try:
         found = isinstance(image, (str, os.PathLike)) and Path(image).is_file()
     except (OSError, ValueError):  # e.g. a NUL byte in the name
@@ -283,15 +306,33 @@ class Editor:
         model: the ``--model`` the pipeline was loaded from (None: the bundled model), for the metadata.
         dtype: its ``--dtype`` name (None: float32).
         device: the device it runs on.
+        source_limit_bytes: a visitor's pass is kept when it is at most this size.
+        kept_total_bytes: all visitors' kept passes together are at most this size (`KEPT_TOTAL_MIB`).
     """
 
     def __init__(self, pipe, output_dir: str | os.PathLike, model: str | None = None, dtype: str | None = None, device: str = "cpu",
-                 source_limit_bytes: int = SOURCE_LIMIT_MIB * MIB):
+                 source_limit_bytes: int = SOURCE_LIMIT_MIB * MIB, kept_total_bytes: int = KEPT_TOTAL_MIB * MIB):
         self.pipe = pipe
         self.output_dir = Path(output_dir).resolve()
+        self.output_dir.mkdir(parents=True, exist_ok=True)  # made now: removed later, edits stop with a `WriteError`
         self.model, self.dtype, self.device = model, dtype, device
-        self.source_limit_bytes = source_limit_bytes
+        self.source_limit_bytes, self.kept_total_bytes = source_limit_bytes, kept_total_bytes
         self._inversions: OrderedDict[tuple, Any] = OrderedDict()
+        self._kept: OrderedDict[int, weakref.ref] = OrderedDict()  # id -> the visitors' passes, least recently used first
+
+    def _remember(self, kept: KeptSource) -> None:
+        """Count ``kept`` as the most recently used pass, and let the least recently used go while all
+        together are over `kept_total_bytes` (a pass its visitor's session dropped is already gone)."""
+        self._kept.pop(id(kept), None)
+        self._kept[id(kept)] = weakref.ref(kept)
+        alive = [(key, k) for key, ref in self._kept.items() if (k := ref()) is not None and k.source is not None]
+        total = sum(k.nbytes for _, k in alive)
+        for _, k in alive:  # least recently used first
+            if total <= self.kept_total_bytes or k is kept:
+                break
+            total -= k.nbytes
+            k.release()
+        self._kept = OrderedDict((key, weakref.ref(k)) for key, k in alive if k.source is not None)
 
     def _inversion(self, req: EditRequest):
         from .imageio import file_sha256
@@ -332,11 +373,13 @@ class Editor:
         The result's ``files`` are the paths of ``source.png`` and ``edit-K.png``, ``heat`` the
         ``(path, caption)`` of each word's cross-attention heat map PNG. The options are checked before
         any work (a bad one raises `FieldError`, and nothing is written); library ValueErrors pass
-        through. The files appear together or not at all (`imageio.OutputSet`).
+        through. The files appear together or not at all (`imageio.OutputSet`): when the output folder
+        is full, read-only or gone, `imageio.WriteError` names it and ``--output-dir``, and the page
+        shows it under the form.
         """
         import torch
 
-        from .imageio import OutputSet, file_sha256
+        from .imageio import OutputSet, WriteError, file_sha256
         from .options import image_metadata, parameters_text, slugify
         from .source_pass import pass_record
         from .visualisation import token_heatmaps
@@ -346,7 +389,7 @@ class Editor:
         record = pass_record(options, file_sha256(req.image) if req.image else None)
         start = time.perf_counter()
         out, reused, note = None, False, ""
-        if kept is not None and kept.record == record:
+        if kept is not None and kept.source is not None and kept.record == record:
             try:
                 extra = {"inversion": kept.inversion} if kept.inversion is not None else {}
                 out = self.pipe(req.prompt, req.edit_prompts, source=kept.source, **extra, **kwargs)
@@ -363,6 +406,8 @@ class Editor:
             size = f"{source.nbytes / MIB:.1f} MiB"
             keeping = (f"source pass kept for the next edit ({size})" if kept is not None
                        else f"source pass not kept: {size} is over the {self.source_limit_bytes / MIB:g} MiB limit")
+        if kept is not None:
+            self._remember(kept)
         seconds = time.perf_counter() - start
         if reused:
             status = f"source reused: only the targets ran, in {seconds:.2f} s"
@@ -378,7 +423,7 @@ class Editor:
                                edit_mode=mode, source="p2p serve", **extra)
             return m, parameters_text(m)
 
-        output = OutputSet(folder)
+        output = OutputSet(folder, self.output_dir)
         files, heat = [], []
         for k, image in enumerate(out.images):
             stem = "source" if k == 0 else f"edit-{k}"
@@ -388,18 +433,24 @@ class Editor:
                 name = f"attention-{stem}-{i:02d}-{slugify(word, 20)}.png"
                 output.add_png(name, im, *meta("cross-attention", k, name, word=word, attention_resolution=out.attention.resolution))
                 heat.append((str(folder / name), f"{'source' if k == 0 else f'target {k}'}: {word}"))
-        output.commit()
+        try:
+            output.commit()
+        except WriteError as err:
+            raise err.choose(OTHER_OUTPUT_DIR) from err.__cause__
         return EditResult(files, heat, kept, status, reused, seconds)
 
 
 def _tolerant(photo):
     """Make a `gradio.Image` upload (``type="filepath"``) hand on a file PIL cannot open instead of
     failing in Gradio's own decoding, so that the image check (`EditRequest.options`) reports it beside
-    the photo field. Returns ``photo``. (Wrapped on the instance: a `gradio.Image` subclass would make
-    Gradio write a ``.pyi`` file beside this module.)"""
+    the photo field; a decompression bomb (`_undecodable`) is handed on undecoded. Returns ``photo``.
+    (Wrapped on the instance: a `gradio.Image` subclass would make Gradio write a ``.pyi`` file beside
+    this module.)"""
     decode = photo.preprocess
 
     def preprocess(payload):
+        if _undecodable(getattr(payload, "path", None)):  # a decompression bomb: the image check refuses it, undecoded
+            return str(payload.path)
         try:
             return decode(payload)
         except Exception:  # noqa: BLE001 - any decoder error: the image check names it
@@ -409,6 +460,29 @@ def _tolerant(photo):
 
     photo.preprocess = preprocess
     return photo
+
+
+def _undecodable(path) -> bool:
+    """Whether the upload at ``path`` declares more pixels than PIL's decompression bomb limit
+    (`options.over_pixel_limit`), or more than twice it (PIL refuses to open it): Gradio must not
+    decode it (its RGB conversion would allocate the whole picture)."""
+    import warnings
+
+    import PIL.Image
+
+    from .options import over_pixel_limit
+
+    if not path:
+        return False
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", PIL.Image.DecompressionBombWarning)
+            with PIL.Image.open(path) as image:
+                return over_pixel_limit(image)
+    except PIL.Image.DecompressionBombError:
+        return True
+    except Exception:  # noqa: BLE001 - not a picture: Gradio's decoder fails and `_tolerant` hands the path on
+        return False
 
 
 def _slider(gr, name: str, label_suffix: str = "", **kwargs):
@@ -478,16 +552,37 @@ def _results(gr) -> tuple:
     return results, attention, files, past
 
 
+def _device_thread():
+    """A function that runs ``fn(*args)`` in one thread kept for the purpose, with the caller's
+    context (Gradio's progress tracking), and returns its result.
+
+    Gradio runs each request in whichever thread of its pool is free, and glibc's allocator gives
+    each thread its own memory arena: the model's buffers, allocated in one thread after another,
+    spread over the arenas and the server's resident memory grew by 10% in 300 edits (the bundled
+    model; `tests/test_web_load.py`'s soak). Edits run one at a time anyway, so one thread runs them all."""
+    import contextvars
+    from concurrent.futures import ThreadPoolExecutor
+
+    pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="p2p-device")
+
+    def run(fn, *args):
+        return pool.submit(contextvars.copy_context().run, fn, *args).result()
+
+    return run
+
+
 def _handler(gr, editor: Editor):
-    """The Edit button's handler: parse, run (from the visitor's kept source pass when it fits), and
-    show each error beside the field of its argument, and the status line (reused or not, the time)."""
+    """The Edit button's handler: parse, run (from the visitor's kept source pass when it fits, in
+    the app's device thread, `_device_thread`), and show each error beside the field of its
+    argument, and the status line (reused or not, the time)."""
+    on_device = _device_thread()
 
     def on_run(*values, progress=gr.Progress(track_tqdm=True)):
         *raw, hist, kept = values
         hidden = [gr.update(visible=False, value="") for _ in FIELDS]
         try:
             req = parse_request(*raw)
-            result = editor.edit(req, kept if isinstance(kept, KeptSource) else None)
+            result = on_device(editor.edit, req, kept if isinstance(kept, KeptSource) else None)
         except ValueError as err:  # the page's and the command line's checks, or the library's
             hidden[FIELDS.index(field_of(err))] = gr.update(visible=True, value=f"⚠ {err}")
             return (gr.skip(), gr.skip(), gr.skip(), gr.skip(), hist, gr.skip(), kept, *hidden)
@@ -505,7 +600,7 @@ def build_app(editor: Editor, default_prompt: str = "a big red circle on a blue 
     """The page (a `gradio.Blocks`) for ``editor``."""
     import gradio as gr
 
-    with gr.Blocks(title="prompt2prompt") as demo:
+    with gr.Blocks(title="prompt2prompt", delete_cache=(CACHE_AGE_S, CACHE_AGE_S)) as demo:
         gr.Markdown("## prompt2prompt — edit an image by editing its prompt\n"
                     "Write a source prompt and one or more targets; the source's attention is injected "
                     "into each target so that the layout survives while the words change.")
@@ -529,16 +624,35 @@ def build_app(editor: Editor, default_prompt: str = "a big red circle on a blue 
 _CSS = ".field-error p { color: #b00020; font-weight: 600; margin: 0; }"
 
 
+def _busy_message(queue):
+    """Make Gradio's ``queue`` turn a visitor away, when full, with `BUSY_MESSAGE` instead of its
+    "Queue is full. Max size is N and size is N." (the status, HTTP 503, is unchanged). Returns ``queue``.
+    (Wrapped on the instance, as `_tolerant` does.)"""
+    push = queue.push
+
+    async def busy_push(*args, **kwargs):
+        success, detail, state = await push(*args, **kwargs)
+        if state == "queue_full":
+            detail = BUSY_MESSAGE.format(waiting=queue.max_size)
+        return success, detail, state
+
+    queue.push = busy_push
+    return queue
+
+
 def serve(host: str = "127.0.0.1", port: int = 7860, model: str | None = None, device: str | None = None, dtype: str | None = None,
           output_dir: str | os.PathLike = "outputs/web", block: bool = True, allow_pickle: bool = False,
-          source_limit_mib: int = SOURCE_LIMIT_MIB):
+          source_limit_mib: int = SOURCE_LIMIT_MIB, queue_size: int = QUEUE_SIZE):
     """Load the model (with the pipeline its folder needs, `loading.load_pipeline`) and serve the
     page on ``host:port`` (loopback unless told otherwise); pickle weights load only with ``allow_pickle``.
     Each visitor's last source pass is kept when it is at most ``source_limit_mib`` MiB (0: never).
+    At most ``queue_size`` requests wait (one runs at a time); a further visitor is told the page is
+    busy (`BUSY_MESSAGE`) at once.
 
     Gradio's own temporary files (uploads, images sent to the page) also go below ``output_dir``.
     Returns the running `gradio.Blocks` when ``block`` is False.
     """
+    queue_size = integer(queue_size, None, "queue_size", "a whole number of waiting requests, 1 or more", 1)
     out = Path(output_dir).resolve()
     out.mkdir(parents=True, exist_ok=True)
     os.environ.setdefault("GRADIO_TEMP_DIR", str(out / ".gradio"))
@@ -553,7 +667,8 @@ def serve(host: str = "127.0.0.1", port: int = 7860, model: str | None = None, d
         pipe.to(device)
     editor = Editor(pipe, out, model, dtype, str(pipe.device), source_limit_bytes=source_limit_mib * MIB)
     demo = build_app(editor)
-    demo.queue(default_concurrency_limit=1, max_size=QUEUE_SIZE)
+    demo.queue(default_concurrency_limit=1, max_size=queue_size)
+    _busy_message(demo._queue)
     demo.launch(server_name=host, server_port=port, max_file_size=f"{MAX_UPLOAD_MB}mb", css=_CSS,
                 allowed_paths=[str(out)], prevent_thread_lock=not block, show_error=False, quiet=not block)
     return demo
