@@ -372,6 +372,7 @@ def test_damaged_saved_files(pipe, saved, tmp_path_factory, name, mutation, reha
     ("inversion", lambda meta: {**meta, "num_inference_steps": "two"}),
     ("source", lambda meta: {**meta, "cross_steps": "ab"}),  # was TypeError in check_budget, at edit time
     ("source", lambda meta: {**meta, "self_calls": {"8": "x"}}),
+    ("source", lambda meta: {**meta, "identity": {}}),  # was KeyError('model') at edit time (found by the last full run)
 ])
 def test_found_sidecar_regressions(pipe, saved, tmp_path, name, change):
     """Sidecars that the fuzzing above found crashing (their SHA-256 still matches: only the JSON changed)."""

@@ -294,6 +294,11 @@ def _check_saved_fields(meta: Mapping) -> None:
         steps = meta.get(name)
         if not (isinstance(steps, list) and len(steps) == 2 and all(map(_is_index, steps)) and steps[0] <= steps[1]):
             raise ValueError(f"its {name} is {steps!r}, not a [first, stop] pair of step indices")
+    model = meta["identity"].get("model")
+    if not (isinstance(model, dict) and all(isinstance(model.get(k), str) for k in ("family", "name_or_path", "fingerprint", "dtype"))):
+        raise ValueError("its identity names no model (family, name_or_path, fingerprint and dtype as text)")
+    if not isinstance(meta["identity"].get("prompt"), str) or not _is_index(meta["identity"].get("num_inference_steps")):
+        raise ValueError("its identity has no prompt (text) or no num_inference_steps (a whole number)")
     if not _is_index(meta.get("self_max_res")):
         raise ValueError(f"its self_max_res is {meta.get('self_max_res')!r}, not a map side")
     if not all(k.isdigit() and _is_index(v) for k, v in meta["self_calls"].items()):
