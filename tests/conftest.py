@@ -10,10 +10,31 @@ import contextlib
 import gzip
 import importlib.util
 import json
+import os
 from pathlib import Path
 
 import pytest
 import torch
+
+
+#: Hypothesis profiles: "ci" (the default: few examples, derandomized so that CI is reproducible)
+#: and "full" (``--slow`` or ``P2P_HYPOTHESIS_PROFILE=full``). Examples per test, in each profile.
+HYPOTHESIS_EXAMPLES = {"ci": 30, "full": 1000}
+
+
+def register_hypothesis_profiles(config) -> None:
+    """Register and load the hypothesis profile of this run (tests/test_properties.py, tests/test_fuzz_files.py)."""
+    try:
+        from hypothesis import HealthCheck, settings
+    except ImportError:  # only the property tests need hypothesis (the test extra installs it)
+        return
+    quiet = [HealthCheck.too_slow, HealthCheck.function_scoped_fixture, HealthCheck.data_too_large, HealthCheck.filter_too_much]
+    settings.register_profile("ci", max_examples=HYPOTHESIS_EXAMPLES["ci"], deadline=None, derandomize=True,
+                              suppress_health_check=quiet, print_blob=True)
+    settings.register_profile("full", max_examples=HYPOTHESIS_EXAMPLES["full"], deadline=None, derandomize=False,
+                              suppress_health_check=quiet, print_blob=True)
+    full = config.getoption("--slow") or os.environ.get("P2P_HYPOTHESIS_PROFILE") == "full"
+    settings.load_profile("full" if full else "ci")
 
 
 def _bytes_to_unicode() -> dict[int, str]:
@@ -221,6 +242,7 @@ def pytest_addoption(parser):
 
 def pytest_configure(config):
     config.addinivalue_line("markers", "slow: a heavy test, or the heavy form of one, that runs only with --slow")
+    register_hypothesis_profiles(config)
 
 
 @pytest.fixture(scope="session")

@@ -43,8 +43,9 @@ CASES = [
     (dict(edit_prompts=[TGT], guidance_scale=math.inf), r"guidance_scale must be a finite number"),
     (dict(edit_prompts=[TGT], output_type="jpeg"), r"output_type must be"),
     (dict(edit_prompts=[TGT], generator=7), r"generator must be one torch.Generator"),
-    (dict(edit_prompts=[TGT], eta=math.nan), r"eta must be a finite number >= 0"),
-    (dict(edit_prompts=[TGT], eta=-1), r"eta must be a finite number >= 0"),
+    (dict(edit_prompts=[TGT], eta=math.nan), r"eta must be a number in \[0, 1\]"),
+    (dict(edit_prompts=[TGT], eta=-1), r"eta must be a number in \[0, 1\]"),
+    (dict(edit_prompts=[TGT], eta=2.0), r"eta must be a number in \[0, 1\]"),  # found by tests/test_properties.py: NaN images
     (dict(edit_prompts=[TGT], negative_prompt=3), r"negative_prompt must be a string or a list of 2 strings"),
     (dict(edit_prompts=[TGT], generator=[torch.Generator(), torch.Generator()]), r"generator must be one torch.Generator"),
     (dict(edit_prompts=[TGT], negative_prompt=["a", "b", "c"]), r"negative_prompt must be a string or a list of 2 strings"),

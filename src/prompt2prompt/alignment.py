@@ -32,6 +32,15 @@ def split_words(prompt: str) -> list[str]:
     return _WORD_RE.findall(prompt)
 
 
+def count_words(prompt: str) -> int:
+    """``len(split_words(prompt))``, without making the list (a hostile prompt may be megabytes).
+
+    Args:
+        prompt: the text.
+    """
+    return sum(1 for _ in _WORD_RE.finditer(prompt))
+
+
 def normalize_word(word: str) -> str:
     """Case-folded form used to compare words (CLIP lower-cases its input too).
 

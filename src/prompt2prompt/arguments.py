@@ -135,7 +135,7 @@ ARGUMENTS: dict[str, Argument] = {a.name: a for a in (
     # the library draws fresh noise without a generator; the options always seed one, from 0
     Argument("generator", "seed", None, option_default=0, flag="--seed", field="sampling", label="Seed",
              kind="integer", what="a non-negative integer", minimum=0, maximum=MAX_INT64),
-    Argument("eta", None, 0.0, field="sampling", kind="number", what="a finite number >= 0", minimum=0.0),
+    Argument("eta", None, 0.0, field="sampling", kind="fraction", what="a number in [0, 1]", minimum=0.0, maximum=1.0),
     Argument("height", None, None),
     Argument("width", None, None),
     Argument("negative_prompt", None, None),

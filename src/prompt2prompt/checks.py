@@ -44,13 +44,16 @@ def finite_number(name: str, value) -> Real:
 
 
 def eta(value) -> Real:
-    """``value`` when it is a finite number >= 0 (DDIM's eta).
+    """``value`` when it is a number in [0, 1] (DDIM's eta).
+
+    Above 1 the step's noise variance can exceed what the DDIM update leaves room for (the square
+    root of a negative number), and the images come out NaN.
 
     Raises:
         ArgumentError: of ``eta``.
     """
-    what = "a finite number >= 0 (0: deterministic DDIM, 1: DDPM-like noise)"
-    if number(value, "eta", "eta", what, text=False) < 0:
+    what = "a number in [0, 1] (0: deterministic DDIM, 1: DDPM-like noise)"
+    if not 0 <= number(value, "eta", "eta", what, text=False) <= 1:
         raise ArgumentError("eta", f"eta must be {what}, got {value!r}")
     return value
 

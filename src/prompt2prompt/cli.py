@@ -35,7 +35,7 @@ from .arguments import ARGUMENTS, DTYPES, INVERT_METHODS, MODES, argument_of, op
 from .edits import EditMode
 from .finite import NonFiniteError
 from .imageio import OutputSet, WriteError, file_sha256, remove_stale_temps, writing_into
-from .model_folder import model_family
+from .model_folder import FAMILIES, model_family, prompt_token_limit
 from .source_pass import budget_of, pass_record, record_mismatch
 from .web import QUEUE_SIZE as web_queue_size
 from .web import SOURCE_LIMIT_MIB as web_source_limit_mib
@@ -66,6 +66,8 @@ from .options import (
     read_stored_metadata,
     read_stored_options,
     slugify,
+    stored_parameters_text,
+    user_path,
 )
 from .visualisation import (
     align_words,
@@ -133,7 +135,7 @@ def _check_writable(folder: Path, label: str) -> None:
 def output_folder(given: str | None, slug: str) -> Path:
     """``-o DIR``, or a new ``outputs/<YYYYmmdd-HHMMSS>-<slug>``; checked to be writable."""
     if given is not None:
-        folder = Path(given).expanduser()
+        folder = user_path(given, "-o")
         if folder.exists() and not folder.is_dir():
             raise UsageError(f"-o {given}: exists and is not a folder; name a folder")
         _check_writable(folder, f"-o {given}")
@@ -657,7 +659,7 @@ def parse_batch_file(path: Path, defaults: Mapping) -> tuple[list[tuple[int, dic
                 raise UsageError(f"unknown key {', '.join(map(repr, unknown))}; use the long names of p2p edit's options with underscores: {', '.join(BATCH_LINE_KEYS)}{hint}")
             merged = {**{k: v for k, v in defaults.items() if v is not None}, **raw}
             options = normalise_options(merged, EDIT_KEYS, names=lambda k: k, required=("prompt", "to"))
-            check_edit_words(options, names=lambda k: k)
+            check_edit_words(options, names=lambda k: k, token_limit=prompt_token_limit(options["model"]))
         except UsageError as err:
             bad.append((number, str(err)))
             continue
@@ -754,7 +756,7 @@ def _run_parallel(todo: list[tuple[int, dict, Path]], workers: int, env: dict, c
 
 
 def cmd_batch(args, console: Console) -> int:
-    path = Path(args.jsonl).expanduser()
+    path = user_path(args.jsonl, "batch")
     if not path.is_file():
         raise UsageError(f"batch: {args.jsonl}: no such file; give the path of a .jsonl file with one edit per line")
     workers = integer_option(args.workers if args.workers is not None else BATCH_WORKERS, "--workers", 1, "a positive integer")
@@ -765,7 +767,7 @@ def cmd_batch(args, console: Console) -> int:
             NORMALISERS[key](value, FLAGS[key])
     model = model_option(args.model, "--model") if args.model is not None else None
     dtype = choice_of(DTYPES)(args.dtype, "--dtype") if args.dtype is not None else DEFAULTS["dtype"]
-    jobs, bad = parse_batch_file(path, defaults)
+    jobs, bad = parse_batch_file(path, {**defaults, "model": model})  # the model's token limit bounds the prompts
     for number, reason in bad:
         print(f"{PROG} batch: line {number}: {reason}", file=sys.stderr)
     done, skipped, failed = [], [], list(bad)
@@ -938,7 +940,7 @@ def dataset_bar(total: int, done: int, show: bool):
 def cmd_dataset(args, console: Console) -> int:
     from . import dataset
 
-    path = Path(args.jsonl).expanduser()
+    path = user_path(args.jsonl, "dataset")
     if not path.is_file():
         raise UsageError(f"dataset: {args.jsonl}: no such file; give the path of a .jsonl file with one pair per line")
     workers, cluster, device = dataset_executor(args)
@@ -1012,6 +1014,8 @@ def cmd_edit(args, console: Console) -> int:
         stored = read_stored_options(args.from_image, "--from")
         stored_meta = read_stored_metadata(args.from_image, "--from")
         photo_sha256, stored_family = stored_meta.get("photo_sha256"), stored_meta.get("model_family")
+        photo_sha256 = photo_sha256 if isinstance(photo_sha256, str) else None  # a damaged or hostile file may hold anything
+        stored_family = stored_family if stored_family in FAMILIES else None
         stored = {k: v for k, v in stored.items() if k in EDIT_KEYS and v != DEFAULTS.get(k)}  # defaults stay defaults
         if raw.get("image") is not None:  # a new photo: the stored one's hash says nothing about it
             photo_sha256 = None
@@ -1021,7 +1025,7 @@ def cmd_edit(args, console: Console) -> int:
     if raw.get("to") is None:
         raise UsageError("--to is required: give the target prompt, e.g. --to \"a red square on a blue background\"")
     options = normalise_options(raw, EDIT_KEYS, required=("prompt", "to"))
-    check_edit_words(options)
+    check_edit_words(options, token_limit=prompt_token_limit(options["model"]))
     family = model_family(options["model"])
     if stored_family is not None and stored_family != family:
         warnings.warn(f"--from {args.from_image}: that image was made with an {stored_family.upper()} model, but "
@@ -1052,7 +1056,7 @@ def cmd_sweep(args, console: Console) -> int:
     raw = _raw(args, SWEEP_KEYS)
     raw["sweep"] = args.cross_steps
     options = normalise_options(raw, SWEEP_KEYS, required=("prompt", "to"))
-    check_edit_words({**options, "cross_steps": DEFAULTS["cross_steps"]})
+    check_edit_words({**options, "cross_steps": DEFAULTS["cross_steps"]}, token_limit=prompt_token_limit(options["model"]))
     return _run_in_folder(args, options, slugify(options["to"][0]), run_sweep, console)
 
 
@@ -1061,8 +1065,9 @@ def cmd_info(args, console: Console) -> int:
     if args.json:
         print(json.dumps(meta, indent=2, ensure_ascii=False))
     elif isinstance(meta.get("options"), dict):
+        text = stored_parameters_text(meta, args.image, "info")
         print(f"file: {args.image}")
-        print(parameters_text(meta))
+        print(text)
     else:  # JSON without command-line options (another writer): its fields as they are
         print(f"file: {args.image}")
         for key, value in meta.items():

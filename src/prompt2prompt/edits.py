@@ -322,6 +322,21 @@ def resolve_mode(mode: EditMode | str, source: PromptTokens, targets: Sequence[P
     return mode
 
 
+def _factor(value, name: str, dtype: torch.dtype) -> float:
+    """A re-weighting factor: a finite number that the factors' tensor of ``dtype`` can hold.
+
+    Raises:
+        ArgumentError: of ``equalizer``, naming ``name``.
+    """
+    what = "a finite number (0, negative and > 1 are fine)"
+    factor = number(value, "equalizer", name, what, text=False)
+    largest = torch.finfo(dtype).max
+    if abs(factor) > largest:
+        raise ArgumentError("equalizer", f"{name} must be {what} of at most {largest:.3g} in size (the factors are {dtype}), "
+                                         f"got {value!r}; use a moderate factor such as 2 or 0.5")
+    return factor
+
+
 def _equalizer(targets: Sequence[PromptTokens], equalizer: Mapping) -> torch.Tensor:
     """Re-weighting factors per target token (paper Sec. 3.2: ``c * M_{i,j*}``); 1 elsewhere."""
     if not isinstance(equalizer, Mapping) or not equalizer:
@@ -331,8 +346,7 @@ def _equalizer(targets: Sequence[PromptTokens], equalizer: Mapping) -> torch.Ten
         values = value if isinstance(value, Sequence) and not isinstance(value, str) else [value] * len(targets)
         if len(values) != len(targets):
             raise ArgumentError("equalizer", f"equalizer[{word!r}] gives {len(values)} factors for {len(targets)} target prompts")
-        values = [number(v, "equalizer", f"equalizer[{word!r}]", "a finite number (0, negative and > 1 are fine)", text=False)
-                  for v in values]
+        values = [_factor(v, f"equalizer[{word!r}]", factors.dtype) for v in values]
         for k, positions in enumerate(positions_in_each(list(targets), word, "equalizer")):
             factors[k, positions] = values[k]
     return factors

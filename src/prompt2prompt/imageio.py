@@ -18,7 +18,9 @@ import io
 import json
 import os
 import re
+import struct
 import tempfile
+import zlib
 from collections.abc import Mapping
 from pathlib import Path
 
@@ -123,28 +125,119 @@ def file_sha256(path: str | os.PathLike) -> str:
     return digest.hexdigest()
 
 
+#: The largest text chunk `read_png_text` reads (or inflates to): a run's parameters take a few KiB.
+MAX_TEXT_BYTES = 4 * 2**20
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+_TEXT_CHUNKS = (b"tEXt", b"zTXt", b"iTXt")
+
+
+def _inflate(data: bytes, what: str) -> bytes:
+    """zlib-decompressed ``data``, refusing more than `MAX_TEXT_BYTES` (a zlib bomb stops there)."""
+    inflater = zlib.decompressobj()
+    try:
+        text = inflater.decompress(data, MAX_TEXT_BYTES)
+    except zlib.error as err:
+        raise ValueError(f"its {what} chunk is damaged ({err})") from None
+    if inflater.unconsumed_tail:
+        raise ValueError(f"its {what} chunk inflates to more than {MAX_TEXT_BYTES // 2**20} MiB")
+    return text
+
+
+def _text_of_chunk(kind: bytes, data: bytes, key: str) -> str:
+    """The text of one tEXt, zTXt or iTXt chunk whose keyword is ``key`` (PNG spec 11.3.4)."""
+    body = data[len(key) + 1:]
+    if kind == b"tEXt":
+        return body.decode("latin-1")
+    if kind == b"zTXt":
+        return _inflate(body[1:], key).decode("latin-1")
+    compressed = body[:1] == b"\1"
+    rest = body[2:].split(b"\0", 2)  # language tag, translated keyword, text
+    if len(rest) != 3:
+        raise ValueError(f"its {key} chunk is damaged (an iTXt chunk without its fields)")
+    text = _inflate(rest[2], key) if compressed else rest[2]
+    try:
+        return text.decode("utf-8")
+    except UnicodeDecodeError:
+        raise ValueError(f"its {key} chunk is not UTF-8 text") from None
+
+
+def read_png_text(path: str | os.PathLike, key: str) -> str | None:
+    """The text chunk ``key`` of a PNG, read chunk by chunk without decoding the image.
+
+    Only the first bytes of other chunks' keywords are read (the rest is skipped), and a chunk is
+    read only when it fits in the file and in `MAX_TEXT_BYTES`, so a file claiming gigabytes, a zlib
+    bomb or many large chunks allocate nothing of their size.
+
+    Raises:
+        OSError: the file cannot be read, or is not a PNG (signature, lengths, CRC).
+        ValueError: the chunk is too large, damaged or not text.
+    """
+    wanted = key.encode("latin-1") + b"\0"
+    with open(path, "rb") as handle:
+        size = os.fstat(handle.fileno()).st_size
+        if handle.read(8) != PNG_SIGNATURE:
+            raise OSError("not a PNG file")
+        while True:
+            head = handle.read(8)
+            if len(head) < 8:
+                raise OSError("truncated PNG file (no IEND chunk)")
+            length, kind = struct.unpack(">I", head[:4])[0], head[4:]
+            start = handle.tell()
+            if start + length + 4 > size:
+                raise OSError(f"truncated or damaged PNG file (a {kind!r} chunk claims {length} bytes, past the end of the file)")
+            if kind == b"IEND":
+                return None
+            if kind in _TEXT_CHUNKS and handle.read(len(wanted)) == wanted:
+                if length > MAX_TEXT_BYTES:
+                    raise ValueError(f"its {key} chunk is {length} bytes, more than the {MAX_TEXT_BYTES // 2**20} MiB a parameters chunk may have")
+                handle.seek(start)
+                data = handle.read(length)
+                (crc,) = struct.unpack(">I", handle.read(4))
+                if zlib.crc32(kind + data) & 0xFFFFFFFF != crc:
+                    raise OSError(f"damaged PNG file (the CRC of its {key} chunk does not match)")
+                return _text_of_chunk(kind, data, key)
+            handle.seek(start + length + 4)
+
+
+def json_value(text: str):
+    """``json.loads(text)``, with every way it can fail on untrusted text as a `ValueError`.
+
+    Raises:
+        ValueError: ``"not valid JSON (<reason> at column <n>)"`` or ``"nested too deeply to read
+            (...)"`` (Python's parser recurses, so deep nesting would be a `RecursionError`).
+    """
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as err:
+        raise ValueError(f"not valid JSON ({err.msg} at column {err.colno})") from None
+    except RecursionError:
+        raise ValueError("nested too deeply to read (arrays or objects inside each other)") from None
+
+
 def read_png_metadata(path: str | os.PathLike) -> dict | None:
     """The JSON parameters stored in a PNG by `png_bytes`, or None when it has none.
 
+    Reads the chunk with `read_png_text` (bounded, the image is not decoded).
+
     Raises:
-        OSError: the file cannot be read or is not an image PIL can open.
-        ValueError: the chunk is there but is not a JSON object.
+        OSError: the file cannot be read or is not a PNG.
+        ValueError: the chunk is there but is too large, damaged, or not a JSON object.
     """
-    with PIL.Image.open(path) as image:
-        text = getattr(image, "text", None) or {}
-        raw = text.get(METADATA_KEY)
+    raw = read_png_text(path, METADATA_KEY)
     if raw is None:
         return None
-    value = json.loads(raw)
+    try:
+        value = json_value(raw)
+    except ValueError as err:
+        raise ValueError(f"the {METADATA_KEY!r} chunk of {path} is {err}") from None
     if not isinstance(value, dict):
         raise ValueError(f"the {METADATA_KEY!r} chunk of {path} is not a JSON object")
     return value
 
 
 def read_png_parameters(path: str | os.PathLike) -> str | None:
-    """The readable ``parameters`` text of a PNG, or None."""
-    with PIL.Image.open(path) as image:
-        return (getattr(image, "text", None) or {}).get(PARAMETERS_KEY)
+    """The readable ``parameters`` text of a PNG, or None (read as `read_png_text` does)."""
+    return read_png_text(path, PARAMETERS_KEY)
 
 
 def _fsync_dir(folder: Path) -> None:

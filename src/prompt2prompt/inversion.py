@@ -39,8 +39,10 @@ import PIL.ImageOps
 import torch
 import torch.nn.functional as F
 
+from . import checks
 from .arguments import ArgumentError, default
 from .imageio import save_tensor_file, tensor_file_paths
+from .model_folder import check_safetensors
 
 logger = logging.getLogger(__name__)
 
@@ -396,11 +398,12 @@ class Inversion:
             if not p.is_file():
                 raise ValueError(f"{str(p)!r} does not exist; an inversion is a .safetensors file with a .json beside it (Inversion.save)")
         try:
+            check_safetensors(path, "invert the image again")  # sizes against the file's, before reading
             meta = json.loads(sidecar.read_text())
             tensors = load_file(str(path))
         except Exception as err:  # noqa: BLE001 - any parse failure is a bad file
             raise ValueError(f"{str(path)!r} is not a readable inversion ({err}); invert the image again") from None
-        if meta.get("format") != FORMAT or meta.get("version") not in READABLE_VERSIONS:
+        if not isinstance(meta, dict) or meta.get("format") != FORMAT or meta.get("version") not in READABLE_VERSIONS:
             versions = " or ".join(str(v) for v in READABLE_VERSIONS)
             raise ValueError(f"{str(sidecar)!r} is not a version-{versions} {FORMAT} file; invert the image again")
         try:
@@ -415,15 +418,48 @@ class Inversion:
             made_by = " by an SDXL model" if family == "sdxl" else ""
             raise ValueError(f"{str(path)!r} lacks {', '.join(missing)}, which a {method.value} inversion{made_by} needs; "
                              "invert the image again")
-        time_ids = meta.get("time_ids")
+        wrong = _wrong_tensors(tensors)
+        if wrong:
+            raise ValueError(f"{str(path)!r} is damaged: {'; '.join(wrong)}; invert the image again")
+        try:
+            time_ids = meta.get("time_ids")
+            fields = dict(prompt=meta["prompt"], num_inference_steps=checks.positive_int("num_inference_steps", meta["num_inference_steps"]),
+                          guidance_scale=float(checks.finite_number("guidance_scale", meta["guidance_scale"])),
+                          time_ids=None if time_ids is None else tuple(int(v) for v in time_ids), info=meta.get("info", {}))
+            if not isinstance(fields["prompt"], str) or not isinstance(fields["info"], dict):
+                raise TypeError("its prompt must be text and its info a JSON object")
+        except (TypeError, ValueError) as err:
+            raise ValueError(f"{str(sidecar)!r} is damaged ({err}); invert the image again") from None
         return cls(
-            method=method, prompt=meta["prompt"],
-            num_inference_steps=int(meta["num_inference_steps"]), guidance_scale=float(meta["guidance_scale"]),
-            timesteps=tensors["timesteps"], latent=tensors["latent"], image_latent=tensors["image_latent"],
+            method=method, timesteps=tensors["timesteps"], latent=tensors["latent"], image_latent=tensors["image_latent"],
             image=tensors["image"].numpy(), null_embeddings=tensors.get("null_embeddings"),
-            trajectory=tensors.get("trajectory"), family=family, null_pooled=tensors.get("null_pooled"),
-            time_ids=None if time_ids is None else tuple(int(v) for v in time_ids), info=meta.get("info", {}),
+            trajectory=tensors.get("trajectory"), family=family, null_pooled=tensors.get("null_pooled"), **fields,
         )
+
+
+#: The dimensions of each tensor a saved inversion holds (`Inversion.save`).
+_TENSOR_DIMS = {"timesteps": 1, "latent": 4, "image_latent": 4, "image": 3, "null_embeddings": 3, "trajectory": 4, "null_pooled": 2}
+
+
+def _wrong_tensors(tensors: Mapping[str, torch.Tensor]) -> list[str]:
+    """What is wrong with the tensors of a saved inversion: a dimension count, a dtype (integer
+    timesteps, uint8 RGB image, finite floats elsewhere), or an image that is not ``(h, w, 3)``."""
+    wrong = []
+    for name, dims in _TENSOR_DIMS.items():
+        t = tensors.get(name)
+        if t is None:
+            continue
+        if t.dim() != dims or 0 in t.shape:
+            wrong.append(f"{name} has shape {tuple(t.shape)}, not {dims} non-empty dimensions")
+        elif name == "timesteps":
+            if t.dtype != torch.int64 or bool((t < 0).any()):
+                wrong.append(f"timesteps are {t.dtype}, not non-negative int64")
+        elif name == "image":
+            if t.dtype != torch.uint8 or t.shape[-1] != 3:
+                wrong.append(f"the image is {t.dtype} {tuple(t.shape)}, not uint8 (height, width, 3)")
+        elif t.dtype != torch.float32 or not bool(torch.isfinite(t).all()):
+            wrong.append(f"{name} is not finite float32")
+    return wrong
 
 
 def _missing_parts(method: InversionMethod, family: str, tensors: set[str], meta: Mapping) -> list[str]:

@@ -10,27 +10,33 @@ and text files. Every check here reads file headers only, never the tensors.
 
 from __future__ import annotations
 
-import json
 import struct
 from pathlib import Path
+
+from .imageio import json_value
 
 _WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt")
 
 
 def _read_json(path: Path, what: str):
     try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+        return json_value(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as err:  # UnicodeDecodeError is a ValueError
         raise ValueError(f"{path}: {what} is not readable JSON ({err}); restore the file, or save the model again") from None
 
 
-def check_safetensors(path: Path) -> None:
+def check_safetensors(path: Path, fix: str = "download or copy it again, or save the model again") -> None:
     """Raise `ValueError` naming ``path`` unless it is a complete safetensors file.
 
     The format: an 8-byte little-endian header length ``N``, ``N`` bytes of JSON giving each tensor's
     ``data_offsets`` into the data that follows; the file must hold the data up to the largest end
-    offset (a truncated download or copy fails here)."""
-    fix = "download or copy it again, or save the model again"
+    offset (a truncated download or copy fails here). Sizes are checked against the file's size
+    before anything is read, so a header claiming terabytes allocates nothing.
+
+    Args:
+        path: the file.
+        fix: what the message tells the user to do.
+    """
     size = path.stat().st_size
     with path.open("rb") as f:
         head = f.read(8)
@@ -40,12 +46,19 @@ def check_safetensors(path: Path) -> None:
         if n > size - 8:
             raise ValueError(f"{path}: damaged safetensors file (its header claims {n} bytes, the file has {size}); {fix}")
         try:
-            header = json.loads(f.read(n))
-        except (UnicodeDecodeError, json.JSONDecodeError):
+            header = json_value(f.read(n))
+        except ValueError:
             raise ValueError(f"{path}: damaged safetensors file (its header is not JSON); {fix}") from None
     if not isinstance(header, dict):
         raise ValueError(f"{path}: damaged safetensors file (its header is not a JSON object); {fix}")
-    ends = [t["data_offsets"][1] for k, t in header.items() if k != "__metadata__" and isinstance(t, dict) and "data_offsets" in t]
+    ends = []
+    for name, entry in header.items():
+        if name == "__metadata__":
+            continue
+        offsets = entry.get("data_offsets") if isinstance(entry, dict) else None
+        if not (isinstance(offsets, list) and len(offsets) == 2 and all(type(v) is int and v >= 0 for v in offsets) and offsets[0] <= offsets[1]):
+            raise ValueError(f"{path}: damaged safetensors file (the tensor {name!r} has no valid data_offsets); {fix}")
+        ends.append(offsets[1])
     needed = 8 + n + max(ends, default=0)
     if needed > size:
         raise ValueError(f"{path}: truncated safetensors file ({size} bytes of the {needed} its header describes); {fix}")
@@ -120,6 +133,27 @@ def check_model_folder(folder: str | Path, allow_pickle: bool = False) -> None:
         _check_component(folder, name, allow_pickle)
 
 
+def prompt_token_limit(model: str | Path | None) -> int | None:
+    """The most tokens a prompt may have for ``model``: its tokenizer's ``model_max_length``, read from
+    ``tokenizer/tokenizer_config.json`` of a local folder (None: the bundled shapes model's).
+
+    Returns:
+        The limit, or None when it cannot be read here (a hub id, a folder without that file, a
+        damaged or implausible value: `check_model_folder` and the tokenizer report those).
+    """
+    if model is None:
+        from .shapes import MODEL_DIR
+
+        model = MODEL_DIR
+    config = Path(model).expanduser() / "tokenizer" / "tokenizer_config.json"
+    try:
+        value = json_value(config.read_text(encoding="utf-8")).get("model_max_length") if config.is_file() else None
+    except (OSError, ValueError, AttributeError):
+        return None
+    # transformers writes a huge sentinel (1e30) when a tokenizer has no limit of its own
+    return value if isinstance(value, int) and not isinstance(value, bool) and 0 < value < 2**31 else None
+
+
 #: The model families: Stable Diffusion (1.x, 2.x) and Stable Diffusion XL.
 FAMILIES = ("sd", "sdxl")
 
@@ -140,8 +174,8 @@ def model_family(model: str | Path | None) -> str:
         return "sd"
     index = Path(model).expanduser() / "model_index.json"
     try:
-        spec = json.loads(index.read_text(encoding="utf-8")) if index.is_file() else None
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        spec = json_value(index.read_text(encoding="utf-8")) if index.is_file() else None
+    except (OSError, ValueError):
         spec = None
     if not isinstance(spec, dict):
         return "sd"

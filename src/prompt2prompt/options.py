@@ -21,10 +21,10 @@ from collections.abc import Callable, Mapping
 from pathlib import Path
 
 from . import __version__
-from .alignment import PromptTokens, normalize_word, positions_in_each, split_words
+from .alignment import PromptTokens, count_words, normalize_word, positions_in_each, split_words
 from .arguments import MAX_INT64, OPTIONS, ArgumentError, choice, fraction, integer, number, option_default, window
 from .edits import LocalBlend, build_edit_plan
-from .imageio import file_sha256, read_png_metadata
+from .imageio import file_sha256, json_value, read_png_metadata
 
 PROG = "p2p"
 RESULT = "result.json"
@@ -79,9 +79,9 @@ def json_lines(path: str | Path, command: str) -> list[tuple[int, str]]:
 def json_object(text: str, example: str) -> dict:
     """One ``.jsonl`` line as a JSON object; `OptionError` saying why not (``example`` shows one)."""
     try:
-        raw = json.loads(text)
-    except json.JSONDecodeError as err:
-        raise OptionError(f"not valid JSON ({err.msg} at column {err.colno})") from None
+        raw = json_value(text)
+    except ValueError as err:
+        raise OptionError(f"{err}; write a JSON object like {example}") from None
     if not isinstance(raw, dict):
         raise OptionError(f"must be a JSON object like {example}")
     return raw
@@ -200,10 +200,30 @@ def _sweep(value, name: str) -> list:
     return [_window(i.strip() if isinstance(i, str) else i, name) for i in items]
 
 
+def user_path(value: str, name: str) -> Path:
+    """A path as the user gave it, ``~`` expanded, checked to be a name this system can look up.
+
+    Raises:
+        OptionError: ``~user`` of no such user, a NUL character, or a name the system refuses
+            (e.g. longer than it allows); the message names the option.
+    """
+    shown = value if len(value) <= 60 else value[:57] + "..."
+    try:
+        path = Path(value).expanduser()
+        path.exists()
+    except RuntimeError as err:  # ~user of a user this system does not have
+        raise OptionError(f"{name} {shown!r}: {err}; give a path without ~user, or of a user that exists") from None
+    except ValueError as err:  # an embedded NUL
+        raise OptionError(f"{name} {shown!r}: not a usable path ({err}); remove the NUL character") from None
+    except OSError as err:  # e.g. ENAMETOOLONG
+        raise OptionError(f"{name} {shown!r}: not a usable path ({err.strerror or err}); give a shorter or valid path") from None
+    return path
+
+
 def _image_path(value, name: str) -> str:
     if not isinstance(value, str) or not value.strip():
         raise OptionError(f"{name} must be the path of an image file, got {value!r}")
-    path = Path(value).expanduser()
+    path = user_path(value, name)
     if not path.is_file():
         raise OptionError(f"{name} {value}: no such file; give the path of an image file")
     import warnings
@@ -243,7 +263,7 @@ def model_option(value, name: str) -> str | None:
         return None
     if not isinstance(value, str) or not value.strip():
         raise OptionError(f"{name} must be a model folder or hub id, got {value!r}", "model")
-    path = Path(value).expanduser()
+    path = user_path(value, name)
     return str(path.resolve()) if path.exists() else value
 
 
@@ -343,13 +363,46 @@ def _word_level_tokens(prompts: list[str]) -> list[PromptTokens]:
     return out
 
 
-def check_edit_words(options: Mapping, names: Names = cli_names) -> None:
+#: The word-level check builds its edit plan with at most this many steps: the plan's size grows
+#: with the steps (and the scheduler, once the model loads, refuses more steps than it was trained with).
+PLAN_CHECK_STEPS = 1000
+#: Without a readable token limit (a hub id), prompts of more words than this are refused: the
+#: word-level plan grows with the square of the words, and no Stable Diffusion text encoder takes that many.
+UNKNOWN_LIMIT_WORDS = 1000
+
+
+def _check_prompt_lengths(options: Mapping, names: Names, token_limit: int | None) -> None:
+    """Refuse a prompt with more words than ``token_limit`` (each word is at least one token), or
+    than `UNKNOWN_LIMIT_WORDS` without one, so that the word-level check never builds a plan of a
+    hostile size.
+
+    Raises:
+        OptionError: naming the prompt's option, its word count, the limit and the fix.
+    """
+    for key, prompt in [("prompt", options["prompt"]), *(("to", t) for t in options["to"])]:
+        count = count_words(prompt)
+        if count > (token_limit if token_limit is not None else UNKNOWN_LIMIT_WORDS):
+            shown = prompt if len(prompt) <= 60 else prompt[:57] + "..."
+            if token_limit is None:
+                raise OptionError(f"{names(key)} {shown!r} has {count} words; no text encoder takes that many, so shorten it", OPTIONS[key].name)
+            raise OptionError(f"{names(key)} {shown!r} has {count} words, but the text encoder of {model_label(options.get('model'))} takes "
+                              f"at most {token_limit} tokens (each word is at least one); shorten it", OPTIONS[key].name)
+
+
+def check_edit_words(options: Mapping, names: Names = cli_names, token_limit: int | None = None) -> None:
     """Check every word and the mode against the prompts, before any model work.
+
+    Args:
+        options: the normalised options.
+        names: how the messages name an option.
+        token_limit: the model's limit of tokens per prompt when known before it loads
+            (`model_folder.prompt_token_limit`); a prompt of more words is refused here.
 
     Raises:
         OptionError: naming the option, with the library's message (its words, the fix), and
             carrying the argument the option sets.
     """
+    _check_prompt_lengths(options, names, token_limit)
     source, *targets = _word_level_tokens([options["prompt"], *options["to"]])
     if options["mode"] == "replace":
         for target in targets:
@@ -371,7 +424,7 @@ def check_edit_words(options: Mapping, names: Names = cli_names) -> None:
     try:  # everything else the library checks (same code as the real run, on word-level tokens)
         kwargs = edit_kwargs(options)
         build_edit_plan(  # no map sides here (no model): 0 stands in for them, the settings are what is checked
-            source, targets, kwargs["edit"], options["steps"], kwargs["cross_replace_steps"], kwargs["self_replace_steps"],
+            source, targets, kwargs["edit"], min(options["steps"], PLAN_CHECK_STEPS), kwargs["cross_replace_steps"], kwargs["self_replace_steps"],
             self_max_res=0, equalizer=kwargs["equalizer"], local_blend=kwargs["local_blend"], blend_resolution=0,
         )
     except ValueError as err:
@@ -518,6 +571,20 @@ def parameters_text(meta: Mapping) -> str:
     return "\n".join(lines)
 
 
+def stored_parameters_text(meta: Mapping, path: str, name: str) -> str:
+    """`parameters_text` of metadata read from a file, which may hold anything: values of the wrong
+    type (a hostile or damaged file) give an `OptionError` naming the file, not a crash.
+
+    Raises:
+        OptionError: the stored parameters cannot be shown as text.
+    """
+    try:
+        return parameters_text(meta)
+    except (TypeError, ValueError, AttributeError, KeyError, IndexError) as err:
+        raise OptionError(f"{name} {path}: its stored parameters are damaged or were not written by {PROG} ({one_line(err)}); "
+                          f"{PROG} info --json {shlex.quote(str(path))} prints them as they are stored") from None
+
+
 def read_stored_options(path: str, name: str) -> dict:
     """The options stored in a PNG written by ``p2p`` (for ``--from``)."""
     meta = read_stored_metadata(path, name)
@@ -528,7 +595,7 @@ def read_stored_options(path: str, name: str) -> dict:
 
 
 def read_stored_metadata(path: str, name: str) -> dict:
-    file = Path(path).expanduser()
+    file = user_path(path, name)
     if not file.is_file():
         raise OptionError(f"{name} {path}: no such file; give a PNG written by {PROG}")
     try:

@@ -46,7 +46,8 @@ from typing import Any
 import torch
 
 from .arguments import ArgumentError
-from .imageio import file_sha256, save_tensor_file, tensor_file_paths
+from .imageio import file_sha256, json_value, save_tensor_file, tensor_file_paths
+from .model_folder import check_safetensors
 
 #: The ``format`` field of a saved pass's sidecar.
 FORMAT = "prompt2prompt-source-pass"
@@ -241,13 +242,14 @@ class SourcePass:
             if not p.is_file():
                 raise ValueError(f"{str(p)!r} does not exist; a source pass is a .safetensors file with a .json beside it (SourcePass.save)")
         try:
-            meta = json.loads(sidecar.read_text())
-        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+            meta = json_value(sidecar.read_text())
+        except (OSError, ValueError) as err:  # UnicodeDecodeError is a ValueError
             raise ValueError(f"{str(sidecar)!r} is not a readable source-pass sidecar ({err}); {again}") from None
         if not isinstance(meta, dict) or meta.get("format") != FORMAT or meta.get("version") != FORMAT_VERSION:
             raise ValueError(f"{str(sidecar)!r} is not a version-{FORMAT_VERSION} {FORMAT} file; {again}")
         if meta.get("sha256") != file_sha256(path):
             raise ValueError(f"{str(path)!r} is truncated or altered (its SHA-256 is not the one saved beside it); {again}")
+        check_safetensors(path, again)  # sizes against the file's, before reading
         try:
             tensors = load_file(str(path))
             return cls._from_saved(meta, tensors)
@@ -256,7 +258,13 @@ class SourcePass:
 
     @classmethod
     def _from_saved(cls, meta: Mapping, tensors: Mapping[str, torch.Tensor]) -> "SourcePass":
-        """The pass of a sidecar's fields and the tensors by their saved names (`tensors`)."""
+        """The pass of a sidecar's fields and the tensors by their saved names (`tensors`).
+
+        Raises:
+            ValueError: a field of the sidecar has the wrong type or range (`_check_saved_fields`).
+        """
+        _check_saved_fields(meta)
+
         def table(prefix: str) -> dict:
             return {k[len(prefix) + 1:]: v for k, v in tensors.items() if k.startswith(prefix + "/")}
 
@@ -269,6 +277,34 @@ class SourcePass:
             self_calls={int(k): int(v) for k, v in meta["self_calls"].items()},
             step_generator=tensors.get("step_generator"), generator_device=meta.get("generator_device"),
         )
+
+
+def _is_index(value) -> bool:
+    """Whether ``value`` is a non-negative int (not a bool), as a step index or map side is stored."""
+    return type(value) is int and value >= 0
+
+
+def _check_saved_fields(meta: Mapping) -> None:
+    """Raise `ValueError` naming the first sidecar field of a saved pass that has the wrong type or
+    range (a damaged or forged file: the tensors' SHA-256 does not cover the sidecar's fields)."""
+    for name in ("identity", "given", "self_calls"):
+        if not isinstance(meta.get(name), dict):
+            raise ValueError(f"its {name} is not a JSON object")
+    for name in ("cross_steps", "self_steps"):
+        steps = meta.get(name)
+        if not (isinstance(steps, list) and len(steps) == 2 and all(map(_is_index, steps)) and steps[0] <= steps[1]):
+            raise ValueError(f"its {name} is {steps!r}, not a [first, stop] pair of step indices")
+    model = meta["identity"].get("model")
+    if not (isinstance(model, dict) and all(isinstance(model.get(k), str) for k in ("family", "name_or_path", "fingerprint", "dtype"))):
+        raise ValueError("its identity names no model (family, name_or_path, fingerprint and dtype as text)")
+    if not isinstance(meta["identity"].get("prompt"), str) or not _is_index(meta["identity"].get("num_inference_steps")):
+        raise ValueError("its identity has no prompt (text) or no num_inference_steps (a whole number)")
+    if not _is_index(meta.get("self_max_res")):
+        raise ValueError(f"its self_max_res is {meta.get('self_max_res')!r}, not a map side")
+    if not all(k.isdigit() and _is_index(v) for k, v in meta["self_calls"].items()):
+        raise ValueError("its self_calls are not counts by map side")
+    if not isinstance(meta.get("generator_device"), (str, type(None))):
+        raise ValueError("its generator_device is not a device name")
 
 
 # ----------------------------------------------------------------- identities
