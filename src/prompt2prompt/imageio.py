@@ -23,6 +23,7 @@ import tempfile
 import zlib
 from collections.abc import Mapping
 from pathlib import Path
+from typing import BinaryIO
 
 import PIL.Image
 from PIL.PngImagePlugin import PngInfo
@@ -161,8 +162,20 @@ def _text_of_chunk(kind: bytes, data: bytes, key: str) -> str:
         raise ValueError(f"its {key} chunk is not UTF-8 text") from None
 
 
-def read_png_text(path: str | os.PathLike, key: str) -> str | None:
-    """The text chunk ``key`` of a PNG, read chunk by chunk without decoding the image.
+def _open_binary(source):
+    """``(handle, size)`` of a path (opened here) or of a seekable binary file object (read from its start)."""
+    if hasattr(source, "read"):
+        source.seek(0, os.SEEK_END)
+        size = source.tell()
+        source.seek(0)
+        return contextlib.nullcontext(source), size
+    handle = open(source, "rb")
+    return handle, os.fstat(handle.fileno()).st_size
+
+
+def read_png_text(path: str | os.PathLike | BinaryIO, key: str) -> str | None:
+    """The text chunk ``key`` of a PNG (a path, or a seekable binary file object such as
+    ``io.BytesIO``), read chunk by chunk without decoding the image.
 
     Only the first bytes of other chunks' keywords are read (the rest is skipped), and a chunk is
     read only when it fits in the file and in `MAX_TEXT_BYTES`, so a file claiming gigabytes, a zlib
@@ -173,8 +186,8 @@ def read_png_text(path: str | os.PathLike, key: str) -> str | None:
         ValueError: the chunk is too large, damaged or not text.
     """
     wanted = key.encode("latin-1") + b"\0"
-    with open(path, "rb") as handle:
-        size = os.fstat(handle.fileno()).st_size
+    opened, size = _open_binary(path)
+    with opened as handle:
         if handle.read(8) != PNG_SIGNATURE:
             raise OSError("not a PNG file")
         while True:
@@ -214,7 +227,7 @@ def json_value(text: str):
         raise ValueError("nested too deeply to read (arrays or objects inside each other)") from None
 
 
-def read_png_metadata(path: str | os.PathLike) -> dict | None:
+def read_png_metadata(path: str | os.PathLike | BinaryIO) -> dict | None:
     """The JSON parameters stored in a PNG by `png_bytes`, or None when it has none.
 
     Reads the chunk with `read_png_text` (bounded, the image is not decoded).
