@@ -11,19 +11,11 @@ import torch
 
 import reference_p2p as ref
 from _util import assert_close_to_scale
-from prompt2prompt import LocalBlend, Prompt2PromptPipeline
+from prompt2prompt import LocalBlend
 
 T = 6
 G = 7.5
 TH = 0.99  # random weights give flat maps: only a high threshold leaves a partial mask
-
-
-
-@pytest.fixture(scope="module")
-def pipe(tiny_sd1):
-    p = Prompt2PromptPipeline(**tiny_sd1)
-    p.set_progress_bar_config(disable=True)
-    return p
 
 
 @pytest.fixture(scope="module")
