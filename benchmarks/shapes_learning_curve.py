@@ -15,6 +15,7 @@ long curve can be spread over several chunks of at most 150 minutes.
 
     python benchmarks/shapes_learning_curve.py runs/curves --candidate small_b32 --steps 3000 --eval-every 500
     python benchmarks/shapes_learning_curve.py runs/curves --stage autoencoder --steps 8000 --eval-every 250
+    python benchmarks/shapes_learning_curve.py runs/curves --stage decoder --steps 6000 --eval-every 250
     python benchmarks/shapes_learning_curve.py runs/curves --candidate lean_f2_b32 --steps 3000
     python benchmarks/shapes_learning_curve.py runs/curves --list
 """
@@ -24,6 +25,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import sys
 import time
 from pathlib import Path
@@ -180,6 +182,126 @@ def train_autoencoder(folder: Path, steps: int, batch: int = AE_BATCH, lr: float
             log_path.write_text(json.dumps(log, indent=1))
             print(json.dumps(point), flush=True)
             vae.train()
+
+
+def drawn_pictures(first: int, n: int, side: int) -> np.ndarray:
+    """``n`` flat-colour pictures drawn with PIL, not by the shapes world: any RGB background, one to
+    three ellipses, rectangles or polygons of any RGB colour, size and place, no antialiasing.
+    Picture k comes from seed k, so ``first..first+n-1`` is a fixed set: ``(n, side, side, 3)`` uint8.
+    They stand for the "pictures drawn outside the project" whose round trip issue 27 asks to raise."""
+    from PIL import Image, ImageDraw
+
+    out = np.empty((n, side, side, 3), np.uint8)
+    for i, k in enumerate(range(first, first + n)):
+        rng = np.random.default_rng(k)
+        img = Image.new("RGB", (side, side), tuple(int(c) for c in rng.integers(0, 256, 3)))
+        draw = ImageDraw.Draw(img)
+        for _ in range(int(rng.integers(1, 4))):
+            colour = tuple(int(c) for c in rng.integers(0, 256, 3))
+            x0, y0 = rng.uniform(-0.1, 0.8, 2) * side
+            w, h = rng.uniform(0.1, 0.6, 2) * side
+            kind = int(rng.integers(0, 3))
+            if kind == 0:
+                draw.ellipse((x0, y0, x0 + w, y0 + h), fill=colour)
+            elif kind == 1:
+                draw.rectangle((x0, y0, x0 + w, y0 + h), fill=colour)
+            else:
+                points = rng.uniform(0, 1, (int(rng.integers(3, 7)), 2)) * (w, h) + (x0, y0)  # (corners, 2)
+                draw.polygon([tuple(p) for p in points], fill=colour)
+        out[i] = np.asarray(img)
+    return out
+
+
+def round_trip_psnr_of(vae, images: np.ndarray) -> float:
+    """Mean PSNR (dB, 8-bit) of ``images`` (``(n, H, W, 3)`` uint8) through ``vae``'s latent means and back."""
+    from prompt2prompt.shapes.metrics import psnr
+
+    with torch.no_grad():
+        rec = vae.decode(vae.encode(to_tensor(images)).latent_dist.mean).sample  # (n, 3, H, W)
+    rec = ((rec.clamp(-1, 1) + 1) * 127.5).round().permute(0, 2, 3, 1).numpy().astype(np.uint8)  # (n, H, W, 3)
+    everywhere = np.ones(images.shape[1:3], bool)
+    return float(np.mean([psnr(a, b, everywhere) for a, b in zip(images, rec)]))
+
+
+DRAWN_TEST = 10_000_000  # drawn pictures 10,000,000.. are held apart from the decoder's training stream
+
+
+def train_decoder(root: Path, steps: int, batch: int = AE_BATCH, lr: float = 5e-4, warmup: int = 50,
+                  check_every: int = 250, test_scenes: int = AE_TEST_SCENES, drawn_share: float = 0.5) -> None:
+    """Fine-tune the factor-2 autoencoder's decoder with its encoder frozen, so every latent (and the
+    latent caches the curves train on) stays as it is: a cosine-decaying rate from ``lr`` (linear
+    warm-up), L1 + MSE on the round trip of the latent means. Each batch is narrow-world scenes (a
+    fresh stream, scenes 20,000,000..) and, for ``drawn_share`` of it, `drawn_pictures`. Weights start
+    from ``root/autoencoder_f2/vae`` and go to ``root/autoencoder_f2_decoder/vae``; the optimizer is
+    saved with them, so a rerun resumes exactly. At each ``check_every`` steps the round trip is
+    logged on held-apart narrow-world scenes and drawn pictures."""
+    from diffusers import AutoencoderKL
+
+    folder = root / "autoencoder_f2_decoder"
+    folder.mkdir(parents=True, exist_ok=True)
+    log_path = folder / "decoder_log.json"
+    start = root / "autoencoder_f2" / "vae"
+    if not start.exists():
+        raise SystemExit(f"no factor-2 autoencoder at {start}: train it first with --stage autoencoder")
+    resume = (folder / "vae").exists() and log_path.exists()
+    vae = AutoencoderKL.from_pretrained(folder / "vae" if resume else start)
+    side = vae.config.sample_size
+    vae.encoder.requires_grad_(False)
+    vae.quant_conv.requires_grad_(False) if vae.quant_conv is not None else None
+    params = [p for p in vae.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
+    if resume:
+        log = json.loads(log_path.read_text())
+        load_optimizer(opt, load_file(str(folder / "optimizer.safetensors")), log["optimizer"])
+        step = log["points"][-1]["step"]
+    else:
+        test = lambda v: {"narrow_db": round_trip_psnr(v, n=test_scenes),  # noqa: E731
+                          "drawn_db": round_trip_psnr_of(v, drawn_pictures(DRAWN_TEST, test_scenes, side))}
+        log = {"start": str(start), "lr": lr, "warmup": warmup, "steps": steps, "batch": batch,
+               "drawn_share": drawn_share, "points": [{"step": 0, "samples": 0, **test(vae.eval())}]}
+        step = 0
+        print(json.dumps(log["points"][0]), flush=True)
+    n_drawn = int(round(batch * drawn_share))
+    vae.train()
+    vae.encoder.eval()
+    cpu0 = time.process_time()
+    while step < steps:
+        scenes = np.stack([world.render(narrow_spec(k)).image
+                           for k in range(20_000_000 + step * batch, 20_000_000 + step * batch + batch - n_drawn)])
+        x = to_tensor(np.concatenate([scenes, drawn_pictures(step * batch, n_drawn, side)]))  # (batch, 3, H, W)
+        with torch.no_grad():
+            z = vae.encode(x).latent_dist.mean  # (batch, C, h, w)
+        rec = vae.decode(z).sample  # (batch, 3, H, W)
+        loss = (rec - x).abs().mean() + (rec - x).pow(2).mean()
+        for g in opt.param_groups:
+            g["lr"] = lr_at(step, steps, lr, warmup)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        step += 1
+        if step % check_every == 0 or step == steps:
+            vae.eval()
+            point = {"step": step, "samples": step * batch, "loss": loss.item(), "lr": opt.param_groups[0]["lr"],
+                     "narrow_db": round_trip_psnr(vae, n=test_scenes),
+                     "drawn_db": round_trip_psnr_of(vae, drawn_pictures(DRAWN_TEST, test_scenes, side)),
+                     "cpu_seconds": round(time.process_time() - cpu0, 1)}
+            vae.save_pretrained(folder / "vae.tmp")  # safetensors; then swapped in whole
+            if (folder / "vae").exists():
+                os.replace(folder / "vae", folder / "vae.old")
+            os.replace(folder / "vae.tmp", folder / "vae")
+            shutil.rmtree(folder / "vae.old", ignore_errors=True)
+            opt_t, opt_meta = optimizer_tensors(opt)
+            save_file({k: v.contiguous() for k, v in opt_t.items()}, str(folder / "optimizer.tmp"))
+            os.replace(folder / "optimizer.tmp", folder / "optimizer.safetensors")
+            log["optimizer"] = opt_meta
+            log["points"].append(point)
+            tmp = log_path.with_suffix(".tmp")
+            tmp.write_text(json.dumps(log, indent=1))
+            os.replace(tmp, log_path)
+            print(json.dumps(point), flush=True)
+            cpu0 = time.process_time()
+            vae.train()
+            vae.encoder.eval()
 
 
 def load_autoencoder(recipe: dict, root: Path):
@@ -346,12 +468,78 @@ def run(args) -> None:
                 m.train()
 
 
+def narrow_words(n: int = 5000) -> list[str]:
+    """Every word the narrow world's captions contain (scenes ``0..n-1`` use all of them)."""
+    return sorted({w for k in range(n) for w in world.split_words(narrow_spec(k).caption)})
+
+
+def export(args) -> Path:
+    """Write a candidate's EMA weights at its last checkpoint as a diffusers Stable Diffusion folder
+    (safetensors, shards <= 15 MB) with its autoencoder (``--decoder``: the fine-tuned decoder of
+    ``--stage decoder``), the shipped DDIM scheduler and tokenizer, ``training.json`` (provenance:
+    candidate, recipe, steps, samples, CPU seconds, commands) and ``world.json`` (the words it was
+    trained on, which `Prompt2PromptPipeline.from_pretrained` warns outside of)."""
+    from diffusers import DDIMScheduler, StableDiffusionPipeline
+    from transformers import CLIPTokenizer
+
+    recipe = {**BASE, **CANDIDATES[args.candidate]}
+    root = Path(args.run_dir)
+    folder = root / args.candidate
+    if not (folder / "state.safetensors").exists():
+        raise SystemExit(f"no checkpoint at {folder}: run the curve first")
+    state = load_file(str(folder / "state.safetensors"))
+    meta = json.loads((folder / "state.json").read_text())
+    curve = json.loads((folder / "curve.json").read_text())
+    if args.decoder and recipe["autoencoder"] != "f2":
+        raise SystemExit("--decoder fine-tunes the factor-2 autoencoder; this candidate uses the shipped one")
+    vae = load_autoencoder(recipe, root)
+    if args.decoder:
+        from diffusers import AutoencoderKL
+
+        tuned = AutoencoderKL.from_pretrained(root / "autoencoder_f2_decoder" / "vae").eval()
+        encoder_same = all(torch.equal(a, b) for a, b in zip(vae.encoder.state_dict().values(), tuned.encoder.state_dict().values()))
+        if not encoder_same:
+            raise SystemExit("the fine-tuned decoder's encoder differs from the one the latents came from")
+        vae = tuned
+    tokenizer = CLIPTokenizer.from_pretrained(MODEL_DIR / "tokenizer")
+    side = vae.config.sample_size // 2 ** (len(vae.config.block_out_channels) - 1)
+    unet, text_encoder = build_models(recipe, tokenizer, latent_side=side)
+    unet.load_state_dict({k[len("ema.unet."):]: v for k, v in state.items() if k.startswith("ema.unet.")})
+    text_encoder.load_state_dict({k[len("ema.text."):]: v for k, v in state.items() if k.startswith("ema.text.")}, strict=False)
+    pipe = StableDiffusionPipeline(
+        vae=vae, text_encoder=text_encoder.eval(), tokenizer=tokenizer, unet=unet.eval(),
+        scheduler=DDIMScheduler.from_pretrained(MODEL_DIR / "scheduler"), safety_checker=None,
+        feature_extractor=None, requires_safety_checker=False)
+    out = Path(args.export)
+    tmp = out.with_name(out.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    pipe.save_pretrained(tmp, safe_serialization=True, max_shard_size="15MB")
+    last = max(curve["points"], key=lambda p: p["step"])
+    info = {"candidate": args.candidate, "recipe": recipe, "unet_step": meta["step"],
+            "samples_seen": meta["step"] * recipe["batch"], "train_cpu_seconds": last["train_cpu_seconds"] if last["step"] == meta["step"] else None,
+            "world": curve["world"], "cache_scenes": curve["cache_scenes"],
+            "autoencoder": json.loads((root / ("autoencoder_f2_decoder/decoder_log.json" if args.decoder else "autoencoder_f2/autoencoder_log.json")).read_text())["points"][-1]
+            if recipe["autoencoder"] == "f2" else "shipped",
+            "decoder_fine_tuned": bool(args.decoder),
+            "command": f"python benchmarks/shapes_learning_curve.py RUN_DIR --candidate {args.candidate} --steps {meta['step']} "
+                       f"--eval-every {args.eval_every} --threads 1"}
+    (tmp / "training.json").write_text(json.dumps(info, indent=1))
+    (tmp / "world.json").write_text(json.dumps({"world": curve["world"], "words": narrow_words()}, indent=1))
+    if out.exists():
+        shutil.rmtree(out)
+    os.replace(tmp, out)
+    print(f"exported {args.candidate} at step {meta['step']} to {out}")
+    return out
+
+
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("run_dir")
     p.add_argument("--candidate", choices=sorted(CANDIDATES))
-    p.add_argument("--stage", choices=("curve", "autoencoder"), default="curve",
-                   help="autoencoder: train the factor-2 autoencoder (RUN_DIR/autoencoder_f2) for --steps steps")
+    p.add_argument("--stage", choices=("curve", "autoencoder", "decoder"), default="curve",
+                   help="autoencoder: train the factor-2 autoencoder (RUN_DIR/autoencoder_f2) for --steps steps; "
+                        "decoder: fine-tune its decoder, encoder frozen (RUN_DIR/autoencoder_f2_decoder)")
+    p.add_argument("--lr", type=float, default=5e-4, help="decoder stage: peak learning rate (cosine decay over --steps)")
     p.add_argument("--list", action="store_true", help="print the candidates and exit")
     p.add_argument("--steps", type=int, default=3000)
     p.add_argument("--eval-every", type=int, default=500)
@@ -361,16 +549,26 @@ def main(argv=None) -> None:
     p.add_argument("--cache-scenes", type=int, default=CACHE_SCENES, help="narrow-world scenes rendered and encoded once")
     p.add_argument("--results", default=str(RESULTS), help="the JSON every candidate's curve goes to (default: %(default)s)")
     p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--export", metavar="DIR", help="write the candidate's last checkpoint (EMA) as a diffusers folder and exit")
+    p.add_argument("--decoder", action="store_true", help="--export with the decoder fine-tuned by --stage decoder")
     args = p.parse_args(argv)
     if args.stage == "autoencoder":
         torch.set_num_threads(args.threads)
         train_autoencoder(Path(args.run_dir) / "autoencoder_f2", args.steps, check_every=args.eval_every,
                           test_scenes=args.eval_samples * 16)
         return
+    if args.stage == "decoder":
+        torch.set_num_threads(args.threads)
+        train_decoder(Path(args.run_dir), args.steps, lr=args.lr, check_every=args.eval_every,
+                      test_scenes=args.eval_samples * 16)
+        return
     if args.list or not args.candidate:
         for name, diff in CANDIDATES.items():
             print(f"{name}: {diff or 'the base recipe'}")
         print(f"base: {BASE}")
+        return
+    if args.export:
+        export(args)
         return
     run(args)
 

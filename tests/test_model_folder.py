@@ -130,3 +130,26 @@ def test_the_cli_loads_pickle_weights_only_when_allowed(tiny_sd1, tmp_path, caps
     assert not (tmp_path / "refused").exists()
     assert main(argv + ["-o", str(tmp_path / "allowed"), "--allow-pickle"]) == 0
     assert len(list((tmp_path / "allowed").glob("*.png"))) == 1
+
+
+def test_world_json_sets_the_vocabulary_the_pipeline_warns_outside_of(copy, tiny_sd1):
+    """A shapes-world model's export carries the words it was trained on; loading the folder warns
+    about any other word, and a folder without the file warns about none."""
+    import warnings
+
+    assert Prompt2PromptPipeline.from_pretrained(copy).vocabulary is None
+    (copy / "world.json").write_text(json.dumps({"world": "narrow", "words": ["a", "Red", "circle", "on", "blue", "background"]}))
+    pipe = Prompt2PromptPipeline.from_pretrained(copy)
+    assert pipe.vocabulary == {"a", "red", "circle", "on", "blue", "background"}
+    with pytest.warns(UserWarning, match="square"):
+        pipe("a red square on a blue background", num_inference_steps=1, output_type="latent")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        pipe("a red circle on a blue background", num_inference_steps=1, output_type="latent")
+
+
+@pytest.mark.parametrize("text", ["{", "[]", '{"words": []}', '{"words": ["a", 3]}'])
+def test_a_bad_world_json_is_named(copy, text):
+    (copy / "world.json").write_text(text)
+    with pytest.raises(ValueError, match="world.json"):
+        Prompt2PromptPipeline.from_pretrained(copy)

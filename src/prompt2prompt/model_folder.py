@@ -182,3 +182,24 @@ def model_family(model: str | Path | None) -> str:
     encoder_2 = spec.get("text_encoder_2")
     has_encoder_2 = isinstance(encoder_2, list) and bool(encoder_2) and encoder_2[0] is not None
     return "sdxl" if "XL" in str(spec.get("_class_name", "")) or has_encoder_2 else "sd"
+
+
+WORLD_FILE = "world.json"  # written beside model_index.json by a shapes-world model's export
+
+
+def folder_vocabulary(folder: str | Path) -> frozenset[str] | None:
+    """The words a shapes-world model was trained on, from ``folder/world.json`` (``{"words": [...]}``,
+    written by its export), or None when the folder has no such file (any other model).
+
+    Raises:
+        ValueError: the file is not a JSON object whose ``"words"`` is a list of strings (names the file).
+    """
+    path = Path(folder) / WORLD_FILE
+    if not path.is_file():
+        return None
+    data = _read_json(path, "the model's world description")
+    words = data.get("words") if isinstance(data, dict) else None
+    if not (isinstance(words, list) and words and all(isinstance(w, str) for w in words)):
+        raise ValueError(f"{path}: expected a JSON object with a non-empty list of strings under \"words\"; "
+                         "restore the file, or delete it to load the model without a vocabulary")
+    return frozenset(w.casefold() for w in words)

@@ -58,7 +58,7 @@ from .inversion import (
     predict_eps,
     unet_eps,
 )
-from .model_folder import check_model_folder, model_family as folder_family
+from .model_folder import check_model_folder, folder_vocabulary, model_family as folder_family
 from .schedules import parse_window, step_window
 from .source_pass import (
     SourcePass,
@@ -404,7 +404,9 @@ class Prompt2PromptPipeline(DiffusionPipeline):
 
         Args:
             pretrained_model_name_or_path: a local diffusers pipeline folder or a hub id; None loads
-                the bundled shapes-world model and sets ``pipe.vocabulary``.
+                the bundled shapes-world model. For it, and for a folder with a ``world.json`` (a
+                shapes-world model's export), ``pipe.vocabulary`` is set to the words it was trained
+                on, and words outside them are warned about.
             *args: passed on to `DiffusionPipeline.from_pretrained`.
             allow_pickle: allow pickle (``.bin``) checkpoints; otherwise ``use_safetensors=True`` is passed.
             **kwargs: passed on to `DiffusionPipeline.from_pretrained` (e.g. ``torch_dtype``).
@@ -426,7 +428,7 @@ class Prompt2PromptPipeline(DiffusionPipeline):
             pipe = cls.from_pretrained(MODEL_DIR, *args, allow_pickle=allow_pickle, **kwargs)
             from .shapes import world
 
-            pipe.vocabulary = world.caption_words()
+            pipe.vocabulary = pipe.vocabulary or world.caption_words()  # world.json, else every word the world knows
             return pipe
         if kwargs.get("use_safetensors") is False and not allow_pickle:
             raise ValueError("use_safetensors=False loads pickle checkpoints, which can run code; pass allow_pickle=True to allow it")
@@ -439,6 +441,10 @@ class Prompt2PromptPipeline(DiffusionPipeline):
                                     "does not run; load it with prompt2prompt.load_pipeline, which picks the pipeline from the folder"
                                     + (" (Prompt2PromptXLPipeline)" if family == "sdxl" else ""))
             check_model_folder(pretrained_model_name_or_path, allow_pickle=allow_pickle)  # names a missing or damaged file
+            vocabulary = folder_vocabulary(pretrained_model_name_or_path)  # a shapes-world model's words, else None
+            pipe = super().from_pretrained(pretrained_model_name_or_path, *args, **kwargs)
+            pipe.vocabulary = vocabulary
+            return pipe
         return super().from_pretrained(pretrained_model_name_or_path, *args, **kwargs)
 
     # ----------------------------------------------------------------- checks
