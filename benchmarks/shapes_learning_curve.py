@@ -247,7 +247,8 @@ def train_decoder(root: Path, steps: int, batch: int = AE_BATCH, lr: float = 5e-
     vae = AutoencoderKL.from_pretrained(folder / "vae" if resume else start)
     side = vae.config.sample_size
     vae.encoder.requires_grad_(False)
-    vae.quant_conv.requires_grad_(False) if vae.quant_conv is not None else None
+    if vae.quant_conv is not None:
+        vae.quant_conv.requires_grad_(False)
     params = [p for p in vae.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
     if resume:

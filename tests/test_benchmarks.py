@@ -3,9 +3,11 @@ script. Their numbers are not checked here: timings belong in benchmarks/, not i
 
 import importlib.util
 import json
+import shutil
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 BENCH = Path(__file__).resolve().parents[1] / "benchmarks"
@@ -120,3 +122,64 @@ def test_learning_curve_autoencoder_stage_logs_its_round_trip_and_resumes(tmp_pa
     assert all(0 < p["round_trip_db"] < 100 for p in log["points"])
     config = json.loads((tmp_path / "autoencoder_f2" / "vae" / "config.json").read_text())
     assert config["scaling_factor"] > 0 and len(config["block_out_channels"]) == 2  # one downsampling: factor 2
+
+
+
+class _Interrupted(Exception):
+    pass
+
+
+def test_learning_curve_decoder_stage_resumes_exactly_and_exports_a_loadable_model(tmp_path, monkeypatch):
+    """The decoder fine-tune leaves the encoder (so every latent) as it was; a run stopped after its
+    checkpoint at step 2 of 4 and rerun ends with the weights of an uninterrupted run; and a factor-2
+    candidate exports with that decoder as a folder the pipeline loads, holding the EMA weights and
+    the narrow world's words."""
+    import torch
+    from safetensors.torch import load_file
+
+    from prompt2prompt import Prompt2PromptPipeline
+
+    curve = _script("shapes_learning_curve")
+    common = ["--eval-every", "2", "--eval-samples", "1", "--threads", "1"]
+    curve.main([str(tmp_path), "--stage", "autoencoder", "--steps", "2", *common])
+    straight = tmp_path / "straight"
+    shutil.copytree(tmp_path / "autoencoder_f2", straight / "autoencoder_f2")
+    curve.main([str(straight), "--stage", "decoder", "--steps", "4", *common])
+
+    real_lr_at = curve.lr_at
+
+    def stop_after_step_2(step, *args):
+        if step == 2:  # the third update, after step 2's checkpoint
+            raise _Interrupted
+        return real_lr_at(step, *args)
+
+    monkeypatch.setattr(curve, "lr_at", stop_after_step_2)
+    with pytest.raises(_Interrupted):
+        curve.main([str(tmp_path), "--stage", "decoder", "--steps", "4", *common])
+    monkeypatch.setattr(curve, "lr_at", real_lr_at)
+    curve.main([str(tmp_path), "--stage", "decoder", "--steps", "4", *common])  # resumes at step 2
+
+    name = "diffusion_pytorch_model.safetensors"
+    first = load_file(str(tmp_path / "autoencoder_f2" / "vae" / name))
+    resumed = load_file(str(tmp_path / "autoencoder_f2_decoder" / "vae" / name))
+    uninterrupted = load_file(str(straight / "autoencoder_f2_decoder" / "vae" / name))
+    assert all(torch.equal(first[k], resumed[k]) for k in first if k.startswith(("encoder.", "quant_conv.")))
+    assert not all(torch.equal(first[k], resumed[k]) for k in first if k.startswith("decoder."))
+    assert all(torch.equal(resumed[k], uninterrupted[k]) for k in first)
+    log = json.loads((tmp_path / "autoencoder_f2_decoder" / "decoder_log.json").read_text())
+    assert [p["step"] for p in log["points"]] == [0, 2, 4]
+    assert all(0 < p["narrow_db"] < 100 and 0 < p["drawn_db"] < 100 for p in log["points"])
+
+    curve.main([str(tmp_path), "--candidate", "lean_f2_b32", "--steps", "1", "--eval-every", "1", "--eval-samples", "1",
+                "--eval-steps", "2", "--cache-scenes", "32", "--threads", "1", "--results", str(tmp_path / "curves.json")])
+    out = tmp_path / "exported"
+    curve.main([str(tmp_path), "--candidate", "lean_f2_b32", "--export", str(out), "--decoder"])
+    pipe = Prompt2PromptPipeline.from_pretrained(out)
+    state = load_file(str(tmp_path / "lean_f2_b32" / "state.safetensors"))
+    assert all(torch.equal(v, state[f"ema.unet.{k}"]) for k, v in pipe.unet.state_dict().items())
+    assert all(torch.equal(v, resumed[k]) for k, v in pipe.vae.state_dict().items())
+    assert pipe.vocabulary == set(curve.narrow_words()) and "striped" not in pipe.vocabulary and "circle" in pipe.vocabulary
+    assert json.loads((out / "training.json").read_text())["unet_step"] == 1
+    image = pipe("a big red circle on a blue background", num_inference_steps=2, output_type="np").images
+    side = pipe.vae.config.sample_size
+    assert image.shape == (1, side, side, 3) and np.isfinite(image).all()
