@@ -63,6 +63,8 @@ CANDIDATES: dict[str, dict] = {
     # the same UNet on the latents of a factor-2 autoencoder (32x32x4; `--stage autoencoder` trains it):
     # maps at 16 and 8, as the pixel-space model of shared/notes/cpu-training.md
     "lean_f2_b32": dict(unet=LEAN_UNET, autoencoder="f2"),
+    "lean_f2_b32_logitnormal": dict(unet=LEAN_UNET, autoencoder="f2", timesteps=("logit_normal", 0.5, 1.0)),
+    "lean_f2_b16_lr1e3": dict(unet=LEAN_UNET, autoencoder="f2", batch=16, lr=1e-3),  # twice the steps a sample, twice the rate
 }
 BASE = dict(unet={}, text={}, batch=32, lr=5e-4, warmup=100, timesteps=("uniform",), ema=0.999, autoencoder="shipped")
 
