@@ -136,14 +136,12 @@ def to_tensor(images: np.ndarray) -> torch.Tensor:
 def round_trip_psnr(vae, first: int = 10_000_000, n: int = AE_TEST_SCENES) -> float:
     """Mean PSNR (dB, 8-bit) of narrow-world scenes ``first..first+n-1`` through ``vae``'s latent means
     and back: what the autoencoder alone keeps of a flat-colour picture."""
-    from prompt2prompt.shapes.metrics import psnr
+    return round_trip_psnr_of(vae, np.stack([world.render(narrow_spec(k)).image for k in range(first, first + n)]))
 
-    images = np.stack([world.render(narrow_spec(k)).image for k in range(first, first + n)])  # (n, H, W, 3)
-    with torch.no_grad():
-        rec = vae.decode(vae.encode(to_tensor(images)).latent_dist.mean).sample  # (n, 3, H, W)
-    rec = ((rec.clamp(-1, 1) + 1) * 127.5).round().permute(0, 2, 3, 1).numpy().astype(np.uint8)  # (n, H, W, 3)
-    everywhere = np.ones(images.shape[1:3], bool)
-    return float(np.mean([psnr(a, b, everywhere) for a, b in zip(images, rec)]))
+
+def reconstruction_loss(rec: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """L1 + MSE between a round trip and its input (both ``(batch, 3, H, W)`` in [-1, 1])."""
+    return (rec - x).abs().mean() + (rec - x).pow(2).mean()
 
 
 AE_BATCH = 8  # a step at batch 32 took 2.4 s on one thread: small steps, many of them
@@ -167,7 +165,7 @@ def train_autoencoder(folder: Path, steps: int, batch: int = AE_BATCH, lr: float
         x = to_tensor(images)  # (batch, 3, H, W)
         posterior = vae.encode(x).latent_dist
         rec = vae.decode(posterior.sample(generator=torch.Generator().manual_seed(step))).sample  # (batch, 3, H, W)
-        loss = (rec - x).abs().mean() + (rec - x).pow(2).mean() + AE_KL_WEIGHT * posterior.kl().mean()
+        loss = reconstruction_loss(rec, x) + AE_KL_WEIGHT * posterior.kl().mean()
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
@@ -275,7 +273,7 @@ def train_decoder(root: Path, steps: int, batch: int = AE_BATCH, lr: float = 5e-
         with torch.no_grad():
             z = vae.encode(x).latent_dist.mean  # (batch, C, h, w)
         rec = vae.decode(z).sample  # (batch, 3, H, W)
-        loss = (rec - x).abs().mean() + (rec - x).pow(2).mean()
+        loss = reconstruction_loss(rec, x)
         for g in opt.param_groups:
             g["lr"] = lr_at(step, steps, lr, warmup)
         opt.zero_grad(set_to_none=True)
