@@ -65,8 +65,11 @@ CANDIDATES: dict[str, dict] = {
     "lean_f2_b32": dict(unet=LEAN_UNET, autoencoder="f2"),
     "lean_f2_b32_logitnormal": dict(unet=LEAN_UNET, autoencoder="f2", timesteps=("logit_normal", 0.5, 1.0)),
     "lean_f2_b16_lr1e3": dict(unet=LEAN_UNET, autoencoder="f2", batch=16, lr=1e-3),  # twice the steps a sample, twice the rate
+    # lean_f2_b32's run from its last checkpoint, on a world with the pattern words and styles refinement needs
+    "lean_f2_b32_refine": dict(unet=LEAN_UNET, autoencoder="f2", world="refine", init="lean_f2_b32"),
 }
-BASE = dict(unet={}, text={}, batch=32, lr=5e-4, warmup=100, timesteps=("uniform",), ema=0.999, autoencoder="shipped")
+BASE = dict(unet={}, text={}, batch=32, lr=5e-4, warmup=100, timesteps=("uniform",), ema=0.999, autoencoder="shipped",
+            world="narrow", init=None)
 
 #: A factor-2 autoencoder (64x64x3 -> 32x32x4): two encoder blocks, one downsampling.
 F2_AUTOENCODER = dict(in_channels=3, out_channels=3, latent_channels=4, sample_size=64, layers_per_block=1,
@@ -82,8 +85,11 @@ def train_pairs() -> list[tuple[str, str]]:
     return [(c, s) for c in world.COLOUR_NAMES for s in world.SHAPES if (c, s) not in world.HELDOUT_PAIRS]
 
 
-def narrow_spec(k: int) -> world.SceneSpec:
-    """Scene ``k`` of the narrow world: one object of a training pair on a plain background."""
+def narrow_spec(k: int, pattern_share: float = 0.0, style_share: float = 0.0) -> world.SceneSpec:
+    """Scene ``k`` of the narrow world: one object of a training pair on a plain background. With
+    ``pattern_share`` / ``style_share`` > 0, scene ``k`` keeps the same object, size and background
+    and, drawn from a stream of its own, adds a pattern word (any of the world's, where the pattern
+    shows: `world.pattern_visible`) or a style (any of the world's) to that share of scenes."""
     rng = np.random.default_rng([k, 27])
     pairs = train_pairs()
     colour, shape = pairs[int(rng.integers(len(pairs)))]
@@ -91,7 +97,29 @@ def narrow_spec(k: int) -> world.SceneSpec:
     backgrounds = [c for c in world.COLOUR_NAMES if c != colour]
     bg = backgrounds[int(rng.integers(len(backgrounds)))]
     say = bool(rng.random() < 0.5)
-    return world.make_spec([dict(shape=shape, colour=colour, size=size, say_size=say)], bg, seed=k, template=0)
+    extra = np.random.default_rng([k, 28])
+    pattern = world.PATTERNS[int(extra.integers(len(world.PATTERNS)))] if extra.random() < pattern_share else None
+    style = world.STYLES[int(extra.integers(len(world.STYLES)))] if extra.random() < style_share else None
+    obj = dict(shape=shape, colour=colour, size=size, say_size=say)
+    spec = world.make_spec([dict(obj, pattern=pattern)], bg, style=style, seed=k, template=0)
+    if pattern is not None and not world.pattern_visible(colour, spec.background):
+        spec = world.make_spec([obj], bg, style=style, seed=k, template=0)  # no caption names a hidden pattern
+    return spec
+
+
+#: world name -> (description, share of scenes with a pattern word, share with a style, evaluation parts)
+WORLDS: dict[str, tuple[str, float, float, tuple[str, ...]]] = {
+    "narrow": ("narrow: one object, training pairs, plain background, template 0", 0.0, 0.0, EVAL_PARTS),
+    # what refinement needs besides: a pattern word (30% of scenes) and a style (20%), all of the world's
+    "refine": ("narrow plus refinement: one object, training pairs, plain background, template 0; a pattern word "
+               "in 30% of scenes, a style in 20%", 0.3, 0.2, EVAL_PARTS + ("refine",)),
+}
+
+
+def world_spec(name: str, k: int) -> world.SceneSpec:
+    """Scene ``k`` of the curve world ``name`` (a key of `WORLDS`)."""
+    _, patterns, styles, _ = WORLDS[name]
+    return narrow_spec(k, patterns, styles)
 
 
 def sample_timesteps(kind: tuple, n: int, num_train: int, gen: torch.Generator) -> torch.Tensor:
@@ -104,8 +132,8 @@ def sample_timesteps(kind: tuple, n: int, num_train: int, gen: torch.Generator) 
     return (u * num_train).long().clamp(0, num_train - 1)
 
 
-def build_cache(path: Path, vae, tokenizer, n: int = CACHE_SCENES, batch: int = 250) -> dict[str, torch.Tensor]:
-    """Render scenes ``0..n-1`` of the narrow world, encode them with the frozen ``vae`` (latent means
+def build_cache(path: Path, vae, tokenizer, n: int = CACHE_SCENES, batch: int = 250, world_name: str = "narrow") -> dict[str, torch.Tensor]:
+    """Render scenes ``0..n-1`` of the curve world ``world_name``, encode them with the frozen ``vae`` (latent means
     times its scaling factor) and tokenize their captions; saved as safetensors at ``path``."""
     if path.exists():
         return load_file(str(path))
@@ -113,7 +141,7 @@ def build_cache(path: Path, vae, tokenizer, n: int = CACHE_SCENES, batch: int = 
     latents, ids = [], []
     t0 = time.time()
     for start in range(0, n, batch):
-        specs = [narrow_spec(k) for k in range(start, min(n, start + batch))]
+        specs = [world_spec(world_name, k) for k in range(start, min(n, start + batch))]
         images = np.stack([world.render(s).image for s in specs])  # (b, H, W, 3) uint8
         x = to_tensor(images)  # (b, 3, H, W) in [-1, 1]
         with torch.no_grad():
@@ -336,8 +364,9 @@ def build_models(recipe: dict, tokenizer, latent_side: int):
     return unet, text_encoder
 
 
-def evaluate(unet, text_encoder, ema: dict, vae, tokenizer, samples: int, steps: int, guidance: float) -> dict:
-    """Score the EMA weights with the project's evaluation."""
+def evaluate(unet, text_encoder, ema: dict, vae, tokenizer, samples: int, steps: int, guidance: float,
+             parts: tuple[str, ...] = EVAL_PARTS) -> dict:
+    """Score the EMA weights with the project's evaluation (its ``parts``)."""
     import copy
 
     from diffusers import DDIMScheduler
@@ -352,7 +381,7 @@ def evaluate(unet, text_encoder, ema: dict, vae, tokenizer, samples: int, steps:
     pipe = Prompt2PromptPipeline(vae=vae, text_encoder=te, tokenizer=tokenizer, unet=u, scheduler=sched)
     pipe.set_progress_bar_config(disable=True)
     with torch.no_grad():
-        return evaluate_model(pipe, n=samples, steps=steps, guidance=guidance, parts=EVAL_PARTS)
+        return evaluate_model(pipe, n=samples, steps=steps, guidance=guidance, parts=parts)
 
 
 def headline(r: dict) -> dict:
@@ -361,7 +390,11 @@ def headline(r: dict) -> dict:
     return {"train_colour": r["adherence_train"]["colour"], "train_shape": r["adherence_train"]["shape"],
             "heldout_colour": r["adherence"]["colour"], "heldout_shape": r["adherence"]["shape"],
             "swap_colour_target": sw["colour_p2p"]["target_rate"], "swap_colour_iou": sw["colour_p2p"]["median_mask_iou"],
-            "swap_shape_target": sw["shape_p2p"]["target_rate"], "swap_shape_shift_px": sw["shape_p2p"]["median_centroid_shift_px"]}
+            "swap_shape_target": sw["shape_p2p"]["target_rate"], "swap_shape_shift_px": sw["shape_p2p"]["median_centroid_shift_px"],
+            **({} if "refine" not in r else {
+                "refine_pattern_shown": r["refine"]["pattern"]["p2p"]["pattern_rate"],
+                "refine_pattern_iou": r["refine"]["pattern"]["p2p"]["object_kept_median_iou"],
+                **{f"refine_{style.replace(' ', '_')}_iou": v["layout_kept_median_iou"] for style, v in r["refine"]["style"]["p2p"].items()}})}
 
 
 def save_results(path: Path, name: str, curve: dict) -> None:
@@ -384,8 +417,9 @@ def run(args) -> None:
     folder.mkdir(parents=True, exist_ok=True)
     tokenizer = CLIPTokenizer.from_pretrained(MODEL_DIR / "tokenizer")
     vae = load_autoencoder(recipe, root)
-    cache_name = f"narrow_cache_{args.cache_scenes}" + ("" if recipe["autoencoder"] == "shipped" else f"_{recipe['autoencoder']}")
-    cache = build_cache(root / f"{cache_name}.safetensors", vae, tokenizer, args.cache_scenes)
+    description, _, _, parts = WORLDS[recipe["world"]]
+    cache_name = f"{recipe['world']}_cache_{args.cache_scenes}" + ("" if recipe["autoencoder"] == "shipped" else f"_{recipe['autoencoder']}")
+    cache = build_cache(root / f"{cache_name}.safetensors", vae, tokenizer, args.cache_scenes, world_name=recipe["world"])
     unet, text_encoder = build_models(recipe, tokenizer, latent_side=int(cache["latents"].shape[-1]))
     models = {"unet": unet, "text": text_encoder}
     params = [p for m in models.values() for p in m.parameters()]
@@ -397,18 +431,28 @@ def run(args) -> None:
         "candidate": args.candidate, "recipe": recipe, "points": [], "cpu_seconds": 0.0,
         "unet_parameters": sum(p.numel() for p in unet.parameters()),
         "text_parameters": sum(p.numel() for p in text_encoder.parameters()),
-        "world": "narrow: one object, training pairs, plain background, template 0", "cache_scenes": args.cache_scenes,
-        "evaluation": {"parts": EVAL_PARTS, "samples": args.eval_samples, "steps": args.eval_steps, "guidance": args.guidance}}
+        "world": description, "cache_scenes": args.cache_scenes,
+        "evaluation": {"parts": parts, "samples": args.eval_samples, "steps": args.eval_steps, "guidance": args.guidance}}
     step = 0
-    if (folder / "state.safetensors").exists():
-        state = load_file(str(folder / "state.safetensors"))
-        meta = json.loads((folder / "state.json").read_text())
+    start = folder
+    if not (folder / "state.safetensors").exists() and recipe.get("init"):
+        start = root / recipe["init"]  # continue another candidate's run (weights, EMA, optimizer) on this one's world
+        if not (start / "state.safetensors").exists():
+            raise SystemExit(f"{args.candidate} starts from {recipe['init']}'s checkpoint, and {start} has none: run that curve first")
+    if (start / "state.safetensors").exists():
+        state = load_file(str(start / "state.safetensors"))
+        meta = json.loads((start / "state.json").read_text())
         for n, m in models.items():
             m.load_state_dict({k[len(n) + 1:]: v for k, v in state.items() if k.startswith(n + ".")})
         ema = {k[4:]: v for k, v in state.items() if k.startswith("ema.")}
         load_optimizer(opt, {k[4:]: v for k, v in state.items() if k.startswith("opt.")}, meta["optimizer"])
         step = meta["step"]
-        print(f"resumed {args.candidate} at step {step}", flush=True)
+        if start != folder:
+            init_curve = json.loads((start / "curve.json").read_text())
+            cpu = next(p["train_cpu_seconds"] for p in init_curve["points"] if p["step"] == step)
+            curve["init"] = {"candidate": recipe["init"], "step": step, "train_cpu_seconds": cpu}
+            curve["cpu_seconds"] = cpu  # the curve's axes count the samples and CPU time before the switch too
+        print(f"{'resumed' if start == folder else 'started from ' + recipe['init'] + ' at'} {args.candidate} step {step}", flush=True)
     sched = DDPMScheduler(**SCHEDULE)
     alphas = sched.alphas_cumprod
     num_train = sched.config.num_train_timesteps
@@ -449,7 +493,7 @@ def run(args) -> None:
         if step % args.eval_every == 0 or step == args.steps:
             curve["cpu_seconds"] += time.process_time() - cpu0
             t_eval = time.process_time()
-            r = evaluate(unet, text_encoder, ema, vae, tokenizer, args.eval_samples, args.eval_steps, args.guidance)
+            r = evaluate(unet, text_encoder, ema, vae, tokenizer, args.eval_samples, args.eval_steps, args.guidance, parts)
             point = {"step": step, "samples": step * batch, "train_cpu_seconds": round(curve["cpu_seconds"], 1),
                      "loss": float(np.mean(losses[-200:])), **headline(r), "full": r,
                      "eval_cpu_seconds": round(time.process_time() - t_eval, 1)}
@@ -469,9 +513,9 @@ def run(args) -> None:
                 m.train()
 
 
-def narrow_words(n: int = 5000) -> list[str]:
-    """Every word the narrow world's captions contain (scenes ``0..n-1`` use all of them)."""
-    return sorted({w for k in range(n) for w in world.split_words(narrow_spec(k).caption)})
+def world_words(name: str = "narrow", n: int = 5000) -> list[str]:
+    """Every word the captions of curve world ``name`` contain (scenes ``0..n-1`` use all of them)."""
+    return sorted({w for k in range(n) for w in world.split_words(world_spec(name, k).caption)})
 
 
 def export(args) -> Path:
@@ -525,7 +569,7 @@ def export(args) -> Path:
             "command": f"python benchmarks/shapes_learning_curve.py RUN_DIR --candidate {args.candidate} --steps {meta['step']} "
                        f"--eval-every {args.eval_every} --threads 1"}
     (tmp / "training.json").write_text(json.dumps(info, indent=1))
-    (tmp / "world.json").write_text(json.dumps({"world": curve["world"], "words": narrow_words()}, indent=1))
+    (tmp / "world.json").write_text(json.dumps({"world": curve["world"], "words": world_words(recipe["world"])}, indent=1))
     if out.exists():
         shutil.rmtree(out)
     os.replace(tmp, out)

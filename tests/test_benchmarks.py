@@ -93,6 +93,18 @@ def test_learning_curve_world_and_timesteps():
         assert (obj.colour, obj.shape) not in world.HELDOUT_PAIRS and obj.pattern is None and spec.style is None
         assert spec.background.kind == "plain" and spec.background.name != obj.colour
     assert curve.narrow_spec(7) == curve.narrow_spec(7)  # deterministic in k
+    # the refinement world: the narrow world's scene k, plus a pattern word or a style in a share of scenes
+    patterns = styles = 0
+    for k in range(400):
+        narrow, wide = curve.narrow_spec(k), curve.world_spec("refine", k)
+        (a,), (b,) = narrow.objects, wide.objects
+        assert (a.shape, a.colour, a.size, narrow.background) == (b.shape, b.colour, b.size, wide.background)
+        patterns += b.pattern is not None
+        styles += wide.style is not None
+        if b.pattern is not None:
+            assert b.pattern in wide.caption and world.pattern_visible(b.colour, wide.background)
+    assert 0.2 < patterns / 400 < 0.4 and 0.1 < styles / 400 < 0.3
+    assert set(world.PATTERNS) <= set(curve.world_words("refine")) and not set(world.PATTERNS) & set(curve.world_words())
     import torch
 
     uniform = curve.sample_timesteps(("uniform",), 20_000, 1000, torch.Generator().manual_seed(0))
@@ -110,6 +122,16 @@ def test_learning_curve_trains_evaluates_and_resumes(tmp_path):
     points = json.loads(results.read_text())["lean_b32"]["points"]
     assert [p["step"] for p in points] == [2, 3] and all("train_colour" in p for p in points)
     assert json.loads((tmp_path / "lean_b32" / "state.json").read_text())["step"] == 3
+    # a candidate that continues another's run on the refinement world starts from its checkpoint
+    curve.CANDIDATES["lean_b32_then_refine"] = dict(unet=curve.LEAN_UNET, world="refine", init="lean_b32")
+    try:
+        curve.main([str(tmp_path), "--candidate", "lean_b32_then_refine", "--steps", "4", "--eval-every", "4", *common])
+    finally:
+        del curve.CANDIDATES["lean_b32_then_refine"]
+    wide = json.loads(results.read_text())["lean_b32_then_refine"]
+    assert wide["init"]["candidate"] == "lean_b32" and wide["init"]["step"] == 3
+    assert [p["step"] for p in wide["points"]] == [4] and "refine_pattern_shown" in wide["points"][0]
+    assert (tmp_path / "refine_cache_64.safetensors").exists()
 
 
 def test_learning_curve_autoencoder_stage_logs_its_round_trip_and_resumes(tmp_path):
@@ -178,7 +200,7 @@ def test_learning_curve_decoder_stage_resumes_exactly_and_exports_a_loadable_mod
     state = load_file(str(tmp_path / "lean_f2_b32" / "state.safetensors"))
     assert all(torch.equal(v, state[f"ema.unet.{k}"]) for k, v in pipe.unet.state_dict().items())
     assert all(torch.equal(v, resumed[k]) for k, v in pipe.vae.state_dict().items())
-    assert pipe.vocabulary == set(curve.narrow_words()) and "striped" not in pipe.vocabulary and "circle" in pipe.vocabulary
+    assert pipe.vocabulary == set(curve.world_words()) and "striped" not in pipe.vocabulary and "circle" in pipe.vocabulary
     assert json.loads((out / "training.json").read_text())["unet_step"] == 1
     image = pipe("a big red circle on a blue background", num_inference_steps=2, output_type="np").images
     side = pipe.vae.config.sample_size
