@@ -254,54 +254,111 @@ def round_trip_psnr_of(vae, images: np.ndarray) -> float:
 DRAWN_TEST = 10_000_000  # drawn pictures 10,000,000.. are held apart from the decoder's training stream
 
 
-def train_decoder(root: Path, steps: int, batch: int = AE_BATCH, lr: float = 5e-4, warmup: int = 50,
-                  check_every: int = 250, test_scenes: int = AE_TEST_SCENES, drawn_share: float = 0.5) -> None:
-    """Fine-tune the factor-2 autoencoder's decoder with its encoder frozen, so every latent (and the
-    latent caches the curves train on) stays as it is: a cosine-decaying rate from ``lr`` (linear
-    warm-up), L1 + MSE on the round trip of the latent means. Each batch is narrow-world scenes (a
-    fresh stream, scenes 20,000,000..) and, for ``drawn_share`` of it, `drawn_pictures`. Weights start
-    from ``root/autoencoder_f2/vae`` and go to ``root/autoencoder_f2_decoder/vae``; the optimizer is
-    saved with them, so a rerun resumes exactly. At each ``check_every`` steps the round trip is
-    logged on held-apart narrow-world scenes and drawn pictures."""
+#: fine-tune stage -> (the weights it starts from, its folder, its log, whether the encoder trains too)
+AE_FINETUNES = {
+    "decoder": ("autoencoder_f2", "autoencoder_f2_decoder", "decoder_log.json", False),
+    "encoder": ("autoencoder_f2_decoder", "autoencoder_f2_wide", "wide_log.json", True),
+}
+ANCHOR_WEIGHT = 10.0  # the encoder stage's penalty on moving narrow-world latents (scaled units, squared)
+
+
+def whole_world_pictures(first: int, n: int) -> np.ndarray:
+    """Scenes ``first..first+n-1`` of the whole world's training split (textured backgrounds,
+    patterns, styles, two objects): ``(n, H, W, 3)`` uint8."""
+    return np.stack([world.sample_scene(k, "train").image for k in range(first, first + n)])
+
+
+def finetune_autoencoder(root: Path, steps: int, batch: int = AE_BATCH, lr: float = 5e-4, warmup: int = 50,
+                  check_every: int = 250, test_scenes: int = AE_TEST_SCENES, drawn_share: float = 0.5,
+                  stage: str = "decoder") -> None:
+    """Fine-tune the factor-2 autoencoder: a cosine-decaying rate from ``lr`` (linear warm-up), L1 +
+    MSE on the round trip of the latent means; the optimizer is saved with the weights, so a rerun
+    resumes exactly. At each ``check_every`` steps the round trip is logged on held-apart
+    narrow-world scenes, drawn pictures and whole-world scenes.
+
+    ``stage="decoder"``: the decoder alone, the encoder frozen, so every latent (and the latent
+    caches the curves train on) stays as it is; each batch is narrow-world scenes (a fresh stream,
+    scenes 20,000,000..) and, for ``drawn_share`` of it, `drawn_pictures`. Starts from
+    ``root/autoencoder_f2``, writes ``root/autoencoder_f2_decoder``.
+
+    ``stage="encoder"``: encoder and decoder, from ``root/autoencoder_f2_decoder`` to
+    ``root/autoencoder_f2_wide``; each batch is half whole-world scenes, a quarter drawn pictures, a
+    quarter narrow-world scenes, and the loss adds ``ANCHOR_WEIGHT`` times the squared distance of the
+    narrow scenes' latents (scaled, the UNet's units) from the starting encoder's, so that a UNet
+    trained on the old latents stays valid; ``anchor_rmse`` logs that distance on the test scenes."""
+    import copy
+
     from diffusers import AutoencoderKL
 
-    folder = root / "autoencoder_f2_decoder"
+    source, out, log_name, train_encoder = AE_FINETUNES[stage]
+    folder = root / out
     folder.mkdir(parents=True, exist_ok=True)
-    log_path = folder / "decoder_log.json"
-    start = root / "autoencoder_f2" / "vae"
+    log_path = folder / log_name
+    start = root / source / "vae"
     if not start.exists():
-        raise SystemExit(f"no factor-2 autoencoder at {start}: train it first with --stage autoencoder")
+        raise SystemExit(f"no autoencoder at {start}: run " + ("--stage autoencoder" if stage == "decoder" else "--stage decoder") + " first")
     resume = (folder / "vae").exists() and log_path.exists()
     vae = AutoencoderKL.from_pretrained(folder / "vae" if resume else start)
+    old = AutoencoderKL.from_pretrained(start).eval().requires_grad_(False)  # the latents to stay near
+    scale = vae.config.scaling_factor
     side = vae.config.sample_size
-    vae.encoder.requires_grad_(False)
-    if vae.quant_conv is not None:
-        vae.quant_conv.requires_grad_(False)
+    if not train_encoder:
+        vae.encoder.requires_grad_(False)
+        if vae.quant_conv is not None:
+            vae.quant_conv.requires_grad_(False)
     params = [p for p in vae.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
+
+    def narrow_test() -> np.ndarray:
+        return np.stack([world.render(narrow_spec(k)).image for k in range(10_000_000, 10_000_000 + test_scenes)])
+
+    def test(v) -> dict:
+        with torch.no_grad():
+            x = to_tensor(narrow_test())  # (n, 3, H, W)
+            drift = (v.encode(x).latent_dist.mean - old.encode(x).latent_dist.mean) * scale  # (n, C, h, w)
+        return {"narrow_db": round_trip_psnr(v, n=test_scenes),
+                "drawn_db": round_trip_psnr_of(v, drawn_pictures(DRAWN_TEST, test_scenes, side)),
+                "whole_db": round_trip_psnr_of(v, whole_world_pictures(10_000_000, test_scenes)),
+                "anchor_rmse": float(drift.pow(2).mean().sqrt())}
+
     if resume:
         log = json.loads(log_path.read_text())
         load_optimizer(opt, load_file(str(folder / "optimizer.safetensors")), log["optimizer"])
         step = log["points"][-1]["step"]
     else:
-        test = lambda v: {"narrow_db": round_trip_psnr(v, n=test_scenes),  # noqa: E731
-                          "drawn_db": round_trip_psnr_of(v, drawn_pictures(DRAWN_TEST, test_scenes, side))}
-        log = {"start": str(start), "lr": lr, "warmup": warmup, "steps": steps, "batch": batch,
-               "drawn_share": drawn_share, "points": [{"step": 0, "samples": 0, **test(vae.eval())}]}
+        log = {"start": str(start), "stage": stage, "lr": lr, "warmup": warmup, "steps": steps, "batch": batch,
+               "drawn_share": drawn_share if stage == "decoder" else 0.25,
+               "anchor_weight": ANCHOR_WEIGHT if train_encoder else None,
+               "points": [{"step": 0, "samples": 0, **test(vae.eval())}]}
         step = 0
         print(json.dumps(log["points"][0]), flush=True)
-    n_drawn = int(round(batch * drawn_share))
-    vae.train()
-    vae.encoder.eval()
+
+    def set_mode() -> None:
+        vae.train()
+        if not train_encoder:
+            vae.encoder.eval()
+
+    set_mode()
     cpu0 = time.process_time()
     while step < steps:
-        scenes = np.stack([world.render(narrow_spec(k)).image
-                           for k in range(20_000_000 + step * batch, 20_000_000 + step * batch + batch - n_drawn)])
-        x = to_tensor(np.concatenate([scenes, drawn_pictures(step * batch, n_drawn, side)]))  # (batch, 3, H, W)
-        with torch.no_grad():
+        first = step * batch
+        if train_encoder:
+            n_narrow = n_drawn = batch // 4
+            parts = [np.stack([world.render(narrow_spec(k)).image for k in range(20_000_000 + first, 20_000_000 + first + n_narrow)]),
+                     drawn_pictures(first, n_drawn, side), whole_world_pictures(30_000_000 + first, batch - n_narrow - n_drawn)]
+        else:
+            n_narrow, n_drawn = batch - int(round(batch * drawn_share)), int(round(batch * drawn_share))
+            parts = [np.stack([world.render(narrow_spec(k)).image for k in range(20_000_000 + first, 20_000_000 + first + n_narrow)]),
+                     drawn_pictures(first, n_drawn, side)]
+        x = to_tensor(np.concatenate(parts))  # (batch, 3, H, W); the narrow scenes first
+        with torch.set_grad_enabled(train_encoder):
             z = vae.encode(x).latent_dist.mean  # (batch, C, h, w)
         rec = vae.decode(z).sample  # (batch, 3, H, W)
         loss = reconstruction_loss(rec, x)
+        if train_encoder:
+            with torch.no_grad():
+                z_old = old.encode(x[:n_narrow]).latent_dist.mean  # (n_narrow, C, h, w)
+            loss = loss + ANCHOR_WEIGHT * ((z[:n_narrow] - z_old) * scale).pow(2).mean()
         for g in opt.param_groups:
             g["lr"] = lr_at(step, steps, lr, warmup)
         opt.zero_grad(set_to_none=True)
@@ -311,9 +368,7 @@ def train_decoder(root: Path, steps: int, batch: int = AE_BATCH, lr: float = 5e-
         if step % check_every == 0 or step == steps:
             vae.eval()
             point = {"step": step, "samples": step * batch, "loss": loss.item(), "lr": opt.param_groups[0]["lr"],
-                     "narrow_db": round_trip_psnr(vae, n=test_scenes),
-                     "drawn_db": round_trip_psnr_of(vae, drawn_pictures(DRAWN_TEST, test_scenes, side)),
-                     "cpu_seconds": round(time.process_time() - cpu0, 1)}
+                     **test(vae), "cpu_seconds": round(time.process_time() - cpu0, 1)}
             vae.save_pretrained(folder / "vae.tmp")  # safetensors; then swapped in whole
             if (folder / "vae").exists():
                 os.replace(folder / "vae", folder / "vae.old")
@@ -329,8 +384,7 @@ def train_decoder(root: Path, steps: int, batch: int = AE_BATCH, lr: float = 5e-
             os.replace(tmp, log_path)
             print(json.dumps(point), flush=True)
             cpu0 = time.process_time()
-            vae.train()
-            vae.encoder.eval()
+            set_mode()
 
 
 def load_autoencoder(recipe: dict, root: Path):
@@ -581,9 +635,10 @@ def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("run_dir")
     p.add_argument("--candidate", choices=sorted(CANDIDATES))
-    p.add_argument("--stage", choices=("curve", "autoencoder", "decoder"), default="curve",
+    p.add_argument("--stage", choices=("curve", "autoencoder", *AE_FINETUNES), default="curve",
                    help="autoencoder: train the factor-2 autoencoder (RUN_DIR/autoencoder_f2) for --steps steps; "
-                        "decoder: fine-tune its decoder, encoder frozen (RUN_DIR/autoencoder_f2_decoder)")
+                        "decoder: fine-tune its decoder, encoder frozen (RUN_DIR/autoencoder_f2_decoder); "
+                        "encoder: then both on the whole world, narrow latents anchored (RUN_DIR/autoencoder_f2_wide)")
     p.add_argument("--lr", type=float, default=5e-4, help="decoder stage: peak learning rate (cosine decay over --steps)")
     p.add_argument("--list", action="store_true", help="print the candidates and exit")
     p.add_argument("--steps", type=int, default=3000)
@@ -602,10 +657,10 @@ def main(argv=None) -> None:
         train_autoencoder(Path(args.run_dir) / "autoencoder_f2", args.steps, check_every=args.eval_every,
                           test_scenes=args.eval_samples * 16)
         return
-    if args.stage == "decoder":
+    if args.stage in AE_FINETUNES:
         torch.set_num_threads(args.threads)
-        train_decoder(Path(args.run_dir), args.steps, lr=args.lr, check_every=args.eval_every,
-                      test_scenes=args.eval_samples * 16)
+        finetune_autoencoder(Path(args.run_dir), args.steps, lr=args.lr, check_every=args.eval_every,
+                      test_scenes=args.eval_samples * 16, stage=args.stage)
         return
     if args.list or not args.candidate:
         for name, diff in CANDIDATES.items():

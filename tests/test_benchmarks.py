@@ -192,6 +192,13 @@ def test_learning_curve_decoder_stage_resumes_exactly_and_exports_a_loadable_mod
     assert [p["step"] for p in log["points"]] == [0, 2, 4]
     assert all(0 < p["narrow_db"] < 100 and 0 < p["drawn_db"] < 100 for p in log["points"])
 
+    # the encoder stage trains both halves on the whole world, its narrow latents anchored to the start's
+    curve.main([str(tmp_path), "--stage", "encoder", "--steps", "2", *common])
+    wide = load_file(str(tmp_path / "autoencoder_f2_wide" / "vae" / name))
+    assert not all(torch.equal(resumed[k], wide[k]) for k in resumed if k.startswith("encoder."))
+    points = json.loads((tmp_path / "autoencoder_f2_wide" / "wide_log.json").read_text())["points"]
+    assert points[0]["anchor_rmse"] == 0 and points[-1]["anchor_rmse"] > 0 and 0 < points[-1]["whole_db"] < 100
+
     curve.main([str(tmp_path), "--candidate", "lean_f2_b32", "--steps", "1", "--eval-every", "1", "--eval-samples", "1",
                 "--eval-steps", "2", "--cache-scenes", "32", "--threads", "1", "--results", str(tmp_path / "curves.json")])
     out = tmp_path / "exported"
