@@ -607,7 +607,7 @@ def export(args) -> Path:
     side = vae.config.sample_size // 2 ** (len(vae.config.block_out_channels) - 1)
     unet, text_encoder = build_models(recipe, tokenizer, latent_side=side)
     unet.load_state_dict({k[len("ema.unet."):]: v for k, v in state.items() if k.startswith("ema.unet.")})
-    text_encoder.load_state_dict({k[len("ema.text."):]: v for k, v in state.items() if k.startswith("ema.text.")}, strict=False)
+    text_encoder.load_state_dict({k[len("ema.text."):]: v for k, v in state.items() if k.startswith("ema.text.")})
     pipe = StableDiffusionPipeline(
         vae=vae, text_encoder=text_encoder.eval(), tokenizer=tokenizer, unet=unet.eval(),
         scheduler=DDIMScheduler.from_pretrained(MODEL_DIR / "scheduler"), safety_checker=None,

@@ -206,6 +206,7 @@ def test_learning_curve_decoder_stage_resumes_exactly_and_exports_a_loadable_mod
     pipe = Prompt2PromptPipeline.from_pretrained(out)
     state = load_file(str(tmp_path / "lean_f2_b32" / "state.safetensors"))
     assert all(torch.equal(v, state[f"ema.unet.{k}"]) for k, v in pipe.unet.state_dict().items())
+    assert all(torch.equal(v, state[f"ema.text.{k}"]) for k, v in pipe.text_encoder.state_dict().items())
     assert all(torch.equal(v, resumed[k]) for k, v in pipe.vae.state_dict().items())
     assert pipe.vocabulary == set(curve.world_words()) and "striped" not in pipe.vocabulary and "circle" in pipe.vocabulary
     assert json.loads((out / "training.json").read_text())["unet_step"] == 1
