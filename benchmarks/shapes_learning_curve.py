@@ -36,7 +36,7 @@ from safetensors.torch import load_file, save_file
 
 from prompt2prompt.shapes import MODEL_DIR, world
 from prompt2prompt.shapes.checkpoints import load_optimizer, optimizer_tensors
-from prompt2prompt.shapes.objective import SCHEDULE, lr_at, training_noise
+from prompt2prompt.shapes.objective import SCHEDULE, lr_at, training_noise, training_target
 
 RESULTS = Path(__file__).with_name("results_shapes_learning_curves.json")  # every candidate's curve, by name
 CACHE_SCENES = 40_000  # rendered and encoded once; at batch 32 that is 1,250 steps an epoch
@@ -70,9 +70,30 @@ CANDIDATES: dict[str, dict] = {
     # lean_f2_b32's run from its last checkpoint with offset noise 0.1: its objects are mostly right by
     # step 4,500 but its plain backgrounds drift toward gray, a latent mean SD's schedule never fully noises
     "lean_f2_b32_offset": dict(unet=LEAN_UNET, autoencoder="f2", init="lean_f2_b32", offset_noise=0.1),
+    # lean_f2_b32's run from its last checkpoint, retrained to v-prediction on a zero-terminal-SNR schedule
+    # (Lin et al., 2024): at the first sampling step the model sees pure noise and must take the
+    # background from the text, where offset noise 0.1 left it following the noise's mean
+    "lean_f2_b32_zsnr": dict(unet=LEAN_UNET, autoencoder="f2", init="lean_f2_b32", schedule="zero_snr_v"),
 }
 BASE = dict(unet={}, text={}, batch=32, lr=5e-4, warmup=100, timesteps=("uniform",), ema=0.999, autoencoder="shipped",
-            world="narrow", init=None, offset_noise=0.0)
+            world="narrow", init=None, offset_noise=0.0, schedule="sd")
+
+#: schedule name -> (noise-schedule settings for training, the shipped DDIM scheduler's overrides for
+#: sampling). "sd": Stable Diffusion's (epsilon; sqrt(alpha_bar) is 0.068 at t = 999, so a latent's mean
+#: is never fully noised); "zero_snr_v": its betas rescaled to zero terminal SNR, v-prediction, and
+#: trailing timesteps so sampling starts at t = 999 (Lin et al., 2024, sec. 3.1-3.3).
+SCHEDULES: dict[str, tuple[dict, dict]] = {
+    "sd": ({}, {}),
+    "zero_snr_v": (dict(rescale_betas_zero_snr=True),
+                   dict(rescale_betas_zero_snr=True, prediction_type="v_prediction", timestep_spacing="trailing")),
+}
+
+
+def sampling_scheduler(recipe: dict):
+    """The DDIM scheduler a candidate samples with: the shipped one, with its schedule's overrides."""
+    from diffusers import DDIMScheduler
+
+    return DDIMScheduler.from_pretrained(MODEL_DIR / "scheduler", **SCHEDULES[recipe["schedule"]][1])
 
 #: A factor-2 autoencoder (64x64x3 -> 32x32x4): two encoder blocks, one downsampling.
 F2_AUTOENCODER = dict(in_channels=3, out_channels=3, latent_channels=4, sample_size=64, layers_per_block=1,
@@ -422,11 +443,10 @@ def build_models(recipe: dict, tokenizer, latent_side: int):
 
 
 def evaluate(unet, text_encoder, ema: dict, vae, tokenizer, samples: int, steps: int, guidance: float,
-             parts: tuple[str, ...] = EVAL_PARTS) -> dict:
-    """Score the EMA weights with the project's evaluation (its ``parts``)."""
+             parts: tuple[str, ...] = EVAL_PARTS, scheduler=None) -> dict:
+    """Score the EMA weights with the project's evaluation (its ``parts``), sampling with
+    ``scheduler`` (default: the shipped DDIM scheduler)."""
     import copy
-
-    from diffusers import DDIMScheduler
 
     from prompt2prompt import Prompt2PromptPipeline
     from prompt2prompt.shapes.evaluation import evaluate_model
@@ -434,7 +454,7 @@ def evaluate(unet, text_encoder, ema: dict, vae, tokenizer, samples: int, steps:
     u, te = copy.deepcopy(unet).eval(), copy.deepcopy(text_encoder).eval()
     u.load_state_dict({k[5:]: v for k, v in ema.items() if k.startswith("unet.")}, strict=False)
     te.load_state_dict({k[5:]: v for k, v in ema.items() if k.startswith("text.")}, strict=False)
-    sched = DDIMScheduler.from_pretrained(MODEL_DIR / "scheduler")
+    sched = scheduler if scheduler is not None else sampling_scheduler(BASE)
     pipe = Prompt2PromptPipeline(vae=vae, text_encoder=te, tokenizer=tokenizer, unet=u, scheduler=sched)
     pipe.set_progress_bar_config(disable=True)
     with torch.no_grad():
@@ -446,6 +466,7 @@ def headline(r: dict) -> dict:
     sw = r["word_swap"]
     return {"train_colour": r["adherence_train"]["colour"], "train_shape": r["adherence_train"]["shape"],
             "heldout_colour": r["adherence"]["colour"], "heldout_shape": r["adherence"]["shape"],
+            "train_background": r["adherence_train"]["background_correct"], "heldout_background": r["adherence"]["background_correct"],
             "swap_colour_target": sw["colour_p2p"]["target_rate"], "swap_colour_iou": sw["colour_p2p"]["median_mask_iou"],
             "swap_shape_target": sw["shape_p2p"]["target_rate"], "swap_shape_shift_px": sw["shape_p2p"]["median_centroid_shift_px"],
             **({} if "refine" not in r else {
@@ -510,8 +531,9 @@ def run(args) -> None:
             curve["init"] = {"candidate": recipe["init"], "step": step, "train_cpu_seconds": cpu}
             curve["cpu_seconds"] = cpu  # the curve's axes count the samples and CPU time before the switch too
         print(f"{'resumed' if start == folder else 'started from ' + recipe['init'] + ' at'} {args.candidate} step {step}", flush=True)
-    sched = DDPMScheduler(**SCHEDULE)
-    alphas = sched.alphas_cumprod
+    sched = DDPMScheduler(**SCHEDULE, **SCHEDULES[recipe["schedule"]][0])
+    alphas = sched.alphas_cumprod  # (num_train,)
+    prediction_type = sampling_scheduler(recipe).config.prediction_type
     num_train = sched.config.num_train_timesteps
     empty = tokenizer([""], padding="max_length", max_length=tokenizer.model_max_length, return_tensors="pt").input_ids
     order = torch.randperm(args.cache_scenes, generator=torch.Generator().manual_seed(0))  # one fixed order, repeated
@@ -532,7 +554,7 @@ def run(args) -> None:
         zt = a.sqrt() * z0 + (1 - a).sqrt() * noise
         states = text_encoder(ids)[0]  # (batch, length, width)
         pred = unet(zt, t, encoder_hidden_states=states).sample  # (batch, C, h, w)
-        loss = (pred - noise).pow(2).mean()
+        loss = (pred - training_target(noise, z0, a, prediction_type)).pow(2).mean()
         for g in opt.param_groups:
             g["lr"] = lr_at(step, 10 ** 9, recipe["lr"], recipe["warmup"]) if step < recipe["warmup"] else recipe["lr"]
         opt.zero_grad(set_to_none=True)
@@ -550,7 +572,8 @@ def run(args) -> None:
         if step % args.eval_every == 0 or step == args.steps:
             curve["cpu_seconds"] += time.process_time() - cpu0
             t_eval = time.process_time()
-            r = evaluate(unet, text_encoder, ema, vae, tokenizer, args.eval_samples, args.eval_steps, args.guidance, parts)
+            r = evaluate(unet, text_encoder, ema, vae, tokenizer, args.eval_samples, args.eval_steps, args.guidance, parts,
+                         sampling_scheduler(recipe))
             point = {"step": step, "samples": step * batch, "train_cpu_seconds": round(curve["cpu_seconds"], 1),
                      "loss": float(np.mean(losses[-200:])), **headline(r), "full": r,
                      "eval_cpu_seconds": round(time.process_time() - t_eval, 1)}
@@ -578,10 +601,10 @@ def world_words(name: str = "narrow", n: int = 5000) -> list[str]:
 def export(args) -> Path:
     """Write a candidate's EMA weights at its last checkpoint as a diffusers Stable Diffusion folder
     (safetensors, shards <= 15 MB) with its autoencoder (``--decoder``: the fine-tuned decoder of
-    ``--stage decoder``), the shipped DDIM scheduler and tokenizer, ``training.json`` (provenance:
+    ``--stage decoder``), the shipped DDIM scheduler (with the candidate's schedule) and tokenizer, ``training.json`` (provenance:
     candidate, recipe, steps, samples, CPU seconds, commands) and ``world.json`` (the words it was
     trained on, which `Prompt2PromptPipeline.from_pretrained` warns outside of)."""
-    from diffusers import DDIMScheduler, StableDiffusionPipeline
+    from diffusers import StableDiffusionPipeline
     from transformers import CLIPTokenizer
 
     recipe = {**BASE, **CANDIDATES[args.candidate]}
@@ -610,7 +633,7 @@ def export(args) -> Path:
     text_encoder.load_state_dict({k[len("ema.text."):]: v for k, v in state.items() if k.startswith("ema.text.")})
     pipe = StableDiffusionPipeline(
         vae=vae, text_encoder=text_encoder.eval(), tokenizer=tokenizer, unet=unet.eval(),
-        scheduler=DDIMScheduler.from_pretrained(MODEL_DIR / "scheduler"), safety_checker=None,
+        scheduler=sampling_scheduler(recipe), safety_checker=None,
         feature_extractor=None, requires_safety_checker=False)
     out = Path(args.export)
     tmp = out.with_name(out.name + ".tmp")

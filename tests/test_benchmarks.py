@@ -132,6 +132,23 @@ def test_learning_curve_trains_evaluates_and_resumes(tmp_path):
     assert wide["init"]["candidate"] == "lean_b32" and wide["init"]["step"] == 3
     assert [p["step"] for p in wide["points"]] == [4] and "refine_pattern_shown" in wide["points"][0]
     assert (tmp_path / "refine_cache_64.safetensors").exists()
+    # one that continues it on a zero-terminal-SNR schedule with v-prediction, and exports with it
+    curve.CANDIDATES["lean_b32_then_zsnr"] = dict(unet=curve.LEAN_UNET, init="lean_b32", schedule="zero_snr_v")
+    try:
+        curve.main([str(tmp_path), "--candidate", "lean_b32_then_zsnr", "--steps", "4", "--eval-every", "4", *common])
+        curve.main([str(tmp_path), "--candidate", "lean_b32_then_zsnr", "--export", str(tmp_path / "zsnr")])
+    finally:
+        del curve.CANDIDATES["lean_b32_then_zsnr"]
+    zsnr = json.loads(results.read_text())["lean_b32_then_zsnr"]
+    assert zsnr["recipe"]["schedule"] == "zero_snr_v" and 0 <= zsnr["points"][0]["train_background"] <= 1
+    sched = json.loads((tmp_path / "zsnr" / "scheduler" / "scheduler_config.json").read_text())
+    assert (sched["prediction_type"], sched["rescale_betas_zero_snr"], sched["timestep_spacing"]) == ("v_prediction", True, "trailing")
+    from prompt2prompt import Prompt2PromptPipeline
+
+    pipe = Prompt2PromptPipeline.from_pretrained(tmp_path / "zsnr")
+    assert float(pipe.scheduler.alphas_cumprod[-1]) == 0  # sampling starts from pure noise at t = 999
+    image = pipe("a big red circle on a blue background", num_inference_steps=2, output_type="np").images
+    assert np.isfinite(image).all()
 
 
 def test_learning_curve_autoencoder_stage_logs_its_round_trip_and_resumes(tmp_path):

@@ -225,6 +225,24 @@ def test_min_snr_weights_follow_the_papers_formula():
     assert torch.equal(min_snr_weights(alpha_bar, 0.0), torch.ones(5))  # off
 
 
+def test_training_target_matches_diffusers_velocity_and_the_zero_snr_limit():
+    from diffusers import DDPMScheduler
+
+    from prompt2prompt.shapes.objective import SCHEDULE, training_target
+
+    sched = DDPMScheduler(**SCHEDULE, rescale_betas_zero_snr=True)
+    gen = torch.Generator().manual_seed(0)
+    x0, eps = torch.randn(3, 4, 8, 8, generator=gen), torch.randn(3, 4, 8, 8, generator=gen)
+    t = torch.tensor([10, 500, 999])
+    a = sched.alphas_cumprod[t].view(-1, 1, 1, 1)  # (batch, 1, 1, 1)
+    v = training_target(eps, x0, a, "v_prediction")
+    assert torch.allclose(v, sched.get_velocity(x0, eps, t), atol=1e-6)  # diffusers' own velocity
+    assert float(a[-1]) == 0 and torch.allclose(v[-1], -x0[-1])  # at zero terminal SNR, v = -x0
+    assert torch.equal(training_target(eps, x0, a, "epsilon"), eps)
+    with pytest.raises(ValueError, match="prediction_type"):
+        training_target(eps, x0, a, "sample")
+
+
 def _tiny_export(tmp_path):
     """A one-step model exported by a run (the starting point of the --init comparisons)."""
     base = Run(tmp_path / "base", "cpu")

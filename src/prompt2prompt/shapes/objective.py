@@ -1,5 +1,5 @@
 """What a training step optimises and at what rate: Stable Diffusion's noise schedule, the training
-noise (with offset noise), Min-SNR loss weights, the learning-rate schedule, and the step total
+noise (with offset noise), the regression target (epsilon or v), Min-SNR loss weights, the learning-rate schedule, and the step total
 that fits a chunk to its time budget."""
 
 from __future__ import annotations
@@ -45,3 +45,23 @@ def min_snr_weights(alpha_bar: torch.Tensor, gamma: float) -> torch.Tensor:
         return torch.ones_like(alpha_bar)
     snr = alpha_bar / (1 - alpha_bar)
     return snr.clamp(max=gamma) / snr
+
+
+def training_target(noise: torch.Tensor, latents: torch.Tensor, alpha_bar: torch.Tensor, prediction_type: str) -> torch.Tensor:
+    """What the UNet regresses for the noisy latent ``sqrt(a) x0 + sqrt(1 - a) eps``: ``eps`` itself
+    (``"epsilon"``, DDPM, Ho et al., 2020, eq. 14) or the velocity ``v = sqrt(a) eps - sqrt(1 - a) x0``
+    (``"v_prediction"``, Salimans & Ho, 2022, sec. 4). At a zero-terminal-SNR step (``a = 0``; Lin et
+    al., 2024) ``v = -x0``: the model must draw the picture from the text alone, where an epsilon
+    target would carry no information.
+
+    Args:
+        noise: ``eps``, ``(batch, C, h, w)``.
+        latents: ``x0``, ``(batch, C, h, w)``.
+        alpha_bar: ``a`` per sample, broadcastable, e.g. ``(batch, 1, 1, 1)``.
+        prediction_type: ``"epsilon"`` or ``"v_prediction"`` (a diffusers scheduler config's value).
+    """
+    if prediction_type == "epsilon":
+        return noise
+    if prediction_type == "v_prediction":
+        return alpha_bar.sqrt() * noise - (1 - alpha_bar).sqrt() * latents
+    raise ValueError(f"prediction_type must be 'epsilon' or 'v_prediction', not {prediction_type!r}")
