@@ -167,6 +167,24 @@ def test_null_text_beats_ddim_and_early_stopping_counts_passes(tiny_sd1):
     assert null.info["unet_forward_passes"] == 2 * STEPS + sum(used)
 
 
+def test_a_zero_terminal_snr_model_inverts_and_reconstructs(tiny_sd2):
+    """A v-prediction model on a zero-terminal-SNR schedule with trailing timesteps (Lin et al., 2024)
+    starts sampling at alpha_bar = 0, where x0 cannot be read back from eps: null-text inversion stays
+    finite there and still beats plain DDIM inversion."""
+    from diffusers import DDIMScheduler
+
+    components = dict(tiny_sd2, scheduler=DDIMScheduler.from_config(
+        tiny_sd2["scheduler"].config, rescale_betas_zero_snr=True, timestep_spacing="trailing"))
+    pipe = make(components)
+    assert pipe.scheduler.config.prediction_type == "v_prediction" and float(pipe.scheduler.alphas_cumprod[-1]) == 0
+    ddim = pipe.invert(picture(), PROMPT, method="ddim", num_inference_steps=STEPS)
+    null = pipe.invert(picture(), PROMPT, method="null-text", num_inference_steps=STEPS)
+    assert int(null.timesteps[0]) == pipe.scheduler.config.num_train_timesteps - 1  # the first step is at alpha_bar = 0
+    assert torch.isfinite(null.null_embeddings).all() and all(np.isfinite(null.info["final_losses"]))
+    e_ddim, e_null = latent_error(pipe, ddim), latent_error(pipe, null)
+    assert np.isfinite(e_null) and e_null < 0.8 * e_ddim, (e_null, e_ddim)
+
+
 def test_negative_prompt_inversion_uses_the_source_embedding_as_null(tiny_sd1, monkeypatch):
     pipe = make(tiny_sd1)
     inv = pipe.invert(picture(), PROMPT, method="negative-prompt", num_inference_steps=STEPS)

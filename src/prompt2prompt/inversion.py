@@ -491,9 +491,15 @@ def inversion_scheduler(config):
     return DDIMScheduler.from_config(config, clip_sample=False, thresholding=False)
 
 
+#: The least cumulative alpha the inversion steps use. A zero-terminal-SNR schedule (Lin et al., 2024)
+#: has alpha_bar = 0 at its last timestep, where `ddim_step` cannot read x0 back from eps (0 / 0);
+#: diffusers' Euler schedulers floor it at the same 2**-24, which changes no other schedule's value.
+ALPHA_BAR_FLOOR = 2.0**-24
+
+
 def alpha_at(scheduler, t: int) -> torch.Tensor:
     """The cumulative alpha of ``scheduler`` at timestep ``t``; its ``final_alpha_cumprod`` for
-    ``t < 0`` (the step after the last one).
+    ``t < 0`` (the step after the last one); never below `ALPHA_BAR_FLOOR`.
 
     Args:
         scheduler: a DDIM scheduler (``alphas_cumprod``, ``final_alpha_cumprod``).
@@ -502,7 +508,8 @@ def alpha_at(scheduler, t: int) -> torch.Tensor:
     Returns:
         A scalar tensor.
     """
-    return scheduler.alphas_cumprod[t] if t >= 0 else torch.as_tensor(scheduler.final_alpha_cumprod)
+    alpha = scheduler.alphas_cumprod[t] if t >= 0 else torch.as_tensor(scheduler.final_alpha_cumprod)
+    return alpha.clamp(min=ALPHA_BAR_FLOOR)
 
 
 def unet_eps(unet, alpha_of: Callable[[torch.Tensor], torch.Tensor], prediction_type: str, dtype: torch.dtype):
