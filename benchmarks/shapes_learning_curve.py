@@ -74,6 +74,10 @@ CANDIDATES: dict[str, dict] = {
     # (Lin et al., 2024): at the first sampling step the model sees pure noise and must take the
     # background from the text, where offset noise 0.1 left it following the noise's mean
     "lean_f2_b32_zsnr": dict(unet=LEAN_UNET, autoencoder="f2", init="lean_f2_b32", schedule="zero_snr_v"),
+    # lean_f2_b32_zsnr's run from its last checkpoint on the refine world, in the latents of the
+    # autoencoder the encoder stage widened to the whole world (narrow latents anchored to the old ones)
+    "lean_f2_b32_zsnr_wide_refine": dict(unet=LEAN_UNET, autoencoder="f2_wide", world="refine", init="lean_f2_b32_zsnr",
+                                         schedule="zero_snr_v"),
 }
 BASE = dict(unet={}, text={}, batch=32, lr=5e-4, warmup=100, timesteps=("uniform",), ema=0.999, autoencoder="shipped",
             world="narrow", init=None, offset_noise=0.0, schedule="sd")
@@ -411,16 +415,32 @@ def finetune_autoencoder(root: Path, steps: int, batch: int = AE_BATCH, lr: floa
             set_mode()
 
 
+#: a candidate's ``autoencoder`` -> (its folder under RUN_DIR, its log there, the stage that trains it)
+AUTOENCODERS: dict[str, tuple[str, str, str]] = {
+    "f2": ("autoencoder_f2", "autoencoder_log.json", "autoencoder"),
+    "f2_wide": ("autoencoder_f2_wide", "wide_log.json", "encoder"),  # encoder and decoder on the whole world
+}
+
+
+def autoencoder_record(root: Path, name: str) -> dict | str:
+    """The last logged point of autoencoder ``name``'s training (for provenance), or ``"shipped"``."""
+    if name == "shipped":
+        return "shipped"
+    folder, log, _ = AUTOENCODERS[name]
+    return json.loads((root / folder / log).read_text())["points"][-1]
+
+
 def load_autoencoder(recipe: dict, root: Path):
-    """The frozen autoencoder a candidate's latents come from: the shipped one, or the factor-2 one
-    trained under ``root / "autoencoder_f2"`` by ``--stage autoencoder``."""
+    """The frozen autoencoder a candidate's latents come from: the shipped one, or a factor-2 one
+    trained under ``root`` by ``--stage autoencoder`` (``"f2"``) or ``--stage encoder`` (``"f2_wide"``)."""
     from diffusers import AutoencoderKL
 
     if recipe["autoencoder"] == "shipped":
         return AutoencoderKL.from_pretrained(MODEL_DIR / "vae").eval().requires_grad_(False)
-    folder = root / "autoencoder_f2" / "vae"
+    name, _, stage = AUTOENCODERS[recipe["autoencoder"]]
+    folder = root / name / "vae"
     if not folder.exists():
-        raise SystemExit(f"no factor-2 autoencoder at {folder}: train it first with --stage autoencoder")
+        raise SystemExit(f"no factor-2 autoencoder at {folder}: train it first with --stage {stage}")
     return AutoencoderKL.from_pretrained(folder).eval().requires_grad_(False)
 
 
@@ -616,7 +636,7 @@ def export(args) -> Path:
     meta = json.loads((folder / "state.json").read_text())
     curve = json.loads((folder / "curve.json").read_text())
     if args.decoder and recipe["autoencoder"] != "f2":
-        raise SystemExit("--decoder fine-tunes the factor-2 autoencoder; this candidate uses the shipped one")
+        raise SystemExit(f"--decoder fine-tunes the first factor-2 autoencoder; this candidate uses {recipe['autoencoder']!r}")
     vae = load_autoencoder(recipe, root)
     if args.decoder:
         from diffusers import AutoencoderKL
@@ -643,8 +663,8 @@ def export(args) -> Path:
     info = {"candidate": args.candidate, "recipe": recipe, "unet_step": meta["step"],
             "samples_seen": meta["step"] * recipe["batch"], "train_cpu_seconds": last["train_cpu_seconds"] if last["step"] == meta["step"] else None,
             "world": curve["world"], "cache_scenes": curve["cache_scenes"],
-            "autoencoder": json.loads((root / ("autoencoder_f2_decoder/decoder_log.json" if args.decoder else "autoencoder_f2/autoencoder_log.json")).read_text())["points"][-1]
-            if recipe["autoencoder"] == "f2" else "shipped",
+            "autoencoder": json.loads((root / "autoencoder_f2_decoder/decoder_log.json").read_text())["points"][-1]
+            if args.decoder else autoencoder_record(root, recipe["autoencoder"]),
             "decoder_fine_tuned": bool(args.decoder),
             "command": f"python benchmarks/shapes_learning_curve.py RUN_DIR --candidate {args.candidate} --steps {meta['step']} "
                        f"--eval-every {args.eval_every} --threads 1"}

@@ -230,3 +230,16 @@ def test_learning_curve_decoder_stage_resumes_exactly_and_exports_a_loadable_mod
     image = pipe("a big red circle on a blue background", num_inference_steps=2, output_type="np").images
     side = pipe.vae.config.sample_size
     assert image.shape == (1, side, side, 3) and np.isfinite(image).all()
+
+    # a candidate on the encoder stage's latents builds its own cache and exports that autoencoder
+    curve.CANDIDATES["lean_f2_wide"] = dict(unet=curve.LEAN_UNET, autoencoder="f2_wide")
+    try:
+        curve.main([str(tmp_path), "--candidate", "lean_f2_wide", "--steps", "1", "--eval-every", "1", "--eval-samples", "1",
+                    "--eval-steps", "2", "--cache-scenes", "32", "--threads", "1", "--results", str(tmp_path / "curves.json")])
+        curve.main([str(tmp_path), "--candidate", "lean_f2_wide", "--export", str(tmp_path / "wide_export")])
+    finally:
+        del curve.CANDIDATES["lean_f2_wide"]
+    assert (tmp_path / "narrow_cache_32_f2_wide.safetensors").exists()
+    assert "whole_db" in json.loads((tmp_path / "wide_export" / "training.json").read_text())["autoencoder"]
+    exported = load_file(str(tmp_path / "wide_export" / "vae" / name))
+    assert all(torch.equal(exported[k], wide[k]) for k in wide)
