@@ -74,10 +74,13 @@ CANDIDATES: dict[str, dict] = {
     # (Lin et al., 2024): at the first sampling step the model sees pure noise and must take the
     # background from the text, where offset noise 0.1 left it following the noise's mean
     "lean_f2_b32_zsnr": dict(unet=LEAN_UNET, autoencoder="f2", init="lean_f2_b32", schedule="zero_snr_v"),
-    # lean_f2_b32_zsnr's run from its last checkpoint on the refine world, in the latents of the
-    # autoencoder the encoder stage widened to the whole world (narrow latents anchored to the old ones)
-    "lean_f2_b32_zsnr_wide_refine": dict(unet=LEAN_UNET, autoencoder="f2_wide", world="refine", init="lean_f2_b32_zsnr",
-                                         schedule="zero_snr_v"),
+    # lean_f2_b32_zsnr's run from its last checkpoint on the refine world (pattern words and styles)
+    "lean_f2_b32_zsnr_refine": dict(unet=LEAN_UNET, autoencoder="f2", world="refine", init="lean_f2_b32_zsnr",
+                                    schedule="zero_snr_v"),
+    # and that run's from its last checkpoint in the latents of the autoencoder the encoder stage
+    # widened to the whole world (narrow-world latents anchored to the old ones)
+    "lean_f2_b32_zsnr_wide_refine": dict(unet=LEAN_UNET, autoencoder="f2_wide", world="refine",
+                                         init="lean_f2_b32_zsnr_refine", schedule="zero_snr_v"),
 }
 BASE = dict(unet={}, text={}, batch=32, lr=5e-4, warmup=100, timesteps=("uniform",), ema=0.999, autoencoder="shipped",
             world="narrow", init=None, offset_noise=0.0, schedule="sd")
