@@ -168,13 +168,26 @@ def test_usage_error_in_a_subprocess_is_one_line_without_traceback(tmp_path):
     assert proc.stderr.count("\n") == 1 and proc.stderr.startswith("p2p edit: error: --cross-steps 1.5 is outside [0, 1]")
 
 
+def bundled_map_sides() -> list[int]:
+    """The bundled model's cross-attention map sides at its own size."""
+    from diffusers import UNet2DConditionModel
+
+    from prompt2prompt.attention import attention_sides
+    from prompt2prompt.shapes import MODEL_DIR
+
+    unet = UNet2DConditionModel.from_pretrained(MODEL_DIR / "unet")
+    side = unet.config.sample_size
+    return attention_sides(unet, (side, side))
+
+
 def test_pipeline_value_errors_are_usage_errors(capsys, tmp_path):
     """Errors only the loaded model can find (a map side it lacks) still exit 2 with one line."""
     code, out, err = run(capsys, "attention", SRC, *FAST, "--res", "5", "-o", tmp_path / "a")
     assert code == 2 and len(err.strip().splitlines()) == 1 and "--res: attention_res 5" in err
     assert not (tmp_path / "a").exists()
     code, out, err = run(capsys, "edit", SRC, "--to", TGT, *FAST, "--blend", "circle", "square", "--blend-res", "5", "-o", tmp_path / "b")
-    assert code == 2 and len(err.strip().splitlines()) == 1 and "--blend-res: LocalBlend resolution 5" in err and "[4, 8, 16]" in err
+    assert code == 2 and len(err.strip().splitlines()) == 1 and "--blend-res: LocalBlend resolution 5" in err
+    assert f"use one of {bundled_map_sides()}" in err  # the bundled model's map sides, read from its UNet
     assert not (tmp_path / "b").exists()
 
 

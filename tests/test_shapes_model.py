@@ -45,7 +45,8 @@ def test_multi_token_words_of_the_shapes_tokenizer(pipe):
     assert len(p) > 7  # "water" splits into several tokens
     out = pipe("a red star on water", ["a red star on grass"], num_inference_steps=2, output_type="latent",
                generator=torch.Generator().manual_seed(1), cross_replace_steps={"default_": 0.8, "grass": 0.2})
-    assert out.images.shape == (2, 4, 16, 16)
+    side = pipe.unet.config.sample_size
+    assert out.images.shape == (2, pipe.unet.config.in_channels, side, side)
 
 
 def test_words_outside_the_vocabulary_warn(pipe):
