@@ -666,7 +666,7 @@ def export(args) -> Path:
     info = {"candidate": args.candidate, "recipe": recipe, "unet_step": meta["step"],
             "samples_seen": meta["step"] * recipe["batch"], "train_cpu_seconds": last["train_cpu_seconds"] if last["step"] == meta["step"] else None,
             "world": curve["world"], "cache_scenes": curve["cache_scenes"],
-            "autoencoder": json.loads((root / "autoencoder_f2_decoder/decoder_log.json").read_text())["points"][-1]
+            "autoencoder": json.loads((root / AE_FINETUNES["decoder"][1] / AE_FINETUNES["decoder"][2]).read_text())["points"][-1]
             if args.decoder else autoencoder_record(root, recipe["autoencoder"]),
             "decoder_fine_tuned": bool(args.decoder),
             "command": f"python benchmarks/shapes_learning_curve.py RUN_DIR --candidate {args.candidate} --steps {meta['step']} "

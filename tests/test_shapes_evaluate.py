@@ -571,9 +571,8 @@ def test_blend_sides_scores_each_map_side_and_its_default_side_is_the_blend_part
 
     side = gen.pipe.unet.config.sample_size
     sides = attention_sides(gen.pipe.unet, (side, side))
-    assert set(r["sides"]) == {str(s) for s in sides} and 8 in sides  # the UNet's cross-attention map sides
-    if side // 4 in sides:  # LocalBlend's default: a quarter of the latent side
-        assert r["sides"][str(side // 4)] == evaluation.eval_local_blend(gen, 1)
+    assert set(r["sides"]) == {str(s) for s in sides} and 8 in sides and side // 4 in sides  # the UNet's map sides
+    assert r["sides"][str(side // 4)] == evaluation.eval_local_blend(gen, 1)  # LocalBlend's default: a quarter of the latent side
     rows = {name: value for name, value, _ in report.summary_rows({"local_blend_sides": r})}
     assert float(rows["LocalBlend, mask from the 8x8 maps: median background PSNR dB (n=1)"]) == pytest.approx(
         r["sides"]["8"]["median_background_psnr_db"], abs=1e-3)
